@@ -1,0 +1,1 @@
+//! strait: a sidecarless service mesh agent. (Skeleton.)
