@@ -229,7 +229,7 @@ impl Process {
     }
 
     /// Waits until the program has a TCP socket listening on `port` (any address), read from
-    /// /proc/<pid>/net/tcp{,6}, which shows the sockets of the program's own netns. Fails early
+    /// `/proc/<pid>/net/tcp{,6}`, which shows the sockets of the program's own netns. Fails early
     /// if the program exits.
     pub fn wait_listening(&self, port: u16, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
