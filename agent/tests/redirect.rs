@@ -5,9 +5,10 @@
 //! Shape (after aya's integration tests): a parent cgroup (the "node root" the
 //! programs attach to) with a child cgroup (the "pod"), a pin folder of our
 //! own, forked clients that move themselves into the pod cgroup and connect.
-//! Traffic stays on this machine: captured connects go to loopback listeners;
-//! 10.255.0.0/16 is only ever connected to in cases the programs capture or
-//! refuse before any packet is sent (and UDP connects, which send nothing).
+//! Traffic stays on this machine: every client socket is bound to `lo`
+//! (SO_BINDTODEVICE), captured connects go to loopback listeners, and
+//! 10.255.0.0/16 is only connected to where the programs capture or refuse the
+//! connect before any packet is sent (or with UDP, whose connect sends nothing).
 //! Everything made here (cgroups, pins, child processes) is removed by a
 //! guard, also when the test fails.
 
@@ -160,6 +161,19 @@ fn spawn_client(
                     (&raw const tv).cast(),
                     size_of::<libc::timeval>() as libc::socklen_t,
                 );
+            }
+            // Bound to lo, nothing this client sends can leave the machine,
+            // even if a bug let a connect to 10.255.x.x through uncaptured.
+            let lo = c"lo";
+            if libc::setsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                lo.as_ptr().cast(),
+                lo.to_bytes_with_nul().len() as libc::socklen_t,
+            ) != 0
+            {
+                libc::_exit(202);
             }
             if libc::connect(sock, ptr, len as libc::socklen_t) != 0 {
                 libc::_exit(errno());
