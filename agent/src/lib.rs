@@ -1,1 +1,2 @@
 //! strait: a sidecarless service mesh agent. (Skeleton.)
+pub mod redirect;

@@ -1,2 +1,321 @@
-//! Types shared between strait's eBPF programs and the agent. (Skeleton: filled in by the eBPF work.)
-#![no_std]
+//! Types shared between strait's eBPF programs (`src/main.rs`) and the agent
+//! (`agent/src/redirect.rs`): map names and sizes, the `#[repr(C)]` keys and
+//! values of every map, counter indices, and the small address helpers both
+//! sides must agree on.
+//!
+//! Conventions (see DESIGN section 6):
+//! - IPv4 addresses are the kernel's raw network-order `u32` (the bytes in memory
+//!   are the address octets, so on either side `u32::from_ne_bytes(octets)`).
+//!   IPv6 addresses are four such words.
+//! - Ports in every key and value here are in **host** order; the eBPF programs
+//!   convert from the kernel's big-endian fields.
+//! - A map's name carries a version suffix, bumped whenever its key or value
+//!   layout changes, so an agent never adopts a pinned map of another layout.
+//!
+//! This crate knows nothing about loading or attaching; that is the agent's
+//! `redirect` module.
+#![cfg_attr(not(test), no_std)]
+
+/// `cgroup id -> EnrolledPod`: the cgroups whose connects are steered.
+pub const MAP_ENROLLED: &str = "STRAIT_ENROLLED_V1";
+/// `ServiceKey4 -> ServiceValue`: IPv4 addresses of mesh services.
+pub const MAP_SERVICES4: &str = "STRAIT_SERVICES4_V1";
+/// `ServiceKey6 -> ServiceValue`: IPv6 addresses of mesh services.
+pub const MAP_SERVICES6: &str = "STRAIT_SERVICES6_V1";
+/// LRU `socket cookie (u64) -> OrigDst`: written by connect4/6, read by sock_ops.
+pub const MAP_COOKIE_ORIG_DST: &str = "STRAIT_COOKIEDST_V1";
+/// LRU `ConnKey -> OrigDst`: written by sock_ops, read (and deleted) by the agent.
+pub const MAP_CONN_ORIG_DST: &str = "STRAIT_CONNDST_V1";
+/// `port (u16, host order) -> u32` (number of enrolled pods using it): the
+/// outbound listener ports, so sock_ops can tell a lookup miss from ordinary
+/// loopback traffic.
+pub const MAP_OUTBOUND_PORTS: &str = "STRAIT_OUTPORTS_V1";
+/// Per-CPU `u64` counters indexed by the `COUNTER_*` constants.
+pub const MAP_COUNTERS: &str = "STRAIT_COUNTERS_V1";
+
+/// Every map, in the order the agent checks and pins them.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_ENROLLED,
+    MAP_SERVICES4,
+    MAP_SERVICES6,
+    MAP_COOKIE_ORIG_DST,
+    MAP_CONN_ORIG_DST,
+    MAP_OUTBOUND_PORTS,
+    MAP_COUNTERS,
+];
+
+/// Most pods one node can enroll.
+pub const MAX_ENROLLED: u32 = 16_384;
+/// Most service addresses per family.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Connections between connect() and the agent's accept() (per LRU map).
+pub const MAX_PENDING_CONNECTIONS: u32 = 65_536;
+/// Distinct outbound listener ports.
+pub const MAX_OUTBOUND_PORTS: u32 = 1_024;
+
+/// Program names (the function names in `src/main.rs`).
+pub const PROG_CONNECT4: &str = "strait_connect4";
+pub const PROG_CONNECT6: &str = "strait_connect6";
+pub const PROG_SOCKOPS: &str = "strait_sockops";
+
+/// connect4/6 rewrote the destination to the outbound listener.
+pub const COUNTER_CAPTURED: u32 = 0;
+/// Enrolled caller, not a service, egress allowed (or loopback): untouched.
+pub const COUNTER_PASSED: u32 = 1;
+/// Enrolled caller with egress DROP_ALL, not a service: connect refused (EPERM).
+pub const COUNTER_DENIED: u32 = 2;
+/// Caller's cgroup is not enrolled: untouched.
+pub const COUNTER_NOT_ENROLLED: u32 = 3;
+/// sock_ops moved an original destination from the cookie to the connection key.
+pub const COUNTER_REKEYED: u32 = 4;
+/// sock_ops saw a connect to an outbound listener port with no original destination.
+pub const COUNTER_LOOKUP_MISS: u32 = 5;
+/// connect4/6 could not store the original destination: connect refused (EPERM).
+pub const COUNTER_CAPTURE_FAILED: u32 = 6;
+/// sock_ops could not store the connection key (the agent will miss it).
+pub const COUNTER_REKEY_FAILED: u32 = 7;
+/// Size of the counters array.
+pub const COUNTERS_LEN: u32 = 8;
+
+/// `EnrolledPod::flags`: refuse connects to non-mesh, non-loopback destinations
+/// (App Mesh `egressFilter.type: DROP_ALL`).
+pub const FLAG_EGRESS_DROP_ALL: u16 = 1;
+
+/// `AF_INET`, as stored in `family` fields.
+pub const FAMILY_V4: u16 = 2;
+/// `AF_INET6`, as stored in `family` fields.
+pub const FAMILY_V6: u16 = 10;
+
+/// Value of `MAP_ENROLLED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Port of the pod's outbound listener on loopback, host order.
+    pub outbound_port: u16,
+    /// `FLAG_*` bits.
+    pub flags: u16,
+    /// The agent's id for the workload (opaque to eBPF).
+    pub workload_id: u32,
+}
+
+/// Key of `MAP_SERVICES4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey4 {
+    /// Raw network-order address.
+    pub addr: u32,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `MAP_SERVICES6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey6 {
+    /// Raw network-order address words.
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `MAP_SERVICES4` / `MAP_SERVICES6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub service_id: u32,
+}
+
+/// Value of `MAP_COOKIE_ORIG_DST` and `MAP_CONN_ORIG_DST`: where the client
+/// meant to connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrigDst {
+    /// For `FAMILY_V4` only `addr[0]` is used, the rest is zero.
+    pub addr: [u32; 4],
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of `MAP_CONN_ORIG_DST`: the client end of a captured connection, as the
+/// agent sees it from the accepted socket (peer address + SO_NETNS_COOKIE).
+/// A client in an IPv4-mapped IPv6 connection is stored as `FAMILY_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// For `FAMILY_V4` only `addr[0]` is used, the rest is zero.
+    pub addr: [u32; 4],
+    pub family: u16,
+    /// Host order.
+    pub port: u16,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers, and spell out
+    // their padding as fields, so every byte pattern is valid and none is
+    // uninitialised.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceKey6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnKey {}
+}
+
+// Layouts are part of the map ABI: a change here needs a new map version suffix.
+const _: () = {
+    assert!(core::mem::size_of::<EnrolledPod>() == 8);
+    assert!(core::mem::size_of::<ServiceKey4>() == 8);
+    assert!(core::mem::size_of::<ServiceKey6>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 4);
+    assert!(core::mem::size_of::<OrigDst>() == 28);
+    assert!(core::mem::size_of::<ConnKey>() == 32);
+};
+
+/// Raw network-order word of an IPv4 address.
+#[inline(always)]
+pub const fn ipv4_raw(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// Octets of a raw network-order IPv4 word.
+#[inline(always)]
+pub const fn ipv4_octets(raw: u32) -> [u8; 4] {
+    raw.to_ne_bytes()
+}
+
+/// Raw network-order words of an IPv6 address.
+#[inline(always)]
+pub const fn ipv6_raw(o: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// Octets of raw network-order IPv6 words.
+#[inline(always)]
+pub const fn ipv6_octets(w: [u32; 4]) -> [u8; 16] {
+    let a = w[0].to_ne_bytes();
+    let b = w[1].to_ne_bytes();
+    let c = w[2].to_ne_bytes();
+    let d = w[3].to_ne_bytes();
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// 127.0.0.1 as a raw word.
+pub const IPV4_LOOPBACK_RAW: u32 = ipv4_raw([127, 0, 0, 1]);
+/// ::1 as raw words.
+pub const IPV6_LOOPBACK_RAW: [u32; 4] = ipv6_raw([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+pub const IPV4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Is this raw IPv4 word in 127.0.0.0/8?
+#[inline(always)]
+pub const fn ipv4_is_loopback(raw: u32) -> bool {
+    ipv4_octets(raw)[0] == 127
+}
+
+/// The raw IPv4 word inside an IPv4-mapped IPv6 address, if it is one.
+#[inline(always)]
+pub const fn ipv6_mapped_v4(w: [u32; 4]) -> Option<u32> {
+    if w[0] == 0 && w[1] == 0 && w[2] == IPV4_MAPPED_WORD2 {
+        Some(w[3])
+    } else {
+        None
+    }
+}
+
+/// Is this IPv6 address ::1 (or an IPv4-mapped 127.0.0.0/8 address)?
+#[inline(always)]
+pub const fn ipv6_is_loopback(w: [u32; 4]) -> bool {
+    match ipv6_mapped_v4(w) {
+        Some(v4) => ipv4_is_loopback(v4),
+        None => {
+            w[0] == IPV6_LOOPBACK_RAW[0]
+                && w[1] == IPV6_LOOPBACK_RAW[1]
+                && w[2] == IPV6_LOOPBACK_RAW[2]
+                && w[3] == IPV6_LOOPBACK_RAW[3]
+        }
+    }
+}
+
+impl ConnKey {
+    /// The key of an IPv4 client end.
+    pub const fn v4(netns_cookie: u64, addr: u32, port: u16) -> Self {
+        Self {
+            netns_cookie,
+            addr: [addr, 0, 0, 0],
+            family: FAMILY_V4,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// The key of an IPv6 client end; IPv4-mapped addresses become `FAMILY_V4`.
+    pub const fn v6(netns_cookie: u64, addr: [u32; 4], port: u16) -> Self {
+        match ipv6_mapped_v4(addr) {
+            Some(v4) => Self::v4(netns_cookie, v4, port),
+            None => Self {
+                netns_cookie,
+                addr,
+                family: FAMILY_V6,
+                port,
+                _pad: 0,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_words_keep_network_order_in_memory() {
+        let raw = ipv4_raw([10, 255, 0, 1]);
+        // The kernel stores user_ip4 as the address bytes in order.
+        assert_eq!(raw.to_ne_bytes(), [10, 255, 0, 1]);
+        assert_eq!(ipv4_octets(raw), [10, 255, 0, 1]);
+        let v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+        assert_eq!(ipv6_octets(ipv6_raw(v6)), v6);
+    }
+
+    #[test]
+    fn loopback() {
+        assert!(ipv4_is_loopback(ipv4_raw([127, 0, 0, 1])));
+        assert!(ipv4_is_loopback(ipv4_raw([127, 9, 8, 7])));
+        assert!(!ipv4_is_loopback(ipv4_raw([10, 0, 0, 127])));
+        assert!(ipv6_is_loopback(IPV6_LOOPBACK_RAW));
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2];
+        assert!(ipv6_is_loopback(ipv6_raw(mapped)));
+        let other = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        assert!(!ipv6_is_loopback(ipv6_raw(other)));
+    }
+
+    #[test]
+    fn mapped_client_is_keyed_as_v4() {
+        let mapped = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        let k = ConnKey::v6(7, ipv6_raw(mapped), 40000);
+        assert_eq!(k, ConnKey::v4(7, IPV4_LOOPBACK_RAW, 40000));
+        let k6 = ConnKey::v6(7, IPV6_LOOPBACK_RAW, 40000);
+        assert_eq!(k6.family, FAMILY_V6);
+    }
+}

@@ -1,5 +1,354 @@
-//! strait's eBPF programs. (Skeleton: filled in by the eBPF work.)
+//! strait's eBPF programs: outbound capture for enrolled pods.
+//!
+//! - `strait_connect4` / `strait_connect6` (cgroup/connect4, cgroup/connect6):
+//!   for a TCP connect from an enrolled cgroup to a mesh service address, store
+//!   the original destination under the socket cookie and rewrite the
+//!   destination to the pod's outbound listener on loopback. Egress DROP_ALL is
+//!   enforced here (return 0: the connect fails with EPERM).
+//! - `strait_sockops` (sock_ops): at `TCP_CONNECT_CB` (local port assigned, SYN
+//!   not sent yet) move the original destination from the socket cookie to
+//!   (netns cookie, client address, client port), which the agent can compute
+//!   from the socket it accepts.
+//!
+//! Hot paths count outcomes in `STRAIT_COUNTERS_V1` and never log. Every map is
+//! pinned by name so a restarting agent adopts them. Loading, attaching and
+//! pinning are the agent's `redirect` module.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod progs {
+    use aya_ebpf::{
+        EbpfContext as _,
+        bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+        helpers::generated::{
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        },
+        macros::{cgroup_sock_addr, map, sock_ops},
+        maps::{HashMap, LruHashMap, PerCpuArray},
+        programs::{SockAddrContext, SockOpsContext},
+    };
+    use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+    use strait_ebpf::*;
+
+    /// cgroup/connect*: let the connect proceed.
+    const ALLOW: i32 = 1;
+    /// cgroup/connect*: refuse the connect (the caller sees EPERM).
+    const REFUSE: i32 = 0;
+    const IPPROTO_TCP: u32 = 6;
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+
+    #[map(name = "STRAIT_ENROLLED_V1")]
+    static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(MAX_ENROLLED, 0);
+    #[map(name = "STRAIT_SERVICES4_V1")]
+    static SERVICES4: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+    #[map(name = "STRAIT_SERVICES6_V1")]
+    static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+    #[map(name = "STRAIT_COOKIEDST_V1")]
+    static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
+        LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+    #[map(name = "STRAIT_CONNDST_V1")]
+    static CONN_ORIG_DST: LruHashMap<ConnKey, OrigDst> =
+        LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
+    #[map(name = "STRAIT_OUTPORTS_V1")]
+    static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
+    #[map(name = "STRAIT_COUNTERS_V1")]
+    static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+
+    #[inline(always)]
+    fn count(reason: u32) {
+        if let Some(p) = COUNTERS.get_ptr_mut(reason) {
+            // SAFETY: a per-CPU slot, only this CPU writes it while we run.
+            unsafe { *p += 1 }
+        }
+    }
+
+    /// The caller's enrollment, if its cgroup is enrolled.
+    #[inline(always)]
+    fn enrolled_caller() -> Option<EnrolledPod> {
+        // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        // SAFETY: the value is Copy and read at once; a concurrent update by the
+        // agent can at worst give us the previous or next enrollment.
+        unsafe { ENROLLED.get(cgroup).copied() }
+    }
+
+    #[inline(always)]
+    fn is_tcp(sa: *const bpf_sock_addr) -> bool {
+        // SAFETY: `sa` is the program context; the verifier allows 4-byte reads.
+        unsafe { read_volatile(addr_of!((*sa).protocol)) == IPPROTO_TCP }
+    }
+
+    /// Non-service destination of an enrolled pod: loopback always passes;
+    /// otherwise DROP_ALL refuses.
+    #[inline(always)]
+    fn not_a_service(pod: &EnrolledPod, loopback: bool) -> i32 {
+        if !loopback && pod.flags & FLAG_EGRESS_DROP_ALL != 0 {
+            count(COUNTER_DENIED);
+            REFUSE
+        } else {
+            count(COUNTER_PASSED);
+            ALLOW
+        }
+    }
+
+    /// Remember where the socket meant to go; false if the map refused it.
+    #[inline(always)]
+    fn remember(ctx: &SockAddrContext, dst: &OrigDst) -> bool {
+        // SAFETY: the context pointer is valid for the program's run.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        COOKIE_ORIG_DST.insert(cookie, dst, 0).is_ok()
+    }
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn strait_connect4(ctx: SockAddrContext) -> i32 {
+        match try_connect4(&ctx) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+        let sa = ctx.sock_addr;
+        if !is_tcp(sa) {
+            return Ok(ALLOW);
+        }
+        let Some(pod) = enrolled_caller() else {
+            count(COUNTER_NOT_ENROLLED);
+            return Ok(ALLOW);
+        };
+        // SAFETY: context fields, 4-byte reads as the verifier requires.
+        let (addr, port_be) = unsafe {
+            (
+                read_volatile(addr_of!((*sa).user_ip4)),
+                read_volatile(addr_of!((*sa).user_port)),
+            )
+        };
+        let port = u16::from_be(port_be as u16);
+        let key = ServiceKey4 {
+            addr,
+            port,
+            _pad: 0,
+        };
+        // SAFETY: Copy value read at once (see enrolled_caller).
+        let Some(service) = (unsafe { SERVICES4.get(key).copied() }) else {
+            return Ok(not_a_service(&pod, ipv4_is_loopback(addr)));
+        };
+        let dst = OrigDst {
+            addr: [addr, 0, 0, 0],
+            family: FAMILY_V4,
+            port,
+            service_id: service.service_id,
+            _pad: 0,
+        };
+        if !remember(ctx, &dst) {
+            count(COUNTER_CAPTURE_FAILED);
+            return Err(REFUSE);
+        }
+        // SAFETY: context fields the verifier lets connect4 write, 4 bytes each.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip4), IPV4_LOOPBACK_RAW);
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                u32::from(pod.outbound_port.to_be()),
+            );
+        }
+        count(COUNTER_CAPTURED);
+        Ok(ALLOW)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn strait_connect6(ctx: SockAddrContext) -> i32 {
+        match try_connect6(&ctx) {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+        let sa = ctx.sock_addr;
+        if !is_tcp(sa) {
+            return Ok(ALLOW);
+        }
+        let Some(pod) = enrolled_caller() else {
+            count(COUNTER_NOT_ENROLLED);
+            return Ok(ALLOW);
+        };
+        // SAFETY: context fields, 4-byte reads as the verifier requires.
+        let (addr, port_be) = unsafe {
+            (
+                [
+                    read_volatile(addr_of!((*sa).user_ip6[0])),
+                    read_volatile(addr_of!((*sa).user_ip6[1])),
+                    read_volatile(addr_of!((*sa).user_ip6[2])),
+                    read_volatile(addr_of!((*sa).user_ip6[3])),
+                ],
+                read_volatile(addr_of!((*sa).user_port)),
+            )
+        };
+        let port = u16::from_be(port_be as u16);
+        // A dual-stack socket connecting to ::ffff:a.b.c.d takes the IPv4 path
+        // inside the kernel without running connect4, so IPv4 services are
+        // matched here too (Java and Python clients do this).
+        let mapped = ipv6_mapped_v4(addr);
+        let service = match mapped {
+            // SAFETY: Copy value read at once (see enrolled_caller).
+            Some(v4) => unsafe {
+                SERVICES4
+                    .get(ServiceKey4 {
+                        addr: v4,
+                        port,
+                        _pad: 0,
+                    })
+                    .copied()
+            },
+            // SAFETY: as above.
+            None => unsafe {
+                SERVICES6
+                    .get(ServiceKey6 {
+                        addr,
+                        port,
+                        _pad: 0,
+                    })
+                    .copied()
+            },
+        };
+        let Some(service) = service else {
+            return Ok(not_a_service(&pod, ipv6_is_loopback(addr)));
+        };
+        let (dst, listener) = match mapped {
+            Some(v4) => (
+                OrigDst {
+                    addr: [v4, 0, 0, 0],
+                    family: FAMILY_V4,
+                    port,
+                    service_id: service.service_id,
+                    _pad: 0,
+                },
+                [0, 0, IPV4_MAPPED_WORD2, IPV4_LOOPBACK_RAW],
+            ),
+            None => (
+                OrigDst {
+                    addr,
+                    family: FAMILY_V6,
+                    port,
+                    service_id: service.service_id,
+                    _pad: 0,
+                },
+                IPV6_LOOPBACK_RAW,
+            ),
+        };
+        if !remember(ctx, &dst) {
+            count(COUNTER_CAPTURE_FAILED);
+            return Err(REFUSE);
+        }
+        // SAFETY: context fields the verifier lets connect6 write, 4 bytes each.
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), listener[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), listener[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), listener[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), listener[3]);
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                u32::from(pod.outbound_port.to_be()),
+            );
+        }
+        count(COUNTER_CAPTURED);
+        Ok(ALLOW)
+    }
+
+    #[sock_ops]
+    pub fn strait_sockops(ctx: SockOpsContext) -> u32 {
+        match try_sockops(&ctx) {
+            Ok(()) | Err(()) => 1,
+        }
+    }
+
+    fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
+        let ops = ctx.ops;
+        // SAFETY: context fields, 4-byte reads as the verifier requires.
+        let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+        if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let family = unsafe { read_volatile(addr_of!((*ops).family)) };
+        // Captured connects always go to loopback: filter before the map lookup.
+        let (loopback, local) = if family == AF_INET {
+            // SAFETY: as above.
+            let (remote, local) = unsafe {
+                (
+                    read_volatile(addr_of!((*ops).remote_ip4)),
+                    read_volatile(addr_of!((*ops).local_ip4)),
+                )
+            };
+            (ipv4_is_loopback(remote), [local, 0, 0, 0])
+        } else if family == AF_INET6 {
+            // SAFETY: as above.
+            let (remote, local) = unsafe {
+                (
+                    [
+                        read_volatile(addr_of!((*ops).remote_ip6[0])),
+                        read_volatile(addr_of!((*ops).remote_ip6[1])),
+                        read_volatile(addr_of!((*ops).remote_ip6[2])),
+                        read_volatile(addr_of!((*ops).remote_ip6[3])),
+                    ],
+                    [
+                        read_volatile(addr_of!((*ops).local_ip6[0])),
+                        read_volatile(addr_of!((*ops).local_ip6[1])),
+                        read_volatile(addr_of!((*ops).local_ip6[2])),
+                        read_volatile(addr_of!((*ops).local_ip6[3])),
+                    ],
+                )
+            };
+            (ipv6_is_loopback(remote), local)
+        } else {
+            return Ok(());
+        };
+        if !loopback {
+            return Ok(());
+        }
+        // SAFETY: the context pointer is valid for the program's run.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: Copy value read at once; the entry is ours (one socket).
+        let Some(dst) = (unsafe { COOKIE_ORIG_DST.get(cookie).copied() }) else {
+            // SAFETY: context field, 4-byte read; remote_port is the big-endian
+            // port shifted left by 16 (DESIGN section 6).
+            let remote_port = unsafe { read_volatile(addr_of!((*ops).remote_port)) };
+            let remote_port = u16::from_be((remote_port >> 16) as u16);
+            // SAFETY: plain u32 read.
+            if unsafe { OUTBOUND_PORTS.get(remote_port).is_some() } {
+                count(COUNTER_LOOKUP_MISS);
+            }
+            return Ok(());
+        };
+        // SAFETY: the context pointer is valid for the program's run.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // SAFETY: context field, 4-byte read; local_port is host order.
+        let local_port = unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16;
+        let key = if family == AF_INET {
+            ConnKey::v4(netns, local[0], local_port)
+        } else {
+            ConnKey::v6(netns, local, local_port)
+        };
+        let stored = CONN_ORIG_DST.insert(key, dst, 0);
+        let _ = COOKIE_ORIG_DST.remove(cookie);
+        if stored.is_ok() {
+            count(COUNTER_REKEYED);
+        } else {
+            count(COUNTER_REKEY_FAILED);
+        }
+        Ok(())
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        // SAFETY: the verifier rejects any program that could reach a panic.
+        unsafe { core::hint::unreachable_unchecked() }
+    }
+}
