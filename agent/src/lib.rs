@@ -1,2 +1,18 @@
-//! strait: a sidecarless service mesh agent. (Skeleton.)
+//! strait: a sidecarless service mesh agent.
+//!
+//! One agent per node. eBPF programs (see [`redirect`]) capture the connects of enrolled pods
+//! to mesh services and hand them to the agent's shared proxy ([`proxy`]), which applies the
+//! App Mesh resources of the mesh file ([`mesh`], compiled into [`routing`] tables).
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod discovery;
+pub mod logging;
+pub mod mesh;
+pub mod netns;
+pub mod proxy;
 pub mod redirect;
+pub mod routing;
+pub mod telemetry;
+pub mod workloads;

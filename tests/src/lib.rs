@@ -39,6 +39,7 @@
 //! [`Node::command`]), and reading the workload files.
 
 pub mod addr;
+pub mod agent;
 mod dns;
 mod enter;
 mod host;

@@ -1,31 +1,53 @@
-//! `cargo xtask`: set-up, builds, tests, demo and benchmarks for strait.
+//! `cargo xtask`: set-up, builds, tests and the demo for strait.
+mod demo;
 mod ebpf;
 mod setup;
+mod test;
+
+use std::process::Command;
 
 use clap::{Parser, Subcommand};
+
+pub use ebpf::workspace_root;
 
 #[derive(Parser)]
 #[command(about = "strait's development tasks")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Task,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Task {
     /// Install what building and testing strait needs (idempotent).
     Setup,
     /// Build the eBPF object and print its path.
     BuildEbpf,
+    /// Set up, build, lint, run the unit tests and every end-to-end test (needs root).
+    Test(test::TestArgs),
+    /// Build everything, start a testbed, run the agent on examples/demo/mesh.yaml, show the traffic.
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Setup => setup::setup(),
-        Command::BuildEbpf => {
+        Task::Setup => setup::setup(),
+        Task::BuildEbpf => {
             let object = ebpf::build_ebpf()?;
             println!("{}", object.display());
             Ok(())
         }
+        Task::Test(args) => test::run(&args),
+        Task::Demo => demo::run_demo(),
     }
+}
+
+/// `cargo`, the one that runs this xtask.
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }

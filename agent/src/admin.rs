@@ -1,0 +1,174 @@
+//! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters.
+//!
+//! Plain HTTP/1.1 on the `--admin` address (default 127.0.0.1:15000, like Envoy's admin port
+//! in App Mesh). Every answer is computed from shared state on request; nothing here is on
+//! the data path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::redirect::Redirect;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on admin address {addr}: {source}; pick another with --admin")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// One local workload as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub pod: String,
+    pub virtual_node: Option<String>,
+    pub enrolled: bool,
+    pub cgroup_id: Option<u64>,
+    pub listeners: Vec<SocketAddr>,
+    /// Why the pod is not enrolled, when it should be.
+    pub error: Option<String>,
+}
+
+/// The mesh in force, as `/config_dump` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigDump {
+    pub file: String,
+    pub sha256: String,
+    pub loaded_at_unix: u64,
+    pub mesh: serde_json::Value,
+}
+
+/// Shared state the admin API reads.
+pub struct State {
+    pub ready: AtomicBool,
+    pub registry: Registry,
+    pub redirect: Arc<Redirect>,
+    pub workloads: ArcSwap<Vec<WorkloadStatus>>,
+    pub config: ArcSwap<ConfigDump>,
+}
+
+/// Binds the admin address now (so a conflict is a start-up error) and serves it until
+/// `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, Error> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(_) => continue,
+                },
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(answer(&request, &state)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/ready" => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".to_string())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: mesh, programs or listeners not set up yet\n".to_string(),
+                )
+            }
+        }
+        "/metrics" => {
+            let openmetrics = request
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            let mut body = String::new();
+            if prometheus_client::encoding::text::encode(&mut body, &state.registry).is_err() {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "BUG: metrics encoding failed\n".into(),
+                );
+            }
+            let content_type = if openmetrics {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
+            };
+            Response::builder()
+                .header(hyper::header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts are valid")
+        }
+        "/stats" => match state.redirect.counters() {
+            Ok(counters) => {
+                let redirect: serde_json::Map<String, serde_json::Value> = counters
+                    .by_reason()
+                    .into_iter()
+                    .map(|(reason, value)| (reason.to_string(), value.into()))
+                    .collect();
+                json(&serde_json::json!({ "redirect": redirect }))
+            }
+            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+        },
+        "/workloads" => json(&**state.workloads.load()),
+        "/config_dump" => json(&**state.config.load()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready /metrics /stats /workloads /config_dump\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid"),
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("BUG: JSON encoding failed: {error}\n"),
+        ),
+    }
+}

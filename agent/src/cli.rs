@@ -1,0 +1,136 @@
+//! The `strait` command line: `run`, `validate`, `uninstall`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::{app, mesh, redirect};
+
+#[derive(Debug, Parser)]
+#[command(name = "strait", version, about = "A sidecarless service mesh agent for App Mesh resources")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: capture local pods' traffic and apply the mesh.
+    Run(RunArgs),
+    /// Check mesh files; exit 0 when valid, 1 with every error when not.
+    Validate {
+        /// Mesh files (multi-document YAML of App Mesh resources).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove every eBPF pin and attachment an agent left under a bpffs folder.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/strait")]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The mesh file (App Mesh resources, multi-document YAML). Watched and reloaded.
+    #[arg(long)]
+    pub mesh: PathBuf,
+    /// Directory with one JSON file per local pod. Watched.
+    #[arg(long)]
+    pub workloads: PathBuf,
+    /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// bpffs folder for this agent's pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/strait")]
+    pub bpffs: PathBuf,
+    /// Admin API address (/ready, /metrics, /stats, /workloads, /config_dump).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// DNS server for virtual service and virtual node names (default: /etc/resolv.conf).
+    #[arg(long)]
+    pub dns_server: Option<IpAddr>,
+    /// Port of the outbound listener the agent opens inside each pod's network namespace.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// How long to let connections in flight finish on SIGTERM, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Remove every pin and attachment on exit (default: keep them for a restarting agent).
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = app::Config {
+                mesh_file: args.mesh,
+                workloads_dir: args.workloads,
+                cgroup_root: default_cgroup_root(args.cgroup_root),
+                bpffs: args.bpffs,
+                admin: args.admin,
+                dns_server: args.dns_server,
+                outbound_port: args.outbound_port,
+                drain_timeout: Duration::from_secs(args.drain_timeout),
+                cleanup_on_exit: args.cleanup_on_exit,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(app::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { files } => {
+            let mut ok = true;
+            for file in files {
+                match mesh::load_file(&file) {
+                    Ok(loaded) => {
+                        for warning in &loaded.warnings {
+                            println!("{warning}");
+                        }
+                        println!("{}: valid", file.display());
+                        println!("{}", mesh::summary(&loaded.config));
+                    }
+                    Err(error) => {
+                        ok = false;
+                        eprintln!("{error}");
+                    }
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Uninstall { bpffs } => {
+            let report = redirect::uninstall(&bpffs)?;
+            if report.folder_existed {
+                println!(
+                    "removed {} pins and {}: no strait programs remain attached from it",
+                    report.removed.len().saturating_sub(1),
+                    bpffs.display()
+                );
+            } else {
+                println!("{} does not exist: nothing to remove", bpffs.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// On hybrid-cgroup hosts (cgroup v1 controllers at /sys/fs/cgroup, v2 at
+/// /sys/fs/cgroup/unified) the default root is the v2 mount below it.
+fn default_cgroup_root(requested: PathBuf) -> PathBuf {
+    let unified = requested.join("unified");
+    if requested == std::path::Path::new("/sys/fs/cgroup")
+        && !requested.join("cgroup.procs").exists()
+        && unified.join("cgroup.procs").exists()
+    {
+        unified
+    } else {
+        requested
+    }
+}

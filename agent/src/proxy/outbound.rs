@@ -1,0 +1,220 @@
+//! Outbound: a pod called a virtual service, the connect hook redirected it to the pod's
+//! outbound listener (127.0.0.1/[::1] on the outbound port, inside the pod's network
+//! namespace), and the agent forwards it to an endpoint of the virtual node the route picks.
+//!
+//! The original destination comes from the eBPF map, keyed by the accepted socket's network
+//! namespace cookie and peer address (the sock_ops program re-keyed it at connect time).
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use crate::mesh::ResourceId;
+use crate::redirect::{self, OriginalDestination};
+use crate::routing::{Action, pick_weighted};
+use crate::telemetry::{BytesLabels, FailureLabels, TcpLabels};
+
+/// How long a connect to an endpoint may take before the next endpoint is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many endpoints are tried for one connection (App Mesh's default retry policy
+/// retries connect failures twice).
+const CONNECT_ATTEMPTS: usize = 3;
+/// Copy buffer per direction; large enough for bulk transfers to stay cheap.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// The workload a listener accepts connections for.
+#[derive(Debug)]
+pub struct Source {
+    pub workload: ResourceId,
+    pub virtual_node: ResourceId,
+}
+
+/// A pod's outbound listeners. Dropping it stops accepting; connections in flight go on.
+pub struct PodListeners {
+    stop: CancellationToken,
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts accepting on `listeners` (already bound inside the pod's network namespace).
+pub fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    source: Arc<Source>,
+    ctx: Arc<Context>,
+) -> std::io::Result<PodListeners> {
+    let stop = ctx.shutdown.child_token();
+    for listener in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        let (source, ctx, stop) = (source.clone(), ctx.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let (source, ctx2) = (source.clone(), ctx.clone());
+                        ctx.connections
+                            .spawn(async move { forward(stream, peer, &source, &ctx2).await });
+                    }
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(workload = %source.workload, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(PodListeners { stop })
+}
+
+async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: &Context) {
+    let started = Instant::now();
+    let table = ctx.table.load_full();
+    let fail = |reason: &'static str| {
+        ctx.metrics
+            .tcp_failures
+            .get_or_create(&FailureLabels {
+                mesh: table.mesh.clone(),
+                source_virtual_node: source.virtual_node.to_string(),
+                reason,
+            })
+            .inc();
+    };
+    let original = match original_destination(&client, peer, ctx) {
+        Ok(Some(original)) => original,
+        Ok(None) => {
+            fail("lookup_miss");
+            tracing::warn!(workload = %source.workload, %peer, "no original destination recorded for this connection; closing it");
+            return;
+        }
+        Err(error) => {
+            fail("lookup_error");
+            tracing::error!(workload = %source.workload, %peer, %error, "cannot read the original destination");
+            return;
+        }
+    };
+    let Some(service) = table.services.get(&original.addr).cloned() else {
+        fail("unknown_service");
+        tracing::warn!(workload = %source.workload, orig_dst = %original.addr, "captured destination is no longer a mesh service; closing");
+        return;
+    };
+    let target = match &service.action {
+        Action::Node(target) => Some(target.clone()),
+        Action::Weighted { targets, .. } => pick_weighted(targets, &mut rand::rng()).cloned(),
+        Action::NoRoute { reason } => {
+            fail("no_route");
+            tracing::warn!(workload = %source.workload, orig_dst = %original.addr, virtual_service = %service.service, "{reason}");
+            return;
+        }
+    };
+    let Some(target) = target else {
+        fail("no_target");
+        tracing::warn!(virtual_service = %service.service, "every weighted target has weight 0");
+        return;
+    };
+    let labels = TcpLabels {
+        mesh: table.mesh.clone(),
+        source_virtual_node: source.virtual_node.to_string(),
+        target_virtual_service: service.service.to_string(),
+        target_virtual_node: target.virtual_node.to_string(),
+    };
+    let Some(endpoints) = table.endpoints.get(&target.virtual_node).cloned() else {
+        fail("no_endpoints");
+        return;
+    };
+    let mut upstream = None;
+    for ip in endpoints.rotation().take(CONNECT_ATTEMPTS) {
+        let endpoint = SocketAddr::new(ip, target.port);
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
+            Ok(Ok(stream)) => {
+                upstream = Some((stream, endpoint));
+                break;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(virtual_node = %target.virtual_node, %endpoint, %error, "connect to endpoint failed")
+            }
+            Err(_) => {
+                tracing::warn!(virtual_node = %target.virtual_node, %endpoint, "connect to endpoint timed out")
+            }
+        }
+    }
+    let Some((mut upstream, endpoint)) = upstream else {
+        fail("upstream_connect");
+        tracing::warn!(
+            workload = %source.workload,
+            virtual_service = %service.service,
+            virtual_node = %target.virtual_node,
+            endpoints = endpoints.addrs.len(),
+            "no endpoint accepted the connection; closing the client's connection"
+        );
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+    let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
+    active.inc();
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await;
+    active.dec();
+    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+    let (sent, received, error) = match copied {
+        Ok((sent, received)) => (sent, received, None),
+        Err(error) => (0, 0, Some(error.to_string())),
+    };
+    for (direction, bytes) in [("sent", sent), ("received", received)] {
+        ctx.metrics
+            .tcp_bytes
+            .get_or_create(&BytesLabels {
+                mesh: labels.mesh.clone(),
+                source_virtual_node: labels.source_virtual_node.clone(),
+                target_virtual_service: labels.target_virtual_service.clone(),
+                target_virtual_node: labels.target_virtual_node.clone(),
+                direction,
+            })
+            .inc_by(bytes);
+    }
+    tracing::info!(
+        target: "strait::connection",
+        source_workload = %source.workload,
+        source_virtual_node = %source.virtual_node,
+        orig_dst = %original.addr,
+        virtual_service = %service.service,
+        virtual_node = %target.virtual_node,
+        endpoint = %endpoint,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = error.as_deref().unwrap_or(""),
+        "connection closed"
+    );
+}
+
+fn original_destination(
+    client: &TcpStream,
+    peer: SocketAddr,
+    ctx: &Context,
+) -> Result<Option<OriginalDestination>, String> {
+    let cookie = redirect::socket_netns_cookie(client.as_fd())
+        .map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    ctx.redirect
+        .take_original_destination(cookie, peer)
+        .map_err(|e| e.to_string())
+}

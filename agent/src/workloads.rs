@@ -1,0 +1,268 @@
+//! The node's local workloads (pods): who they are, where their network namespace and cgroup
+//! live, and which VirtualNode each one is.
+//!
+//! The first source is a directory with one small JSON file per pod, the facts a CNI plugin or
+//! the kubelet knows. The directory is watched; every change produces a fresh [`Snapshot`].
+//! A Kubernetes source (watching pods on this node) can later produce the same snapshots.
+//! Matching pods to VirtualNodes (`podSelector`) lives here too; what to do with an enrolled
+//! pod is the proxy's and the redirect's business.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::Watcher;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::mesh::{MeshConfig, ResourceId};
+
+/// Errors of the workload source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "workloads directory {path} does not exist or is not readable: {source}; create it, or point --workloads at the directory your CNI plugin writes pod files to"
+    )]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot watch workloads directory {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// One pod on this node, as its workload file describes it.
+///
+/// The field names are the file format (see docs/operations.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The pod's addresses (IPv4 and/or IPv6).
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (e.g. /var/run/netns/cni-1234 or /proc/PID/ns/net).
+    pub netns: PathBuf,
+    /// Path of the pod's cgroup v2 directory.
+    pub cgroup: PathBuf,
+}
+
+impl Workload {
+    /// `namespace/name`, the key a pod is known by.
+    pub fn key(&self) -> ResourceId {
+        ResourceId {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// The VirtualNode whose `podSelector` selects this pod: same namespace, labels match. A
+    /// VirtualNode without a podSelector selects no pod (App Mesh semantics). When several
+    /// match, the first by name wins and the caller is told about the others.
+    pub fn virtual_node<'m>(&self, mesh: &'m MeshConfig) -> Selection<'m> {
+        let mut matching = mesh.virtual_nodes.iter().filter(|vn| {
+            vn.id.namespace == self.namespace
+                && vn
+                    .spec
+                    .pod_selector
+                    .as_ref()
+                    .is_some_and(|selector| selector.matches(&self.labels))
+        });
+        let Some(first) = matching.next() else {
+            return Selection::None;
+        };
+        let others: Vec<&ResourceId> = matching.map(|vn| &vn.id).collect();
+        if others.is_empty() {
+            Selection::One(&first.id)
+        } else {
+            Selection::Ambiguous {
+                chosen: &first.id,
+                others,
+            }
+        }
+    }
+}
+
+/// Which VirtualNode a pod is.
+#[derive(Debug, PartialEq)]
+pub enum Selection<'m> {
+    None,
+    One(&'m ResourceId),
+    Ambiguous {
+        chosen: &'m ResourceId,
+        others: Vec<&'m ResourceId>,
+    },
+}
+
+impl<'m> Selection<'m> {
+    pub fn chosen(&self) -> Option<&'m ResourceId> {
+        match self {
+            Selection::None => None,
+            Selection::One(id) => Some(id),
+            Selection::Ambiguous { chosen, .. } => Some(chosen),
+        }
+    }
+}
+
+/// All pods the source knows, keyed by `namespace/name`.
+pub type Snapshot = Arc<BTreeMap<ResourceId, Workload>>;
+
+/// Reads every `*.json` file of the directory. A malformed file is reported and skipped; the
+/// others still count.
+pub fn read_dir(dir: &Path) -> Result<BTreeMap<ResourceId, Workload>, Error> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Directory {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut pods = BTreeMap::new();
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect();
+    files.sort();
+    for path in files {
+        match read_file(&path) {
+            Ok(workload) => {
+                if let Some(previous) = pods.insert(workload.key(), workload) {
+                    tracing::error!(
+                        file = %path.display(),
+                        pod = %previous.key(),
+                        "two workload files describe the same pod; using the later file"
+                    );
+                }
+            }
+            Err(message) => {
+                tracing::error!(file = %path.display(), "skipping workload file: {message}")
+            }
+        }
+    }
+    Ok(pods)
+}
+
+fn read_file(path: &Path) -> Result<Workload, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let workload: Workload = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "line {}, column {}: {e} (expected an object with name, namespace, labels, ips, netns, cgroup)",
+            e.line(),
+            e.column()
+        )
+    })?;
+    if workload.name.is_empty() || workload.namespace.is_empty() {
+        return Err("name and namespace must not be empty".to_string());
+    }
+    Ok(workload)
+}
+
+/// Watches a workloads directory and publishes a snapshot whenever it changes.
+pub struct DirectorySource {
+    // Kept alive: dropping the watcher stops the events.
+    _watcher: notify::RecommendedWatcher,
+    pub snapshots: watch::Receiver<Snapshot>,
+}
+
+impl DirectorySource {
+    /// Reads the directory once (an unreadable directory is an error) and keeps watching it.
+    pub fn start(dir: &Path) -> Result<DirectorySource, Error> {
+        let initial = read_dir(dir)?;
+        let (tx, rx) = watch::channel(Arc::new(initial));
+        let (kick_tx, mut kick_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = kick_tx.send(());
+                }
+            })
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let dir = dir.to_path_buf();
+        tokio::spawn(async move {
+            while kick_rx.recv().await.is_some() {
+                // Files are written in bursts (create, write, rename): settle, then rescan once.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while kick_rx.try_recv().is_ok() {}
+                match read_dir(&dir) {
+                    Ok(pods) => {
+                        tx.send_if_modified(|current| {
+                            if **current == pods {
+                                false
+                            } else {
+                                *current = Arc::new(pods);
+                                true
+                            }
+                        });
+                    }
+                    Err(error) => tracing::error!("{error}"),
+                }
+            }
+        });
+        Ok(DirectorySource {
+            _watcher: watcher,
+            snapshots: rx,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn malformed_file_is_skipped_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.json",
+            r#"{"name":"a","namespace":"app","labels":{"app":"a"},"ips":["10.0.0.2"],"netns":"/run/netns/a","cgroup":"/sys/fs/cgroup/a"}"#,
+        );
+        write(dir.path(), "b.json", r#"{"name":"b","namespace":"#);
+        write(dir.path(), "ignored.txt", "not a workload");
+        let pods = read_dir(dir.path()).unwrap();
+        assert_eq!(pods.len(), 1);
+        let a = &pods[&ResourceId {
+            namespace: "app".into(),
+            name: "a".into(),
+        }];
+        assert_eq!(a.labels["app"], "a");
+        assert_eq!(a.ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_it() {
+        let err = read_dir(Path::new("/nonexistent/strait-workloads")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/strait-workloads"));
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        std::fs::write(
+            &path,
+            r#"{"name":"a","namespace":"app","netns":"/n","cgroup":"/c","label":{}}"#,
+        )
+        .unwrap();
+        let err = read_file(&path).unwrap_err();
+        assert!(err.contains("unknown field `label`"), "{err}");
+    }
+}

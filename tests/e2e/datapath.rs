@@ -1,0 +1,502 @@
+//! End-to-end tests of the data path: a real agent on a testbed node, real eBPF programs on
+//! the node's cgroup root, pods calling a virtual service by its DNS name with an ordinary
+//! client, and what a user would check: the bytes arrived intact, the split came out by
+//! weight, the egress filter refused what it should, the counters and the log tell the story.
+//!
+//! Needs root; without it these tests fail (never skip) with the reason.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+use testbed::agent::{Agent, peer_binary, strait};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+
+const SERVICE: &str = "color.app.svc.cluster.local";
+const SERVICE_V4: &str = "10.96.0.10";
+const SERVICE_V6: &str = "fd00:96::10";
+
+/// A one-node testbed: a client pod, two color servers (v1, v2) and a pod outside the mesh.
+struct Bed {
+    tb: Testbed,
+    node: Node,
+    client: Pod,
+    v1: Pod,
+    outside: Pod,
+    mesh: PathBuf,
+    _servers: Vec<Process>,
+}
+
+/// The mesh of these tests: `color` is a router splitting TCP connections between color-v1 and
+/// color-v2 with the given weights; `client` calls it.
+fn mesh_yaml(egress: &str, weight_v1: u32, weight_v2: u32) -> String {
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata:
+  name: test
+spec:
+  egressFilter:
+    type: {egress}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: app
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: client
+  namespace: app
+spec:
+  podSelector:
+    matchLabels:
+      app: client
+  backends:
+    - virtualService:
+        virtualServiceRef:
+          name: color
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: color-v1
+  namespace: app
+spec:
+  podSelector:
+    matchLabels:
+      app: color
+      version: v1
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: tcp
+  serviceDiscovery:
+    dns:
+      hostname: color-v1.app.svc.cluster.local
+      responseType: ENDPOINTS
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: color-v2
+  namespace: app
+spec:
+  podSelector:
+    matchLabels:
+      app: color
+      version: v2
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: tcp
+  serviceDiscovery:
+    dns:
+      hostname: color-v2.app.svc.cluster.local
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata:
+  name: color
+  namespace: app
+spec:
+  listeners:
+    - portMapping:
+        port: 8080
+        protocol: tcp
+  routes:
+    - name: split
+      tcpRoute:
+        action:
+          weightedTargets:
+            - virtualNodeRef:
+                name: color-v1
+              weight: {weight_v1}
+            - virtualNodeRef:
+                name: color-v2
+              weight: {weight_v2}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata:
+  name: color
+  namespace: app
+spec:
+  awsName: {SERVICE}
+  provider:
+    virtualRouter:
+      virtualRouterRef:
+        name: color
+"#
+    )
+}
+
+fn bed(test: &str, mesh: &str) -> anyhow::Result<Bed> {
+    let tb = Testbed::new(test)?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let v1 = node.add_pod(
+        &PodSpec::new("color-v1", "app")
+            .label("app", "color")
+            .label("version", "v1"),
+    )?;
+    let v2 = node.add_pod(
+        &PodSpec::new("color-v2", "app")
+            .label("app", "color")
+            .label("version", "v2"),
+    )?;
+    let outside = node.add_pod(&PodSpec::new("web", "outside").label("app", "web"))?;
+    tb.dns_record(
+        SERVICE,
+        &[SERVICE_V4.parse()?, SERVICE_V6.parse::<IpAddr>()?],
+    )?;
+    tb.dns_record("color-v1.app.svc.cluster.local", &v1.ips())?;
+    tb.dns_record("color-v2.app.svc.cluster.local", &v2.ips())?;
+    let peer = peer_binary()?;
+    let mut servers = Vec::new();
+    for (pod, name) in [(&v1, "v1"), (&v2, "v2"), (&outside, "web")] {
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                "0.0.0.0:8080,[::]:8080",
+                "--name",
+                name,
+            ]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(10))?;
+        servers.push(server);
+    }
+    for pod in [&client, &v1, &v2] {
+        node.write_workload(pod)?;
+    }
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    Ok(Bed {
+        tb,
+        node,
+        client,
+        v1,
+        outside,
+        mesh: mesh_path,
+        _servers: servers,
+    })
+}
+
+/// `strait-peer call` from a pod; returns its JSON report.
+fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = run(
+        pod.command(peer_binary()?)
+            .args(["call", target])
+            .args(args),
+        Duration::from_secs(120),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "strait-peer call printed no JSON report: stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn first_errno(report: &Value) -> Option<i64> {
+    report["errors"][0]["errno"].as_i64()
+}
+
+const EPERM: i64 = 1;
+const EHOSTUNREACH: i64 = 113;
+
+#[test]
+fn a_call_to_a_virtual_service_is_captured_and_forwarded_intact() -> anyhow::Result<()> {
+    let bed = bed("capture4", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+
+    let report = call(
+        &bed.client,
+        &format!("{SERVICE}:8080"),
+        &["-4", "--bytes", "6000000", "--timeout", "60"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["v1"], 1, "{report}");
+    assert_eq!(report["bytes_sent"], 6_000_000, "{report}");
+    assert_eq!(report["bytes_received"], 6_000_000, "{report}");
+
+    let counters = agent.counters()?;
+    assert_eq!(counters["captured"], 1, "{counters}");
+    assert_eq!(counters["rekeyed"], 1, "{counters}");
+    assert_eq!(counters["lookup_miss"], 0, "{counters}");
+
+    let logs = wait_for_connection_logs(&agent, 1)?;
+    let line = &logs[0];
+    assert_eq!(line["source_workload"], "app/client", "{line}");
+    assert_eq!(line["virtual_service"], "app/color", "{line}");
+    assert_eq!(line["virtual_node"], "app/color-v1", "{line}");
+    assert_eq!(line["orig_dst"], format!("{SERVICE_V4}:8080"), "{line}");
+    assert_eq!(line["endpoint"], format!("{}:8080", bed.v1.ipv4()), "{line}");
+    // The banner line comes on top of the echoed bytes.
+    assert_eq!(line["bytes_sent"], 6_000_000, "{line}");
+    assert!(
+        line["bytes_received"].as_u64() > Some(6_000_000),
+        "{line}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_ipv6_call_is_captured_by_connect6() -> anyhow::Result<()> {
+    let bed = bed("capture6", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(
+        &bed.client,
+        &format!("{SERVICE}:8080"),
+        &["-6", "--bytes", "3000000", "--timeout", "60"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["v1"], 1, "{report}");
+    let logs = wait_for_connection_logs(&agent, 1)?;
+    assert_eq!(logs[0]["orig_dst"], format!("[{SERVICE_V6}]:8080"));
+    assert_eq!(agent.counter("captured")?, 1);
+    Ok(())
+}
+
+#[test]
+fn tcp_route_weights_spread_connections() -> anyhow::Result<()> {
+    let bed = bed("weights", &mesh_yaml("ALLOW_ALL", 50, 50))?;
+    let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(
+        &bed.client,
+        &format!("{SERVICE}:8080"),
+        &["-4", "--count", "200", "--bytes", "64"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    let v1 = report["by_server"]["v1"].as_u64().unwrap_or(0);
+    let v2 = report["by_server"]["v2"].as_u64().unwrap_or(0);
+    assert_eq!(v1 + v2, 200, "{report}");
+    assert!(
+        (70..=130).contains(&v1),
+        "50/50 weights gave v1 {v1} of 200 connections (want 35-65 %): {report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn drop_all_refuses_a_non_mesh_destination_with_eperm() -> anyhow::Result<()> {
+    let bed = bed("dropall", &mesh_yaml("DROP_ALL", 100, 0))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(
+        &bed.client,
+        &format!("{}:8080", bed.outside.ipv4()),
+        &["-4"],
+    )?;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["errors"][0]["kind"], "connect", "{report}");
+    assert_eq!(first_errno(&report), Some(EPERM), "{report}");
+    assert_eq!(agent.counter("denied")?, 1);
+    // Mesh services still work under DROP_ALL.
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    Ok(())
+}
+
+#[test]
+fn allow_all_lets_a_non_mesh_destination_through_uncaptured() -> anyhow::Result<()> {
+    let bed = bed("allowall", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(
+        &bed.client,
+        &format!("{}:8080", bed.outside.ipv4()),
+        &["-4", "--bytes", "100000"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["web"], 1, "{report}");
+    let counters = agent.counters()?;
+    assert_eq!(counters["captured"], 0, "{counters}");
+    assert_eq!(counters["denied"], 0, "{counters}");
+    assert!(counters["passed"].as_u64() >= Some(1), "{counters}");
+    assert!(agent.connection_logs().is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_pod_that_matches_no_virtual_node_is_not_captured() -> anyhow::Result<()> {
+    let bed = bed("nomatch", &mesh_yaml("DROP_ALL", 100, 0))?;
+    let stranger = bed
+        .node
+        .add_pod(&PodSpec::new("stranger", "app").label("app", "stranger"))?;
+    bed.node.write_workload(&stranger)?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    assert!(
+        agent
+            .workloads()?
+            .iter()
+            .all(|w| w["pod"] != "app/stranger"),
+        "a pod no VirtualNode selects must not be enrolled"
+    );
+    // Not captured: the connect goes to the service range, which is unreachable.
+    let report = call(&stranger, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
+    // And DROP_ALL does not apply to it: it still reaches a pod outside the mesh.
+    let report = call(&stranger, &format!("{}:8080", bed.outside.ipv4()), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    let counters = agent.counters()?;
+    assert_eq!(counters["captured"], 0, "{counters}");
+    assert!(counters["not_enrolled"].as_u64() >= Some(2), "{counters}");
+    Ok(())
+}
+
+#[test]
+fn pods_added_later_are_captured_and_removed_pods_released() -> anyhow::Result<()> {
+    let bed = bed("podlife", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    bed.node.remove_workload(&bed.client)?;
+    // A malformed workload file beside the good ones is skipped; the rest keeps working.
+    std::fs::write(bed.node.workloads_dir().join("broken.json"), "{\"name\": ")?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    agent.wait_enrolled("app/color-v1", true, Duration::from_secs(5))?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
+
+    bed.node.write_workload(&bed.client)?;
+    agent.wait_enrolled("app/client", true, Duration::from_secs(10))?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+
+    bed.node.remove_workload(&bed.client)?;
+    agent.wait_enrolled("app/client", false, Duration::from_secs(10))?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
+    assert!(
+        agent.process.stderr().contains("broken.json"),
+        "the malformed workload file is reported"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_adopts_the_pinned_maps() -> anyhow::Result<()> {
+    let bed = bed("restart", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let first = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    let status = first.stop()?;
+    assert!(status.success(), "SIGTERM: the agent exits cleanly, got {status}");
+    assert!(
+        std::fs::read_dir(bed.node.bpffs())?.next().is_some(),
+        "pins stay after the agent exits"
+    );
+
+    let second = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    // The counters map was adopted, not recreated: it still holds the first agent's capture.
+    assert_eq!(second.counter("captured")?, 2);
+    Ok(())
+}
+
+#[test]
+fn uninstall_removes_every_pin_and_attachment() -> anyhow::Result<()> {
+    let bed = bed("uninstall", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    agent.stop()?;
+
+    let bpffs = bed.node.bpffs().to_str().context("bpffs path")?.to_owned();
+    let output = strait(&bed.node, &["uninstall", "--bpffs", &bpffs])?;
+    assert!(
+        output.status.success(),
+        "strait uninstall: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!bed.node.bpffs().exists(), "the bpffs folder is gone");
+    // Detached: the client's connect is no longer rewritten; it meets the unreachable route.
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
+    // Running it again is fine.
+    let output = strait(&bed.node, &["uninstall", "--bpffs", &bpffs])?;
+    assert!(output.status.success());
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_one_clear_error_and_leaves_nothing_attached() -> anyhow::Result<()> {
+    let bed = bed("badinput", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let node = &bed.node;
+    let bpffs = node.bpffs().to_str().context("bpffs")?.to_owned();
+    let mesh = bed.mesh.to_str().context("mesh")?.to_owned();
+    let workloads = node.workloads_dir().to_str().context("workloads")?.to_owned();
+    let cgroup = node.cgroup_root().to_str().context("cgroup")?.to_owned();
+    let broken_mesh = bed.tb.temp_dir().join("broken.yaml");
+    std::fs::write(
+        &broken_mesh,
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {name: [unclosed\n",
+    )?;
+    let broken_mesh = broken_mesh.to_str().context("path")?.to_owned();
+    let not_bpffs = bed.tb.temp_dir().join("not-bpffs");
+    let not_bpffs = not_bpffs.to_str().context("path")?.to_owned();
+
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        (
+            "mesh file that does not parse",
+            vec!["--mesh", &broken_mesh, "--workloads", &workloads, "--cgroup-root", &cgroup, "--bpffs", &bpffs],
+            "broken.yaml:",
+        ),
+        (
+            "missing workloads directory",
+            vec!["--mesh", &mesh, "--workloads", "/nonexistent/strait-workloads", "--cgroup-root", &cgroup, "--bpffs", &bpffs],
+            "/nonexistent/strait-workloads",
+        ),
+        (
+            "cgroup path that does not exist",
+            vec!["--mesh", &mesh, "--workloads", &workloads, "--cgroup-root", "/sys/fs/cgroup/unified/strait-no-such-cgroup", "--bpffs", &bpffs],
+            "strait-no-such-cgroup",
+        ),
+        (
+            "bpffs folder not on a bpf filesystem",
+            vec!["--mesh", &mesh, "--workloads", &workloads, "--cgroup-root", &cgroup, "--bpffs", &not_bpffs],
+            "bpf",
+        ),
+    ];
+    for (what, args, expected) in cases {
+        let mut full = vec!["run", "--admin", "127.0.0.1:0"];
+        full.extend(args);
+        let output = strait(node, &full)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{what}: must fail");
+        assert!(!stderr.contains("panicked"), "{what}: no panic: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{what}: the error names {expected:?}: {stderr}"
+        );
+        assert!(
+            !node.bpffs().exists() || std::fs::read_dir(node.bpffs())?.next().is_none(),
+            "{what}: nothing pinned"
+        );
+    }
+    // Nothing was attached: a client pod's connect is not captured.
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
+    let _ = &bed.v1;
+    Ok(())
+}
+
+/// Connection log lines are written when a connection closes, which can be a moment after
+/// the client is done.
+fn wait_for_connection_logs(agent: &Agent, count: usize) -> anyhow::Result<Vec<Value>> {
+    for _ in 0..50 {
+        let logs = agent.connection_logs();
+        if logs.len() >= count {
+            return Ok(logs);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!(
+        "expected {count} connection log lines; agent stderr:\n{}",
+        agent.process.stderr()
+    )
+}

@@ -1,0 +1,203 @@
+//! Running the strait agent on a testbed node, and reading what it says: its admin API (from
+//! inside the node's network namespace, with curl) and its JSON log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::{Node, Process, Testbed, run};
+
+/// The admin address every test agent listens on, inside its node's network namespace.
+pub const ADMIN: &str = "127.0.0.1:15000";
+
+/// The agent binary: `$STRAIT_BIN`, else the workspace's debug build.
+pub fn strait_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("STRAIT_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug").join("strait"),
+    };
+    if !path.exists() {
+        bail!(
+            "the agent binary {} does not exist: build it with `cargo build -p strait` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The peer tool binary: `$STRAIT_PEER_BIN`, else the workspace's debug build.
+pub fn peer_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("STRAIT_PEER_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug").join("strait-peer"),
+    };
+    if !path.exists() {
+        bail!(
+            "the peer tool {} does not exist: build it with `cargo build -p strait-tests --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+static STARTS: AtomicU32 = AtomicU32::new(0);
+
+/// A running agent.
+pub struct Agent {
+    pub process: Process,
+    node: Node,
+}
+
+impl Agent {
+    /// Starts `strait run` in the node's network namespace with the node's cgroup root, bpffs
+    /// folder and workloads directory, and waits until `/ready` answers 200.
+    pub fn start(tb: &Testbed, node: &Node, mesh: &Path, extra: &[&str]) -> anyhow::Result<Agent> {
+        let binary = strait_binary()?;
+        let mut command = node.command(&binary);
+        command
+            .args(["--log-format", "json", "run", "--mesh"])
+            .arg(mesh)
+            .arg("--workloads")
+            .arg(node.workloads_dir())
+            .arg("--cgroup-root")
+            .arg(node.cgroup_root())
+            .arg("--bpffs")
+            .arg(node.bpffs())
+            .args(["--admin", ADMIN, "--drain-timeout", "5"])
+            .args(extra)
+            .env("RUST_LOG", "info");
+        let label = format!(
+            "agent-{}-{}",
+            node.name(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        );
+        let process = tb.spawn(&label, &mut command)?;
+        let agent = Agent {
+            process,
+            node: node.clone(),
+        };
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!(
+                    "the agent exited ({status}) before it was ready; stderr:\n{}",
+                    self.process.stderr()
+                );
+            }
+            if self.admin_get("/ready").is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent was not ready after {timeout:?}; stderr:\n{}",
+                    self.process.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET an admin path; an error unless the answer is 2xx.
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("http://{ADMIN}{path}");
+        let output = run(
+            self.node
+                .command("curl")
+                .args(["--silent", "--show-error", "--fail", "--max-time", "5"])
+                .arg(&url),
+            Duration::from_secs(10),
+        )?;
+        if !output.status.success() {
+            bail!(
+                "GET {url}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The eBPF counters (`/stats` → `redirect`).
+    pub fn counters(&self) -> anyhow::Result<Value> {
+        let stats: Value = serde_json::from_str(&self.admin_get("/stats")?)?;
+        Ok(stats["redirect"].clone())
+    }
+
+    pub fn counter(&self, reason: &str) -> anyhow::Result<u64> {
+        self.counters()?[reason]
+            .as_u64()
+            .with_context(|| format!("no counter {reason} in /stats"))
+    }
+
+    /// The agent's `/workloads` answer.
+    pub fn workloads(&self) -> anyhow::Result<Vec<Value>> {
+        Ok(serde_json::from_str(&self.admin_get("/workloads")?)?)
+    }
+
+    /// Polls `/workloads` until `pod` (`namespace/name`) is enrolled (`true`) or absent and
+    /// not enrolled (`false`).
+    pub fn wait_enrolled(&self, pod: &str, enrolled: bool, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self
+                .workloads()?
+                .iter()
+                .any(|w| w["pod"] == pod && w["enrolled"] == true);
+            if now == enrolled {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "pod {pod} enrolled={now} after {timeout:?}, wanted {enrolled}; agent stderr:\n{}",
+                    self.process.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every JSON log line the agent wrote so far.
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.process
+            .stderr()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// The per-connection log lines (`target` = `strait::connection`).
+    pub fn connection_logs(&self) -> Vec<Value> {
+        self.log_lines()
+            .into_iter()
+            .filter(|line| line["target"] == "strait::connection")
+            .collect()
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn stop(&self) -> anyhow::Result<ExitStatus> {
+        self.process.signal(libc::SIGTERM)?;
+        self.process.wait_timeout(Duration::from_secs(15))
+    }
+}
+
+/// Runs `strait` with arguments in the node (for one-shot commands such as `uninstall` or
+/// `validate`); returns its output, bounded by 30 s.
+pub fn strait(node: &Node, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut command: Command = node.command(strait_binary()?);
+    command.args(args);
+    run(&mut command, Duration::from_secs(30))
+}
