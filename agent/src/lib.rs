@@ -1,1 +1,3 @@
 //! strait: a sidecarless service mesh agent. (Skeleton.)
+
+pub mod mesh;
