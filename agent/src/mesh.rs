@@ -1,0 +1,515 @@
+//! The mesh file: App Mesh (`appmesh.k8s.aws/v1beta2`) resources in one multi-document YAML
+//! file, read into a typed, validated [`MeshConfig`].
+//!
+//! App Mesh manifests load unchanged: field names, enums, defaults and limits follow the
+//! controller's CRDs. Other Kubernetes documents are skipped (Namespace labels are kept for
+//! `Mesh.spec.namespaceSelector`). Every problem is reported with file, line, column and field
+//! path, all at once. strait's extensions (static addresses, rate limits, circuit breakers) are
+//! optional fields documented in `docs/mesh-file.md`.
+//!
+//! This module only reads and checks. Turning the model into routing tables, watching the file
+//! and keeping the last good mesh on a bad reload are the agent core's job.
+
+mod decode;
+mod files;
+pub mod generate;
+mod model;
+mod validate;
+mod yaml;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub use files::check_files;
+pub use model::*;
+
+/// The whole mesh as read from one file. Resource lists are sorted by [`ResourceId`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    pub mesh: Mesh,
+    pub virtual_nodes: Vec<VirtualNode>,
+    pub virtual_services: Vec<VirtualService>,
+    pub virtual_routers: Vec<VirtualRouter>,
+    pub virtual_gateways: Vec<VirtualGateway>,
+    pub gateway_routes: Vec<GatewayRoute>,
+    /// Labels of the `kind: Namespace` documents in the file, by namespace name.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub source: Source,
+}
+
+/// Where a [`MeshConfig`] came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes: tells a reload whether anything changed.
+    pub sha256: String,
+    pub loaded_at: SystemTime,
+}
+
+/// A parsed and validated mesh, with the warnings worth showing the operator.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: MeshConfig,
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read mesh file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", display_invalid(diagnostics))]
+    Invalid { diagnostics: Vec<Diagnostic> },
+}
+
+fn display_invalid(diagnostics: &[Diagnostic]) -> String {
+    let errors = diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .count();
+    let mut out = format!(
+        "invalid mesh file ({errors} error{})",
+        if errors == 1 { "" } else { "s" }
+    );
+    for d in diagnostics {
+        out.push('\n');
+        out.push_str(&d.to_string());
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        })
+    }
+}
+
+/// One problem in a mesh file.
+///
+/// `line`/`column` are 1-based; 0 means "no position" (file checks, which run on the model).
+/// `path` names the resource and field, e.g.
+/// `VirtualRouter shop/cart: spec.routes[1].httpRoute.action.weightedTargets[0].weight`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        write!(f, ": {}: ", self.severity)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Extra checks on top of parsing and validation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Also run [`check_files`] (TLS files must exist here); off for `strait validate` on a
+    /// machine other than the node.
+    pub check_files: bool,
+}
+
+/// Reads, parses and validates a mesh file.
+pub fn load_file(path: &Path) -> Result<Loaded, Error> {
+    load_file_with(path, Options::default())
+}
+
+pub fn load_file_with(path: &Path, options: Options) -> Result<Loaded, Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let offset = e.utf8_error().valid_up_to();
+            let before = &e.as_bytes()[..offset];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = offset
+                - before
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            return Err(Error::Invalid {
+                diagnostics: vec![Diagnostic {
+                    severity: Severity::Error,
+                    file: path.to_path_buf(),
+                    line,
+                    column,
+                    path: String::new(),
+                    message: "the mesh file is not valid UTF-8".to_string(),
+                }],
+            });
+        }
+    };
+    parse_str_with(&text, path, options)
+}
+
+/// Parses and validates mesh file text; `file` is only used in diagnostics and [`Source`].
+pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, Error> {
+    parse_str_with(text, file, Options::default())
+}
+
+pub fn parse_str_with(text: &str, file: &Path, options: Options) -> Result<Loaded, Error> {
+    let source = Source {
+        path: file.to_path_buf(),
+        sha256: Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        loaded_at: SystemTime::now(),
+    };
+    let (docs, syntax) = yaml::parse_stream(text);
+    if let Some(e) = syntax {
+        return Err(Error::Invalid {
+            diagnostics: vec![Diagnostic {
+                severity: Severity::Error,
+                file: file.to_path_buf(),
+                line: e.pos.line,
+                column: e.pos.col,
+                path: String::new(),
+                message: e.message,
+            }],
+        });
+    }
+    let (decoded, mut diags) = decode::decode(file, &docs);
+    let config = validate::validate(file, decoded, source, &mut diags);
+    if let Some(config) = &config
+        && options.check_files
+    {
+        diags.extend(check_files(config));
+    }
+    diags.sort_by_key(|d| (d.line, d.column, d.severity));
+    match config {
+        Some(config) if !diags.iter().any(|d| d.severity == Severity::Error) => Ok(Loaded {
+            config,
+            warnings: diags,
+        }),
+        _ => Err(Error::Invalid { diagnostics: diags }),
+    }
+}
+
+impl MeshConfig {
+    pub fn virtual_node(&self, id: &ResourceId) -> Option<&VirtualNode> {
+        find(&self.virtual_nodes, id, |v| &v.id)
+    }
+
+    pub fn virtual_service(&self, id: &ResourceId) -> Option<&VirtualService> {
+        find(&self.virtual_services, id, |v| &v.id)
+    }
+
+    pub fn virtual_router(&self, id: &ResourceId) -> Option<&VirtualRouter> {
+        find(&self.virtual_routers, id, |v| &v.id)
+    }
+
+    pub fn virtual_gateway(&self, id: &ResourceId) -> Option<&VirtualGateway> {
+        find(&self.virtual_gateways, id, |v| &v.id)
+    }
+
+    pub fn gateway_route(&self, id: &ResourceId) -> Option<&GatewayRoute> {
+        find(&self.gateway_routes, id, |v| &v.id)
+    }
+
+    /// Whether pods of `namespace` belong to the mesh (`Mesh.spec.namespaceSelector`, evaluated
+    /// on the labels of the file's Namespace documents; an undeclared namespace has no labels).
+    /// App Mesh semantics: absent selector = no namespace, empty selector = every namespace.
+    pub fn namespace_in_mesh(&self, namespace: &str) -> bool {
+        let empty = BTreeMap::new();
+        let labels = self.namespaces.get(namespace).unwrap_or(&empty);
+        self.mesh
+            .spec
+            .namespace_selector
+            .as_ref()
+            .is_some_and(|s| s.matches(labels))
+    }
+
+    /// The GatewayRoutes a VirtualGateway serves: those naming it in `virtualGatewayRef`, plus
+    /// those without one whose namespace matches the gateway's `namespaceSelector` (absent:
+    /// the gateway's own namespace) and whose labels match `gatewayRouteSelector` (absent:
+    /// all). Sorted by priority (absent = 1000, App Mesh's default), then id.
+    pub fn gateway_routes_for(&self, gateway: &VirtualGateway) -> Vec<&GatewayRoute> {
+        let empty = BTreeMap::new();
+        let mut out: Vec<&GatewayRoute> = self
+            .gateway_routes
+            .iter()
+            .filter(|r| match &r.spec.virtual_gateway {
+                Some(g) => *g == gateway.id,
+                None => {
+                    let ns_ok = match &gateway.spec.namespace_selector {
+                        None => r.id.namespace == gateway.id.namespace,
+                        Some(sel) => {
+                            sel.matches(self.namespaces.get(&r.id.namespace).unwrap_or(&empty))
+                        }
+                    };
+                    let labels_ok = gateway
+                        .spec
+                        .gateway_route_selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&r.labels));
+                    ns_ok && labels_ok
+                }
+            })
+            .collect();
+        out.sort_by_key(|r| (r.spec.priority.unwrap_or(1000), r.id.clone()));
+        out
+    }
+}
+
+fn find<'a, T>(items: &'a [T], id: &ResourceId, key: impl Fn(&T) -> &ResourceId) -> Option<&'a T> {
+    items
+        .binary_search_by(|t| key(t).cmp(id))
+        .ok()
+        .map(|i| &items[i])
+}
+
+/// `strait validate`'s summary: one line per kind.
+pub fn summary(config: &MeshConfig) -> String {
+    fn plural(n: usize, word: &str) -> String {
+        format!("{n} {word}{}", if n == 1 { "" } else { "s" })
+    }
+    let routes: usize = config
+        .virtual_routers
+        .iter()
+        .map(|r| r.spec.routes.len())
+        .sum();
+    let egress = match config.mesh.spec.egress_filter {
+        EgressFilter::AllowAll => "ALLOW_ALL",
+        EgressFilter::DropAll => "DROP_ALL",
+    };
+    let listeners: usize = config
+        .virtual_nodes
+        .iter()
+        .map(|n| n.spec.listeners.len())
+        .sum();
+    let backends: usize = config
+        .virtual_nodes
+        .iter()
+        .map(|n| n.spec.backends.len())
+        .sum();
+    [
+        format!("Mesh {} (egress {egress})", config.mesh.name),
+        format!(
+            "{} ({}, {})",
+            plural(config.virtual_nodes.len(), "VirtualNode"),
+            plural(listeners, "listener"),
+            plural(backends, "backend")
+        ),
+        plural(config.virtual_services.len(), "VirtualService"),
+        format!(
+            "{} ({})",
+            plural(config.virtual_routers.len(), "VirtualRouter"),
+            plural(routes, "route")
+        ),
+        plural(config.virtual_gateways.len(), "VirtualGateway"),
+        plural(config.gateway_routes.len(), "GatewayRoute"),
+    ]
+    .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata:
+  name: shop
+spec:
+  namespaceSelector:
+    matchLabels:
+      mesh: shop
+  egressFilter:
+    type: DROP_ALL
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    mesh: shop
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: color-blue
+  namespace: shop
+spec:
+  podSelector:
+    matchLabels:
+      app: color
+      version: blue
+  listeners:
+    - portMapping:
+        port: 9000
+        protocol: tcp
+  serviceDiscovery:
+    static:
+      addresses: [10.0.0.7, \"fd00::7\"]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: client
+  namespace: shop
+spec:
+  backends:
+    - virtualService:
+        virtualServiceRef:
+          name: color
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata:
+  name: color
+  namespace: shop
+spec:
+  listeners:
+    - portMapping:
+        port: 9000
+        protocol: tcp
+  routes:
+    - name: all
+      tcpRoute:
+        action:
+          weightedTargets:
+            - virtualNodeRef:
+                name: color-blue
+              weight: 150
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata:
+  name: color
+  namespace: shop
+spec:
+  addresses: [10.96.0.10]
+  provider:
+    virtualRouter:
+      virtualRouterRef:
+        name: color
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: whatever
+spec:
+  anything: [goes, here]
+";
+
+    #[test]
+    fn reports_weight_with_position_and_path() {
+        let err = parse_str(MINIMAL, Path::new("mesh.yaml")).unwrap_err();
+        let Error::Invalid { diagnostics } = &err else {
+            panic!("{err}")
+        };
+        let errors: Vec<String> = diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            errors,
+            vec![
+                "mesh.yaml:65:23: error: VirtualRouter shop/color: \
+                 spec.routes[0].tcpRoute.action.weightedTargets[0].weight: expected an integer \
+                 0..=100, got 150"
+            ]
+        );
+        assert!(err.to_string().starts_with("invalid mesh file (1 error)\n"));
+    }
+
+    #[test]
+    fn loads_the_issue_2_subset() {
+        let text = MINIMAL.replace("weight: 150", "weight: 100");
+        let loaded = parse_str(&text, Path::new("mesh.yaml")).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let c = &loaded.config;
+        assert_eq!(c.mesh.name, "shop");
+        assert_eq!(c.mesh.spec.egress_filter, EgressFilter::DropAll);
+        assert!(c.namespace_in_mesh("shop"));
+        assert!(!c.namespace_in_mesh("other"));
+        let blue = c
+            .virtual_node(&ResourceId::new("shop", "color-blue"))
+            .unwrap();
+        assert_eq!(
+            blue.spec.listeners[0].port_mapping,
+            PortMapping {
+                port: 9000,
+                protocol: Protocol::Tcp
+            }
+        );
+        assert_eq!(
+            blue.spec.service_discovery,
+            Some(ServiceDiscovery::Static {
+                addresses: vec!["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()]
+            })
+        );
+        let client = c.virtual_node(&ResourceId::new("shop", "client")).unwrap();
+        assert_eq!(
+            client.spec.backends[0].virtual_service,
+            ResourceId::new("shop", "color")
+        );
+        let vs = c
+            .virtual_service(&ResourceId::new("shop", "color"))
+            .unwrap();
+        assert_eq!(
+            vs.spec.provider,
+            Some(Provider::VirtualRouter(ResourceId::new("shop", "color")))
+        );
+        assert_eq!(vs.hostname(), "color.shop.svc.cluster.local");
+        let router = c.virtual_router(&ResourceId::new("shop", "color")).unwrap();
+        let RouteKind::Tcp(tcp) = &router.spec.routes[0].kind else {
+            panic!()
+        };
+        assert_eq!(
+            tcp.action.weighted_targets,
+            vec![WeightedTarget {
+                virtual_node: ResourceId::new("shop", "color-blue"),
+                weight: 100,
+                port: None
+            }]
+        );
+        assert_eq!(c.source.sha256.len(), 64);
+        assert_eq!(
+            summary(c),
+            "Mesh shop (egress DROP_ALL)\n2 VirtualNodes (1 listener, 1 backend)\n1 \
+             VirtualService\n1 VirtualRouter (1 route)\n0 VirtualGateways\n0 GatewayRoutes"
+        );
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(json["mesh"]["spec"]["egressFilter"], "DROP_ALL");
+    }
+}
