@@ -473,8 +473,12 @@ impl Node {
         for (cgroup_id, _) in enrolled {
             if !self.enrolled.values().any(|e| e.cgroup_id == cgroup_id) {
                 match self.ctx.redirect.release(cgroup_id) {
-                    Ok(()) => tracing::info!(cgroup_id, "released a cgroup a previous agent enrolled"),
-                    Err(error) => tracing::error!(cgroup_id, %error, "cannot release a stale cgroup"),
+                    Ok(()) => {
+                        tracing::info!(cgroup_id, "released a cgroup a previous agent enrolled")
+                    }
+                    Err(error) => {
+                        tracing::error!(cgroup_id, %error, "cannot release a stale cgroup")
+                    }
                 }
             }
         }
@@ -493,14 +497,18 @@ impl Node {
                 error: None,
             })
             .collect();
-        statuses.extend(self.failed.iter().map(|(key, (_, vn, error))| WorkloadStatus {
-            pod: key.to_string(),
-            virtual_node: vn.as_ref().map(ToString::to_string),
-            enrolled: false,
-            cgroup_id: None,
-            listeners: Vec::new(),
-            error: Some(error.clone()),
-        }));
+        statuses.extend(
+            self.failed
+                .iter()
+                .map(|(key, (_, vn, error))| WorkloadStatus {
+                    pod: key.to_string(),
+                    virtual_node: vn.as_ref().map(ToString::to_string),
+                    enrolled: false,
+                    cgroup_id: None,
+                    listeners: Vec::new(),
+                    error: Some(error.clone()),
+                }),
+        );
         admin.workloads.store(Arc::new(statuses));
     }
 }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use crate::{app, mesh, redirect};
 
 #[derive(Debug, Parser)]
-#[command(name = "strait", version, about = "A sidecarless service mesh agent for App Mesh resources")]
+#[command(
+    name = "strait",
+    version,
+    about = "A sidecarless service mesh agent for App Mesh resources"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -103,7 +107,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Uninstall { bpffs } => {
             let report = redirect::uninstall(&bpffs)?;

@@ -62,7 +62,9 @@ impl Resolver {
                 ResolverConfig::from_parts(None, vec![], vec![NameServerConfig::udp_and_tcp(ip)]),
                 TokioRuntimeProvider::default(),
             ),
-            None => TokioResolver::builder_tokio().map_err(|e| Error::SystemConfig(e.to_string()))?,
+            None => {
+                TokioResolver::builder_tokio().map_err(|e| Error::SystemConfig(e.to_string()))?
+            }
         };
         let options = builder.options_mut();
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rand::Rng;
 
 use crate::mesh::{
-    DnsResponseType, MeshConfig, Provider, ResourceId, RouteKind, ServiceDiscovery,
-    VirtualRouter, VirtualService,
+    DnsResponseType, MeshConfig, Provider, ResourceId, RouteKind, ServiceDiscovery, VirtualRouter,
+    VirtualService,
 };
 
 /// Where a virtual service sends a connection on one of its ports.
@@ -113,7 +113,7 @@ impl Table {
                     let mut addrs = answers.get(hostname).cloned().unwrap_or_default();
                     // LOADBALANCER: the name points at a load balancer; use one address, as
                     // App Mesh's Envoy did (it resolved with "strict DNS, first answer").
-                    if *response_type == DnsResponseType::LoadBalancer {
+                    if *response_type == DnsResponseType::Loadbalancer {
                         addrs.truncate(1);
                     }
                     addrs

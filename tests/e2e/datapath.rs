@@ -237,13 +237,14 @@ fn a_call_to_a_virtual_service_is_captured_and_forwarded_intact() -> anyhow::Res
     assert_eq!(line["virtual_service"], "app/color", "{line}");
     assert_eq!(line["virtual_node"], "app/color-v1", "{line}");
     assert_eq!(line["orig_dst"], format!("{SERVICE_V4}:8080"), "{line}");
-    assert_eq!(line["endpoint"], format!("{}:8080", bed.v1.ipv4()), "{line}");
-    // The banner line comes on top of the echoed bytes.
-    assert_eq!(line["bytes_sent"], 6_000_000, "{line}");
-    assert!(
-        line["bytes_received"].as_u64() > Some(6_000_000),
+    assert_eq!(
+        line["endpoint"],
+        format!("{}:8080", bed.v1.ipv4()),
         "{line}"
     );
+    // The banner line comes on top of the echoed bytes.
+    assert_eq!(line["bytes_sent"], 6_000_000, "{line}");
+    assert!(line["bytes_received"].as_u64() > Some(6_000_000), "{line}");
     Ok(())
 }
 
@@ -384,7 +385,10 @@ fn a_restarted_agent_adopts_the_pinned_maps() -> anyhow::Result<()> {
     let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
     assert_eq!(report["ok"], true, "{report}");
     let status = first.stop()?;
-    assert!(status.success(), "SIGTERM: the agent exits cleanly, got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM: the agent exits cleanly, got {status}"
+    );
     assert!(
         std::fs::read_dir(bed.node.bpffs())?.next().is_some(),
         "pins stay after the agent exits"
@@ -429,7 +433,11 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_attached() -> anyhow::Resul
     let node = &bed.node;
     let bpffs = node.bpffs().to_str().context("bpffs")?.to_owned();
     let mesh = bed.mesh.to_str().context("mesh")?.to_owned();
-    let workloads = node.workloads_dir().to_str().context("workloads")?.to_owned();
+    let workloads = node
+        .workloads_dir()
+        .to_str()
+        .context("workloads")?
+        .to_owned();
     let cgroup = node.cgroup_root().to_str().context("cgroup")?.to_owned();
     let broken_mesh = bed.tb.temp_dir().join("broken.yaml");
     std::fs::write(
@@ -443,22 +451,58 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_attached() -> anyhow::Resul
     let cases: [(&str, Vec<&str>, &str); 4] = [
         (
             "mesh file that does not parse",
-            vec!["--mesh", &broken_mesh, "--workloads", &workloads, "--cgroup-root", &cgroup, "--bpffs", &bpffs],
+            vec![
+                "--mesh",
+                &broken_mesh,
+                "--workloads",
+                &workloads,
+                "--cgroup-root",
+                &cgroup,
+                "--bpffs",
+                &bpffs,
+            ],
             "broken.yaml:",
         ),
         (
             "missing workloads directory",
-            vec!["--mesh", &mesh, "--workloads", "/nonexistent/strait-workloads", "--cgroup-root", &cgroup, "--bpffs", &bpffs],
+            vec![
+                "--mesh",
+                &mesh,
+                "--workloads",
+                "/nonexistent/strait-workloads",
+                "--cgroup-root",
+                &cgroup,
+                "--bpffs",
+                &bpffs,
+            ],
             "/nonexistent/strait-workloads",
         ),
         (
             "cgroup path that does not exist",
-            vec!["--mesh", &mesh, "--workloads", &workloads, "--cgroup-root", "/sys/fs/cgroup/unified/strait-no-such-cgroup", "--bpffs", &bpffs],
+            vec![
+                "--mesh",
+                &mesh,
+                "--workloads",
+                &workloads,
+                "--cgroup-root",
+                "/sys/fs/cgroup/unified/strait-no-such-cgroup",
+                "--bpffs",
+                &bpffs,
+            ],
             "strait-no-such-cgroup",
         ),
         (
             "bpffs folder not on a bpf filesystem",
-            vec!["--mesh", &mesh, "--workloads", &workloads, "--cgroup-root", &cgroup, "--bpffs", &not_bpffs],
+            vec![
+                "--mesh",
+                &mesh,
+                "--workloads",
+                &workloads,
+                "--cgroup-root",
+                &cgroup,
+                "--bpffs",
+                &not_bpffs,
+            ],
             "bpf",
         ),
     ];

@@ -150,7 +150,12 @@ impl Agent {
 
     /// Polls `/workloads` until `pod` (`namespace/name`) is enrolled (`true`) or absent and
     /// not enrolled (`false`).
-    pub fn wait_enrolled(&self, pod: &str, enrolled: bool, timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_enrolled(
+        &self,
+        pod: &str,
+        enrolled: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let now = self

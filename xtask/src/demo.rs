@@ -21,7 +21,9 @@ const CONNECTIONS: u32 = 40;
 
 pub fn run_demo() -> Result<()> {
     if !crate::is_root() {
-        bail!("the demo needs root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask demo`");
+        bail!(
+            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask demo`"
+        );
     }
     setup::setup()?;
     ebpf::build_ebpf()?;
@@ -34,7 +36,9 @@ pub fn run_demo() -> Result<()> {
         bail!("the build failed");
     }
 
-    say("Starting a testbed: one node, pods in their own network namespaces and cgroups, a DNS server.");
+    say(
+        "Starting a testbed: one node, pods in their own network namespaces and cgroups, a DNS server.",
+    );
     let tb = Testbed::new("demo")?;
     let cleanup = tb.cleanup_handle();
     ctrlc::set_handler(move || {
@@ -67,8 +71,13 @@ pub fn run_demo() -> Result<()> {
     for (pod, name) in [(&v1, "color-v1"), (&v2, "color-v2"), (&outside, "web")] {
         let server = tb.spawn(
             name,
-            pod.command(&peer)
-                .args(["serve", "--listen", "0.0.0.0:8080,[::]:8080", "--name", name]),
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                "0.0.0.0:8080,[::]:8080",
+                "--name",
+                name,
+            ]),
         )?;
         server.wait_listening(8080, Duration::from_secs(10))?;
     }
@@ -90,12 +99,17 @@ pub fn run_demo() -> Result<()> {
             pod.ipv4()
         );
     }
-    println!("  DNS: {SERVICE} -> {}, {}", service_addrs[0], service_addrs[1]);
+    println!(
+        "  DNS: {SERVICE} -> {}, {}",
+        service_addrs[0], service_addrs[1]
+    );
 
     let mesh = workspace_root().join("examples/demo/mesh.yaml");
     say(&format!(
         "Starting the agent: strait run --mesh {}",
-        mesh.strip_prefix(workspace_root()).unwrap_or(&mesh).display()
+        mesh.strip_prefix(workspace_root())
+            .unwrap_or(&mesh)
+            .display()
     ));
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
     let enrolled = agent.workloads()?;
@@ -122,14 +136,19 @@ pub fn run_demo() -> Result<()> {
         ],
     )?;
     if report["ok"] != true {
-        bail!("the calls failed: {report}\nagent log:\n{}", agent.process.stderr());
+        bail!(
+            "the calls failed: {report}\nagent log:\n{}",
+            agent.process.stderr()
+        );
     }
     let connections = wait_for_logs(&agent, CONNECTIONS as usize);
     println!();
-    println!("  #   captured destination   virtual service   virtual node        endpoint            sent      received");
+    println!(
+        "  #   captured destination   virtual service   virtual node        endpoint               sent      received"
+    );
     for (i, line) in connections.iter().enumerate().take(8) {
         println!(
-            "  {:<3} {:<22} {:<17} {:<19} {:<19} {:<9} {}",
+            "  {:<3} {:<22} {:<17} {:<19} {:<22} {:<9} {}",
             i + 1,
             s(&line["orig_dst"]),
             s(&line["virtual_service"]),
@@ -147,7 +166,10 @@ pub fn run_demo() -> Result<()> {
         *split.entry(s(&line["virtual_node"])).or_default() += 1;
     }
     println!();
-    println!("  The router asked for 75/25. Observed over {} connections:", connections.len());
+    println!(
+        "  The router asked for 75/25. Observed over {} connections:",
+        connections.len()
+    );
     for (node_name, count) in &split {
         println!(
             "    {node_name:<20} {count:>3}  ({:.0} %)",
@@ -180,14 +202,24 @@ pub fn run_demo() -> Result<()> {
 
     say("What the eBPF programs counted (admin API /stats):");
     let counters = agent.counters()?;
-    for reason in ["captured", "rekeyed", "denied", "passed", "not_enrolled", "lookup_miss"] {
+    for reason in [
+        "captured",
+        "rekeyed",
+        "denied",
+        "passed",
+        "not_enrolled",
+        "lookup_miss",
+    ] {
         println!("  {reason:<13} {}", counters[reason]);
     }
 
     say("Stopping the agent and tearing the testbed down.");
     agent.stop()?;
     let bpffs = node.bpffs().to_path_buf();
-    let output = testbed::agent::strait(&node, &["uninstall", "--bpffs", &bpffs.display().to_string()])?;
+    let output = testbed::agent::strait(
+        &node,
+        &["uninstall", "--bpffs", &bpffs.display().to_string()],
+    )?;
     print!("  {}", String::from_utf8_lossy(&output.stdout));
     tb.cleanup()?;
     println!("Done.");
@@ -222,7 +254,10 @@ fn wait_for_logs(agent: &Agent, count: usize) -> Vec<Value> {
 }
 
 fn s(value: &Value) -> String {
-    value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string())
+    value
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| value.to_string())
 }
 
 fn say(text: &str) {
