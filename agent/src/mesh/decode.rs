@@ -1606,7 +1606,7 @@ impl Cx<'_> {
                         p,
                         &[
                             ("ENDPOINTS", DnsResponseType::Endpoints),
-                            ("LOADBALANCER", DnsResponseType::Loadbalancer),
+                            ("LOADBALANCER", DnsResponseType::LoadBalancer),
                         ],
                     )
                 });
