@@ -93,7 +93,7 @@ fn color_tcp() {
         green.spec.service_discovery,
         Some(ServiceDiscovery::Dns {
             hostname: "green.color.svc.cluster.local".into(),
-            response_type: DnsResponseType::Loadbalancer
+            response_type: DnsResponseType::LoadBalancer
         })
     );
 

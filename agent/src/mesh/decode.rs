@@ -536,7 +536,8 @@ impl Cx<'_> {
             Ok(_) => Some(s),
             Err(e) => {
                 let first = e.to_string();
-                let last = first.lines().last().unwrap_or("").trim().to_string();
+                let last = first.lines().last().unwrap_or("").trim();
+                let last = last.strip_prefix("error: ").unwrap_or(last);
                 self.err(n.pos, path, format!("invalid regex {s:?}: {last}"));
                 None
             }
@@ -766,6 +767,7 @@ impl Cx<'_> {
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         };
+        // Reported, then decoding goes on so the spec's problems show up too.
         if bad(&name) {
             self.err(
                 name_pos,
@@ -775,7 +777,6 @@ impl Cx<'_> {
                      `.`, at most 253 characters)"
                 ),
             );
-            return None;
         }
         if bad(&ns) {
             self.err(
@@ -783,7 +784,6 @@ impl Cx<'_> {
                 "metadata.namespace",
                 format!("{ns:?} is not a valid Kubernetes namespace name"),
             );
-            return None;
         }
         Some((name, ns, labels, name_pos))
     }
@@ -1606,7 +1606,7 @@ impl Cx<'_> {
                         p,
                         &[
                             ("ENDPOINTS", DnsResponseType::Endpoints),
-                            ("LOADBALANCER", DnsResponseType::Loadbalancer),
+                            ("LOADBALANCER", DnsResponseType::LoadBalancer),
                         ],
                     )
                 });

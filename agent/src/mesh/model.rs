@@ -383,7 +383,8 @@ pub enum ServiceDiscovery {
 pub enum DnsResponseType {
     Endpoints,
     #[default]
-    Loadbalancer,
+    #[serde(rename = "LOADBALANCER")]
+    LoadBalancer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
