@@ -113,7 +113,7 @@ impl Table {
                     let mut addrs = answers.get(hostname).cloned().unwrap_or_default();
                     // LOADBALANCER: the name points at a load balancer; use one address, as
                     // App Mesh's Envoy did (it resolved with "strict DNS, first answer").
-                    if *response_type == DnsResponseType::Loadbalancer {
+                    if *response_type == DnsResponseType::LoadBalancer {
                         addrs.truncate(1);
                     }
                     addrs
