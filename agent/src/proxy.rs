@@ -5,6 +5,7 @@
 //! about which pods are enrolled; the app does, and hands it listeners.
 
 pub mod outbound;
+pub mod upstream;
 
 use std::sync::Arc;
 

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rand::Rng;
 
 use crate::mesh::{
-    DnsResponseType, MeshConfig, Provider, ResourceId, RouteKind, ServiceDiscovery, VirtualRouter,
-    VirtualService,
+    DnsResponseType, MeshConfig, Protocol, Provider, ResourceId, RouteKind, ServiceDiscovery,
+    VirtualRouter, VirtualService,
 };
 
 /// Where a virtual service sends a connection on one of its ports.
@@ -24,6 +24,9 @@ pub struct ServicePort {
     pub service: ResourceId,
     pub hostname: String,
     pub port: u16,
+    /// The provider's listener protocol on this port: `tcp` is forwarded at L4, the others
+    /// go through the HTTP proxy.
+    pub protocol: Protocol,
     pub action: Action,
 }
 
@@ -132,11 +135,12 @@ impl Table {
             } else {
                 vs.spec.addresses.clone()
             };
-            for (port, action) in service_ports(mesh, vs) {
+            for (port, protocol, action) in service_ports(mesh, vs) {
                 let entry = Arc::new(ServicePort {
                     service: vs.id.clone(),
                     hostname: hostname.clone(),
                     port,
+                    protocol,
                     action,
                 });
                 for addr in &addrs {
@@ -151,7 +155,7 @@ impl Table {
 }
 
 /// The ports a virtual service answers on (its provider's listeners) and the action for each.
-fn service_ports(mesh: &MeshConfig, vs: &VirtualService) -> Vec<(u16, Action)> {
+fn service_ports(mesh: &MeshConfig, vs: &VirtualService) -> Vec<(u16, Protocol, Action)> {
     match &vs.spec.provider {
         Some(Provider::VirtualNode(id)) => mesh
             .virtual_node(id)
@@ -166,7 +170,7 @@ fn service_ports(mesh: &MeshConfig, vs: &VirtualService) -> Vec<(u16, Action)> {
                             weight: 1,
                             port,
                         };
-                        (port, Action::Node(target))
+                        (port, listener.port_mapping.protocol, Action::Node(target))
                     })
                     .collect()
             })
@@ -179,7 +183,7 @@ fn service_ports(mesh: &MeshConfig, vs: &VirtualService) -> Vec<(u16, Action)> {
     }
 }
 
-fn router_ports(mesh: &MeshConfig, router: &VirtualRouter) -> Vec<(u16, Action)> {
+fn router_ports(mesh: &MeshConfig, router: &VirtualRouter) -> Vec<(u16, Protocol, Action)> {
     router
         .spec
         .listeners
@@ -221,7 +225,7 @@ fn router_ports(mesh: &MeshConfig, router: &VirtualRouter) -> Vec<(u16, Action)>
                     ),
                 },
             };
-            (port, action)
+            (port, listener.port_mapping.protocol, action)
         })
         .collect()
 }

@@ -13,17 +13,12 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
+use super::{Context, upstream};
 use crate::mesh::ResourceId;
 use crate::redirect::{self, OriginalDestination};
 use crate::routing::{Action, pick_weighted};
 use crate::telemetry::{BytesLabels, FailureLabels, TcpLabels};
 
-/// How long a connect to an endpoint may take before the next endpoint is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// At most this many endpoints are tried for one connection (App Mesh's default retry policy
-/// retries connect failures twice).
-const CONNECT_ATTEMPTS: usize = 3;
 /// Copy buffer per direction; large enough for bulk transfers to stay cheap.
 const COPY_BUFFER: usize = 64 * 1024;
 
@@ -134,35 +129,19 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: 
         fail("no_endpoints");
         return;
     };
-    let mut upstream = None;
-    for ip in endpoints.rotation().take(CONNECT_ATTEMPTS) {
-        let endpoint = SocketAddr::new(ip, target.port);
-        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
-            Ok(Ok(stream)) => {
-                upstream = Some((stream, endpoint));
-                break;
-            }
-            Ok(Err(error)) => {
-                tracing::warn!(virtual_node = %target.virtual_node, %endpoint, %error, "connect to endpoint failed")
-            }
-            Err(_) => {
-                tracing::warn!(virtual_node = %target.virtual_node, %endpoint, "connect to endpoint timed out")
-            }
+    let (mut upstream, endpoint) = match upstream::connect_target(&target, &endpoints).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            fail("upstream_connect");
+            tracing::warn!(
+                workload = %source.workload,
+                virtual_service = %service.service,
+                "{error}; closing the client's connection"
+            );
+            return;
         }
-    }
-    let Some((mut upstream, endpoint)) = upstream else {
-        fail("upstream_connect");
-        tracing::warn!(
-            workload = %source.workload,
-            virtual_service = %service.service,
-            virtual_node = %target.virtual_node,
-            endpoints = endpoints.addrs.len(),
-            "no endpoint accepted the connection; closing the client's connection"
-        );
-        return;
     };
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     ctx.metrics.tcp_opened.get_or_create(&labels).inc();
     let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
     active.inc();
