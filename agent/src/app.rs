@@ -339,7 +339,7 @@ impl Node {
         let mut desired: BTreeMap<ResourceId, (Workload, ResourceId)> = BTreeMap::new();
         for (key, workload) in pods {
             match workload.virtual_node(&self.mesh) {
-                Selection::None => {}
+                Selection::None | Selection::NotInMesh => {}
                 Selection::One(vn) => {
                     desired.insert(key.clone(), (workload.clone(), vn.clone()));
                 }

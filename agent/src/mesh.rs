@@ -245,15 +245,27 @@ impl MeshConfig {
 
     /// Whether pods of `namespace` belong to the mesh (`Mesh.spec.namespaceSelector`, evaluated
     /// on the labels of the file's Namespace documents; an undeclared namespace has no labels).
-    /// App Mesh semantics: absent selector = no namespace, empty selector = every namespace.
+    /// An absent selector takes every namespace (the file describes one mesh; App Mesh would
+    /// select none, which in a single-mesh file would only mean "nothing works").
     pub fn namespace_in_mesh(&self, namespace: &str) -> bool {
+        self.namespace_in_mesh_with(namespace, None)
+    }
+
+    /// Like [`namespace_in_mesh`](Self::namespace_in_mesh), with the namespace's labels from
+    /// the live source (a workload file, the cluster) taking precedence over the file's.
+    pub fn namespace_in_mesh_with(
+        &self,
+        namespace: &str,
+        live_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let Some(selector) = &self.mesh.spec.namespace_selector else {
+            return true;
+        };
         let empty = BTreeMap::new();
-        let labels = self.namespaces.get(namespace).unwrap_or(&empty);
-        self.mesh
-            .spec
-            .namespace_selector
-            .as_ref()
-            .is_some_and(|s| s.matches(labels))
+        let labels = live_labels
+            .or_else(|| self.namespaces.get(namespace))
+            .unwrap_or(&empty);
+        selector.matches(labels)
     }
 
     /// The GatewayRoutes a VirtualGateway serves: those naming it in `virtualGatewayRef`, plus

@@ -53,6 +53,14 @@ pub struct Workload {
     pub netns: PathBuf,
     /// Path of the pod's cgroup v2 directory.
     pub cgroup: PathBuf,
+    /// Labels of the pod's namespace, for `Mesh.spec.namespaceSelector`. Optional: when
+    /// absent, the labels of a `Namespace` document in the mesh file count.
+    #[serde(
+        default,
+        rename = "namespaceLabels",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub namespace_labels: Option<BTreeMap<String, String>>,
 }
 
 impl Workload {
@@ -64,10 +72,21 @@ impl Workload {
         }
     }
 
+    /// Whether the pod's namespace belongs to the mesh: `Mesh.spec.namespaceSelector` matches
+    /// the namespace's labels (from the workload file, else from the mesh file's Namespace
+    /// documents). A mesh without a namespaceSelector takes every namespace: the mesh file
+    /// describes one mesh, so every resource in it is that mesh's (docs/mesh-file.md).
+    pub fn in_mesh(&self, mesh: &MeshConfig) -> bool {
+        mesh.namespace_in_mesh_with(&self.namespace, self.namespace_labels.as_ref())
+    }
+
     /// The VirtualNode whose `podSelector` selects this pod: same namespace, labels match. A
     /// VirtualNode without a podSelector selects no pod (App Mesh semantics). When several
     /// match, the first by name wins and the caller is told about the others.
     pub fn virtual_node<'m>(&self, mesh: &'m MeshConfig) -> Selection<'m> {
+        if !self.in_mesh(mesh) {
+            return Selection::NotInMesh;
+        }
         let mut matching = mesh.virtual_nodes.iter().filter(|vn| {
             vn.id.namespace == self.namespace
                 && vn
@@ -94,6 +113,8 @@ impl Workload {
 /// Which VirtualNode a pod is.
 #[derive(Debug, PartialEq)]
 pub enum Selection<'m> {
+    /// The pod's namespace is not selected by the Mesh's namespaceSelector.
+    NotInMesh,
     None,
     One(&'m ResourceId),
     Ambiguous {
@@ -105,7 +126,7 @@ pub enum Selection<'m> {
 impl<'m> Selection<'m> {
     pub fn chosen(&self) -> Option<&'m ResourceId> {
         match self {
-            Selection::None => None,
+            Selection::NotInMesh | Selection::None => None,
             Selection::One(id) => Some(id),
             Selection::Ambiguous { chosen, .. } => Some(chosen),
         }
@@ -245,6 +266,68 @@ mod tests {
         }];
         assert_eq!(a.labels["app"], "a");
         assert_eq!(a.ips, vec!["10.0.0.2".parse::<IpAddr>().unwrap()]);
+    }
+
+    fn mesh(text: &str) -> MeshConfig {
+        crate::mesh::parse_str(text, Path::new("mesh.yaml"))
+            .unwrap()
+            .config
+    }
+
+    const MESH: &str = r#"
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: m}
+spec:
+  namespaceSelector: {matchLabels: {mesh: m}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh: m}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: cart, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: cart}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: cart, namespace: other}
+spec:
+  podSelector: {matchLabels: {app: cart}}
+"#;
+
+    fn pod(namespace: &str, app: &str) -> Workload {
+        Workload {
+            name: "p".into(),
+            namespace: namespace.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ips: vec![],
+            netns: "/n".into(),
+            cgroup: "/c".into(),
+            namespace_labels: None,
+        }
+    }
+
+    #[test]
+    fn pods_are_matched_by_namespace_and_pod_selector() {
+        let mesh = mesh(MESH);
+        let chosen = pod("shop", "cart").virtual_node(&mesh).chosen().cloned();
+        assert_eq!(
+            chosen.map(|id| id.to_string()).as_deref(),
+            Some("shop/cart")
+        );
+        assert_eq!(pod("shop", "web").virtual_node(&mesh), Selection::None);
+        // `other` has no labels in the file: the namespaceSelector leaves it out.
+        assert_eq!(
+            pod("other", "cart").virtual_node(&mesh),
+            Selection::NotInMesh
+        );
+        // Namespace labels in the workload file count.
+        let mut labelled = pod("other", "cart");
+        labelled.namespace_labels = Some([("mesh".to_string(), "m".to_string())].into());
+        assert!(labelled.virtual_node(&mesh).chosen().is_some());
     }
 
     #[test]

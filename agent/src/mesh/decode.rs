@@ -1332,8 +1332,9 @@ impl Cx<'_> {
             self.warn(
                 o.pos,
                 &o.at("namespaceSelector"),
-                "no namespaceSelector: as in App Mesh this selects no namespace, so no pod joins \
-                 the mesh by namespace (use `namespaceSelector: {}` to select every namespace)",
+                "no namespaceSelector: strait puts every namespace in this mesh (the file \
+                 describes one mesh; App Mesh itself would select none); add a namespaceSelector \
+                 to restrict it",
             );
         }
         let egress = self.opt(&o, "egressFilter", |cx, n, p| {
