@@ -49,6 +49,15 @@ pub struct ConfigDump {
     pub sha256: String,
     pub loaded_at_unix: u64,
     pub mesh: serde_json::Value,
+    /// The last mesh file the agent refused (kept after later successful reloads, so an
+    /// operator can see what went wrong; compare `at_unix` with `loaded_at_unix`).
+    pub last_rejected: Option<Rejected>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    pub at_unix: u64,
+    pub errors: Vec<String>,
 }
 
 /// Shared state the admin API reads.

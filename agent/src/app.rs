@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, ConfigDump, WorkloadStatus};
+use crate::admin::{self, ConfigDump, Rejected, WorkloadStatus};
 use crate::mesh::{self, EgressFilter, MeshConfig, ResourceId};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
@@ -177,7 +177,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         }
                         reloads.get_or_create(&ReloadLabels { result: "applied" }).inc();
                         tracing::info!(sha256 = %new_mesh.source.sha256, "mesh file reloaded");
-                        admin_state.config.store(Arc::new(config_dump(&new_mesh)));
+                        let last_rejected = admin_state.config.load().last_rejected.clone();
+                        admin_state.config.store(Arc::new(ConfigDump {
+                            last_rejected,
+                            ..config_dump(&new_mesh)
+                        }));
                         names_tx.send_replace(Table::dns_names(&new_mesh));
                         node.mesh = Arc::new(new_mesh);
                         node.apply_table(&answers.borrow());
@@ -186,6 +190,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     Err(error) => {
                         reloads.get_or_create(&ReloadLabels { result: "rejected" }).inc();
                         tracing::error!("mesh file rejected; the previous mesh stays in force:\n{error}");
+                        let mut dump = (**admin_state.config.load()).clone();
+                        dump.last_rejected = Some(Rejected {
+                            at_unix: unix_now(),
+                            errors: error.to_string().lines().map(str::to_owned).collect(),
+                        });
+                        admin_state.config.store(Arc::new(dump));
                     }
                 }
             }
@@ -245,7 +255,15 @@ fn config_dump(mesh: &MeshConfig) -> ConfigDump {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         mesh: serde_json::to_value(mesh).unwrap_or(serde_json::Value::Null),
+        last_rejected: None,
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Watches the mesh file's directory (not the file: a ConfigMap update swaps a symlinked

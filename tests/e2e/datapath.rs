@@ -5,211 +5,15 @@
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
 
 use anyhow::Context as _;
+use common::*;
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary, strait};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
-
-const SERVICE: &str = "color.app.svc.cluster.local";
-const SERVICE_V4: &str = "10.96.0.10";
-const SERVICE_V6: &str = "fd00:96::10";
-
-/// A one-node testbed: a client pod, two color servers (v1, v2) and a pod outside the mesh.
-struct Bed {
-    tb: Testbed,
-    node: Node,
-    client: Pod,
-    v1: Pod,
-    outside: Pod,
-    mesh: PathBuf,
-    _servers: Vec<Process>,
-}
-
-/// The mesh of these tests: `color` is a router splitting TCP connections between color-v1 and
-/// color-v2 with the given weights; `client` calls it.
-fn mesh_yaml(egress: &str, weight_v1: u32, weight_v2: u32) -> String {
-    format!(
-        r#"apiVersion: appmesh.k8s.aws/v1beta2
-kind: Mesh
-metadata:
-  name: test
-spec:
-  egressFilter:
-    type: {egress}
----
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: app
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata:
-  name: client
-  namespace: app
-spec:
-  podSelector:
-    matchLabels:
-      app: client
-  backends:
-    - virtualService:
-        virtualServiceRef:
-          name: color
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata:
-  name: color-v1
-  namespace: app
-spec:
-  podSelector:
-    matchLabels:
-      app: color
-      version: v1
-  listeners:
-    - portMapping:
-        port: 8080
-        protocol: tcp
-  serviceDiscovery:
-    dns:
-      hostname: color-v1.app.svc.cluster.local
-      responseType: ENDPOINTS
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata:
-  name: color-v2
-  namespace: app
-spec:
-  podSelector:
-    matchLabels:
-      app: color
-      version: v2
-  listeners:
-    - portMapping:
-        port: 8080
-        protocol: tcp
-  serviceDiscovery:
-    dns:
-      hostname: color-v2.app.svc.cluster.local
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualRouter
-metadata:
-  name: color
-  namespace: app
-spec:
-  listeners:
-    - portMapping:
-        port: 8080
-        protocol: tcp
-  routes:
-    - name: split
-      tcpRoute:
-        action:
-          weightedTargets:
-            - virtualNodeRef:
-                name: color-v1
-              weight: {weight_v1}
-            - virtualNodeRef:
-                name: color-v2
-              weight: {weight_v2}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualService
-metadata:
-  name: color
-  namespace: app
-spec:
-  awsName: {SERVICE}
-  provider:
-    virtualRouter:
-      virtualRouterRef:
-        name: color
-"#
-    )
-}
-
-fn bed(test: &str, mesh: &str) -> anyhow::Result<Bed> {
-    let tb = Testbed::new(test)?;
-    let node = tb.add_node("node1")?;
-    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "app")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "app")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    let outside = node.add_pod(&PodSpec::new("web", "outside").label("app", "web"))?;
-    tb.dns_record(
-        SERVICE,
-        &[SERVICE_V4.parse()?, SERVICE_V6.parse::<IpAddr>()?],
-    )?;
-    tb.dns_record("color-v1.app.svc.cluster.local", &v1.ips())?;
-    tb.dns_record("color-v2.app.svc.cluster.local", &v2.ips())?;
-    let peer = peer_binary()?;
-    let mut servers = Vec::new();
-    for (pod, name) in [(&v1, "v1"), (&v2, "v2"), (&outside, "web")] {
-        let server = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                "0.0.0.0:8080,[::]:8080",
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(8080, Duration::from_secs(10))?;
-        servers.push(server);
-    }
-    for pod in [&client, &v1, &v2] {
-        node.write_workload(pod)?;
-    }
-    let mesh_path = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh_path, mesh)?;
-    Ok(Bed {
-        tb,
-        node,
-        client,
-        v1,
-        outside,
-        mesh: mesh_path,
-        _servers: servers,
-    })
-}
-
-/// `strait-peer call` from a pod; returns its JSON report.
-fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
-    let output = run(
-        pod.command(peer_binary()?)
-            .args(["call", target])
-            .args(args),
-        Duration::from_secs(120),
-    )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "strait-peer call printed no JSON report: stdout {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
-}
-
-fn first_errno(report: &Value) -> Option<i64> {
-    report["errors"][0]["errno"].as_i64()
-}
-
-const EPERM: i64 = 1;
-const EHOSTUNREACH: i64 = 113;
+use testbed::PodSpec;
+use testbed::agent::{Agent, strait};
 
 #[test]
 fn a_call_to_a_virtual_service_is_captured_and_forwarded_intact() -> anyhow::Result<()> {
@@ -525,7 +329,6 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_attached() -> anyhow::Resul
     // Nothing was attached: a client pod's connect is not captured.
     let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
     assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
-    let _ = &bed.v1;
     Ok(())
 }
 

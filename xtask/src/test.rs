@@ -3,7 +3,8 @@
 //! The end-to-end tests need root (they create network namespaces, cgroups and eBPF
 //! attachments); without it this fails, saying so, instead of skipping them.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -63,20 +64,75 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if !build.success() {
         bail!("the build failed");
     }
-    step(
-        "unit and agent tests",
-        cargo().args(["test", "-p", "strait", "-p", "xtask"]),
-    )?;
+    let mut totals = Totals::default();
+    let mut unit = cargo();
+    unit.args(["test", "-p", "strait", "-p", "xtask"]);
+    if !cargo_test(&mut unit, &mut totals)? {
+        failed.push("unit and agent tests".to_string());
+    }
     let mut e2e = cargo();
     e2e.args(["test", "-p", "strait-tests"]);
     if let Some(filter) = &args.filter {
         e2e.args(["--", filter]);
     }
-    step("end-to-end tests", &mut e2e)?;
-    if failed.is_empty() {
+    if !cargo_test(&mut e2e, &mut totals)? {
+        failed.push("end-to-end tests".to_string());
+    }
+    // One closing line for the whole run, whatever the last test binary printed.
+    println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+    if failed.is_empty() && totals.passed > 0 {
         eprintln!("==> all test steps passed");
         Ok(())
+    } else if failed.is_empty() {
+        bail!("no test ran")
     } else {
         bail!("failed steps: {}", failed.join(", "))
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs a `cargo test`, passing its output through and adding up its "test result" lines.
+fn cargo_test(command: &mut Command, totals: &mut Totals) -> Result<bool> {
+    eprintln!("==> {command:?}");
+    let mut child = command
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            totals.passed += count(result, " passed");
+            totals.failed += count(result, " failed");
+        }
+    }
+    Ok(child.wait()?.success())
+}
+
+/// The number before `word` in "ok. 10 passed; 0 failed; ...".
+fn count(result: &str, word: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| part.trim().strip_suffix(word))
+        .and_then(|n| n.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_come_from_the_result_line() {
+        let line = "ok. 10 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(super::count(line, " passed"), 10);
+        assert_eq!(super::count(line, " failed"), 2);
+        assert_eq!(super::count("FAILED. 3 passed; 1 failed", " passed"), 3);
     }
 }

@@ -3,7 +3,7 @@
 //! - `strait-peer serve --listen ADDR[,ADDR...] --name NAME`: on each connection, writes the
 //!   banner `strait-peer name=<NAME>\n`, echoes every byte until EOF, then shuts down its write
 //!   side. Prints one JSON line `{"listening":[...],"name":...}` once every address is bound.
-//! - `strait-peer call TARGET:PORT [--bytes N] [--count C] [--timeout SECS] [-4|-6]`: resolves
+//! - `strait-peer call TARGET:PORT [--bytes N] [--count C] [--interval-ms MS] [--timeout SECS] [-4|-6]`: resolves
 //!   TARGET with the system resolver (getaddrinfo, so the pod's resolv.conf decides), opens C
 //!   connections one after another, and on each reads the banner, sends N pseudo-random bytes
 //!   while reading the echo, half-closes, reads to EOF and compares SHA-256 of both directions.
@@ -81,6 +81,9 @@ struct CallArgs {
     /// Bound for each connection's whole exchange (connect, banner, transfer), seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Pause between connections, milliseconds (to spread connections over time).
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
     /// Use IPv4 addresses only.
     #[arg(short = '4', conflicts_with = "ipv6")]
     ipv4: bool,
@@ -318,6 +321,9 @@ fn call(args: &CallArgs) -> Report {
         Ok(addr) => {
             report.address = Some(addr.to_string());
             for i in 0..args.count {
+                if i > 0 && args.interval_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(args.interval_ms));
+                }
                 match exchange(addr, args.bytes, timeout, u64::from(i)) {
                     Ok(done) => {
                         report.succeeded += 1;
