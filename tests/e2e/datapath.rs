@@ -326,6 +326,30 @@ fn bad_input_gets_one_clear_error_and_leaves_nothing_attached() -> anyhow::Resul
             "{what}: nothing pinned"
         );
     }
+    // Missing privileges: root without capabilities cannot load eBPF programs.
+    let binary = testbed::agent::strait_binary()?;
+    let output = testbed::run(
+        node.command("setpriv")
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(&binary)
+            .args([
+                "run",
+                "--admin",
+                "127.0.0.1:0",
+                "--mesh",
+                &mesh,
+                "--workloads",
+                &workloads,
+            ])
+            .args(["--cgroup-root", &cgroup, "--bpffs", &bpffs]),
+        Duration::from_secs(30),
+    )?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "without capabilities: must fail");
+    assert!(
+        stderr.contains("CAP_BPF") && !stderr.contains("panicked"),
+        "without capabilities: the error says what is needed: {stderr}"
+    );
     // Nothing was attached: a client pod's connect is not captured.
     let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
     assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
