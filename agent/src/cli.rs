@@ -1,4 +1,4 @@
-//! The `strait` command line: `run`, `validate`, `uninstall`.
+//! The `strait` command line: `run`, `validate`, `status`, `uninstall`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::{app, mesh, redirect};
+use crate::{app, mesh, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +32,12 @@ pub enum Command {
         /// Mesh files (multi-document YAML of App Mesh resources).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Show a running agent's state (readiness, mesh, workloads, eBPF counters) as tables.
+    Status {
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
     },
     /// Remove every eBPF pin and attachment an agent left under a bpffs folder.
     Uninstall {
@@ -112,6 +118,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Status { admin } => {
+            print!("{}", status::render(admin)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall { bpffs } => {
             let report = redirect::uninstall(&bpffs)?;

@@ -14,5 +14,6 @@ pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod routing;
+pub mod status;
 pub mod telemetry;
 pub mod workloads;

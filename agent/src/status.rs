@@ -1,0 +1,137 @@
+//! `strait status`: what a running agent's admin API says, as tables for a person.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot reach the agent's admin API at {addr}: {source}; is `strait run` running, and with --admin {addr}?"
+    )]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("GET {path} from {addr}: {message}")]
+    Request {
+        addr: SocketAddr,
+        path: String,
+        message: String,
+    },
+}
+
+/// One HTTP/1.0 GET; returns the status code and body.
+fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), Error> {
+    let fail = |message: String| Error::Request {
+        addr,
+        path: path.to_string(),
+        message,
+    };
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|source| Error::Connect { addr, source })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| fail(e.to_string()))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| fail(e.to_string()))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| fail(e.to_string()))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| fail("malformed HTTP response".into()))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| fail("malformed status line".into()))?;
+    Ok((code, body.to_string()))
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {
+    let (code, body) = get(addr, path)?;
+    if code != 200 {
+        return Err(Error::Request {
+            addr,
+            path: path.into(),
+            message: format!("HTTP {code}: {}", body.trim()),
+        });
+    }
+    serde_json::from_str(&body).map_err(|e| Error::Request {
+        addr,
+        path: path.into(),
+        message: format!("not JSON: {e}"),
+    })
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders the agent's state: readiness, the mesh in force, local workloads, eBPF counters.
+pub fn render(addr: SocketAddr) -> Result<String, Error> {
+    let (ready_code, _) = get(addr, "/ready")?;
+    let config = get_json(addr, "/config_dump")?;
+    let workloads = get_json(addr, "/workloads")?;
+    let stats = get_json(addr, "/stats")?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "agent      {addr}  {}",
+        if ready_code == 200 {
+            "ready"
+        } else {
+            "NOT READY"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "mesh       {}  file {}  sha256 {}",
+        text(&config["mesh"]["mesh"]["name"]),
+        text(&config["file"]),
+        text(&config["sha256"]).chars().take(12).collect::<String>()
+    );
+    if let Some(errors) = config["last_rejected"]["errors"].as_array() {
+        let _ = writeln!(out, "last rejected mesh file:");
+        for error in errors {
+            let _ = writeln!(out, "  {}", text(error));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nWORKLOAD                        VIRTUAL NODE                ENROLLED  LISTENERS / ERROR"
+    );
+    for w in workloads.as_array().into_iter().flatten() {
+        let detail = if w["enrolled"] == true {
+            w["listeners"]
+                .as_array()
+                .map(|l| l.iter().map(text).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        } else {
+            text(&w["error"])
+        };
+        let _ = writeln!(
+            out,
+            "{:<31} {:<27} {:<9} {detail}",
+            text(&w["pod"]),
+            text(&w["virtual_node"]),
+            if w["enrolled"] == true { "yes" } else { "no" }
+        );
+    }
+    let _ = writeln!(out, "\nEBPF COUNTER     VALUE");
+    if let Some(counters) = stats["redirect"].as_object() {
+        for (reason, value) in counters {
+            let _ = writeln!(out, "{reason:<16} {}", text(value));
+        }
+    }
+    Ok(out)
+}
