@@ -28,7 +28,7 @@ use crate::mesh::{self, EgressFilter, MeshConfig, ResourceId};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
-use crate::telemetry::{Metrics, RedirectCollector};
+use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, netns};
 
@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         reloads.clone(),
     );
     registry.register_collector(Box::new(RedirectCollector(redirect.clone())));
+    registry.register_collector(Box::new(ProcessCollector::new()));
 
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(proxy::Context {

@@ -4,6 +4,8 @@
 //! resource names, never addresses or ports. The eBPF counters are read from the kernel on
 //! each scrape (see [`RedirectCollector`]).
 
+mod process;
+
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -12,6 +14,8 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+pub use process::ProcessCollector;
 
 use crate::redirect::Redirect;
 

@@ -37,8 +37,14 @@ fn a_call_to_a_virtual_service_is_captured_and_forwarded_intact() -> anyhow::Res
 
     let status = strait(&bed.node, &["status", "--admin", testbed::agent::ADMIN])?;
     let status = String::from_utf8_lossy(&status.stdout);
-    assert!(status.contains("ready") && status.contains("mesh       test"), "{status}");
-    assert!(status.contains("app/client") && status.contains("app/color-v1"), "{status}");
+    assert!(
+        status.contains("ready") && status.contains("mesh       test"),
+        "{status}"
+    );
+    assert!(
+        status.contains("app/client") && status.contains("app/color-v1"),
+        "{status}"
+    );
     assert!(status.contains("captured         1"), "{status}");
 
     let logs = wait_for_connection_logs(&agent, 1)?;
