@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -312,6 +313,9 @@ struct Enrolled {
     workload: Workload,
     virtual_node: ResourceId,
     cgroup_id: u64,
+    /// The network namespace (device, inode) the listeners live in.
+    netns: (u64, u64),
+    outbound_port: u16,
     egress_drop_all: bool,
     listeners: Vec<SocketAddr>,
     _accepting: outbound::PodListeners,
@@ -392,7 +396,7 @@ impl Node {
             if let Some(enrolled) = self.enrolled.get_mut(&key) {
                 if enrolled.egress_drop_all != drop_all {
                     let update = EnrolledPod {
-                        outbound_port: self.config.outbound_port,
+                        outbound_port: enrolled.outbound_port,
                         egress_drop_all: drop_all,
                         workload_id: 0,
                     };
@@ -431,7 +435,20 @@ impl Node {
         drop_all: bool,
     ) -> Result<Enrolled, String> {
         let cgroup_id = redirect::cgroup_id(&workload.cgroup).map_err(|e| e.to_string())?;
-        let port = self.config.outbound_port;
+        let netns = std::fs::metadata(&workload.netns)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| format!("network namespace {}: {e}", workload.netns.display()))?;
+        // Pods have a network namespace each; services on a plain host share the host's. Each
+        // workload in a shared namespace gets its own outbound port, so the listener (and not
+        // anything the workload could forge) still tells the agent who is calling.
+        let port = (self.config.outbound_port..=u16::MAX)
+            .find(|port| {
+                !self
+                    .enrolled
+                    .values()
+                    .any(|e| e.netns == netns && e.outbound_port == *port)
+            })
+            .ok_or("no free outbound port left in this network namespace")?;
         let addrs = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
@@ -473,6 +490,8 @@ impl Node {
             workload: workload.clone(),
             virtual_node: vn.clone(),
             cgroup_id,
+            netns,
+            outbound_port: port,
             egress_drop_all: drop_all,
             listeners: addrs_up,
             _accepting: accepting,

@@ -194,6 +194,84 @@ fn pods_added_later_are_captured_and_removed_pods_released() -> anyhow::Result<(
     Ok(())
 }
 
+/// Removes a cgroup directory the test made itself, even when the test fails.
+struct OwnCgroup(std::path::PathBuf);
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn services_sharing_a_network_namespace_get_their_own_listeners() -> anyhow::Result<()> {
+    // A plain host: two services, each in its own cgroup, share one network namespace (here
+    // the client pod's). Each must be captured and known by its own name.
+    let bed = bed("sharedns", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let second = OwnCgroup(bed.node.cgroup_root().join("app_batch"));
+    std::fs::create_dir(&second.0)?;
+    let mut workload = bed.client.workload();
+    workload.name = "batch".into();
+    workload.cgroup = second.0.clone();
+    std::fs::write(
+        bed.node.workloads_dir().join(workload.file_name()),
+        serde_json::to_vec(&workload)?,
+    )?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    agent.wait_enrolled("app/batch", true, Duration::from_secs(5))?;
+    let workloads = agent.workloads()?;
+    let listeners = |pod: &str| -> Vec<String> {
+        workloads
+            .iter()
+            .find(|w| w["pod"] == pod)
+            .and_then(|w| w["listeners"].as_array())
+            .map(|l| {
+                l.iter()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut ports = [listeners("app/client"), listeners("app/batch")].concat();
+    ports.retain(|a| a.starts_with("127.0.0.1:"));
+    ports.sort();
+    assert_eq!(
+        ports,
+        ["127.0.0.1:15001", "127.0.0.1:15002"],
+        "{workloads:?}"
+    );
+
+    let peer = testbed::agent::peer_binary()?;
+    let from_batch = testbed::run(
+        bed.client.command("sh").arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} call {SERVICE}:8080 -4",
+            second.0.display(),
+            peer.display()
+        )),
+        Duration::from_secs(60),
+    )?;
+    let report: Value = serde_json::from_slice(&from_batch.stdout)?;
+    assert_eq!(report["ok"], true, "{report}");
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+
+    let logs = wait_for_connection_logs(&agent, 2)?;
+    let mut sources: Vec<&str> = logs
+        .iter()
+        .filter_map(|l| l["source_workload"].as_str())
+        .collect();
+    sources.sort();
+    assert_eq!(sources, ["app/batch", "app/client"]);
+    // `second` was declared after `bed`, so it is removed first, before the testbed removes
+    // the node's cgroup root around it.
+    Ok(())
+}
+
 #[test]
 fn a_restarted_agent_adopts_the_pinned_maps() -> anyhow::Result<()> {
     let bed = bed("restart", &mesh_yaml("ALLOW_ALL", 100, 0))?;
