@@ -76,9 +76,7 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> Result<SocketAddr, Error> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
+    let listener = bind(addr).map_err(|source| Error::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
@@ -104,6 +102,22 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+/// SO_REUSEPORT: during an upgrade the old and the new agent both hold the admin port for
+/// a moment (the old one stops serving once it has handed its listeners over).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {

@@ -31,7 +31,7 @@ use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector};
 use crate::workloads::{self, Selection, Workload};
-use crate::{discovery, netns};
+use crate::{discovery, handover, netns};
 
 /// How `strait run` was asked to run.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct Config {
     pub outbound_port: u16,
     pub drain_timeout: Duration,
     pub cleanup_on_exit: bool,
+    /// Unix socket for handing listeners over to the next agent (see `handover`).
+    pub handover_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,8 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Handover(#[from] handover::Error),
 }
 
 fn render_diagnostics(diagnostics: &[mesh::Diagnostic]) -> String {
@@ -139,11 +143,22 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mesh_updates = watch_mesh_file(&config.mesh_file);
     let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
-    let mut answers = discovery::keep_resolved(resolver, names_rx);
+    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
     let mut workload_snapshots = workload_source.snapshots.clone();
 
+    // Take over the running agent's listeners, if one runs, before binding anything.
+    let inherited = handover::receive(&config.handover_socket)?;
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            "took over the listeners of the running agent"
+        );
+    }
+    let registry = handover::Registry::default();
     let mut node = Node {
         config: config.clone(),
+        inherited,
+        registry: registry.clone(),
         mesh: Arc::new(loaded.config),
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
@@ -153,16 +168,28 @@ pub async fn run(config: Config) -> Result<(), Error> {
     node.apply_table(&answers.borrow_and_update());
     node.reconcile(&workload_snapshots.borrow_and_update());
     node.release_strays();
+    // Sockets of pods that went away while the agents changed places.
+    node.inherited = handover::Inherited::default();
+    let (handed_over_tx, mut handed_over) = mpsc::unbounded_channel();
+    handover::serve(&config.handover_socket, registry, move |_| {
+        let _ = handed_over_tx.send(());
+    })?;
     node.publish(&admin_state);
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(mesh = %node.mesh.mesh.name, "agent ready");
 
     let mut mesh_updates = mesh_updates;
     let mut retry = tokio::time::interval(Duration::from_secs(5));
+    let mut successor_took_over = false;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            Some(()) = handed_over.recv() => {
+                tracing::info!("a new agent took over the listeners; this one drains and exits");
+                successor_took_over = true;
+                break;
+            }
             changed = workload_snapshots.changed() => {
                 if changed.is_err() { break }
                 node.reconcile(&workload_snapshots.borrow_and_update());
@@ -225,7 +252,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     drop(node);
     drop(ctx);
-    if config.cleanup_on_exit {
+    if config.cleanup_on_exit && !successor_took_over {
         let report = redirect::uninstall(&config.bpffs)?;
         tracing::info!(?report, "removed every pin and attachment");
     } else {
@@ -324,6 +351,10 @@ struct Enrolled {
 /// The node's state, owned by the reconcile loop.
 struct Node {
     config: Config,
+    /// Listeners handed over by the previous agent, used instead of binding anew.
+    inherited: handover::Inherited,
+    /// Every listener this agent has, for handing over to the next one.
+    registry: handover::Registry,
     mesh: Arc<MeshConfig>,
     enrolled: BTreeMap<ResourceId, Enrolled>,
     /// Pods that should be enrolled but could not be, with why; retried periodically.
@@ -385,6 +416,9 @@ impl Node {
             .collect();
         for key in stale {
             if let Some(enrolled) = self.enrolled.remove(&key) {
+                for addr in &enrolled.listeners {
+                    self.registry.remove(&format!("outbound/{key}/{addr}"));
+                }
                 if let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id) {
                     tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
                 }
@@ -453,12 +487,30 @@ impl Node {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
         ];
-        let bound = netns::listen_in(&workload.netns, &addrs).map_err(|e| e.to_string())?;
+        let name = |addr: &SocketAddr| format!("outbound/{}/{addr}", workload.key());
+        let mut results: Vec<Result<std::net::TcpListener, netns::Error>> = Vec::new();
+        let mut missing = Vec::new();
+        for addr in &addrs {
+            match self.inherited.take(&name(addr)) {
+                Some(listener) => results.push(Ok(listener)),
+                None => missing.push(*addr),
+            }
+        }
+        if !missing.is_empty() {
+            results.extend(netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?);
+        }
+        let bound_addrs = addrs
+            .iter()
+            .filter(|a| !missing.contains(a))
+            .chain(missing.iter());
         let mut listeners = Vec::new();
         let mut addrs_up = Vec::new();
-        for (addr, result) in addrs.iter().zip(bound) {
+        for (addr, result) in bound_addrs.zip(results) {
             match result {
                 Ok(listener) => {
+                    if let Err(error) = self.registry.add(&name(addr), &listener) {
+                        tracing::warn!(%addr, %error, "listener cannot be handed over on upgrade");
+                    }
                     listeners.push(listener);
                     addrs_up.push(*addr);
                 }

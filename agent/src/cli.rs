@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Remove every pin and attachment on exit (default: keep them for a restarting agent).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// Unix socket over which a new agent takes this one's listeners on upgrade.
+    #[arg(long, default_value = "/run/strait/handover.sock")]
+    pub handover_socket: PathBuf,
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -91,6 +94,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 outbound_port: args.outbound_port,
                 drain_timeout: Duration::from_secs(args.drain_timeout),
                 cleanup_on_exit: args.cleanup_on_exit,
+                handover_socket: args.handover_socket,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;

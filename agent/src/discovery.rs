@@ -96,74 +96,93 @@ impl Resolver {
 }
 
 /// Keeps a set of names resolved. The wanted names come in on `names`; the answers go out on
-/// the returned channel whenever one changes.
-pub fn keep_resolved(
+/// the returned channel whenever one changes. Returns once every name has been asked once,
+/// so the first routing table is complete: a restarting agent must not start by telling the
+/// kernel that no service exists.
+pub async fn keep_resolved(
     resolver: Resolver,
     mut names: watch::Receiver<BTreeSet<String>>,
 ) -> watch::Receiver<Answers> {
-    let (tx, rx) = watch::channel(Answers::default());
+    let mut state = State::default();
+    let wanted = names.borrow_and_update().clone();
+    state.refresh(&resolver, &wanted).await;
+    let (tx, rx) = watch::channel(Arc::new(state.answers.clone()));
     tokio::spawn(async move {
-        let mut answers: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let mut due: BTreeMap<String, Instant> = BTreeMap::new();
         loop {
-            let wanted = names.borrow_and_update().clone();
-            answers.retain(|name, _| wanted.contains(name));
-            due.retain(|name, _| wanted.contains(name));
-            let now = Instant::now();
-            for name in &wanted {
-                due.entry(name.clone()).or_insert(now);
-            }
-            let expired: Vec<String> = due
-                .iter()
-                .filter(|(_, at)| **at <= now)
-                .map(|(name, _)| name.clone())
-                .collect();
-            let mut lookups = tokio::task::JoinSet::new();
-            for name in expired {
-                let resolver = resolver.clone();
-                lookups.spawn(async move {
-                    let lookup = resolver.lookup(&name).await;
-                    (name, lookup)
-                });
-            }
-            while let Some(Ok((name, lookup))) = lookups.join_next().await {
-                let now = Instant::now();
-                let next = match lookup {
-                    Lookup::Found { addrs, valid_until } => {
-                        if answers.get(&name) != Some(&addrs) {
-                            tracing::info!(%name, ?addrs, "DNS answer changed");
-                        }
-                        answers.insert(name.clone(), addrs);
-                        valid_until.clamp(now + MIN_REFRESH, now + MAX_REFRESH)
-                    }
-                    Lookup::NotFound => {
-                        if answers.get(&name).is_some_and(|a| !a.is_empty()) {
-                            tracing::warn!(%name, "DNS name no longer resolves; removing its addresses");
-                        }
-                        answers.insert(name.clone(), Vec::new());
-                        now + RETRY_AFTER_FAILURE
-                    }
-                    Lookup::Failed(reason) => {
-                        tracing::warn!(%name, %reason, "DNS lookup failed; keeping the last answer");
-                        now + RETRY_AFTER_FAILURE
-                    }
-                };
-                due.insert(name, next);
-            }
-            tx.send_if_modified(|current| {
-                if **current == answers {
-                    false
-                } else {
-                    *current = Arc::new(answers.clone());
-                    true
-                }
-            });
-            let wake = due.values().min().copied().unwrap_or(now + MAX_REFRESH);
+            let wake = state.next_due();
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 changed = names.changed() => if changed.is_err() { return },
             }
+            let wanted = names.borrow_and_update().clone();
+            state.refresh(&resolver, &wanted).await;
+            tx.send_if_modified(|current| {
+                if **current == state.answers {
+                    false
+                } else {
+                    *current = Arc::new(state.answers.clone());
+                    true
+                }
+            });
         }
     });
     rx
+}
+
+#[derive(Default)]
+struct State {
+    answers: BTreeMap<String, Vec<IpAddr>>,
+    due: BTreeMap<String, Instant>,
+}
+
+impl State {
+    /// Drops names no longer wanted and resolves every wanted name that is due.
+    async fn refresh(&mut self, resolver: &Resolver, wanted: &BTreeSet<String>) {
+        self.answers.retain(|name, _| wanted.contains(name));
+        self.due.retain(|name, _| wanted.contains(name));
+        let now = Instant::now();
+        for name in wanted {
+            self.due.entry(name.clone()).or_insert(now);
+        }
+        let mut lookups = tokio::task::JoinSet::new();
+        for (name, _) in self.due.iter().filter(|(_, at)| **at <= now) {
+            let (resolver, name) = (resolver.clone(), name.clone());
+            lookups.spawn(async move {
+                let lookup = resolver.lookup(&name).await;
+                (name, lookup)
+            });
+        }
+        while let Some(Ok((name, lookup))) = lookups.join_next().await {
+            let now = Instant::now();
+            let next = match lookup {
+                Lookup::Found { addrs, valid_until } => {
+                    if self.answers.get(&name) != Some(&addrs) {
+                        tracing::info!(%name, ?addrs, "DNS answer changed");
+                    }
+                    self.answers.insert(name.clone(), addrs);
+                    valid_until.clamp(now + MIN_REFRESH, now + MAX_REFRESH)
+                }
+                Lookup::NotFound => {
+                    if self.answers.get(&name).is_some_and(|a| !a.is_empty()) {
+                        tracing::warn!(%name, "DNS name no longer resolves; removing its addresses");
+                    }
+                    self.answers.insert(name.clone(), Vec::new());
+                    now + RETRY_AFTER_FAILURE
+                }
+                Lookup::Failed(reason) => {
+                    tracing::warn!(%name, %reason, "DNS lookup failed; keeping the last answer");
+                    now + RETRY_AFTER_FAILURE
+                }
+            };
+            self.due.insert(name, next);
+        }
+    }
+
+    fn next_due(&self) -> Instant {
+        self.due
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(|| Instant::now() + MAX_REFRESH)
+    }
 }

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod discovery;
+pub mod handover;
 pub mod logging;
 pub mod mesh;
 pub mod netns;

@@ -297,6 +297,50 @@ fn a_restarted_agent_adopts_the_pinned_maps() -> anyhow::Result<()> {
 }
 
 #[test]
+fn an_upgrade_hands_the_listeners_over_and_refuses_no_connect() -> anyhow::Result<()> {
+    let bed = bed("upgrade", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let old = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let client = bed.tb.spawn(
+        "client-steady",
+        bed.client.command(testbed::agent::peer_binary()?).args([
+            "call",
+            &format!("{SERVICE}:8080"),
+            "-4",
+            "--count",
+            "400",
+            "--interval-ms",
+            "10",
+        ]),
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+    let new = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let status = old.process.wait_timeout(Duration::from_secs(15))?;
+    assert!(status.success(), "the old agent drains and exits: {status}");
+    assert!(
+        old.process
+            .stderr()
+            .contains("listeners handed over to a new agent"),
+        "{}",
+        old.process.stderr()
+    );
+    assert!(
+        client.try_wait()?.is_none(),
+        "the client finished before the upgrade did; raise --count"
+    );
+    client.wait_timeout(Duration::from_secs(60))?;
+    let report: Value = serde_json::from_str(client.stdout().trim())?;
+    assert_eq!(
+        report["succeeded"], 400,
+        "no connect refused during the upgrade: {report}"
+    );
+    // The new agent serves on its own.
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(!new.connection_logs().is_empty());
+    Ok(())
+}
+
+#[test]
 fn uninstall_removes_every_pin_and_attachment() -> anyhow::Result<()> {
     let bed = bed("uninstall", &mesh_yaml("ALLOW_ALL", 100, 0))?;
     let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;

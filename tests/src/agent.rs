@@ -74,6 +74,8 @@ impl Agent {
             .arg("--bpffs")
             .arg(node.bpffs())
             .args(["--admin", ADMIN, "--drain-timeout", "5"])
+            .arg("--handover-socket")
+            .arg(tb.temp_dir().join(format!("{}-handover.sock", node.name())))
             .args(extra)
             .env("RUST_LOG", "info");
         let label = format!(
