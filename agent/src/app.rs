@@ -29,7 +29,7 @@ use crate::mesh::{self, EgressFilter, MeshConfig, ResourceId};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
-use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector};
+use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, access_log};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, handover, netns};
 
@@ -130,7 +130,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
+        access_logs: ArcSwap::from_pointee(BTreeMap::new()),
     });
+    let log_writers = access_log::Writers::default();
+    registry.register(
+        "strait_access_log_dropped_lines",
+        "Access log lines dropped because the writer fell behind",
+        log_writers.dropped.clone(),
+    );
     let admin_state = Arc::new(admin::State {
         ready: false.into(),
         registry,
@@ -165,6 +172,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ctx: ctx.clone(),
         metrics: metrics.clone(),
     };
+    node.apply_access_logs(&log_writers);
     node.apply_table(&answers.borrow_and_update());
     node.reconcile(&workload_snapshots.borrow_and_update());
     node.release_strays();
@@ -213,6 +221,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         }));
                         names_tx.send_replace(Table::dns_names(&new_mesh));
                         node.mesh = Arc::new(new_mesh);
+                        node.apply_access_logs(&log_writers);
                         node.apply_table(&answers.borrow());
                         node.reconcile(&workload_snapshots.borrow());
                     }
@@ -364,6 +373,20 @@ struct Node {
 }
 
 impl Node {
+    /// Opens the access logs the virtual nodes ask for (`logging.accessLog.file`).
+    fn apply_access_logs(&self, writers: &access_log::Writers) {
+        let logs: BTreeMap<ResourceId, access_log::AccessLog> = self
+            .mesh
+            .virtual_nodes
+            .iter()
+            .filter_map(|vn| {
+                let file = vn.spec.logging.as_ref()?.access_log.as_ref()?;
+                Some((vn.id.clone(), writers.open(file)))
+            })
+            .collect();
+        self.ctx.access_logs.store(Arc::new(logs));
+    }
+
     fn apply_table(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {
         let table = Table::compile(&self.mesh, answers);
         let services: Vec<(SocketAddr, u32)> = table

@@ -13,9 +13,13 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::collections::BTreeMap;
+
+use crate::mesh::ResourceId;
 use crate::redirect::Redirect;
 use crate::routing::Table;
 use crate::telemetry::Metrics;
+use crate::telemetry::access_log::AccessLog;
 
 /// What every connection handler needs.
 pub struct Context {
@@ -27,4 +31,6 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Every connection in flight, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
+    /// Access logs by source virtual node (`logging.accessLog`); replaced on mesh reload.
+    pub access_logs: ArcSwap<BTreeMap<ResourceId, AccessLog>>,
 }

@@ -4,6 +4,7 @@
 //! resource names, never addresses or ports. The eBPF counters are read from the kernel on
 //! each scrape (see [`RedirectCollector`]).
 
+pub mod access_log;
 mod process;
 
 use std::sync::Arc;

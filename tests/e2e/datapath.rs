@@ -273,6 +273,67 @@ fn services_sharing_a_network_namespace_get_their_own_listeners() -> anyhow::Res
 }
 
 #[test]
+fn access_logs_go_where_the_virtual_node_says_in_its_format() -> anyhow::Result<()> {
+    let bed = bed("accesslog", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let text_log = bed.tb.temp_dir().join("client-access.log");
+    let json_log = bed.tb.temp_dir().join("v1-access.log");
+    // The client logs in Envoy's default text format; color-v1 (a server, which makes no
+    // outbound calls here) in JSON, so its file stays empty.
+    let mesh = mesh_yaml("ALLOW_ALL", 100, 0)
+        .replacen(
+            "  backends:\n",
+            &format!(
+                "  logging:\n    accessLog:\n      file:\n        path: {}\n  backends:\n",
+                text_log.display()
+            ),
+            1,
+        )
+        .replacen(
+            "      hostname: color-v1.app.svc.cluster.local\n",
+            &format!(
+                "      hostname: color-v1.app.svc.cluster.local\n  logging:\n    accessLog:\n      file:\n        path: {}\n        format:\n          json:\n            - key: upstream\n              value: \"%UPSTREAM_HOST%\"\n",
+                json_log.display()
+            ),
+            1,
+        );
+    std::fs::write(&bed.mesh, mesh)?;
+    let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(
+        &bed.client,
+        &format!("{SERVICE}:8080"),
+        &["-4", "--count", "3", "--bytes", "5000"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        lines = std::fs::read_to_string(&text_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lines.len(), 3, "one line per connection: {lines:?}");
+    for line in &lines {
+        // Envoy's default format for a TCP connection: no method or path, the byte counts,
+        // the upstream host last.
+        assert!(
+            line.starts_with('[') && line.contains("] \"- - TCP\" 0 - 5000 "),
+            "{line}"
+        );
+        let v4 = format!("\"{}:8080\"", bed.v1.ipv4());
+        let v6 = format!("\"[{}]:8080\"", bed.v1.ipv6());
+        assert!(line.ends_with(&v4) || line.ends_with(&v6), "{line}");
+    }
+    assert!(json_log.exists(), "the JSON log file is opened");
+    assert_eq!(std::fs::read_to_string(&json_log)?, "");
+    Ok(())
+}
+
+#[test]
 fn a_restarted_agent_adopts_the_pinned_maps() -> anyhow::Result<()> {
     let bed = bed("restart", &mesh_yaml("ALLOW_ALL", 100, 0))?;
     let first = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;

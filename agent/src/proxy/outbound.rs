@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use super::{Context, upstream};
 use crate::mesh::ResourceId;
 use crate::redirect::{self, OriginalDestination};
 use crate::routing::{Action, pick_weighted};
+use crate::telemetry::access_log;
 use crate::telemetry::{BytesLabels, FailureLabels, TcpLabels};
 
 /// Copy buffer per direction; large enough for bulk transfers to stay cheap.
@@ -76,6 +77,7 @@ pub fn serve(
 
 async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: &Context) {
     let started = Instant::now();
+    let started_at = SystemTime::now();
     let table = ctx.table.load_full();
     let fail = |reason: &'static str| {
         ctx.metrics
@@ -170,6 +172,26 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: 
             })
             .inc_by(bytes);
     }
+    if let Some(log) = ctx.access_logs.load().get(&source.virtual_node) {
+        log.log(&access_log::Entry {
+            start: Some(started_at),
+            duration: started.elapsed(),
+            protocol: "TCP",
+            bytes_received: sent,
+            bytes_sent: received,
+            upstream_host: Some(endpoint),
+            upstream_cluster: target.virtual_node.to_string(),
+            downstream_remote: Some(peer),
+            downstream_local: Some(original.addr),
+            route_name: route_name(&service.action),
+            response_flags: if error.is_some() {
+                "UC".into()
+            } else {
+                String::new()
+            },
+            ..access_log::Entry::default()
+        });
+    }
     tracing::info!(
         target: "strait::connection",
         source_workload = %source.workload,
@@ -184,6 +206,13 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: 
         error = error.as_deref().unwrap_or(""),
         "connection closed"
     );
+}
+
+fn route_name(action: &Action) -> String {
+    match action {
+        Action::Weighted { route, .. } => route.clone(),
+        _ => String::new(),
+    }
 }
 
 fn original_destination(
