@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, ConfigDump, WorkloadStatus};
+use crate::identity::{self, policy::Policy};
 use crate::mesh::{self, EgressFilter, MeshConfig, ResourceId};
+use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
@@ -44,6 +46,12 @@ pub struct Config {
     pub outbound_port: u16,
     pub drain_timeout: Duration,
     pub cleanup_on_exit: bool,
+    /// Where other nodes' agents open mTLS tunnels to this one.
+    pub tunnel_listen: SocketAddr,
+    /// Other nodes: pod CIDR -> agent tunnel address.
+    pub peer_nodes: Vec<PeerNode>,
+    /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
+    pub inbound_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +74,13 @@ pub enum Error {
     Admin(#[from] admin::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(
+        "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
+    )]
+    TunnelListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn render_diagnostics(diagnostics: &[mesh::Diagnostic]) -> String {
@@ -116,6 +131,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
         reloads.clone(),
     );
     registry.register_collector(Box::new(RedirectCollector(redirect.clone())));
+    let security = identity::Metrics::default();
+    security.register(&mut registry);
+    registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
+    let transport = Arc::new(Transport::new(config.peer_nodes.clone(), security));
+    transport
+        .policy
+        .store(Arc::new(Policy::compile(&loaded.config)));
+    let tunnel_listener = tokio::net::TcpListener::bind(config.tunnel_listen)
+        .await
+        .map_err(|source| Error::TunnelListen {
+            addr: config.tunnel_listen,
+            source,
+        })?;
 
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(proxy::Context {
@@ -124,7 +152,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
+        transport: transport.clone(),
     });
+    proxy::hbone::serve(tunnel_listener, ctx.clone());
+    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     let admin_state = Arc::new(admin::State {
         ready: false.into(),
         registry,
@@ -179,6 +210,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         tracing::info!(sha256 = %new_mesh.source.sha256, "mesh file reloaded");
                         admin_state.config.store(Arc::new(config_dump(&new_mesh)));
                         names_tx.send_replace(Table::dns_names(&new_mesh));
+                        ctx.transport.policy.store(Arc::new(Policy::compile(&new_mesh)));
                         node.mesh = Arc::new(new_mesh);
                         node.apply_table(&answers.borrow());
                         node.reconcile(&workload_snapshots.borrow());
@@ -296,6 +328,18 @@ struct Enrolled {
     egress_drop_all: bool,
     listeners: Vec<SocketAddr>,
     _accepting: outbound::PodListeners,
+    /// Inbound capture: the pod addresses and ports steered to the inbound sockets.
+    inbound: PodInbound,
+}
+
+/// A pod's inbound capture state (`proxy::inbound`, `redirect::inpod`).
+struct PodInbound {
+    /// Also registered in the transport (by address) until the pod is released.
+    _local: Arc<LocalPod>,
+    /// Listening sockets in the pod (IPv4, IPv6 if the pod has it), inserted into the map.
+    sockets: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    captured: Vec<SocketAddr>,
+    _accepting: proxy::inbound::PodInbound,
 }
 
 /// The node's state, owned by the reconcile loop.
@@ -327,6 +371,8 @@ impl Node {
             .collect();
         // The proxy must know a service before the kernel starts capturing it.
         self.ctx.table.store(Arc::new(table));
+        // Service ids follow the mesh's order: the backend maps must follow them first.
+        self.sync_backends();
         if let Err(error) = self.ctx.redirect.set_services(&services) {
             tracing::error!(%error, "cannot update the service addresses in the eBPF map");
         } else {
@@ -365,6 +411,7 @@ impl Node {
                 if let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id) {
                     tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
                 }
+                self.release_inbound(&enrolled);
                 tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released");
             }
         }
@@ -400,9 +447,96 @@ impl Node {
                 }
             }
         }
+        self.sync_inbound();
+        self.sync_backends();
         self.metrics
             .enrolled_workloads
             .set(self.enrolled.len() as i64);
+    }
+
+    /// Stops a pod's inbound capture and forgets it as a local pod.
+    fn release_inbound(&self, enrolled: &Enrolled) {
+        let inpod = self.ctx.redirect.inpod();
+        if let Err(error) = inpod.release(&enrolled.inbound.captured) {
+            tracing::error!(pod = %enrolled.workload.key(), %error, "cannot release the pod's inbound ports");
+        }
+        inpod.detach_pod(enrolled.cgroup_id);
+        self.ctx.transport.remove_local(&enrolled.workload.key());
+    }
+
+    /// Makes each pod's captured ports match its listeners' tls (a mesh reload can change them).
+    fn sync_inbound(&mut self) {
+        let policy = self.ctx.transport.policy.load_full();
+        let inpod = self.ctx.redirect.inpod();
+        for (key, enrolled) in &mut self.enrolled {
+            let want: Vec<SocketAddr> = policy
+                .captured_ports(&enrolled.virtual_node)
+                .into_iter()
+                .flat_map(|(port, _)| {
+                    enrolled
+                        .workload
+                        .ips
+                        .iter()
+                        .map(move |ip| SocketAddr::new(*ip, port))
+                })
+                .filter(|addr| {
+                    enrolled
+                        .inbound
+                        .sockets
+                        .iter()
+                        .any(|(s, _)| s.is_ipv4() == addr.ip().to_canonical().is_ipv4())
+                })
+                .collect();
+            let stale: Vec<SocketAddr> = enrolled
+                .inbound
+                .captured
+                .iter()
+                .filter(|a| !want.contains(a))
+                .copied()
+                .collect();
+            if let Err(error) = inpod.release(&stale) {
+                tracing::error!(pod = %key, %error, "cannot release inbound ports");
+            }
+            let mut captured = Vec::new();
+            for (family_addr, socket) in &enrolled.inbound.sockets {
+                let addrs: Vec<SocketAddr> = want
+                    .iter()
+                    .filter(|a| a.ip().to_canonical().is_ipv4() == family_addr.is_ipv4())
+                    .copied()
+                    .collect();
+                match inpod.capture(&addrs, socket) {
+                    Ok(()) => captured.extend(addrs),
+                    Err(error) => {
+                        tracing::error!(pod = %key, %error, "cannot capture inbound ports")
+                    }
+                }
+            }
+            if captured != enrolled.inbound.captured {
+                tracing::info!(pod = %key, ?captured, "inbound capture (listeners with tls STRICT or PERMISSIVE)");
+            }
+            enrolled.inbound.captured = captured;
+        }
+    }
+
+    /// Puts every enrolled pod under backend authorization in eBPF: it may connect only to
+    /// the services its virtual node lists as backends.
+    fn sync_backends(&self) {
+        let policy = self.ctx.transport.policy.load_full();
+        let mut allowed = BTreeMap::new();
+        for enrolled in self.enrolled.values() {
+            let ids: std::collections::BTreeSet<u32> = self
+                .mesh
+                .virtual_services
+                .iter()
+                .enumerate()
+                .filter(|(_, vs)| policy.is_backend(&enrolled.virtual_node, &vs.id))
+                .map(|(i, _)| i as u32 + 1)
+                .collect();
+            allowed.insert(enrolled.cgroup_id, ids);
+        }
+        if let Err(error) = self.ctx.redirect.inpod().set_backends(&allowed) {
+            tracing::error!(%error, "cannot update the backend authorization maps");
+        }
     }
 
     fn enroll(
@@ -439,6 +573,7 @@ impl Node {
         });
         let accepting = outbound::serve(listeners, source, self.ctx.clone())
             .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?;
+        let inbound = self.enroll_inbound(workload, vn, cgroup_id)?;
         self.ctx
             .redirect
             .enroll(
@@ -457,12 +592,81 @@ impl Node {
             egress_drop_all: drop_all,
             listeners: addrs_up,
             _accepting: accepting,
+            inbound,
+        })
+    }
+
+    /// Registers the pod as local (same-node and tunnel delivery reach it through its own
+    /// network namespace), opens its inbound sockets and attaches the sk_lookup program. Which
+    /// ports are captured is `sync_inbound`'s business.
+    fn enroll_inbound(
+        &self,
+        workload: &Workload,
+        vn: &ResourceId,
+        cgroup_id: u64,
+    ) -> Result<PodInbound, String> {
+        use std::os::fd::AsFd as _;
+        let connector = netns::Connector::start(&workload.netns).map_err(|e| e.to_string())?;
+        let local = Arc::new(LocalPod {
+            workload: workload.key(),
+            virtual_node: vn.clone(),
+            ips: workload.ips.clone(),
+            connector,
+        });
+        let port = self.config.inbound_port;
+        let addrs = [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ];
+        let bound = netns::listen_in(&workload.netns, &addrs).map_err(|e| e.to_string())?;
+        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
+        for (addr, result) in addrs.iter().zip(bound) {
+            match result {
+                Ok(listener) => {
+                    let fd = listener
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| format!("cannot duplicate the inbound socket: {e}"))?;
+                    sockets.push((*addr, fd));
+                    listeners.push(listener);
+                }
+                Err(error) if addr.is_ipv6() => {
+                    tracing::warn!(pod = %workload.key(), %error, "no IPv6 inbound socket")
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        let accepting = proxy::inbound::serve(listeners, local.clone(), self.ctx.clone())
+            .map_err(|e| format!("cannot register inbound sockets with the runtime: {e}"))?;
+        self.ctx
+            .redirect
+            .inpod()
+            .attach_pod(&workload.netns, cgroup_id)
+            .map_err(|e| e.to_string())?;
+        self.ctx.transport.add_local(local.clone());
+        Ok(PodInbound {
+            _local: local,
+            sockets,
+            captured: Vec::new(),
+            _accepting: accepting,
         })
     }
 
     /// A restarted agent adopts the pinned maps, including pods enrolled by its predecessor
     /// that have since gone away: release those.
     fn release_strays(&self) {
+        let inpod = self.ctx.redirect.inpod();
+        inpod.detach_strays(&self.enrolled.values().map(|e| e.cgroup_id).collect());
+        let keep = self
+            .enrolled
+            .values()
+            .flat_map(|e| e.inbound.captured.iter())
+            .map(|a| crate::redirect::inpod::inbound_key(*a))
+            .collect();
+        if let Err(error) = inpod.release_strays(&keep) {
+            tracing::error!(%error, "cannot clean the inbound ports a previous agent captured");
+        }
         let enrolled = match self.ctx.redirect.enrolled() {
             Ok(enrolled) => enrolled,
             Err(error) => {

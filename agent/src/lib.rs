@@ -6,8 +6,10 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod discovery;
+pub mod identity;
 pub mod logging;
 pub mod mesh;
 pub mod netns;
