@@ -310,9 +310,9 @@ async fn dial(
         %node,
         sni,
         source_virtual_node = %caller.virtual_node,
-        local_identity = ?cert.as_ref().map(|c| c.sans.clone()).unwrap_or_default(),
-        peer_identity = ?server_sans,
-        tls_version = ?session.protocol_version(),
+        local_identity = %cert.as_ref().map(|c| c.sans.join(",")).unwrap_or_default(),
+        peer_identity = %server_sans.join(","),
+        tls_version = tls_version(session.protocol_version()),
         "mTLS tunnel connected"
     );
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -465,8 +465,8 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         %peer,
         virtual_node = %vn,
         port,
-        peer_identity = ?peer_sans,
-        tls_version = ?session.protocol_version(),
+        peer_identity = %peer_sans.join(","),
+        tls_version = tls_version(session.protocol_version()),
         "mTLS tunnel accepted"
     );
     transport
@@ -492,6 +492,15 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         .await;
     if let Err(error) = served {
         tracing::debug!(%peer, %error, "tunnel connection ended");
+    }
+}
+
+/// `TLSv1.3` for logs.
+fn tls_version(version: Option<rustls::ProtocolVersion>) -> String {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".into(),
+        Some(other) => format!("{other:?}"),
+        None => "none".into(),
     }
 }
 
@@ -551,7 +560,7 @@ async fn stream(
             .inc();
         tracing::warn!(
             %peer,
-            peer_identity = ?peer_sans,
+            peer_identity = %peer_sans.join(","),
             peer_virtual_nodes = ?peer_nodes,
             target = %target,
             virtual_node = %vn,
@@ -608,7 +617,7 @@ async fn stream(
             target: "strait::tunnel",
             direction = "inbound",
             %peer,
-            peer_identity = ?peer_sans,
+            peer_identity = %peer_sans.join(","),
             source_workload = %source_workload,
             target_pod = %pod.workload,
             virtual_node = %vn,
