@@ -96,11 +96,14 @@ fn nix_setns(target: &File) -> io::Result<()> {
 /// by the pod's own addresses) never steers.
 pub struct Connector {
     path: PathBuf,
-    requests: std::sync::mpsc::Sender<(
-        socket2::Domain,
-        tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>,
-    )>,
+    requests: std::sync::mpsc::Sender<SocketRequest>,
 }
+
+/// A request to the namespace's thread: a socket of this domain, sent back on the channel.
+type SocketRequest = (
+    socket2::Domain,
+    tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>,
+);
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,11 +120,7 @@ impl Connector {
             path: path.to_path_buf(),
             source,
         })?;
-        type Request = (
-            socket2::Domain,
-            tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>,
-        );
-        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         let thread_path = path.to_path_buf();
         std::thread::Builder::new()

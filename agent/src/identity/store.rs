@@ -188,10 +188,13 @@ fn load_trust(path: &Path) -> Result<Trust, Error> {
     })
 }
 
+/// A certificate chain and key, by (chain path, key path), with the stamps it was read at.
+type CertCache = HashMap<(PathBuf, PathBuf), ((Stamp, Stamp), Arc<LoadedCert>)>;
+
 /// The certificates and trust bundles in use, by path.
 #[derive(Default)]
 pub struct Store {
-    certs: Mutex<HashMap<(PathBuf, PathBuf), ((Stamp, Stamp), Arc<LoadedCert>)>>,
+    certs: Mutex<CertCache>,
     trusts: Mutex<HashMap<PathBuf, (Stamp, Arc<Trust>)>>,
     metrics: Metrics,
 }
