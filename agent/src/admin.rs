@@ -124,7 +124,12 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/ready" => {
             if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "ready\n".to_string())
+                // The pid tells an operator (and the tests) which agent answered while two
+                // share the port during an upgrade.
+                text(
+                    StatusCode::OK,
+                    format!("ready (pid {})\n", std::process::id()),
+                )
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,

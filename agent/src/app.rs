@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, ConfigDump, Rejected, WorkloadStatus};
+use crate::identity::{self, policy::Policy};
 use crate::mesh::{self, EgressFilter, MeshConfig, ResourceId};
+use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
@@ -47,6 +49,12 @@ pub struct Config {
     pub cleanup_on_exit: bool,
     /// Unix socket for handing listeners over to the next agent (see `handover`).
     pub handover_socket: PathBuf,
+    /// Where other nodes' agents open mTLS tunnels to this one.
+    pub tunnel_listen: SocketAddr,
+    /// Other nodes: pod CIDR -> agent tunnel address.
+    pub peer_nodes: Vec<PeerNode>,
+    /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
+    pub inbound_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +79,13 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::Error),
+    #[error(
+        "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
+    )]
+    TunnelListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 fn render_diagnostics(diagnostics: &[mesh::Diagnostic]) -> String {
@@ -122,6 +137,44 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
     registry.register_collector(Box::new(RedirectCollector(redirect.clone())));
     registry.register_collector(Box::new(ProcessCollector::new()));
+    let security = identity::Metrics::default();
+    security.register(&mut registry);
+    registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
+    let transport = Arc::new(Transport::new(config.peer_nodes.clone(), security));
+    transport
+        .policy
+        .store(Arc::new(Policy::compile(&loaded.config)));
+    let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
+    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
+
+    // Take over the running agent's listeners, if one runs, before binding anything. From
+    // here until the first reconcile, connects wait in the listeners' backlogs.
+    let inherited = handover::receive(&config.handover_socket)?;
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            "took over the listeners of the running agent"
+        );
+    }
+    let handover_registry = handover::Registry::default();
+    let tunnel_name = format!("tunnel/{}", config.tunnel_listen);
+    let tunnel_listener = match inherited.take(&tunnel_name) {
+        Some(listener) => Ok(listener),
+        None => std::net::TcpListener::bind(config.tunnel_listen).and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        }),
+    }
+    .and_then(|listener| {
+        if let Err(error) = handover_registry.add(&tunnel_name, &listener) {
+            tracing::warn!(%error, "the tunnel listener cannot be handed over on upgrade");
+        }
+        tokio::net::TcpListener::from_std(listener)
+    })
+    .map_err(|source| Error::TunnelListen {
+        addr: config.tunnel_listen,
+        source,
+    })?;
 
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(proxy::Context {
@@ -131,7 +184,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
+        transport: transport.clone(),
     });
+    proxy::hbone::serve(tunnel_listener, ctx.clone());
+    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     let log_writers = access_log::Writers::default();
     registry.register(
         "strait_access_log_dropped_lines",
@@ -149,23 +205,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!(%admin_addr, "admin API listening");
 
     let mesh_updates = watch_mesh_file(&config.mesh_file);
-    let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
-    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
     let mut workload_snapshots = workload_source.snapshots.clone();
-
-    // Take over the running agent's listeners, if one runs, before binding anything.
-    let inherited = handover::receive(&config.handover_socket)?;
-    if !inherited.is_empty() {
-        tracing::info!(
-            sockets = inherited.len(),
-            "took over the listeners of the running agent"
-        );
-    }
-    let registry = handover::Registry::default();
     let mut node = Node {
         config: config.clone(),
         inherited,
-        registry: registry.clone(),
+        registry: handover_registry.clone(),
         mesh: Arc::new(loaded.config),
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
@@ -179,7 +223,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Sockets of pods that went away while the agents changed places.
     node.inherited = handover::Inherited::default();
     let (handed_over_tx, mut handed_over) = mpsc::unbounded_channel();
-    handover::serve(&config.handover_socket, registry, move |_| {
+    handover::serve(&config.handover_socket, handover_registry, move |_| {
         let _ = handed_over_tx.send(());
     })?;
     node.publish(&admin_state);
@@ -189,6 +233,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut mesh_updates = mesh_updates;
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut successor_took_over = false;
+    let mut last_seen = Some(node.mesh.source.sha256.clone());
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -207,6 +252,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 node.apply_table(&answers.borrow_and_update());
             }
             Some(()) = mesh_updates.recv() => {
+                // The same bytes as last time (a touch, an unrelated event): nothing to do,
+                // and an invalid file is not reported twice.
+                let digest = file_digest(&config.mesh_file);
+                if digest.is_some() && digest == last_seen {
+                    continue;
+                }
+                last_seen = digest;
                 match reload(&config.mesh_file) {
                     Ok(new_mesh) => {
                         if new_mesh.source.sha256 == node.mesh.source.sha256 {
@@ -220,6 +272,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                             ..config_dump(&new_mesh)
                         }));
                         names_tx.send_replace(Table::dns_names(&new_mesh));
+                        ctx.transport.policy.store(Arc::new(Policy::compile(&new_mesh)));
                         node.mesh = Arc::new(new_mesh);
                         node.apply_access_logs(&log_writers);
                         node.apply_table(&answers.borrow());
@@ -270,6 +323,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// SHA-256 of the mesh file's bytes (hex), as `mesh::Source::sha256` has it.
+fn file_digest(path: &Path) -> Option<String> {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 fn reload(path: &Path) -> Result<MeshConfig, Error> {
     let loaded = mesh::load_file(path)?;
     for warning in &loaded.warnings {
@@ -314,8 +379,18 @@ fn watch_mesh_file(path: &Path) -> mpsc::Receiver<()> {
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let (kick_tx, mut kick_rx) = mpsc::unbounded_channel::<()>();
+    let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Only the file itself and Kubernetes' `..data` / `..<timestamp>` entries matter;
+        // other files in the directory (logs, sockets) come and go without a reload.
+        let relevant = event.is_ok_and(|event| {
+            event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|name| {
+                    Some(name) == file_name.as_deref() || name.to_string_lossy().starts_with("..")
+                })
+            })
+        });
+        if relevant {
             let _ = kick_tx.send(());
         }
     });
@@ -352,9 +427,23 @@ struct Enrolled {
     /// The network namespace (device, inode) the listeners live in.
     netns: (u64, u64),
     outbound_port: u16,
+    inbound_port: u16,
     egress_drop_all: bool,
     listeners: Vec<SocketAddr>,
     _accepting: outbound::PodListeners,
+    /// Inbound capture: the pod addresses and ports steered to the inbound sockets.
+    inbound: PodInbound,
+}
+
+/// A pod's inbound capture state (`proxy::inbound`, `redirect::inpod`).
+struct PodInbound {
+    port: u16,
+    /// Also registered in the transport (by address) until the pod is released.
+    _local: Arc<LocalPod>,
+    /// Listening sockets in the pod (IPv4, IPv6 if the pod has it), inserted into the map.
+    sockets: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    captured: Vec<SocketAddr>,
+    _accepting: proxy::inbound::PodInbound,
 }
 
 /// The node's state, owned by the reconcile loop.
@@ -404,6 +493,8 @@ impl Node {
             .collect();
         // The proxy must know a service before the kernel starts capturing it.
         self.ctx.table.store(Arc::new(table));
+        // Service ids follow the mesh's order: the backend maps must follow them first.
+        self.sync_backends();
         if let Err(error) = self.ctx.redirect.set_services(&services) {
             tracing::error!(%error, "cannot update the service addresses in the eBPF map");
         } else {
@@ -442,9 +533,13 @@ impl Node {
                 for addr in &enrolled.listeners {
                     self.registry.remove(&format!("outbound/{key}/{addr}"));
                 }
+                for (addr, _) in &enrolled.inbound.sockets {
+                    self.registry.remove(&format!("inbound/{key}/{addr}"));
+                }
                 if let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id) {
                     tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
                 }
+                self.release_inbound(&enrolled);
                 tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released");
             }
         }
@@ -480,9 +575,96 @@ impl Node {
                 }
             }
         }
+        self.sync_inbound();
+        self.sync_backends();
         self.metrics
             .enrolled_workloads
             .set(self.enrolled.len() as i64);
+    }
+
+    /// Stops a pod's inbound capture and forgets it as a local pod.
+    fn release_inbound(&self, enrolled: &Enrolled) {
+        let inpod = self.ctx.redirect.inpod();
+        if let Err(error) = inpod.release(&enrolled.inbound.captured) {
+            tracing::error!(pod = %enrolled.workload.key(), %error, "cannot release the pod's inbound ports");
+        }
+        inpod.detach_pod(enrolled.cgroup_id);
+        self.ctx.transport.remove_local(&enrolled.workload.key());
+    }
+
+    /// Makes each pod's captured ports match its listeners' tls (a mesh reload can change them).
+    fn sync_inbound(&mut self) {
+        let policy = self.ctx.transport.policy.load_full();
+        let inpod = self.ctx.redirect.inpod();
+        for (key, enrolled) in &mut self.enrolled {
+            let want: Vec<SocketAddr> = policy
+                .captured_ports(&enrolled.virtual_node)
+                .into_iter()
+                .flat_map(|(port, _)| {
+                    enrolled
+                        .workload
+                        .ips
+                        .iter()
+                        .map(move |ip| SocketAddr::new(*ip, port))
+                })
+                .filter(|addr| {
+                    enrolled
+                        .inbound
+                        .sockets
+                        .iter()
+                        .any(|(s, _)| s.is_ipv4() == addr.ip().to_canonical().is_ipv4())
+                })
+                .collect();
+            let stale: Vec<SocketAddr> = enrolled
+                .inbound
+                .captured
+                .iter()
+                .filter(|a| !want.contains(a))
+                .copied()
+                .collect();
+            if let Err(error) = inpod.release(&stale) {
+                tracing::error!(pod = %key, %error, "cannot release inbound ports");
+            }
+            let mut captured = Vec::new();
+            for (family_addr, socket) in &enrolled.inbound.sockets {
+                let addrs: Vec<SocketAddr> = want
+                    .iter()
+                    .filter(|a| a.ip().to_canonical().is_ipv4() == family_addr.is_ipv4())
+                    .copied()
+                    .collect();
+                match inpod.capture(&addrs, socket) {
+                    Ok(()) => captured.extend(addrs),
+                    Err(error) => {
+                        tracing::error!(pod = %key, %error, "cannot capture inbound ports")
+                    }
+                }
+            }
+            if captured != enrolled.inbound.captured {
+                tracing::info!(pod = %key, ?captured, "inbound capture (listeners with tls STRICT or PERMISSIVE)");
+            }
+            enrolled.inbound.captured = captured;
+        }
+    }
+
+    /// Puts every enrolled pod under backend authorization in eBPF: it may connect only to
+    /// the services its virtual node lists as backends.
+    fn sync_backends(&self) {
+        let policy = self.ctx.transport.policy.load_full();
+        let mut allowed = BTreeMap::new();
+        for enrolled in self.enrolled.values() {
+            let ids: std::collections::BTreeSet<u32> = self
+                .mesh
+                .virtual_services
+                .iter()
+                .enumerate()
+                .filter(|(_, vs)| policy.is_backend(&enrolled.virtual_node, &vs.id))
+                .map(|(i, _)| i as u32 + 1)
+                .collect();
+            allowed.insert(enrolled.cgroup_id, ids);
+        }
+        if let Err(error) = self.ctx.redirect.inpod().set_backends(&allowed) {
+            tracing::error!(%error, "cannot update the backend authorization maps");
+        }
     }
 
     fn enroll(
@@ -496,60 +678,19 @@ impl Node {
             .map(|m| (m.dev(), m.ino()))
             .map_err(|e| format!("network namespace {}: {e}", workload.netns.display()))?;
         // Pods have a network namespace each; services on a plain host share the host's. Each
-        // workload in a shared namespace gets its own outbound port, so the listener (and not
+        // workload in a shared namespace gets its own ports, so the listener (and not
         // anything the workload could forge) still tells the agent who is calling.
-        let port = (self.config.outbound_port..=u16::MAX)
-            .find(|port| {
-                !self
-                    .enrolled
-                    .values()
-                    .any(|e| e.netns == netns && e.outbound_port == *port)
-            })
-            .ok_or("no free outbound port left in this network namespace")?;
-        let addrs = [
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
-        ];
-        let name = |addr: &SocketAddr| format!("outbound/{}/{addr}", workload.key());
-        let mut results: Vec<Result<std::net::TcpListener, netns::Error>> = Vec::new();
-        let mut missing = Vec::new();
-        for addr in &addrs {
-            match self.inherited.take(&name(addr)) {
-                Some(listener) => results.push(Ok(listener)),
-                None => missing.push(*addr),
-            }
-        }
-        if !missing.is_empty() {
-            results.extend(netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?);
-        }
-        let bound_addrs = addrs
-            .iter()
-            .filter(|a| !missing.contains(a))
-            .chain(missing.iter());
-        let mut listeners = Vec::new();
-        let mut addrs_up = Vec::new();
-        for (addr, result) in bound_addrs.zip(results) {
-            match result {
-                Ok(listener) => {
-                    if let Err(error) = self.registry.add(&name(addr), &listener) {
-                        tracing::warn!(%addr, %error, "listener cannot be handed over on upgrade");
-                    }
-                    listeners.push(listener);
-                    addrs_up.push(*addr);
-                }
-                // A pod without IPv6 still gets its IPv4 listener.
-                Err(error) if addr.is_ipv6() => {
-                    tracing::warn!(pod = %workload.key(), %error, "no IPv6 outbound listener")
-                }
-                Err(error) => return Err(error.to_string()),
-            }
-        }
+        let port = self.free_port(netns, self.config.outbound_port, |e| e.outbound_port)?;
+        let bound = self.listen(workload, "outbound", port)?;
+        let (addrs_up, listeners): (Vec<SocketAddr>, Vec<std::net::TcpListener>) =
+            bound.into_iter().unzip();
         let source = Arc::new(outbound::Source {
             workload: workload.key(),
             virtual_node: vn.clone(),
         });
         let accepting = outbound::serve(listeners, source, self.ctx.clone())
             .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?;
+        let inbound = self.enroll_inbound(workload, vn, cgroup_id, netns)?;
         self.ctx
             .redirect
             .enroll(
@@ -567,8 +708,119 @@ impl Node {
             cgroup_id,
             netns,
             outbound_port: port,
+            inbound_port: inbound.port,
             egress_drop_all: drop_all,
             listeners: addrs_up,
+            _accepting: accepting,
+            inbound,
+        })
+    }
+
+    /// The first port from `first` that no other enrolled workload in the same network
+    /// namespace uses for the same purpose.
+    fn free_port(
+        &self,
+        netns: (u64, u64),
+        first: u16,
+        used: impl Fn(&Enrolled) -> u16,
+    ) -> Result<u16, String> {
+        (first..=u16::MAX)
+            .find(|port| {
+                !self
+                    .enrolled
+                    .values()
+                    .any(|e| e.netns == netns && used(e) == *port)
+            })
+            .ok_or_else(|| format!("no free port from {first} up in this network namespace"))
+    }
+
+    /// Listeners on 127.0.0.1 and ::1 at `port` in the workload's network namespace: the ones
+    /// the previous agent handed over, else new ones. Each is registered for the next hand-over
+    /// as `<kind>/<namespace>/<name>/<addr>`. A pod without IPv6 gets its IPv4 listener only.
+    fn listen(
+        &self,
+        workload: &Workload,
+        kind: &str,
+        port: u16,
+    ) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, String> {
+        let addrs = [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ];
+        let name = |addr: &SocketAddr| format!("{kind}/{}/{addr}", workload.key());
+        let mut bound = Vec::new();
+        let mut missing = Vec::new();
+        for addr in addrs {
+            match self.inherited.take(&name(&addr)) {
+                Some(listener) => bound.push((addr, Ok(listener))),
+                None => missing.push(addr),
+            }
+        }
+        if !missing.is_empty() {
+            let fresh = netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?;
+            bound.extend(missing.into_iter().zip(fresh));
+        }
+        let mut listeners = Vec::new();
+        for (addr, result) in bound {
+            match result {
+                Ok(listener) => {
+                    if let Err(error) = self.registry.add(&name(&addr), &listener) {
+                        tracing::warn!(%addr, %error, "listener cannot be handed over on upgrade");
+                    }
+                    listeners.push((addr, listener));
+                }
+                Err(error) if addr.is_ipv6() => {
+                    tracing::warn!(pod = %workload.key(), %error, "no IPv6 {kind} listener")
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        listeners.sort_by_key(|(addr, _)| addr.is_ipv6());
+        Ok(listeners)
+    }
+
+    /// Registers the pod as local (same-node and tunnel delivery reach it through its own
+    /// network namespace), opens its inbound sockets and attaches the sk_lookup program. Which
+    /// ports are captured is `sync_inbound`'s business.
+    fn enroll_inbound(
+        &self,
+        workload: &Workload,
+        vn: &ResourceId,
+        cgroup_id: u64,
+        netns: (u64, u64),
+    ) -> Result<PodInbound, String> {
+        use std::os::fd::AsFd as _;
+        let connector = netns::Connector::start(&workload.netns).map_err(|e| e.to_string())?;
+        let local = Arc::new(LocalPod {
+            workload: workload.key(),
+            virtual_node: vn.clone(),
+            ips: workload.ips.clone(),
+            connector,
+        });
+        let port = self.free_port(netns, self.config.inbound_port, |e| e.inbound_port)?;
+        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
+        for (addr, listener) in self.listen(workload, "inbound", port)? {
+            let fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot duplicate the inbound socket: {e}"))?;
+            sockets.push((addr, fd));
+            listeners.push(listener);
+        }
+        let accepting = proxy::inbound::serve(listeners, local.clone(), self.ctx.clone())
+            .map_err(|e| format!("cannot register inbound sockets with the runtime: {e}"))?;
+        self.ctx
+            .redirect
+            .inpod()
+            .attach_pod(&workload.netns, cgroup_id)
+            .map_err(|e| e.to_string())?;
+        self.ctx.transport.add_local(local.clone());
+        Ok(PodInbound {
+            port,
+            _local: local,
+            sockets,
+            captured: Vec::new(),
             _accepting: accepting,
         })
     }
@@ -576,6 +828,17 @@ impl Node {
     /// A restarted agent adopts the pinned maps, including pods enrolled by its predecessor
     /// that have since gone away: release those.
     fn release_strays(&self) {
+        let inpod = self.ctx.redirect.inpod();
+        inpod.detach_strays(&self.enrolled.values().map(|e| e.cgroup_id).collect());
+        let keep = self
+            .enrolled
+            .values()
+            .flat_map(|e| e.inbound.captured.iter())
+            .map(|a| crate::redirect::inpod::inbound_key(*a))
+            .collect();
+        if let Err(error) = inpod.release_strays(&keep) {
+            tracing::error!(%error, "cannot clean the inbound ports a previous agent captured");
+        }
         let enrolled = match self.ctx.redirect.enrolled() {
             Ok(enrolled) => enrolled,
             Err(error) => {

@@ -1,4 +1,4 @@
-//! The `strait` command line: `run`, `validate`, `status`, `uninstall`.
+//! The `strait` command line: `run`, `validate`, `status`, `uninstall`, `ca`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::{app, mesh, redirect, status};
+use crate::proxy::upstream::PeerNode;
+use crate::{app, ca, mesh, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +45,40 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/strait")]
         bpffs: PathBuf,
     },
+    /// A development certificate authority (for demos and tests, not production).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (ca.pem, ca-key.pem) in a folder.
+    Init {
+        #[arg(long, default_value = "strait-ca")]
+        dir: PathBuf,
+    },
+    /// Write a certificate per virtual node to the certificate paths the mesh file names, and
+    /// the CA to its trust paths.
+    Issue {
+        /// The mesh file.
+        #[arg(long)]
+        mesh: PathBuf,
+        /// The CA folder (`strait ca init`).
+        #[arg(long, default_value = "strait-ca")]
+        ca_dir: PathBuf,
+        /// Only this virtual node (`name` or `namespace/name`); repeatable.
+        #[arg(long = "virtual-node")]
+        only: Vec<String>,
+        /// Validity in days.
+        #[arg(long)]
+        days: Option<u32>,
+        /// Issue certificates that already expired (to test rejection).
+        #[arg(long)]
+        expired: bool,
+        /// Use these SANs instead of the virtual node's identities (to test SAN mismatch).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +113,17 @@ pub struct RunArgs {
     /// Unix socket over which a new agent takes this one's listeners on upgrade.
     #[arg(long, default_value = "/run/strait/handover.sock")]
     pub handover_socket: PathBuf,
+    /// Where this agent accepts mTLS tunnels from other nodes' agents (HTTP/2 CONNECT).
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    pub tunnel_listen: SocketAddr,
+    /// Another node: its pod CIDR and agent address, `10.244.2.0/24=192.0.2.2[:15008]`.
+    /// Repeatable. Endpoints in these ranges are reached through that node's agent.
+    #[arg(long = "peer-node")]
+    pub peer_nodes: Vec<PeerNode>,
+    /// Port of the inbound socket the agent opens inside each pod (loopback) for connections
+    /// from outside the mesh to listeners with tls STRICT or PERMISSIVE.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -95,6 +141,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 drain_timeout: Duration::from_secs(args.drain_timeout),
                 cleanup_on_exit: args.cleanup_on_exit,
                 handover_socket: args.handover_socket,
+                tunnel_listen: args.tunnel_listen,
+                peer_nodes: args.peer_nodes,
+                inbound_port: args.inbound_port,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;
@@ -137,6 +186,38 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!("{} does not exist: nothing to remove", bpffs.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Init { dir }) => {
+            let cert = ca::init(&dir)?;
+            println!(
+                "created a development CA: {} (key beside it; keep it private)",
+                cert.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Issue {
+            mesh,
+            ca_dir,
+            only,
+            days,
+            expired,
+            sans,
+        }) => {
+            let options = ca::IssueOptions {
+                only,
+                days,
+                expired,
+                sans,
+            };
+            for issued in ca::issue(&mesh, &ca_dir, &options)? {
+                println!(
+                    "{}: {} (SANs {})",
+                    issued.virtual_node,
+                    issued.chain.display(),
+                    issued.sans.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -6,9 +6,11 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod discovery;
 pub mod handover;
+pub mod identity;
 pub mod logging;
 pub mod mesh;
 pub mod netns;

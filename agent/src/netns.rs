@@ -88,3 +88,107 @@ fn nix_setns(target: &File) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Opens TCP connections from inside one network namespace: a thread that lives in the
+/// namespace creates the sockets (a socket keeps the namespace it was created in), the runtime
+/// connects them. The agent delivers to a pod this way, to the pod's loopback, which is how
+/// App Mesh's Envoy delivered inbound traffic too, and which the pod's inbound capture (keyed
+/// by the pod's own addresses) never steers.
+pub struct Connector {
+    path: PathBuf,
+    requests: std::sync::mpsc::Sender<SocketRequest>,
+}
+
+/// A request to the namespace's thread: a socket of this domain, sent back on the channel.
+type SocketRequest = (
+    socket2::Domain,
+    tokio::sync::oneshot::Sender<io::Result<socket2::Socket>>,
+);
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl Connector {
+    /// Starts the namespace's socket thread; it ends when the connector is dropped.
+    pub fn start(path: &Path) -> Result<Connector, Error> {
+        let target = File::open(path).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        let thread_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("netns-connector".into())
+            .spawn(move || {
+                let entered = nix_setns(&target);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                // Ends when every sender (the Connector) is gone.
+                while let Ok((domain, reply)) = rx.recv() {
+                    let socket = socket2::Socket::new(
+                        domain,
+                        socket2::Type::STREAM,
+                        Some(socket2::Protocol::TCP),
+                    );
+                    let _ = reply.send(socket);
+                }
+                tracing::debug!(netns = %thread_path.display(), "connector thread done");
+            })
+            .map_err(|source| Error::Enter {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Connector {
+                path: path.to_path_buf(),
+                requests: tx,
+            }),
+            Ok(Err(source)) => Err(Error::Enter {
+                path: path.to_path_buf(),
+                source,
+            }),
+            Err(_) => Err(Error::ThreadDied(path.to_path_buf())),
+        }
+    }
+
+    /// Connects to `addr` from inside the namespace, within `timeout`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let (reply, socket) = tokio::sync::oneshot::channel();
+        self.requests
+            .send((socket2::Domain::for_address(addr), reply))
+            .map_err(|_| {
+                io::Error::other(format!(
+                    "BUG: the connector thread of {} is gone",
+                    self.path.display()
+                ))
+            })?;
+        let socket = socket
+            .await
+            .map_err(|_| io::Error::other("BUG: the connector thread dropped a request"))??;
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        let stream = tokio::time::timeout(timeout, socket.connect(addr))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {addr} in {} timed out", self.path.display()),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}

@@ -1,9 +1,13 @@
 //! The shared proxy: listeners the agent opens on behalf of local workloads, and forwarding.
 //!
 //! `outbound` handles connections a pod makes to a virtual service (captured by the eBPF
-//! connect hooks and redirected to the pod's outbound listener). The proxy decides nothing
+//! connect hooks and redirected to the pod's outbound listener). `inbound` handles plaintext
+//! arriving at a pod's captured listener ports from outside the mesh; `hbone` the mTLS tunnels
+//! between nodes; `upstream` decides how each endpoint is reached. The proxy decides nothing
 //! about which pods are enrolled; the app does, and hands it listeners.
 
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;
 pub mod upstream;
 
@@ -33,4 +37,6 @@ pub struct Context {
     pub connections: TaskTracker,
     /// Access logs by source virtual node (`logging.accessLog`); replaced on mesh reload.
     pub access_logs: ArcSwap<BTreeMap<ResourceId, AccessLog>>,
+    /// Local pods, peer nodes, identities and the mTLS tunnel pool (see `upstream`).
+    pub transport: Arc<upstream::Transport>,
 }

@@ -26,6 +26,7 @@
 //! Which cgroups are enrolled, which services exist and which ports the
 //! outbound listeners use is decided elsewhere (`workloads`, `mesh`, `proxy`).
 
+pub mod inpod;
 mod keys;
 
 use std::{
@@ -288,6 +289,8 @@ struct Maps {
 pub struct Redirect {
     bpffs: PathBuf,
     maps: Mutex<Maps>,
+    /// Inbound capture and backend authorization (`redirect/inpod.rs`).
+    inpod: inpod::InPod,
 }
 
 impl std::fmt::Debug for Redirect {
@@ -306,6 +309,7 @@ impl Redirect {
         let cgroup = open_cgroup(&cfg.cgroup_root)?;
         prepare_pin_folder(&cfg.bpffs)?;
         check_pinned_maps(&cfg.bpffs)?;
+        inpod::check_pinned_maps(&cfg.bpffs)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.bpffs)
             .load(OBJECT)
@@ -324,14 +328,20 @@ impl Redirect {
             attached.push((program, attach(&mut ebpf, program, &cgroup, cfg)?));
         }
         let maps = take_maps(&mut ebpf)?;
-        drop(ebpf);
+        let inpod = inpod::InPod::new(ebpf, &cfg.bpffs)?;
 
         pin_links(&cfg.bpffs, attached)?;
         remove_stale_map_pins(&cfg.bpffs);
         Ok(Redirect {
             bpffs: cfg.bpffs.clone(),
             maps: Mutex::new(maps),
+            inpod,
         })
+    }
+
+    /// Inbound capture and backend authorization.
+    pub fn inpod(&self) -> &inpod::InPod {
+        &self.inpod
     }
 
     /// The pin folder this instance uses.
@@ -779,7 +789,10 @@ fn remove_stale_map_pins(folder: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("STRAIT_") && !abi::ALL_MAPS.contains(&name.as_ref()) {
+        if name.starts_with("STRAIT_")
+            && !abi::ALL_MAPS.contains(&name.as_ref())
+            && !abi::INPOD_MAPS.contains(&name.as_ref())
+        {
             tracing::info!(pin = %entry.path().display(), "removing the pin of an older map version");
             let _ = fs::remove_file(entry.path());
         }

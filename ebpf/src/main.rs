@@ -9,6 +9,8 @@
 //!   not sent yet) move the original destination from the socket cookie to
 //!   (netns cookie, client address, client port), which the agent can compute
 //!   from the socket it accepts.
+//! - `strait_sk_lookup` and the backend check of connect4/6 live in `src/inpod.rs` (inbound
+//!   capture for STRICT/PERMISSIVE listeners, App Mesh backend authorization).
 //!
 //! Hot paths count outcomes in `STRAIT_COUNTERS_V1` and never log. Every map is
 //! pinned by name so a restarting agent adopts them. Loading, attaching and
@@ -17,6 +19,9 @@
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod inpod;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
@@ -136,6 +141,9 @@ mod progs {
         let Some(service) = (unsafe { SERVICES4.get(key).copied() }) else {
             return Ok(not_a_service(&pod, ipv4_is_loopback(addr)));
         };
+        if !crate::inpod::backend_allowed(service.service_id) {
+            return Err(REFUSE);
+        }
         let dst = OrigDst {
             addr: [addr, 0, 0, 0],
             family: FAMILY_V4,
@@ -217,6 +225,9 @@ mod progs {
         let Some(service) = service else {
             return Ok(not_a_service(&pod, ipv6_is_loopback(addr)));
         };
+        if !crate::inpod::backend_allowed(service.service_id) {
+            return Err(REFUSE);
+        }
         let (dst, listener) = match mapped {
             Some(v4) => (
                 OrigDst {

@@ -101,7 +101,12 @@ impl Agent {
                     self.process.stderr()
                 );
             }
-            if self.admin_get("/ready").is_ok() {
+            // During an upgrade two agents share the admin port: wait for this one's answer.
+            let me = format!("(pid {})", self.process.pid());
+            if self
+                .admin_get("/ready")
+                .is_ok_and(|body| body.contains(&me))
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {

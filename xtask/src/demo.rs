@@ -16,6 +16,8 @@ use testbed::{Pod, PodSpec, Testbed, run};
 
 use crate::{cargo, ebpf, setup, workspace_root};
 
+mod mtls;
+
 const SERVICE: &str = "color.demo.svc.cluster.local";
 const CONNECTIONS: u32 = 40;
 
@@ -212,6 +214,8 @@ pub fn run_demo() -> Result<()> {
     ] {
         println!("  {reason:<13} {}", counters[reason]);
     }
+
+    mtls::section(&tb)?;
 
     say("Stopping the agent and tearing the testbed down.");
     agent.stop()?;

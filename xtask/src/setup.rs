@@ -20,7 +20,16 @@ use crate::ebpf::TOOLCHAIN;
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
-const TESTBED_PACKAGES: [&str; 3] = ["dnsmasq-base", "iproute2", "curl"];
+/// tcpdump and tshark check what crosses the wire between nodes (mTLS tests); python3
+/// serves HTTP in the mTLS tests.
+const TESTBED_PACKAGES: [&str; 6] = [
+    "dnsmasq-base",
+    "iproute2",
+    "curl",
+    "tcpdump",
+    "tshark",
+    "python3",
+];
 
 pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;

@@ -131,18 +131,24 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: 
         fail("no_endpoints");
         return;
     };
-    let (mut upstream, endpoint) = match upstream::connect_target(&target, &endpoints).await {
-        Ok(connected) => connected,
-        Err(error) => {
-            fail("upstream_connect");
-            tracing::warn!(
-                workload = %source.workload,
-                virtual_service = %service.service,
-                "{error}; closing the client's connection"
-            );
-            return;
-        }
+    let caller = upstream::Caller {
+        workload: &source.workload,
+        virtual_node: &source.virtual_node,
+        service: &service.service,
     };
+    let (mut upstream, endpoint) =
+        match upstream::connect_target(ctx, &caller, &target, &endpoints).await {
+            Ok(connected) => connected,
+            Err(error) => {
+                fail("upstream_connect");
+                tracing::warn!(
+                    workload = %source.workload,
+                    virtual_service = %service.service,
+                    "{error}; closing the client's connection"
+                );
+                return;
+            }
+        };
     let _ = client.set_nodelay(true);
     ctx.metrics.tcp_opened.get_or_create(&labels).inc();
     let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();

@@ -1,14 +1,39 @@
 //! Connections from the agent to a virtual node's endpoints.
 //!
 //! Every path that leaves the agent towards a workload (L4 forwarding, the HTTP proxy's
-//! connection pool) connects through here, so the choice of how to reach an endpoint (directly
-//! on this node, or through a mutual-TLS tunnel to another node's agent) lives in one place.
+//! connection pool) connects through [`connect_target`], so the choice of how to reach an
+//! endpoint lives in one place:
+//!
+//! - **A pod on this node** (its address is in [`Transport`]'s local pods): the agent connects
+//!   from inside that pod's network namespace to its loopback, on the listener port. Nothing
+//!   leaves the node, and no TLS is spoken: both ends are pods this agent enrolled, identified
+//!   by kernel facts (the cgroup and netns the agent itself set up), not by anything a pod
+//!   says, and the bytes never cross a wire an attacker could tap without already owning the
+//!   node's kernel (see docs/security.md). The backend rule is still checked here.
+//! - **A pod on another node, TLS in play** (the target listener has `tls` STRICT or
+//!   PERMISSIVE, or the caller's client policy enforces TLS on that port): an HTTP/2 CONNECT
+//!   stream through the mutual-TLS tunnel to that node's agent ([`super::hbone`]), pooled per
+//!   (source identity, destination node, destination listener).
+//! - **Otherwise** (no TLS configured on either side): a plain TCP connection to the endpoint,
+//!   as App Mesh would.
+//!
+//! The stream type is boxed ([`Stream`]) because a tunnel stream is not a `TcpStream`; that is
+//! the only change callers see besides passing the [`Caller`].
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::{Context, hbone};
+use crate::identity::policy::Policy;
+use crate::identity::{self, AuthzLabels};
+use crate::mesh::ResourceId;
+use crate::netns;
 use crate::routing::{Endpoints, Target};
 
 /// How long a connect to one endpoint may take before the next endpoint is tried.
@@ -16,6 +41,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most this many endpoints are tried for one connection (App Mesh's default retry policy
 /// retries connect failures twice).
 pub const CONNECT_ATTEMPTS: usize = 3;
+
+/// A byte stream to an endpoint: a TCP connection or a tunnel stream.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// A boxed [`Io`].
+pub type Stream = Box<dyn Io>;
 
 /// Why no endpoint could be reached.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +61,160 @@ pub enum Error {
         tried: usize,
         last: String,
     },
+    #[error(
+        "virtual node {source_node} may not reach {target_node} through {service}: it is not \
+         reachable through the backends the virtual node lists (App Mesh `backends`)"
+    )]
+    NotABackend {
+        source_node: String,
+        service: String,
+        target_node: String,
+    },
 }
 
-/// Connects to one endpoint.
+/// Who is calling, for identity and authorization.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub workload: &'a ResourceId,
+    pub virtual_node: &'a ResourceId,
+    /// The virtual service the workload called.
+    pub service: &'a ResourceId,
+}
+
+/// A pod enrolled on this node.
+#[derive(Debug)]
+pub struct LocalPod {
+    pub workload: ResourceId,
+    pub virtual_node: ResourceId,
+    pub ips: Vec<IpAddr>,
+    /// Opens connections from inside the pod's network namespace.
+    pub connector: netns::Connector,
+}
+
+impl LocalPod {
+    /// Connects to the pod's own loopback on `port` (the address family of `like`).
+    pub async fn connect_loopback(&self, like: IpAddr, port: u16) -> std::io::Result<TcpStream> {
+        let lo = match like.to_canonical() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        self.connector
+            .connect(SocketAddr::new(lo, port), CONNECT_TIMEOUT)
+            .await
+    }
+}
+
+/// Another node's agent: the pod addresses it hosts and its tunnel address
+/// (`--peer-node CIDR=ADDR[:PORT]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNode {
+    pub network: IpAddr,
+    pub prefix: u8,
+    pub tunnel: SocketAddr,
+}
+
+impl PeerNode {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let bits = u32::from(self.prefix.min(32));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - bits)
+                };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let bits = u32::from(self.prefix.min(128));
+                let mask = if bits == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - bits)
+                };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for PeerNode {
+    type Err = String;
+
+    /// `10.244.2.0/24=192.0.2.2` or `10.244.2.0/24=192.0.2.2:15008`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = || format!("`{s}`: expected CIDR=ADDRESS[:PORT], e.g. 10.244.2.0/24=192.0.2.2");
+        let (cidr, addr) = s.split_once('=').ok_or_else(usage)?;
+        let (network, prefix) = cidr.split_once('/').ok_or_else(usage)?;
+        let network: IpAddr = network.parse().map_err(|_| usage())?;
+        let prefix: u8 = prefix.parse().map_err(|_| usage())?;
+        let tunnel = match addr.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => SocketAddr::new(addr.parse().map_err(|_| usage())?, hbone::PORT),
+        };
+        Ok(PeerNode {
+            network,
+            prefix,
+            tunnel,
+        })
+    }
+}
+
+/// The node-wide transport state: local pods, peer nodes, the security policy, certificates
+/// and the tunnel pool.
+pub struct Transport {
+    pub policy: ArcSwap<Policy>,
+    pub store: identity::store::Store,
+    pub metrics: identity::Metrics,
+    pub pool: hbone::Pool,
+    local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
+    peers: Vec<PeerNode>,
+}
+
+impl Transport {
+    pub fn new(peers: Vec<PeerNode>, metrics: identity::Metrics) -> Transport {
+        Transport {
+            policy: ArcSwap::from_pointee(Policy::default()),
+            store: identity::store::Store::new(metrics.clone()),
+            metrics,
+            pool: hbone::Pool::default(),
+            local: RwLock::new(HashMap::new()),
+            peers,
+        }
+    }
+
+    /// Registers a pod of this node (by each of its addresses).
+    pub fn add_local(&self, pod: Arc<LocalPod>) {
+        let mut local = self.local.write().unwrap_or_else(|e| e.into_inner());
+        for ip in &pod.ips {
+            local.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    /// Forgets a pod of this node.
+    pub fn remove_local(&self, workload: &ResourceId) {
+        let mut local = self.local.write().unwrap_or_else(|e| e.into_inner());
+        local.retain(|_, pod| pod.workload != *workload);
+    }
+
+    /// The local pod with this address, if any.
+    pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
+        let local = self.local.read().unwrap_or_else(|e| e.into_inner());
+        local.get(&ip.to_canonical()).cloned()
+    }
+
+    /// The tunnel address of the node hosting `ip`, if a peer node covers it.
+    pub fn peer_node(&self, ip: IpAddr) -> Option<SocketAddr> {
+        self.peers
+            .iter()
+            .filter(|p| p.contains(ip))
+            .max_by_key(|p| p.prefix)
+            .map(|p| p.tunnel)
+    }
+}
+
+/// Connects to one endpoint directly (plain TCP from the node's network namespace).
 pub async fn connect(endpoint: SocketAddr) -> std::io::Result<TcpStream> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(endpoint)).await {
         Ok(result) => result?,
@@ -47,22 +229,45 @@ pub async fn connect(endpoint: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Connects to the target's endpoints in round-robin order, trying the next one when a
-/// connect fails, up to [`CONNECT_ATTEMPTS`].
+/// Connects `caller` to the target's endpoints in round-robin order, trying the next one when
+/// a connect fails, up to [`CONNECT_ATTEMPTS`]. Local pods are reached on the node, remote ones
+/// through the mTLS tunnel when TLS is configured (see the module docs).
 pub async fn connect_target(
+    ctx: &Context,
+    caller: &Caller<'_>,
     target: &Target,
     endpoints: &Endpoints,
-) -> Result<(TcpStream, SocketAddr), Error> {
+) -> Result<(Stream, SocketAddr), Error> {
+    let transport = &ctx.transport;
+    {
+        // The sender half of the backend rule (the connect hook already refused services that
+        // are not backends; this also covers the routed virtual node).
+        let policy = transport.policy.load();
+        if !policy.is_backend(caller.virtual_node, caller.service)
+            || !policy.may_reach(caller.virtual_node, &target.virtual_node)
+        {
+            transport
+                .metrics
+                .authz_denied
+                .get_or_create(&AuthzLabels { point: "sender" })
+                .inc();
+            return Err(Error::NotABackend {
+                source_node: caller.virtual_node.to_string(),
+                service: caller.service.to_string(),
+                target_node: target.virtual_node.to_string(),
+            });
+        }
+    }
     let mut tried = 0;
     let mut last = String::new();
     for ip in endpoints.rotation().take(CONNECT_ATTEMPTS) {
         let endpoint = SocketAddr::new(ip, target.port);
         tried += 1;
-        match connect(endpoint).await {
+        match connect_endpoint(transport, caller, target, endpoint).await {
             Ok(stream) => return Ok((stream, endpoint)),
             Err(error) => {
                 tracing::warn!(virtual_node = %target.virtual_node, %endpoint, %error, "connect to endpoint failed");
-                last = error.to_string();
+                last = error;
             }
         }
     }
@@ -74,4 +279,68 @@ pub async fn connect_target(
         tried,
         last,
     })
+}
+
+async fn connect_endpoint(
+    transport: &Transport,
+    caller: &Caller<'_>,
+    target: &Target,
+    endpoint: SocketAddr,
+) -> Result<Stream, String> {
+    if let Some(pod) = transport.local_pod(endpoint.ip()) {
+        let stream = pod
+            .connect_loopback(endpoint.ip(), endpoint.port())
+            .await
+            .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))?;
+        return Ok(Box::new(stream));
+    }
+    let policy = transport.policy.load_full();
+    let listener_tls = policy.listener_tls(&target.virtual_node, endpoint.port());
+    let client_tls = policy.client_tls(caller.virtual_node, caller.service, endpoint.port());
+    let tls = listener_tls.is_some() || client_tls.is_some_and(|t| t.enforce);
+    if !tls {
+        let stream = connect(endpoint).await.map_err(|e| e.to_string())?;
+        return Ok(Box::new(stream));
+    }
+    let Some(node) = transport.peer_node(endpoint.ip()) else {
+        return Err(format!(
+            "{endpoint} is not a pod of this node and no --peer-node covers it: mutual TLS needs \
+             the destination node's agent (add --peer-node <pod CIDR>=<node address>)"
+        ));
+    };
+    if listener_tls.is_none() {
+        return Err(format!(
+            "the client policy of {} enforces TLS on port {}, but {}'s listener has no tls",
+            caller.virtual_node,
+            endpoint.port(),
+            target.virtual_node
+        ));
+    }
+    let stream = hbone::open(
+        transport,
+        caller,
+        &target.virtual_node,
+        endpoint,
+        node,
+        client_tls,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(Box::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_nodes_parse_and_match() {
+        let p: PeerNode = "10.244.2.0/24=192.0.2.2".parse().unwrap();
+        assert_eq!(p.tunnel, "192.0.2.2:15008".parse().unwrap());
+        assert!(p.contains("10.244.2.7".parse().unwrap()));
+        assert!(!p.contains("10.244.3.7".parse().unwrap()));
+        let p6: PeerNode = "fd00:244:2::/64=[fd00:ff::2]:15008".parse().unwrap();
+        assert!(p6.contains("fd00:244:2::2".parse().unwrap()));
+        assert!("10.244.2.0=192.0.2.2".parse::<PeerNode>().is_err());
+    }
 }

@@ -1,0 +1,250 @@
+//! Workload identity: one identity per VirtualNode, the certificates and trust bundles the mesh
+//! file names for it, and the rustls configurations the tunnels use.
+//!
+//! - An identity is a SPIFFE ID, `spiffe://<mesh>/ns/<namespace>/vn/<name>` (the trust domain is
+//!   the mesh's name), and/or the DNS name App Mesh used: the virtual node's
+//!   `serviceDiscovery.dns.hostname`. A peer certificate whose URI or DNS SANs carry either is
+//!   that virtual node ([`policy::Policy::peer_nodes`]).
+//! - Certificates come from files (App Mesh's `file` source) and are re-read whenever a file
+//!   changes ([`store::Store`]): new handshakes use the new material, connections already up
+//!   keep theirs (nothing is dropped), and the tunnel pool stops reusing a connection made with
+//!   material that has since changed.
+//! - Verification ([`verify`]) is rustls/webpki chain validation against the configured trust
+//!   bundle, then the App Mesh `subjectAlternativeNames` check. Every rejection is logged with
+//!   its reason (`expired`, `san_mismatch`, `untrusted`, ...) and counted.
+//!
+//! TLS 1.3 only, ring as the crypto provider. What to do with a verified identity (which
+//! backends it may reach) is [`policy`]; the tunnels themselves are `proxy::hbone`.
+
+pub mod policy;
+pub mod store;
+pub mod verify;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rustls::crypto::CryptoProvider;
+
+use crate::mesh::ResourceId;
+
+/// ALPN of the node-to-node tunnel: HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors loading certificates, keys and trust bundles, or building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate (expected `-----BEGIN CERTIFICATE-----` blocks)")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {detail}")]
+    BadKey { path: PathBuf, detail: String },
+    #[error(
+        "the private key {key} does not belong to the certificate {chain} (if both were just \
+         replaced, the next handshake retries)"
+    )]
+    KeyMismatch { chain: PathBuf, key: PathBuf },
+    #[error("{path}: {detail}")]
+    BadCertificate { path: PathBuf, detail: String },
+    #[error("trust bundle {path} has no usable CA certificate: {detail}")]
+    BadTrust { path: PathBuf, detail: String },
+    #[error(
+        "{field} uses {source_kind}, which strait does not read yet; use a `file` source \
+         (see docs/security.md)"
+    )]
+    Unsupported {
+        field: String,
+        source_kind: &'static str,
+    },
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The crypto provider of every TLS configuration strait builds.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The SPIFFE ID of a virtual node: `spiffe://<mesh>/ns/<namespace>/vn/<name>`.
+pub fn spiffe_id(mesh: &str, vn: &ResourceId) -> String {
+    format!(
+        "spiffe://{}/ns/{}/vn/{}",
+        mesh.to_ascii_lowercase(),
+        vn.namespace,
+        vn.name
+    )
+}
+
+/// The TLS server name a tunnel client sends for a destination listener: it tells the
+/// receiving agent which workload's certificate to present and which validation to apply,
+/// before any tunnelled request is read. Names and namespaces are DNS-1123 labels.
+pub fn tunnel_sni(vn: &ResourceId, port: u16) -> String {
+    format!("p{port}.{}.{}.strait", vn.name, vn.namespace)
+}
+
+/// The listener named by [`tunnel_sni`].
+pub fn parse_tunnel_sni(sni: &str) -> Option<(ResourceId, u16)> {
+    let mut parts = sni.split('.');
+    let port = parts.next()?.strip_prefix('p')?.parse().ok()?;
+    let name = parts.next()?;
+    let namespace = parts.next()?;
+    (parts.next()? == "strait" && parts.next().is_none())
+        .then(|| (ResourceId::new(namespace, name), port))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    /// `client` (we verified a server) or `server` (we verified a client).
+    pub side: &'static str,
+    /// `expired`, `not_yet_valid`, `san_mismatch`, `untrusted`, `no_certificate`, `other`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlaintextLabels {
+    /// `strict` or `permissive`.
+    pub mode: &'static str,
+    /// `refused` or `accepted`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// Where the backend rule stopped the connection: `sender` (this agent, same node or
+    /// before a tunnel) or `receiver` (a tunnel stream from another node).
+    pub point: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    /// `outbound` (streams this agent opened) or `inbound` (streams it accepted).
+    pub direction: &'static str,
+}
+
+/// Security counters, registered once and shared.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub tls_failures: Family<TlsFailureLabels, Counter>,
+    pub inbound_plaintext: Family<PlaintextLabels, Counter>,
+    pub authz_denied: Family<AuthzLabels, Counter>,
+    pub tunnel_streams: Family<TunnelLabels, Counter>,
+    pub tunnel_connections: Family<TunnelLabels, Counter>,
+    pub certificate_reloads: Counter,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "strait_tls_failures",
+            "TLS peers rejected, by side and reason (expired, san_mismatch, untrusted, ...)",
+            self.tls_failures.clone(),
+        );
+        registry.register(
+            "strait_inbound_plaintext",
+            "Plaintext connections from outside the mesh to captured listener ports, by tls mode and result",
+            self.inbound_plaintext.clone(),
+        );
+        registry.register(
+            "strait_authz_denied",
+            "Connections refused by the mesh's backend rules, by enforcement point",
+            self.authz_denied.clone(),
+        );
+        registry.register(
+            "strait_tunnel_streams",
+            "HTTP/2 CONNECT streams through node-to-node mTLS tunnels, by direction",
+            self.tunnel_streams.clone(),
+        );
+        registry.register(
+            "strait_tunnel_connections",
+            "mTLS tunnel connections established, by direction",
+            self.tunnel_connections.clone(),
+        );
+        registry.register(
+            "strait_certificate_reloads",
+            "Certificates and trust bundles re-read after their files changed",
+            self.certificate_reloads.clone(),
+        );
+    }
+
+    /// Counts and logs a rejected peer certificate.
+    pub fn tls_failure(
+        &self,
+        side: &'static str,
+        reason: &'static str,
+        context: &str,
+        detail: &str,
+    ) {
+        self.tls_failures
+            .get_or_create(&TlsFailureLabels { side, reason })
+            .inc();
+        tracing::warn!(side, reason, context, "peer certificate rejected: {detail}");
+    }
+}
+
+/// Exposes the in-pod eBPF counters (backend denials, inbound steering), read on each scrape.
+pub struct InPodCollector(pub Arc<crate::redirect::Redirect>);
+
+impl std::fmt::Debug for InPodCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InPodCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+impl prometheus_client::collector::Collector for InPodCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        let Ok(counters) = self.0.inpod().counters() else {
+            return Ok(());
+        };
+        let mut metric = encoder.encode_descriptor(
+            "strait_inpod_events",
+            "In-pod eBPF outcomes: connects refused as not a backend, inbound connections steered or dropped",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, value) in counters.by_reason() {
+            prometheus_client::metrics::counter::ConstCounter::new(value)
+                .encode(metric.encode_family(&ReasonLabel { reason })?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_round_trips() {
+        let vn = ResourceId::new("app", "color-v1");
+        let sni = tunnel_sni(&vn, 8080);
+        assert_eq!(sni, "p8080.color-v1.app.strait");
+        assert_eq!(parse_tunnel_sni(&sni), Some((vn, 8080)));
+        assert_eq!(parse_tunnel_sni("p8080.a.b.example"), None);
+        assert_eq!(parse_tunnel_sni("8080.a.b.strait"), None);
+    }
+
+    #[test]
+    fn spiffe_ids_use_the_mesh_as_trust_domain() {
+        assert_eq!(
+            spiffe_id("Shop", &ResourceId::new("app", "cart")),
+            "spiffe://shop/ns/app/vn/cart"
+        );
+    }
+}

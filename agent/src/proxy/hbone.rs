@@ -1,0 +1,633 @@
+//! Node-to-node tunnels: mutual TLS (TLS 1.3, rustls) carrying HTTP/2 CONNECT streams, one per
+//! proxied connection, in the spirit of Istio's HBONE (port 15008). The CONNECT authority is the
+//! target pod's address and listener port.
+//!
+//! Client ([`open`]): one TLS connection per (source virtual node, destination node,
+//! destination listener), multiplexing every stream between them. The client presents the
+//! certificate of the workload it acts for (the caller's `clientPolicy.tls.certificate`) and
+//! verifies the server against that policy's trust and SANs. The TLS server name says which
+//! listener is wanted ([`crate::identity::tunnel_sni`]), so the receiving agent can present
+//! *that* workload's certificate: one TLS connection has one server certificate, which is why
+//! the pool key includes the destination listener. A pooled connection made with certificate
+//! material that has since changed on disk takes no new streams (it drains; nothing is cut).
+//!
+//! Server ([`serve`]): reads the ClientHello, builds the destination listener's server config
+//! (its `tls.certificate`; its `validation` trust and SANs, which make the client certificate
+//! mandatory), then for each CONNECT stream checks that the target is that listener of a pod on
+//! this node and that the verified peer's virtual node may reach it (the mesh's backend rules,
+//! enforced again here so a compromised node cannot skip them), and splices the stream to the
+//! pod's loopback.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::upstream::{CONNECT_TIMEOUT, Caller, Transport};
+use crate::identity::policy::{certificate_files, trust_file};
+use crate::identity::store::cert_facts;
+use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};
+use crate::identity::{self, ALPN_H2, AuthzLabels, TunnelLabels, parse_tunnel_sni, tunnel_sni};
+use crate::mesh::{ClientTls, ResourceId};
+
+/// The tunnel port (Istio's HBONE port).
+pub const PORT: u16 = 15008;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: large enough that one stream can fill a fast link.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Copy buffer per direction on the receiving side.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// Why a tunnel stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    #[error(
+        "cannot reach the agent of node {node} on its tunnel port: {source} (is strait running \
+         there with --tunnel-listen, and does a firewall let port {PORT} through?)"
+    )]
+    Connect {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS handshake with the agent of node {node} for {sni} failed: {detail} (the log of \
+         either agent says which certificate was rejected and why)"
+    )]
+    Handshake {
+        node: SocketAddr,
+        sni: String,
+        detail: String,
+    },
+    #[error("HTTP/2 on the tunnel to {node} failed: {detail}")]
+    Http2 { node: SocketAddr, detail: String },
+    #[error("the agent of node {node} refused the stream to {target}: {status} {reason}")]
+    Refused {
+        node: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+        reason: String,
+    },
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: ResourceId,
+    node: SocketAddr,
+    sni: String,
+}
+
+struct Pooled {
+    sender: Sender,
+    /// Fingerprints of the client certificate and trust bundle the connection was made with.
+    generation: String,
+}
+
+/// Tunnel connections, one per key.
+#[derive(Default)]
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Pooled>>>>>,
+}
+
+impl Pool {
+    fn slot(&self, key: PoolKey) -> Arc<tokio::sync::Mutex<Option<Pooled>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.entry(key).or_default().clone()
+    }
+}
+
+/// A client certificate resolver that always presents one certificate.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ResolvesServerCert for Presents {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Opens a tunnel stream to `endpoint` (a pod on the node whose agent is at `node`) on behalf
+/// of `caller`, with `client_tls` (the caller's client policy for this backend, if any).
+pub async fn open(
+    transport: &Transport,
+    caller: &Caller<'_>,
+    target_node: &ResourceId,
+    endpoint: SocketAddr,
+    node: SocketAddr,
+    client_tls: Option<&ClientTls>,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
+    let field = format!("VirtualNode {} clientPolicy.tls", caller.virtual_node);
+    let cert = match client_tls.and_then(|t| t.certificate.as_ref()) {
+        Some(c) => {
+            let (chain, key) = certificate_files(c, &format!("{field}.certificate"))?;
+            Some(transport.store.cert(&chain, &key)?)
+        }
+        None => None,
+    };
+    let trust = match client_tls {
+        Some(t) => Some(
+            transport
+                .store
+                .trust(&trust_file(&t.validation, &format!("{field}.validation"))?)?,
+        ),
+        None => None,
+    };
+    let generation = format!(
+        "{}/{}",
+        cert.as_ref().map_or("-", |c| c.fingerprint.as_str()),
+        trust.as_ref().map_or("-", |t| t.fingerprint.as_str())
+    );
+    let sni = tunnel_sni(target_node, endpoint.port());
+    let slot = transport.pool.slot(PoolKey {
+        source: caller.virtual_node.clone(),
+        node,
+        sni: sni.clone(),
+    });
+    let mut sender = {
+        let mut pooled = slot.lock().await;
+        match pooled.as_ref() {
+            Some(p) if p.generation == generation && !p.sender.is_closed() => p.sender.clone(),
+            _ => {
+                if pooled.is_some() {
+                    tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+                }
+                let expected_sans = client_tls
+                    .map(|t| t.validation.subject_alternative_names.clone())
+                    .unwrap_or_default();
+                let sender =
+                    dial(transport, caller, node, &sni, cert, trust, expected_sans).await?;
+                *pooled = Some(Pooled {
+                    sender: sender.clone(),
+                    generation,
+                });
+                sender
+            }
+        }
+    };
+    sender.ready().await.map_err(|e| Error::Http2 {
+        node,
+        detail: e.to_string(),
+    })?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(endpoint.to_string())
+        .header("x-strait-source-workload", caller.workload.to_string())
+        .body(Empty::new())
+        .map_err(|e| Error::Http2 {
+            node,
+            detail: e.to_string(),
+        })?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| Error::Http2 {
+            node,
+            detail: e.to_string(),
+        })?;
+    if response.status() != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get("x-strait-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        return Err(Error::Refused {
+            node,
+            target: endpoint,
+            status: response.status(),
+            reason,
+        });
+    }
+    let upgraded = hyper::upgrade::on(response)
+        .await
+        .map_err(|e| Error::Http2 {
+            node,
+            detail: e.to_string(),
+        })?;
+    transport
+        .metrics
+        .tunnel_streams
+        .get_or_create(&TunnelLabels {
+            direction: "outbound",
+        })
+        .inc();
+    Ok(TokioIo::new(upgraded))
+}
+
+async fn dial(
+    transport: &Transport,
+    caller: &Caller<'_>,
+    node: SocketAddr,
+    sni: &str,
+    cert: Option<Arc<identity::store::LoadedCert>>,
+    trust: Option<Arc<identity::store::Trust>>,
+    expected_sans: Vec<String>,
+) -> Result<Sender, Error> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node))
+        .await
+        .map_err(|_| Error::Connect {
+            node,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })?
+        .map_err(|source| Error::Connect { node, source })?;
+    let _ = tcp.set_nodelay(true);
+    let report = Report {
+        metrics: transport.metrics.clone(),
+        context: format!("tunnel to {node} ({sni}) for {}", caller.virtual_node),
+    };
+    let verifier = Arc::new(ServerVerifier {
+        roots: trust.map(|t| t.roots.clone()),
+        expected_sans,
+        provider: identity::provider(),
+        report,
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| identity::Error::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match &cert {
+        Some(cert) => builder.with_client_cert_resolver(Arc::new(Presents(cert.certified.clone()))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    let name = ServerName::try_from(sni.to_owned())
+        .map_err(|e| identity::Error::Config(format!("server name {sni}: {e}")))?;
+    let handshake_error = |detail: String| Error::Handshake {
+        node,
+        sni: sni.to_owned(),
+        detail,
+    };
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| handshake_error("timed out".into()))?
+    .map_err(|e| handshake_error(e.to_string()))?;
+    let (_, session) = tls.get_ref();
+    let server_sans = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| cert_facts(c).ok())
+        .map(|f| f.sans)
+        .unwrap_or_default();
+    tracing::info!(
+        target: "strait::tunnel",
+        direction = "outbound",
+        %node,
+        sni,
+        source_virtual_node = %caller.virtual_node,
+        local_identity = %cert.as_ref().map(|c| c.sans.join(",")).unwrap_or_default(),
+        peer_identity = %server_sans.join(","),
+        tls_version = tls_version(session.protocol_version()),
+        "mTLS tunnel connected"
+    );
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| Error::Http2 {
+            node,
+            detail: e.to_string(),
+        })?;
+    let sni_owned = sni.to_owned();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%node, sni = %sni_owned, %error, "tunnel connection ended");
+        }
+    });
+    transport
+        .metrics
+        .tunnel_connections
+        .get_or_create(&TunnelLabels {
+            direction: "outbound",
+        })
+        .inc();
+    Ok(sender)
+}
+
+/// Accepts tunnel connections on `listener` until shutdown.
+pub fn serve(listener: TcpListener, ctx: Arc<Context>) {
+    let stop: CancellationToken = ctx.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let ctx2 = ctx.clone();
+                    ctx.connections
+                        .spawn(async move { accept(tcp, peer, ctx2).await });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+}
+
+/// The server config for one destination listener, from the certificates on disk now.
+fn server_config(
+    transport: &Transport,
+    vn: &ResourceId,
+    port: u16,
+    peer: SocketAddr,
+) -> Result<(Arc<rustls::ServerConfig>, bool), String> {
+    let policy = transport.policy.load();
+    let tls = policy.listener_tls(vn, port).ok_or_else(|| {
+        format!("virtual node {vn} has no listener with tls on port {port} in this agent's mesh")
+    })?;
+    let field = format!("VirtualNode {vn} listener {port} tls");
+    let (chain, key) = certificate_files(&tls.certificate, &format!("{field}.certificate"))
+        .map_err(|e| e.to_string())?;
+    let cert = transport
+        .store
+        .cert(&chain, &key)
+        .map_err(|e| e.to_string())?;
+    let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?;
+    let mutual = tls.validation.is_some();
+    let builder = match &tls.validation {
+        Some(validation) => {
+            let trust_path = trust_file(validation, &format!("{field}.validation"))
+                .map_err(|e| e.to_string())?;
+            let trust = transport
+                .store
+                .trust(&trust_path)
+                .map_err(|e| e.to_string())?;
+            let report = Report {
+                metrics: transport.metrics.clone(),
+                context: format!("tunnel from {peer} to {vn} port {port}"),
+            };
+            let verifier = ClientVerifier::new(
+                trust.roots.clone(),
+                validation.subject_alternative_names.clone(),
+                report,
+            )
+            .map_err(|e| e.to_string())?;
+            builder.with_client_cert_verifier(Arc::new(verifier))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(Presents(cert.certified.clone())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok((Arc::new(config), mutual))
+}
+
+async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
+    let _ = tcp.set_nodelay(true);
+    let transport = &ctx.transport;
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "not a TLS client on the tunnel port; closed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "no TLS ClientHello within {HANDSHAKE_TIMEOUT:?}; closed");
+            return;
+        }
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some((vn, port)) = sni.as_deref().and_then(parse_tunnel_sni) else {
+        tracing::warn!(%peer, ?sni, "tunnel client sent no strait server name; closed");
+        return;
+    };
+    let (config, mutual) = match server_config(transport, &vn, port, peer) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(%peer, virtual_node = %vn, port, "cannot serve this tunnel: {error}");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            // Certificate rejections were logged and counted by the verifier with the reason.
+            tracing::info!(%peer, virtual_node = %vn, port, %error, "tunnel TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "tunnel TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let peer_sans = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| cert_facts(c).ok())
+        .map(|f| f.sans)
+        .unwrap_or_default();
+    tracing::info!(
+        target: "strait::tunnel",
+        direction = "inbound",
+        %peer,
+        virtual_node = %vn,
+        port,
+        peer_identity = %peer_sans.join(","),
+        tls_version = tls_version(session.protocol_version()),
+        "mTLS tunnel accepted"
+    );
+    transport
+        .metrics
+        .tunnel_connections
+        .get_or_create(&TunnelLabels {
+            direction: "inbound",
+        })
+        .inc();
+    let peer_sans = Arc::new(peer_sans);
+    let vn = Arc::new(vn);
+    let ctx2 = ctx.clone();
+    let service = hyper::service::service_fn(move |request| {
+        let (ctx, vn, peer_sans) = (ctx2.clone(), vn.clone(), peer_sans.clone());
+        async move {
+            Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer_sans, mutual, peer).await)
+        }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(error) = served {
+        tracing::debug!(%peer, %error, "tunnel connection ended");
+    }
+}
+
+/// `TLSv1.3` for logs.
+fn tls_version(version: Option<rustls::ProtocolVersion>) -> String {
+    match version {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".into(),
+        Some(other) => format!("{other:?}"),
+        None => "none".into(),
+    }
+}
+
+fn refuse(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = status;
+    if let Ok(value) = reason.parse() {
+        response.headers_mut().insert("x-strait-reason", value);
+    }
+    response
+}
+
+/// One CONNECT stream: check it, connect to the pod, answer, and splice in the background.
+async fn stream(
+    mut request: Request<Incoming>,
+    ctx: Arc<Context>,
+    vn: &ResourceId,
+    port: u16,
+    peer_sans: &[String],
+    mutual: bool,
+    peer: SocketAddr,
+) -> Response<Empty<Bytes>> {
+    let transport = &ctx.transport;
+    if request.method() != Method::CONNECT {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT");
+    }
+    let Some(target) = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return refuse(StatusCode::BAD_REQUEST, "authority must be address:port");
+    };
+    let Some(pod) = transport.local_pod(target.ip()) else {
+        return refuse(StatusCode::NOT_FOUND, "no such pod on this node");
+    };
+    if pod.virtual_node != *vn || target.port() != port {
+        return refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            "target is not the listener this connection was opened for",
+        );
+    }
+    let source_workload = request
+        .headers()
+        .get("x-strait-source-workload")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    // The receiving half of the backend rule, from the verified certificate only.
+    let policy = transport.policy.load();
+    let peer_nodes = policy.peer_nodes(peer_sans);
+    if mutual && !peer_nodes.iter().any(|p| policy.may_reach(p, vn)) {
+        transport
+            .metrics
+            .authz_denied
+            .get_or_create(&AuthzLabels { point: "receiver" })
+            .inc();
+        tracing::warn!(
+            %peer,
+            peer_identity = %peer_sans.join(","),
+            peer_virtual_nodes = ?peer_nodes,
+            target = %target,
+            virtual_node = %vn,
+            "tunnel stream refused: the peer's virtual node does not list a virtual service that leads to this one among its backends"
+        );
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "not a backend of the peer's virtual node",
+        );
+    }
+    drop(policy);
+    // Connect before answering, so the caller sees a refused connection as a failure.
+    let mut upstream = match pod.connect_loopback(target.ip(), target.port()).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(target_pod = %pod.workload, %target, %error, "delivery to the pod failed");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the pod refused the connection",
+            );
+        }
+    };
+    transport
+        .metrics
+        .tunnel_streams
+        .get_or_create(&TunnelLabels {
+            direction: "inbound",
+        })
+        .inc();
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let peer_sans = peer_sans.to_vec();
+    let vn = vn.clone();
+    ctx.connections.spawn(async move {
+        let started = Instant::now();
+        let mut tunnel = match on_upgrade.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(error) => {
+                tracing::debug!(%error, "tunnel stream ended before it was established");
+                return;
+            }
+        };
+        let copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut tunnel,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        )
+        .await;
+        let (received, sent, error) = match copied {
+            Ok((a, b)) => (a, b, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
+        tracing::info!(
+            target: "strait::tunnel",
+            direction = "inbound",
+            %peer,
+            peer_identity = %peer_sans.join(","),
+            source_workload = %source_workload,
+            target_pod = %pod.workload,
+            virtual_node = %vn,
+            target = %target,
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = started.elapsed().as_millis() as u64,
+            error,
+            "tunnel stream closed"
+        );
+    });
+    Response::new(Empty::new())
+}

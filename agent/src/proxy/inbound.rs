@@ -1,0 +1,152 @@
+//! Inbound: connections to a pod's listener ports from outside the mesh.
+//!
+//! The `strait_sk_lookup` program in the pod's network namespace hands every incoming TCP
+//! connection to a pod address on a port whose listener has `tls` STRICT or PERMISSIVE to the
+//! agent's inbound socket in that namespace (127.0.0.1 / [::1] on the inbound port; the bound
+//! address does not matter to sk_lookup). Meshed traffic never arrives this way: from another
+//! node it comes through the mTLS tunnel, from this node straight to the pod's loopback. So
+//! what arrives here is plaintext from outside the mesh:
+//!
+//! - STRICT: refused (reset at once), logged and counted;
+//! - PERMISSIVE: accepted, counted, and delivered to the pod's loopback on the same port
+//!   (App Mesh's migration mode);
+//! - a port whose tls was removed since (mesh reload in flight): delivered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::upstream::LocalPod;
+use crate::identity::PlaintextLabels;
+use crate::mesh::TlsMode;
+
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// A pod's inbound sockets. Dropping it stops accepting; connections in flight go on.
+pub struct PodInbound {
+    stop: CancellationToken,
+}
+
+impl Drop for PodInbound {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts accepting on `listeners` (bound inside the pod's network namespace).
+pub fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    pod: Arc<LocalPod>,
+    ctx: Arc<Context>,
+) -> std::io::Result<PodInbound> {
+    let stop = ctx.shutdown.child_token();
+    for listener in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        let (pod, ctx, stop) = (pod.clone(), ctx.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let (pod, ctx2) = (pod.clone(), ctx.clone());
+                        ctx.connections
+                            .spawn(async move { handle(stream, peer, &pod, &ctx2).await });
+                    }
+                    Err(error) => {
+                        tracing::warn!(workload = %pod.workload, %error, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(PodInbound { stop })
+}
+
+async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &Context) {
+    let Ok(local) = client.local_addr() else {
+        return;
+    };
+    if !pod
+        .ips
+        .iter()
+        .any(|ip| ip.to_canonical() == local.ip().to_canonical())
+    {
+        // Only possible if the maps pointed this pod's socket at another pod's address.
+        tracing::error!(workload = %pod.workload, %local, %peer, "BUG: inbound connection for an address that is not this pod's; closing");
+        return;
+    }
+    let transport = &ctx.transport;
+    let mode = transport
+        .policy
+        .load()
+        .listener_tls(&pod.virtual_node, local.port())
+        .map(|t| t.mode);
+    let count = |mode: &'static str, result: &'static str| {
+        transport
+            .metrics
+            .inbound_plaintext
+            .get_or_create(&PlaintextLabels { mode, result })
+            .inc();
+    };
+    match mode {
+        Some(TlsMode::Strict) => {
+            count("strict", "refused");
+            tracing::warn!(
+                target: "strait::inbound",
+                workload = %pod.workload,
+                virtual_node = %pod.virtual_node,
+                %peer,
+                listener = %local,
+                "plaintext connection from outside the mesh refused: the listener's tls mode is STRICT"
+            );
+            // A reset, not a FIN: the client learns at once that nobody will answer.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        Some(TlsMode::Permissive) => {
+            count("permissive", "accepted");
+            tracing::info!(
+                target: "strait::inbound",
+                workload = %pod.workload,
+                %peer,
+                listener = %local,
+                "plaintext connection from outside the mesh accepted (PERMISSIVE)"
+            );
+        }
+        _ => {}
+    }
+    let started = Instant::now();
+    let mut upstream = match pod.connect_loopback(local.ip(), local.port()).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(workload = %pod.workload, %local, %error, "delivery to the pod failed");
+            return;
+        }
+    };
+    let copied = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await;
+    let (received, sent) = copied.unwrap_or_default();
+    tracing::info!(
+        target: "strait::inbound",
+        workload = %pod.workload,
+        %peer,
+        listener = %local,
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "plaintext inbound connection closed"
+    );
+}

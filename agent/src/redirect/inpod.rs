@@ -1,0 +1,397 @@
+//! The in-pod half of the eBPF programs: the `strait_sk_lookup` program attached to each
+//! enrolled pod's network namespace (inbound capture for STRICT and PERMISSIVE listeners), its
+//! maps, and the backend-authorization maps connect4/connect6 consult.
+//!
+//! Links are pinned per pod as `link_inbound_<cgroup id>` beside the node-wide links, so the
+//! steering survives an agent restart (with no agent socket in the map the program drops,
+//! never bypasses; see `ebpf/src/inpod.rs`), and `strait uninstall` removes them with the
+//! rest (every `link_*` pin). What to capture and which services a pod may reach is decided by
+//! the app from the mesh; this file only writes the maps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, SockHash};
+use aya::programs::SkLookup;
+use aya::programs::links::FdLink;
+use strait_ebpf as abi;
+
+use super::{Error, eperm_in, remove_entry};
+
+const LINK_PREFIX: &str = "link_inbound_";
+
+/// In-pod eBPF outcome counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InPodCounters {
+    /// Connects to a mesh service that is not a backend of the caller's virtual node (EPERM).
+    pub not_a_backend: u64,
+    /// Incoming connections steered to the agent's inbound socket.
+    pub inbound_steered: u64,
+    /// Incoming connections to a captured port while no agent socket was there (dropped).
+    pub inbound_no_socket: u64,
+    /// A pod's connections to its own address, left alone.
+    pub inbound_self: u64,
+}
+
+impl InPodCounters {
+    /// (reason, value) pairs for a metric with a bounded `reason` label.
+    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("not_a_backend", self.not_a_backend),
+            ("inbound_steered", self.inbound_steered),
+            ("inbound_no_socket", self.inbound_no_socket),
+            ("inbound_self", self.inbound_self),
+        ]
+    }
+}
+
+struct Maps {
+    ports: HashMap<MapData, abi::InboundKey, u32>,
+    socks: SockHash<MapData, abi::InboundKey>,
+    authz_pods: HashMap<MapData, u64, u32>,
+    backends: HashMap<MapData, abi::BackendKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// The sk_lookup program (kept loaded so it can be attached to pods as they come) and the
+/// in-pod maps.
+pub struct InPod {
+    bpffs: PathBuf,
+    // The object stays alive because aya cannot hand out an owned program; the node-wide
+    // programs in it are attached through pinned links and unaffected.
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+}
+
+/// Expected (type, key size, value size, max entries) of each in-pod map.
+pub(super) fn expected_layout(name: &str) -> Option<(MapType, usize, usize, u32)> {
+    use std::mem::size_of;
+    Some(match name {
+        abi::MAP_INBOUND_PORTS => (
+            MapType::Hash,
+            size_of::<abi::InboundKey>(),
+            4,
+            abi::MAX_INBOUND_PORTS,
+        ),
+        abi::MAP_INBOUND_SOCKS => (
+            MapType::SockHash,
+            size_of::<abi::InboundKey>(),
+            4,
+            abi::MAX_INBOUND_PORTS,
+        ),
+        abi::MAP_AUTHZ_PODS => (MapType::Hash, 8, 4, abi::MAX_ENROLLED),
+        abi::MAP_BACKENDS => (
+            MapType::Hash,
+            size_of::<abi::BackendKey>(),
+            4,
+            abi::MAX_BACKENDS,
+        ),
+        abi::MAP_INPOD_COUNTERS => (MapType::PerCpuArray, 4, 8, abi::INPOD_COUNTERS_LEN),
+        _ => return None,
+    })
+}
+
+/// aya adopts a pinned map by name without comparing layouts; do it first.
+pub(super) fn check_pinned_maps(folder: &Path) -> Result<(), Error> {
+    for name in abi::INPOD_MAPS {
+        let path = folder.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| Error::map("open pinned", name, e))?;
+        let want = expected_layout(name)
+            .ok_or_else(|| Error::Bug(format!("no expected layout for map {name}")))?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (Some(want.0), want.1, want.2, want.3) {
+            return Err(Error::IncompatiblePin {
+                path,
+                detail: format!("found type/key/value/max {found:?}, want {want:?}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The map key of a pod address and port.
+pub fn inbound_key(addr: SocketAddr) -> abi::InboundKey {
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => abi::InboundKey {
+            addr: [abi::ipv4_raw(ip.octets()), 0, 0, 0],
+            family: abi::FAMILY_V4,
+            port: addr.port(),
+        },
+        IpAddr::V6(ip) => abi::InboundKey {
+            addr: abi::ipv6_raw(ip.octets()),
+            family: abi::FAMILY_V6,
+            port: addr.port(),
+        },
+    }
+}
+
+impl InPod {
+    /// Takes the in-pod maps out of the freshly loaded object, loads the sk_lookup program,
+    /// and keeps the object.
+    pub(super) fn new(mut ebpf: Ebpf, bpffs: &Path) -> Result<InPod, Error> {
+        fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, Error> {
+            let map = ebpf
+                .take_map(name)
+                .ok_or_else(|| Error::Bug(format!("map {name} missing from the eBPF object")))?;
+            T::try_from(map).map_err(|e| Error::map("open", name, e))
+        }
+        let maps = Maps {
+            ports: take(&mut ebpf, abi::MAP_INBOUND_PORTS)?,
+            socks: take(&mut ebpf, abi::MAP_INBOUND_SOCKS)?,
+            authz_pods: take(&mut ebpf, abi::MAP_AUTHZ_PODS)?,
+            backends: take(&mut ebpf, abi::MAP_BACKENDS)?,
+            counters: take(&mut ebpf, abi::MAP_INPOD_COUNTERS)?,
+        };
+        let program = abi::PROG_SK_LOOKUP;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(program)
+            .ok_or_else(|| Error::Bug(format!("program {program} missing from the eBPF object")))?
+            .try_into()
+            .map_err(|source| Error::LoadProgram { program, source })?;
+        prog.load().map_err(|source| match eperm_in(&source) {
+            Some(io) => Error::PermissionDenied {
+                step: format!("load program {program}"),
+                source: io,
+            },
+            None => Error::LoadProgram { program, source },
+        })?;
+        Ok(InPod {
+            bpffs: bpffs.to_owned(),
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(maps),
+        })
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        // Kernel maps: a panic elsewhere cannot leave them half-updated for the next caller.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn link_pin(&self, cgroup_id: u64) -> PathBuf {
+        self.bpffs.join(format!("{LINK_PREFIX}{cgroup_id}"))
+    }
+
+    /// Attaches the sk_lookup program to the pod's network namespace and pins the link
+    /// (replacing the link a previous agent pinned for the same pod, atomically by rename).
+    pub fn attach_pod(&self, netns: &Path, cgroup_id: u64) -> Result<(), Error> {
+        let program = abi::PROG_SK_LOOKUP;
+        let file = File::open(netns).map_err(|source| Error::Attach {
+            program,
+            cgroup: netns.to_owned(),
+            source: aya::programs::ProgramError::IOError(source),
+        })?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let prog: &mut SkLookup = ebpf
+            .program_mut(program)
+            .ok_or_else(|| Error::Bug(format!("program {program} missing")))?
+            .try_into()
+            .map_err(|source| Error::LoadProgram { program, source })?;
+        let id = prog.attach(&file).map_err(|source| Error::Attach {
+            program,
+            cgroup: netns.to_owned(),
+            source,
+        })?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|source| Error::Attach {
+                program,
+                cgroup: netns.to_owned(),
+                source,
+            })?
+            .into();
+        let last = self.link_pin(cgroup_id);
+        let next = self.bpffs.join(format!("{LINK_PREFIX}{cgroup_id}_next"));
+        let _ = fs::remove_file(&next);
+        link.pin(&next).map_err(|source| Error::PinLink {
+            program,
+            path: next.clone(),
+            source,
+        })?;
+        fs::rename(&next, &last).map_err(|source| {
+            let _ = fs::remove_file(&next);
+            Error::ReplaceLink { path: last, source }
+        })
+    }
+
+    /// Detaches the pod's sk_lookup program (removes its pin). A missing pin is fine.
+    pub fn detach_pod(&self, cgroup_id: u64) {
+        let pin = self.link_pin(cgroup_id);
+        if let Err(error) = fs::remove_file(&pin)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(pin = %pin.display(), %error, "cannot remove the pod's inbound link pin");
+        }
+    }
+
+    /// Removes the inbound link pins of pods not in `keep` (left by a previous agent).
+    pub fn detach_strays(&self, keep: &BTreeSet<u64>) {
+        let Ok(entries) = fs::read_dir(&self.bpffs) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_prefix(LINK_PREFIX)) else {
+                continue;
+            };
+            if id.parse::<u64>().is_ok_and(|id| !keep.contains(&id)) {
+                tracing::info!(pin = %entry.path().display(), "removing the inbound link of a pod that is gone");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Steers `addrs` (pod address + listener port) to `socket` (listening, in the pod's
+    /// netns, of the same family). The socket goes in before the port, so a captured port
+    /// always finds it.
+    pub fn capture(&self, addrs: &[SocketAddr], socket: &impl AsRawFd) -> Result<(), Error> {
+        let mut maps = self.maps();
+        for addr in addrs {
+            let key = inbound_key(*addr);
+            maps.socks
+                .insert(key, socket.as_raw_fd(), 0)
+                .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_SOCKS, e))?;
+            maps.ports
+                .insert(key, 1, 0)
+                .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_PORTS, e))?;
+        }
+        Ok(())
+    }
+
+    /// Stops steering `addrs` (the port first, so nothing is dropped for a missing socket).
+    pub fn release(&self, addrs: &[SocketAddr]) -> Result<(), Error> {
+        let mut maps = self.maps();
+        for addr in addrs {
+            let key = inbound_key(*addr);
+            remove_entry(&mut maps.ports, &key, abi::MAP_INBOUND_PORTS)?;
+            match maps.socks.remove(&key) {
+                Ok(()) => {}
+                // Closing the socket already took it out of the map.
+                Err(e) if super::is_not_found(&e) => {}
+                Err(e) => return Err(Error::map("delete from", abi::MAP_INBOUND_SOCKS, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes captured ports that no pod of this agent claims (left by a previous agent).
+    pub fn release_strays(&self, keep: &BTreeSet<abi::InboundKey>) -> Result<(), Error> {
+        let mut maps = self.maps();
+        let mut stale = Vec::new();
+        for entry in maps.ports.iter() {
+            let (key, _) = entry.map_err(|e| Error::map("read", abi::MAP_INBOUND_PORTS, e))?;
+            if !keep.contains(&key) {
+                stale.push(key);
+            }
+        }
+        for key in stale {
+            remove_entry(&mut maps.ports, &key, abi::MAP_INBOUND_PORTS)?;
+            let _ = maps.socks.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Makes the backend maps hold exactly `allowed`: cgroup id -> service ids its pod may
+    /// connect to. Every cgroup in `allowed` is under authorization, even with no services.
+    pub fn set_backends(&self, allowed: &BTreeMap<u64, BTreeSet<u32>>) -> Result<(), Error> {
+        let mut maps = self.maps();
+        let want: BTreeSet<abi::BackendKey> = allowed
+            .iter()
+            .flat_map(|(&cgroup_id, ids)| {
+                ids.iter().map(move |&service_id| abi::BackendKey {
+                    cgroup_id,
+                    service_id,
+                    _pad: 0,
+                })
+            })
+            .collect();
+        // New pairs first, then the pods, then stale pairs: a pod never sees a service it
+        // keeps missing for an instant.
+        let mut have = BTreeSet::new();
+        for entry in maps.backends.iter() {
+            let (k, _) = entry.map_err(|e| Error::map("read", abi::MAP_BACKENDS, e))?;
+            have.insert(k);
+        }
+        for k in want.difference(&have) {
+            maps.backends
+                .insert(k, 1, 0)
+                .map_err(|e| Error::map("insert into", abi::MAP_BACKENDS, e))?;
+        }
+        let mut pods_have = BTreeSet::new();
+        for entry in maps.authz_pods.iter() {
+            let (k, _) = entry.map_err(|e| Error::map("read", abi::MAP_AUTHZ_PODS, e))?;
+            pods_have.insert(k);
+        }
+        for id in allowed.keys() {
+            if !pods_have.contains(id) {
+                maps.authz_pods
+                    .insert(id, 1, 0)
+                    .map_err(|e| Error::map("insert into", abi::MAP_AUTHZ_PODS, e))?;
+            }
+        }
+        for id in pods_have.iter().filter(|id| !allowed.contains_key(id)) {
+            remove_entry(&mut maps.authz_pods, id, abi::MAP_AUTHZ_PODS)?;
+        }
+        for k in have.difference(&want) {
+            remove_entry(&mut maps.backends, k, abi::MAP_BACKENDS)?;
+        }
+        Ok(())
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn counters(&self) -> Result<InPodCounters, Error> {
+        let maps = self.maps();
+        let read = |index: u32| -> Result<u64, Error> {
+            let values = maps
+                .counters
+                .get(&index, 0)
+                .map_err(|e| Error::map("read", abi::MAP_INPOD_COUNTERS, e))?;
+            Ok(values.iter().copied().sum())
+        };
+        Ok(InPodCounters {
+            not_a_backend: read(abi::INPOD_COUNTER_NOT_A_BACKEND)?,
+            inbound_steered: read(abi::INPOD_COUNTER_INBOUND_STEERED)?,
+            inbound_no_socket: read(abi::INPOD_COUNTER_INBOUND_NO_SOCKET)?,
+            inbound_self: read(abi::INPOD_COUNTER_INBOUND_SELF)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_inpod_map_has_a_layout_and_a_valid_pin_name() {
+        for name in abi::INPOD_MAPS {
+            assert!(expected_layout(name).is_some(), "{name}");
+            assert!(!name.contains('.'), "{name}");
+        }
+    }
+
+    #[test]
+    fn keys_are_canonical() {
+        let v4: SocketAddr = "10.244.1.2:8080".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.244.1.2]:8080".parse().unwrap();
+        assert_eq!(inbound_key(v4), inbound_key(mapped));
+        assert_eq!(inbound_key(v4).family, abi::FAMILY_V4);
+        let v6: SocketAddr = "[fd00:244:1::2]:8080".parse().unwrap();
+        assert_eq!(inbound_key(v6).family, abi::FAMILY_V6);
+    }
+}
