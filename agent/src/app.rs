@@ -124,7 +124,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
+        http: proxy::http::Http::default(),
     });
+    proxy::http::start(&ctx);
     let admin_state = Arc::new(admin::State {
         ready: false.into(),
         registry,
@@ -436,6 +438,7 @@ impl Node {
         let source = Arc::new(outbound::Source {
             workload: workload.key(),
             virtual_node: vn.clone(),
+            ips: workload.ips.clone(),
         });
         let accepting = outbound::serve(listeners, source, self.ctx.clone())
             .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?;

@@ -1,9 +1,11 @@
 //! The shared proxy: listeners the agent opens on behalf of local workloads, and forwarding.
 //!
 //! `outbound` handles connections a pod makes to a virtual service (captured by the eBPF
-//! connect hooks and redirected to the pod's outbound listener). The proxy decides nothing
+//! connect hooks and redirected to the pod's outbound listener): L4 forwarding for tcp ports,
+//! and `http` for ports whose provider speaks http, http2 or grpc. The proxy decides nothing
 //! about which pods are enrolled; the app does, and hands it listeners.
 
+pub mod http;
 pub mod outbound;
 pub mod upstream;
 
@@ -27,4 +29,6 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Every connection in flight, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
+    /// The HTTP proxy's pools and endpoint states.
+    pub http: http::Http,
 }
