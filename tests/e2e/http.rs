@@ -664,6 +664,9 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["by_server"]["v1b"].as_u64() > Some(0), "{report}");
 
+    // Let the first probe pass (the first result counts at once, as in Envoy), so the
+    // ejection below has to go through `unhealthyThreshold`.
+    std::thread::sleep(Duration::from_secs(3));
     // Kill v1b's server: ejected after `unhealthyThreshold` failed probes.
     let server = bed.servers.pop().context("v1b server")?;
     server.kill()?;
@@ -671,6 +674,8 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     let took = wait_for_health_log(&agent, "health check: endpoint ejected", &endpoint, limit)?;
     eprintln!("dead endpoint ejected {:.1} s after its server died (limit {limit:?})", took.as_secs_f64());
     assert!(took <= limit + Duration::from_secs(1), "ejection took {took:?}, limit {limit:?}");
+    // Two failures a full interval apart: never sooner than one interval.
+    assert!(took >= HEALTH_INTERVAL - Duration::from_secs(1), "ejected after {took:?}: thresholds ignored");
     let report = http_tool(
         &bed.client,
         &["load", &url("/noretry"), "--count", "200", "--concurrency", "4"],
@@ -684,6 +689,7 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     let took = wait_for_health_log(&agent, "health check: endpoint readmitted", &endpoint, limit)?;
     eprintln!("endpoint readmitted {:.1} s after its server came back (limit {limit:?})", took.as_secs_f64());
     assert!(took <= limit + Duration::from_secs(1), "readmission took {took:?}, limit {limit:?}");
+    assert!(took >= HEALTH_INTERVAL - Duration::from_secs(1), "readmitted after {took:?}: thresholds ignored");
     let report = http_tool(
         &bed.client,
         &["load", &url("/noretry"), "--count", "200", "--concurrency", "4"],

@@ -21,6 +21,8 @@
 
 pub mod balance;
 pub mod body;
+#[cfg(test)]
+mod fuzz;
 pub mod headers;
 pub mod health;
 pub mod pool;
@@ -105,7 +107,9 @@ pub async fn serve<E: Env, I>(
         async move { Ok::<_, Infallible>(downstream.handle(request).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
+    // A client may shut down its sending side while it waits for the answer (`printf ... |
+    // nc`); that is no reason to drop the answer.
+    builder.http1().timer(TokioTimer::new()).half_close(true);
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
