@@ -291,11 +291,13 @@ fn bed(test: &str, options: Options) -> anyhow::Result<Bed> {
     )?;
     let outside = node.add_pod(&PodSpec::new("nothing", "elsewhere"))?;
     let v1b = if options.health_check {
-        Some(node.add_pod(
-            &PodSpec::new("color-v1b", "app")
-                .label("app", "color")
-                .label("version", "v1"),
-        )?)
+        Some(
+            node.add_pod(
+                &PodSpec::new("color-v1b", "app")
+                    .label("app", "color")
+                    .label("version", "v1"),
+            )?,
+        )
     } else {
         None
     };
@@ -369,7 +371,10 @@ fn curl(pod: &Pod, args: &[&str]) -> anyhow::Result<Curl> {
     let output = run(
         pod.command("curl")
             .args(["--silent", "--show-error", "--max-time", "20"])
-            .args(["--write-out", "\n%{http_code} %{http_version} %{time_total}"])
+            .args([
+                "--write-out",
+                "\n%{http_code} %{http_version} %{time_total}",
+            ])
             .args(args),
         Duration::from_secs(30),
     )?;
@@ -433,14 +438,25 @@ fn http1_and_http2_clients_are_routed_with_app_mesh_semantics() -> anyhow::Resul
     assert_eq!(seen["path"], "/color/b/c", "{seen}");
     assert_eq!(seen["headers"]["x-forwarded-for"], client_ip, "{seen}");
     assert_eq!(seen["headers"]["x-forwarded-proto"], "http", "{seen}");
-    assert_eq!(seen["headers"]["x-request-id"].as_str().map(str::len), Some(36), "{seen}");
+    assert_eq!(
+        seen["headers"]["x-request-id"].as_str().map(str::len),
+        Some(36),
+        "{seen}"
+    );
     assert!(seen["headers"].get("x-hop").is_none(), "{seen}");
     assert_eq!(seen["headers"]["host"], format!("{COLOR}:8080"), "{seen}");
 
     // A keep-alive client: 300 requests over 3 connections.
     let report = http_tool(
         &bed.client,
-        &["load", &url("/color"), "--count", "300", "--concurrency", "3"],
+        &[
+            "load",
+            &url("/color"),
+            "--count",
+            "300",
+            "--concurrency",
+            "3",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["connections"], 3, "{report}");
@@ -448,10 +464,23 @@ fn http1_and_http2_clients_are_routed_with_app_mesh_semantics() -> anyhow::Resul
 
     // HTTP/2 with prior knowledge, from curl and from a multiplexing client.
     let reply = curl(&bed.client, &["--http2-prior-knowledge", &url("/color")])?;
-    assert_eq!((reply.status, reply.http_version.as_str()), (200, "2"), "{}", reply.body);
+    assert_eq!(
+        (reply.status, reply.http_version.as_str()),
+        (200, "2"),
+        "{}",
+        reply.body
+    );
     let report = http_tool(
         &bed.client,
-        &["load", &url("/color"), "--http2", "--count", "200", "--concurrency", "10"],
+        &[
+            "load",
+            &url("/color"),
+            "--http2",
+            "--count",
+            "200",
+            "--concurrency",
+            "10",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["connections"], 1, "{report}");
@@ -494,7 +523,9 @@ fn http1_and_http2_clients_are_routed_with_app_mesh_semantics() -> anyhow::Resul
         .filter(|l| l["target"] == "strait::request")
         .collect();
     assert!(
-        requests.iter().any(|l| l["route"] == "split" && l["status"] == 200),
+        requests
+            .iter()
+            .any(|l| l["route"] == "split" && l["status"] == 200),
         "no access log line for route split"
     );
     assert!(
@@ -511,11 +542,21 @@ fn a_90_10_canary_splits_requests_and_a_header_picks_v2() -> anyhow::Result<()> 
     let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
     let report = http_tool(
         &bed.client,
-        &["load", &url("/color"), "--count", "2000", "--concurrency", "8"],
+        &[
+            "load",
+            &url("/color"),
+            "--count",
+            "2000",
+            "--concurrency",
+            "8",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
     let v2 = share(&report, "v2");
-    eprintln!("90/10 canary over 2000 requests: v2 got {:.1} %", v2 * 100.0);
+    eprintln!(
+        "90/10 canary over 2000 requests: v2 got {:.1} %",
+        v2 * 100.0
+    );
     assert!(
         (0.07..=0.13).contains(&v2),
         "v2 got {:.1} % of 2000 requests, want 10 ± 3: {report}",
@@ -523,7 +564,16 @@ fn a_90_10_canary_splits_requests_and_a_header_picks_v2() -> anyhow::Result<()> 
     );
     let report = http_tool(
         &bed.client,
-        &["load", &url("/color"), "--count", "200", "--concurrency", "4", "-H", "x-canary: true"],
+        &[
+            "load",
+            &url("/color"),
+            "--count",
+            "200",
+            "--concurrency",
+            "4",
+            "-H",
+            "x-canary: true",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["by_server"]["v2"], 200, "{report}");
@@ -561,7 +611,10 @@ fn retries_and_timeouts_follow_the_route() -> anyhow::Result<()> {
 
     // perRequest 1000 ms cuts a 3 s answer at 1 s, with a 504 naming service and route.
     let reply = curl(&bed.client, &[&url("/slow?delay_ms=3000")])?;
-    eprintln!("perRequest 1000 ms: the client got {} after {:.3} s", reply.status, reply.seconds);
+    eprintln!(
+        "perRequest 1000 ms: the client got {} after {:.3} s",
+        reply.status, reply.seconds
+    );
     assert_eq!(reply.status, 504, "{}", reply.body);
     assert!(
         (0.8..=1.2).contains(&reply.seconds),
@@ -659,7 +712,14 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     // Both endpoints serve (the route has no retries: a request to a dead endpoint fails).
     let report = http_tool(
         &bed.client,
-        &["load", &url("/noretry"), "--count", "200", "--concurrency", "4"],
+        &[
+            "load",
+            &url("/noretry"),
+            "--count",
+            "200",
+            "--concurrency",
+            "4",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
     assert!(report["by_server"]["v1b"].as_u64() > Some(0), "{report}");
@@ -672,30 +732,73 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     server.kill()?;
     let limit = HEALTH_INTERVAL * UNHEALTHY_THRESHOLD + HEALTH_TIMEOUT;
     let took = wait_for_health_log(&agent, "health check: endpoint ejected", &endpoint, limit)?;
-    eprintln!("dead endpoint ejected {:.1} s after its server died (limit {limit:?})", took.as_secs_f64());
-    assert!(took <= limit + Duration::from_secs(1), "ejection took {took:?}, limit {limit:?}");
+    eprintln!(
+        "dead endpoint ejected {:.1} s after its server died (limit {limit:?})",
+        took.as_secs_f64()
+    );
+    assert!(
+        took <= limit + Duration::from_secs(1),
+        "ejection took {took:?}, limit {limit:?}"
+    );
     // Two failures a full interval apart: never sooner than one interval.
-    assert!(took >= HEALTH_INTERVAL - Duration::from_secs(1), "ejected after {took:?}: thresholds ignored");
+    assert!(
+        took >= HEALTH_INTERVAL - Duration::from_secs(1),
+        "ejected after {took:?}: thresholds ignored"
+    );
     let report = http_tool(
         &bed.client,
-        &["load", &url("/noretry"), "--count", "200", "--concurrency", "4"],
+        &[
+            "load",
+            &url("/noretry"),
+            "--count",
+            "200",
+            "--concurrency",
+            "4",
+        ],
     )?;
-    assert_eq!(report["ok"], true, "an ejected endpoint gets no traffic: {report}");
+    assert_eq!(
+        report["ok"], true,
+        "an ejected endpoint gets no traffic: {report}"
+    );
     assert_eq!(report["by_server"]["v1"], 200, "{report}");
 
     // Bring it back: readmitted after `healthyThreshold` good probes.
     let _server = http_server(&bed.tb, &v1b, "v1b")?;
     let limit = HEALTH_INTERVAL * HEALTHY_THRESHOLD + HEALTH_TIMEOUT;
-    let took = wait_for_health_log(&agent, "health check: endpoint readmitted", &endpoint, limit)?;
-    eprintln!("endpoint readmitted {:.1} s after its server came back (limit {limit:?})", took.as_secs_f64());
-    assert!(took <= limit + Duration::from_secs(1), "readmission took {took:?}, limit {limit:?}");
-    assert!(took >= HEALTH_INTERVAL - Duration::from_secs(1), "readmitted after {took:?}: thresholds ignored");
+    let took = wait_for_health_log(
+        &agent,
+        "health check: endpoint readmitted",
+        &endpoint,
+        limit,
+    )?;
+    eprintln!(
+        "endpoint readmitted {:.1} s after its server came back (limit {limit:?})",
+        took.as_secs_f64()
+    );
+    assert!(
+        took <= limit + Duration::from_secs(1),
+        "readmission took {took:?}, limit {limit:?}"
+    );
+    assert!(
+        took >= HEALTH_INTERVAL - Duration::from_secs(1),
+        "readmitted after {took:?}: thresholds ignored"
+    );
     let report = http_tool(
         &bed.client,
-        &["load", &url("/noretry"), "--count", "200", "--concurrency", "4"],
+        &[
+            "load",
+            &url("/noretry"),
+            "--count",
+            "200",
+            "--concurrency",
+            "4",
+        ],
     )?;
     assert_eq!(report["ok"], true, "{report}");
-    assert!(report["by_server"]["v1b"].as_u64() > Some(0), "readmitted: {report}");
+    assert!(
+        report["by_server"]["v1b"].as_u64() > Some(0),
+        "readmitted: {report}"
+    );
     Ok(())
 }
 
@@ -722,7 +825,10 @@ fn websockets_pass_through_and_large_bodies_stream() -> anyhow::Result<()> {
     assert_eq!(report["ok"], true, "{report}");
 
     // Warm up (pool, buffers), then stream 48 MiB each way and watch the agent's peak RSS.
-    let report = http_tool(&bed.client, &["stream", &url("/echo"), "--bytes", "1000000"])?;
+    let report = http_tool(
+        &bed.client,
+        &["stream", &url("/echo"), "--bytes", "1000000"],
+    )?;
     assert_eq!(report["ok"], true, "{report}");
     let before = peak_rss(agent.process.pid())?;
     let size: u64 = 48 * 1024 * 1024;

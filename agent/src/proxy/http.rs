@@ -247,11 +247,15 @@ impl<E: Env> Downstream<E> {
         let upgrade = version <= Version::HTTP_11 && headers::is_upgrade(request.headers());
         let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        let request_id = headers::prepare_request(
-            &mut parts.headers,
-            self.source.ips.first().copied(),
-            upgrade,
-        );
+        // The pod's address of the family it called with, as a sidecar would have seen it.
+        let client_ip = self
+            .source
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == self.orig_dst.is_ipv4())
+            .or(self.source.ips.first())
+            .copied();
+        let request_id = headers::prepare_request(&mut parts.headers, client_ip, upgrade);
         let path_and_query = match &query {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
@@ -407,6 +411,11 @@ impl<E: Env> Downstream<E> {
                 None => sent.await,
             };
             match result {
+                Err(error) if body.client_failed() => {
+                    return Err(Failure::BadRequest(format!(
+                        "the request body ended early or was malformed ({error})"
+                    )));
+                }
                 Err(error) => {
                     let retry = if error.is_connect() {
                         policy.connect_failure

@@ -47,7 +47,10 @@ const MAX_ERRORS: usize = 20;
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Parser)]
-#[command(name = "strait-http", about = "HTTP test server and clients for strait")]
+#[command(
+    name = "strait-http",
+    about = "HTTP test server and clients for strait"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -240,7 +243,10 @@ fn full(bytes: impl Into<Bytes>) -> ServerBody {
         .boxed()
 }
 
-async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<ServerBody>, Infallible> {
+async fn handle(
+    name: Arc<str>,
+    req: Request<Incoming>,
+) -> Result<Response<ServerBody>, Infallible> {
     let query = req.uri().query().unwrap_or("").to_owned();
     if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
@@ -284,8 +290,12 @@ async fn handle(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Serve
                 "headers": headers,
             });
             let mut r = Response::new(full(format!("{body}\n")));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, "application/json".parse().unwrap_or(header::HeaderValue::from_static("text/plain")));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "application/json"
+                    .parse()
+                    .unwrap_or(header::HeaderValue::from_static("text/plain")),
+            );
             r
         }
     };
@@ -317,8 +327,14 @@ fn websocket_accept(mut req: Request<Incoming>) -> Response<ServerBody> {
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
-    h.insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, header::HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("Upgrade"),
+    );
     if let Ok(v) = header::HeaderValue::from_str(&ws_accept_key(key.as_bytes())) {
         h.insert("sec-websocket-accept", v);
     }
@@ -475,7 +491,10 @@ fn build_get(
     http2: bool,
 ) -> anyhow::Result<Request<Full<Bytes>>> {
     let mut builder = if http2 {
-        Request::get(format!("http://{}{}", target.authority, target.path_and_query))
+        Request::get(format!(
+            "http://{}{}",
+            target.authority, target.path_and_query
+        ))
     } else {
         Request::get(&target.path_and_query).header(header::HOST, &target.authority)
     };
@@ -523,8 +542,12 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
         tally.lock().unwrap_or_else(|p| p.into_inner()).connections = 1;
         for worker in 0..concurrency {
             let n = args.count / concurrency + u32::from(worker < args.count % concurrency);
-            let (mut sender, target, headers, tally) =
-                (sender.clone(), target.clone(), headers.clone(), tally.clone());
+            let (mut sender, target, headers, tally) = (
+                sender.clone(),
+                target.clone(),
+                headers.clone(),
+                tally.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 for _ in 0..n {
                     let begun = Instant::now();
@@ -544,8 +567,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
             let n = args.count / concurrency + u32::from(worker < args.count % concurrency);
             let (target, headers, tally) = (target.clone(), headers.clone(), tally.clone());
             tasks.push(tokio::spawn(async move {
-                let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> =
-                    None;
+                let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
                 for _ in 0..n {
                     let begun = Instant::now();
                     if sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -563,7 +585,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
                     let Some(s) = sender.as_mut() else { continue };
                     if s.ready().await.is_err() {
                         sender = None;
-                        tally.lock().unwrap_or_else(|p| p.into_inner()).error("connection closed");
+                        tally
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .error("connection closed");
                         continue;
                     }
                     let request = match build_get(&target, &headers, false) {
@@ -688,7 +713,11 @@ async fn stream(args: StreamArgs) -> anyhow::Result<Value> {
             received_sha.update(&data);
         }
     }
-    let sent_sha = hex(&sent_sha.lock().unwrap_or_else(|p| p.into_inner()).clone().finalize());
+    let sent_sha = hex(&sent_sha
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .finalize());
     let received_sha = hex(&received_sha.finalize());
     Ok(json!({
         "ok": status == 200 && received == args.bytes && sent_sha == received_sha,
@@ -723,7 +752,10 @@ async fn ws(args: WsArgs) -> anyhow::Result<Value> {
         if head.len() > 16 * 1024 {
             bail!("response head too long");
         }
-        let b = stream.read_u8().await.context("reading the upgrade response")?;
+        let b = stream
+            .read_u8()
+            .await
+            .context("reading the upgrade response")?;
         head.push(b);
     }
     let head = String::from_utf8_lossy(&head).into_owned();
@@ -741,8 +773,13 @@ async fn ws(args: WsArgs) -> anyhow::Result<Value> {
     let mut mismatches = Vec::new();
     for i in 0..args.messages {
         let message = format!("message {i} through the mesh");
-        write_frame(&mut stream, 0x1, message.as_bytes(), Some([1, 2, 3, (i % 250) as u8]))
-            .await?;
+        write_frame(
+            &mut stream,
+            0x1,
+            message.as_bytes(),
+            Some([1, 2, 3, (i % 250) as u8]),
+        )
+        .await?;
         let frame = read_frame(&mut stream).await?;
         if frame.opcode == 0x1 && frame.payload == message.as_bytes() {
             echoed += 1;

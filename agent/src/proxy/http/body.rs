@@ -50,6 +50,9 @@ struct Shared {
     /// The reader in use; an earlier attempt's reader that is still polled (a connection task
     /// finishing a send) gets an error instead of stealing bytes from the current one.
     generation: u64,
+    /// Reading the client's body failed (it closed early, or sent a broken chunk): whatever
+    /// the upstream then did is the client's doing, not the upstream's.
+    client_failed: bool,
 }
 
 /// A request body that can be sent again (see the module docs).
@@ -122,6 +125,11 @@ impl ReplayBody {
         })
     }
 
+    /// Reading the client's body failed.
+    pub fn client_failed(&self) -> bool {
+        lock(&self.shared).client_failed
+    }
+
     /// Bytes of the body read from the client so far were all kept (a retry is possible).
     pub fn replayable(&self) -> bool {
         !lock(&self.shared).overflow
@@ -167,7 +175,10 @@ impl Body for ReplayBody {
                 this.trailers_sent = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                shared.client_failed = true;
+                Poll::Ready(Some(Err(error.into())))
+            }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     if !shared.overflow {

@@ -103,13 +103,17 @@ async fn upstream() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
             });
         }
     });
@@ -164,13 +168,18 @@ impl Harness {
             client.write_all(&bytes).await.unwrap();
             client.shutdown().await.unwrap();
             let mut out = Vec::new();
-            let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out)).await;
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out)).await;
             shutdown.cancel();
             let joined = tokio::time::timeout(Duration::from_secs(10), task).await;
             if let Ok(Err(error)) = &joined {
                 assert!(!error.is_panic(), "the proxy panicked on {bytes:?}");
             }
-            assert!(read.is_ok(), "no answer within 10 s to {:?}", String::from_utf8_lossy(&bytes));
+            assert!(
+                read.is_ok(),
+                "no answer within 10 s to {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
             out
         })
     }
@@ -178,13 +187,17 @@ impl Harness {
 
 fn status_of(response: &[u8]) -> Option<u16> {
     let text = std::str::from_utf8(response.get(..12)?).ok()?;
-    let rest = text.strip_prefix("HTTP/1.1 ").or_else(|| text.strip_prefix("HTTP/1.0 "))?;
+    let rest = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))?;
     rest.get(..3)?.parse().ok()
 }
 
 fn body_of(response: &[u8]) -> String {
     let text = String::from_utf8_lossy(response);
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
 
 fn harness() -> &'static Harness {
@@ -193,7 +206,9 @@ fn harness() -> &'static Harness {
 }
 
 fn method() -> impl Strategy<Value = &'static str> {
-    prop::sample::select(vec!["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "BREW", "CONNECT"])
+    prop::sample::select(vec![
+        "GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "BREW", "CONNECT",
+    ])
 }
 
 fn path() -> impl Strategy<Value = String> {
@@ -290,13 +305,24 @@ proptest! {
 #[test]
 fn routes_and_errors_through_the_whole_path() {
     let h = harness();
-    let ok = h.exchange(b"GET /a/b/../c//d HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
-    assert_eq!(status_of(&ok), Some(200), "{}", String::from_utf8_lossy(&ok));
+    let ok =
+        h.exchange(b"GET /a/b/../c//d HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
+    assert_eq!(
+        status_of(&ok),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&ok)
+    );
     assert_eq!(body_of(&ok), "/a/c/d");
     let none = h.exchange(b"GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
     assert_eq!(status_of(&none), Some(404));
     let bad = h.exchange(b"GET /a%zz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
     assert_eq!(status_of(&bad), Some(400));
     let garbage = h.exchange(b"GET /a HTTP/1.1\r\nno colon here\r\n\r\n".to_vec());
-    assert_eq!(status_of(&garbage), Some(400), "{}", String::from_utf8_lossy(&garbage));
+    assert_eq!(
+        status_of(&garbage),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&garbage)
+    );
 }
