@@ -184,10 +184,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listeners.push(TcpListener::from_std(socket.into())?);
     }
     println!("{}", json!({"listening": args.listen, "name": &*name}));
-    let mut tasks = Vec::new();
     for listener in listeners {
         let name = name.clone();
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -204,11 +203,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         .await;
                 });
             }
-        }));
+        });
     }
-    for task in tasks {
-        task.await?;
-    }
+    // Serve until killed.
+    std::future::pending::<()>().await;
     Ok(())
 }
 

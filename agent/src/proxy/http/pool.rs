@@ -78,9 +78,12 @@ impl Error {
     }
 }
 
+/// An idle HTTP/1.1 connection and when it became idle.
+type Idle = (Instant, http1::SendRequest<ReplayBody>);
+
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(Instant, http1::SendRequest<ReplayBody>)>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<ReplayBody>>>,
 }
 
