@@ -185,7 +185,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         connections: TaskTracker::new(),
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
+        http: proxy::http::Http::default(),
     });
+    proxy::http::start(&ctx);
     proxy::hbone::serve(tunnel_listener, ctx.clone());
     tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     let log_writers = access_log::Writers::default();
@@ -687,6 +689,7 @@ impl Node {
         let source = Arc::new(outbound::Source {
             workload: workload.key(),
             virtual_node: vn.clone(),
+            ips: workload.ips.clone(),
         });
         let accepting = outbound::serve(listeners, source, self.ctx.clone())
             .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?;

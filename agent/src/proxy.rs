@@ -1,12 +1,14 @@
 //! The shared proxy: listeners the agent opens on behalf of local workloads, and forwarding.
 //!
 //! `outbound` handles connections a pod makes to a virtual service (captured by the eBPF
-//! connect hooks and redirected to the pod's outbound listener). `inbound` handles plaintext
+//! connect hooks and redirected to the pod's outbound listener): L4 forwarding for tcp ports,
+//! and `http` for ports whose provider speaks http, http2 or grpc. `inbound` handles plaintext
 //! arriving at a pod's captured listener ports from outside the mesh; `hbone` the mTLS tunnels
 //! between nodes; `upstream` decides how each endpoint is reached. The proxy decides nothing
 //! about which pods are enrolled; the app does, and hands it listeners.
 
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod upstream;
@@ -39,4 +41,6 @@ pub struct Context {
     pub access_logs: ArcSwap<BTreeMap<ResourceId, AccessLog>>,
     /// Local pods, peer nodes, identities and the mTLS tunnel pool (see `upstream`).
     pub transport: Arc<upstream::Transport>,
+    /// The HTTP proxy's pools and endpoint states.
+    pub http: http::Http,
 }

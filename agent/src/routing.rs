@@ -5,6 +5,8 @@
 //! A table is compiled from one mesh and one set of DNS answers and never changes; a new mesh
 //! or a new answer compiles a new table that replaces the old one atomically, so a connection
 //! never sees half of either.
+//!
+//! Ports whose provider speaks http, http2 or grpc also get an HTTP route table ([`http`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rand::Rng;
+
+pub mod http;
 
 use crate::mesh::{
     DnsResponseType, MeshConfig, Protocol, Provider, ResourceId, RouteKind, ServiceDiscovery,
@@ -28,6 +32,8 @@ pub struct ServicePort {
     /// go through the HTTP proxy.
     pub protocol: Protocol,
     pub action: Action,
+    /// The HTTP routes when `protocol` is http, http2 or grpc.
+    pub http: Option<Arc<http::HttpRoutes>>,
 }
 
 #[derive(Debug)]
@@ -82,6 +88,8 @@ pub struct Table {
     /// Captured destination (service address and port) -> what to do.
     pub services: BTreeMap<SocketAddr, Arc<ServicePort>>,
     pub endpoints: BTreeMap<ResourceId, Arc<Endpoints>>,
+    /// Every listener `healthCheck` in the mesh.
+    pub health_checks: Vec<Arc<http::HealthCheckSpec>>,
 }
 
 impl Table {
@@ -105,6 +113,7 @@ impl Table {
     pub fn compile(mesh: &MeshConfig, answers: &BTreeMap<String, Vec<IpAddr>>) -> Table {
         let mut table = Table {
             mesh: mesh.mesh.name.clone(),
+            health_checks: http::health_checks(mesh),
             ..Table::default()
         };
         for vn in &mesh.virtual_nodes {
@@ -136,12 +145,15 @@ impl Table {
                 vs.spec.addresses.clone()
             };
             for (port, protocol, action) in service_ports(mesh, vs) {
+                let http = (protocol != Protocol::Tcp)
+                    .then(|| Arc::new(http::compile(mesh, vs, port, protocol)));
                 let entry = Arc::new(ServicePort {
                     service: vs.id.clone(),
                     hostname: hostname.clone(),
                     port,
                     protocol,
                     action,
+                    http,
                 });
                 for addr in &addrs {
                     table

@@ -44,6 +44,21 @@ pub fn peer_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The HTTP test tool binary: `$STRAIT_HTTP_BIN`, else the workspace's debug build.
+pub fn http_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("STRAIT_HTTP_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug").join("strait-http"),
+    };
+    if !path.exists() {
+        bail!(
+            "the HTTP test tool {} does not exist: build it with `cargo build -p strait-tests --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

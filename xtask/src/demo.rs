@@ -1,17 +1,18 @@
 //! `cargo xtask demo`: the main job, end to end, explained as it goes.
 //!
-//! Builds everything, starts a one-node testbed (a client pod and two color servers behind the
-//! `color` virtual service, plus a pod outside the mesh), runs the agent on
-//! examples/demo/mesh.yaml, drives traffic, prints what happened, and tears everything down.
+//! Builds everything, starts a one-node testbed (a front pod, two HTTP color servers behind the
+//! `color` virtual service, a TCP echo server behind `echo`, and a pod outside the mesh), runs
+//! the agent on examples/demo/mesh.yaml, drives traffic (a 90/10 HTTP canary, a header match,
+//! HTTP/2 over IPv6, TCP at L4, the egress filter), prints what happened, and tears everything
+//! down.
 //! Ctrl-C tears down too.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary};
+use testbed::agent::{Agent, http_binary, peer_binary};
 use testbed::{Pod, PodSpec, Testbed, run};
 
 use crate::{cargo, ebpf, setup, workspace_root};
@@ -19,7 +20,9 @@ use crate::{cargo, ebpf, setup, workspace_root};
 mod mtls;
 
 const SERVICE: &str = "color.demo.svc.cluster.local";
-const CONNECTIONS: u32 = 40;
+const ECHO: &str = "echo.demo.svc.cluster.local";
+const REQUESTS: u32 = 1000;
+const CONNECTIONS: u32 = 10;
 
 pub fn run_demo() -> Result<()> {
     if !crate::is_root() {
@@ -53,7 +56,7 @@ pub fn run_demo() -> Result<()> {
     .context("cannot install the Ctrl-C handler")?;
 
     let node = tb.add_node("node1")?;
-    let client = node.add_pod(&PodSpec::new("client", "demo").label("app", "client"))?;
+    let front = node.add_pod(&PodSpec::new("front", "demo").label("app", "front"))?;
     let v1 = node.add_pod(
         &PodSpec::new("color-v1", "demo")
             .label("app", "color")
@@ -64,16 +67,20 @@ pub fn run_demo() -> Result<()> {
             .label("app", "color")
             .label("version", "v2"),
     )?;
+    let echo = node.add_pod(&PodSpec::new("echo", "demo").label("app", "echo"))?;
     let outside = node.add_pod(&PodSpec::new("web", "elsewhere").label("app", "web"))?;
     let service_addrs: [IpAddr; 2] = ["10.96.0.10".parse()?, "fd00:96::10".parse()?];
     tb.dns_record(SERVICE, &service_addrs)?;
+    tb.dns_record(ECHO, &["10.96.0.11".parse()?])?;
     tb.dns_record("color-v1.demo.svc.cluster.local", &v1.ips())?;
     tb.dns_record("color-v2.demo.svc.cluster.local", &v2.ips())?;
+    tb.dns_record("echo-v1.demo.svc.cluster.local", &echo.ips())?;
     let peer = peer_binary()?;
-    for (pod, name) in [(&v1, "color-v1"), (&v2, "color-v2"), (&outside, "web")] {
+    let http = http_binary()?;
+    for (pod, name) in [(&v1, "color-v1"), (&v2, "color-v2")] {
         let server = tb.spawn(
             name,
-            pod.command(&peer).args([
+            pod.command(&http).args([
                 "serve",
                 "--listen",
                 "0.0.0.0:8080,[::]:8080",
@@ -83,26 +90,40 @@ pub fn run_demo() -> Result<()> {
         )?;
         server.wait_listening(8080, Duration::from_secs(10))?;
     }
-    for pod in [&client, &v1, &v2] {
+    for (pod, name, port) in [(&echo, "echo", 9000), (&outside, "web", 8080)] {
+        let server = tb.spawn(
+            name,
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                &format!("0.0.0.0:{port},[::]:{port}"),
+                "--name",
+                name,
+            ]),
+        )?;
+        server.wait_listening(port, Duration::from_secs(10))?;
+    }
+    for pod in [&front, &v1, &v2, &echo] {
         node.write_workload(pod)?;
     }
     println!();
-    println!("  pod            namespace   address        in the mesh as");
-    for (pod, vn) in [
-        (&client, "VirtualNode client"),
-        (&v1, "VirtualNode color-v1"),
-        (&v2, "VirtualNode color-v2"),
-        (&outside, "(not in the mesh)"),
+    println!("  pod            namespace   address        in the mesh as                serves");
+    for (pod, vn, serves) in [
+        (&front, "VirtualNode front", "(calls color and echo)"),
+        (&v1, "VirtualNode color-v1", "HTTP on 8080"),
+        (&v2, "VirtualNode color-v2", "HTTP on 8080"),
+        (&echo, "VirtualNode echo", "TCP echo on 9000"),
+        (&outside, "(not in the mesh)", "TCP echo on 8080"),
     ] {
         println!(
-            "  {:<14} {:<11} {:<14} {vn}",
+            "  {:<14} {:<11} {:<14} {vn:<29} {serves}",
             pod.name(),
             pod.namespace(),
             pod.ipv4()
         );
     }
     println!(
-        "  DNS: {SERVICE} -> {}, {}",
+        "  DNS: {SERVICE} -> {}, {}; {ECHO} -> 10.96.0.11",
         service_addrs[0], service_addrs[1]
     );
 
@@ -125,10 +146,71 @@ pub fn run_demo() -> Result<()> {
     }
 
     say(&format!(
-        "The client calls {SERVICE}:8080 {CONNECTIONS} times with an ordinary TCP client (100 kB each way per connection)."
+        "The front pod calls http://{SERVICE}:8080/ {REQUESTS} times over 4 keep-alive HTTP/1.1 connections."
+    ));
+    let report = http_load(&front, &http, REQUESTS, &[])?;
+    let requests = wait_for_requests(&agent, REQUESTS as usize);
+    println!();
+    println!(
+        "  #   method path   route          virtual node        endpoint               status  ms"
+    );
+    for (i, line) in requests.iter().enumerate().take(8) {
+        println!(
+            "  {:<3} {:<6} {:<6} {:<14} {:<19} {:<22} {:<7} {}",
+            i + 1,
+            s(&line["method"]),
+            s(&line["path"]),
+            s(&line["route"]),
+            s(&line["virtual_node"]),
+            s(&line["endpoint"]),
+            line["status"],
+            line["duration_ms"]
+        );
+    }
+    println!("  ... and {} more", requests.len().saturating_sub(8));
+    println!();
+    println!(
+        "  The route color-split asks for 90/10, per request. Observed over {} requests ({} connections from the client):",
+        report["completed"], report["connections"]
+    );
+    print_split(&report);
+
+    say("Requests with the header x-canary: true match the route canary-header (priority 0):");
+    let report = http_load(&front, &http, 100, &["-H", "x-canary: true"])?;
+    print_split(&report);
+
+    say("The same service over IPv6 and HTTP/2 (curl --http2-prior-knowledge -6):");
+    let curl = run(
+        front.command("curl").args([
+            "--silent",
+            "--http2-prior-knowledge",
+            "-6",
+            "--max-time",
+            "10",
+            "--write-out",
+            "\n%{http_code} HTTP/%{http_version}",
+            &format!("http://{SERVICE}:8080/hello"),
+        ]),
+        Duration::from_secs(20),
+    )?;
+    let out = String::from_utf8_lossy(&curl.stdout);
+    let (body, status) = out.rsplit_once('\n').unwrap_or((&out, ""));
+    let seen: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    println!(
+        "  {status} from {} (it saw {} {} with x-forwarded-for {} and x-request-id {})",
+        s(&seen["name"]),
+        s(&seen["method"]),
+        s(&seen["path"]),
+        s(&seen["headers"]["x-forwarded-for"]),
+        s(&seen["headers"]["x-request-id"])
+    );
+
+    say(&format!(
+        "TCP stays L4: the front pod opens {CONNECTIONS} connections to {ECHO}:9000 (100 kB each way)."
     ));
     let report = call(
-        &client,
+        &front,
+        &format!("{ECHO}:9000"),
         &[
             "-4",
             "--count",
@@ -139,51 +221,23 @@ pub fn run_demo() -> Result<()> {
     )?;
     if report["ok"] != true {
         bail!(
-            "the calls failed: {report}\nagent log:\n{}",
+            "the TCP calls failed: {report}\nagent log:\n{}",
             agent.process.stderr()
         );
     }
     let connections = wait_for_logs(&agent, CONNECTIONS as usize);
-    println!();
     println!(
-        "  #   captured destination   virtual service   virtual node        endpoint               sent      received"
-    );
-    for (i, line) in connections.iter().enumerate().take(8) {
-        println!(
-            "  {:<3} {:<22} {:<17} {:<19} {:<22} {:<9} {}",
-            i + 1,
-            s(&line["orig_dst"]),
-            s(&line["virtual_service"]),
-            s(&line["virtual_node"]),
-            s(&line["endpoint"]),
-            line["bytes_sent"],
-            line["bytes_received"]
-        );
-    }
-    if connections.len() > 8 {
-        println!("  ... and {} more", connections.len() - 8);
-    }
-    let mut split: BTreeMap<String, u64> = BTreeMap::new();
-    for line in &connections {
-        *split.entry(s(&line["virtual_node"])).or_default() += 1;
-    }
-    println!();
-    println!(
-        "  The router asked for 75/25. Observed over {} connections:",
-        connections.len()
-    );
-    for (node_name, count) in &split {
-        println!(
-            "    {node_name:<20} {count:>3}  ({:.0} %)",
-            *count as f64 * 100.0 / connections.len().max(1) as f64
-        );
-    }
-
-    say("The same over IPv6 (connect6):");
-    let report6 = call(&client, &["-6", "--count", "4", "--bytes", "1000"])?;
-    println!(
-        "  {} of 4 connections to [{}]:8080 succeeded: {}",
-        report6["succeeded"], service_addrs[1], report6["by_server"]
+        "  {} connections, each forwarded intact: {} bytes sent, {} received in all; served by {}",
+        connections.len(),
+        connections
+            .iter()
+            .map(|l| l["bytes_sent"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
+        connections
+            .iter()
+            .map(|l| l["bytes_received"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
+        report["by_server"]
     );
 
     say(&format!(
@@ -191,7 +245,7 @@ pub fn run_demo() -> Result<()> {
         outside.ipv4()
     ));
     let refused = run(
-        client
+        front
             .command(&peer)
             .args(["call", &format!("{}:8080", outside.ipv4()), "-4"]),
         Duration::from_secs(30),
@@ -230,11 +284,11 @@ pub fn run_demo() -> Result<()> {
     Ok(())
 }
 
-fn call(client: &Pod, args: &[&str]) -> Result<Value> {
+fn call(client: &Pod, target: &str, args: &[&str]) -> Result<Value> {
     let output = run(
         client
             .command(peer_binary()?)
-            .args(["call", &format!("{SERVICE}:8080")])
+            .args(["call", target])
             .args(args),
         Duration::from_secs(120),
     )?;
@@ -244,6 +298,65 @@ fn call(client: &Pod, args: &[&str]) -> Result<Value> {
             String::from_utf8_lossy(&output.stderr)
         )
     })
+}
+
+fn http_load(front: &Pod, http: &std::path::Path, count: u32, args: &[&str]) -> Result<Value> {
+    let count = count.to_string();
+    let output = run(
+        front
+            .command(http)
+            .args([
+                "load",
+                &format!("http://{SERVICE}:8080/"),
+                "--concurrency",
+                "4",
+            ])
+            .args(["--count", &count])
+            .args(args),
+        Duration::from_secs(120),
+    )?;
+    let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "strait-http printed no report: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    if report["ok"] != true {
+        bail!("the HTTP requests failed: {report}");
+    }
+    Ok(report)
+}
+
+fn print_split(report: &Value) {
+    let total = report["completed"].as_u64().unwrap_or(0).max(1) as f64;
+    if let Some(by_server) = report["by_server"].as_object() {
+        for (server, count) in by_server {
+            let count = count.as_u64().unwrap_or(0);
+            println!(
+                "    {server:<10} {count:>5}  ({:.1} %)",
+                count as f64 * 100.0 / total
+            );
+        }
+    }
+}
+
+/// The agent's per-request log lines (`target` = `strait::request`), once `count` are there.
+fn wait_for_requests(agent: &Agent, count: usize) -> Vec<Value> {
+    let requests = || -> Vec<Value> {
+        agent
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["target"] == "strait::request")
+            .collect()
+    };
+    for _ in 0..50 {
+        let lines = requests();
+        if lines.len() >= count {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    requests()
 }
 
 fn wait_for_logs(agent: &Agent, count: usize) -> Vec<Value> {

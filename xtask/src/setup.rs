@@ -7,7 +7,9 @@
 //!   which `bpf-linker` links against (Debian, as root);
 //! - the testbed's packages (`dnsmasq-base iproute2 curl`; Debian, as root);
 //! - `bpf-linker` built against LLVM 22 (rustc here uses LLVM 22; a linker built
-//!   on another LLVM cannot read its bitcode).
+//!   on another LLVM cannot read its bitcode);
+//! - Python's `grpcio` (the gRPC end-to-end test's real client and server): with
+//!   pip from PyPI, else Debian's `python3-grpcio`.
 
 use std::{
     path::Path,
@@ -48,6 +50,7 @@ pub fn setup() -> anyhow::Result<()> {
         apt_install(&packages)?;
     }
     ensure_bpf_linker()?;
+    ensure_grpcio()?;
     println!("setup: done");
     Ok(())
 }
@@ -94,6 +97,24 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         .args(["install", "--force", "bpf-linker", "--no-default-features"])
         .args(["--features", "llvm-22"]))
     .context("cargo install bpf-linker (needs network access to crates.io)")
+}
+
+fn ensure_grpcio() -> anyhow::Result<()> {
+    if output("python3", &["-c", "import grpc"]).is_some() {
+        println!("setup: Python grpcio: present");
+        return Ok(());
+    }
+    if output("python3", &["--version"]).is_some() {
+        println!("setup: installing Python grpcio with pip (PyPI)");
+        let pip = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "grpcio"])
+            .status();
+        if pip.is_ok_and(|s| s.success()) && output("python3", &["-c", "import grpc"]).is_some() {
+            return Ok(());
+        }
+        println!("setup: pip could not install grpcio; trying Debian's python3-grpcio");
+    }
+    apt_install(&["python3", "python3-grpcio"])
 }
 
 /// Some(true) if bpf-linker is installed and linked against LLVM 22,

@@ -5,7 +5,7 @@
 //! The original destination comes from the eBPF map, keyed by the accepted socket's network
 //! namespace cookie and peer address (the sock_ops program re-keyed it at connect time).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, upstream};
+use super::{Context, http, upstream};
 use crate::mesh::ResourceId;
 use crate::redirect::{self, OriginalDestination};
 use crate::routing::{Action, pick_weighted};
@@ -28,6 +28,8 @@ const COPY_BUFFER: usize = 64 * 1024;
 pub struct Source {
     pub workload: ResourceId,
     pub virtual_node: ResourceId,
+    /// The pod's addresses (the HTTP proxy's `x-forwarded-for`).
+    pub ips: Vec<IpAddr>,
 }
 
 /// A pod's outbound listeners. Dropping it stops accepting; connections in flight go on.
@@ -75,7 +77,12 @@ pub fn serve(
     Ok(PodListeners { stop })
 }
 
-async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: &Context) {
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    source: &Arc<Source>,
+    ctx: &Arc<Context>,
+) {
     let started = Instant::now();
     let started_at = SystemTime::now();
     let table = ctx.table.load_full();
@@ -107,6 +114,12 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, source: &Source, ctx: 
         tracing::warn!(workload = %source.workload, orig_dst = %original.addr, "captured destination is no longer a mesh service; closing");
         return;
     };
+    if service.http.is_some() {
+        let _ = client.set_nodelay(true);
+        let shutdown = ctx.shutdown.clone();
+        http::serve(client, original.addr, source.clone(), ctx.clone(), shutdown).await;
+        return;
+    }
     let target = match &service.action {
         Action::Node(target) => Some(target.clone()),
         Action::Weighted { targets, .. } => pick_weighted(targets, &mut rand::rng()).cloned(),

@@ -239,31 +239,13 @@ pub async fn connect_target(
     endpoints: &Endpoints,
 ) -> Result<(Stream, SocketAddr), Error> {
     let transport = &ctx.transport;
-    {
-        // The sender half of the backend rule (the connect hook already refused services that
-        // are not backends; this also covers the routed virtual node).
-        let policy = transport.policy.load();
-        if !policy.is_backend(caller.virtual_node, caller.service)
-            || !policy.may_reach(caller.virtual_node, &target.virtual_node)
-        {
-            transport
-                .metrics
-                .authz_denied
-                .get_or_create(&AuthzLabels { point: "sender" })
-                .inc();
-            return Err(Error::NotABackend {
-                source_node: caller.virtual_node.to_string(),
-                service: caller.service.to_string(),
-                target_node: target.virtual_node.to_string(),
-            });
-        }
-    }
+    authorize(transport, caller, &target.virtual_node)?;
     let mut tried = 0;
     let mut last = String::new();
     for ip in endpoints.rotation().take(CONNECT_ATTEMPTS) {
         let endpoint = SocketAddr::new(ip, target.port);
         tried += 1;
-        match connect_endpoint(transport, caller, target, endpoint).await {
+        match dial(transport, caller, &target.virtual_node, endpoint).await {
             Ok(stream) => return Ok((stream, endpoint)),
             Err(error) => {
                 tracing::warn!(virtual_node = %target.virtual_node, %endpoint, %error, "connect to endpoint failed");
@@ -281,10 +263,39 @@ pub async fn connect_target(
     })
 }
 
-async fn connect_endpoint(
+/// The sender half of the backend rule: `caller` may reach `target_node` only through a
+/// virtual service its virtual node lists as a backend. (The connect hook already refused
+/// services that are not backends; this also covers the virtual node a route picked.)
+pub fn authorize(
     transport: &Transport,
     caller: &Caller<'_>,
-    target: &Target,
+    target_node: &ResourceId,
+) -> Result<(), Error> {
+    let policy = transport.policy.load();
+    if policy.is_backend(caller.virtual_node, caller.service)
+        && policy.may_reach(caller.virtual_node, target_node)
+    {
+        return Ok(());
+    }
+    transport
+        .metrics
+        .authz_denied
+        .get_or_create(&AuthzLabels { point: "sender" })
+        .inc();
+    Err(Error::NotABackend {
+        source_node: caller.virtual_node.to_string(),
+        service: caller.service.to_string(),
+        target_node: target_node.to_string(),
+    })
+}
+
+/// Opens a stream to one endpoint of `target_node` on behalf of `caller`: a local pod through
+/// its own loopback, a remote one directly or through the mTLS tunnel to its node's agent
+/// when TLS applies. Authorization is the caller's business ([`authorize`]).
+pub async fn dial(
+    transport: &Transport,
+    caller: &Caller<'_>,
+    target_node: &ResourceId,
     endpoint: SocketAddr,
 ) -> Result<Stream, String> {
     if let Some(pod) = transport.local_pod(endpoint.ip()) {
@@ -295,7 +306,7 @@ async fn connect_endpoint(
         return Ok(Box::new(stream));
     }
     let policy = transport.policy.load_full();
-    let listener_tls = policy.listener_tls(&target.virtual_node, endpoint.port());
+    let listener_tls = policy.listener_tls(target_node, endpoint.port());
     let client_tls = policy.client_tls(caller.virtual_node, caller.service, endpoint.port());
     let tls = listener_tls.is_some() || client_tls.is_some_and(|t| t.enforce);
     if !tls {
@@ -313,19 +324,12 @@ async fn connect_endpoint(
             "the client policy of {} enforces TLS on port {}, but {}'s listener has no tls",
             caller.virtual_node,
             endpoint.port(),
-            target.virtual_node
+            target_node
         ));
     }
-    let stream = hbone::open(
-        transport,
-        caller,
-        &target.virtual_node,
-        endpoint,
-        node,
-        client_tls,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let stream = hbone::open(transport, caller, target_node, endpoint, node, client_tls)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(Box::new(stream))
 }
 

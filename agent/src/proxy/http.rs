@@ -1,0 +1,704 @@
+//! The HTTP proxy: HTTP/1.1, HTTP/2 and gRPC for virtual service ports whose provider speaks
+//! http, http2 or grpc. The outbound listener hands it a captured client connection; it serves
+//! HTTP on it (HTTP/1.1 or HTTP/2 prior knowledge, detected from the first bytes) and sends each
+//! request on by the App Mesh route it matches ([`crate::routing::http`]).
+//!
+//! Per request: normalise the path, pick the route (404, or gRPC UNIMPLEMENTED, when none
+//! matches), pick a weighted target (per request, so a 90/10 canary is 90/10 of requests),
+//! pick an endpoint of the target's virtual node (power of two choices on requests in flight,
+//! healthy endpoints only: [`balance`]), and send it over a pooled connection ([`pool`]),
+//! retrying as the route's retry policy (or App Mesh's implicit one) says while the request
+//! body can be replayed ([`body`]), within the per-request timeout. The response streams back
+//! under the route's per-request and idle timeouts. Protocol upgrades (WebSocket) are passed
+//! through as a byte tunnel once the upstream answers 101.
+//!
+//! Errors the client can act on: 503 when no endpoint could be reached or it reset, 504 when
+//! the timeout expired, 400 for a request the proxy cannot forward; each with a short body that
+//! names the virtual service and route. gRPC clients get the same as a gRPC status.
+//!
+//! What it leaves to others: capturing the connection and finding its original destination
+//! (`outbound`), reaching an endpoint (`upstream`), and health checking ([`health`]).
+
+pub mod balance;
+pub mod body;
+#[cfg(test)]
+mod fuzz;
+pub mod headers;
+pub mod health;
+pub mod pool;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rand::Rng as _;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+
+use crate::mesh::ResourceId;
+use crate::proxy::upstream;
+use tokio_util::sync::CancellationToken;
+
+use self::balance::InFlight;
+use self::body::{Guard, ReplayBody, ResponseBody};
+use self::pool::{Pool, Proto};
+use super::Context;
+use super::outbound::Source;
+use crate::mesh::Protocol;
+use crate::routing::Table;
+use crate::routing::http::{HttpRoute, HttpTarget, RequestView, normalize_path};
+
+/// First retry backoff (Envoy's default base interval); doubles per retry, with full jitter.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+
+/// The HTTP proxy's state shared by every connection: pooled upstream connections and the
+/// endpoints' load and health.
+#[derive(Default)]
+pub struct Http {
+    pub pool: Arc<Pool>,
+    pub endpoints: balance::Registry,
+}
+
+/// What request handling needs from the agent; the agent's [`Context`] in production, a small
+/// stand-in in the request-path fuzz tests (which run without eBPF).
+pub trait Env: Send + Sync + 'static {
+    fn table(&self) -> Arc<Table>;
+    fn http(&self) -> &Http;
+    /// The mesh's backend rule for this request (see `upstream::authorize`).
+    fn authorize(
+        &self,
+        source: &Source,
+        service: &ResourceId,
+        target_node: &ResourceId,
+    ) -> Result<(), String>;
+    /// A new upstream stream on behalf of `source` (see `upstream::dial`): same-node, plain,
+    /// or through the mTLS tunnel to the endpoint's node.
+    fn dial<'a>(
+        &'a self,
+        source: &'a Source,
+        service: &'a ResourceId,
+        target_node: &'a ResourceId,
+        endpoint: SocketAddr,
+    ) -> BoxFuture<'a, std::io::Result<upstream::Stream>>;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+impl Env for Context {
+    fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    fn http(&self) -> &Http {
+        &self.http
+    }
+
+    fn authorize(
+        &self,
+        source: &Source,
+        service: &ResourceId,
+        target_node: &ResourceId,
+    ) -> Result<(), String> {
+        let caller = upstream::Caller {
+            workload: &source.workload,
+            virtual_node: &source.virtual_node,
+            service,
+        };
+        upstream::authorize(&self.transport, &caller, target_node).map_err(|e| e.to_string())
+    }
+
+    fn dial<'a>(
+        &'a self,
+        source: &'a Source,
+        service: &'a ResourceId,
+        target_node: &'a ResourceId,
+        endpoint: SocketAddr,
+    ) -> BoxFuture<'a, std::io::Result<upstream::Stream>> {
+        Box::pin(async move {
+            let caller = upstream::Caller {
+                workload: &source.workload,
+                virtual_node: &source.virtual_node,
+                service,
+            };
+            upstream::dial(&self.transport, &caller, target_node, endpoint)
+                .await
+                .map_err(std::io::Error::other)
+        })
+    }
+}
+
+/// Starts the agent-wide HTTP tasks (health checks).
+pub fn start(ctx: &Arc<Context>) {
+    health::spawn(ctx.clone());
+}
+
+/// Serves HTTP on a captured client connection until it closes or the agent shuts down.
+pub async fn serve<E: Env, I>(
+    io: I,
+    orig_dst: SocketAddr,
+    source: Arc<Source>,
+    env: Arc<E>,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let downstream = Arc::new(Downstream {
+        env,
+        orig_dst,
+        source,
+    });
+    let service = service_fn(move |request| {
+        let downstream = downstream.clone();
+        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client may shut down its sending side while it waits for the answer (`printf ... |
+    // nc`); that is no reason to drop the answer.
+    builder.http1().timer(TokioTimer::new()).half_close(true);
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            // Finish the requests in flight, take no new ones.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%orig_dst, %error, "client HTTP connection ended with an error");
+    }
+}
+
+struct Downstream<E> {
+    env: Arc<E>,
+    orig_dst: SocketAddr,
+    source: Arc<Source>,
+}
+
+/// Why no upstream response came back.
+#[derive(Debug)]
+enum Failure {
+    /// The mesh's backend rules do not let the caller reach the target.
+    Forbidden(String),
+    Connect(String),
+    Reset(String),
+    Timeout(Duration),
+    NoEndpoints,
+    Unsupported(&'static str),
+    BadRequest(String),
+}
+
+struct Upstream {
+    response: Response<Incoming>,
+    endpoint: SocketAddr,
+    guards: Vec<Guard>,
+}
+
+/// One request's facts, for the access log.
+struct Outcome<'a> {
+    route: &'a str,
+    virtual_node: String,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+}
+
+impl<E: Env> Downstream<E> {
+    async fn handle(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let table = self.env.table();
+        let grpc = is_grpc(request.headers());
+        let Some(service) = table.services.get(&self.orig_dst).cloned() else {
+            return local(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{} is no longer a mesh service", self.orig_dst),
+            );
+        };
+        let vs = service.service.to_string();
+        let Some(routes) = service.http.clone() else {
+            return local(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("virtual service {vs} no longer speaks HTTP on this port"),
+            );
+        };
+        if request.method() == Method::CONNECT {
+            return local(
+                grpc,
+                StatusCode::BAD_REQUEST,
+                &format!("virtual service {vs}: CONNECT is not supported"),
+            );
+        }
+        let raw_path = request.uri().path();
+        let path = if routes.protocol == Protocol::Grpc {
+            if !raw_path.starts_with('/') {
+                return local(grpc, StatusCode::BAD_REQUEST, "malformed request path");
+            }
+            raw_path.to_owned()
+        } else {
+            match normalize_path(raw_path, true) {
+                Ok(path) => path,
+                Err(error) => {
+                    return local(
+                        grpc,
+                        StatusCode::BAD_REQUEST,
+                        &format!("malformed request path: {error}"),
+                    );
+                }
+            }
+        };
+        let query = request.uri().query().map(str::to_owned);
+        let scheme = request.uri().scheme_str().unwrap_or("http").to_owned();
+        let route = routes
+            .select(&RequestView {
+                method: request.method(),
+                path: &path,
+                query: query.as_deref(),
+                scheme: &scheme,
+                headers: request.headers(),
+            })
+            .cloned();
+        let Some(route) = route else {
+            tracing::info!(target: "strait::request", source_workload = %self.source.workload, virtual_service = %vs, method = %request.method(), path = %path, status = 404u16, "no route matched");
+            return local(
+                grpc,
+                StatusCode::NOT_FOUND,
+                &format!("virtual service {vs}: no route matches {path}"),
+            );
+        };
+        let Some(target) = pick_target(&route.targets).cloned() else {
+            return local(
+                grpc,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "virtual service {vs} route {}: every weighted target has weight 0",
+                    route.name
+                ),
+            );
+        };
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| format!("{}:{}", service.hostname, service.port));
+        let version = request.version();
+        let upgrade = version <= Version::HTTP_11 && headers::is_upgrade(request.headers());
+        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        // The pod's address of the family it called with, as a sidecar would have seen it.
+        let client_ip = self
+            .source
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == self.orig_dst.is_ipv4())
+            .or(self.source.ips.first())
+            .copied();
+        let request_id = headers::prepare_request(&mut parts.headers, client_ip, upgrade);
+        let path_and_query = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        let deadline = route.per_request.map(|d| (d, started + d));
+        let mut outcome = Outcome {
+            route: &route.name,
+            virtual_node: target.target.virtual_node.to_string(),
+            endpoint: None,
+            attempts: 0,
+        };
+        let result = self
+            .forward(
+                &table,
+                &route,
+                &target,
+                &parts,
+                &authority,
+                &path_and_query,
+                ReplayBody::new(body),
+                upgrade,
+                deadline.map(|(_, at)| at),
+                &mut outcome,
+            )
+            .await;
+        let response = match result {
+            Ok(upstream) => {
+                outcome.endpoint = Some(upstream.endpoint);
+                let mut response = upstream.response;
+                let status = response.status();
+                if status == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client) = on_client_upgrade
+                {
+                    let server = hyper::upgrade::on(&mut response);
+                    tunnel(client, server, vs.clone());
+                }
+                let (mut rparts, rbody) = response.into_parts();
+                headers::remove_hop_by_hop(
+                    &mut rparts.headers,
+                    status == StatusCode::SWITCHING_PROTOCOLS,
+                );
+                rparts.version = version;
+                Response::from_parts(
+                    rparts,
+                    ResponseBody::upstream(rbody, deadline, route.idle, upstream.guards),
+                )
+            }
+            Err(failure) => failure_reply(grpc, &vs, &route.name, failure),
+        };
+        tracing::info!(
+            target: "strait::request",
+            source_workload = %self.source.workload,
+            virtual_service = %vs,
+            route = %outcome.route,
+            virtual_node = %outcome.virtual_node,
+            endpoint = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            method = %parts.method,
+            path = %path,
+            status = response.status().as_u16(),
+            grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
+            attempts = outcome.attempts,
+            request_id = %request_id,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        response
+    }
+
+    /// Sends the request to an endpoint of `target`, retrying as the route says.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one request's pieces, kept apart on purpose"
+    )]
+    async fn forward(
+        &self,
+        table: &Table,
+        route: &HttpRoute,
+        target: &HttpTarget,
+        parts: &Parts,
+        authority: &str,
+        path_and_query: &str,
+        body: ReplayBody,
+        upgrade: bool,
+        deadline: Option<Instant>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Upstream, Failure> {
+        let http = self.env.http();
+        let node = &target.target.virtual_node;
+        let Some(service) = table
+            .services
+            .get(&self.orig_dst)
+            .map(|s| s.service.clone())
+        else {
+            return Err(Failure::NoEndpoints);
+        };
+        self.env
+            .authorize(&self.source, &service, node)
+            .map_err(Failure::Forbidden)?;
+        let addrs: Vec<SocketAddr> = table
+            .endpoints
+            .get(node)
+            .map(|e| {
+                e.addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, target.target.port))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let proto = match target.protocol {
+            Protocol::Http | Protocol::Tcp => Proto::Http1,
+            Protocol::Http2 | Protocol::Grpc => Proto::Http2,
+        };
+        if upgrade && proto == Proto::Http2 {
+            return Err(Failure::Unsupported(
+                "the target speaks HTTP/2; protocol upgrades need an HTTP/1.1 (http) listener",
+            ));
+        }
+        let policy = &route.retry;
+        let attempts = 1 + policy.max_retries;
+        let mut tried = Vec::new();
+        let mut last = Failure::NoEndpoints;
+        for attempt in 1..=attempts {
+            let retries_left = attempt < attempts;
+            let Some(attempt_body) = body.replay() else {
+                // The body streamed past what is kept: it cannot be sent again.
+                break;
+            };
+            let Some(state) = http.endpoints.pick(node, &addrs, &tried) else {
+                return Err(Failure::NoEndpoints);
+            };
+            let endpoint = state.addr;
+            tried.push(endpoint);
+            outcome.attempts = attempt;
+            outcome.endpoint = Some(endpoint);
+            let in_flight = InFlight::new(state);
+            let request = build_request(parts, authority, path_and_query, proto, attempt_body)
+                .map_err(|e| Failure::BadRequest(e.to_string()))?;
+            let now = Instant::now();
+            let per_try = policy.per_try_timeout.map(|d| now + d);
+            // Without any per-request timeout, the idle timeout bounds the wait for headers.
+            let idle = route.idle.filter(|_| deadline.is_none()).map(|d| now + d);
+            let bound = [deadline, per_try, idle].into_iter().flatten().min();
+            let key = pool::Key {
+                source: self.source.virtual_node.clone(),
+                endpoint,
+            };
+            let env = &self.env;
+            let (source, service_ref) = (&self.source, &service);
+            let dial = move || env.dial(source, service_ref, node, endpoint);
+            let sent = http.pool.send(&key, &dial, proto, request);
+            let result = match bound {
+                Some(at) => match tokio::time::timeout_at(at, sent).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                        last = Failure::Timeout(at.duration_since(now));
+                        // A per-try timeout counts as a 504 (Envoy), retried under
+                        // server-error and gateway-error.
+                        if !overall
+                            && retries_left
+                            && (policy.server_error || policy.gateway_error)
+                            && body.replayable()
+                        {
+                            backoff(attempt, deadline).await;
+                            continue;
+                        }
+                        return Err(last);
+                    }
+                },
+                None => sent.await,
+            };
+            match result {
+                Err(error) if body.client_failed() => {
+                    return Err(Failure::BadRequest(format!(
+                        "the request body ended early or was malformed ({error})"
+                    )));
+                }
+                Err(error) => {
+                    let retry = if error.is_connect() {
+                        policy.connect_failure
+                    } else if error.is_refused_stream() {
+                        policy.refused_stream
+                    } else {
+                        policy.reset
+                    };
+                    tracing::debug!(%endpoint, %error, attempt, retry, "upstream attempt failed");
+                    last = if error.is_connect() {
+                        Failure::Connect(error.to_string())
+                    } else {
+                        Failure::Reset(error.to_string())
+                    };
+                    if retry && retries_left && body.replayable() {
+                        backoff(attempt, deadline).await;
+                        continue;
+                    }
+                    return Err(last);
+                }
+                Ok((response, pool_guard)) => {
+                    let grpc_status = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    if retries_left
+                        && policy.retries_status(response.status().as_u16(), grpc_status)
+                        && body.replayable()
+                        && deadline.is_none_or(|d| Instant::now() < d)
+                    {
+                        tracing::debug!(%endpoint, status = %response.status(), attempt, "retrying on the response status");
+                        drop(response);
+                        backoff(attempt, deadline).await;
+                        continue;
+                    }
+                    let mut guards: Vec<Guard> = vec![Box::new(in_flight)];
+                    guards.extend(pool_guard);
+                    return Ok(Upstream {
+                        response,
+                        endpoint,
+                        guards,
+                    });
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Envoy-style backoff before a retry: full jitter over 25 ms, 50 ms, ..., never past the
+/// deadline.
+async fn backoff(attempt: u32, deadline: Option<Instant>) {
+    let ceiling = RETRY_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1).min(8));
+    let pause = rand::rng().random_range(Duration::ZERO..=ceiling);
+    let until = Instant::now() + pause;
+    tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
+}
+
+fn pick_target(targets: &[HttpTarget]) -> Option<&HttpTarget> {
+    let total: u64 = targets.iter().map(|t| u64::from(t.weight())).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = rand::rng().random_range(0..total);
+    targets.iter().find(|t| {
+        let weight = u64::from(t.weight());
+        if ticket < weight {
+            return true;
+        }
+        ticket -= weight;
+        false
+    })
+}
+
+fn build_request(
+    parts: &Parts,
+    authority: &str,
+    path_and_query: &str,
+    proto: Proto,
+    body: ReplayBody,
+) -> Result<Request<ReplayBody>, http::Error> {
+    let mut headers = parts.headers.clone();
+    let builder = Request::builder().method(parts.method.clone());
+    let builder = match proto {
+        Proto::Http1 => {
+            if !headers.contains_key(header::HOST) {
+                headers.insert(header::HOST, HeaderValue::from_str(authority)?);
+            }
+            builder.version(Version::HTTP_11).uri(path_and_query)
+        }
+        Proto::Http2 => {
+            // HTTP/2 carries the authority in `:authority` (RFC 9113 section 8.3.1).
+            headers.remove(header::HOST);
+            builder
+                .version(Version::HTTP_2)
+                .uri(format!("http://{authority}{path_and_query}"))
+        }
+    };
+    let mut request = builder.body(body)?;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Joins the client's and the upstream's upgraded connections (WebSocket and friends).
+fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, vs: String) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, server) {
+            Ok((client, server)) => {
+                let mut client = TokioIo::new(client);
+                let mut server = TokioIo::new(server);
+                match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                    Ok((sent, received)) => {
+                        tracing::debug!(virtual_service = %vs, sent, received, "upgraded connection closed")
+                    }
+                    Err(error) => {
+                        tracing::debug!(virtual_service = %vs, %error, "upgraded connection ended with an error")
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(virtual_service = %vs, %error, "protocol upgrade failed"),
+        }
+    });
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn failure_reply(grpc: bool, vs: &str, route: &str, failure: Failure) -> Response<ResponseBody> {
+    let (status, what) = match failure {
+        Failure::Forbidden(e) => (StatusCode::FORBIDDEN, e),
+        Failure::Connect(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("upstream connect error: {e}"),
+        ),
+        Failure::Reset(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("upstream reset before responding: {e}"),
+        ),
+        Failure::Timeout(d) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("upstream request timeout after {d:?}"),
+        ),
+        Failure::NoEndpoints => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoints (check the target virtual node's serviceDiscovery)".to_owned(),
+        ),
+        Failure::Unsupported(e) => (StatusCode::BAD_GATEWAY, e.to_owned()),
+        Failure::BadRequest(e) => (StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
+    };
+    local(
+        grpc,
+        status,
+        &format!("virtual service {vs} route {route}: {what}"),
+    )
+}
+
+/// A reply made by the agent: text for HTTP clients, a trailers-only gRPC status for gRPC
+/// clients (mapped from the HTTP status as Envoy maps it).
+fn local(grpc: bool, status: StatusCode, message: &str) -> Response<ResponseBody> {
+    let text = format!("strait: {message}\n");
+    let mut response = if grpc {
+        let code = match status.as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        };
+        let mut response = Response::new(ResponseBody::local(Bytes::new()));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(value) = HeaderValue::from_str(&grpc_percent_encode(message)) {
+            headers.insert("grpc-message", value);
+        }
+        response
+    } else {
+        let mut response = Response::new(ResponseBody::local(Bytes::from(text)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    response
+        .headers_mut()
+        .insert(header::SERVER, HeaderValue::from_static("strait"));
+    response
+}
+
+/// gRPC's `grpc-message` encoding: printable ASCII except `%` as is, the rest percent-encoded.
+fn grpc_percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,320 @@
+//! Bodies the HTTP proxy sends and returns.
+//!
+//! [`ReplayBody`] streams a client's request body upstream and keeps a copy of the first
+//! [`REPLAY_LIMIT`] bytes, so a failed attempt can be retried with the same body. A body longer
+//! than that is streamed without being kept (it never sits whole in the agent's memory), and the
+//! request is then no longer retried: a request whose body has already streamed and cannot be
+//! replayed is never retried.
+//!
+//! [`ResponseBody`] carries a response back to the client and enforces the route's per-request
+//! deadline and idle timeout on it; it also holds what must live as long as the response (the
+//! endpoint's in-flight count, the pooled connection).
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How much of a request body is kept for retries (Envoy keeps a similar per-request buffer).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the route's per-request timeout ({0:?}) expired while the response was streaming")]
+    Deadline(Duration),
+    #[error("the response stalled for longer than the route's idle timeout ({0:?})")]
+    Idle(Duration),
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Where the bytes come from; None once it ended (or for an empty body).
+    source: Option<Incoming>,
+    /// The bytes read so far, while they fit in [`REPLAY_LIMIT`].
+    chunks: Vec<Bytes>,
+    len: usize,
+    trailers: Option<HeaderMap>,
+    done: bool,
+    /// More than [`REPLAY_LIMIT`] was read: the copy is dropped and no replay is possible.
+    overflow: bool,
+    /// The reader in use; an earlier attempt's reader that is still polled (a connection task
+    /// finishing a send) gets an error instead of stealing bytes from the current one.
+    generation: u64,
+    /// Reading the client's body failed (it closed early, or sent a broken chunk): whatever
+    /// the upstream then did is the client's doing, not the upstream's.
+    client_failed: bool,
+}
+
+/// A request body that can be sent again (see the module docs).
+pub struct ReplayBody {
+    shared: Arc<Mutex<Shared>>,
+    /// The next chunk of `shared.chunks` this reader returns.
+    pos: usize,
+    trailers_sent: bool,
+    generation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("BUG: a superseded request body was read after a retry started")]
+struct Superseded;
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ReplayBody {
+    pub fn new(incoming: Incoming) -> ReplayBody {
+        let done = incoming.is_end_stream();
+        ReplayBody::with(Shared {
+            source: (!done).then_some(incoming),
+            done,
+            ..Shared::default()
+        })
+    }
+
+    pub fn empty() -> ReplayBody {
+        ReplayBody::with(Shared {
+            done: true,
+            ..Shared::default()
+        })
+    }
+
+    /// A body of known bytes (health-check requests).
+    pub fn from_bytes(bytes: Bytes) -> ReplayBody {
+        ReplayBody::with(Shared {
+            len: bytes.len(),
+            chunks: vec![bytes],
+            done: true,
+            ..Shared::default()
+        })
+    }
+
+    fn with(shared: Shared) -> ReplayBody {
+        ReplayBody {
+            shared: Arc::new(Mutex::new(shared)),
+            pos: 0,
+            trailers_sent: false,
+            generation: 0,
+        }
+    }
+
+    /// A new reader from the first byte, unless the body was too long to keep.
+    pub fn replay(&self) -> Option<ReplayBody> {
+        let mut shared = lock(&self.shared);
+        if shared.overflow {
+            return None;
+        }
+        shared.generation += 1;
+        Some(ReplayBody {
+            shared: self.shared.clone(),
+            pos: 0,
+            trailers_sent: false,
+            generation: shared.generation,
+        })
+    }
+
+    /// Reading the client's body failed.
+    pub fn client_failed(&self) -> bool {
+        lock(&self.shared).client_failed
+    }
+
+    /// Bytes of the body read from the client so far were all kept (a retry is possible).
+    pub fn replayable(&self) -> bool {
+        !lock(&self.shared).overflow
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut shared = lock(&this.shared);
+        if this.generation != shared.generation {
+            return Poll::Ready(Some(Err(Superseded.into())));
+        }
+        if this.pos < shared.chunks.len() {
+            let chunk = shared.chunks[this.pos].clone();
+            this.pos += 1;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if shared.done {
+            if !this.trailers_sent {
+                this.trailers_sent = true;
+                if let Some(trailers) = shared.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let Some(source) = shared.source.as_mut() else {
+            shared.done = true;
+            return Poll::Ready(None);
+        };
+        match Pin::new(source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                shared.done = true;
+                shared.source = None;
+                this.trailers_sent = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => {
+                shared.client_failed = true;
+                Poll::Ready(Some(Err(error.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    if !shared.overflow {
+                        if shared.len + data.len() <= REPLAY_LIMIT {
+                            shared.len += data.len();
+                            shared.chunks.push(data.clone());
+                            this.pos = shared.chunks.len();
+                        } else {
+                            // Stop keeping a copy: a long body streams through, unbuffered.
+                            shared.overflow = true;
+                            shared.chunks = Vec::new();
+                            this.pos = 0;
+                        }
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(data))))
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(trailers) => {
+                        shared.trailers = Some(trailers.clone());
+                        shared.done = true;
+                        shared.source = None;
+                        this.trailers_sent = true;
+                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    // Neither data nor trailers: hyper has no such frame today; end the body.
+                    Err(_) => Poll::Ready(None),
+                },
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = lock(&self.shared);
+        shared.done
+            && self.pos >= shared.chunks.len()
+            && (self.trailers_sent || shared.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let shared = lock(&self.shared);
+        if shared.done {
+            let kept: usize = shared.chunks[self.pos.min(shared.chunks.len())..]
+                .iter()
+                .map(Bytes::len)
+                .sum();
+            return SizeHint::with_exact(kept as u64);
+        }
+        match (&shared.source, self.pos, shared.len) {
+            (Some(source), 0, 0) => source.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Something that must live until the response is done (dropped when it ends).
+pub type Guard = Box<dyn Send>;
+
+/// A response on its way to the client (see the module docs).
+pub struct ResponseBody {
+    inner: UnsyncBoxBody<Bytes, BoxError>,
+    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    guards: Vec<Guard>,
+}
+
+impl ResponseBody {
+    pub fn upstream(
+        incoming: Incoming,
+        deadline: Option<(Duration, Instant)>,
+        idle: Option<Duration>,
+        guards: Vec<Guard>,
+    ) -> ResponseBody {
+        ResponseBody {
+            inner: incoming.map_err(BoxError::from).boxed_unsync(),
+            deadline: deadline.map(|(d, at)| (d, Box::pin(tokio::time::sleep_until(at)))),
+            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            guards,
+        }
+    }
+
+    /// A reply the agent makes itself.
+    pub fn local(bytes: Bytes) -> ResponseBody {
+        ResponseBody {
+            inner: http_body_util::Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            deadline: None,
+            idle: None,
+            guards: Vec::new(),
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.guards.clear();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => {
+                if let Some((d, sleep)) = &mut this.idle {
+                    sleep.as_mut().reset(Instant::now() + *d);
+                }
+                Poll::Ready(Some(frame))
+            }
+            Poll::Pending => {
+                if let Some((d, sleep)) = &mut this.deadline
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    this.guards.clear();
+                    return Poll::Ready(Some(Err(Error::Deadline(*d).into())));
+                }
+                if let Some((d, sleep)) = &mut this.idle
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    this.guards.clear();
+                    return Poll::Ready(Some(Err(Error::Idle(*d).into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,351 @@
+//! Property tests over the whole request path: bytes from a client go through a real hyper
+//! server, the proxy's routing and forwarding, to a real upstream on 127.0.0.1, without eBPF.
+//! The properties: nothing panics; the client gets a well-formed response (or a closed
+//! connection for bytes that are not HTTP); the proxy itself never answers 5xx to a healthy
+//! upstream; a forwarded path is normalised (no `//`, `.` or `..` segments).
+//!
+//! `cargo test -p strait fuzz` runs a few hundred cases; set `PROPTEST_CASES` for a long run
+//! (docs/http.md says how the pre-release run is done).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
+
+use super::{BoxFuture, Env, Http, serve};
+use crate::mesh::ResourceId;
+use crate::proxy::outbound::Source;
+use crate::proxy::upstream;
+use crate::routing::Table;
+
+const SERVICE: &str = "10.96.0.1:80";
+
+struct TestEnv {
+    table: Arc<Table>,
+    http: Http,
+}
+
+impl Env for TestEnv {
+    fn table(&self) -> Arc<Table> {
+        self.table.clone()
+    }
+
+    fn http(&self) -> &Http {
+        &self.http
+    }
+
+    fn authorize(
+        &self,
+        _source: &Source,
+        _service: &ResourceId,
+        _target_node: &ResourceId,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn dial<'a>(
+        &'a self,
+        _source: &'a Source,
+        _service: &'a ResourceId,
+        _target_node: &'a ResourceId,
+        endpoint: SocketAddr,
+    ) -> BoxFuture<'a, std::io::Result<upstream::Stream>> {
+        Box::pin(async move {
+            let stream = upstream::connect(endpoint).await?;
+            Ok(Box::new(stream) as upstream::Stream)
+        })
+    }
+}
+
+fn mesh(port: u16) -> String {
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: fuzz}}
+spec: {{}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: up, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: {port}, protocol: http}}}}]
+  serviceDiscovery: {{static: {{addresses: [127.0.0.1]}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: r, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: 80, protocol: http}}}}]
+  routes:
+    - name: headers
+      priority: 1
+      httpRoute:
+        match:
+          prefix: /h
+          headers:
+            - {{name: x-a, match: {{regex: "[a-z]+"}}}}
+            - {{name: x-n, match: {{range: {{start: 0, end: 100}}}}, invert: true}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: up}}, weight: 1}}]}}
+    - name: query
+      priority: 2
+      httpRoute:
+        match: {{prefix: /q, queryParameters: [{{name: k, match: {{exact: v}}}}], method: GET}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: up}}, weight: 1}}]}}
+    - name: regex
+      priority: 3
+      httpRoute:
+        match: {{path: {{regex: "/r/[0-9]+"}}}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: up}}, weight: 1}}]}}
+    - name: any
+      priority: 4
+      httpRoute:
+        match: {{prefix: /a}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: up}}, weight: 1}}]}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: s, namespace: app}}
+spec:
+  addresses: [10.96.0.1]
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: r}}}}}}
+"#
+    )
+}
+
+/// The upstream answers 200 with the path it received as the body.
+async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    env: Arc<TestEnv>,
+    source: Arc<Source>,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let port = runtime.block_on(upstream()).port();
+        let mesh = crate::mesh::parse_str(&mesh(port), std::path::Path::new("fuzz.yaml"))
+            .unwrap()
+            .config;
+        let table = Table::compile(&mesh, &BTreeMap::new());
+        assert!(table.services.contains_key(&SERVICE.parse().unwrap()));
+        Harness {
+            runtime,
+            env: Arc::new(TestEnv {
+                table: Arc::new(table),
+                http: Http::default(),
+            }),
+            source: Arc::new(Source {
+                workload: ResourceId::new("app", "client"),
+                virtual_node: ResourceId::new("app", "client"),
+                ips: vec!["10.244.1.2".parse().unwrap()],
+            }),
+        }
+    }
+
+    /// Sends `bytes` as a client would (then half-closes) and returns what came back.
+    fn exchange(&self, bytes: Vec<u8>) -> Vec<u8> {
+        self.runtime.block_on(async {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(serve(
+                server,
+                SERVICE.parse().unwrap(),
+                self.source.clone(),
+                self.env.clone(),
+                shutdown.clone(),
+            ));
+            client.write_all(&bytes).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut out = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out)).await;
+            shutdown.cancel();
+            let joined = tokio::time::timeout(Duration::from_secs(10), task).await;
+            if let Ok(Err(error)) = &joined {
+                assert!(!error.is_panic(), "the proxy panicked on {bytes:?}");
+            }
+            assert!(
+                read.is_ok(),
+                "no answer within 10 s to {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            out
+        })
+    }
+}
+
+fn status_of(response: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(response.get(..12)?).ok()?;
+    let rest = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))?;
+    rest.get(..3)?.parse().ok()
+}
+
+fn body_of(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+fn harness() -> &'static Harness {
+    static HARNESS: std::sync::OnceLock<Harness> = std::sync::OnceLock::new();
+    HARNESS.get_or_init(Harness::new)
+}
+
+fn method() -> impl Strategy<Value = &'static str> {
+    prop::sample::select(vec![
+        "GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "BREW", "CONNECT",
+    ])
+}
+
+fn path() -> impl Strategy<Value = String> {
+    let segment = prop_oneof![
+        Just(".".to_owned()),
+        Just("..".to_owned()),
+        Just(String::new()),
+        Just("%2e%2E".to_owned()),
+        Just("%2F".to_owned()),
+        Just("%zz".to_owned()),
+        "[a-z0-9]{1,4}",
+        "[a-zA-Z0-9%._~!$&'()*+,;=:@-]{0,6}",
+    ];
+    (
+        prop::sample::select(vec!["/h", "/q", "/r", "/a", "/x", ""]),
+        prop::collection::vec(segment, 0..6),
+        prop::option::of("[a-z=&%0-9]{0,12}"),
+    )
+        .prop_map(|(first, segments, query)| {
+            let mut p = first.to_owned();
+            for s in segments {
+                p.push('/');
+                p.push_str(&s);
+            }
+            if p.is_empty() {
+                p.push('/');
+            }
+            if let Some(q) = query {
+                p.push('?');
+                p.push_str(&q);
+            }
+            p
+        })
+}
+
+fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+    let name = prop_oneof![
+        Just("x-a".to_owned()),
+        Just("x-n".to_owned()),
+        Just("connection".to_owned()),
+        Just("te".to_owned()),
+        Just("upgrade".to_owned()),
+        Just("content-length".to_owned()),
+        Just("transfer-encoding".to_owned()),
+        Just("x-forwarded-for".to_owned()),
+        Just("host".to_owned()),
+        "[a-z-]{1,10}",
+    ];
+    prop::collection::vec((name, "[ -~]{0,16}"), 0..6)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Well-formed-ish requests: an answer always comes, 5xx never (the upstream is healthy),
+    /// and what reaches the upstream has a normalised path.
+    #[test]
+    fn structured_requests(method in method(), path in path(), headers in headers(), body in prop::option::of("[a-z]{0,64}")) {
+        let mut request = format!("{method} {path} HTTP/1.1\r\nhost: color\r\n");
+        for (name, value) in &headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        match &body {
+            Some(body) if !headers.iter().any(|(n, _)| n == "content-length" || n == "transfer-encoding") => {
+                request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+            }
+            _ => request.push_str("\r\n"),
+        }
+        let response = harness().exchange(request.into_bytes());
+        prop_assert!(status_of(&response).is_some(), "no HTTP answer: {:?}", String::from_utf8_lossy(&response));
+        if let Some(status) = status_of(&response) {
+            prop_assert!(status < 500 || status == 501 || status == 505, "status {status}: {}", String::from_utf8_lossy(&response));
+            if status == 200 && method != "HEAD" {
+                let upstream_path = body_of(&response);
+                let first_line = upstream_path.lines().next().unwrap_or("");
+                prop_assert!(!first_line.contains("//") && !first_line.contains("/./") && !first_line.contains("/../") && !first_line.ends_with("/.") && !first_line.ends_with("/.."), "upstream saw {first_line:?}");
+            }
+        }
+    }
+
+    /// Arbitrary bytes, raw or after a valid request start or the HTTP/2 preface: no panic, and
+    /// any answer is HTTP.
+    #[test]
+    fn arbitrary_bytes(prefix in prop::sample::select(vec!["", "GET /a HTTP/1.1\r\n", "POST /a HTTP/1.1\r\nhost: x\r\n", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]), bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let mut input = prefix.as_bytes().to_vec();
+        input.extend(bytes);
+        let response = harness().exchange(input);
+        if !response.is_empty() && !prefix.starts_with("PRI") {
+            prop_assert!(status_of(&response).is_some(), "not an HTTP answer: {:?}", String::from_utf8_lossy(&response));
+        }
+    }
+}
+
+#[test]
+fn routes_and_errors_through_the_whole_path() {
+    let h = harness();
+    let ok =
+        h.exchange(b"GET /a/b/../c//d HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
+    assert_eq!(
+        status_of(&ok),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&ok)
+    );
+    assert_eq!(body_of(&ok), "/a/c/d");
+    let none = h.exchange(b"GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
+    assert_eq!(status_of(&none), Some(404));
+    let bad = h.exchange(b"GET /a%zz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec());
+    assert_eq!(status_of(&bad), Some(400));
+    let garbage = h.exchange(b"GET /a HTTP/1.1\r\nno colon here\r\n\r\n".to_vec());
+    assert_eq!(
+        status_of(&garbage),
+        Some(400),
+        "{}",
+        String::from_utf8_lossy(&garbage)
+    );
+}

@@ -1,0 +1,172 @@
+//! Request and response headers on the way through the proxy.
+//!
+//! - Hop-by-hop headers (RFC 9110 section 7.6.1) belong to one connection and are removed:
+//!   `Connection` and every header it names, `Keep-Alive`, `Proxy-Connection`, `TE` (except
+//!   `TE: trailers`, which gRPC needs end to end), `Transfer-Encoding` and `Upgrade`. For a
+//!   protocol upgrade (WebSocket) `Upgrade` and `Connection: upgrade` are kept, since asking for
+//!   the upgrade is the point of the request.
+//! - `x-forwarded-for` gets the calling pod's address appended, `x-forwarded-proto` is set to
+//!   `http` when absent (the client spoke plaintext to the agent), and `x-request-id` is set to a
+//!   random UUID when absent, so the request can be followed through logs.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rand::RngCore as _;
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// True for an HTTP/1.1 request asking to switch protocols (`Connection: upgrade` plus
+/// `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers; keeps `Upgrade` and `Connection: upgrade` when `upgrade`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    headers.remove(header::CONNECTION);
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Prepares a request's headers for the upstream; returns its request id.
+pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade: bool) -> String {
+    remove_hop_by_hop(headers, upgrade);
+    if let Some(client) = client {
+        let joined = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
+            _ => client.to_string(),
+        };
+        headers.remove(&X_FORWARDED_FOR);
+        if let Ok(value) = HeaderValue::from_str(&joined) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => {
+            let id = uuid_v4();
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                headers.insert(X_REQUEST_ID, value);
+            }
+            id
+        }
+    }
+}
+
+/// A random (version 4) UUID, RFC 9562.
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_with_them() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "close"),
+            ("x-app", "kept"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "x-app"]);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_headers() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarding_headers_and_request_id() {
+        let mut h = map(&[("x-forwarded-for", "192.0.2.9")]);
+        let id = prepare_request(&mut h, Some("10.244.1.2".parse().unwrap()), false);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9, 10.244.1.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        let mut h = map(&[("x-request-id", "abc"), ("x-forwarded-proto", "https")]);
+        assert_eq!(prepare_request(&mut h, None, false), "abc");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert!(!h.contains_key("x-forwarded-for"));
+    }
+}

@@ -1,0 +1,287 @@
+//! Pooled upstream connections for the HTTP proxy.
+//!
+//! HTTP/1.1: idle keep-alive connections per endpoint, one request at a time each; a connection
+//! goes back to the pool when its response body has been read to the end. HTTP/2 (prior
+//! knowledge, for http2 and grpc listeners): one multiplexed connection per endpoint. Every
+//! connection is opened through [`upstream::connect`], the one seam for leaving the agent (it
+//! decides between a direct connection and a tunnel to another node).
+//!
+//! A request that a pooled connection could not even start to send (the upstream had closed the
+//! idle connection) is sent again on a new connection; that is not a retry in App Mesh's sense.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::body::{Guard, ReplayBody};
+use crate::mesh::ResourceId;
+use crate::proxy::upstream;
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// An idle HTTP/1.1 connection older than this is closed rather than reused (upstreams commonly
+/// close theirs after 60-120 s; reusing one they are closing costs a failed send).
+const IDLE_MAX_AGE: Duration = Duration::from_secs(60);
+/// Idle HTTP/1.1 connections kept per endpoint.
+const IDLE_MAX_PER_ENDPOINT: usize = 64;
+/// Times a request is re-sent on a fresh connection because a pooled one was found closed.
+const STALE_RETRIES: usize = 3;
+
+/// Which HTTP the endpoint speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connect to {endpoint} failed: {source}")]
+    Connect {
+        endpoint: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP handshake with {endpoint} failed: {source}")]
+    Handshake {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("{endpoint} did not answer: {source}")]
+    Request {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+}
+
+impl Error {
+    /// Nothing reached the upstream application: App Mesh's `connection-error`.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect { .. } | Error::Handshake { .. })
+    }
+
+    /// The HTTP/2 upstream refused the stream (REFUSED_STREAM): it did not process it.
+    pub fn is_refused_stream(&self) -> bool {
+        let Error::Request { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(error) = cause {
+            if let Some(h2) = error.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            cause = error.source();
+        }
+        false
+    }
+}
+
+/// An idle HTTP/1.1 connection and when it became idle.
+type Idle = (Instant, http1::SendRequest<ReplayBody>);
+
+/// Pooled connections belong to one caller identity and one endpoint: through an mTLS
+/// tunnel the connection carries the calling workload's certificate, so it must never serve
+/// another virtual node's requests.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub source: ResourceId,
+    pub endpoint: SocketAddr,
+}
+
+/// Opens a new upstream stream for the pool (see `upstream::dial`).
+pub type Dial<'a> =
+    &'a (dyn Fn() -> BoxFuture<'a, std::io::Result<upstream::Stream>> + Send + Sync);
+
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    multiplexed: Mutex<HashMap<Key, http2::SendRequest<ReplayBody>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pool {
+    /// Sends `request` (URI in origin form for HTTP/1.1, absolute for HTTP/2) to `endpoint`.
+    /// The guard returned must live until the response body is done (it gives an HTTP/1.1
+    /// connection back to the pool).
+    pub async fn send(
+        self: &Arc<Self>,
+        key: &Key,
+        dial: Dial<'_>,
+        proto: Proto,
+        mut request: Request<ReplayBody>,
+    ) -> Result<(Response<Incoming>, Option<Guard>), Error> {
+        let endpoint = key.endpoint;
+        for _ in 0..STALE_RETRIES {
+            match proto {
+                Proto::Http1 => {
+                    let (mut sender, reused) = match self.take_idle(key) {
+                        Some(sender) => (sender, true),
+                        None => (self.connect_http1(endpoint, dial).await?, false),
+                    };
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let back = PoolReturn {
+                                pool: self.clone(),
+                                key: key.clone(),
+                                sender: Some(sender),
+                            };
+                            return Ok((response, Some(Box::new(back))));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            Some(unsent) if reused => request = unsent,
+                            _ => {
+                                return Err(Error::Request {
+                                    endpoint,
+                                    source: error.into_error(),
+                                });
+                            }
+                        },
+                    }
+                }
+                Proto::Http2 => {
+                    let cached = lock(&self.multiplexed)
+                        .get(key)
+                        .filter(|s| !s.is_closed())
+                        .cloned();
+                    let (mut sender, reused) = match cached {
+                        Some(sender) => (sender, true),
+                        None => {
+                            let sender = self.connect_http2(endpoint, dial).await?;
+                            lock(&self.multiplexed).insert(key.clone(), sender.clone());
+                            (sender, false)
+                        }
+                    };
+                    if sender.ready().await.is_err() {
+                        lock(&self.multiplexed).remove(key);
+                        continue;
+                    }
+                    match sender.try_send_request(request).await {
+                        Ok(response) => return Ok((response, None)),
+                        Err(mut error) => match error.take_message() {
+                            Some(unsent) if reused => {
+                                lock(&self.multiplexed).remove(key);
+                                request = unsent;
+                            }
+                            _ => {
+                                return Err(Error::Request {
+                                    endpoint,
+                                    source: error.into_error(),
+                                });
+                            }
+                        },
+                    }
+                }
+            }
+        }
+        // Every pooled connection we found was closed; the last attempt used a new one, so
+        // this is only reached when HTTP/2 readiness kept failing.
+        Err(Error::Connect {
+            endpoint,
+            source: std::io::Error::other("the upstream kept closing new connections"),
+        })
+    }
+
+    fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<ReplayBody>> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(key)?;
+        while let Some((since, sender)) = list.pop() {
+            if since.elapsed() < IDLE_MAX_AGE && sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, key: Key, sender: http1::SendRequest<ReplayBody>) {
+        let mut idle = lock(&self.idle);
+        let list = idle.entry(key).or_default();
+        if list.len() < IDLE_MAX_PER_ENDPOINT {
+            list.push((Instant::now(), sender));
+        }
+    }
+
+    /// Forgets the connections to endpoints that are no longer in the mesh.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        lock(&self.idle).retain(|key, _| keep(&key.endpoint));
+        lock(&self.multiplexed).retain(|key, _| keep(&key.endpoint));
+    }
+
+    async fn connect_http1(
+        &self,
+        endpoint: SocketAddr,
+        dial: Dial<'_>,
+    ) -> Result<http1::SendRequest<ReplayBody>, Error> {
+        let stream = dial()
+            .await
+            .map_err(|source| Error::Connect { endpoint, source })?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| Error::Handshake { endpoint, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(%endpoint, %error, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_http2(
+        &self,
+        endpoint: SocketAddr,
+        dial: Dial<'_>,
+    ) -> Result<http2::SendRequest<ReplayBody>, Error> {
+        let stream = dial()
+            .await
+            .map_err(|source| Error::Connect { endpoint, source })?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| Error::Handshake { endpoint, source })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Gives an HTTP/1.1 connection back to the pool once its response is done.
+struct PoolReturn {
+    pool: Arc<Pool>,
+    key: Key,
+    sender: Option<http1::SendRequest<ReplayBody>>,
+}
+
+impl Drop for PoolReturn {
+    fn drop(&mut self) {
+        let Some(mut sender) = self.sender.take() else {
+            return;
+        };
+        if sender.is_ready() {
+            self.pool.give_back(self.key.clone(), sender);
+            return;
+        }
+        if sender.is_closed() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        // The connection turns ready a moment after the last byte of the body is read.
+        let (pool, key) = (self.pool.clone(), self.key.clone());
+        tokio::spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
+                pool.give_back(key, sender);
+            }
+        });
+    }
+}
