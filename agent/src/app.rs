@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,6 +45,8 @@ pub struct Config {
     pub outbound_port: u16,
     pub drain_timeout: Duration,
     pub cleanup_on_exit: bool,
+    /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +106,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let redirect = Arc::new(Redirect::install(&RedirectConfig {
         cgroup_root: config.cgroup_root.clone(),
         bpffs: config.bpffs.clone(),
+        fast_path: config.fast_path,
     })?);
-    tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
+    tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), fast_path = config.fast_path, "eBPF programs attached");
 
     let metrics = Metrics::default();
     let reloads = Family::<ReloadLabels, Counter>::default();
@@ -365,6 +369,13 @@ impl Node {
                 if let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id) {
                     tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
                 }
+                if let Err(error) = self
+                    .ctx
+                    .redirect
+                    .set_fast_path_pod(&enrolled.workload.ips, None)
+                {
+                    tracing::warn!(pod = %key, %error, "cannot remove the pod from the fast path");
+                }
                 tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released");
             }
         }
@@ -431,6 +442,20 @@ impl Node {
                     tracing::warn!(pod = %workload.key(), %error, "no IPv6 outbound listener")
                 }
                 Err(error) => return Err(error.to_string()),
+            }
+        }
+        // The fast path needs the pod's netns cookie; the listener lives in that netns.
+        if let Some(listener) = listeners.first() {
+            let registered = redirect::socket_netns_cookie(listener.as_fd())
+                .map_err(|e| e.to_string())
+                .and_then(|cookie| {
+                    self.ctx
+                        .redirect
+                        .set_fast_path_pod(&workload.ips, Some(cookie))
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(error) = registered {
+                tracing::warn!(pod = %workload.key(), %error, "pod not in the fast path; its traffic takes the normal stack");
             }
         }
         let source = Arc::new(outbound::Source {

@@ -69,6 +69,17 @@ pub struct RunArgs {
     /// Remove every pin and attachment on exit (default: keep them for a restarting agent).
     #[arg(long)]
     pub cleanup_on_exit: bool,
+    /// eBPF fast path: sockets of the agent's local legs (pod to agent, agent to a local pod)
+    /// exchange bytes through a sockmap instead of the TCP stack. See docs/benchmarks.md.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub fast_path: Switch,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -85,6 +96,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 outbound_port: args.outbound_port,
                 drain_timeout: Duration::from_secs(args.drain_timeout),
                 cleanup_on_exit: args.cleanup_on_exit,
+                fast_path: args.fast_path == Switch::On,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;

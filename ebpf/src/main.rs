@@ -10,6 +10,9 @@
 //!   (netns cookie, client address, client port), which the agent can compute
 //!   from the socket it accepts.
 //!
+//! - `strait_sockops_fastpath` / `strait_sk_msg_fastpath`: the fast path, see
+//!   `src/fastpath.rs`.
+//!
 //! Hot paths count outcomes in `STRAIT_COUNTERS_V1` and never log. Every map is
 //! pinned by name so a restarting agent adopts them. Loading, attaching and
 //! pinning are the agent's `redirect` module.
@@ -17,6 +20,9 @@
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod fastpath;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
@@ -54,7 +60,7 @@ mod progs {
     static CONN_ORIG_DST: LruHashMap<ConnKey, OrigDst> =
         LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
     #[map(name = "STRAIT_OUTPORTS_V1")]
-    static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
+    pub(crate) static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
     #[map(name = "STRAIT_COUNTERS_V1")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
 
