@@ -5,7 +5,8 @@
 //!   `-Z build-std=core`; see `ebpf.rs`);
 //! - LLVM 22 development files (`llvm-22-dev libpolly-22-dev libzstd-dev`),
 //!   which `bpf-linker` links against (Debian, as root);
-//! - the testbed's packages (`dnsmasq-base iproute2 curl`; Debian, as root);
+//! - the testbed's packages (`dnsmasq-base iproute2 curl`, and for the bench and the fast
+//!   path tests `python3 wrk iperf3 nginx-light haproxy openssl`; Debian, as root);
 //! - `bpf-linker` built against LLVM 22 (rustc here uses LLVM 22; a linker built
 //!   on another LLVM cannot read its bitcode).
 
@@ -20,7 +21,18 @@ use crate::ebpf::TOOLCHAIN;
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
-const TESTBED_PACKAGES: [&str; 3] = ["dnsmasq-base", "iproute2", "curl"];
+/// The testbed's, then `cargo xtask bench`'s (load, servers, sidecars) and the e2e tests' python3.
+const TESTBED_PACKAGES: [&str; 9] = [
+    "dnsmasq-base",
+    "iproute2",
+    "curl",
+    "python3",
+    "wrk",
+    "iperf3",
+    "nginx-light",
+    "haproxy",
+    "openssl",
+];
 
 pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
