@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Config {
     pub peer_nodes: Vec<PeerNode>,
     /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
     pub inbound_port: u16,
+    /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
+    pub fast_path: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,8 +126,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let redirect = Arc::new(Redirect::install(&RedirectConfig {
         cgroup_root: config.cgroup_root.clone(),
         bpffs: config.bpffs.clone(),
+        fast_path: config.fast_path,
     })?);
-    tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), "eBPF programs attached");
+    tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), fast_path = config.fast_path, "eBPF programs attached");
 
     let metrics = Metrics::default();
     let reloads = Family::<ReloadLabels, Counter>::default();
@@ -542,6 +546,13 @@ impl Node {
                     tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
                 }
                 self.release_inbound(&enrolled);
+                if let Err(error) = self
+                    .ctx
+                    .redirect
+                    .set_fast_path_pod(&enrolled.workload.ips, None)
+                {
+                    tracing::warn!(pod = %key, %error, "cannot remove the pod from the fast path");
+                }
                 tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released");
             }
         }
@@ -686,6 +697,20 @@ impl Node {
         let bound = self.listen(workload, "outbound", port)?;
         let (addrs_up, listeners): (Vec<SocketAddr>, Vec<std::net::TcpListener>) =
             bound.into_iter().unzip();
+        // The fast path needs the pod's netns cookie; the listener lives in that netns.
+        if let Some(listener) = listeners.first() {
+            let registered = redirect::socket_netns_cookie(listener.as_fd())
+                .map_err(|e| e.to_string())
+                .and_then(|cookie| {
+                    self.ctx
+                        .redirect
+                        .set_fast_path_pod(&workload.ips, Some(cookie))
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(error) = registered {
+                tracing::warn!(pod = %workload.key(), %error, "pod not in the fast path; its traffic takes the normal stack");
+            }
+        }
         let source = Arc::new(outbound::Source {
             workload: workload.key(),
             virtual_node: vn.clone(),

@@ -124,6 +124,17 @@ pub struct RunArgs {
     /// from outside the mesh to listeners with tls STRICT or PERMISSIVE.
     #[arg(long, default_value_t = 15006)]
     pub inbound_port: u16,
+    /// eBPF fast path: sockets of the agent's local legs (pod to agent, agent to a local pod)
+    /// exchange bytes through a sockmap instead of the TCP stack. See docs/benchmarks.md.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub fast_path: Switch,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -144,6 +155,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 tunnel_listen: args.tunnel_listen,
                 peer_nodes: args.peer_nodes,
                 inbound_port: args.inbound_port,
+                fast_path: args.fast_path == Switch::On,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;

@@ -179,6 +179,12 @@ impl Connector {
             .await
             .map_err(|_| io::Error::other("BUG: the connector thread dropped a request"))??;
         socket.set_nonblocking(true)?;
+        if addr.ip().is_loopback() && addr.is_ipv4() {
+            // Marks the agent's end of a same-node delivery for the eBPF fast path.
+            let [a, b, c, d] = strait_ebpf::AGENT_LOOPBACK_V4;
+            let from = SocketAddr::from(([a, b, c, d], 0));
+            socket.bind(&from.into())?;
+        }
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         let stream = tokio::time::timeout(timeout, socket.connect(addr))
             .await

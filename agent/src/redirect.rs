@@ -26,6 +26,7 @@
 //! Which cgroups are enrolled, which services exist and which ports the
 //! outbound listeners use is decided elsewhere (`workloads`, `mesh`, `proxy`).
 
+mod fastpath;
 pub mod inpod;
 mod keys;
 
@@ -35,7 +36,7 @@ use std::{
     fs::{self, File},
     io,
     mem::MaybeUninit,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::{
         fd::{AsRawFd as _, BorrowedFd},
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
@@ -54,6 +55,7 @@ use aya::{
 };
 use strait_ebpf as abi;
 
+pub use self::fastpath::{Error as FastPathError, FastPathCounters};
 use self::keys::ServiceKey;
 
 /// The eBPF object built by `cargo xtask build-ebpf` (found by `build.rs`).
@@ -80,6 +82,9 @@ pub struct RedirectConfig {
     pub cgroup_root: PathBuf,
     /// The agent's folder on bpffs, e.g. `/sys/fs/bpf/strait`. Created if missing.
     pub bpffs: PathBuf,
+    /// Attach the fast path (sockmap redirection of the agent's local legs, see
+    /// `redirect/fastpath.rs`); off detaches a previous agent's.
+    pub fast_path: bool,
 }
 
 /// How an enrolled pod's connects are treated.
@@ -121,11 +126,13 @@ pub struct Counters {
     pub capture_failed: u64,
     /// Original destinations lost because the re-keyed entry could not be stored.
     pub rekey_failed: u64,
+    /// Fast path: sends and sockets, see [`FastPathCounters`].
+    pub fast_path: FastPathCounters,
 }
 
 impl Counters {
     /// (reason, value) pairs, for metrics with a bounded `reason` label.
-    pub fn by_reason(&self) -> [(&'static str, u64); 8] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 13] {
         [
             ("captured", self.captured),
             ("passed", self.passed),
@@ -135,6 +142,11 @@ impl Counters {
             ("lookup_miss", self.lookup_miss),
             ("capture_failed", self.capture_failed),
             ("rekey_failed", self.rekey_failed),
+            ("fastpath_hit", self.fast_path.hit),
+            ("fastpath_miss", self.fast_path.miss),
+            ("fastpath_tainted", self.fast_path.tainted),
+            ("fastpath_sockets", self.fast_path.inserted),
+            ("fastpath_insert_failed", self.fast_path.insert_failed),
         ]
     }
 }
@@ -236,6 +248,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    FastPath(#[from] fastpath::Error),
     #[error("BUG: {0}")]
     Bug(String),
 }
@@ -282,6 +296,7 @@ struct Maps {
     /// Mirror of `enrolled` (this agent is its only writer): cgroup -> port,
     /// so that `outbound_ports` is kept without scanning the map.
     ports_by_cgroup: StdHashMap<u64, u16>,
+    fast_path: fastpath::Maps,
 }
 
 /// strait's loaded and attached eBPF programs and their maps. Dropping it leaves
@@ -327,10 +342,19 @@ impl Redirect {
         for (program, _) in LINKS {
             attached.push((program, attach(&mut ebpf, program, &cgroup, cfg)?));
         }
-        let maps = take_maps(&mut ebpf)?;
+        let fast = if cfg.fast_path {
+            Some(fastpath::attach(&mut ebpf, &cgroup, &cfg.cgroup_root)?)
+        } else {
+            None
+        };
+        let maps = take_maps(&mut ebpf, cfg.fast_path)?;
         let inpod = inpod::InPod::new(ebpf, &cfg.bpffs)?;
 
         pin_links(&cfg.bpffs, attached)?;
+        match fast {
+            Some(fast) => fastpath::pin(&cfg.bpffs, fast)?,
+            None => fastpath::unpin(&cfg.bpffs),
+        }
         remove_stale_map_pins(&cfg.bpffs);
         Ok(Redirect {
             bpffs: cfg.bpffs.clone(),
@@ -456,7 +480,23 @@ impl Redirect {
             lookup_miss: read(abi::COUNTER_LOOKUP_MISS)?,
             capture_failed: read(abi::COUNTER_CAPTURE_FAILED)?,
             rekey_failed: read(abi::COUNTER_REKEY_FAILED)?,
+            fast_path: maps.fast_path.counters()?,
         })
+    }
+
+    /// Whether the fast path is on.
+    pub fn fast_path(&self) -> bool {
+        self.maps().fast_path.enabled()
+    }
+
+    /// Tell the fast path about a local pod (`Some(netns cookie)`, the cookie of the pod's
+    /// network namespace) or that it is gone (`None`). A no-op when the fast path is off.
+    pub fn set_fast_path_pod(
+        &self,
+        ips: &[IpAddr],
+        netns_cookie: Option<u64>,
+    ) -> Result<(), Error> {
+        self.maps().fast_path.set_pod(ips, netns_cookie)
     }
 }
 
@@ -626,13 +666,37 @@ fn expected_layout(name: &str) -> Option<(MapType, usize, usize, u32)> {
             size_of::<u64>(),
             abi::COUNTERS_LEN,
         ),
+        abi::MAP_FASTPATH_SOCKS => (
+            MapType::SockHash,
+            size_of::<abi::FastKey>(),
+            size_of::<u32>(),
+            abi::MAX_FASTPATH_SOCKETS,
+        ),
+        abi::MAP_FASTPATH_PODS | abi::MAP_FASTPATH_AGENT => (
+            MapType::Hash,
+            size_of::<abi::AddrKey>(),
+            size_of::<u64>(),
+            abi::MAX_FASTPATH_ADDRS,
+        ),
+        abi::MAP_FASTPATH_TAINTED => (
+            MapType::LruHash,
+            size_of::<abi::FastKey>(),
+            size_of::<u8>(),
+            abi::MAX_FASTPATH_SOCKETS,
+        ),
+        abi::MAP_FASTPATH_COUNTERS => (
+            MapType::PerCpuArray,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            abi::FASTPATH_COUNTERS_LEN,
+        ),
         _ => return None,
     })
 }
 
 /// aya adopts a pinned map by name without comparing layouts; do it first.
 fn check_pinned_maps(folder: &Path) -> Result<(), Error> {
-    for name in abi::ALL_MAPS {
+    for name in abi::ALL_MAPS.into_iter().chain(abi::FASTPATH_MAPS) {
         let path = folder.join(name);
         if !path.exists() {
             continue;
@@ -705,7 +769,7 @@ fn attach(
     link.map_err(|e| Error::link("BPF links are not supported by this kernel", e))
 }
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, Error> {
+fn take_maps(ebpf: &mut Ebpf, fast_path: bool) -> Result<Maps, Error> {
     fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
         ebpf: &mut Ebpf,
         name: &'static str,
@@ -729,6 +793,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, Error> {
         outbound_ports: take(ebpf, abi::MAP_OUTBOUND_PORTS)?,
         counters: take(ebpf, abi::MAP_COUNTERS)?,
         ports_by_cgroup,
+        fast_path: fastpath::take_maps(ebpf, fast_path)?,
     };
     // Repairs the ports map if a previous agent died between two updates.
     sync_outbound_ports(&mut maps)?;
@@ -789,10 +854,10 @@ fn remove_stale_map_pins(folder: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("STRAIT_")
-            && !abi::ALL_MAPS.contains(&name.as_ref())
-            && !abi::INPOD_MAPS.contains(&name.as_ref())
-        {
+        let in_use = abi::ALL_MAPS.contains(&name.as_ref())
+            || abi::INPOD_MAPS.contains(&name.as_ref())
+            || abi::FASTPATH_MAPS.contains(&name.as_ref());
+        if name.starts_with("STRAIT_") && !in_use {
             tracing::info!(pin = %entry.path().display(), "removing the pin of an older map version");
             let _ = fs::remove_file(entry.path());
         }
@@ -921,7 +986,7 @@ mod tests {
 
     #[test]
     fn every_map_has_an_expected_layout() {
-        for name in abi::ALL_MAPS {
+        for name in abi::ALL_MAPS.into_iter().chain(abi::FASTPATH_MAPS) {
             assert!(expected_layout(name).is_some(), "{name}");
         }
     }
@@ -930,7 +995,9 @@ mod tests {
     fn pin_names_are_valid_on_bpffs() {
         for name in abi::ALL_MAPS
             .into_iter()
+            .chain(abi::FASTPATH_MAPS)
             .chain(LINKS.iter().map(|(_, n)| *n))
+            .chain([fastpath::LINK_ROOT, fastpath::LINK_SELF])
         {
             assert!(!name.contains('.'), "{name}");
         }
@@ -971,6 +1038,7 @@ mod tests {
         let cfg = RedirectConfig {
             cgroup_root: dir.path().to_owned(),
             bpffs: dir.path().join("pins"),
+            fast_path: true,
         };
         assert!(matches!(
             Redirect::install(&cfg),

@@ -115,7 +115,7 @@ impl Collector for RedirectCollector {
         let family = counters.by_reason();
         let mut metric = encoder.encode_descriptor(
             "strait_redirect_connects",
-            "Connects seen by the eBPF programs, by outcome",
+            "eBPF outcomes by reason: connects (captured, denied, ...) and fast-path sends and sockets (fastpath_*)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;

@@ -344,6 +344,7 @@ fn capture_deny_pass_restart_uninstall() {
     let cfg = RedirectConfig {
         cgroup_root: node.clone(),
         bpffs: bpffs.clone(),
+        fast_path: false,
     };
     let r = Redirect::install(&cfg).unwrap();
     let pod_id = redirect::cgroup_id(&pod).unwrap();

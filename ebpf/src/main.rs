@@ -12,6 +12,9 @@
 //! - `strait_sk_lookup` and the backend check of connect4/6 live in `src/inpod.rs` (inbound
 //!   capture for STRICT/PERMISSIVE listeners, App Mesh backend authorization).
 //!
+//! - `strait_sockops_fastpath` / `strait_sk_msg_fastpath`: the fast path, see
+//!   `src/fastpath.rs`.
+//!
 //! Hot paths count outcomes in `STRAIT_COUNTERS_V1` and never log. Every map is
 //! pinned by name so a restarting agent adopts them. Loading, attaching and
 //! pinning are the agent's `redirect` module.
@@ -20,6 +23,8 @@
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
 
+#[cfg(target_arch = "bpf")]
+mod fastpath;
 #[cfg(target_arch = "bpf")]
 mod inpod;
 
@@ -59,7 +64,7 @@ mod progs {
     static CONN_ORIG_DST: LruHashMap<ConnKey, OrigDst> =
         LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
     #[map(name = "STRAIT_OUTPORTS_V1")]
-    static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
+    pub(crate) static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
     #[map(name = "STRAIT_COUNTERS_V1")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
 

@@ -1,4 +1,5 @@
 //! `cargo xtask`: set-up, builds, tests and the demo for strait.
+mod bench;
 mod demo;
 mod ebpf;
 mod setup;
@@ -27,6 +28,8 @@ enum Task {
     Test(test::TestArgs),
     /// Build everything, start a testbed, run the agent on examples/demo/mesh.yaml, show the traffic.
     Demo,
+    /// Benchmark strait against no mesh and a sidecar pair on a testbed; writes docs/benchmarks.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test(args) => test::run(&args),
         Task::Demo => demo::run_demo(),
+        Task::Bench(args) => bench::run_bench(&args),
     }
 }
 

@@ -5,7 +5,8 @@
 //!   `-Z build-std=core`; see `ebpf.rs`);
 //! - LLVM 22 development files (`llvm-22-dev libpolly-22-dev libzstd-dev`),
 //!   which `bpf-linker` links against (Debian, as root);
-//! - the testbed's packages (`dnsmasq-base iproute2 curl`; Debian, as root);
+//! - the testbed's packages (`dnsmasq-base iproute2 curl`, and for the bench and the fast
+//!   path tests `python3 wrk iperf3 nginx-light haproxy openssl`; Debian, as root);
 //! - `bpf-linker` built against LLVM 22 (rustc here uses LLVM 22; a linker built
 //!   on another LLVM cannot read its bitcode);
 //! - Python's `grpcio` (the gRPC end-to-end test's real client and server): with
@@ -22,15 +23,21 @@ use crate::ebpf::TOOLCHAIN;
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
-/// tcpdump and tshark check what crosses the wire between nodes (mTLS tests); python3
-/// serves HTTP in the mTLS tests.
-const TESTBED_PACKAGES: [&str; 6] = [
+/// The testbed's; tcpdump and tshark check what crosses the wire between nodes (mTLS tests);
+/// python3 serves HTTP in the e2e tests; then `cargo xtask bench`'s load generators, servers
+/// and sidecar stand-ins.
+const TESTBED_PACKAGES: [&str; 11] = [
     "dnsmasq-base",
     "iproute2",
     "curl",
     "tcpdump",
     "tshark",
     "python3",
+    "wrk",
+    "iperf3",
+    "nginx-light",
+    "haproxy",
+    "openssl",
 ];
 
 pub fn setup() -> anyhow::Result<()> {

@@ -66,12 +66,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     let mut totals = Totals::default();
     let mut unit = cargo();
-    unit.args(["test", "-p", "strait", "-p", "xtask"]);
+    unit.args(["test", "--no-fail-fast", "-p", "strait", "-p", "strait-ebpf", "-p", "xtask"]);
     if !cargo_test(&mut unit, &mut totals)? {
         failed.push("unit and agent tests".to_string());
     }
     let mut e2e = cargo();
-    e2e.args(["test", "-p", "strait-tests"]);
+    e2e.args(["test", "--no-fail-fast", "-p", "strait-tests"]);
     if let Some(filter) = &args.filter {
         e2e.args(["--", filter]);
     }
