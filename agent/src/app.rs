@@ -436,7 +436,7 @@ struct Enrolled {
     inbound_port: u16,
     egress_drop_all: bool,
     listeners: Vec<SocketAddr>,
-    _accepting: outbound::PodListeners,
+    _accepting: proxy::Accepting,
     /// Inbound capture: the pod addresses and ports steered to the inbound sockets.
     inbound: PodInbound,
 }
@@ -449,7 +449,7 @@ struct PodInbound {
     /// Listening sockets in the pod (IPv4, IPv6 if the pod has it), inserted into the map.
     sockets: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
     captured: Vec<SocketAddr>,
-    _accepting: proxy::inbound::PodInbound,
+    _accepting: proxy::Accepting,
 }
 
 /// The node's state, owned by the reconcile loop.

@@ -13,9 +13,13 @@ pub mod inbound;
 pub mod outbound;
 pub mod upstream;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,4 +47,55 @@ pub struct Context {
     pub transport: Arc<upstream::Transport>,
     /// The HTTP proxy's pools and endpoint states.
     pub http: http::Http,
+}
+
+/// Sockets the agent accepts on for one pod. Dropping it stops accepting; connections in
+/// flight go on (the agent's connection tracker drains them).
+pub struct Accepting {
+    stop: CancellationToken,
+}
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Accepts on every listener (already bound inside the pod's network namespace) and runs
+/// `handle` for each connection, tracked for draining. `workload` names the pod in logs.
+pub fn accept<F, Fut>(
+    listeners: Vec<std::net::TcpListener>,
+    ctx: &Arc<Context>,
+    workload: &ResourceId,
+    handle: F,
+) -> std::io::Result<Accepting>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let stop = ctx.shutdown.child_token();
+    for listener in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        let (ctx, stop, handle, workload) =
+            (ctx.clone(), stop.clone(), handle.clone(), workload.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        ctx.connections.spawn(handle(stream, peer));
+                    }
+                    Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(%workload, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+    }
+    Ok(Accepting { stop })
 }

@@ -464,13 +464,7 @@ impl Redirect {
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         let maps = self.maps();
-        let read = |index: u32| -> Result<u64, Error> {
-            let values = maps
-                .counters
-                .get(&index, 0)
-                .map_err(|e| Error::map("read", abi::MAP_COUNTERS, e))?;
-            Ok(values.iter().copied().sum())
-        };
+        let read = |index| sum_counter(&maps.counters, abi::MAP_COUNTERS, index);
         Ok(Counters {
             captured: read(abi::COUNTER_CAPTURED)?,
             passed: read(abi::COUNTER_PASSED)?,
@@ -1058,4 +1052,16 @@ mod tests {
         assert!(matches!(uninstall(dir.path()), Err(Error::NotBpffs { .. })));
         assert!(dir.path().exists());
     }
+}
+
+/// One counter of a per-CPU counters map, summed over CPUs.
+fn sum_counter(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    index: u32,
+) -> Result<u64, Error> {
+    let values = map
+        .get(&index, 0)
+        .map_err(|e| Error::map("read", name, e))?;
+    Ok(values.iter().copied().sum())
 }

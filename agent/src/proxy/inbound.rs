@@ -16,8 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::Context;
 use super::upstream::LocalPod;
@@ -26,48 +25,17 @@ use crate::mesh::TlsMode;
 
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// A pod's inbound sockets. Dropping it stops accepting; connections in flight go on.
-pub struct PodInbound {
-    stop: CancellationToken,
-}
-
-impl Drop for PodInbound {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 /// Starts accepting on `listeners` (bound inside the pod's network namespace).
 pub fn serve(
     listeners: Vec<std::net::TcpListener>,
     pod: Arc<LocalPod>,
     ctx: Arc<Context>,
-) -> std::io::Result<PodInbound> {
-    let stop = ctx.shutdown.child_token();
-    for listener in listeners {
-        let listener = TcpListener::from_std(listener)?;
-        let (pod, ctx, stop) = (pod.clone(), ctx.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let (pod, ctx2) = (pod.clone(), ctx.clone());
-                        ctx.connections
-                            .spawn(async move { handle(stream, peer, &pod, &ctx2).await });
-                    }
-                    Err(error) => {
-                        tracing::warn!(workload = %pod.workload, %error, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-    }
-    Ok(PodInbound { stop })
+) -> std::io::Result<super::Accepting> {
+    let workload = pod.workload.clone();
+    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer| {
+        let (pod, ctx) = (pod.clone(), ctx.clone());
+        async move { handle(stream, peer, &pod, &ctx).await }
+    })
 }
 
 async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &Context) {

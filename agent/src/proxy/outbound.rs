@@ -8,10 +8,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use super::{Context, http, upstream};
 use crate::mesh::ResourceId;
@@ -32,49 +31,17 @@ pub struct Source {
     pub ips: Vec<IpAddr>,
 }
 
-/// A pod's outbound listeners. Dropping it stops accepting; connections in flight go on.
-pub struct PodListeners {
-    stop: CancellationToken,
-}
-
-impl Drop for PodListeners {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 /// Starts accepting on `listeners` (already bound inside the pod's network namespace).
 pub fn serve(
     listeners: Vec<std::net::TcpListener>,
     source: Arc<Source>,
     ctx: Arc<Context>,
-) -> std::io::Result<PodListeners> {
-    let stop = ctx.shutdown.child_token();
-    for listener in listeners {
-        let listener = TcpListener::from_std(listener)?;
-        let (source, ctx, stop) = (source.clone(), ctx.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let (source, ctx2) = (source.clone(), ctx.clone());
-                        ctx.connections
-                            .spawn(async move { forward(stream, peer, &source, &ctx2).await });
-                    }
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(workload = %source.workload, %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        });
-    }
-    Ok(PodListeners { stop })
+) -> std::io::Result<super::Accepting> {
+    let workload = source.workload.clone();
+    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer| {
+        let (source, ctx) = (source.clone(), ctx.clone());
+        async move { forward(stream, peer, &source, &ctx).await }
+    })
 }
 
 async fn forward(

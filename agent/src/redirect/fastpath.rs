@@ -294,13 +294,7 @@ impl Maps {
     }
 
     pub(super) fn counters(&self) -> Result<FastPathCounters, RedirectError> {
-        let read = |index: u32| -> Result<u64, RedirectError> {
-            let values = self
-                .counters
-                .get(&index, 0)
-                .map_err(|e| RedirectError::map("read", abi::MAP_FASTPATH_COUNTERS, e))?;
-            Ok(values.iter().copied().sum())
-        };
+        let read = |index| super::sum_counter(&self.counters, abi::MAP_FASTPATH_COUNTERS, index);
         Ok(FastPathCounters {
             hit: read(abi::FASTPATH_COUNTER_HIT)?,
             miss: read(abi::FASTPATH_COUNTER_MISS)?,

@@ -357,13 +357,7 @@ impl InPod {
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<InPodCounters, Error> {
         let maps = self.maps();
-        let read = |index: u32| -> Result<u64, Error> {
-            let values = maps
-                .counters
-                .get(&index, 0)
-                .map_err(|e| Error::map("read", abi::MAP_INPOD_COUNTERS, e))?;
-            Ok(values.iter().copied().sum())
-        };
+        let read = |index| super::sum_counter(&maps.counters, abi::MAP_INPOD_COUNTERS, index);
         Ok(InPodCounters {
             not_a_backend: read(abi::INPOD_COUNTER_NOT_A_BACKEND)?,
             inbound_steered: read(abi::INPOD_COUNTER_INBOUND_STEERED)?,
