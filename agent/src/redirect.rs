@@ -968,6 +968,18 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
     Ok(stat.f_type as i64)
 }
 
+/// One counter of a per-CPU counters map, summed over CPUs.
+fn sum_counter(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    index: u32,
+) -> Result<u64, Error> {
+    let values = map
+        .get(&index, 0)
+        .map_err(|e| Error::map("read", name, e))?;
+    Ok(values.iter().copied().sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1052,16 +1064,4 @@ mod tests {
         assert!(matches!(uninstall(dir.path()), Err(Error::NotBpffs { .. })));
         assert!(dir.path().exists());
     }
-}
-
-/// One counter of a per-CPU counters map, summed over CPUs.
-fn sum_counter(
-    map: &PerCpuArray<MapData, u64>,
-    name: &'static str,
-    index: u32,
-) -> Result<u64, Error> {
-    let values = map
-        .get(&index, 0)
-        .map_err(|e| Error::map("read", name, e))?;
-    Ok(values.iter().copied().sum())
 }
