@@ -144,7 +144,14 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
             let mut body = String::new();
-            if prometheus_client::encoding::text::encode(&mut body, &state.registry).is_err() {
+            // Prometheus asks for OpenMetrics first when it can parse it; anything else
+            // (curl, older scrapers, the CloudWatch agent) gets the 0.0.4 text format.
+            let encoded = if openmetrics {
+                prometheus_client::encoding::text::encode(&mut body, &state.registry)
+            } else {
+                prometheus_client::encoding::prometheus_text::encode(&mut body, &state.registry)
+            };
+            if encoded.is_err() {
                 return text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "BUG: metrics encoding failed\n".into(),

@@ -32,7 +32,7 @@ use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
-use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, access_log};
+use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, handover, netns};
 
@@ -58,6 +58,12 @@ pub struct Config {
     pub inbound_port: u16,
     /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
     pub fast_path: bool,
+    /// Per-request telemetry (`--telemetry`).
+    pub telemetry: bool,
+    /// Probability of sampling a new trace (`--trace-sampling`).
+    pub trace_sampling: f64,
+    /// OTLP/HTTP receiver for spans (`--otlp-endpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +88,8 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::Error),
+    #[error(transparent)]
+    Otlp(#[from] otlp::Error),
     #[error(
         "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
     )]
@@ -118,6 +126,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if !config.cgroup_root.join("cgroup.procs").exists() {
         return Err(Error::CgroupRoot(config.cgroup_root.clone()));
     }
+    let traces_url = config
+        .otlp_endpoint
+        .as_deref()
+        .map(otlp::traces_url)
+        .transpose()?;
     let workload_source = workloads::DirectorySource::start(&config.workloads_dir)?;
     let resolver = discovery::Resolver::new(config.dns_server)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -181,6 +194,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
     })?;
 
     let shutdown = CancellationToken::new();
+    let telemetry = config.telemetry.then(|| {
+        Arc::new(Telemetry {
+            metrics: metrics.clone(),
+            sampling: config.trace_sampling,
+            exporter: traces_url
+                .map(|url| otlp::start(url, metrics.spans.clone(), shutdown.clone())),
+        })
+    });
+    tracing::info!(
+        telemetry = config.telemetry,
+        trace_sampling = config.trace_sampling,
+        otlp_endpoint = config.otlp_endpoint.as_deref().unwrap_or(""),
+        "telemetry"
+    );
     let ctx = Arc::new(proxy::Context {
         redirect: redirect.clone(),
         table: ArcSwap::from_pointee(Table::default()),
@@ -190,6 +217,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
         http: proxy::http::Http::default(),
+        telemetry,
     });
     proxy::http::start(&ctx);
     proxy::hbone::serve(tunnel_listener, ctx.clone());

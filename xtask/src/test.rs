@@ -66,7 +66,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
     }
     let mut totals = Totals::default();
     let mut unit = cargo();
-    unit.args(["test", "--no-fail-fast", "-p", "strait", "-p", "strait-ebpf", "-p", "xtask"]);
+    unit.args([
+        "test",
+        "--no-fail-fast",
+        "-p",
+        "strait",
+        "-p",
+        "strait-ebpf",
+        "-p",
+        "xtask",
+    ]);
     if !cargo_test(&mut unit, &mut totals)? {
         failed.push("unit and agent tests".to_string());
     }
