@@ -325,8 +325,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 }
             }
             _ = retry.tick() => {
-                if node.failed.is_empty() { continue }
-                node.reconcile(&workload_snapshots.borrow());
+                // Also refreshes /workloads, so certificate rotations and expiry show.
+                if !node.failed.is_empty() {
+                    node.reconcile(&workload_snapshots.borrow());
+                }
             }
         }
         node.publish(&admin_state);
@@ -916,6 +918,70 @@ impl Node {
         }
     }
 
+    /// The virtual node's identities and its certificate: a listener's `tls.certificate`,
+    /// else a client policy's, read through the certificate store (so a rotated file shows).
+    fn identity_status(&self, vn: &ResourceId) -> admin::IdentityStatus {
+        use crate::identity::policy::certificate_files;
+        let policy = self.ctx.transport.policy.load();
+        let Some(node) = policy.nodes.get(vn) else {
+            return admin::IdentityStatus {
+                identities: Vec::new(),
+                certificate: None,
+            };
+        };
+        let listener_cert = node
+            .listeners
+            .values()
+            .flatten()
+            .map(|tls| &tls.certificate)
+            .next();
+        let client_cert = || {
+            node.backends
+                .values()
+                .flatten()
+                .find_map(|tls| tls.certificate.as_ref())
+        };
+        let certificate = listener_cert.or_else(client_cert).map(|cert| {
+            let field = format!("VirtualNode {vn} tls.certificate");
+            let loaded = certificate_files(cert, &field).and_then(|(chain, key)| {
+                let loaded = self.ctx.transport.store.cert(&chain, &key);
+                loaded.map(|l| (chain, l))
+            });
+            match loaded {
+                Ok((chain, cert)) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    admin::CertificateStatus {
+                        path: chain.display().to_string(),
+                        sans: cert.sans.clone(),
+                        serial: cert.serial.clone(),
+                        not_after_unix: cert.not_after,
+                        not_after: access_log::iso8601(
+                            UNIX_EPOCH + Duration::from_secs(cert.not_after.max(0) as u64),
+                        ),
+                        expires_in_seconds: cert.not_after - now,
+                        error: None,
+                    }
+                }
+                Err(error) => admin::CertificateStatus {
+                    path: String::new(),
+                    sans: Vec::new(),
+                    serial: String::new(),
+                    not_after_unix: 0,
+                    not_after: String::new(),
+                    expires_in_seconds: 0,
+                    error: Some(error.to_string()),
+                },
+            }
+        });
+        admin::IdentityStatus {
+            identities: node.identities.clone(),
+            certificate,
+        }
+    }
+
     fn publish(&self, admin: &admin::State) {
         let mut statuses: Vec<WorkloadStatus> = self
             .enrolled
@@ -927,6 +993,7 @@ impl Node {
                 cgroup_id: Some(e.cgroup_id),
                 listeners: e.listeners.clone(),
                 error: None,
+                identity: Some(self.identity_status(&e.virtual_node)),
             })
             .collect();
         statuses.extend(
@@ -939,6 +1006,7 @@ impl Node {
                     cgroup_id: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
+                    identity: None,
                 }),
         );
         admin.workloads.store(Arc::new(statuses));
