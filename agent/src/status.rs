@@ -156,7 +156,7 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
     }
     let _ = writeln!(
         out,
-        "\nWORKLOAD                        IDENTITY (SPIFFE ID, DNS)                         CERTIFICATE SANS                                  EXPIRES"
+        "\nWORKLOAD                        CERTIFICATE EXPIRES                         IDENTITIES (SPIFFE ID, DNS) / CERTIFICATE SANS"
     );
     for w in workloads.as_array().into_iter().flatten() {
         let identity = &w["identity"];
@@ -168,7 +168,10 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
         let (sans, expires) = if cert.is_null() {
             ("-".to_owned(), "no certificate (no tls)".to_owned())
         } else if !cert["error"].is_null() {
-            ("-".to_owned(), format!("cannot read: {}", text(&cert["error"])))
+            (
+                "-".to_owned(),
+                format!("cannot read: {}", text(&cert["error"])),
+            )
         } else {
             (
                 strings(&cert["sans"]),
@@ -179,13 +182,8 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
                 ),
             )
         };
-        let _ = writeln!(
-            out,
-            "{:<31} {:<49} {:<49} {expires}",
-            text(&w["pod"]),
-            names,
-            sans
-        );
+        let _ = writeln!(out, "{:<31} {expires:<43} {names}", text(&w["pod"]));
+        let _ = writeln!(out, "{:<31} {:<43} SANs: {sans}", "", "");
     }
     let _ = writeln!(out, "\nEBPF COUNTER     VALUE");
     if let Some(counters) = stats["redirect"].as_object() {
