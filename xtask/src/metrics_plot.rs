@@ -150,6 +150,16 @@ fn by_target(text: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// 1, 2 or 5 times a power of ten, at least `raw`: round axis ticks.
+fn nice_step(raw: f64) -> f64 {
+    let power = 10f64.powf(raw.max(1e-9).log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * power)
+}
+
 /// Requests per second by target, as line series, in an SVG.
 fn plot(samples: &[(f64, BTreeMap<String, f64>)], promote_at: f64) -> String {
     let nodes: Vec<String> = samples
@@ -189,10 +199,11 @@ fn plot(samples: &[(f64, BTreeMap<String, f64>)], promote_at: f64) -> String {
     let _ = writeln!(svg, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(
         svg,
-        r#"<text x="{left}" y="22" font-size="15" font-weight="bold">rate(strait_requests_total[1s]) by target_virtual_node: front to color, canary 90/10 promoted to 50/50</text>"#
+        r#"<text x="{left}" y="22" font-size="15" font-weight="bold">Requests/s by target_virtual_node: canary 90/10, promoted to 50/50 at 20 s</text>"#
     );
-    for i in 0..=5 {
-        let v = y_max / 1.1 * f64::from(i) / 5.0;
+    let step = nice_step(y_max / 5.0);
+    let mut v = 0.0;
+    while v <= y_max {
         let yy = y(v);
         let _ = writeln!(
             svg,
@@ -201,15 +212,17 @@ fn plot(samples: &[(f64, BTreeMap<String, f64>)], promote_at: f64) -> String {
             left - 6.0,
             yy + 4.0
         );
+        v += step;
     }
-    for i in 0..=8 {
-        let t = t_max * f64::from(i) / 8.0;
+    let mut t = 0.0;
+    while t <= t_max {
         let _ = writeln!(
             svg,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t:.0}</text>"#,
             x(t),
             top + ph + 18.0
         );
+        t += 5.0;
     }
     let _ = writeln!(
         svg,
