@@ -40,6 +40,35 @@ pub struct WorkloadStatus {
     pub listeners: Vec<SocketAddr>,
     /// Why the pod is not enrolled, when it should be.
     pub error: Option<String>,
+    /// The virtual node's identity and certificate (enrolled pods).
+    pub identity: Option<IdentityStatus>,
+}
+
+/// Who a workload is to its peers: the identities strait accepts for its virtual node and
+/// the certificate the mesh file names for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityStatus {
+    /// SPIFFE ID, then the DNS name (`serviceDiscovery.dns.hostname`), if any.
+    pub identities: Vec<String>,
+    /// None when the virtual node has no certificate (no listener or client policy `tls`).
+    pub certificate: Option<CertificateStatus>,
+}
+
+/// One certificate as read from its file now.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateStatus {
+    /// Where the mesh file says it is (`...tls.certificate.file.certificateChain`).
+    pub path: String,
+    /// URI and DNS SANs of the leaf.
+    pub sans: Vec<String>,
+    pub serial: String,
+    pub not_after_unix: i64,
+    /// The same as an RFC 3339 UTC time.
+    pub not_after: String,
+    /// Seconds left when this answer was made (negative: expired).
+    pub expires_in_seconds: i64,
+    /// Why the certificate could not be read, if it could not.
+    pub error: Option<String>,
 }
 
 /// The mesh in force, as `/config_dump` shows it.
@@ -144,7 +173,14 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
             let mut body = String::new();
-            if prometheus_client::encoding::text::encode(&mut body, &state.registry).is_err() {
+            // Prometheus asks for OpenMetrics first when it can parse it; anything else
+            // (curl, older scrapers, the CloudWatch agent) gets the 0.0.4 text format.
+            let encoded = if openmetrics {
+                prometheus_client::encoding::text::encode(&mut body, &state.registry)
+            } else {
+                prometheus_client::encoding::prometheus_text::encode(&mut body, &state.registry)
+            };
+            if encoded.is_err() {
                 return text(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "BUG: metrics encoding failed\n".into(),

@@ -32,7 +32,7 @@ use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
-use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, access_log};
+use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, handover, netns};
 
@@ -58,6 +58,12 @@ pub struct Config {
     pub inbound_port: u16,
     /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
     pub fast_path: bool,
+    /// Per-request telemetry (`--telemetry`).
+    pub telemetry: bool,
+    /// Probability of sampling a new trace (`--trace-sampling`).
+    pub trace_sampling: f64,
+    /// OTLP/HTTP receiver for spans (`--otlp-endpoint`).
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +88,8 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::Error),
+    #[error(transparent)]
+    Otlp(#[from] otlp::Error),
     #[error(
         "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
     )]
@@ -118,6 +126,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if !config.cgroup_root.join("cgroup.procs").exists() {
         return Err(Error::CgroupRoot(config.cgroup_root.clone()));
     }
+    let traces_url = config
+        .otlp_endpoint
+        .as_deref()
+        .map(otlp::traces_url)
+        .transpose()?;
     let workload_source = workloads::DirectorySource::start(&config.workloads_dir)?;
     let resolver = discovery::Resolver::new(config.dns_server)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -181,6 +194,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
     })?;
 
     let shutdown = CancellationToken::new();
+    let telemetry = config.telemetry.then(|| {
+        Arc::new(Telemetry {
+            metrics: metrics.clone(),
+            sampling: config.trace_sampling,
+            exporter: traces_url
+                .map(|url| otlp::start(url, metrics.spans.clone(), shutdown.clone())),
+        })
+    });
+    tracing::info!(
+        telemetry = config.telemetry,
+        trace_sampling = config.trace_sampling,
+        otlp_endpoint = config.otlp_endpoint.as_deref().unwrap_or(""),
+        "telemetry"
+    );
     let ctx = Arc::new(proxy::Context {
         redirect: redirect.clone(),
         table: ArcSwap::from_pointee(Table::default()),
@@ -190,6 +217,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
         http: proxy::http::Http::default(),
+        telemetry,
     });
     proxy::http::start(&ctx);
     proxy::hbone::serve(tunnel_listener, ctx.clone());
@@ -297,8 +325,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 }
             }
             _ = retry.tick() => {
-                if node.failed.is_empty() { continue }
-                node.reconcile(&workload_snapshots.borrow());
+                // Also refreshes /workloads, so certificate rotations and expiry show.
+                if !node.failed.is_empty() {
+                    node.reconcile(&workload_snapshots.borrow());
+                }
             }
         }
         node.publish(&admin_state);
@@ -888,6 +918,70 @@ impl Node {
         }
     }
 
+    /// The virtual node's identities and its certificate: a listener's `tls.certificate`,
+    /// else a client policy's, read through the certificate store (so a rotated file shows).
+    fn identity_status(&self, vn: &ResourceId) -> admin::IdentityStatus {
+        use crate::identity::policy::certificate_files;
+        let policy = self.ctx.transport.policy.load();
+        let Some(node) = policy.nodes.get(vn) else {
+            return admin::IdentityStatus {
+                identities: Vec::new(),
+                certificate: None,
+            };
+        };
+        let listener_cert = node
+            .listeners
+            .values()
+            .flatten()
+            .map(|tls| &tls.certificate)
+            .next();
+        let client_cert = || {
+            node.backends
+                .values()
+                .flatten()
+                .find_map(|tls| tls.certificate.as_ref())
+        };
+        let certificate = listener_cert.or_else(client_cert).map(|cert| {
+            let field = format!("VirtualNode {vn} tls.certificate");
+            let loaded = certificate_files(cert, &field).and_then(|(chain, key)| {
+                let loaded = self.ctx.transport.store.cert(&chain, &key);
+                loaded.map(|l| (chain, l))
+            });
+            match loaded {
+                Ok((chain, cert)) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    admin::CertificateStatus {
+                        path: chain.display().to_string(),
+                        sans: cert.sans.clone(),
+                        serial: cert.serial.clone(),
+                        not_after_unix: cert.not_after,
+                        not_after: access_log::iso8601(
+                            UNIX_EPOCH + Duration::from_secs(cert.not_after.max(0) as u64),
+                        ),
+                        expires_in_seconds: cert.not_after - now,
+                        error: None,
+                    }
+                }
+                Err(error) => admin::CertificateStatus {
+                    path: String::new(),
+                    sans: Vec::new(),
+                    serial: String::new(),
+                    not_after_unix: 0,
+                    not_after: String::new(),
+                    expires_in_seconds: 0,
+                    error: Some(error.to_string()),
+                },
+            }
+        });
+        admin::IdentityStatus {
+            identities: node.identities.clone(),
+            certificate,
+        }
+    }
+
     fn publish(&self, admin: &admin::State) {
         let mut statuses: Vec<WorkloadStatus> = self
             .enrolled
@@ -899,6 +993,7 @@ impl Node {
                 cgroup_id: Some(e.cgroup_id),
                 listeners: e.listeners.clone(),
                 error: None,
+                identity: Some(self.identity_status(&e.virtual_node)),
             })
             .collect();
         statuses.extend(
@@ -911,6 +1006,7 @@ impl Node {
                     cgroup_id: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
+                    identity: None,
                 }),
         );
         admin.workloads.store(Arc::new(statuses));

@@ -128,6 +128,28 @@ pub struct RunArgs {
     /// exchange bytes through a sockmap instead of the TCP stack. See docs/benchmarks.md.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub fast_path: Switch,
+    /// Per-request telemetry: request and TCP connection metrics, access logs, traces.
+    /// `off` leaves only the agent's own metrics (eBPF counters, reloads, health checks,
+    /// process); the benchmark compares the two.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub telemetry: Switch,
+    /// Share of requests arriving without a trace context that start a sampled trace,
+    /// 0.0 to 1.0. A sampling decision that comes with the request is always followed.
+    #[arg(long, default_value_t = 0.01, value_parser = parse_sampling)]
+    pub trace_sampling: f64,
+    /// OTLP/HTTP receiver for spans (JSON), e.g. http://127.0.0.1:4318 (`/v1/traces` is
+    /// appended to a URL without a path). Without it, trace headers are still propagated.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+fn parse_sampling(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}`: expected a probability from 0.0 to 1.0 (0.01 = 1 % of new traces)"
+        )),
+    }
 }
 
 /// `on` or `off`.
@@ -156,6 +178,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 peer_nodes: args.peer_nodes,
                 inbound_port: args.inbound_port,
                 fast_path: args.fast_path == Switch::On,
+                telemetry: args.telemetry == Switch::On,
+                trace_sampling: args.trace_sampling,
+                otlp_endpoint: args.otlp_endpoint,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;

@@ -104,7 +104,10 @@ pub fn parse_tunnel_sni(sni: &str) -> Option<(ResourceId, u16)> {
 pub struct TlsFailureLabels {
     /// `client` (we verified a server) or `server` (we verified a client).
     pub side: &'static str,
-    /// `expired`, `not_yet_valid`, `san_mismatch`, `untrusted`, `no_certificate`, `other`.
+    /// Certificate rejections by the verifier: `expired`, `not_yet_valid`, `san_mismatch`,
+    /// `untrusted`, `other`. Handshakes that failed otherwise: `no_certificate`,
+    /// `peer_alert` (the peer rejected us; its agent counts why), `protocol`, `io`,
+    /// `handshake_timeout`, `not_tls`, `no_server_name`.
     pub reason: &'static str,
 }
 
@@ -186,6 +189,29 @@ impl Metrics {
             .get_or_create(&TlsFailureLabels { side, reason })
             .inc();
         tracing::warn!(side, reason, context, "peer certificate rejected: {detail}");
+    }
+
+    /// Counts a failed TLS handshake (already logged by the caller), unless the certificate
+    /// verifier counted it with its reason.
+    pub fn handshake_failed(&self, side: &'static str, error: &std::io::Error) {
+        let reason = match error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            Some(rustls::Error::InvalidCertificate(_)) => return,
+            Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+            Some(rustls::Error::AlertReceived(_)) => "peer_alert",
+            Some(_) => "protocol",
+            None => "io",
+        };
+        self.handshake_failure(side, reason);
+    }
+
+    /// Counts a handshake that failed before or outside certificate verification.
+    pub fn handshake_failure(&self, side: &'static str, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&TlsFailureLabels { side, reason })
+            .inc();
     }
 }
 

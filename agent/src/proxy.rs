@@ -28,8 +28,8 @@ use std::collections::BTreeMap;
 use crate::mesh::ResourceId;
 use crate::redirect::Redirect;
 use crate::routing::Table;
-use crate::telemetry::Metrics;
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::{Metrics, Telemetry};
 
 /// What every connection handler needs.
 pub struct Context {
@@ -47,6 +47,9 @@ pub struct Context {
     pub transport: Arc<upstream::Transport>,
     /// The HTTP proxy's pools and endpoint states.
     pub http: http::Http,
+    /// Per-request and per-connection telemetry (request metrics, TCP connection metrics,
+    /// access logs, traces); None under `--telemetry off`.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 /// Sockets the agent accepts on for one pod. Dropping it stops accepting; connections in

@@ -77,6 +77,33 @@ fn text(value: &Value) -> String {
     }
 }
 
+fn strings(value: &Value) -> String {
+    let list: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// `in 89d 23h`, `in 5h 2m`, `EXPIRED 3d ago`.
+fn remaining(seconds: i64) -> String {
+    let (abs, expired) = (seconds.unsigned_abs(), seconds < 0);
+    let (d, h, m) = (abs / 86_400, abs % 86_400 / 3600, abs % 3600 / 60);
+    let span = if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else {
+        format!("{m}m")
+    };
+    if expired {
+        format!("EXPIRED {span} ago")
+    } else {
+        format!("in {span}")
+    }
+}
+
 /// Renders the agent's state: readiness, the mesh in force, local workloads, eBPF counters.
 pub fn render(addr: SocketAddr) -> Result<String, Error> {
     let (ready_code, _) = get(addr, "/ready")?;
@@ -126,6 +153,37 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
             text(&w["virtual_node"]),
             if w["enrolled"] == true { "yes" } else { "no" }
         );
+    }
+    let _ = writeln!(
+        out,
+        "\nWORKLOAD                        CERTIFICATE EXPIRES                         IDENTITIES (SPIFFE ID, DNS) / CERTIFICATE SANS"
+    );
+    for w in workloads.as_array().into_iter().flatten() {
+        let identity = &w["identity"];
+        if identity.is_null() {
+            continue;
+        }
+        let names = strings(&identity["identities"]);
+        let cert = &identity["certificate"];
+        let (sans, expires) = if cert.is_null() {
+            ("-".to_owned(), "no certificate (no tls)".to_owned())
+        } else if !cert["error"].is_null() {
+            (
+                "-".to_owned(),
+                format!("cannot read: {}", text(&cert["error"])),
+            )
+        } else {
+            (
+                strings(&cert["sans"]),
+                format!(
+                    "{} ({})",
+                    text(&cert["not_after"]),
+                    remaining(cert["expires_in_seconds"].as_i64().unwrap_or(0))
+                ),
+            )
+        };
+        let _ = writeln!(out, "{:<31} {expires:<43} {names}", text(&w["pod"]));
+        let _ = writeln!(out, "{:<31} {:<43} SANs: {sans}", "", "");
     }
     let _ = writeln!(out, "\nEBPF COUNTER     VALUE");
     if let Some(counters) = stats["redirect"].as_object() {

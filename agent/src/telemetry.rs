@@ -1,11 +1,17 @@
-//! Metrics (Prometheus / OpenMetrics) and the per-connection log line.
+//! Metrics (Prometheus / OpenMetrics), access logs, and traces.
 //!
 //! One registry for the whole agent, built here and passed down. Labels are bounded: mesh and
-//! resource names, never addresses or ports. The eBPF counters are read from the kernel on
-//! each scrape (see [`RedirectCollector`]).
+//! resource names, route names, response code classes, reasons; never addresses, ports or
+//! paths. The eBPF counters are read from the kernel on each scrape (see
+//! [`RedirectCollector`]). Per-request telemetry (metrics, access log line, client span) is
+//! recorded once, when a response ends ([`request`]); `strait run --telemetry off` turns all of
+//! it off, along with the TCP connection metrics and logs (see docs/metrics.md).
 
 pub mod access_log;
+pub mod otlp;
 mod process;
+pub mod request;
+pub mod trace;
 
 use std::sync::Arc;
 
@@ -14,6 +20,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 pub use process::ProcessCollector;
@@ -46,9 +53,78 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of an HTTP, HTTP/2 or gRPC request through the agent (App Mesh's dimensions).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub mesh: String,
+    pub source_virtual_node: String,
+    pub target_virtual_service: String,
+    /// Empty when no route matched (404) or no target could be picked.
+    pub target_virtual_node: String,
+    /// The App Mesh route's name; empty when none matched.
+    pub route: String,
+    /// `2xx`, `4xx`, ... for HTTP; for gRPC the status name (`OK`, `UNAVAILABLE`, ...).
+    pub response_code_class: &'static str,
+}
+
+/// Labels of a retry or a timeout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteEventLabels {
+    pub mesh: String,
+    pub source_virtual_node: String,
+    pub target_virtual_service: String,
+    pub target_virtual_node: String,
+    pub route: String,
+    /// Retries: what was retried (`connect_failure`, `reset`, `refused_stream`, `status`,
+    /// `per_try_timeout`). Timeouts: which one expired (`per_request`, `per_try`, `idle`).
+    pub reason: &'static str,
+}
+
+/// Labels of a health check probe result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub mesh: String,
+    pub virtual_node: String,
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+/// Labels of endpoint ejections.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub mesh: String,
+    pub virtual_node: String,
+}
+
+/// Histogram buckets of request durations, seconds: 0.5 ms to 30 s.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// A family of request duration histograms.
+pub type DurationFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
 /// The metrics the proxy updates.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Metrics {
+    /// Requests answered, by App Mesh dimensions and response code class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Their durations, from the request's arrival to the response's last byte.
+    pub request_duration: DurationFamily,
+    pub retries: Family<RouteEventLabels, Counter>,
+    pub timeouts: Family<RouteEventLabels, Counter>,
+    pub health_checks: Family<HealthLabels, Counter>,
+    /// Endpoints taken out of load balancing by active health checks.
+    pub ejections: Family<EndpointLabels, Counter>,
+    /// Endpoints out of load balancing now.
+    pub ejected: Family<EndpointLabels, Gauge>,
+    /// Spans handed to the OTLP exporter, by result.
+    pub spans: Family<otlp::SpanLabels, Counter>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_active: Family<TcpLabels, Gauge>,
@@ -58,8 +134,70 @@ pub struct Metrics {
     pub enrolled_workloads: Gauge,
 }
 
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            retries: Family::default(),
+            timeouts: Family::default(),
+            health_checks: Family::default(),
+            ejections: Family::default(),
+            ejected: Family::default(),
+            spans: Family::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_active: Family::default(),
+            tcp_bytes: Family::default(),
+            tcp_failures: Family::default(),
+            enrolled_workloads: Gauge::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "strait_requests",
+            "HTTP, HTTP/2 and gRPC requests answered, by mesh, source and target virtual node, target virtual service, route and response code class (gRPC: status name)",
+            self.requests.clone(),
+        );
+        registry.register_with_unit(
+            "strait_request_duration",
+            "Request durations from arrival at the agent to the response's last byte",
+            prometheus_client::registry::Unit::Seconds,
+            self.request_duration.clone(),
+        );
+        registry.register(
+            "strait_request_retries",
+            "Request attempts retried under the route's retry policy (or App Mesh's implicit one), by what was retried",
+            self.retries.clone(),
+        );
+        registry.register(
+            "strait_request_timeouts",
+            "Route timeouts that expired (per_request, per_try, idle)",
+            self.timeouts.clone(),
+        );
+        registry.register(
+            "strait_health_checks",
+            "Active health check probes of endpoints, by virtual node and result",
+            self.health_checks.clone(),
+        );
+        registry.register(
+            "strait_endpoint_ejections",
+            "Endpoints taken out of load balancing after failing health checks",
+            self.ejections.clone(),
+        );
+        registry.register(
+            "strait_endpoints_ejected",
+            "Endpoints out of load balancing now (failing their health check)",
+            self.ejected.clone(),
+        );
+        registry.register(
+            "strait_trace_spans",
+            "Spans handed to the OTLP exporter, by result (exported, queue_full, export_failed)",
+            self.spans.clone(),
+        );
         registry.register(
             "strait_tcp_connections_opened",
             "TCP connections accepted from local workloads and forwarded",
@@ -91,6 +229,15 @@ impl Metrics {
             self.enrolled_workloads.clone(),
         );
     }
+}
+
+/// The per-request telemetry switch and its sinks; absent under `--telemetry off`.
+pub struct Telemetry {
+    pub metrics: Metrics,
+    /// Probability that a request arriving without a trace context starts a sampled trace.
+    pub sampling: f64,
+    /// None without `--otlp-endpoint`: contexts are still propagated, spans are not recorded.
+    pub exporter: Option<otlp::Exporter>,
 }
 
 /// Exposes the eBPF programs' per-reason counters, read on each scrape.

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod metrics_plot;
 mod setup;
 mod test;
 
@@ -30,6 +31,9 @@ enum Task {
     Demo,
     /// Benchmark strait against no mesh and a sidecar pair on a testbed; writes docs/benchmarks.md.
     Bench(bench::BenchArgs),
+    /// Run the demo's canary with load, scrape /metrics each second, promote the canary
+    /// halfway; writes docs/metrics/canary.svg (the picture in docs/metrics.md).
+    MetricsPlot,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test(args) => test::run(&args),
         Task::Demo => demo::run_demo(),
         Task::Bench(args) => bench::run_bench(&args),
+        Task::MetricsPlot => metrics_plot::run_plot(),
     }
 }
 

@@ -295,8 +295,16 @@ async fn dial(
         tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
     )
     .await
-    .map_err(|_| handshake_error("timed out".into()))?
-    .map_err(|e| handshake_error(e.to_string()))?;
+    .map_err(|_| {
+        transport
+            .metrics
+            .handshake_failure("client", "handshake_timeout");
+        handshake_error("timed out".into())
+    })?
+    .map_err(|e| {
+        transport.metrics.handshake_failed("client", &e);
+        handshake_error(e.to_string())
+    })?;
     let (_, session) = tls.get_ref();
     let server_sans = session
         .peer_certificates()
@@ -421,16 +429,23 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         Ok(Ok(start)) => start,
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "not a TLS client on the tunnel port; closed");
+            transport.metrics.handshake_failure("server", "not_tls");
             return;
         }
         Err(_) => {
             tracing::warn!(%peer, "no TLS ClientHello within {HANDSHAKE_TIMEOUT:?}; closed");
+            transport
+                .metrics
+                .handshake_failure("server", "handshake_timeout");
             return;
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
     let Some((vn, port)) = sni.as_deref().and_then(parse_tunnel_sni) else {
         tracing::warn!(%peer, ?sni, "tunnel client sent no strait server name; closed");
+        transport
+            .metrics
+            .handshake_failure("server", "no_server_name");
         return;
     };
     let (config, mutual) = match server_config(transport, &vn, port, peer) {
@@ -445,10 +460,14 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         Ok(Err(error)) => {
             // Certificate rejections were logged and counted by the verifier with the reason.
             tracing::info!(%peer, virtual_node = %vn, port, %error, "tunnel TLS handshake failed");
+            transport.metrics.handshake_failed("server", &error);
             return;
         }
         Err(_) => {
             tracing::warn!(%peer, "tunnel TLS handshake timed out");
+            transport
+                .metrics
+                .handshake_failure("server", "handshake_timeout");
             return;
         }
     };

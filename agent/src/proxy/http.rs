@@ -16,6 +16,10 @@
 //! the timeout expired, 400 for a request the proxy cannot forward; each with a short body that
 //! names the virtual service and route. gRPC clients get the same as a gRPC status.
 //!
+//! Telemetry: each request gets a [`Record`] (metrics, access log line, client span) that rides
+//! on the response body and is recorded when the response ends; the trace context is read and
+//! the upstream request gets the proxy's span as its parent ([`crate::telemetry::trace`]).
+//!
 //! What it leaves to others: capturing the connection and finding its original destination
 //! (`outbound`), reaching an endpoint (`upstream`), and health checking ([`health`]).
 
@@ -56,6 +60,10 @@ use super::outbound::Source;
 use crate::mesh::Protocol;
 use crate::routing::Table;
 use crate::routing::http::{HttpRoute, HttpTarget, RequestView, normalize_path};
+use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::request::Record;
+use crate::telemetry::trace;
 
 /// First retry backoff (Envoy's default base interval); doubles per retry, with full jitter.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -89,6 +97,14 @@ pub trait Env: Send + Sync + 'static {
         target_node: &'a ResourceId,
         endpoint: SocketAddr,
     ) -> BoxFuture<'a, std::io::Result<upstream::Stream>>;
+    /// Per-request telemetry; None under `--telemetry off`.
+    fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        None
+    }
+    /// The access log of a source virtual node (its `logging.accessLog`), if it has one.
+    fn access_log(&self, _virtual_node: &ResourceId) -> Option<AccessLog> {
+        None
+    }
 }
 
 /// A boxed, sendable future.
@@ -134,6 +150,14 @@ impl Env for Context {
                 .await
                 .map_err(std::io::Error::other)
         })
+    }
+
+    fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.telemetry.as_ref()
+    }
+
+    fn access_log(&self, virtual_node: &ResourceId) -> Option<AccessLog> {
+        self.access_logs.load().get(virtual_node).cloned()
     }
 }
 
@@ -206,20 +230,89 @@ struct Upstream {
     guards: Vec<Guard>,
 }
 
-/// One request's facts, for the access log.
+/// One request's facts, for the request log and telemetry.
 struct Outcome<'a> {
     route: &'a str,
     virtual_node: String,
     endpoint: Option<SocketAddr>,
     attempts: u32,
+    /// What each retry retried (`connect_failure`, `status`, ...).
+    retries: Vec<&'static str>,
+    /// Route timeouts that expired while waiting for response headers.
+    timeouts: Vec<&'static str>,
+}
+
+/// Envoy's response flag for a failure, as App Mesh's access logs showed it.
+fn failure_flag(failure: &Failure) -> &'static str {
+    match failure {
+        Failure::Forbidden(_) => "UAEX",
+        Failure::Connect(_) => "UF",
+        Failure::Reset(_) => "UC",
+        Failure::Timeout(_) => "UT",
+        Failure::NoEndpoints => "UH",
+        Failure::Unsupported(_) | Failure::BadRequest(_) => "DPE",
+    }
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
 }
 
 impl<E: Env> Downstream<E> {
-    async fn handle(&self, mut request: Request<Incoming>) -> Response<ResponseBody> {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let Some(telemetry) = self.env.telemetry() else {
+            return self.proxy(request, None).await;
+        };
+        let mut record = Box::new(Record::new(
+            telemetry.clone(),
+            String::new(),
+            self.source.virtual_node.to_string(),
+            is_grpc(request.headers()),
+            protocol_name(request.version()),
+        ));
+        record.log = self.env.access_log(&self.source.virtual_node);
+        let mut response = self.proxy(request, Some(&mut record)).await;
+        record.response(response.status().as_u16(), response.headers());
+        response.body_mut().attach(record);
+        response
+    }
+
+    async fn proxy(
+        &self,
+        mut request: Request<Incoming>,
+        mut record: Option<&mut Record>,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let table = self.env.table();
         let grpc = is_grpc(request.headers());
+        let flag = |record: &mut Option<&mut Record>, flag: &'static str| {
+            if let Some(r) = record.as_mut() {
+                r.flags.push(flag);
+            }
+        };
+        if let Some(r) = record.as_mut() {
+            r.mesh = table.mesh.clone();
+            if r.log.is_some() {
+                r.method = request.method().to_string();
+                r.path = request
+                    .uri()
+                    .path_and_query()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                r.authority = request
+                    .uri()
+                    .authority()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                r.request_headers(request.headers());
+            }
+        }
         let Some(service) = table.services.get(&self.orig_dst).cloned() else {
+            flag(&mut record, "NR");
             return local(
                 grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -227,7 +320,11 @@ impl<E: Env> Downstream<E> {
             );
         };
         let vs = service.service.to_string();
+        if let Some(r) = record.as_mut() {
+            r.target_virtual_service = vs.clone();
+        }
         let Some(routes) = service.http.clone() else {
+            flag(&mut record, "NR");
             return local(
                 grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -235,6 +332,7 @@ impl<E: Env> Downstream<E> {
             );
         };
         if request.method() == Method::CONNECT {
+            flag(&mut record, "DPE");
             return local(
                 grpc,
                 StatusCode::BAD_REQUEST,
@@ -244,6 +342,7 @@ impl<E: Env> Downstream<E> {
         let raw_path = request.uri().path();
         let path = if routes.protocol == Protocol::Grpc {
             if !raw_path.starts_with('/') {
+                flag(&mut record, "DPE");
                 return local(grpc, StatusCode::BAD_REQUEST, "malformed request path");
             }
             raw_path.to_owned()
@@ -251,6 +350,7 @@ impl<E: Env> Downstream<E> {
             match normalize_path(raw_path, true) {
                 Ok(path) => path,
                 Err(error) => {
+                    flag(&mut record, "DPE");
                     return local(
                         grpc,
                         StatusCode::BAD_REQUEST,
@@ -272,13 +372,18 @@ impl<E: Env> Downstream<E> {
             .cloned();
         let Some(route) = route else {
             tracing::info!(target: "strait::request", source_workload = %self.source.workload, virtual_service = %vs, method = %request.method(), path = %path, status = 404u16, "no route matched");
+            flag(&mut record, "NR");
             return local(
                 grpc,
                 StatusCode::NOT_FOUND,
                 &format!("virtual service {vs}: no route matches {path}"),
             );
         };
+        if let Some(r) = record.as_mut() {
+            r.route = route.name.clone();
+        }
         let Some(target) = pick_target(&route.targets).cloned() else {
+            flag(&mut record, "NR");
             return local(
                 grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -317,13 +422,33 @@ impl<E: Env> Downstream<E> {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
         };
+        let virtual_node = target.target.virtual_node.to_string();
+        if let Some(r) = record.as_mut() {
+            r.target_virtual_node = virtual_node.clone();
+            let sampling = r.telemetry().sampling;
+            r.span = trace::start(&mut parts.headers, sampling, &mut rand::rng());
+            if r.wants_details() {
+                r.method = parts.method.to_string();
+                r.path = path_and_query.clone();
+                r.authority = authority.clone();
+                r.request_headers(&parts.headers);
+            }
+        }
         let deadline = route.per_request.map(|d| (d, started + d));
         let mut outcome = Outcome {
             route: &route.name,
-            virtual_node: target.target.virtual_node.to_string(),
+            virtual_node,
             endpoint: None,
             attempts: 0,
+            retries: Vec::new(),
+            timeouts: Vec::new(),
         };
+        let body = ReplayBody::new(body);
+        if let Some(r) = record.as_mut()
+            && r.log.is_some()
+        {
+            r.bytes_received = Some(body.bytes_read());
+        }
         let result = self
             .forward(
                 &table,
@@ -332,12 +457,27 @@ impl<E: Env> Downstream<E> {
                 &parts,
                 &authority,
                 &path_and_query,
-                ReplayBody::new(body),
+                body,
                 upgrade,
                 deadline.map(|(_, at)| at),
                 &mut outcome,
             )
             .await;
+        if let Some(r) = record.as_mut() {
+            r.upstream_host = outcome.endpoint;
+            r.attempts = outcome.attempts;
+            r.retries = std::mem::take(&mut outcome.retries);
+            r.timeouts = std::mem::take(&mut outcome.timeouts);
+            if result.is_ok() {
+                r.upstream_service_time = Some(started.elapsed());
+            } else if let Err(failure) = &result {
+                r.flags.push(failure_flag(failure));
+                if !r.retries.is_empty() {
+                    // Envoy: the upstream retry limit was exceeded.
+                    r.flags.push("URX");
+                }
+            }
+        }
         let response = match result {
             Ok(upstream) => {
                 outcome.endpoint = Some(upstream.endpoint);
@@ -468,6 +608,13 @@ impl<E: Env> Downstream<E> {
                     Ok(result) => result,
                     Err(_) => {
                         let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                        outcome.timeouts.push(if overall || Some(at) == deadline {
+                            "per_request"
+                        } else if Some(at) == per_try {
+                            "per_try"
+                        } else {
+                            "idle"
+                        });
                         last = Failure::Timeout(at.duration_since(now));
                         // A per-try timeout counts as a 504 (Envoy), retried under
                         // server-error and gateway-error.
@@ -476,6 +623,7 @@ impl<E: Env> Downstream<E> {
                             && (policy.server_error || policy.gateway_error)
                             && body.replayable()
                         {
+                            outcome.retries.push("per_try_timeout");
                             backoff(attempt, deadline).await;
                             continue;
                         }
@@ -491,12 +639,12 @@ impl<E: Env> Downstream<E> {
                     )));
                 }
                 Err(error) => {
-                    let retry = if error.is_connect() {
-                        policy.connect_failure
+                    let (retry, reason) = if error.is_connect() {
+                        (policy.connect_failure, "connect_failure")
                     } else if error.is_refused_stream() {
-                        policy.refused_stream
+                        (policy.refused_stream, "refused_stream")
                     } else {
-                        policy.reset
+                        (policy.reset, "reset")
                     };
                     tracing::debug!(%endpoint, %error, attempt, retry, "upstream attempt failed");
                     last = if error.is_connect() {
@@ -505,6 +653,7 @@ impl<E: Env> Downstream<E> {
                         Failure::Reset(error.to_string())
                     };
                     if retry && retries_left && body.replayable() {
+                        outcome.retries.push(reason);
                         backoff(attempt, deadline).await;
                         continue;
                     }
@@ -523,6 +672,7 @@ impl<E: Env> Downstream<E> {
                     {
                         tracing::debug!(%endpoint, status = %response.status(), attempt, "retrying on the response status");
                         drop(response);
+                        outcome.retries.push("status");
                         backoff(attempt, deadline).await;
                         continue;
                     }

@@ -130,9 +130,14 @@ async fn forward(
             }
         };
     let _ = client.set_nodelay(true);
-    ctx.metrics.tcp_opened.get_or_create(&labels).inc();
-    let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
-    active.inc();
+    // `--telemetry off` skips the connection metrics and the access log line.
+    let telemetry = ctx.telemetry.is_some();
+    let active = telemetry.then(|| {
+        ctx.metrics.tcp_opened.get_or_create(&labels).inc();
+        let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
+        active.inc();
+        active
+    });
     let copied = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
@@ -140,13 +145,18 @@ async fn forward(
         COPY_BUFFER,
     )
     .await;
-    active.dec();
-    ctx.metrics.tcp_closed.get_or_create(&labels).inc();
     let (sent, received, error) = match copied {
         Ok((sent, received)) => (sent, received, None),
         Err(error) => (0, 0, Some(error.to_string())),
     };
-    for (direction, bytes) in [("sent", sent), ("received", received)] {
+    if let Some(active) = active {
+        active.dec();
+        ctx.metrics.tcp_closed.get_or_create(&labels).inc();
+    }
+    for (direction, bytes) in [("sent", sent), ("received", received)]
+        .into_iter()
+        .filter(|_| telemetry)
+    {
         ctx.metrics
             .tcp_bytes
             .get_or_create(&BytesLabels {
@@ -158,7 +168,12 @@ async fn forward(
             })
             .inc_by(bytes);
     }
-    if let Some(log) = ctx.access_logs.load().get(&source.virtual_node) {
+    if let Some(log) = ctx
+        .access_logs
+        .load()
+        .get(&source.virtual_node)
+        .filter(|_| telemetry)
+    {
         log.log(&access_log::Entry {
             start: Some(started_at),
             duration: started.elapsed(),

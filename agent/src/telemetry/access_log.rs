@@ -249,7 +249,7 @@ fn hostname() -> Option<String> {
 }
 
 /// `2026-11-27T14:02:03.123Z`, Envoy's default START_TIME.
-fn iso8601(time: SystemTime) -> String {
+pub fn iso8601(time: SystemTime) -> String {
     let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

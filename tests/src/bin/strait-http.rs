@@ -16,6 +16,10 @@
 //! - `strait-http ws URL --messages N`: a WebSocket client (RFC 6455) sending N messages and
 //!   checking each echo.
 //!
+//! - `strait-http collect --listen ADDR --out FILE`: an OTLP/HTTP receiver for the telemetry
+//!   tests: every POST body (OTLP JSON) is appended to FILE as one line
+//!   `{"path": ..., "content_type": ..., "body": ...}` and answered 200 `{}`.
+//!
 //! Every client is bounded by `--timeout` and prints exactly one JSON line.
 
 use std::collections::BTreeMap;
@@ -62,6 +66,15 @@ enum Cmd {
     Load(LoadArgs),
     Stream(StreamArgs),
     Ws(WsArgs),
+    Collect(CollectArgs),
+}
+
+#[derive(Args)]
+struct CollectArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -123,6 +136,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Cmd::Serve(args) => serve(args).await.map(|()| Value::Null),
+            Cmd::Collect(args) => collect(args).await.map(|()| Value::Null),
             Cmd::Load(args) => {
                 let limit = Duration::from_secs(args.timeout);
                 tokio::time::timeout(limit, load(args))
@@ -208,6 +222,63 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Serve until killed.
     std::future::pending::<()>().await;
     Ok(())
+}
+
+async fn collect(args: CollectArgs) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    let out = Arc::new(std::sync::Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.out)
+            .with_context(|| format!("open {}", args.out.display()))?,
+    ));
+    println!(
+        "{}",
+        json!({"listening": [args.listen], "name": "collector"})
+    );
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let out = out.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let out = out.clone();
+                async move {
+                    let path = req.uri().path().to_owned();
+                    let content_type = req
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let body: Value = body
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or(Value::Null);
+                    let line = json!({"path": path, "content_type": content_type, "body": body});
+                    if let Ok(mut file) = out.lock() {
+                        use std::io::Write as _;
+                        let _ = writeln!(file, "{line}");
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .body(Full::new(Bytes::from_static(b"{}")))
+                            .expect("static response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 fn query_param(query: &str, name: &str) -> Option<String> {

@@ -8,7 +8,8 @@
 //!
 //! [`ResponseBody`] carries a response back to the client and enforces the route's per-request
 //! deadline and idle timeout on it; it also holds what must live as long as the response (the
-//! endpoint's in-flight count, the pooled connection).
+//! endpoint's in-flight count, the pooled connection) and the request's telemetry record,
+//! which it tells about every frame and how the response ended.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -22,6 +23,8 @@ use http_body_util::BodyExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
+
+use crate::telemetry::request::Record;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -53,6 +56,8 @@ struct Shared {
     /// Reading the client's body failed (it closed early, or sent a broken chunk): whatever
     /// the upstream then did is the client's doing, not the upstream's.
     client_failed: bool,
+    /// Bytes read from the client (the access log's `BYTES_RECEIVED`).
+    read: u64,
 }
 
 /// A request body that can be sent again (see the module docs).
@@ -134,6 +139,12 @@ impl ReplayBody {
     pub fn replayable(&self) -> bool {
         !lock(&self.shared).overflow
     }
+
+    /// A reader of how many body bytes came from the client so far.
+    pub fn bytes_read(&self) -> Box<dyn Fn() -> u64 + Send> {
+        let shared = self.shared.clone();
+        Box::new(move || lock(&shared).read)
+    }
 }
 
 impl Body for ReplayBody {
@@ -181,6 +192,7 @@ impl Body for ReplayBody {
             }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    shared.read += data.len() as u64;
                     if !shared.overflow {
                         if shared.len + data.len() <= REPLAY_LIMIT {
                             shared.len += data.len();
@@ -242,6 +254,7 @@ pub struct ResponseBody {
     deadline: Option<(Duration, Pin<Box<Sleep>>)>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     guards: Vec<Guard>,
+    record: Option<Box<Record>>,
 }
 
 impl ResponseBody {
@@ -256,7 +269,14 @@ impl ResponseBody {
             deadline: deadline.map(|(d, at)| (d, Box::pin(tokio::time::sleep_until(at)))),
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             guards,
+            record: None,
         }
+    }
+
+    /// Hands the request's telemetry record to the body: it is recorded when the body ends or
+    /// is dropped.
+    pub fn attach(&mut self, record: Box<Record>) {
+        self.record = Some(record);
     }
 
     /// A reply the agent makes itself.
@@ -268,6 +288,19 @@ impl ResponseBody {
             deadline: None,
             idle: None,
             guards: Vec::new(),
+            record: None,
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may drop a body it knows is complete without polling it to the end (a
+        // content-length reached, an empty reply): that is an end, not a client going away.
+        if let Some(record) = self.record.as_mut()
+            && self.inner.is_end_stream()
+        {
+            record.end();
         }
     }
 }
@@ -284,11 +317,29 @@ impl Body for ResponseBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 this.guards.clear();
+                if let Some(mut record) = this.record.take() {
+                    record.end();
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(frame)) => {
                 if let Some((d, sleep)) = &mut this.idle {
                     sleep.as_mut().reset(Instant::now() + *d);
+                }
+                if let Some(record) = this.record.as_mut() {
+                    match &frame {
+                        Ok(frame) => {
+                            if let Some(data) = frame.data_ref() {
+                                record.data(data.len());
+                            } else if let Some(trailers) = frame.trailers_ref() {
+                                record.trailers(trailers);
+                            }
+                        }
+                        Err(_) => {
+                            record.upstream_failed();
+                            this.record = None;
+                        }
+                    }
                 }
                 Poll::Ready(Some(frame))
             }
@@ -297,12 +348,19 @@ impl Body for ResponseBody {
                     && sleep.as_mut().poll(cx).is_ready()
                 {
                     this.guards.clear();
+                    if let Some(mut record) = this.record.take() {
+                        record.timed_out("per_request", "UT");
+                    }
                     return Poll::Ready(Some(Err(Error::Deadline(*d).into())));
                 }
                 if let Some((d, sleep)) = &mut this.idle
                     && sleep.as_mut().poll(cx).is_ready()
                 {
                     this.guards.clear();
+                    if let Some(mut record) = this.record.take() {
+                        // Envoy's stream idle timeout flag.
+                        record.timed_out("idle", "SI");
+                    }
                     return Poll::Ready(Some(Err(Error::Idle(*d).into())));
                 }
                 Poll::Pending

@@ -11,6 +11,10 @@
 //! calls `grpc.health.v1.Health/Check` (the gRPC Health Checking Protocol) and wants
 //! `SERVING`. Probes go through [`upstream::connect`] like all traffic.
 //!
+//! Every probe is counted (`strait_health_checks_total{result}`), every ejection too
+//! (`strait_endpoint_ejections_total`), and `strait_endpoints_ejected` says how many endpoints
+//! are out now. These are not per-request metrics and stay on under `--telemetry off`.
+//!
 //! The checker follows the routing table: when the mesh or DNS answers change, checks of
 //! endpoints that are gone stop and new endpoints get theirs.
 
@@ -31,6 +35,7 @@ use crate::mesh::{HealthCheck, Protocol, ResourceId};
 use crate::proxy::{Context, upstream};
 use crate::routing::Table;
 use crate::routing::http::HealthCheckSpec;
+use crate::telemetry::{EndpointLabels, HealthLabels};
 
 /// How often the checker looks for a new routing table.
 const TABLE_POLL: Duration = Duration::from_secs(1);
@@ -123,6 +128,24 @@ async fn check_loop(
     let interval = Duration::from_millis(u64::from(policy.interval_millis));
     let timeout = Duration::from_millis(u64::from(policy.timeout_millis));
     let (mut successes, mut failures, mut first) = (0u32, 0u32, true);
+    let metrics = &ctx.metrics;
+    // Taken once, so an ejection and its readmission move the same gauge.
+    let labels = EndpointLabels {
+        mesh: ctx.table.load().mesh.clone(),
+        virtual_node: spec.virtual_node.to_string(),
+    };
+    let node_labels = || labels.clone();
+    let count = |result: &'static str| {
+        let EndpointLabels { mesh, virtual_node } = node_labels();
+        metrics
+            .health_checks
+            .get_or_create(&HealthLabels {
+                mesh,
+                virtual_node,
+                result,
+            })
+            .inc();
+    };
     loop {
         let result = match tokio::time::timeout(timeout, probe(&ctx, policy, target)).await {
             Ok(result) => result,
@@ -130,10 +153,12 @@ async fn check_loop(
         };
         match result {
             Ok(()) => {
+                count("success");
                 successes += 1;
                 failures = 0;
                 if !state.healthy() && (first || successes >= policy.healthy_threshold) {
                     state.set_healthy(true);
+                    metrics.ejected.get_or_create(&node_labels()).dec();
                     tracing::info!(
                         virtual_node = %spec.virtual_node,
                         endpoint = %endpoint,
@@ -143,11 +168,14 @@ async fn check_loop(
                 }
             }
             Err(error) => {
+                count("failure");
                 failures += 1;
                 successes = 0;
                 tracing::debug!(virtual_node = %spec.virtual_node, %endpoint, %error, "health check failed");
                 if state.healthy() && (first || failures >= policy.unhealthy_threshold) {
                     state.set_healthy(false);
+                    metrics.ejections.get_or_create(&node_labels()).inc();
+                    metrics.ejected.get_or_create(&node_labels()).inc();
                     tracing::warn!(
                         virtual_node = %spec.virtual_node,
                         endpoint = %endpoint,
@@ -162,6 +190,9 @@ async fn check_loop(
         tokio::select! {
             _ = stop.cancelled() => {
                 // The check is gone from the mesh: the endpoint is no longer judged by it.
+                if !state.healthy() {
+                    metrics.ejected.get_or_create(&node_labels()).dec();
+                }
                 state.set_healthy(true);
                 return;
             }
