@@ -1,18 +1,22 @@
 //! `cargo xtask bench`: what strait costs, against no mesh and against per-pod sidecars, on
 //! a testbed on this machine, in one command.
 //!
-//! One testbed node with a client pod and a server pod (nginx for HTTP, iperf3 for bulk, and
-//! an HAProxy sidecar in each pod with TLS between them). Every scenario of
-//! [`scenario::all`] runs once per round and the rounds are interleaved (A, B, C, A, B, C,
-//! ...), so that noise from other work on the machine spreads over all of them; the tables
-//! report medians over rounds and ratios of medians from this one run. The agent is the
-//! release build, restarted with `--fast-path on|off` as the scenario needs.
+//! Two testbed nodes. node1 has a client pod and a server pod (nginx for HTTP/1.1 and HTTP/2,
+//! iperf3 for bulk, a Python grpcio server, an HAProxy sidecar in each pod with TLS between
+//! them); node2 has two server pods (nginx; one behind a STRICT mTLS listener, one with an
+//! HAProxy sidecar). Both nodes run an agent (`--peer-node` for each other, certificates from
+//! `strait ca`). Every scenario of [`scenario::all`] runs once per round and the rounds are
+//! interleaved (A, B, C, A, B, C, ...), so that noise from other work on the machine spreads
+//! over all of them; the tables report medians over rounds and ratios of medians from this one
+//! run. node1's agent is the release build, restarted when a scenario needs other flags
+//! (`--fast-path on|off`, `--telemetry on|off`).
 //!
 //! Tools: fixed-rate latency from our own open-loop load generator ([`load`], coordinated-
-//! omission correct, run in the client pod as `xtask bench load-gen`), maximum throughput
-//! from wrk, bulk from iperf3; CPU seconds and RSS from /proc of the agent (or of both
-//! sidecars). Writes docs/benchmarks.md, docs/benchmarks/latency.svg and
-//! docs/benchmarks/results.json (`--out` to put them elsewhere).
+//! omission correct, HTTP/1.1, HTTP/2 and gRPC unary, run in the client pod as `xtask bench
+//! load-gen`), maximum throughput from wrk (HTTP/1.1) and h2load (HTTP/2), bulk from iperf3;
+//! CPU seconds and RSS from /proc of the agents (or of both sidecars). Writes
+//! docs/benchmarks.md, docs/benchmarks/latency.svg and docs/benchmarks/results.json (`--out`
+//! to put them elsewhere).
 
 mod load;
 mod report;
@@ -26,17 +30,31 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use testbed::agent::Agent;
-use testbed::{Node, Pod, PodSpec, Process, Testbed, require_tool, run, run_ok};
+use testbed::agent::{Agent, strait};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, require_tool, run, run_ok};
 
-use self::scenario::{Scenario, Way, Workload};
+use self::scenario::{Scenario, Topology, Way, Workload};
 use crate::{cargo, ebpf, workspace_root};
 
 const SERVICE: &str = "web.bench.svc.cluster.local";
 const SERVICE_V4: &str = "10.96.0.30";
+const SERVICE2: &str = "web2.bench.svc.cluster.local";
+const SERVICE2_V4: &str = "10.96.0.31";
+const SERVICE2_TLS: &str = "web2-tls.bench.svc.cluster.local";
+const SERVICE2_TLS_V4: &str = "10.96.0.32";
+/// nginx, HTTP/1.1, behind a `tcp` listener.
 const HTTP_PORT: u16 = 8080;
+/// nginx, HTTP/1.1, behind an `http` listener (also the port of node2's servers).
+const HTTP_L7_PORT: u16 = 8081;
+/// nginx, HTTP/2 with prior knowledge, behind an `http2` listener.
+const H2_PORT: u16 = 8082;
+/// Python grpcio, behind a `grpc` listener.
+const GRPC_PORT: u16 = 50051;
 const BULK_PORT: u16 = 5201;
+/// The client's sidecar: to the same-node server's sidecar.
 const SIDECAR_OUT_PORT: u16 = 15100;
+/// The client's sidecar: to node2's server's sidecar.
+const SIDECAR_OUT_XNODE_PORT: u16 = 15101;
 const SIDECAR_IN_PORT: u16 = 8443;
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +65,10 @@ pub struct BenchArgs {
     /// Rounds (each runs every scenario once); default 3, or 1 with --quick.
     #[arg(long)]
     rounds: Option<u32>,
+    /// Run only these scenarios (comma-separated ids, see xtask/src/bench/scenario.rs); the
+    /// report then lacks the others.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write benchmarks.md, benchmarks/latency.svg and benchmarks/results.json.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -69,7 +91,19 @@ pub struct Plan {
     pub latency_seconds: f64,
     pub throughput_seconds: u32,
     pub bulk_seconds: u32,
+    /// HTTP/1.1 keep-alive connections of the load generator.
     pub connections: u32,
+    /// HTTP/2 connections of the load generator and of h2load.
+    pub h2_connections: u32,
+    /// Concurrent streams per connection of h2load.
+    pub h2_streams: u32,
+}
+
+/// How node1's agent runs; it restarts when the next scenario wants another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AgentFlags {
+    fast_path: bool,
+    telemetry: Option<bool>,
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
@@ -83,6 +117,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         require_tool(tool)
             .with_context(|| format!("`{tool}` is missing: run `cargo xtask setup`"))?;
     }
+    require_tool("h2load")
+        .context("`h2load` is missing: apt-get install nghttp2-client (Debian)")?;
+    let python = python_with_grpcio()?;
     let plan = if args.quick {
         Plan {
             rounds: args.rounds.unwrap_or(1),
@@ -91,6 +128,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             throughput_seconds: 1,
             bulk_seconds: 1,
             connections: 16,
+            h2_connections: 4,
+            h2_streams: 16,
         }
     } else {
         Plan {
@@ -100,44 +139,79 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             throughput_seconds: 5,
             bulk_seconds: 5,
             connections: 16,
+            h2_connections: 4,
+            h2_streams: 16,
         }
     };
     let binaries = build()?;
+    let telemetry_switch = has_telemetry_switch(&binaries.strait);
+    eprintln!(
+        "bench: `strait run --telemetry` {}",
+        if telemetry_switch {
+            "is available"
+        } else {
+            "is not available in this build: the telemetry scenarios are skipped"
+        }
+    );
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| workspace_root().join("docs"));
 
-    let env = Env::start(&binaries)?;
-    let scenarios = scenario::all();
+    let env = Env::start(&binaries, &python)?;
+    let mut scenarios = scenario::all();
+    if !args.only.is_empty() {
+        scenarios.retain(|s| args.only.iter().any(|id| id == s.id));
+        if scenarios.is_empty() {
+            bail!("--only {:?} names no scenario", args.only);
+        }
+    }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
-    let mut agent: Option<(Agent, bool)> = None;
+    let mut agent: Option<(Agent, AgentFlags)> = None;
     for round in 0..plan.rounds {
-        for s in &scenarios {
-            if let Way::Strait { fast_path, .. } = s.way
-                && agent.as_ref().map(|(_, on)| *on) != Some(fast_path)
+        for s in round_order(&scenarios, round) {
+            let mut proxy_pids = Vec::new();
+            if let Way::Strait {
+                fast_path,
+                telemetry,
+                ..
+            } = s.way
             {
-                if let Some((old, _)) = agent.take() {
-                    old.stop()?;
+                if telemetry.is_some() && !telemetry_switch {
+                    samples.entry(s.id).or_default().push(json!({
+                        "unavailable": "`strait run --telemetry` is not available in this build"
+                    }));
+                    continue;
                 }
-                agent = Some((env.start_agent(fast_path)?, fast_path));
+                let flags = AgentFlags {
+                    fast_path,
+                    telemetry,
+                };
+                if agent.as_ref().map(|(_, f)| *f) != Some(flags) {
+                    if let Some((old, _)) = agent.take() {
+                        old.stop()?;
+                    }
+                    agent = Some((env.start_agent(flags)?, flags));
+                }
+                proxy_pids.push(agent.as_ref().context("BUG: no agent")?.0.process.pid());
+                if s.topology == Topology::CrossNode {
+                    proxy_pids.push(env.agent2.process.pid());
+                }
+            } else if s.way == Way::SidecarPair {
+                proxy_pids = env.sidecar_pids(s.topology);
             }
-            let proxy_pids = match s.way {
-                Way::Direct => Vec::new(),
-                Way::Strait { .. } => {
-                    vec![agent.as_ref().context("BUG: no agent")?.0.process.pid()]
-                }
-                Way::SidecarPair => env.sidecar_pids(),
-            };
             eprintln!(
-                "bench: round {}/{} {} ({:?})",
+                "bench: round {}/{} {} ({:?}, {:?})",
                 round + 1,
                 plan.rounds,
                 s.id,
-                s.workload
+                s.workload,
+                s.topology
             );
-            let sample = measure(&env, &plan, s, &proxy_pids)
+            let loadavg = loadavg();
+            let mut sample = measure(&env, &plan, s, &proxy_pids)
                 .with_context(|| format!("scenario {} in round {}", s.id, round + 1))?;
+            sample["loadavg_1m"] = json!(loadavg);
             eprintln!("bench:   {sample}");
             samples.entry(s.id).or_default().push(sample);
         }
@@ -157,10 +231,34 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         samples,
         demo_mesh_agent_rss_kib: demo_rss,
         fast_path_counters: fast_counters,
+        telemetry_switch,
     };
     report::write(&out, &results)?;
     println!("{}", report::summary(&results));
     Ok(())
+}
+
+/// The scenarios in the order of one round: [`scenario::all`]'s, except that the telemetry
+/// on/off pair swaps places every other round, so neither always runs second.
+fn round_order(scenarios: &[Scenario], round: u32) -> Vec<&Scenario> {
+    let mut order: Vec<&Scenario> = scenarios.iter().collect();
+    if round % 2 == 1 {
+        let pair: Vec<usize> = (0..order.len())
+            .filter(|&i| {
+                matches!(
+                    order[i].way,
+                    Way::Strait {
+                        telemetry: Some(_),
+                        ..
+                    }
+                )
+            })
+            .collect();
+        if let [a, b] = pair[..] {
+            order.swap(a, b);
+        }
+    }
+    order
 }
 
 /// The binaries the bench runs: the agent (release) and this xtask (release, for the load
@@ -187,21 +285,65 @@ fn build() -> anyhow::Result<Binaries> {
     })
 }
 
-/// The testbed and the long-running servers and sidecars.
+/// True if this agent build has the telemetry switch (`strait run --telemetry on|off`).
+fn has_telemetry_switch(strait: &Path) -> bool {
+    run(
+        Command::new(strait).args(["run", "--help"]),
+        Duration::from_secs(10),
+    )
+    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--telemetry"))
+}
+
+/// The Python interpreter that has grpcio (`cargo xtask setup` installs it).
+fn python_with_grpcio() -> anyhow::Result<PathBuf> {
+    let output = run(
+        Command::new("python3").args(["-c", "import grpc, sys; print(sys.executable)"]),
+        Duration::from_secs(30),
+    )?;
+    if !output.status.success() {
+        bail!(
+            "the gRPC scenarios need Python's grpcio (`cargo xtask setup` installs it): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+    ))
+}
+
+/// The 1-minute load average of the machine.
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The testbed and the long-running servers, sidecars and node2's agent.
 struct Env {
     tb: Testbed,
-    node: Node,
+    node1: Node,
+    node2: Node,
     client: Pod,
     server: Pod,
+    web2: Pod,
+    _web2_tls: Pod,
     mesh: PathBuf,
     xtask: PathBuf,
-    strait: PathBuf,
-    sidecars: Vec<Process>,
+    /// node2's agent (fast path on, the default), for the whole run.
+    agent2: Agent,
+    /// The client's sidecar, the same-node server's, node2's server's.
+    sidecars: [Process; 3],
     _servers: Vec<Process>,
 }
 
 impl Env {
-    fn start(bin: &Binaries) -> anyhow::Result<Env> {
+    fn start(bin: &Binaries, python: &Path) -> anyhow::Result<Env> {
+        // SAFETY (of the environment): the bench is single-threaded here; testbed::agent reads
+        // STRAIT_BIN to find the agent binary.
+        unsafe { std::env::set_var("STRAIT_BIN", &bin.strait) };
         let tb = Testbed::new("bench")?;
         let cleanup = tb.cleanup_handle();
         ctrlc::set_handler(move || {
@@ -212,20 +354,44 @@ impl Env {
             std::process::exit(130);
         })
         .context("cannot install the Ctrl-C handler")?;
-        let node = tb.add_node("node1")?;
-        let client = node.add_pod(&PodSpec::new("client", "bench").label("app", "client"))?;
-        let server = node.add_pod(&PodSpec::new("web", "bench").label("app", "web"))?;
+        let node1 = tb.add_node("node1")?;
+        let node2 = tb.add_node("node2")?;
+        // Pods must exist before the agents start: an agent lives in its own mount namespace
+        // and does not see netns files mounted after it.
+        let client = node1.add_pod(&PodSpec::new("client", "bench").label("app", "client"))?;
+        let server = node1.add_pod(&PodSpec::new("web", "bench").label("app", "web"))?;
+        let web2 = node2.add_pod(&PodSpec::new("web2", "bench").label("app", "web2"))?;
+        let web2_tls =
+            node2.add_pod(&PodSpec::new("web2-tls", "bench").label("app", "web2-tls"))?;
         tb.dns_record(SERVICE, &[SERVICE_V4.parse()?])?;
+        tb.dns_record(SERVICE2, &[SERVICE2_V4.parse()?])?;
+        tb.dns_record(SERVICE2_TLS, &[SERVICE2_TLS_V4.parse()?])?;
         tb.dns_record("web-pods.bench.svc.cluster.local", &[server.ipv4().into()])?;
+        tb.dns_record("web2-pods.bench.svc.cluster.local", &[web2.ipv4().into()])?;
+        tb.dns_record(
+            "web2-tls-pods.bench.svc.cluster.local",
+            &[web2_tls.ipv4().into()],
+        )?;
         let dir = tb.temp_dir().join("bench");
         std::fs::create_dir_all(&dir)?;
 
         let mut servers = Vec::new();
-        let nginx_conf = dir.join("nginx.conf");
-        std::fs::write(&nginx_conf, nginx_conf_text(&dir))?;
-        let nginx = tb.spawn("nginx", server.command("nginx").arg("-c").arg(&nginx_conf))?;
-        nginx.wait_listening(HTTP_PORT, Duration::from_secs(10))?;
-        servers.push(nginx);
+        for (pod, ports, h2) in [
+            (&server, &[HTTP_PORT, HTTP_L7_PORT][..], Some(H2_PORT)),
+            (&web2, &[HTTP_L7_PORT][..], None),
+            (&web2_tls, &[HTTP_L7_PORT][..], None),
+        ] {
+            let nginx_dir = dir.join(format!("nginx-{}", pod.name()));
+            std::fs::create_dir_all(&nginx_dir)?;
+            let conf = nginx_dir.join("nginx.conf");
+            std::fs::write(&conf, nginx_conf_text(&nginx_dir, ports, h2))?;
+            let nginx = tb.spawn(
+                &format!("nginx-{}", pod.name()),
+                pod.command("nginx").arg("-c").arg(&conf),
+            )?;
+            nginx.wait_listening(ports[0], Duration::from_secs(10))?;
+            servers.push(nginx);
+        }
         let iperf = tb.spawn(
             "iperf3",
             server
@@ -234,6 +400,15 @@ impl Env {
         )?;
         iperf.wait_listening(BULK_PORT, Duration::from_secs(10))?;
         servers.push(iperf);
+        let grpc = tb.spawn(
+            "grpc-server",
+            server
+                .command(python)
+                .arg(workspace_root().join("tests/grpc/color_grpc.py"))
+                .args(["serve", "--port", &GRPC_PORT.to_string(), "--name", "web"]),
+        )?;
+        grpc.wait_listening(GRPC_PORT, Duration::from_secs(20))?;
+        servers.push(grpc);
 
         // The sidecar pair: a self-signed certificate, HAProxy in each pod.
         let key = dir.join("tls.key");
@@ -250,76 +425,152 @@ impl Env {
         )?;
         let pem = dir.join("tls.pem");
         std::fs::write(&pem, [std::fs::read(&crt)?, std::fs::read(&key)?].concat())?;
-        let inbound = dir.join("haproxy-in.cfg");
-        std::fs::write(&inbound, haproxy_inbound(&pem))?;
+        let mut sidecar_in = Vec::new();
+        for (pod, app_port) in [(&server, HTTP_PORT), (&web2, HTTP_L7_PORT)] {
+            let conf = dir.join(format!("haproxy-in-{}.cfg", pod.name()));
+            std::fs::write(&conf, haproxy_inbound(&pem, app_port))?;
+            let sidecar = tb.spawn(
+                &format!("sidecar-in-{}", pod.name()),
+                pod.command("haproxy").args(["-db", "-f"]).arg(&conf),
+            )?;
+            sidecar.wait_listening(SIDECAR_IN_PORT, Duration::from_secs(10))?;
+            sidecar_in.push(sidecar);
+        }
         let outbound = dir.join("haproxy-out.cfg");
-        std::fs::write(&outbound, haproxy_outbound(server.ipv4().into()))?;
-        let sidecar_in = tb.spawn(
-            "sidecar-in",
-            server.command("haproxy").args(["-db", "-f"]).arg(&inbound),
+        std::fs::write(
+            &outbound,
+            haproxy_outbound(server.ipv4().into(), web2.ipv4().into()),
         )?;
-        sidecar_in.wait_listening(SIDECAR_IN_PORT, Duration::from_secs(10))?;
         let sidecar_out = tb.spawn(
             "sidecar-out",
             client.command("haproxy").args(["-db", "-f"]).arg(&outbound),
         )?;
         sidecar_out.wait_listening(SIDECAR_OUT_PORT, Duration::from_secs(10))?;
+        let [sidecar_in_web, sidecar_in_web2]: [Process; 2] = sidecar_in
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("BUG: two inbound sidecars"))?;
 
-        node.write_workload(&client)?;
-        node.write_workload(&server)?;
-        let mesh = dir.join("mesh.yaml");
-        std::fs::write(
-            &mesh,
-            scenario::mesh_yaml(SERVICE, HTTP_PORT, BULK_PORT, "tcp"),
+        // The mesh, its certificates (`strait ca`), the workloads, node2's agent.
+        let mesh_dir = dir.join("mesh");
+        let certs = dir.join("certs");
+        let ca = dir.join("ca");
+        std::fs::create_dir_all(&mesh_dir)?;
+        let mesh = mesh_dir.join("mesh.yaml");
+        std::fs::write(&mesh, scenario::mesh_yaml(&certs))?;
+        strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+        strait_ok(
+            &node1,
+            &[
+                "ca",
+                "issue",
+                "--mesh",
+                &mesh.display().to_string(),
+                "--ca-dir",
+                &ca.display().to_string(),
+            ],
         )?;
+        for pod in [&web2, &web2_tls] {
+            route_to_underlay(pod, &node2)?;
+        }
+        node1.write_workload(&client)?;
+        node1.write_workload(&server)?;
+        node2.write_workload(&web2)?;
+        node2.write_workload(&web2_tls)?;
+        let agent2 = Agent::start(&tb, &node2, &mesh, &as_strs(&peer_args(&node1)))?;
+        for pod in ["bench/web2", "bench/web2-tls"] {
+            agent2.wait_enrolled(pod, true, Duration::from_secs(20))?;
+        }
         Ok(Env {
             tb,
-            node,
+            node1,
+            node2,
             client,
             server,
+            web2,
+            _web2_tls: web2_tls,
             mesh,
             xtask: bin.xtask.clone(),
-            strait: bin.strait.clone(),
-            sidecars: vec![sidecar_out, sidecar_in],
+            agent2,
+            sidecars: [sidecar_out, sidecar_in_web, sidecar_in_web2],
             _servers: servers,
         })
     }
 
-    fn start_agent(&self, fast_path: bool) -> anyhow::Result<Agent> {
-        // SAFETY (of the environment): the bench is single-threaded here; testbed::agent reads
-        // STRAIT_BIN to find the agent binary.
-        unsafe { std::env::set_var("STRAIT_BIN", &self.strait) };
-        let switch = if fast_path { "on" } else { "off" };
-        let agent = Agent::start(&self.tb, &self.node, &self.mesh, &["--fast-path", switch])?;
+    /// node1's agent with `flags`.
+    fn start_agent(&self, flags: AgentFlags) -> anyhow::Result<Agent> {
+        let mut args = vec![
+            "--fast-path".to_owned(),
+            if flags.fast_path { "on" } else { "off" }.to_owned(),
+        ];
+        if let Some(on) = flags.telemetry {
+            args.extend([
+                "--telemetry".to_owned(),
+                if on { "on" } else { "off" }.to_owned(),
+            ]);
+        }
+        args.extend(peer_args(&self.node2));
+        let agent = Agent::start(&self.tb, &self.node1, &self.mesh, &as_strs(&args))?;
         for pod in ["bench/client", "bench/web"] {
             agent.wait_enrolled(pod, true, Duration::from_secs(10))?;
         }
         Ok(agent)
     }
 
-    fn sidecar_pids(&self) -> Vec<u32> {
-        self.sidecars.iter().map(Process::pid).collect()
+    /// The two sidecars a request passes on its way.
+    fn sidecar_pids(&self, topology: Topology) -> Vec<u32> {
+        let [out, in_web, in_web2] = &self.sidecars;
+        let inbound = match topology {
+            Topology::SameNode => in_web,
+            Topology::CrossNode => in_web2,
+        };
+        vec![out.pid(), inbound.pid()]
     }
 
     /// The client's destination for a scenario.
     fn target(&self, s: &Scenario) -> SocketAddr {
-        let port = match s.workload {
-            Workload::Http1 => HTTP_PORT,
+        let vip = |v: &str| -> IpAddr { v.parse().expect("valid address literal") };
+        let workload_port = match s.workload {
+            Workload::Http1 | Workload::Http1Throughput => HTTP_PORT,
             Workload::TcpBulk => BULK_PORT,
+            Workload::Http2 => H2_PORT,
+            Workload::GrpcUnary => GRPC_PORT,
         };
-        match s.way {
-            Way::Direct => SocketAddr::new(self.server.ipv4().into(), port),
-            Way::Strait { .. } => {
-                SocketAddr::new(SERVICE_V4.parse().expect("valid address literal"), port)
+        match (s.topology, s.way) {
+            (Topology::SameNode, Way::Direct) => {
+                SocketAddr::new(self.server.ipv4().into(), workload_port)
             }
-            Way::SidecarPair => SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUT_PORT)),
+            (
+                Topology::SameNode,
+                Way::Strait {
+                    listener_protocol, ..
+                },
+            ) => {
+                let port = match listener_protocol {
+                    "http" => HTTP_L7_PORT,
+                    _ => workload_port,
+                };
+                SocketAddr::new(vip(SERVICE_V4), port)
+            }
+            (Topology::SameNode, Way::SidecarPair) => {
+                SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUT_PORT))
+            }
+            (Topology::CrossNode, Way::Direct) => {
+                SocketAddr::new(self.web2.ipv4().into(), HTTP_L7_PORT)
+            }
+            (Topology::CrossNode, Way::Strait { mtls, .. }) => SocketAddr::new(
+                vip(if mtls { SERVICE2_TLS_V4 } else { SERVICE2_V4 }),
+                HTTP_L7_PORT,
+            ),
+            (Topology::CrossNode, Way::SidecarPair) => {
+                SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUT_XNODE_PORT))
+            }
         }
     }
 
     /// RSS of an agent running the demo mesh (examples/demo/mesh.yaml), once ready and idle.
     fn demo_mesh_rss(&self) -> anyhow::Result<u64> {
         let demo = workspace_root().join("examples/demo/mesh.yaml");
-        let agent = Agent::start(&self.tb, &self.node, &demo, &[])?;
+        let agent = Agent::start(&self.tb, &self.node1, &demo, &[])?;
         std::thread::sleep(Duration::from_secs(2));
         let rss = proc_status_kib(agent.process.pid(), "VmRSS")?;
         agent.stop()?;
@@ -327,8 +578,66 @@ impl Env {
     }
 }
 
-fn nginx_conf_text(dir: &Path) -> String {
+/// Lets `pod` answer connections from the underlay's node addresses, as a Kubernetes pod can
+/// (its default route leads to its node). The testbed's pods deliberately have no default
+/// route, and strait's plaintext cross-node leg comes from node1's underlay address (node1's
+/// agent connects to the remote pod itself), so without this its SYN-ACKs have nowhere to go.
+fn route_to_underlay(pod: &Pod, node: &Node) -> anyhow::Result<()> {
+    let [a, b, c, _] = node.underlay_ip().octets();
+    let subnet = format!("{a}.{b}.{c}.0/{}", addr::UNDERLAY_PREFIX_V4);
+    run_ok(
+        pod.command("ip")
+            .args(["route", "add", &subnet, "via"])
+            .arg(node.bridge_ipv4().to_string()),
+        Duration::from_secs(10),
+    )
+    .with_context(|| format!("route {subnet} in pod {}", pod.name()))?;
+    Ok(())
+}
+
+/// `--peer-node` arguments naming `other`'s pod subnets and underlay address.
+fn peer_args(other: &Node) -> Vec<String> {
+    vec![
+        "--peer-node".into(),
+        format!(
+            "{}/24={}",
+            addr::pod_subnet_v4(other.index()),
+            other.underlay_ip()
+        ),
+        "--peer-node".into(),
+        format!(
+            "{}/64={}",
+            addr::pod_subnet_v6(other.index()),
+            other.underlay_ip()
+        ),
+    ]
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
+    let output = strait(node, args)?;
+    if !output.status.success() {
+        bail!(
+            "strait {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn nginx_conf_text(dir: &Path, http1_ports: &[u16], h2_port: Option<u16>) -> String {
     let d = dir.display();
+    let mut listen: String = http1_ports
+        .iter()
+        .map(|p| format!("        listen {p};\n"))
+        .collect();
+    if let Some(p) = h2_port {
+        // Plaintext `http2` on a listen line is HTTP/2 with prior knowledge (h2c).
+        listen.push_str(&format!("        listen {p} http2;\n"));
+    }
     format!(
         r#"daemon off;
 master_process off;
@@ -345,9 +654,9 @@ http {{
     scgi_temp_path {d}/nginx-scgi;
     keepalive_requests 10000000;
     keepalive_timeout 300s;
+    http2_max_requests 10000000;
     server {{
-        listen {HTTP_PORT};
-        location / {{ return 200 "hello from the strait bench\n"; }}
+{listen}        location / {{ return 200 "hello from the strait bench\n"; }}
     }}
 }}
 "#
@@ -364,39 +673,27 @@ defaults
     timeout server 120s
 "#;
 
-fn haproxy_inbound(pem: &Path) -> String {
+fn haproxy_inbound(pem: &Path, app_port: u16) -> String {
     format!(
-        "{HAPROXY_COMMON}frontend inbound\n    bind :{SIDECAR_IN_PORT} ssl crt {}\n    default_backend app\nbackend app\n    http-reuse always\n    server app 127.0.0.1:{HTTP_PORT}\n",
+        "{HAPROXY_COMMON}frontend inbound\n    bind :{SIDECAR_IN_PORT} ssl crt {}\n    default_backend app\nbackend app\n    http-reuse always\n    server app 127.0.0.1:{app_port}\n",
         pem.display()
     )
 }
 
-fn haproxy_outbound(server: IpAddr) -> String {
+fn haproxy_outbound(server: IpAddr, xnode_server: IpAddr) -> String {
     format!(
-        "{HAPROXY_COMMON}frontend outbound\n    bind 127.0.0.1:{SIDECAR_OUT_PORT}\n    default_backend peer\nbackend peer\n    http-reuse always\n    server peer {server}:{SIDECAR_IN_PORT} ssl verify none\n"
+        "{HAPROXY_COMMON}frontend outbound\n    bind 127.0.0.1:{SIDECAR_OUT_PORT}\n    default_backend peer\nbackend peer\n    http-reuse always\n    server peer {server}:{SIDECAR_IN_PORT} ssl verify none\n\
+         frontend outbound-xnode\n    bind 127.0.0.1:{SIDECAR_OUT_XNODE_PORT}\n    default_backend peer-xnode\nbackend peer-xnode\n    http-reuse always\n    server peer {xnode_server}:{SIDECAR_IN_PORT} ssl verify none\n"
     )
 }
 
 /// Runs one scenario once; returns its sample (a JSON object of numbers).
 fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::Result<Value> {
     let target = env.target(s);
+    let rates = s.rates(&plan.rates);
     match s.workload {
-        Workload::Http1 => {
-            let mut latency = serde_json::Map::new();
-            for &rate in &plan.rates {
-                let output = run_ok(
-                    env.client
-                        .command(&env.xtask)
-                        .args(["bench", "load-gen", "--target", &target.to_string()])
-                        .args(["--rate", &rate.to_string()])
-                        .args(["--seconds", &plan.latency_seconds.to_string()])
-                        .args(["--connections", &plan.connections.to_string()]),
-                    Duration::from_secs_f64(plan.latency_seconds + 60.0),
-                )?;
-                let report: load::LoadReport =
-                    serde_json::from_slice(&output.stdout).context("load generator report")?;
-                latency.insert(rate.to_string(), serde_json::to_value(report)?);
-            }
+        Workload::Http1 | Workload::Http1Throughput => {
+            let latency = fixed_rate(env, plan, target, "http1", &rates, plan.connections)?;
             let cpu_before = cpu_ticks(proxy_pids)?;
             let output = run_ok(
                 env.client
@@ -408,18 +705,34 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
             let cpu_after = cpu_ticks(proxy_pids)?;
             let text = String::from_utf8_lossy(&output.stdout);
             let (rps, requests) = parse_wrk(&text)?;
-            if text.contains("Non-2xx") || text.contains("Socket errors") {
+            if requests == 0 || text.contains("Non-2xx") || text.contains("Socket errors") {
                 bail!("wrk saw errors:\n{text}");
             }
-            let cpu_seconds = (cpu_after - cpu_before) as f64 / clock_ticks();
-            Ok(json!({
-                "latency": latency,
-                "rps": rps,
-                "requests": requests,
-                "proxy_cpu_seconds_per_1000": (!proxy_pids.is_empty())
-                    .then(|| cpu_seconds / requests as f64 * 1000.0),
-                "proxy_rss_kib": rss_sum(proxy_pids)?,
-            }))
+            throughput_sample(latency, rps, requests, cpu_after - cpu_before, proxy_pids)
+        }
+        Workload::Http2 => {
+            let latency = fixed_rate(env, plan, target, "http2", &rates, plan.h2_connections)?;
+            let cpu_before = cpu_ticks(proxy_pids)?;
+            let output = run_ok(
+                env.client
+                    .command("h2load")
+                    .args(["-t1", "-c", &plan.h2_connections.to_string()])
+                    .args(["-m", &plan.h2_streams.to_string()])
+                    .args(["-D", &plan.throughput_seconds.to_string()])
+                    .arg(format!("http://{target}/")),
+                Duration::from_secs(u64::from(plan.throughput_seconds) + 60),
+            )?;
+            let cpu_after = cpu_ticks(proxy_pids)?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let (rps, requests, failed) = parse_h2load(&text)?;
+            if requests == 0 || failed > 0 {
+                bail!("h2load saw {failed} failed or errored requests:\n{text}");
+            }
+            throughput_sample(latency, rps, requests, cpu_after - cpu_before, proxy_pids)
+        }
+        Workload::GrpcUnary => {
+            let latency = fixed_rate(env, plan, target, "grpc", &rates, plan.h2_connections)?;
+            Ok(json!({ "latency": latency, "proxy_rss_kib": rss_sum(proxy_pids)? }))
         }
         Workload::TcpBulk => {
             let cpu_before = cpu_ticks(proxy_pids)?;
@@ -453,6 +766,80 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
             }))
         }
     }
+}
+
+/// The load generator in the client pod at each rate; rate -> its report.
+fn fixed_rate(
+    env: &Env,
+    plan: &Plan,
+    target: SocketAddr,
+    protocol: &str,
+    rates: &[u32],
+    connections: u32,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut latency = serde_json::Map::new();
+    for &rate in rates {
+        let output = run_ok(
+            env.client
+                .command(&env.xtask)
+                .args(["bench", "load-gen", "--target", &target.to_string()])
+                .args(["--protocol", protocol])
+                .args(["--rate", &rate.to_string()])
+                .args(["--seconds", &plan.latency_seconds.to_string()])
+                .args(["--connections", &connections.to_string()]),
+            Duration::from_secs_f64(plan.latency_seconds + 60.0),
+        )?;
+        let report: load::LoadReport =
+            serde_json::from_slice(&output.stdout).context("load generator report")?;
+        latency.insert(rate.to_string(), serde_json::to_value(report)?);
+    }
+    Ok(latency)
+}
+
+fn throughput_sample(
+    latency: serde_json::Map<String, Value>,
+    rps: f64,
+    requests: u64,
+    cpu_ticks: u64,
+    proxy_pids: &[u32],
+) -> anyhow::Result<Value> {
+    let cpu_seconds = cpu_ticks as f64 / clock_ticks();
+    Ok(json!({
+        "latency": latency,
+        "rps": rps,
+        "requests": requests,
+        "proxy_cpu_seconds_per_1000": (!proxy_pids.is_empty() && requests > 0)
+            .then(|| cpu_seconds / requests as f64 * 1000.0),
+        "proxy_rss_kib": rss_sum(proxy_pids)?,
+    }))
+}
+
+/// Requests per second, requests done and requests failed or errored, from h2load's output.
+fn parse_h2load(text: &str) -> anyhow::Result<(f64, u64, u64)> {
+    // finished in 5.00s, 31034.20 req/s, 1.07MB/s
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.strip_suffix(" req/s"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no req/s in h2load's output:\n{text}"))?;
+    // requests: 155171 total, 155171 started, 155171 done, 155171 succeeded, 0 failed, 0 errored, 0 timeout
+    let counts = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests: "))
+        .with_context(|| format!("no request counts in h2load's output:\n{text}"))?;
+    let count = |what: &str| -> u64 {
+        counts
+            .split(", ")
+            .find_map(|c| c.strip_suffix(what)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((
+        rps,
+        count(" succeeded"),
+        count(" failed") + count(" errored"),
+    ))
 }
 
 /// `Requests/sec` and the request count from wrk's output.
@@ -547,12 +934,19 @@ fn machine() -> Value {
         "iperf3": tool("iperf3", "--version"),
         "nginx": tool("nginx", "-v"),
         "haproxy": tool("haproxy", "-v"),
+        "h2load": tool("h2load", "--version"),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn h2load_output_is_parsed() {
+        let text = "finished in 5.00s, 31034.20 req/s, 1.07MB/s\nrequests: 155171 total, 155171 started, 155171 done, 155100 succeeded, 71 failed, 0 errored, 0 timeout\n";
+        assert_eq!(parse_h2load(text).unwrap(), (31034.2, 155100, 71));
+    }
 
     #[test]
     fn wrk_output_is_parsed() {

@@ -1,5 +1,5 @@
-//! A fixed-rate HTTP/1.1 load generator that reports true latency (run inside a client pod
-//! as `xtask bench load-gen ...`).
+//! A fixed-rate HTTP/1.1, HTTP/2 and gRPC-unary load generator that reports true latency
+//! (run inside a client pod as `xtask bench load-gen ...`). HTTP/2 and gRPC are in [`h2c`].
 //!
 //! Open-loop and coordinated-omission correct, like wrk2: request `i` of the run is *due* at
 //! `start + i / rate`, connection `i % connections` sends it, and its latency is measured from
@@ -8,6 +8,8 @@
 //! the rate. Keep-alive connections, one thread each, blocking sockets, small GETs; every
 //! response is parsed (status line, Content-Length) and a malformed or failed one counts as
 //! an error. The result is one JSON line on stdout.
+
+mod h2c;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -29,9 +31,19 @@ pub struct LoadArgs {
     /// Keep-alive connections (one thread each).
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
-    /// Host header.
+    /// Host header (HTTP/2: `:authority`).
     #[arg(long, default_value = "web")]
     pub host: String,
+    /// What to send: HTTP/1.1 GETs, HTTP/2 GETs (h2c, prior knowledge) or gRPC unary calls.
+    #[arg(long, value_enum, default_value_t = Protocol::Http1)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Grpc,
 }
 
 /// What one run measured.
@@ -51,15 +63,18 @@ pub struct LoadReport {
 }
 
 pub fn run(args: &LoadArgs) -> anyhow::Result<()> {
-    let report = generate(args)?;
+    if args.rate == 0 || args.connections == 0 || args.seconds.is_nan() || args.seconds <= 0.0 {
+        bail!("rate, connections and seconds must be positive");
+    }
+    let report = match args.protocol {
+        Protocol::Http1 => generate(args)?,
+        Protocol::Http2 | Protocol::Grpc => h2c::generate(args)?,
+    };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 
 fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
-    if args.rate == 0 || args.connections == 0 || args.seconds.is_nan() || args.seconds <= 0.0 {
-        bail!("rate, connections and seconds must be positive");
-    }
     let total = (f64::from(args.rate) * args.seconds).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
     let request = format!(
@@ -121,25 +136,32 @@ fn generate(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         errors += err;
     }
     let wall = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| -> u64 {
-        if all.is_empty() {
-            return 0;
+    Ok(LoadReport::new(args, all, errors, wall))
+}
+
+impl LoadReport {
+    /// The report of a run: `latencies` in microseconds (any order), over `wall` seconds.
+    fn new(args: &LoadArgs, mut latencies: Vec<u32>, errors: u64, wall: f64) -> LoadReport {
+        latencies.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if latencies.is_empty() {
+                return 0;
+            }
+            let idx = ((p / 100.0) * (latencies.len() - 1) as f64).round() as usize;
+            u64::from(latencies[idx.min(latencies.len() - 1)])
+        };
+        LoadReport {
+            rate: args.rate,
+            seconds: args.seconds,
+            sent: latencies.len() as u64 + errors,
+            errors,
+            p50_us: pct(50.0),
+            p90_us: pct(90.0),
+            p99_us: pct(99.0),
+            max_us: latencies.last().copied().map_or(0, u64::from),
+            achieved_rps: latencies.len() as f64 / wall,
         }
-        let idx = ((p / 100.0) * (all.len() - 1) as f64).round() as usize;
-        u64::from(all[idx.min(all.len() - 1)])
-    };
-    Ok(LoadReport {
-        rate: args.rate,
-        seconds: args.seconds,
-        sent: all.len() as u64 + errors,
-        errors,
-        p50_us: pct(50.0),
-        p90_us: pct(90.0),
-        p99_us: pct(99.0),
-        max_us: all.last().copied().map_or(0, u64::from),
-        achieved_rps: all.len() as f64 / wall,
-    })
+    }
 }
 
 /// Send one GET and read one full response (status 200, Content-Length body).

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::Plan;
-use super::scenario::{Scenario, Workload};
+use super::scenario::{Scenario, Topology, Workload};
 
 pub struct Results {
     pub plan: Plan,
@@ -20,6 +20,8 @@ pub struct Results {
     pub samples: BTreeMap<&'static str, Vec<Value>>,
     pub demo_mesh_agent_rss_kib: u64,
     pub fast_path_counters: Value,
+    /// The agent build has `strait run --telemetry on|off`.
+    pub telemetry_switch: bool,
 }
 
 /// Median of the values at `pointer` in a scenario's samples.
@@ -49,74 +51,135 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-/// A target of the issue: name, measured ratio/value, goal, met.
+/// A goal of the issues, on a ratio or a value.
+#[derive(Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Goal {
+    fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(g) => v >= g,
+            Goal::AtMost(g) => v <= g,
+            Goal::Below(g) => v < g,
+        }
+    }
+
+    fn text(self) -> String {
+        match self {
+            Goal::AtLeast(g) => format!(">= {g}"),
+            Goal::AtMost(g) => format!("<= {g}"),
+            Goal::Below(g) => format!("< {g}"),
+        }
+    }
+
+    /// How far `v` is from the goal, in percent of the goal ("missed by").
+    fn miss_percent(self, v: f64) -> f64 {
+        match self {
+            Goal::AtLeast(g) => (g - v) / g * 100.0,
+            Goal::AtMost(g) | Goal::Below(g) => (v - g) / g * 100.0,
+        }
+    }
+}
+
+/// A target of the issues: name, measured ratio/value, goal; or why it was not measured.
 struct Target {
     name: &'static str,
     value: Option<f64>,
-    goal: &'static str,
-    met: Option<bool>,
+    goal: Goal,
+    unavailable: Option<&'static str>,
 }
 
+impl Target {
+    fn met(&self) -> Option<bool> {
+        self.value.map(|v| self.goal.met(v))
+    }
+
+    fn verdict(&self, missed: &str) -> String {
+        match (self.met(), self.value, self.unavailable) {
+            (_, _, Some(why)) => why.to_owned(),
+            (Some(true), _, _) => "met".to_owned(),
+            (Some(false), Some(v), _) => {
+                format!("{missed} by {:.0} %", self.goal.miss_percent(v))
+            }
+            _ => "not measured".to_owned(),
+        }
+    }
+}
+
+const TELEMETRY_UNAVAILABLE: &str = "not available in this build";
+
 fn targets(r: &Results) -> Vec<Target> {
-    let tput = ratio(
-        median(r, "http_strait", "/rps"),
-        median(r, "http_sidecars", "/rps"),
-    );
-    let tput_fast = ratio(
-        median(r, "http_strait_fast", "/rps"),
-        median(r, "http_sidecars", "/rps"),
-    );
-    let p99 = ratio(
-        median(r, "http_strait", "/latency/1000/p99_us"),
-        median(r, "http_direct", "/latency/1000/p99_us"),
-    );
-    let p99_fast = ratio(
-        median(r, "http_strait_fast", "/latency/1000/p99_us"),
-        median(r, "http_direct", "/latency/1000/p99_us"),
-    );
-    let bulk = ratio(
-        median(r, "bulk_strait_fast", "/gbit_per_s"),
-        median(r, "bulk_strait", "/gbit_per_s"),
-    );
+    let rps = |id: &str| median(r, id, "/rps");
+    let p99 = |id: &str| median(r, id, "/latency/1000/p99_us");
+    let mut t = Vec::new();
+    for (id, name) in [
+        ("http_strait", "HTTP throughput, strait L4 / sidecar pair"),
+        (
+            "http_strait_fast",
+            "HTTP throughput, strait L4 + fast path / sidecar pair",
+        ),
+        (
+            "http_strait_l7",
+            "HTTP throughput, strait L7 / sidecar pair",
+        ),
+        (
+            "http_strait_l7_fast",
+            "HTTP throughput, strait L7 + fast path / sidecar pair",
+        ),
+    ] {
+        t.push(Target {
+            name,
+            value: ratio(rps(id), rps("http_sidecars")),
+            goal: Goal::AtLeast(2.0),
+            unavailable: None,
+        });
+    }
+    for (id, name) in [
+        ("http_strait", "p99 at 1,000 rps, strait L4 / direct"),
+        (
+            "http_strait_fast",
+            "p99 at 1,000 rps, strait L4 + fast path / direct",
+        ),
+        ("http_strait_l7", "p99 at 1,000 rps, strait L7 / direct"),
+        (
+            "http_strait_l7_fast",
+            "p99 at 1,000 rps, strait L7 + fast path / direct",
+        ),
+    ] {
+        t.push(Target {
+            name,
+            value: ratio(p99(id), p99("http_direct")),
+            goal: Goal::AtMost(1.5),
+            unavailable: None,
+        });
+    }
+    t.push(Target {
+        name: "TCP bulk, strait + fast path / strait",
+        value: ratio(
+            median(r, "bulk_strait_fast", "/gbit_per_s"),
+            median(r, "bulk_strait", "/gbit_per_s"),
+        ),
+        goal: Goal::AtLeast(2.0),
+        unavailable: None,
+    });
     let rss_mb = r.demo_mesh_agent_rss_kib as f64 / 1024.0;
-    vec![
-        Target {
-            name: "HTTP throughput, strait / sidecar pair",
-            value: tput,
-            goal: ">= 2",
-            met: tput.map(|v| v >= 2.0),
-        },
-        Target {
-            name: "HTTP throughput, strait + fast path / sidecar pair",
-            value: tput_fast,
-            goal: ">= 2",
-            met: tput_fast.map(|v| v >= 2.0),
-        },
-        Target {
-            name: "p99 at 1,000 rps, strait / direct",
-            value: p99,
-            goal: "<= 1.5",
-            met: p99.map(|v| v <= 1.5),
-        },
-        Target {
-            name: "p99 at 1,000 rps, strait + fast path / direct",
-            value: p99_fast,
-            goal: "<= 1.5",
-            met: p99_fast.map(|v| v <= 1.5),
-        },
-        Target {
-            name: "TCP bulk, strait + fast path / strait",
-            value: bulk,
-            goal: ">= 2",
-            met: bulk.map(|v| v >= 2.0),
-        },
-        Target {
-            name: "agent RSS on the demo mesh, MB",
-            value: Some(rss_mb),
-            goal: "< 40",
-            met: Some(rss_mb < 40.0),
-        },
-    ]
+    t.push(Target {
+        name: "agent RSS on the demo mesh, MB",
+        value: Some(rss_mb),
+        goal: Goal::Below(40.0),
+        unavailable: None,
+    });
+    t.push(Target {
+        name: "HTTP throughput, telemetry on / off (strait L7 + fast path)",
+        value: ratio(rps("telemetry_on"), rps("telemetry_off")),
+        goal: Goal::AtLeast(0.95),
+        unavailable: (!r.telemetry_switch).then_some(TELEMETRY_UNAVAILABLE),
+    });
+    t
 }
 
 fn f(v: Option<f64>, decimals: usize) -> String {
@@ -127,21 +190,38 @@ fn ms(us: Option<f64>) -> String {
     f(us.map(|u| u / 1000.0), 2)
 }
 
+/// The 1-minute load average over the run's samples: (min, median, max).
+fn loadavg_range(r: &Results) -> Option<(f64, f64, f64)> {
+    let mut all: Vec<f64> = r
+        .samples
+        .values()
+        .flatten()
+        .filter_map(|s| s["loadavg_1m"].as_f64())
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_by(f64::total_cmp);
+    Some((all[0], all[all.len() / 2], all[all.len() - 1]))
+}
+
 /// The terminal summary: targets and ratios.
 pub fn summary(r: &Results) -> String {
     let mut s = String::from("\nbench: targets (ratios of medians from this run)\n");
     for t in targets(r) {
         let _ = writeln!(
             s,
-            "  {:<55} {:>8}  goal {:<6} {}",
+            "  {:<62} {:>8}  goal {:<7} {}",
             t.name,
             f(t.value, 2),
-            t.goal,
-            match t.met {
-                Some(true) => "met",
-                Some(false) => "MISSED",
-                None => "n/a",
-            }
+            t.goal.text(),
+            t.verdict("MISSED"),
+        );
+    }
+    if let Some((lo, med, hi)) = loadavg_range(r) {
+        let _ = writeln!(
+            s,
+            "  load average (1 min) during the run: {lo:.1} to {hi:.1}, median {med:.1}"
         );
     }
     s
@@ -157,8 +237,10 @@ pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
         "samples": r.samples,
         "demo_mesh_agent_rss_kib": r.demo_mesh_agent_rss_kib,
         "fast_path_counters_last_agent": r.fast_path_counters,
+        "telemetry_switch": r.telemetry_switch,
         "targets": targets(r).iter().map(|t| json!({
-            "name": t.name, "value": t.value, "goal": t.goal, "met": t.met,
+            "name": t.name, "value": t.value, "goal": t.goal.text(), "met": t.met(),
+            "unavailable": t.unavailable,
         })).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -190,11 +272,19 @@ fn markdown(r: &Results) -> String {
     let mut s = String::new();
     let m = &r.machine;
     let _ = writeln!(s, "# Benchmarks\n");
+    let load = loadavg_range(r).map_or_else(String::new, |(lo, med, hi)| {
+        format!(
+            " The machine's 1-minute load average during the run: {lo:.1} to {hi:.1} (median \
+             {med:.1}) on {} CPUs, other work included.",
+            m["cpus"]
+        )
+    });
     let _ = writeln!(
         s,
         "Generated by `cargo xtask bench`{} on kernel {}, {} × {}. {} rounds, scenarios \
          interleaved in every round; every number is the **median over rounds**, every ratio a \
-         ratio of medians from this one run. Raw samples: [benchmarks/results.json](benchmarks/results.json).\n",
+         ratio of medians from this one run.{load} Raw samples: \
+         [benchmarks/results.json](benchmarks/results.json).\n",
         if r.plan.rounds == 1 { " (quick)" } else { "" },
         m["kernel"].as_str().unwrap_or("?"),
         m["cpus"],
@@ -203,101 +293,80 @@ fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Same node: a client pod and a server pod (nginx {}, one worker) on one testbed node. \
-         *direct*: the client connects to the server pod. *strait*: to the virtual service \
-         address, captured by the agent (release build, L4 `tcp` listener) and forwarded. \
-         *fast path*: the same with `--fast-path on`. *sidecar pair*: HAProxy in each pod \
-         (`mode http`, one thread each), TLS between them, standing in for per-pod sidecars. \
-         Latency from our open-loop load generator (`xtask bench load-gen`: {} keep-alive \
-         connections, requests due at a fixed rate, latency measured from when each was due, \
-         so coordinated omission is accounted for), {} s per rate; throughput from wrk (1 \
-         thread, 32 connections, {} s); bulk from iperf3 (one stream, {} s). Proxy CPU is \
-         utime+stime of the agent (or of both sidecars) from /proc during the wrk or iperf3 \
-         run.\n",
+        "The testbed: two nodes (network namespaces joined by an underlay bridge). node1 holds \
+         a client pod and a server pod (nginx {}, one worker; iperf3; a Python grpcio server); \
+         node2 holds two nginx pods. *direct*: the client connects to the server pod. \
+         *strait*: to a virtual service address, captured by node1's agent (release build) and \
+         forwarded; *L4* is a `tcp` listener (bytes copied), *L7* an `http` listener (the HTTP \
+         proxy: requests parsed, routed, sent on pooled connections). *fast path*: the agent \
+         runs with `--fast-path on` (sockmap redirect of its delivery leg). *sidecar pair*: \
+         HAProxy {} in the client pod and in the server pod (`mode http`, one thread each), TLS \
+         between them, standing in for per-pod sidecars.\n",
         m["nginx"]
             .as_str()
             .unwrap_or("")
             .trim_start_matches("nginx version: "),
+        m["haproxy"]
+            .as_str()
+            .unwrap_or("")
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or(""),
+    );
+    let _ = writeln!(
+        s,
+        "Tools: fixed-rate latency from our open-loop load generator (`xtask bench load-gen`: \
+         requests due at a fixed rate, latency measured from when each was due, so coordinated \
+         omission is accounted for; HTTP/1.1 on {} keep-alive connections, HTTP/2 and gRPC as \
+         concurrent streams on {} connections), {} s per rate; HTTP/1.1 throughput from wrk (1 \
+         thread, 32 connections, {} s), HTTP/2 throughput from h2load ({}: 1 thread, {} \
+         connections × {} streams, {} s); bulk from iperf3 (one stream, {} s). Proxy CPU is \
+         utime+stime of the agents on the path (or of both sidecars) from /proc during the \
+         wrk, h2load or iperf3 run.\n",
         r.plan.connections,
+        r.plan.h2_connections,
         r.plan.latency_seconds,
+        r.plan.throughput_seconds,
+        m["h2load"].as_str().unwrap_or("h2load"),
+        r.plan.h2_connections,
+        r.plan.h2_streams,
         r.plan.throughput_seconds,
         r.plan.bulk_seconds,
     );
     let _ = writeln!(s, "## Targets\n");
     let _ = writeln!(s, "| target | measured | goal | |\n|---|---:|---|---|");
     for t in targets(r) {
+        let verdict = t.verdict("**missed**");
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {verdict} |",
             t.name,
             f(t.value, 2),
-            t.goal,
-            match t.met {
-                Some(true) => "met",
-                Some(false) => "**missed**",
-                None => "n/a",
-            }
+            t.goal.text(),
         );
     }
+
+    let picked = |pred: &dyn Fn(&Scenario) -> bool| -> Vec<&Scenario> {
+        let mut picked: Vec<&Scenario> = r.scenarios.iter().filter(|s| pred(s)).collect();
+        picked.sort_by_key(|s| s.display_rank());
+        picked
+    };
     let _ = writeln!(s, "\n## Same node, HTTP/1.1 keep-alive, small responses\n");
     let _ = writeln!(
         s,
         "![latency percentiles by scenario and rate](benchmarks/latency.svg)\n"
     );
-    let http: Vec<&Scenario> = r
-        .scenarios
-        .iter()
-        .filter(|s| s.workload == Workload::Http1)
-        .collect();
-    for &rate in &r.plan.rates {
-        let _ = writeln!(
-            s,
-            "Fixed rate {rate} requests/s (latency in ms):\n\n| scenario | p50 | p90 | p99 | max | achieved rps | errors |\n|---|---:|---:|---:|---:|---:|---:|"
-        );
-        for sc in &http {
-            let p = |k: &str| median(r, sc.id, &format!("/latency/{rate}/{k}"));
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
-                sc.label,
-                ms(p("p50_us")),
-                ms(p("p90_us")),
-                ms(p("p99_us")),
-                ms(p("max_us")),
-                f(p("achieved_rps"), 0),
-                f(p("errors"), 0),
-            );
-        }
-        let _ = writeln!(s);
-    }
-    let _ = writeln!(
-        s,
-        "Maximum throughput (wrk):\n\n| scenario | requests/s | vs direct | proxy CPU s per 1,000 requests | proxy RSS MB |\n|---|---:|---:|---:|---:|"
-    );
-    let direct = median(r, "http_direct", "/rps");
-    for sc in &http {
-        let rps = median(r, sc.id, "/rps");
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} |",
-            sc.label,
-            f(rps, 0),
-            f(ratio(rps, direct), 2),
-            f(median(r, sc.id, "/proxy_cpu_seconds_per_1000"), 4),
-            f(median(r, sc.id, "/proxy_rss_kib").map(|k| k / 1024.0), 1),
-        );
-    }
+    let same = picked(&|s| s.workload == Workload::Http1 && s.topology == Topology::SameNode);
+    latency_tables(&mut s, r, &same);
+    throughput_table(&mut s, r, &same, "http_direct", "Maximum throughput (wrk)");
+
     let _ = writeln!(s, "\n## Same node, TCP bulk (iperf3)\n");
     let _ = writeln!(
         s,
         "| scenario | Gbit/s | vs direct | proxy CPU s per GiB | proxy RSS MB |\n|---|---:|---:|---:|---:|"
     );
     let direct = median(r, "bulk_direct", "/gbit_per_s");
-    for sc in r
-        .scenarios
-        .iter()
-        .filter(|s| s.workload == Workload::TcpBulk)
-    {
+    for sc in picked(&|s| s.workload == Workload::TcpBulk) {
         let g = median(r, sc.id, "/gbit_per_s");
         let _ = writeln!(
             s,
@@ -309,6 +378,70 @@ fn markdown(r: &Results) -> String {
             f(median(r, sc.id, "/proxy_rss_kib").map(|k| k / 1024.0), 1),
         );
     }
+
+    let _ = writeln!(s, "\n## Cross node, HTTP/1.1 keep-alive, small responses\n");
+    let _ = writeln!(
+        s,
+        "The client pod on node1, the server (nginx) on node2. *direct plaintext*: to the \
+         server pod's address, no mesh. *strait, mTLS tunnel*: to a virtual service whose \
+         `http` listener has `tls` STRICT with client validation (certificates from `strait ca \
+         issue`): node1's agent sends each connection as an HTTP/2 CONNECT stream in its pooled \
+         TLS 1.3 connection to node2's agent, which checks the client's SPIFFE ID and delivers \
+         to the pod. *strait, plaintext*: the same `http` listener without `tls`: node1's agent \
+         connects to the pod directly. *sidecar pair*: HAProxy in the client pod, TLS to \
+         HAProxy in the server pod. Proxy CPU and RSS are of both agents (or both sidecars).\n"
+    );
+    let cross = picked(&|s| s.topology == Topology::CrossNode);
+    latency_tables(&mut s, r, &cross);
+    throughput_table(
+        &mut s,
+        r,
+        &cross,
+        "xnode_direct",
+        "Maximum throughput (wrk)",
+    );
+
+    let _ = writeln!(s, "\n## Same node, HTTP/2 and gRPC unary\n");
+    let _ = writeln!(
+        s,
+        "HTTP/2: GETs with prior knowledge (h2c) to nginx, through an `http2` listener. gRPC: \
+         unary calls (`color.Color/Get`, a 4-byte message) to a Python grpcio server \
+         (tests/grpc/color_grpc.py, 8 worker threads), through a `grpc` listener; the load \
+         generator checks the length-prefixed answer and `grpc-status: 0` in the trailers. gRPC \
+         runs only at rates the single Python server process sustains.\n"
+    );
+    let h2 = picked(&|s| matches!(s.workload, Workload::Http2 | Workload::GrpcUnary));
+    latency_tables(&mut s, r, &h2);
+    let h2_only = picked(&|s| s.workload == Workload::Http2);
+    throughput_table(
+        &mut s,
+        r,
+        &h2_only,
+        "h2_direct",
+        "HTTP/2 maximum throughput (h2load)",
+    );
+
+    let _ = writeln!(s, "\n## Telemetry on and off\n");
+    if r.telemetry_switch {
+        let _ = writeln!(
+            s,
+            "node1's agent restarted with `--telemetry on` and with `--telemetry off` (the order \
+             alternates between rounds); same-node HTTP/1.1 through the L7 proxy with the fast \
+             path, wrk as above.\n"
+        );
+        let tel = picked(&|s| s.workload == Workload::Http1Throughput);
+        throughput_table(&mut s, r, &tel, "telemetry_off", "Maximum throughput (wrk)");
+    } else {
+        let _ = writeln!(
+            s,
+            "The telemetry on/off ratio is **{TELEMETRY_UNAVAILABLE}**: the agent has no \
+             `strait run --telemetry on|off` switch yet, and the bench does not estimate it some \
+             other way. Once the switch lands, the same command measures it (the scenarios \
+             `telemetry_on` and `telemetry_off` are in every round and check `strait run --help` \
+             for the flag).\n"
+        );
+    }
+
     let _ = writeln!(
         s,
         "\nAgent RSS with the demo mesh (examples/demo/mesh.yaml), ready and idle: {:.1} MB.\n",
@@ -316,96 +449,120 @@ fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Fast-path counters of the last agent (cumulative since the maps were created): `{}`\n",
+        "Fast-path counters of node1's last agent (cumulative since the maps were created): `{}`\n",
         r.fast_path_counters
     );
     s
 }
 
-/// Grouped bars: one group per (rate, scenario), bars p50/p90/p99, log-scale milliseconds.
-fn svg(r: &Results) -> String {
-    let http: Vec<&Scenario> = r
+/// One table per plan rate: the fixed-rate latency of the scenarios that ran at that rate.
+fn latency_tables(s: &mut String, r: &Results, scenarios: &[&Scenario]) {
+    for &rate in &r.plan.rates {
+        let rows: Vec<&&Scenario> = scenarios
+            .iter()
+            .filter(|sc| sc.rates(&r.plan.rates).contains(&rate))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "Fixed rate {rate} requests/s (latency in ms):\n\n| scenario | p50 | p90 | p99 | max | achieved rps | errors |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for sc in rows {
+            let p = |k: &str| median(r, sc.id, &format!("/latency/{rate}/{k}"));
+            let label = if scenarios.iter().any(|o| o.workload != sc.workload) {
+                sc.plot_label()
+            } else {
+                sc.label.to_owned()
+            };
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} | {} |",
+                ms(p("p50_us")),
+                ms(p("p90_us")),
+                ms(p("p99_us")),
+                ms(p("max_us")),
+                f(p("achieved_rps"), 0),
+                f(p("errors"), 0),
+            );
+        }
+        let _ = writeln!(s);
+    }
+}
+
+/// Requests per second (and proxy cost) of the scenarios, against `base`.
+fn throughput_table(s: &mut String, r: &Results, scenarios: &[&Scenario], base: &str, title: &str) {
+    let base_label = r
         .scenarios
         .iter()
-        .filter(|s| s.workload == Workload::Http1)
-        .collect();
+        .find(|sc| sc.id == base)
+        .map_or(base, |sc| sc.label);
+    let _ = writeln!(
+        s,
+        "{title}:\n\n| scenario | requests/s | vs {base_label} | proxy CPU s per 1,000 requests | proxy RSS MB |\n|---|---:|---:|---:|---:|"
+    );
+    let base = median(r, base, "/rps");
+    for sc in scenarios {
+        let rps = median(r, sc.id, "/rps");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} |",
+            sc.label,
+            f(rps, 0),
+            f(ratio(rps, base), 2),
+            f(median(r, sc.id, "/proxy_cpu_seconds_per_1000"), 4),
+            f(median(r, sc.id, "/proxy_rss_kib").map(|k| k / 1024.0), 1),
+        );
+    }
+}
+
+/// One panel per rate, stacked; in each, grouped bars (p50, p90, p99) for every scenario that
+/// ran at that rate; log-scale milliseconds.
+fn svg(r: &Results) -> String {
     let pcts = [
         ("p50_us", "#4e79a7"),
         ("p90_us", "#f28e2b"),
         ("p99_us", "#e15759"),
     ];
-    let (left, top, bar, gap, group_gap) = (60.0, 40.0, 14.0, 2.0, 18.0);
-    let height = 300.0;
-    let groups = r.plan.rates.len() * http.len();
-    let group_w = pcts.len() as f64 * (bar + gap) + group_gap;
-    let width = left + groups as f64 * group_w + 20.0 + (r.plan.rates.len() as f64 * 20.0);
-    // Log scale from 0.01 ms to the next power of ten above the largest p99.
-    let max_us = r
+    let panels: Vec<(u32, Vec<&Scenario>)> = r
         .plan
         .rates
         .iter()
-        .flat_map(|rate| {
-            http.iter()
+        .map(|&rate| {
+            let mut scenarios: Vec<&Scenario> = r
+                .scenarios
+                .iter()
+                .filter(|s| s.rates(&r.plan.rates).contains(&rate))
+                .collect();
+            scenarios.sort_by_key(|s| s.display_rank());
+            (rate, scenarios)
+        })
+        .filter(|(_, s): &(u32, Vec<&Scenario>)| !s.is_empty())
+        .collect();
+    let (left, top, bar, gap, group_gap) = (60.0, 50.0, 12.0, 1.0, 16.0);
+    let (height, label_room) = (220.0, 150.0);
+    let panel_h = height + label_room + 30.0;
+    let group_w = pcts.len() as f64 * (bar + gap) + group_gap;
+    let widest = panels.iter().map(|(_, s)| s.len()).max().unwrap_or(1);
+    let width = left + widest as f64 * group_w + 120.0;
+    // Log scale from 0.01 ms to the next power of ten above the largest p99.
+    let max_us = panels
+        .iter()
+        .flat_map(|(rate, scs)| {
+            scs.iter()
                 .filter_map(move |s| median(r, s.id, &format!("/latency/{rate}/p99_us")))
         })
         .fold(100.0_f64, f64::max);
     let (lo, hi) = (1e-2_f64.log10(), (max_us / 1000.0).log10().ceil().max(0.0));
-    let y = |ms: f64| top + height - ((ms.max(0.01).log10() - lo) / (hi - lo)) * height;
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{left}" y="20" font-size="14">Same node HTTP/1.1 latency (median of rounds), log scale, ms</text>
+<text x="{left}" y="20" font-size="14">Latency at a fixed rate (median of rounds), log scale, ms</text>
 "#,
         w = width.ceil(),
-        h = top + height + 110.0,
+        h = top + panels.len() as f64 * panel_h,
     );
-    let mut decade = lo;
-    while decade <= hi + 1e-9 {
-        let v = 10f64.powf(decade);
-        let yy = y(v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{x2}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{v}</text>"##,
-            x2 = width - 10.0,
-            tx = left - 5.0,
-            ty = yy + 4.0,
-        );
-        decade += 1.0;
-    }
-    let mut x = left + 10.0;
-    for &rate in &r.plan.rates {
-        let start = x;
-        for sc in &http {
-            for (k, color) in pcts {
-                if let Some(us) = median(r, sc.id, &format!("/latency/{rate}/{k}")) {
-                    let yy = y(us / 1000.0);
-                    let _ = writeln!(
-                        s,
-                        r#"<rect x="{x:.1}" y="{yy:.1}" width="{bar}" height="{hh:.1}" fill="{color}"><title>{} {rate} rps {k}: {:.3} ms</title></rect>"#,
-                        sc.label,
-                        us / 1000.0,
-                        hh = top + height - yy,
-                    );
-                }
-                x += bar + gap;
-            }
-            let _ = writeln!(
-                s,
-                r#"<text transform="translate({tx:.1},{ty:.1}) rotate(35)">{}</text>"#,
-                sc.label,
-                tx = x - 2.0 * (bar + gap),
-                ty = top + height + 12.0,
-            );
-            x += group_gap;
-        }
-        let _ = writeln!(
-            s,
-            r#"<text x="{cx:.1}" y="{cy}" text-anchor="middle" font-size="12">{rate} requests/s</text>"#,
-            cx = (start + x) / 2.0,
-            cy = top + height + 100.0,
-        );
-        x += 20.0;
-    }
     let mut lx = width - 170.0;
     for (k, color) in pcts {
         let _ = writeln!(
@@ -415,6 +572,52 @@ fn svg(r: &Results) -> String {
             tx = lx + 13.0,
         );
         lx += 50.0;
+    }
+    for (p, (rate, scenarios)) in panels.iter().enumerate() {
+        let ptop = top + p as f64 * panel_h + 20.0;
+        let y = |ms: f64| ptop + height - ((ms.max(0.01).log10() - lo) / (hi - lo)) * height;
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{ty:.1}" font-size="13" font-weight="bold">{rate} requests/s</text>"#,
+            ty = ptop - 8.0,
+        );
+        let mut decade = lo;
+        while decade <= hi + 1e-9 {
+            let v = 10f64.powf(decade);
+            let yy = y(v);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{x2}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/><text x="{tx}" y="{ty:.1}" text-anchor="end">{v}</text>"##,
+                x2 = width - 10.0,
+                tx = left - 5.0,
+                ty = yy + 4.0,
+            );
+            decade += 1.0;
+        }
+        let mut x = left + 10.0;
+        for sc in scenarios {
+            for (k, color) in pcts {
+                if let Some(us) = median(r, sc.id, &format!("/latency/{rate}/{k}")) {
+                    let yy = y(us / 1000.0);
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{yy:.1}" width="{bar}" height="{hh:.1}" fill="{color}"><title>{} {rate} rps {k}: {:.3} ms</title></rect>"#,
+                        sc.plot_label(),
+                        us / 1000.0,
+                        hh = ptop + height - yy,
+                    );
+                }
+                x += bar + gap;
+            }
+            let _ = writeln!(
+                s,
+                r#"<text transform="translate({tx:.1},{ty:.1}) rotate(40)">{}</text>"#,
+                sc.plot_label(),
+                tx = x - 2.0 * (bar + gap),
+                ty = ptop + height + 12.0,
+            );
+            x += group_gap;
+        }
     }
     s.push_str("</svg>\n");
     s

@@ -1,14 +1,9 @@
-//! The benchmark's scenarios: what traffic (a [`Workload`]) takes which way (a [`Way`]).
+//! The benchmark's scenarios: what traffic (a [`Workload`]) takes which way (a [`Way`]) between
+//! which pods (a [`Topology`]).
 //!
-//! Adding a scenario is one entry in [`all`]:
-//! - the L7 proxy: a `Way::Strait` whose `listener_protocol` is `http` (the mesh file switches
-//!   the web listener's protocol; nothing else changes);
-//! - cross node: a [`Topology::CrossNode`] (the client pod on a second node; `Way::Strait`
-//!   then goes over the agents' mTLS tunnel, `Way::SidecarPair` over TLS between the nodes);
-//! - HTTP/2 and gRPC: a new [`Workload`] whose measurement calls h2load or a gRPC client in
-//!   [`super::measure`].
-//!
-//! The testbed in [`super::Env`] builds what the scenarios need once.
+//! Adding a scenario is one entry in [`all`]; the testbed in [`super::Env`] builds what the
+//! scenarios need once (both nodes, every server, both agents, the certificates), and
+//! [`super::Env::target`] says where each scenario's client connects.
 
 /// What the client does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -17,8 +12,16 @@ pub enum Workload {
     /// HTTP/1.1 keep-alive GETs of a small response (nginx): fixed-rate latency with our
     /// load generator, then maximum throughput with wrk.
     Http1,
+    /// Maximum throughput only (wrk), for ratios between agent configurations.
+    Http1Throughput,
     /// One TCP stream as fast as it goes (iperf3).
     TcpBulk,
+    /// HTTP/2 (h2c, prior knowledge) GETs of a small response (nginx): fixed-rate latency with
+    /// our HTTP/2 load generator, then maximum throughput with h2load.
+    Http2,
+    /// gRPC unary calls (Python grpcio server): fixed-rate latency with our HTTP/2 load
+    /// generator speaking gRPC framing.
+    GrpcUnary,
 }
 
 /// Which way the bytes go from the client pod to the server pod.
@@ -27,11 +30,19 @@ pub enum Workload {
 pub enum Way {
     /// To the server pod's address; no proxy.
     Direct,
-    /// To the virtual service address; captured and forwarded by the strait agent.
+    /// To a virtual service address; captured and forwarded by the strait agent(s).
     Strait {
+        /// The client node's agent runs with `--fast-path on`.
         fast_path: bool,
-        /// Protocol of the server's listeners in the mesh file (`tcp` today: L4).
+        /// Protocol of the server's listener in the mesh file: `tcp` (L4) or `http`, `http2`,
+        /// `grpc` (the L7 proxy).
         listener_protocol: &'static str,
+        /// Cross node only: the listener is `tls` STRICT, so the agents carry the connection
+        /// in their mTLS tunnel; otherwise the client's agent connects to the pod in plaintext.
+        mtls: bool,
+        /// `strait run --telemetry on|off` on the client's agent (`None`: the flag is not
+        /// passed, the build's default).
+        telemetry: Option<bool>,
     },
     /// Through two HAProxy processes, one per pod, TLS between them: per-pod sidecars.
     SidecarPair,
@@ -41,143 +52,357 @@ pub enum Way {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Topology {
+    /// Both pods on node1.
     SameNode,
+    /// The client on node1, the server on node2 (over the testbed's underlay).
+    CrossNode,
 }
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct Scenario {
     /// Stable id (JSON keys, file names).
     pub id: &'static str,
-    /// Column/row label in docs/benchmarks.md.
+    /// Row label in its table of docs/benchmarks.md.
     pub label: &'static str,
     pub workload: Workload,
     pub way: Way,
     pub topology: Topology,
 }
 
-const STRAIT_L4: Way = Way::Strait {
-    fast_path: false,
-    listener_protocol: "tcp",
-};
-const STRAIT_L4_FAST: Way = Way::Strait {
-    fast_path: true,
-    listener_protocol: "tcp",
-};
+impl Scenario {
+    /// The label in the latency plot, where every fixed-rate scenario shares one axis.
+    pub fn plot_label(&self) -> String {
+        let prefix = match (self.workload, self.topology) {
+            (Workload::Http2, _) => "HTTP/2: ",
+            (Workload::GrpcUnary, _) => "gRPC: ",
+            (_, Topology::CrossNode) => "x-node: ",
+            _ => "",
+        };
+        format!("{prefix}{}", self.label)
+    }
 
-/// Every scenario, in the order a round runs them.
+    /// Its place in the report's tables and the plot (they group by way: no mesh, strait L4,
+    /// strait L7, sidecars), which is not the order a round runs them in.
+    pub fn display_rank(&self) -> (u8, u8) {
+        let section = match (self.workload, self.topology) {
+            (Workload::Http1, Topology::SameNode) => 0,
+            (Workload::TcpBulk, _) => 1,
+            (Workload::Http1, Topology::CrossNode) => 2,
+            (Workload::Http2, _) => 3,
+            (Workload::GrpcUnary, _) => 4,
+            (Workload::Http1Throughput, _) => 5,
+        };
+        let way = match self.way {
+            Way::Direct => 0,
+            Way::Strait {
+                fast_path,
+                listener_protocol,
+                mtls,
+                telemetry,
+            } => {
+                1 + u8::from(listener_protocol != "tcp") * 2 + u8::from(fast_path) - u8::from(mtls)
+                    + u8::from(telemetry == Some(false))
+            }
+            Way::SidecarPair => 9,
+        };
+        (section, way)
+    }
+
+    /// The rates of its fixed-rate runs, out of the plan's.
+    pub fn rates(&self, plan_rates: &[u32]) -> Vec<u32> {
+        match self.workload {
+            Workload::Http1 | Workload::Http2 => plan_rates.to_vec(),
+            // One Python grpcio server process saturates near a few thousand calls/s on this
+            // machine; above that the latency is its queue, for every way alike.
+            Workload::GrpcUnary => plan_rates.iter().copied().filter(|r| *r <= 1000).collect(),
+            Workload::Http1Throughput | Workload::TcpBulk => Vec::new(),
+        }
+    }
+}
+
+const fn strait(fast_path: bool, listener_protocol: &'static str) -> Way {
+    Way::Strait {
+        fast_path,
+        listener_protocol,
+        mtls: false,
+        telemetry: None,
+    }
+}
+
+const fn scenario(
+    id: &'static str,
+    label: &'static str,
+    workload: Workload,
+    way: Way,
+    topology: Topology,
+) -> Scenario {
+    Scenario {
+        id,
+        label,
+        workload,
+        way,
+        topology,
+    }
+}
+
+/// Every scenario, in the order a round runs them. The order keeps agent restarts few (the
+/// client node's agent restarts only when its flags change) and puts each scenario's
+/// comparison partners next to each other in time.
 pub fn all() -> Vec<Scenario> {
-    use Topology::SameNode;
-    use Workload::{Http1, TcpBulk};
+    use Topology::{CrossNode, SameNode};
+    use Workload::{GrpcUnary, Http1, Http1Throughput, Http2, TcpBulk};
     vec![
-        Scenario {
-            id: "http_direct",
-            label: "direct (no mesh)",
-            workload: Http1,
-            way: Way::Direct,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "http_strait",
-            label: "strait",
-            workload: Http1,
-            way: STRAIT_L4,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "http_strait_fast",
-            label: "strait + fast path",
-            workload: Http1,
-            way: STRAIT_L4_FAST,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "http_sidecars",
-            label: "sidecar pair (HAProxy, TLS)",
-            workload: Http1,
-            way: Way::SidecarPair,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "bulk_direct",
-            label: "direct (no mesh)",
-            workload: TcpBulk,
-            way: Way::Direct,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "bulk_strait",
-            label: "strait",
-            workload: TcpBulk,
-            way: STRAIT_L4,
-            topology: SameNode,
-        },
-        Scenario {
-            id: "bulk_strait_fast",
-            label: "strait + fast path",
-            workload: TcpBulk,
-            way: STRAIT_L4_FAST,
-            topology: SameNode,
-        },
+        // The agent without the fast path.
+        scenario(
+            "http_direct",
+            "direct (no mesh)",
+            Http1,
+            Way::Direct,
+            SameNode,
+        ),
+        scenario(
+            "http_strait",
+            "strait L4 (tcp listener)",
+            Http1,
+            strait(false, "tcp"),
+            SameNode,
+        ),
+        scenario(
+            "http_strait_l7",
+            "strait L7 (http listener)",
+            Http1,
+            strait(false, "http"),
+            SameNode,
+        ),
+        scenario(
+            "http_sidecars",
+            "sidecar pair (HAProxy, TLS)",
+            Http1,
+            Way::SidecarPair,
+            SameNode,
+        ),
+        scenario(
+            "bulk_direct",
+            "direct (no mesh)",
+            TcpBulk,
+            Way::Direct,
+            SameNode,
+        ),
+        scenario(
+            "bulk_strait",
+            "strait",
+            TcpBulk,
+            strait(false, "tcp"),
+            SameNode,
+        ),
+        // The agent with the fast path (the default).
+        scenario(
+            "bulk_strait_fast",
+            "strait + fast path",
+            TcpBulk,
+            strait(true, "tcp"),
+            SameNode,
+        ),
+        scenario(
+            "http_strait_fast",
+            "strait L4 + fast path",
+            Http1,
+            strait(true, "tcp"),
+            SameNode,
+        ),
+        scenario(
+            "http_strait_l7_fast",
+            "strait L7 + fast path",
+            Http1,
+            strait(true, "http"),
+            SameNode,
+        ),
+        scenario(
+            "xnode_direct",
+            "direct plaintext (no mesh)",
+            Http1,
+            Way::Direct,
+            CrossNode,
+        ),
+        scenario(
+            "xnode_strait_mtls",
+            "strait, mTLS tunnel",
+            Http1,
+            Way::Strait {
+                fast_path: true,
+                listener_protocol: "http",
+                mtls: true,
+                telemetry: None,
+            },
+            CrossNode,
+        ),
+        scenario(
+            "xnode_strait_plain",
+            "strait, plaintext",
+            Http1,
+            strait(true, "http"),
+            CrossNode,
+        ),
+        scenario(
+            "xnode_sidecars",
+            "sidecar pair (HAProxy, TLS)",
+            Http1,
+            Way::SidecarPair,
+            CrossNode,
+        ),
+        scenario(
+            "h2_direct",
+            "direct (no mesh)",
+            Http2,
+            Way::Direct,
+            SameNode,
+        ),
+        scenario(
+            "h2_strait",
+            "strait (http2 listener)",
+            Http2,
+            strait(true, "http2"),
+            SameNode,
+        ),
+        scenario(
+            "grpc_direct",
+            "direct (no mesh)",
+            GrpcUnary,
+            Way::Direct,
+            SameNode,
+        ),
+        scenario(
+            "grpc_strait",
+            "strait (grpc listener)",
+            GrpcUnary,
+            strait(true, "grpc"),
+            SameNode,
+        ),
+        // Telemetry on and off, back to back (each an agent restart).
+        scenario(
+            "telemetry_on",
+            "strait L7 + fast path, --telemetry on",
+            Http1Throughput,
+            Way::Strait {
+                fast_path: true,
+                listener_protocol: "http",
+                mtls: false,
+                telemetry: Some(true),
+            },
+            SameNode,
+        ),
+        scenario(
+            "telemetry_off",
+            "strait L7 + fast path, --telemetry off",
+            Http1Throughput,
+            Way::Strait {
+                fast_path: true,
+                listener_protocol: "http",
+                mtls: false,
+                telemetry: Some(false),
+            },
+            SameNode,
+        ),
     ]
 }
 
-/// The mesh file of the strait scenarios: `client` calls the `web` virtual service, whose
-/// virtual node listens on the HTTP port (with `http_protocol`) and the bulk port (tcp).
-pub fn mesh_yaml(service: &str, http_port: u16, bulk_port: u16, http_protocol: &str) -> String {
+/// The mesh file of the strait scenarios (both agents read the same file).
+///
+/// - `client` (node1) calls `web`, `web2` and `web2-tls`; its client policy for `web2-tls`
+///   presents its certificate and checks the server's SPIFFE ID.
+/// - `web` (node1, same node): one listener per way through the agent: L4 `tcp` and bulk,
+///   `http`, `http2`, `grpc`.
+/// - `web2` (node2): an `http` listener without tls: plaintext between the nodes.
+/// - `web2-tls` (node2): an `http` listener with `tls` STRICT and client validation: mutual
+///   TLS in the agents' tunnel, plaintext from outside the mesh refused.
+///
+/// Certificates and trust bundles are under `certs` (`strait ca issue` writes them).
+pub fn mesh_yaml(certs: &std::path::Path) -> String {
+    use super::{
+        BULK_PORT, GRPC_PORT, H2_PORT, HTTP_L7_PORT, HTTP_PORT, SERVICE, SERVICE2, SERVICE2_TLS,
+    };
+    let c = certs.display();
     format!(
         r#"apiVersion: appmesh.k8s.aws/v1beta2
 kind: Mesh
-metadata:
-  name: bench
-spec:
-  egressFilter:
-    type: ALLOW_ALL
+metadata: {{name: bench}}
+spec: {{egressFilter: {{type: ALLOW_ALL}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
-metadata:
-  name: client
-  namespace: bench
+metadata: {{name: client, namespace: bench}}
 spec:
-  podSelector:
-    matchLabels:
-      app: client
+  podSelector: {{matchLabels: {{app: client}}}}
   backends:
+    - virtualService: {{virtualServiceRef: {{name: web}}}}
+    - virtualService: {{virtualServiceRef: {{name: web2}}}}
     - virtualService:
-        virtualServiceRef:
-          name: web
+        virtualServiceRef: {{name: web2-tls}}
+        clientPolicy:
+          tls:
+            enforce: true
+            certificate: {{file: {{certificateChain: {c}/client.pem, privateKey: {c}/client-key.pem}}}}
+            validation:
+              trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+              subjectAlternativeNames: {{match: {{exact: [spiffe://bench/ns/bench/vn/web2-tls]}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
-metadata:
-  name: web
-  namespace: bench
+metadata: {{name: web, namespace: bench}}
 spec:
-  podSelector:
-    matchLabels:
-      app: web
+  podSelector: {{matchLabels: {{app: web}}}}
   listeners:
-    - portMapping:
-        port: {http_port}
-        protocol: {http_protocol}
-    - portMapping:
-        port: {bulk_port}
-        protocol: tcp
-  serviceDiscovery:
-    dns:
-      hostname: web-pods.bench.svc.cluster.local
+    - portMapping: {{port: {HTTP_PORT}, protocol: tcp}}
+    - portMapping: {{port: {BULK_PORT}, protocol: tcp}}
+    - portMapping: {{port: {HTTP_L7_PORT}, protocol: http}}
+    - portMapping: {{port: {H2_PORT}, protocol: http2}}
+    - portMapping: {{port: {GRPC_PORT}, protocol: grpc}}
+  serviceDiscovery: {{dns: {{hostname: web-pods.bench.svc.cluster.local}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: web2, namespace: bench}}
+spec:
+  podSelector: {{matchLabels: {{app: web2}}}}
+  listeners:
+    - portMapping: {{port: {HTTP_L7_PORT}, protocol: http}}
+  serviceDiscovery: {{dns: {{hostname: web2-pods.bench.svc.cluster.local}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: web2-tls, namespace: bench}}
+spec:
+  podSelector: {{matchLabels: {{app: web2-tls}}}}
+  listeners:
+    - portMapping: {{port: {HTTP_L7_PORT}, protocol: http}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/web2-tls.pem, privateKey: {c}/web2-tls-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://bench/ns/bench/vn/client]}}}}
+  serviceDiscovery: {{dns: {{hostname: web2-tls-pods.bench.svc.cluster.local}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualService
-metadata:
-  name: web
-  namespace: bench
+metadata: {{name: web, namespace: bench}}
 spec:
-  awsName: {service}
-  provider:
-    virtualNode:
-      virtualNodeRef:
-        name: web
+  awsName: {SERVICE}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: web}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: web2, namespace: bench}}
+spec:
+  awsName: {SERVICE2}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: web2}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: web2-tls, namespace: bench}}
+spec:
+  awsName: {SERVICE2_TLS}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: web2-tls}}}}}}
 "#
     )
 }
@@ -193,5 +418,11 @@ mod tests {
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), all.len());
+    }
+
+    #[test]
+    fn grpc_runs_only_at_rates_one_server_process_sustains() {
+        let grpc = all().into_iter().find(|s| s.id == "grpc_strait").unwrap();
+        assert_eq!(grpc.rates(&[1000, 5000]), vec![1000]);
     }
 }
