@@ -24,6 +24,9 @@ pub const POD_CIDR_V4: &str = "10.244.0.0/16";
 pub const POD_CIDR_V6: &str = "fd00:244::/32";
 /// The underlay prefix length.
 pub const UNDERLAY_PREFIX_V4: u8 = 24;
+/// The underlay between nodes (TEST-NET-1 and a ULA), inside the testbed only.
+pub const UNDERLAY_CIDR_V4: &str = "192.0.2.0/24";
+pub const UNDERLAY_CIDR_V6: &str = "fd00:ff::/64";
 /// The underlay prefix length, IPv6.
 pub const UNDERLAY_PREFIX_V6: u8 = 64;
 /// The most nodes one testbed holds (keeps netns names within 15 characters).

@@ -92,7 +92,8 @@ impl Agent {
             .arg("--handover-socket")
             .arg(tb.temp_dir().join(format!("{}-handover.sock", node.name())))
             .args(extra)
-            .env("RUST_LOG", "info");
+            // The per-request line (`strait::request`) is DEBUG; tests and the demo read it.
+            .env("RUST_LOG", "info,strait::request=debug");
         let label = format!(
             "agent-{}-{}",
             node.name(),

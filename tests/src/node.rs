@@ -379,15 +379,17 @@ impl Node {
         ip_in(pod_ns, &["addr", "add", &v4, "dev", POD_IF]).with_context(ctx)?;
         ip_in(pod_ns, &["addr", "add", &v6, "dev", POD_IF, "nodad"]).with_context(ctx)?;
         ip_in(pod_ns, &["link", "set", POD_IF, "up"]).with_context(ctx)?;
-        // Other nodes' pods via our bridge; deliberately no default route.
+        // Other nodes' pods and the nodes' underlay addresses via our bridge (a Kubernetes pod
+        // reaches both through its default route; an agent's plaintext cross-node connection
+        // comes from its node's underlay address); deliberately no default route.
         let gw4 = self.bridge_ipv4().to_string();
         let gw6 = self.bridge_ipv6().to_string();
-        ip_in(pod_ns, &["route", "add", addr::POD_CIDR_V4, "via", &gw4]).with_context(ctx)?;
-        ip_in(
-            pod_ns,
-            &["-6", "route", "add", addr::POD_CIDR_V6, "via", &gw6],
-        )
-        .with_context(ctx)?;
+        for cidr in [addr::POD_CIDR_V4, addr::UNDERLAY_CIDR_V4] {
+            ip_in(pod_ns, &["route", "add", cidr, "via", &gw4]).with_context(ctx)?;
+        }
+        for cidr in [addr::POD_CIDR_V6, addr::UNDERLAY_CIDR_V6] {
+            ip_in(pod_ns, &["-6", "route", "add", cidr, "via", &gw6]).with_context(ctx)?;
+        }
         netns::service_ranges_unreachable(pod_ns).with_context(ctx)?;
 
         self.shared.create_cgroup(&inner.cgroup).with_context(ctx)?;

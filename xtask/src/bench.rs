@@ -469,9 +469,6 @@ impl Env {
                 &ca.display().to_string(),
             ],
         )?;
-        for pod in [&web2, &web2_tls] {
-            route_to_underlay(pod, &node2)?;
-        }
         node1.write_workload(&client)?;
         node1.write_workload(&server)?;
         node2.write_workload(&web2)?;
@@ -576,23 +573,6 @@ impl Env {
         agent.stop()?;
         Ok(rss)
     }
-}
-
-/// Lets `pod` answer connections from the underlay's node addresses, as a Kubernetes pod can
-/// (its default route leads to its node). The testbed's pods deliberately have no default
-/// route, and strait's plaintext cross-node leg comes from node1's underlay address (node1's
-/// agent connects to the remote pod itself), so without this its SYN-ACKs have nowhere to go.
-fn route_to_underlay(pod: &Pod, node: &Node) -> anyhow::Result<()> {
-    let [a, b, c, _] = node.underlay_ip().octets();
-    let subnet = format!("{a}.{b}.{c}.0/{}", addr::UNDERLAY_PREFIX_V4);
-    run_ok(
-        pod.command("ip")
-            .args(["route", "add", &subnet, "via"])
-            .arg(node.bridge_ipv4().to_string()),
-        Duration::from_secs(10),
-    )
-    .with_context(|| format!("route {subnet} in pod {}", pod.name()))?;
-    Ok(())
 }
 
 /// `--peer-node` arguments naming `other`'s pod subnets and underlay address.

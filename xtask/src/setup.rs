@@ -25,8 +25,8 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
 /// The testbed's; tcpdump and tshark check what crosses the wire between nodes (mTLS tests);
 /// python3 serves HTTP in the e2e tests; then `cargo xtask bench`'s load generators, servers
-/// and sidecar stand-ins.
-const TESTBED_PACKAGES: [&str; 11] = [
+/// and sidecar stand-ins (h2load comes in nghttp2-client).
+const TESTBED_PACKAGES: [&str; 12] = [
     "dnsmasq-base",
     "iproute2",
     "curl",
@@ -38,6 +38,7 @@ const TESTBED_PACKAGES: [&str; 11] = [
     "nginx-light",
     "haproxy",
     "openssl",
+    "nghttp2-client",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
