@@ -78,10 +78,21 @@ pub fn spawn(ctx: Arc<Context>) {
             }
             last = Some(table.clone());
             let mut desired: HashMap<Key, Arc<HealthCheckSpec>> = HashMap::new();
+            let policy = ctx.transport.policy.load_full();
             for spec in &table.health_checks {
                 if let Some(endpoints) = table.endpoints.get(&spec.virtual_node) {
                     for ip in &endpoints.addrs {
                         let addr = SocketAddr::new(*ip, spec.listener_port);
+                        // A plaintext probe to another node's pod behind a tls listener would
+                        // be refused by that pod's capture (STRICT) and eject a healthy
+                        // endpoint. Such endpoints are not probed; connect failures and
+                        // retries still steer around them (docs/http.md).
+                        if ctx.transport.local_pod(*ip).is_none()
+                            && policy.listener_tls(&spec.virtual_node, spec.listener_port).is_some()
+                        {
+                            tracing::debug!(virtual_node = %spec.virtual_node, %addr, "not probing a remote endpoint behind a tls listener");
+                            continue;
+                        }
                         desired.insert((spec.virtual_node.clone(), addr), spec.clone());
                     }
                 }
