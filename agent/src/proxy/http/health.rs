@@ -88,7 +88,9 @@ pub fn spawn(ctx: Arc<Context>) {
                         // endpoint. Such endpoints are not probed; connect failures and
                         // retries still steer around them (docs/http.md).
                         if ctx.transport.local_pod(*ip).is_none()
-                            && policy.listener_tls(&spec.virtual_node, spec.listener_port).is_some()
+                            && policy
+                                .listener_tls(&spec.virtual_node, spec.listener_port)
+                                .is_some()
                         {
                             tracing::debug!(virtual_node = %spec.virtual_node, %addr, "not probing a remote endpoint behind a tls listener");
                             continue;
