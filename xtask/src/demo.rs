@@ -15,7 +15,7 @@ use serde_json::Value;
 use testbed::agent::{Agent, http_binary, peer_binary};
 use testbed::{Pod, PodSpec, Testbed, run};
 
-use crate::{cargo, ebpf, setup, workspace_root};
+use crate::{ebpf, setup, workspace_root};
 
 mod mtls;
 
@@ -32,14 +32,7 @@ pub fn run_demo() -> Result<()> {
     }
     setup::setup()?;
     ebpf::build_ebpf()?;
-    let status = cargo()
-        .args(["build", "-p", "strait", "-p", "strait-tests", "--bins"])
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("the build failed");
-    }
+    crate::build_testbed_binaries()?;
 
     say(
         "Starting a testbed: one node, pods in their own network namespaces and cgroups, a DNS server.",

@@ -56,6 +56,20 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Builds what runs on the testbed: the agent and the test tools (strait-peer, strait-http).
+fn build_testbed_binaries() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let status = cargo()
+        .args(["build", "-p", "strait", "-p", "strait-tests", "--bins"])
+        .current_dir(workspace_root())
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        anyhow::bail!("the build failed");
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use testbed::agent::{Agent, http_binary};
 use testbed::{PodSpec, Testbed, run};
 
-use crate::{cargo, ebpf, workspace_root};
+use crate::{ebpf, workspace_root};
 
 const SERVICE: &str = "color.demo.svc.cluster.local";
 const SECONDS: u64 = 40;
@@ -29,14 +29,7 @@ pub fn run_plot() -> Result<()> {
         bail!("metrics-plot needs root (network namespaces, cgroups, eBPF)");
     }
     ebpf::build_ebpf()?;
-    let status = cargo()
-        .args(["build", "-p", "strait", "-p", "strait-tests", "--bins"])
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("the build failed");
-    }
+    crate::build_testbed_binaries()?;
     let tb = Testbed::new("metrics-plot")?;
     let node = tb.add_node("node1")?;
     let front = node.add_pod(&PodSpec::new("front", "demo").label("app", "front"))?;

@@ -56,14 +56,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         )?;
     }
     // Build the binaries the end-to-end tests start (the agent and the peer tool).
-    let build = cargo()
-        .args(["build", "-p", "strait", "-p", "strait-tests", "--bins"])
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo build")?;
-    if !build.success() {
-        bail!("the build failed");
-    }
+    crate::build_testbed_binaries()?;
     let mut totals = Totals::default();
     let mut unit = cargo();
     unit.args([
