@@ -192,6 +192,12 @@ pub enum Error {
     )]
     NotCgroup2 { path: PathBuf },
     #[error(
+        "cgroup {path} is at level {level} of the cgroup v2 hierarchy: a pod's cgroup must be \
+         below the root and at most {max} levels deep (Kubernetes pod cgroups are at level 3)",
+        max = abi::MAX_CGROUP_DEPTH
+    )]
+    CgroupLevel { path: PathBuf, level: usize },
+    #[error(
         "permission denied while trying to {step}: run the agent as root, or with CAP_BPF, \
          CAP_NET_ADMIN and CAP_SYS_ADMIN"
     )]
@@ -912,8 +918,12 @@ pub fn uninstall(bpffs: &Path) -> Result<UninstallReport, Error> {
     Ok(report)
 }
 
-/// The cgroup v2 id of a cgroup directory (its inode number), as
-/// `bpf_get_current_cgroup_id` reports it for processes inside.
+/// The cgroup v2 id of a pod's cgroup directory (its inode number), as
+/// `bpf_get_current_ancestor_cgroup_id` reports it for processes anywhere below it.
+///
+/// The eBPF programs find a caller's pod among the caller's ancestors down to level
+/// [`abi::MAX_CGROUP_DEPTH`], so a deeper cgroup is refused here rather than enrolled and
+/// silently never matched.
 pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
     let not_found = |source| Error::CgroupNotFound {
         path: path.to_owned(),
@@ -924,7 +934,28 @@ pub fn cgroup_id(path: &Path) -> Result<u64, Error> {
             path: path.to_owned(),
         });
     }
+    let level = cgroup_level(path);
+    if level == 0 || level > abi::MAX_CGROUP_DEPTH as usize {
+        return Err(Error::CgroupLevel {
+            path: path.to_owned(),
+            level,
+        });
+    }
     Ok(fs::metadata(path).map_err(not_found)?.ino())
+}
+
+/// How far below its hierarchy's root a cgroup v2 directory is (the root is level 0): the
+/// number of its ancestors that are on the same cgroup2 mount.
+fn cgroup_level(path: &Path) -> usize {
+    // Lexical ancestors of the resolved path: `..` or a symlink in a workload file must not
+    // change the count.
+    let Ok(path) = fs::canonicalize(path) else {
+        return 0;
+    };
+    path.ancestors()
+        .skip(1)
+        .take_while(|dir| fs_magic(dir).is_ok_and(|magic| magic == CGROUP2_SUPER_MAGIC))
+        .count()
 }
 
 /// `SO_NETNS_COOKIE` of a socket: the netns cookie the eBPF programs key by.

@@ -3,8 +3,9 @@
 //! `cargo test -p strait --test redirect`.
 //!
 //! Shape (after aya's integration tests): a parent cgroup (the "node root" the
-//! programs attach to) with a child cgroup (the "pod"), a pin folder of our
-//! own, forked clients that move themselves into the pod cgroup and connect.
+//! programs attach to) with a child cgroup (the "pod", which is enrolled) and a
+//! grandchild (its "container"), a pin folder of our own, forked clients that
+//! move themselves into the container cgroup and connect.
 //! Traffic stays on this machine: every client socket is bound to `lo`
 //! (SO_BINDTODEVICE), captured connects go to loopback listeners, and
 //! 10.255.0.0/16 is only connected to where the programs capture or refuse the
@@ -33,6 +34,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 struct Guard {
     node: PathBuf,
     pod: PathBuf,
+    container: PathBuf,
     bpffs: PathBuf,
     children: Vec<libc::pid_t>,
 }
@@ -49,7 +51,7 @@ impl Drop for Guard {
         if let Err(e) = redirect::uninstall(&self.bpffs) {
             eprintln!("cleanup: uninstall {}: {e}", self.bpffs.display());
         }
-        for dir in [&self.pod, &self.node] {
+        for dir in [&self.container, &self.pod, &self.node] {
             let deadline = Instant::now() + Duration::from_secs(2);
             while dir.exists() && std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(20));
@@ -327,16 +329,21 @@ fn capture_deny_pass_restart_uninstall() {
     let name = format!("strait-test-redirect-{}-{nanos}", std::process::id());
     let node = Path::new(CGROUP2).join(&name);
     let pod = node.join("pod");
+    // As on a Kubernetes node: the pod's cgroup is enrolled, its processes run in a container
+    // cgroup below it.
+    let container = pod.join("container");
     let bpffs = Path::new(BPFFS).join(&name);
     let mut guard = Guard {
         node: node.clone(),
         pod: pod.clone(),
+        container: container.clone(),
         bpffs: bpffs.clone(),
         children: Vec::new(),
     };
     std::fs::create_dir(&node).unwrap();
     std::fs::create_dir(&pod).unwrap();
-    let procs = pod.join("cgroup.procs");
+    std::fs::create_dir(&container).unwrap();
+    let procs = container.join("cgroup.procs");
 
     let (out4, out6, out_port) = outbound_listeners();
     let direct = TcpListener::bind("127.0.0.2:0").unwrap();

@@ -16,7 +16,6 @@
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
-    helpers::generated::bpf_get_current_cgroup_id,
     macros::{map, sk_lookup},
     maps::{HashMap, PerCpuArray, SockHash},
     programs::SkLookupContext,
@@ -47,12 +46,11 @@ fn count(reason: u32) {
     }
 }
 
-/// May the calling (enrolled) pod connect to mesh service `service_id`? Pods the agent has not
-/// put under backend authorization are let through (an older agent's pods).
+/// May the calling pod, enrolled as cgroup `cgroup_id` (the pod's cgroup, an ancestor of the
+/// caller's), connect to mesh service `service_id`? Pods the agent has not put under backend
+/// authorization are let through (an older agent's pods).
 #[inline(always)]
-pub fn backend_allowed(service_id: u32) -> bool {
-    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+pub fn backend_allowed(cgroup_id: u64, service_id: u32) -> bool {
     // SAFETY: plain u32 read of a value the agent writes whole.
     if unsafe { AUTHZ_PODS.get(cgroup_id).is_none() } {
         return true;

@@ -3,7 +3,7 @@
 //! values of every map, counter indices, and the small address helpers both
 //! sides must agree on.
 //!
-//! Conventions (see DESIGN section 6):
+//! Conventions (docs/architecture.md, "Platform facts"):
 //! - IPv4 addresses are the kernel's raw network-order `u32` (the bytes in memory
 //!   are the address octets, so on either side `u32::from_ne_bytes(octets)`).
 //!   IPv6 addresses are four such words.
@@ -16,7 +16,8 @@
 //! `redirect` module.
 #![cfg_attr(not(test), no_std)]
 
-/// `cgroup id -> EnrolledPod`: the cgroups whose connects are steered.
+/// `cgroup id -> EnrolledPod`: the pod cgroups whose processes' connects are steered (a
+/// process anywhere below an enrolled cgroup belongs to that pod).
 pub const MAP_ENROLLED: &str = "STRAIT_ENROLLED_V1";
 /// `ServiceKey4 -> ServiceValue`: IPv4 addresses of mesh services.
 pub const MAP_SERVICES4: &str = "STRAIT_SERVICES4_V1";
@@ -44,6 +45,11 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_COUNTERS,
 ];
 
+/// Deepest cgroup level (below the hierarchy root, level 0) at which a pod's cgroup can be
+/// enrolled: connect4/6 look for the caller's pod among its ancestors at levels 1 to this.
+/// Kubernetes pod cgroups sit at level 3 (`kubepods.slice/kubepods-<qos>.slice/
+/// kubepods-<qos>-pod<UID>.slice`); the agent refuses to enroll a deeper one.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// Most pods one node can enroll.
 pub const MAX_ENROLLED: u32 = 16_384;
 /// Most service addresses per family.

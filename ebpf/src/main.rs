@@ -34,7 +34,7 @@ mod progs {
         EbpfContext as _,
         bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
         helpers::generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
         macros::{cgroup_sock_addr, map, sock_ops},
         maps::{HashMap, LruHashMap, PerCpuArray},
@@ -76,14 +76,33 @@ mod progs {
         }
     }
 
-    /// The caller's enrollment, if its cgroup is enrolled.
+    /// The pod the caller belongs to: the deepest enrolled cgroup among the caller's own cgroup
+    /// and its ancestors, with its enrollment. The agent enrolls a pod's cgroup; on a
+    /// Kubernetes node every process of the pod runs in a container cgroup below it
+    /// (`kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<UID>.slice/
+    /// cri-containerd-<ID>.scope`, or `kubepods/burstable/pod<UID>/<ID>` with the cgroupfs
+    /// driver), so the caller's exact cgroup is almost never the enrolled one. Level 0 (the
+    /// hierarchy root) is never a pod. The walk stops at the caller's own level, where the
+    /// helper returns 0 (bpf-helpers(7), `bpf_get_current_ancestor_cgroup_id`).
     #[inline(always)]
-    fn enrolled_caller() -> Option<EnrolledPod> {
-        // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
-        let cgroup = unsafe { bpf_get_current_cgroup_id() };
-        // SAFETY: the value is Copy and read at once; a concurrent update by the
-        // agent can at worst give us the previous or next enrollment.
-        unsafe { ENROLLED.get(cgroup).copied() }
+    fn enrolled_caller() -> Option<(u64, EnrolledPod)> {
+        let mut found = None;
+        let mut level = 1;
+        while level <= MAX_CGROUP_DEPTH {
+            // SAFETY: helper with a plain integer argument, allowed in cgroup sock_addr
+            // programs.
+            let cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if cgroup == 0 {
+                break;
+            }
+            // SAFETY: the value is Copy and read at once; a concurrent update by the agent
+            // can at worst give us the previous or next enrollment.
+            if let Some(pod) = unsafe { ENROLLED.get(cgroup).copied() } {
+                found = Some((cgroup, pod));
+            }
+            level += 1;
+        }
+        found
     }
 
     #[inline(always)]
@@ -125,7 +144,7 @@ mod progs {
         if !is_tcp(sa) {
             return Ok(ALLOW);
         }
-        let Some(pod) = enrolled_caller() else {
+        let Some((pod_cgroup, pod)) = enrolled_caller() else {
             count(COUNTER_NOT_ENROLLED);
             return Ok(ALLOW);
         };
@@ -146,7 +165,7 @@ mod progs {
         let Some(service) = (unsafe { SERVICES4.get(key).copied() }) else {
             return Ok(not_a_service(&pod, ipv4_is_loopback(addr)));
         };
-        if !crate::inpod::backend_allowed(service.service_id) {
+        if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {
             return Err(REFUSE);
         }
         let dst = OrigDst {
@@ -184,7 +203,7 @@ mod progs {
         if !is_tcp(sa) {
             return Ok(ALLOW);
         }
-        let Some(pod) = enrolled_caller() else {
+        let Some((pod_cgroup, pod)) = enrolled_caller() else {
             count(COUNTER_NOT_ENROLLED);
             return Ok(ALLOW);
         };
@@ -230,7 +249,7 @@ mod progs {
         let Some(service) = service else {
             return Ok(not_a_service(&pod, ipv6_is_loopback(addr)));
         };
-        if !crate::inpod::backend_allowed(service.service_id) {
+        if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {
             return Err(REFUSE);
         }
         let (dst, listener) = match mapped {
@@ -330,7 +349,7 @@ mod progs {
         // SAFETY: Copy value read at once; the entry is ours (one socket).
         let Some(dst) = (unsafe { COOKIE_ORIG_DST.get(cookie).copied() }) else {
             // SAFETY: context field, 4-byte read; remote_port is the big-endian
-            // port shifted left by 16 (DESIGN section 6).
+            // port shifted left by 16 (docs/architecture.md, "Platform facts").
             let remote_port = unsafe { read_volatile(addr_of!((*ops).remote_port)) };
             let remote_port = u16::from_be((remote_port >> 16) as u16);
             // SAFETY: plain u32 read.

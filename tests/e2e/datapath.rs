@@ -14,6 +14,7 @@ use common::*;
 use serde_json::Value;
 use testbed::PodSpec;
 use testbed::agent::{Agent, strait};
+use testbed::kubelet::CgroupDriver;
 
 #[test]
 fn a_call_to_a_virtual_service_is_captured_and_forwarded_intact() -> anyhow::Result<()> {
@@ -190,6 +191,134 @@ fn pods_added_later_are_captured_and_removed_pods_released() -> anyhow::Result<(
     assert!(
         agent.process.stderr().contains("broken.json"),
         "the malformed workload file is reported"
+    );
+    Ok(())
+}
+
+/// On a Kubernetes node the agent enrolls the pod's cgroup, and every process of the pod runs in
+/// a container cgroup below it (or deeper, when a container makes cgroups of its own). Each
+/// must be that pod for every per-pod decision: capture, DROP_ALL, backend rules; with both of
+/// kubelet's cgroup drivers.
+#[test]
+fn every_process_below_a_pods_cgroup_is_that_pod() -> anyhow::Result<()> {
+    for (name, driver) in [
+        ("podcg-systemd", CgroupDriver::Systemd),
+        ("podcg-cgroupfs", CgroupDriver::Cgroupfs),
+    ] {
+        every_process_below_a_pods_cgroup_is_that_pod_with(name, driver)
+            .with_context(|| format!("cgroup driver {driver:?}"))?;
+    }
+    Ok(())
+}
+
+fn every_process_below_a_pods_cgroup_is_that_pod_with(
+    name: &str,
+    driver: CgroupDriver,
+) -> anyhow::Result<()> {
+    // A virtual node with no backends: the eBPF backend rules refuse its calls to `color`.
+    let mesh = format!(
+        "{}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata:
+  name: lonely
+  namespace: app
+spec:
+  podSelector:
+    matchLabels:
+      app: lonely
+",
+        mesh_yaml("DROP_ALL", 100, 0)
+    );
+    let bed = bed_with_driver(name, &mesh, driver)?;
+    let lonely = bed
+        .node
+        .add_pod(&PodSpec::new("lonely", "app").label("app", "lonely"))?;
+    bed.node.write_workload(&lonely)?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    agent.wait_enrolled("app/lonely", true, Duration::from_secs(10))?;
+
+    // The pod's processes are in its container cgroups, never in the pod cgroup itself.
+    let out = testbed::run_ok(
+        bed.client.command("cat").arg("/proc/self/cgroup"),
+        Duration::from_secs(10),
+    )?;
+    let own = String::from_utf8_lossy(&out.stdout);
+    let app = bed.client.container_cgroup("app");
+    let app_rel = app.strip_prefix(bed.tb.cgroup2_mount())?;
+    assert_eq!(
+        own.lines().find(|l| l.starts_with("0::")),
+        Some(format!("0::/{}", app_rel.display()).as_str()),
+        "{own}"
+    );
+    assert_eq!(app.parent(), Some(bed.client.cgroup_path()));
+
+    // A cgroup a container made below its own (systemd in a container does), as deep as it gets.
+    let nested = OwnCgroup(app.join("nested"));
+    std::fs::create_dir(&nested.0)?;
+    let peer = testbed::agent::peer_binary()?;
+    let in_nested = |target: String| -> anyhow::Result<Value> {
+        let out = testbed::run(
+            bed.client.command("sh").arg("-c").arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {} call {target} -4",
+                nested.0.display(),
+                peer.display()
+            )),
+            Duration::from_secs(60),
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let in_sidecar = |pod: &testbed::Pod, target: String| -> anyhow::Result<Value> {
+        let out = testbed::run(
+            pod.container_command("sidecar", &peer)
+                .args(["call", &target, "-4"]),
+            Duration::from_secs(60),
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+
+    // Captured and routed, from every container and from below a container.
+    let service = format!("{SERVICE}:8080");
+    let report = call(&bed.client, &service, &["-4"])?;
+    assert_eq!(report["by_server"]["v1"], 1, "app container: {report}");
+    let report = in_sidecar(&bed.client, service.clone())?;
+    assert_eq!(report["by_server"]["v1"], 1, "sidecar container: {report}");
+    let report = in_nested(service.clone())?;
+    assert_eq!(report["by_server"]["v1"], 1, "nested cgroup: {report}");
+    assert_eq!(agent.counter("captured")?, 3);
+    let logs = wait_for_connection_logs(&agent, 3)?;
+    assert!(
+        logs.iter().all(|l| l["source_workload"] == "app/client"),
+        "{logs:?}"
+    );
+
+    // DROP_ALL holds for them: a destination outside the mesh is refused before a packet goes.
+    let outside = format!("{}:8080", bed.outside.ipv4());
+    let report = in_sidecar(&bed.client, outside.clone())?;
+    assert_eq!(
+        first_errno(&report),
+        Some(EPERM),
+        "sidecar container: {report}"
+    );
+    let report = in_nested(outside)?;
+    assert_eq!(first_errno(&report), Some(EPERM), "nested cgroup: {report}");
+    assert_eq!(agent.counter("denied")?, 2);
+
+    // The backend rules too: `lonely` lists no backends, from any of its containers.
+    for container in ["app", "sidecar"] {
+        let out = testbed::run(
+            lonely
+                .container_command(container, &peer)
+                .args(["call", &service, "-4"]),
+            Duration::from_secs(60),
+        )?;
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(first_errno(&report), Some(EPERM), "{container}: {report}");
+    }
+    assert_eq!(
+        agent.counter("captured")?,
+        3,
+        "refused calls are not captured"
     );
     Ok(())
 }

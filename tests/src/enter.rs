@@ -4,7 +4,7 @@
 //! caller sees is the program's own and nothing else is in between.
 //!
 //! Why not `ip netns exec`: it remounts /sys for the new netns, which hides the cgroup v2 and
-//! bpffs mounts under /sys from the program (DESIGN.md section 6). Entering the netns with
+//! bpffs mounts under /sys from the program (docs/architecture.md, "Platform facts"). Entering the netns with
 //! setns(2) keeps every mount as it is.
 
 use std::ffi::{CString, OsStr};

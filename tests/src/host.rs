@@ -1,6 +1,6 @@
 //! Preflight checks of the machine the testbed runs on: root, the cgroup v2 mount, bpffs, and the
 //! tools the testbed shells out to. Every failure says what is missing and how to get it; nothing
-//! here is skipped silently (a missing feature is a failed test, DESIGN.md section 7).
+//! here is skipped silently (a missing feature is a failed test; docs/architecture.md, "Testbed rules").
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -21,8 +21,9 @@
 //!   (`/sys/fs/bpf/strait-test-<id>-<node>`), a workloads directory, a DNS server, and a veth into
 //!   the underlay with routes to every other node's pods.
 //! - [`Node::add_pod`] makes a [`Pod`]: a netns on the node's bridge with IPv4 and IPv6
-//!   addresses, no default route, the service ranges routed `unreachable`, its own cgroup and a
-//!   resolv.conf pointing at the node's DNS. [`Node::write_workload`] enrolls it in the mesh by
+//!   addresses, no default route, the service ranges routed `unreachable`, a pod cgroup with
+//!   container cgroups below it as kubelet lays them out ([`kubelet`]; processes only in the
+//!   containers' cgroups), and a resolv.conf pointing at the node's DNS. [`Node::write_workload`] enrolls it in the mesh by
 //!   writing the [`WorkloadFile`] the agent reads.
 //! - [`Pod::command`] and [`Node::command`] build a `std::process::Command` that runs inside the
 //!   pod or node (cgroup, then mount namespace with resolv.conf, then netns; no wrapper
@@ -34,7 +35,7 @@
 //!   namespaces, links, cgroups, bpffs folders and temp dir; [`Testbed::cleanup_handle`] does
 //!   the same from a Ctrl-C handler. Only what the testbed recorded is touched.
 //!
-//! Addresses are in [`addr`]; traffic stays inside the testbed's namespaces (DESIGN.md section 7).
+//! Addresses are in [`addr`]; traffic stays inside the testbed's namespaces (docs/architecture.md, "Testbed rules").
 //! What the testbed leaves to others: loading eBPF and running the agent (tests start it with
 //! [`Node::command`]), and reading the workload files.
 
@@ -43,6 +44,7 @@ pub mod agent;
 mod dns;
 mod enter;
 mod host;
+pub mod kubelet;
 mod netns;
 mod node;
 mod pod;
@@ -235,6 +237,15 @@ impl Testbed {
 
     /// Adds a node (`name` is a DNS-1123 label; it names the node's cgroup and bpffs folder).
     pub fn add_node(&self, name: &str) -> anyhow::Result<Node> {
+        self.add_node_with_driver(name, kubelet::CgroupDriver::Systemd)
+    }
+
+    /// Adds a node whose pods' cgroups are named by `driver` (kubelet's `--cgroup-driver`).
+    pub fn add_node_with_driver(
+        &self,
+        name: &str,
+        driver: kubelet::CgroupDriver,
+    ) -> anyhow::Result<Node> {
         pod::validate_label("node name", name)?;
         if name.ends_with("-host") {
             bail!("node name `{name}` may not end in -host (reserved for the node's own cgroup)");
@@ -247,7 +258,7 @@ impl Testbed {
             .ok()
             .filter(|i| *i <= addr::MAX_NODES)
             .with_context(|| format!("a testbed holds at most {} nodes", addr::MAX_NODES))?;
-        let node = node::create(&self.shared, name, index, &topology)?;
+        let node = node::create(&self.shared, name, index, driver, &topology)?;
         topology.push(node.inner.clone());
         Ok(node)
     }

@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use crate::addr;
 use crate::dns;
 use crate::enter;
+use crate::kubelet::{self, CgroupDriver, QosClass};
 use crate::netns::{self, ip_in};
 use crate::pod::{Pod, PodInner, PodSpec, validate_label};
 use crate::process::Process;
@@ -33,6 +34,8 @@ pub(crate) struct NodeInner {
     pub(crate) index: u8,
     pub(crate) netns: String,
     pub(crate) cgroup_root: PathBuf,
+    /// How pod and container cgroups below `cgroup_root` are named (kubelet's driver).
+    pub(crate) cgroup_driver: CgroupDriver,
     /// Where processes started with `Node::command` live: a sibling of the cgroup root, so the
     /// agent and dnsmasq are outside the hooks and cleanup still finds them.
     pub(crate) host_cgroup: PathBuf,
@@ -67,6 +70,7 @@ pub(crate) fn create(
     shared: &Arc<Shared>,
     name: &str,
     index: u8,
+    cgroup_driver: CgroupDriver,
     others: &[Arc<NodeInner>],
 ) -> anyhow::Result<Node> {
     let netns_name = format!("st{}n{index}", shared.id);
@@ -76,8 +80,9 @@ pub(crate) fn create(
         index,
         netns: netns_name.clone(),
         cgroup_root: shared.cgroup_top.join(name),
+        cgroup_driver,
         host_cgroup: shared.cgroup_top.join(format!("{name}-host")),
-        // bpffs names may not contain '.' (DESIGN.md section 6); ours never do.
+        // bpffs names may not contain '.' (docs/architecture.md, "Platform facts"); ours never do.
         bpffs: Path::new(crate::host::BPFFS).join(format!("strait-test-{}-{name}", shared.id)),
         workloads_dir: dir.join("workloads"),
         resolv_conf: dir.join("resolv.conf"),
@@ -240,6 +245,11 @@ impl Node {
         &self.inner.cgroup_root
     }
 
+    /// How this node names its pods' cgroups.
+    pub fn cgroup_driver(&self) -> CgroupDriver {
+        self.inner.cgroup_driver
+    }
+
     /// The cgroup of processes started with [`Node::command`] (a sibling of the cgroup root).
     pub fn host_cgroup(&self) -> &Path {
         &self.inner.host_cgroup
@@ -312,8 +322,9 @@ impl Node {
     }
 
     /// Adds a pod: a netns with a veth to the node's bridge, the next free addresses, no default
-    /// route (only the pod subnets and the unreachable service ranges), a cgroup below the node's
-    /// cgroup root and a resolv.conf pointing at the node's DNS. The pod is not in the mesh
+    /// route (only the pod subnets and the unreachable service ranges), a pod cgroup with
+    /// container cgroups below the node's cgroup root, laid out as kubelet does with the node's
+    /// cgroup driver (see [`crate::kubelet`]), and a resolv.conf pointing at the node's DNS. The pod is not in the mesh
     /// until [`Node::write_workload`].
     pub fn add_pod(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
         validate_label("pod name", &spec.name)?;
@@ -337,12 +348,21 @@ impl Node {
             .with_context(|| format!("node {} is full", self.inner.name))?;
         let node_index = self.inner.index;
         let key = format!("{}_{}", spec.namespace, spec.name);
+        let uid = kubelet::pod_uid(&self.shared.id, &spec.namespace, &spec.name);
+        let cgroups = kubelet::layout(
+            &self.inner.cgroup_root,
+            self.inner.cgroup_driver,
+            QosClass::for_index(index),
+            &uid,
+        );
         let inner = PodInner {
             spec: spec.clone(),
             node_name: self.inner.name.clone(),
             index,
             netns: format!("{}p{index}", self.inner.netns),
-            cgroup: self.inner.cgroup_root.join(&key),
+            uid,
+            cgroup: cgroups.pod.clone(),
+            containers: cgroups.containers.clone(),
             resolv_conf: self
                 .inner
                 .dir
@@ -392,7 +412,17 @@ impl Node {
         }
         netns::service_ranges_unreachable(pod_ns).with_context(ctx)?;
 
+        // The QoS cgroups are shared by the node's pods: the first pod that needs one makes it
+        // (the pods lock is held, so no two pods race), and cleanup removes it after them.
+        for parent in &cgroups.parents {
+            if !parent.exists() {
+                self.shared.create_cgroup(parent).with_context(ctx)?;
+            }
+        }
         self.shared.create_cgroup(&inner.cgroup).with_context(ctx)?;
+        for container in &inner.containers {
+            self.shared.create_cgroup(container).with_context(ctx)?;
+        }
         dns::write_atomic(
             &inner.resolv_conf,
             &dns::resolv_conf(&self.dns_servers(), Some(&spec.namespace)),

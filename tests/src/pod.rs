@@ -1,4 +1,5 @@
-//! Pods: a network namespace on a node's bridge, with its own cgroup and resolv.conf. A pod is
+//! Pods: a network namespace on a node's bridge, with a pod cgroup (container cgroups below it,
+//! as kubelet makes them) and a resolv.conf. A pod is
 //! part of the mesh only once its workload file is written (`Node::write_workload`); a pod
 //! without one is an "outside" host on the same bridge.
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use anyhow::bail;
 
 use crate::enter;
+use crate::kubelet;
 use crate::netns;
 use crate::workload::WorkloadFile;
 
@@ -63,7 +65,12 @@ pub(crate) struct PodInner {
     pub(crate) node_name: String,
     pub(crate) index: u8,
     pub(crate) netns: String,
+    /// The pod's UID (Kubernetes' `metadata.uid`), which names its cgroups.
+    pub(crate) uid: String,
+    /// The pod cgroup; no process runs in it directly.
     pub(crate) cgroup: PathBuf,
+    /// The container cgroups below it, in [`kubelet::CONTAINERS`] order.
+    pub(crate) containers: Vec<PathBuf>,
     pub(crate) resolv_conf: PathBuf,
     pub(crate) ipv4: Ipv4Addr,
     pub(crate) ipv6: Ipv6Addr,
@@ -139,9 +146,32 @@ impl Pod {
         netns::path(&self.inner.netns)
     }
 
-    /// The pod's cgroup v2 directory (under its node's cgroup root).
+    /// The pod's UID.
+    pub fn uid(&self) -> &str {
+        &self.inner.uid
+    }
+
+    /// The pod's cgroup v2 directory (under its node's cgroup root): what the workload file
+    /// names. Its processes live in the container cgroups below it.
     pub fn cgroup_path(&self) -> &Path {
         &self.inner.cgroup
+    }
+
+    /// The cgroup of one of the pod's containers (one of [`kubelet::CONTAINERS`]).
+    ///
+    /// # Panics
+    /// If the pod has no such container: a bug in the test.
+    pub fn container_cgroup(&self, container: &str) -> &Path {
+        let index = kubelet::CONTAINERS
+            .iter()
+            .position(|c| *c == container)
+            .unwrap_or_else(|| {
+                panic!(
+                    "BUG: pods have the containers {:?}, not {container}",
+                    kubelet::CONTAINERS
+                )
+            });
+        &self.inner.containers[index]
     }
 
     /// The pod's resolv.conf (node DNS, search path for its namespace).
@@ -161,16 +191,21 @@ impl Pod {
         }
     }
 
-    /// A `Command` that runs `program` as a process of this pod: in the pod's cgroup (joined
-    /// first), in a private mount namespace where the pod's resolv.conf is /etc/resolv.conf, and
+    /// A `Command` that runs `program` as a process of this pod: in its `app` container's cgroup
+    /// (joined first; a child of the pod cgroup, as on a Kubernetes node), in a private mount namespace where the pod's resolv.conf is /etc/resolv.conf, and
     /// in the pod's netns (via setns, so /sys and bpffs stay as they are). Add arguments as
     /// usual; run it with [`crate::run`], [`crate::run_ok`] or [`crate::Testbed::spawn`] (which
     /// bound and track it).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        self.container_command("app", program)
+    }
+
+    /// Like [`Pod::command`], in another of the pod's containers.
+    pub fn container_command(&self, container: &str, program: impl AsRef<OsStr>) -> Command {
         enter::command(
             program,
             &self.netns_path(),
-            Some(&self.inner.cgroup),
+            Some(self.container_cgroup(container)),
             &self.inner.resolv_conf,
         )
     }

@@ -5,7 +5,7 @@
 //! The build uses the nightly toolchain (`-Z build-std=core` needs it; `cargo
 //! xtask setup` installs its `rust-src`) and `bpf-linker` as the linker (the
 //! `bpfel-unknown-none` target selects it). Stable + `RUSTC_BOOTSTRAP=1` would
-//! also work (DESIGN section 6) but needs `rust-src` for stable as well; nightly
+//! also work (docs/architecture.md, "Platform facts") but needs `rust-src` for stable as well; nightly
 //! is what the toolchain set-up provides.
 
 use std::{

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 use testbed::agent::peer_binary;
+use testbed::kubelet::CgroupDriver;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 pub const SERVICE: &str = "color.app.svc.cluster.local";
@@ -135,8 +136,13 @@ spec:
 }
 
 pub fn bed(test: &str, mesh: &str) -> anyhow::Result<Bed> {
+    bed_with_driver(test, mesh, CgroupDriver::Systemd)
+}
+
+/// [`bed`] on a node whose pod cgroups are named by `driver`.
+pub fn bed_with_driver(test: &str, mesh: &str, driver: CgroupDriver) -> anyhow::Result<Bed> {
     let tb = Testbed::new(test)?;
-    let node = tb.add_node("node1")?;
+    let node = tb.add_node_with_driver("node1", driver)?;
     let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
     let v1 = node.add_pod(
         &PodSpec::new("color-v1", "app")

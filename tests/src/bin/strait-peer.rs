@@ -10,7 +10,7 @@
 //!   Prints one JSON line (see [`Report`]) and exits 0 only if every connection succeeded.
 //!
 //! Blocking std sockets on threads, on purpose: the mesh must not break blocking applications
-//! (DESIGN.md, "Fast path"), and a spurious EAGAIN on a blocking socket is reported as its own
+//! (docs/architecture.md, "The fast path"), and a spurious EAGAIN on a blocking socket is reported as its own
 //! error kind, `eagain`.
 
 use std::collections::BTreeMap;
