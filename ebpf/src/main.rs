@@ -86,7 +86,14 @@ mod progs {
     /// helper returns 0 (bpf-helpers(7), `bpf_get_current_ancestor_cgroup_id`).
     #[inline(always)]
     fn enrolled_caller() -> Option<(u64, EnrolledPod)> {
-        let mut found = None;
+        // Plain initialised locals rather than an `Option` carried through the unrolled loop:
+        // the verifier refuses a read of the uninitialised payload of a `None`.
+        let mut found_cgroup: u64 = 0;
+        let mut found = EnrolledPod {
+            outbound_port: 0,
+            flags: 0,
+            workload_id: 0,
+        };
         let mut level = 1;
         while level <= MAX_CGROUP_DEPTH {
             // SAFETY: helper with a plain integer argument, allowed in cgroup sock_addr
@@ -97,12 +104,17 @@ mod progs {
             }
             // SAFETY: the value is Copy and read at once; a concurrent update by the agent
             // can at worst give us the previous or next enrollment.
-            if let Some(pod) = unsafe { ENROLLED.get(cgroup).copied() } {
-                found = Some((cgroup, pod));
+            if let Some(pod) = unsafe { ENROLLED.get(cgroup) } {
+                found_cgroup = cgroup;
+                found = *pod;
             }
             level += 1;
         }
-        found
+        if found_cgroup == 0 {
+            None
+        } else {
+            Some((found_cgroup, found))
+        }
     }
 
     #[inline(always)]
