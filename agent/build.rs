@@ -6,6 +6,12 @@
 //! build/<pkg>-<hash>/out`), so `CARGO_TARGET_DIR` and `--target-dir` are
 //! respected. Setting `STRAIT_EBPF_OBJECT` in the environment overrides the
 //! search (for packaging).
+//!
+//! `STRAIT_EBPF_SKIP=1` builds without the eBPF toolchain (the way aya's own
+//! integration tests skip their eBPF build): an empty stub is embedded, so the
+//! mesh model, its tests, the fuzz harness and the benchmarks build and run
+//! anywhere, and such an agent refuses to install its programs with an error
+//! saying how it was built.
 
 use std::{
     env,
@@ -13,9 +19,18 @@ use std::{
 };
 
 const OVERRIDE: &str = "STRAIT_EBPF_OBJECT";
+const SKIP: &str = "STRAIT_EBPF_SKIP";
 
 fn main() {
     println!("cargo:rerun-if-env-changed={OVERRIDE}");
+    println!("cargo:rerun-if-env-changed={SKIP}");
+    if env::var_os(SKIP).is_some_and(|v| v == "1") {
+        let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+        let stub = out_dir.join("strait-ebpf.stub");
+        std::fs::write(&stub, []).expect("write the stub eBPF object into OUT_DIR");
+        println!("cargo:rustc-env={OVERRIDE}={}", stub.display());
+        return;
+    }
     let object = match env::var_os(OVERRIDE) {
         Some(path) => PathBuf::from(path),
         None => default_object(),
@@ -24,7 +39,8 @@ fn main() {
     if !object.is_file() {
         // A plain message and exit(1): a panic would bury it under a backtrace.
         eprintln!(
-            "error: eBPF object not found at {}: run `cargo xtask build-ebpf` first",
+            "error: eBPF object not found at {}: run `cargo xtask build-ebpf` first \
+             (or set {SKIP}=1 to build and test everything but the data path without it)",
             object.display()
         );
         std::process::exit(1);

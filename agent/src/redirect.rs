@@ -58,8 +58,14 @@ use strait_ebpf as abi;
 pub use self::fastpath::{Error as FastPathError, FastPathCounters};
 use self::keys::ServiceKey;
 
-/// The eBPF object built by `cargo xtask build-ebpf` (found by `build.rs`).
+/// The eBPF object built by `cargo xtask build-ebpf` (found by `build.rs`); empty in a build
+/// made with `STRAIT_EBPF_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("STRAIT_EBPF_OBJECT"));
+
+/// The embedded eBPF object, for checks that read it without loading it.
+pub fn embedded_object() -> &'static [u8] {
+    OBJECT
+}
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -206,6 +212,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "this strait binary was built without its eBPF programs (STRAIT_EBPF_SKIP=1): build it \
+         with `cargo xtask build-ebpf` and then `cargo build`"
+    )]
+    NoObject,
     #[error("the kernel refused strait's eBPF object (needs Linux >= 5.15 with BTF and cgroup v2)")]
     Load(#[source] aya::EbpfError),
     #[error("cannot load program {program} (the verifier's output follows)")]
@@ -327,6 +338,9 @@ impl Redirect {
     /// pinned there, attach the three programs at `cgroup_root` and pin their
     /// links, replacing the links of a previous agent (see the module docs).
     pub fn install(cfg: &RedirectConfig) -> Result<Redirect, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
         let cgroup = open_cgroup(&cfg.cgroup_root)?;
         prepare_pin_folder(&cfg.bpffs)?;
         check_pinned_maps(&cfg.bpffs)?;
