@@ -85,19 +85,70 @@ pub fn spiffe_id(mesh: &str, vn: &ResourceId) -> String {
 
 /// The TLS server name a tunnel client sends for a destination listener: it tells the
 /// receiving agent which workload's certificate to present and which validation to apply,
-/// before any tunnelled request is read. Names and namespaces are DNS-1123 labels.
+/// before any tunnelled request is read.
+///
+/// A virtual node whose name and namespace are both DNS labels (what Kubernetes requires of
+/// most names) is named readably, `p<port>.<name>.<namespace>.strait`, as every earlier strait
+/// did, so agents of both versions understand each other during a rolling upgrade. Any other
+/// name the mesh loader accepts (dots, as in `color.v1`, or longer than a label's 63 bytes)
+/// travels as a digest, `p<port>.<32 hex digits>.hashed.id.strait`, which the receiving agent
+/// resolves against the virtual nodes of its own mesh ([`tunnel_label`]).
 pub fn tunnel_sni(vn: &ResourceId, port: u16) -> String {
-    format!("p{port}.{}.{}.strait", vn.name, vn.namespace)
+    if is_dns_label(&vn.name) && is_dns_label(&vn.namespace) {
+        format!("p{port}.{}.{}.strait", vn.name, vn.namespace)
+    } else {
+        format!("p{port}.{}.{HASHED_SNI_SUFFIX}", tunnel_label(vn))
+    }
+}
+
+/// What follows the digest in a hashed tunnel server name: two labels, so a hashed name never
+/// has the four labels of a readable one and the two cannot be confused.
+const HASHED_SNI_SUFFIX: &str = "hashed.id.strait";
+
+/// The digest naming a virtual node in a hashed tunnel server name: the first 128 bits of
+/// SHA-256 over `<namespace>/<name>`, in hex (a DNS label of 32 characters).
+pub fn tunnel_label(vn: &ResourceId) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("{}/{}", vn.namespace, vn.name));
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A DNS label as RFC 1123 allows it in a server name, lower case: 1 to 63 of `[a-z0-9-]`, not
+/// starting or ending with `-`.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Which virtual node a tunnel server name asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelTarget {
+    /// Named readably.
+    Named(ResourceId),
+    /// Named by its [`tunnel_label`]; the receiving agent looks it up in its mesh.
+    Hashed(String),
 }
 
 /// The listener named by [`tunnel_sni`].
-pub fn parse_tunnel_sni(sni: &str) -> Option<(ResourceId, u16)> {
-    let mut parts = sni.split('.');
-    let port = parts.next()?.strip_prefix('p')?.parse().ok()?;
+pub fn parse_tunnel_sni(sni: &str) -> Option<(TunnelTarget, u16)> {
+    let (port, rest) = sni.split_once('.')?;
+    let port = port.strip_prefix('p')?.parse().ok()?;
+    if let Some(label) = rest
+        .strip_suffix(HASHED_SNI_SUFFIX)
+        .and_then(|l| l.strip_suffix('.'))
+    {
+        let hex = label.len() == 32 && label.bytes().all(|b| b.is_ascii_hexdigit());
+        return hex.then(|| (TunnelTarget::Hashed(label.to_ascii_lowercase()), port));
+    }
+    let mut parts = rest.split('.');
     let name = parts.next()?;
     let namespace = parts.next()?;
     (parts.next()? == "strait" && parts.next().is_none())
-        .then(|| (ResourceId::new(namespace, name), port))
+        .then(|| (TunnelTarget::Named(ResourceId::new(namespace, name)), port))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -261,9 +312,37 @@ mod tests {
         let vn = ResourceId::new("app", "color-v1");
         let sni = tunnel_sni(&vn, 8080);
         assert_eq!(sni, "p8080.color-v1.app.strait");
-        assert_eq!(parse_tunnel_sni(&sni), Some((vn, 8080)));
+        assert_eq!(
+            parse_tunnel_sni(&sni),
+            Some((TunnelTarget::Named(vn), 8080))
+        );
         assert_eq!(parse_tunnel_sni("p8080.a.b.example"), None);
         assert_eq!(parse_tunnel_sni("8080.a.b.strait"), None);
+    }
+
+    #[test]
+    fn names_that_are_not_dns_labels_travel_as_a_digest() {
+        let long = "a".repeat(64);
+        for vn in [
+            ResourceId::new("app", "color.v1"),
+            ResourceId::new("app", &long),
+            ResourceId::new("app", "Color"),
+        ] {
+            let sni = tunnel_sni(&vn, 9090);
+            assert!(sni.len() <= 253, "{sni}");
+            assert!(sni.split('.').all(is_dns_label), "{sni}");
+            rustls::pki_types::ServerName::try_from(sni.clone()).expect("a valid server name");
+            assert_eq!(
+                parse_tunnel_sni(&sni),
+                Some((TunnelTarget::Hashed(tunnel_label(&vn)), 9090)),
+                "{sni}"
+            );
+        }
+        assert_ne!(
+            tunnel_label(&ResourceId::new("app", "a.b")),
+            tunnel_label(&ResourceId::new("app.a", "b"))
+        );
+        assert_eq!(parse_tunnel_sni("p1.abc.hashed.id.strait"), None);
     }
 
     #[test]

@@ -755,3 +755,147 @@ fn same_node_traffic_stays_on_the_node() -> anyhow::Result<()> {
     let _ = (&bed.intruder, &bed.web, &bed.outside);
     Ok(())
 }
+
+/// Virtual node names the loader accepts but that are not DNS labels (a dot, as in `color.v1`;
+/// more than 63 characters) are reachable over mTLS across nodes: the tunnel's server name
+/// carries them as a digest the receiving agent resolves.
+#[test]
+fn dotted_and_long_virtual_node_names_are_reached_across_nodes() -> anyhow::Result<()> {
+    let long = format!("color-{}", "x".repeat(70));
+    let tb = Testbed::new("sninames")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let client = node1.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let dotted = node2.add_pod(&PodSpec::new("dotted", "app").label("app", "dotted"))?;
+    let longpod = node2.add_pod(&PodSpec::new("long", "app").label("app", "long"))?;
+    tb.dns_record("dotted.app.svc.cluster.local", &["10.96.0.20".parse()?])?;
+    tb.dns_record("long.app.svc.cluster.local", &["10.96.0.21".parse()?])?;
+    tb.dns_record("dotted-ep.app.svc.cluster.local", &dotted.ips())?;
+    tb.dns_record("long-ep.app.svc.cluster.local", &longpod.ips())?;
+    let peer = peer_binary()?;
+    let mut servers = Vec::new();
+    for (pod, name) in [(&dotted, "dotted"), (&longpod, "long")] {
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                "0.0.0.0:8080,[::]:8080",
+                "--name",
+                name,
+            ]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(10))?;
+        servers.push(server);
+    }
+    let certs = tb.temp_dir().join("certs");
+    let c = certs.display();
+    let server_node = |vn: &str, label: &str, file: &str, host: &str| {
+        format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {vn}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {label}}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: tcp}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/{file}.pem, privateKey: {c}/{file}-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://test/ns/app/vn/client]}}}}
+  serviceDiscovery: {{dns: {{hostname: {host}, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: {label}, namespace: app}}
+spec:
+  awsName: {label}.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: {vn}}}}}}}
+"#
+        )
+    };
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: ALLOW_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: dotted}}}}
+    - virtualService: {{virtualServiceRef: {{name: long}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        enforce: true
+        certificate: {{file: {{certificateChain: {c}/client.pem, privateKey: {c}/client-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+{}{}"#,
+        server_node(
+            "color.v1",
+            "dotted",
+            "dotted",
+            "dotted-ep.app.svc.cluster.local"
+        ),
+        server_node(&long, "long", "long", "long-ep.app.svc.cluster.local"),
+    );
+    let ca = tb.temp_dir().join("ca");
+    let mut meshes = Vec::new();
+    for node in ["node1", "node2"] {
+        let path = tb.temp_dir().join(format!("{node}-mesh")).join("mesh.yaml");
+        std::fs::create_dir_all(path.parent().context("mesh folder")?)?;
+        std::fs::write(&path, &mesh)?;
+        meshes.push(path);
+    }
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    issue(&node1, &meshes[0], &ca, &[])?;
+    node1.write_workload(&client)?;
+    node2.write_workload(&dotted)?;
+    node2.write_workload(&longpod)?;
+    let args1 = peer_args(&node2);
+    let args2 = peer_args(&node1);
+    let agent1 = Agent::start(
+        &tb,
+        &node1,
+        &meshes[0],
+        &args1.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let agent2 = Agent::start(
+        &tb,
+        &node2,
+        &meshes[1],
+        &args2.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    agent1.wait_enrolled("app/client", true, Duration::from_secs(20))?;
+    for pod in ["app/dotted", "app/long"] {
+        agent2.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+
+    for (service, server) in [("dotted", "dotted"), ("long", "long")] {
+        let report = call(
+            &client,
+            &format!("{service}.app.svc.cluster.local:8080"),
+            &["-4", "--count", "3"],
+        )?;
+        assert_eq!(report["ok"], true, "{service}: {report}");
+        assert_eq!(report["by_server"][server], 3, "{service}: {report}");
+    }
+    // Both crossed as mTLS tunnels that node2 accepted for the right virtual node.
+    let accepted = log_lines(&agent2, "strait::tunnel", "mTLS tunnel accepted");
+    for vn in ["app/color.v1".to_string(), format!("app/{long}")] {
+        assert!(
+            accepted.iter().any(|l| l["virtual_node"] == vn.as_str()),
+            "no tunnel accepted for {vn}: {accepted:?}"
+        );
+    }
+    drop(servers);
+    Ok(())
+}

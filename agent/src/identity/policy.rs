@@ -36,6 +36,8 @@ pub struct Policy {
     pub nodes: BTreeMap<ResourceId, NodePolicy>,
     /// Identity (SPIFFE ID or DNS name) -> virtual nodes that carry it.
     by_identity: BTreeMap<String, BTreeSet<ResourceId>>,
+    /// [`super::tunnel_label`] -> the virtual node, for hashed tunnel server names.
+    by_tunnel_label: BTreeMap<String, ResourceId>,
 }
 
 /// The virtual nodes a virtual service sends traffic to (its provider, or every target of
@@ -98,6 +100,9 @@ impl Policy {
                 backends.insert(backend.virtual_service.clone(), tls);
                 reachable.extend(service_targets(mesh, &backend.virtual_service));
             }
+            policy
+                .by_tunnel_label
+                .insert(super::tunnel_label(&vn.id), vn.id.clone());
             for identity in &identities {
                 policy
                     .by_identity
@@ -116,6 +121,14 @@ impl Policy {
             );
         }
         policy
+    }
+
+    /// The virtual node a tunnel server name asks for, if this mesh has it.
+    pub fn tunnel_target(&self, target: super::TunnelTarget) -> Option<ResourceId> {
+        match target {
+            super::TunnelTarget::Named(vn) => Some(vn),
+            super::TunnelTarget::Hashed(label) => self.by_tunnel_label.get(&label).cloned(),
+        }
     }
 
     /// The tls of a listener, if it has one that is not DISABLED.

@@ -441,7 +441,11 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
-    let Some((vn, port)) = sni.as_deref().and_then(parse_tunnel_sni) else {
+    let Some((vn, port)) = sni
+        .as_deref()
+        .and_then(parse_tunnel_sni)
+        .and_then(|(target, port)| Some((transport.policy.load().tunnel_target(target)?, port)))
+    else {
         tracing::warn!(%peer, ?sni, "tunnel client sent no strait server name; closed");
         transport
             .metrics
