@@ -65,13 +65,18 @@ pub struct BenchArgs {
     /// Rounds (each runs every scenario once); default 3, or 1 with --quick.
     #[arg(long)]
     rounds: Option<u32>,
-    /// Run only these scenarios (comma-separated ids, see xtask/src/bench/scenario.rs); the
-    /// report then lacks the others.
+    /// Run only these scenarios (comma-separated ids, see xtask/src/bench/scenario.rs). Such a
+    /// partial run writes its own page and raw results (docs/benchmarks-partial.md,
+    /// docs/benchmarks/partial.json) and leaves the full run's untouched.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write benchmarks.md, benchmarks/latency.svg and benchmarks/results.json.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run nothing: regenerate the pages and plots under --out (default docs/) from the raw
+    /// results already there.
+    #[arg(long)]
+    render: bool,
     #[command(subcommand)]
     internal: Option<Internal>,
 }
@@ -84,7 +89,7 @@ enum Internal {
 }
 
 /// Durations and rates of one run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     pub rounds: u32,
     pub rates: Vec<u32>,
@@ -109,6 +114,13 @@ struct AgentFlags {
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(Internal::LoadGen(load)) = &args.internal {
         return load::run(load);
+    }
+    if args.render {
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| workspace_root().join("docs"));
+        return report::render(&out);
     }
     if !crate::is_root() {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF): run it as root");
@@ -227,6 +239,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let results = report::Results {
         plan,
         machine: machine(),
+        only: args.only.clone(),
         scenarios,
         samples,
         demo_mesh_agent_rss_kib: demo_rss,

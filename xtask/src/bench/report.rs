@@ -1,6 +1,8 @@
 //! The bench's outputs: medians and ratios over rounds, docs/benchmarks.md (tables),
 //! docs/benchmarks/latency.svg (drawn here, no plotting dependency) and
-//! docs/benchmarks/results.json (every raw sample).
+//! docs/benchmarks/results.json (every raw sample); a partial (`--only`) run gets its own page,
+//! plot and raw file. The pages and plots are a function of the raw results alone
+//! ([`render`], [`check_generated`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +17,8 @@ use super::scenario::{Scenario, Topology, Workload};
 pub struct Results {
     pub plan: Plan,
     pub machine: Value,
+    /// `--only`: the scenarios of a partial run (empty for a full run).
+    pub only: Vec<String>,
     pub scenarios: Vec<Scenario>,
     /// Scenario id -> one sample per round.
     pub samples: BTreeMap<&'static str, Vec<Value>>,
@@ -22,6 +26,76 @@ pub struct Results {
     pub fast_path_counters: Value,
     /// The agent build has `strait run --telemetry on|off`.
     pub telemetry_switch: bool,
+}
+
+impl Results {
+    /// Reads back what [`write`] wrote, so the pages can be regenerated from the raw samples
+    /// alone (`cargo xtask bench --render`, and the check that the committed page is exactly
+    /// that).
+    pub fn from_json(raw: &Value) -> anyhow::Result<Results> {
+        let known = super::scenario::all();
+        let by_id = |id: &str| -> anyhow::Result<Scenario> {
+            known.iter().find(|s| s.id == id).copied().with_context(|| {
+                format!("results name scenario {id:?}, which the bench no longer has")
+            })
+        };
+        let scenarios = raw["scenarios"]
+            .as_array()
+            .context("results: `scenarios` is not a list")?
+            .iter()
+            .map(|s| by_id(s["id"].as_str().unwrap_or_default()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut samples = BTreeMap::new();
+        for (id, values) in raw["samples"]
+            .as_object()
+            .context("results: `samples` is not an object")?
+        {
+            let values = values
+                .as_array()
+                .with_context(|| format!("results: samples of {id} are not a list"))?;
+            samples.insert(by_id(id)?.id, values.clone());
+        }
+        Ok(Results {
+            plan: serde_json::from_value(raw["plan"].clone()).context("results: `plan`")?,
+            machine: raw["machine"].clone(),
+            only: serde_json::from_value(raw["only"].clone()).unwrap_or_default(),
+            scenarios,
+            samples,
+            demo_mesh_agent_rss_kib: raw["demo_mesh_agent_rss_kib"]
+                .as_u64()
+                .context("results: `demo_mesh_agent_rss_kib`")?,
+            fast_path_counters: raw["fast_path_counters_last_agent"].clone(),
+            telemetry_switch: raw["telemetry_switch"]
+                .as_bool()
+                .context("results: `telemetry_switch`")?,
+        })
+    }
+
+    fn is_partial(&self) -> bool {
+        !self.only.is_empty()
+    }
+}
+
+/// The files of a full run and of a partial (`--only`) run, under the output folder.
+struct Files {
+    page: &'static str,
+    raw: &'static str,
+    plot: &'static str,
+}
+
+const FULL: Files = Files {
+    page: "benchmarks.md",
+    raw: "benchmarks/results.json",
+    plot: "benchmarks/latency.svg",
+};
+const PARTIAL: Files = Files {
+    page: "benchmarks-partial.md",
+    raw: "benchmarks/partial.json",
+    plot: "benchmarks/partial-latency.svg",
+};
+
+fn files(r: &Results) -> &'static Files {
+    if r.is_partial() { &PARTIAL } else { &FULL }
 }
 
 /// Median of the values at `pointer` in a scenario's samples.
@@ -228,11 +302,13 @@ pub fn summary(r: &Results) -> String {
 }
 
 pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
+    let files = files(r);
     let dir = out.join("benchmarks");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let raw = json!({
         "plan": r.plan,
         "machine": r.machine,
+        "only": r.only,
         "scenarios": r.scenarios,
         "samples": r.samples,
         "demo_mesh_agent_rss_kib": r.demo_mesh_agent_rss_kib,
@@ -244,25 +320,81 @@ pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
     });
     std::fs::write(
-        dir.join("results.json"),
+        out.join(files.raw),
         serde_json::to_string_pretty(&raw)? + "\n",
     )?;
-    std::fs::write(dir.join("latency.svg"), svg(r))?;
-    let md = markdown(r);
-    let path = out.join("benchmarks.md");
-    // The hand-written analysis below the marker survives a re-run.
-    let notes = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
-        .unwrap_or_else(|| "\n".to_owned());
-    std::fs::write(&path, format!("{md}{NOTES_MARKER}{notes}"))?;
-    eprintln!(
-        "bench: wrote {}, {} and {}",
-        path.display(),
-        dir.join("latency.svg").display(),
-        dir.join("results.json").display()
-    );
+    render(out)
+}
+
+/// Regenerates the pages and plots of the full run and of the partial run, where their raw
+/// results exist, from those results alone; the hand-written analysis below
+/// [`NOTES_MARKER`] survives.
+pub fn render(out: &Path) -> anyhow::Result<()> {
+    for files in [&FULL, &PARTIAL] {
+        let raw_path = out.join(files.raw);
+        if !raw_path.exists() {
+            continue;
+        }
+        let (page, plot) = rendered(out, files)?;
+        std::fs::write(out.join(files.plot), plot)?;
+        let path = out.join(files.page);
+        // The hand-written analysis below the marker survives a re-run.
+        let notes = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
+            .unwrap_or_else(|| "\n".to_owned());
+        std::fs::write(&path, format!("{page}{NOTES_MARKER}{notes}"))?;
+        eprintln!(
+            "bench: wrote {} and {} from {}",
+            path.display(),
+            out.join(files.plot).display(),
+            raw_path.display()
+        );
+    }
     Ok(())
+}
+
+/// The generated part of a page and its plot, from its raw results.
+fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
+    let raw_path = out.join(files.raw);
+    let text = std::fs::read_to_string(&raw_path)
+        .with_context(|| format!("read {}", raw_path.display()))?;
+    let raw: Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", raw_path.display()))?;
+    let r = Results::from_json(&raw).with_context(|| format!("read {}", raw_path.display()))?;
+    let mut page = markdown(&r);
+    if !r.is_partial() && out.join(PARTIAL.raw).exists() {
+        let _ = writeln!(
+            page,
+            "A later partial run (`--only`) has its own page, generated from its own raw \
+             results: [benchmarks-partial.md](benchmarks-partial.md).\n"
+        );
+    }
+    Ok((page, svg(&r)))
+}
+
+/// Checks that the committed pages and plots under `out` are exactly what their raw results
+/// give: no figure was typed in or edited by hand. Returns what differs.
+#[cfg(test)]
+fn check_generated(out: &Path) -> anyhow::Result<Vec<String>> {
+    let mut differs = Vec::new();
+    for files in [&FULL, &PARTIAL] {
+        if !out.join(files.raw).exists() {
+            continue;
+        }
+        let (page, plot) = rendered(out, files)?;
+        let committed = std::fs::read_to_string(out.join(files.page)).unwrap_or_default();
+        let generated_part = committed
+            .split_once(NOTES_MARKER)
+            .map_or(committed.as_str(), |(g, _)| g);
+        if generated_part != page {
+            differs.push(files.page.to_owned());
+        }
+        if std::fs::read_to_string(out.join(files.plot)).unwrap_or_default() != plot {
+            differs.push(files.plot.to_owned());
+        }
+    }
+    Ok(differs)
 }
 
 /// Everything above this line in docs/benchmarks.md is generated; below it is analysis.
@@ -271,7 +403,19 @@ const NOTES_MARKER: &str = "<!-- end of generated tables: analysis below is kept
 fn markdown(r: &Results) -> String {
     let mut s = String::new();
     let m = &r.machine;
-    let _ = writeln!(s, "# Benchmarks\n");
+    let files = files(r);
+    if r.is_partial() {
+        let _ = writeln!(s, "# Benchmarks: a partial run\n");
+        let _ = writeln!(
+            s,
+            "Only the scenarios `{}` (`cargo xtask bench --only {}`); the full run is on \
+             [benchmarks.md](benchmarks.md). Ratios here compare scenarios of this run only.\n",
+            r.only.join("`, `"),
+            r.only.join(","),
+        );
+    } else {
+        let _ = writeln!(s, "# Benchmarks\n");
+    }
     let load = loadavg_range(r).map_or_else(String::new, |(lo, med, hi)| {
         format!(
             " The machine's 1-minute load average during the run: {lo:.1} to {hi:.1} (median \
@@ -283,13 +427,15 @@ fn markdown(r: &Results) -> String {
         s,
         "Generated by `cargo xtask bench`{} on kernel {}, {} × {}. {} rounds, scenarios \
          interleaved in every round; every number is the **median over rounds**, every ratio a \
-         ratio of medians from this one run.{load} Raw samples: \
-         [benchmarks/results.json](benchmarks/results.json).\n",
+         ratio of medians from this one run.{load} Raw samples: [{raw}]({raw}). This page \
+         down to the analysis is generated from them (`cargo xtask bench --render`), and \
+         `cargo xtask test` checks that it still is.\n",
         if r.plan.rounds == 1 { " (quick)" } else { "" },
         m["kernel"].as_str().unwrap_or("?"),
         m["cpus"],
         m["cpu"].as_str().unwrap_or("?"),
         r.plan.rounds,
+        raw = files.raw,
     );
     let _ = writeln!(
         s,
@@ -354,7 +500,8 @@ fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "\n## Same node, HTTP/1.1 keep-alive, small responses\n");
     let _ = writeln!(
         s,
-        "![latency percentiles by scenario and rate](benchmarks/latency.svg)\n"
+        "![latency percentiles by scenario and rate]({})\n",
+        files.plot
     );
     let same = picked(&|s| s.workload == Workload::Http1 && s.topology == Topology::SameNode);
     latency_tables(&mut s, r, &same);
@@ -434,11 +581,10 @@ fn markdown(r: &Results) -> String {
     } else {
         let _ = writeln!(
             s,
-            "The telemetry on/off ratio is **{TELEMETRY_UNAVAILABLE}**: the agent has no \
-             `strait run --telemetry on|off` switch yet, and the bench does not estimate it some \
-             other way. Once the switch lands, the same command measures it (the scenarios \
-             `telemetry_on` and `telemetry_off` are in every round and check `strait run --help` \
-             for the flag).\n"
+            "The telemetry on/off ratio is **{TELEMETRY_UNAVAILABLE}**: the agent build of this \
+             run had no `strait run --telemetry on|off` switch, and the bench does not estimate \
+             it some other way. The scenarios `telemetry_on` and `telemetry_off` run whenever \
+             `strait run --help` shows the flag.\n"
         );
     }
 
@@ -621,4 +767,19 @@ fn svg(r: &Results) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_committed_benchmark_pages_are_generated_from_their_raw_results() {
+        let docs = crate::workspace_root().join("docs");
+        let differs = super::check_generated(&docs).expect("the raw results read back");
+        assert!(
+            differs.is_empty(),
+            "{differs:?} differ from what their raw results give: a figure was typed in or \
+             edited by hand, or the report code changed since the run. Regenerate with \
+             `cargo xtask bench --render` (or re-run the bench) and commit the result."
+        );
+    }
 }
