@@ -257,8 +257,25 @@ fn link_local(pod: &Pod) -> anyhow::Result<String> {
     found.context("no link-local address")
 }
 
-fn refused(agent: &Agent) -> anyhow::Result<f64> {
-    metric(agent, "strait_inbound_plaintext", &["strict", "refused"])
+/// The count of STRICT refusals; `want` is checked, with the agent's counters on failure.
+fn assert_refused(agent: &Agent, want: f64) -> anyhow::Result<()> {
+    let mut seen = 0.0;
+    eventually(
+        Duration::from_secs(5),
+        "the agent counts the refusal",
+        || {
+            seen = metric(agent, "strait_inbound_plaintext", &["strict", "refused"])?;
+            Ok(seen == want)
+        },
+    )
+    .with_context(|| {
+        let metrics = agent.admin_get("/metrics").unwrap_or_default();
+        let inpod: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("strait_inpod") || l.starts_with("strait_inbound"))
+            .collect();
+        format!("STRICT refusals {seen}, want {want}; in-pod counters {inpod:?}")
+    })
 }
 
 /// Plaintext to a STRICT port must pass the agent whatever local address of the pod it
@@ -276,9 +293,13 @@ fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result
     // A secondary address, not in the workload file.
     let secondary = addr::pod_v4(bed.node.index(), 200);
     run(
-        bed.color
-            .command("ip")
-            .args(["addr", "add", &format!("{secondary}/32"), "dev", testbed::POD_IF]),
+        bed.color.command("ip").args([
+            "addr",
+            "add",
+            &format!("{secondary}/32"),
+            "dev",
+            testbed::POD_IF,
+        ]),
         Duration::from_secs(10),
     )?;
     let report = call(&bed.outside, &format!("{secondary}:9090"), &["-4"])?;
@@ -286,7 +307,7 @@ fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result
         report["ok"], false,
         "plaintext to a STRICT port on a secondary address reached the app: {report}"
     );
-    assert_eq!(refused(&agent)?, 1.0);
+    assert_refused(&agent, 1.0)?;
 
     // IPv6 link-local, from a pod on the same bridge and from the node.
     let ll = link_local(&bed.color)?;
@@ -299,7 +320,7 @@ fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result
         report["ok"], false,
         "plaintext to a STRICT port on the link-local address reached the app: {report}"
     );
-    assert_eq!(refused(&agent)?, 2.0);
+    assert_refused(&agent, 2.0)?;
     let report = call_from(
         bed.node.command(peer_binary()?),
         &format!("[{ll}%{}]:9090", testbed::NODE_BRIDGE),
@@ -309,11 +330,14 @@ fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result
         report["ok"], false,
         "plaintext from the node to the link-local address reached the app: {report}"
     );
-    assert_eq!(refused(&agent)?, 3.0);
+    assert_refused(&agent, 3.0)?;
 
     // The mesh still delivers to the pod.
     let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
-    assert_eq!(report["by_server"]["color"], 1, "through the mesh: {report}");
+    assert_eq!(
+        report["by_server"]["color"], 1,
+        "through the mesh: {report}"
+    );
     Ok(())
 }
 
@@ -348,7 +372,11 @@ fn a_virtual_service_without_a_provider_is_refused_not_let_out() -> anyhow::Resu
         assert!(report["by_server"]["outside"].is_null(), "{report}");
     }
     // The address itself is still reachable for pods outside the mesh (nothing else changed).
-    let report = call(&bed.outside, &format!("{}:8080", bed.outside.ipv4()), &["-4"])?;
+    let report = call(
+        &bed.outside,
+        &format!("{}:8080", bed.outside.ipv4()),
+        &["-4"],
+    )?;
     assert_eq!(report["by_server"]["outside"], 1, "{report}");
     Ok(())
 }
@@ -381,7 +409,9 @@ fn an_access_log_outside_the_log_directory_is_refused() -> anyhow::Result<()> {
         Ok(agent) => {
             agent.wait_enrolled("app/client", true, Duration::from_secs(20))?;
             let content = victim_after_traffic(&bed, &victim)?;
-            bail!("the agent accepted an access log outside its directory; the victim now holds {content:?}");
+            bail!(
+                "the agent accepted an access log outside its directory; the victim now holds {content:?}"
+            );
         }
         Err(error) => {
             let text = format!("{error:#}");
@@ -400,7 +430,9 @@ fn an_access_log_outside_the_log_directory_is_refused() -> anyhow::Result<()> {
         mesh_yaml(&bed.certs, Some("../victim.txt"), None),
     )?;
     let output = run(
-        Command::new(strait_binary()?).arg("validate").arg(&bed.mesh),
+        Command::new(strait_binary()?)
+            .arg("validate")
+            .arg(&bed.mesh),
         Duration::from_secs(30),
     )?;
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
@@ -451,14 +483,19 @@ fn an_access_log_symlink_out_of_the_log_directory_is_not_followed() -> anyhow::R
     let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
     assert_eq!(report["ok"], true, "{report}");
     let client_log = logs.join("client.log");
-    eventually(Duration::from_secs(10), "the client's access log line", || {
-        Ok(std::fs::read_to_string(&client_log).is_ok_and(|t| !t.is_empty()))
-    })?;
+    eventually(
+        Duration::from_secs(10),
+        "the client's access log line",
+        || Ok(std::fs::read_to_string(&client_log).is_ok_and(|t| !t.is_empty())),
+    )?;
     // Swapped in while running: the writer notices the rotation and must not follow it.
     std::fs::remove_file(&client_log)?;
     std::os::unix::fs::symlink(&victim, &client_log)?;
     let content = victim_after_traffic(&bed, &victim)?;
-    assert_eq!(content, "original\n", "the agent followed a swapped-in symlink");
+    assert_eq!(
+        content, "original\n",
+        "the agent followed a swapped-in symlink"
+    );
     ensure!(agent.process.try_wait()?.is_none(), "the agent died");
     Ok(())
 }
@@ -571,7 +608,11 @@ fn the_handover_socket_serves_only_a_strait_agent() -> anyhow::Result<()> {
         .tb
         .temp_dir()
         .join(format!("{}-handover.sock", bed.node.name()));
-    ensure!(socket.exists(), "no hand-over socket at {}", socket.display());
+    ensure!(
+        socket.exists(),
+        "no hand-over socket at {}",
+        socket.display()
+    );
 
     let nobody = handover_client(
         &socket,
@@ -586,7 +627,10 @@ fn the_handover_socket_serves_only_a_strait_agent() -> anyhow::Result<()> {
         "a non-root process received the listener manifest: {nobody}"
     );
     let foreign = handover_client(&socket, &[])?;
-    ensure!(foreign.contains("uid=0"), "the client did not run as root: {foreign}");
+    ensure!(
+        foreign.contains("uid=0"),
+        "the client did not run as root: {foreign}"
+    );
     ensure!(
         !foreign.contains("outbound/") && !foreign.contains("inbound/"),
         "a root process without the token received the listener manifest: {foreign}"
@@ -618,8 +662,7 @@ fn the_handover_socket_serves_only_a_strait_agent() -> anyhow::Result<()> {
 /// Private keys readable by group or others are refused (as ssh does), naming the file and
 /// the fix; `strait ca` writes its folders 0700 and keys 0600.
 #[test]
-fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> anyhow::Result<()>
-{
+fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> anyhow::Result<()> {
     let bed = bed("attack-key-mode")?;
     let mode = |p: &Path| -> anyhow::Result<u32> {
         Ok(std::fs::metadata(p)
@@ -654,7 +697,11 @@ fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> a
     let ca = bed.tb.temp_dir().join("ca");
     assert_eq!(mode(&ca)?, 0o700, "CA folder");
     assert_eq!(mode(&ca.join("ca-key.pem"))?, 0o600, "CA key");
-    assert_eq!(mode(&bed.certs)?, 0o700, "certificate folder strait ca made");
+    assert_eq!(
+        mode(&bed.certs)?,
+        0o700,
+        "certificate folder strait ca made"
+    );
     for name in ["color-key.pem", "client-key.pem"] {
         let path = bed.certs.join(name);
         if path.exists() {

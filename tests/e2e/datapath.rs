@@ -299,12 +299,7 @@ fn access_logs_go_where_the_virtual_node_says_in_its_format() -> anyhow::Result<
     std::fs::write(&bed.mesh, mesh)?;
     // Access logs go only under the operator's access log directory.
     let logs = bed.tb.temp_dir().display().to_string();
-    let _agent = Agent::start(
-        &bed.tb,
-        &bed.node,
-        &bed.mesh,
-        &["--access-log-dir", &logs],
-    )?;
+    let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--access-log-dir", &logs])?;
     let report = call(
         &bed.client,
         &format!("{SERVICE}:8080"),
