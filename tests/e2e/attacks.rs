@@ -4,7 +4,8 @@
 //!
 //! - Plaintext to a STRICT port through another address of the pod (a secondary IP that is
 //!   not in the workload file, the IPv6 link-local address from a same-node pod and from the
-//!   node) is refused like plaintext to the pod's own address.
+//!   node) is refused like plaintext to the pod's own address; a pod without ::1 (no IPv6
+//!   inbound socket) does not leave its STRICT ports open over IPv6.
 //! - A virtual service without a provider is refused, not let out to its address.
 //! - An access log path from the mesh cannot leave the operator's log directory (absolute
 //!   elsewhere, a symlink planted at or swapped into the path).
@@ -338,6 +339,41 @@ fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result
         report["by_server"]["color"], 1,
         "through the mesh: {report}"
     );
+    Ok(())
+}
+
+/// A pod without an IPv6 loopback (::1 gone) cannot get the agent's IPv6 inbound socket; its
+/// STRICT port must not be reachable over IPv6 for it (the pod still has IPv6 on eth0).
+#[test]
+fn strict_is_not_bypassed_over_ipv6_when_the_pod_has_no_ipv6_loopback() -> anyhow::Result<()> {
+    let bed = bed("attack-strict-v6")?;
+    run(
+        bed.color
+            .command("sysctl")
+            .args(["-w", "net.ipv6.conf.lo.disable_ipv6=1"]),
+        Duration::from_secs(10),
+    )?;
+    // Without the agent, the app does answer over IPv6 on the pod's address.
+    let v6 = format!("[{}]:9090", bed.color.ipv6());
+    let report = call(&bed.outside, &v6, &["-6"])?;
+    assert_eq!(
+        report["by_server"]["color"], 1,
+        "before the agent: {report}"
+    );
+    let agent = bed.start(&[])?;
+    // IPv4 is captured as usual.
+    let report = call(&bed.outside, &format!("{}:9090", bed.color.ipv4()), &["-4"])?;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_refused(&agent, 1.0)?;
+    // IPv6 to the pod's own address: no agent socket to hand it to, so it is dropped.
+    let report = call(&bed.outside, &v6, &["-6", "--timeout", "3"])?;
+    assert_eq!(
+        report["ok"], false,
+        "plaintext over IPv6 reached the STRICT app of a pod without ::1: {report}"
+    );
+    assert!(report["by_server"]["color"].is_null(), "{report}");
+    let dropped = metric(&agent, "strait_inpod_events", &["inbound_no_socket"])?;
+    ensure!(dropped >= 1.0, "no drop counted ({dropped})");
     Ok(())
 }
 
