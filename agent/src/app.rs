@@ -64,6 +64,8 @@ pub struct Config {
     pub trace_sampling: f64,
     /// OTLP/HTTP receiver for spans (`--otlp-endpoint`).
     pub otlp_endpoint: Option<String>,
+    /// The only folder access log files from the mesh may be written in (`--access-log-dir`).
+    pub access_log_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,10 +121,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
-    let missing = mesh::check_files(&loaded.config);
-    if !missing.is_empty() {
-        return Err(Error::MissingFiles(missing));
-    }
+    check_files(&loaded.config, &config.access_log_dir)?;
     if !config.cgroup_root.join("cgroup.procs").exists() {
         return Err(Error::CgroupRoot(config.cgroup_root.clone()));
     }
@@ -293,7 +292,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     continue;
                 }
                 last_seen = digest;
-                match reload(&config.mesh_file) {
+                match reload(&config.mesh_file, &config.access_log_dir) {
                     Ok(new_mesh) => {
                         if new_mesh.source.sha256 == node.mesh.source.sha256 {
                             continue;
@@ -371,16 +370,30 @@ fn file_digest(path: &Path) -> Option<String> {
     )
 }
 
-fn reload(path: &Path) -> Result<MeshConfig, Error> {
+fn reload(path: &Path, access_log_dir: &Path) -> Result<MeshConfig, Error> {
     let loaded = mesh::load_file(path)?;
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
-    let missing = mesh::check_files(&loaded.config);
-    if !missing.is_empty() {
-        return Err(Error::MissingFiles(missing));
-    }
+    check_files(&loaded.config, access_log_dir)?;
     Ok(loaded.config)
+}
+
+/// The checks that need this node's files: TLS files, and access log paths against the
+/// access log directory (logs the warnings; any error refuses the mesh).
+fn check_files(config: &MeshConfig, access_log_dir: &Path) -> Result<(), Error> {
+    let mut errors = mesh::check_files(config);
+    for diagnostic in mesh::check_access_logs(config, access_log_dir) {
+        match diagnostic.severity {
+            mesh::Severity::Error => errors.push(diagnostic),
+            _ => tracing::warn!("{diagnostic}"),
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingFiles(errors))
+    }
 }
 
 fn config_dump(mesh: &MeshConfig) -> ConfigDump {
@@ -478,7 +491,8 @@ struct PodInbound {
     _local: Arc<LocalPod>,
     /// Listening sockets in the pod (IPv4, IPv6 if the pod has it), inserted into the map.
     sockets: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
-    captured: Vec<SocketAddr>,
+    /// Listener ports captured (both families, every local address of the pod).
+    captured: Vec<u16>,
     _accepting: proxy::Accepting,
 }
 
@@ -506,7 +520,22 @@ impl Node {
             .iter()
             .filter_map(|vn| {
                 let file = vn.spec.logging.as_ref()?.access_log.as_ref()?;
-                Some((vn.id.clone(), writers.open(file)))
+                // Checked when the mesh was loaded; checked again, as the folder may have
+                // changed since.
+                let dir = &self.config.access_log_dir;
+                let path = match access_log::resolve(dir, &file.path) {
+                    Ok(path) => path,
+                    Err(error) => {
+                        tracing::error!(virtual_node = %vn.id, %error, "access log refused");
+                        return None;
+                    }
+                };
+                if path.starts_with(dir)
+                    && let Err(error) = std::fs::create_dir_all(dir)
+                {
+                    tracing::error!(dir = %dir.display(), %error, "cannot create the access log directory");
+                }
+                Some((vn.id.clone(), writers.open(file, path)))
             })
             .collect();
         self.ctx.access_logs.store(Arc::new(logs));
@@ -526,6 +555,12 @@ impl Node {
                     .map_or(0, |i| i as u32 + 1);
                 (*addr, id)
             })
+            .chain(table.refused.keys().map(|ip| {
+                (
+                    SocketAddr::new(*ip, strait_ebpf::SERVICE_ANY_PORT),
+                    strait_ebpf::SERVICE_ID_REFUSED,
+                )
+            }))
             .collect();
         // The proxy must know a service before the kernel starts capturing it.
         self.ctx.table.store(Arc::new(table));
@@ -628,7 +663,7 @@ impl Node {
     /// Stops a pod's inbound capture and forgets it as a local pod.
     fn release_inbound(&self, enrolled: &Enrolled) {
         let inpod = self.ctx.redirect.inpod();
-        if let Err(error) = inpod.release(&enrolled.inbound.captured) {
+        if let Err(error) = inpod.release(enrolled.cgroup_id, &enrolled.inbound.captured) {
             tracing::error!(pod = %enrolled.workload.key(), %error, "cannot release the pod's inbound ports");
         }
         inpod.detach_pod(enrolled.cgroup_id);
@@ -637,51 +672,46 @@ impl Node {
 
     /// Makes each pod's captured ports match its listeners' tls (a mesh reload can change them).
     fn sync_inbound(&mut self) {
+        use std::os::fd::AsFd as _;
         let policy = self.ctx.transport.policy.load_full();
         let inpod = self.ctx.redirect.inpod();
         for (key, enrolled) in &mut self.enrolled {
-            let want: Vec<SocketAddr> = policy
+            let want: Vec<u16> = policy
                 .captured_ports(&enrolled.virtual_node)
                 .into_iter()
-                .flat_map(|(port, _)| {
-                    enrolled
-                        .workload
-                        .ips
-                        .iter()
-                        .map(move |ip| SocketAddr::new(*ip, port))
-                })
-                .filter(|addr| {
-                    enrolled
-                        .inbound
-                        .sockets
-                        .iter()
-                        .any(|(s, _)| s.is_ipv4() == addr.ip().to_canonical().is_ipv4())
-                })
+                .map(|(port, _)| port)
                 .collect();
-            let stale: Vec<SocketAddr> = enrolled
+            let pod = enrolled.cgroup_id;
+            let stale: Vec<u16> = enrolled
                 .inbound
                 .captured
                 .iter()
-                .filter(|a| !want.contains(a))
+                .filter(|p| !want.contains(p))
                 .copied()
                 .collect();
-            if let Err(error) = inpod.release(&stale) {
+            if let Err(error) = inpod.release(pod, &stale) {
                 tracing::error!(pod = %key, %error, "cannot release inbound ports");
             }
-            let mut captured = Vec::new();
-            for (family_addr, socket) in &enrolled.inbound.sockets {
-                let addrs: Vec<SocketAddr> = want
-                    .iter()
-                    .filter(|a| a.ip().to_canonical().is_ipv4() == family_addr.is_ipv4())
-                    .copied()
-                    .collect();
-                match inpod.capture(&addrs, socket) {
-                    Ok(()) => captured.extend(addrs),
-                    Err(error) => {
-                        tracing::error!(pod = %key, %error, "cannot capture inbound ports")
-                    }
+            let sockets: Vec<(u16, std::os::fd::BorrowedFd<'_>)> = enrolled
+                .inbound
+                .sockets
+                .iter()
+                .map(|(addr, fd)| {
+                    let family = if addr.is_ipv4() {
+                        strait_ebpf::FAMILY_V4
+                    } else {
+                        strait_ebpf::FAMILY_V6
+                    };
+                    (family, fd.as_fd())
+                })
+                .collect();
+            let captured = match inpod.capture(pod, &want, &sockets) {
+                Ok(()) => want,
+                Err(error) => {
+                    tracing::error!(pod = %key, %error, "cannot capture inbound ports");
+                    Vec::new()
                 }
-            }
+            };
             if captured != enrolled.inbound.captured {
                 tracing::info!(pod = %key, ?captured, "inbound capture (listeners with tls STRICT or PERMISSIVE)");
             }
@@ -827,8 +857,12 @@ impl Node {
                     }
                     listeners.push((addr, listener));
                 }
-                Err(error) if addr.is_ipv6() => {
-                    tracing::warn!(pod = %workload.key(), %error, "no IPv6 {kind} listener")
+                // A pod without IPv6 (no ::1) has no IPv6 to capture or to bypass with; its
+                // captured ports stay captured in IPv6 and are dropped there (see
+                // redirect/inpod.rs). Any other failure is an enrollment failure, not a
+                // warning: a missing listener would leave a family uncovered.
+                Err(error) if addr.is_ipv6() && error.is_address_not_available() => {
+                    tracing::info!(pod = %workload.key(), %error, "the pod has no IPv6 loopback: no IPv6 {kind} listener")
                 }
                 Err(error) => return Err(error.to_string()),
             }
@@ -891,8 +925,7 @@ impl Node {
         let keep = self
             .enrolled
             .values()
-            .flat_map(|e| e.inbound.captured.iter())
-            .map(|a| crate::redirect::inpod::inbound_key(*a))
+            .flat_map(|e| redirect::inpod::InPod::keys(e.cgroup_id, &e.inbound.captured))
             .collect();
         if let Err(error) = inpod.release_strays(&keep) {
             tracing::error!(%error, "cannot clean the inbound ports a previous agent captured");

@@ -41,6 +41,8 @@ pub enum Error {
     Mesh(#[from] mesh::Error),
     #[error("no virtual node named {0} in the mesh file")]
     NoSuchNode(String),
+    #[error(transparent)]
+    Key(#[from] identity::Error),
 }
 
 /// How [`issue`] mints.
@@ -77,8 +79,15 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 fn write_atomic(path: &Path, text: &str, private: bool) -> Result<(), Error> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    // Folders strait makes hold keys: only their owner may list them (folders that exist
+    // already are the operator's and keep their mode).
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io("create folder", dir))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("create folder", dir))?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut file = std::fs::OpenOptions::new()
@@ -88,6 +97,11 @@ fn write_atomic(path: &Path, text: &str, private: bool) -> Result<(), Error> {
         .mode(if private { 0o600 } else { 0o644 })
         .open(&tmp)
         .map_err(io("create", &tmp))?;
+    // `mode` applies only to a file that did not exist; a leftover temp file keeps its own.
+    if private {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io("restrict", &tmp))?;
+    }
     file.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
     file.sync_all().map_err(io("sync", &tmp))?;
     std::fs::rename(&tmp, path).map_err(io("rename into place", path))
@@ -129,6 +143,9 @@ pub fn init(dir: &Path) -> Result<PathBuf, Error> {
 fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair, String), Error> {
     let key_path = dir.join(CA_KEY);
     let cert_path = dir.join(CA_CERT);
+    if key_path.exists() {
+        identity::store::check_key_mode(&key_path)?;
+    }
     let key_pem = std::fs::read_to_string(&key_path).map_err(io(
         "read the CA key (run `strait ca init` first)",
         &key_path,

@@ -141,6 +141,11 @@ pub struct RunArgs {
     /// appended to a URL without a path). Without it, trace headers are still propagated.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// The folder access logs named by the mesh (`logging.accessLog.file.path`) are written
+    /// in: a relative path is taken under it, an absolute one must lie under it, symlinks are
+    /// not followed. `/dev/stdout` and `/dev/stderr` are always allowed.
+    #[arg(long, default_value = "/var/log/strait")]
+    pub access_log_dir: PathBuf,
 }
 
 fn parse_sampling(s: &str) -> Result<f64, String> {
@@ -181,6 +186,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 telemetry: args.telemetry == Switch::On,
                 trace_sampling: args.trace_sampling,
                 otlp_endpoint: args.otlp_endpoint,
+                access_log_dir: args.access_log_dir,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;

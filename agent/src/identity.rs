@@ -66,6 +66,12 @@ pub enum Error {
     },
     #[error("cannot build the TLS configuration: {0}")]
     Config(String),
+    #[error(
+        "the private key {path} is readable by group or others (mode {mode:03o}); strait \
+         refuses it, as ssh does: run `chmod 600 {path}` (Kubernetes Secret volumes: \
+         `defaultMode: 0400`)"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
 }
 
 /// The crypto provider of every TLS configuration strait builds.

@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use files::check_files;
+pub use files::{check_access_logs, check_files};
 pub use model::*;
 
 /// The whole mesh as read from one file. Resource lists are sorted by [`ResourceId`].

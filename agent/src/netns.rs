@@ -27,6 +27,14 @@ pub enum Error {
     ThreadDied(PathBuf),
 }
 
+impl Error {
+    /// The address does not exist in the namespace (`EADDRNOTAVAIL`; ::1 in a pod without
+    /// IPv6).
+    pub fn is_address_not_available(&self) -> bool {
+        matches!(self, Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrNotAvailable)
+    }
+}
+
 /// Binds a non-blocking TCP listener at each address inside the network namespace at `path`.
 /// Addresses that cannot be bound are returned as errors beside the ones that could.
 pub fn listen_in(

@@ -90,6 +90,10 @@ pub struct Table {
     pub endpoints: BTreeMap<ResourceId, Arc<Endpoints>>,
     /// Every listener `healthCheck` in the mesh.
     pub health_checks: Vec<Arc<http::HealthCheckSpec>>,
+    /// Addresses of virtual services that answer on no port (no provider, or a provider
+    /// without listeners): every connect to them is refused in eBPF, as validation warns,
+    /// rather than left to go out of the mesh.
+    pub refused: BTreeMap<IpAddr, ResourceId>,
 }
 
 impl Table {
@@ -144,7 +148,13 @@ impl Table {
             } else {
                 vs.spec.addresses.clone()
             };
-            for (port, protocol, action) in service_ports(mesh, vs) {
+            let ports = service_ports(mesh, vs);
+            if ports.is_empty() {
+                for addr in &addrs {
+                    table.refused.insert(*addr, vs.id.clone());
+                }
+            }
+            for (port, protocol, action) in ports {
                 let http = (protocol != Protocol::Tcp)
                     .then(|| Arc::new(http::compile(mesh, vs, port, protocol)));
                 let entry = Arc::new(ServicePort {

@@ -1,6 +1,7 @@
 //! `check_files`: TLS files named by the mesh must exist where the agent runs, and
 //! `Options::check_files` folds that into loading.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use strait::mesh::{Error, Options, Severity, check_files, parse_str, parse_str_with};
@@ -79,20 +80,44 @@ fn present_tls_files_pass() {
         std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n").unwrap();
         path.display().to_string()
     };
-    let text = mesh_with_files(&p("cert.pem"), &p("key.pem"), &p("ca.pem"));
+    let key = p("key.pem");
+    // A private key must be readable by its owner only (as ssh wants it).
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = mesh_with_files(&p("cert.pem"), &key, &p("ca.pem"));
     let loaded = parse_str_with(&text, Path::new("m.yaml"), Options { check_files: true }).unwrap();
     assert!(check_files(&loaded.config).is_empty());
     // A directory is not a certificate.
-    let text = mesh_with_files(
-        &p("cert.pem"),
-        &p("key.pem"),
-        &dir.path().display().to_string(),
-    );
+    let text = mesh_with_files(&p("cert.pem"), &key, &dir.path().display().to_string());
     let loaded = parse_str(&text, Path::new("m.yaml")).unwrap();
     let diags = check_files(&loaded.config);
     assert_eq!(diags.len(), 2);
     assert!(
         diags[0].message.contains("is not a regular file"),
+        "{}",
+        diags[0]
+    );
+}
+
+#[test]
+fn a_private_key_readable_by_others_is_an_error_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| {
+        let path = dir.path().join(n);
+        std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        path.display().to_string()
+    };
+    let key = p("key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let text = mesh_with_files(&p("cert.pem"), &key, &p("ca.pem"));
+    let loaded = parse_str(&text, Path::new("m.yaml")).unwrap();
+    let diags = check_files(&loaded.config);
+    assert_eq!(diags.len(), 1, "{diags:?}");
+    assert_eq!(
+        diags[0].path,
+        "VirtualNode app/n: spec.listeners[0].tls.certificate.file.privateKey"
+    );
+    assert!(
+        diags[0].message.contains(&format!("chmod 600 {key}")),
         "{}",
         diags[0]
     );

@@ -1,13 +1,15 @@
 //! In-pod security programs and helpers.
 //!
-//! - `strait_sk_lookup` (sk_lookup, attached by the agent to each enrolled pod's network
-//!   namespace): an incoming TCP connection to one of the pod's addresses on a listener port
-//!   whose App Mesh `tls` mode is STRICT or PERMISSIVE is handed to the agent's inbound socket
-//!   in that namespace, so plaintext from outside the mesh passes the agent (which refuses it
-//!   under STRICT and counts it under PERMISSIVE). Ports without tls (or DISABLED) are not in
-//!   the map and reach the application untouched. A captured port whose agent socket is gone
-//!   (agent restarting) is dropped: the connection is retried by TCP and never bypasses
-//!   STRICT. Connections to loopback (how the agent itself delivers to the pod) never match.
+//! - `strait_sk_lookup` (sk_lookup, loaded once per enrolled pod with the pod's id in the
+//!   `STRAIT_INBOUND_POD` global and attached to that pod's network namespace): an incoming
+//!   TCP connection to *any* local address of the pod (its own, a secondary one, the IPv6
+//!   link-local one) on a listener port whose App Mesh `tls` mode is STRICT or PERMISSIVE is
+//!   handed to the agent's inbound socket in that namespace, so plaintext from outside the
+//!   mesh passes the agent (which refuses it under STRICT and counts it under PERMISSIVE).
+//!   Ports without tls (or DISABLED) are not in the map and reach the application untouched. A
+//!   captured port with no agent socket for the connection's family (agent restarting, or a
+//!   pod without an IPv6 loopback) is dropped: never a bypass. Connections to loopback (how
+//!   the agent itself delivers to the pod) and a pod's connections to its own address pass.
 //! - [`backend_allowed`], called by connect4/connect6 for a connect to a mesh service: an
 //!   enrolled pod may reach only the virtual services its virtual node lists as backends
 //!   (App Mesh semantics); anything else fails with EPERM before a packet is sent.
@@ -15,6 +17,7 @@
 //! Outcomes are counted in `STRAIT_INPODCOUNT_V1`; nothing here logs.
 
 use aya_ebpf::{
+    Global,
     bindings::{bpf_sk_lookup, sk_action},
     macros::{map, sk_lookup},
     maps::{HashMap, PerCpuArray, SockHash},
@@ -27,9 +30,9 @@ const IPPROTO_TCP: u32 = 6;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
-#[map(name = "STRAIT_INPORTS_V1")]
+#[map(name = "STRAIT_INPORTS_V2")]
 static INBOUND_PORTS: HashMap<InboundKey, u32> = HashMap::pinned(MAX_INBOUND_PORTS, 0);
-#[map(name = "STRAIT_INSOCKS_V1")]
+#[map(name = "STRAIT_INSOCKS_V2")]
 static INBOUND_SOCKS: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND_PORTS, 0);
 #[map(name = "STRAIT_AUTHZPODS_V1")]
 static AUTHZ_PODS: HashMap<u64, u32> = HashMap::pinned(MAX_ENROLLED, 0);
@@ -37,6 +40,11 @@ static AUTHZ_PODS: HashMap<u64, u32> = HashMap::pinned(MAX_ENROLLED, 0);
 static BACKENDS: HashMap<BackendKey, u32> = HashMap::pinned(MAX_BACKENDS, 0);
 #[map(name = "STRAIT_INPODCOUNT_V1")]
 static INPOD_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(INPOD_COUNTERS_LEN, 0);
+
+/// The pod whose network namespace this copy of the program is attached to (set by the agent
+/// at load; 0 in the copy loaded only to check the program, which never matches a key).
+#[unsafe(no_mangle)]
+static STRAIT_INBOUND_POD: Global<u64> = Global::new(0);
 
 #[inline(always)]
 fn count(reason: u32) {
@@ -90,7 +98,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
     }
     // SAFETY: as above; local_port is host order (uapi bpf.h).
     let port = unsafe { read_volatile(addr_of!((*l).local_port)) } as u16;
-    let (key, from_self) = if family == AF_INET {
+    let (key_family, loopback, from_self) = if family == AF_INET {
         // SAFETY: as above.
         let (local, remote) = unsafe {
             (
@@ -98,14 +106,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
                 read_volatile(addr_of!((*l).remote_ip4)),
             )
         };
-        (
-            InboundKey {
-                addr: [local, 0, 0, 0],
-                family: FAMILY_V4,
-                port,
-            },
-            local == remote,
-        )
+        (FAMILY_V4, ipv4_is_loopback(local), local == remote)
     } else if family == AF_INET6 {
         // SAFETY: as above.
         let (local, remote) = unsafe {
@@ -125,11 +126,8 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
             )
         };
         (
-            InboundKey {
-                addr: local,
-                family: FAMILY_V6,
-                port,
-            },
+            FAMILY_V6,
+            ipv6_is_loopback(local),
             local[0] == remote[0]
                 && local[1] == remote[1]
                 && local[2] == remote[2]
@@ -137,6 +135,17 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, u32> {
         )
     } else {
         return Ok(sk_action::SK_PASS);
+    };
+    // The agent delivers to the pod over loopback; nothing from outside arrives there.
+    if loopback {
+        return Ok(sk_action::SK_PASS);
+    }
+    // Keyed by pod, not by address: every local address of the pod is covered.
+    let key = InboundKey {
+        pod: STRAIT_INBOUND_POD.load(),
+        family: key_family,
+        port,
+        _pad: 0,
     };
     // SAFETY: plain u32 read.
     if unsafe { INBOUND_PORTS.get(key).is_none() } {

@@ -68,7 +68,8 @@ pub const PROG_SOCKOPS: &str = "strait_sockops";
 pub const COUNTER_CAPTURED: u32 = 0;
 /// Enrolled caller, not a service, egress allowed (or loopback): untouched.
 pub const COUNTER_PASSED: u32 = 1;
-/// Enrolled caller with egress DROP_ALL, not a service: connect refused (EPERM).
+/// Enrolled caller with egress DROP_ALL, not a service, or a connect to the address of a
+/// virtual service without a provider: connect refused (EPERM).
 pub const COUNTER_DENIED: u32 = 2;
 /// Caller's cgroup is not enrolled: untouched.
 pub const COUNTER_NOT_ENROLLED: u32 = 3;
@@ -132,6 +133,13 @@ pub struct ServiceKey6 {
 pub struct ServiceValue {
     pub service_id: u32,
 }
+
+/// `ServiceKey4::port` / `ServiceKey6::port` of an entry for a whole address: a virtual
+/// service that answers on no port (no provider). Looked up only when the exact port misses.
+pub const SERVICE_ANY_PORT: u16 = 0;
+/// `ServiceValue::service_id` of such an entry: connects to the address are refused (EPERM),
+/// as the mesh file's validation warns, instead of leaving the mesh under ALLOW_ALL.
+pub const SERVICE_ID_REFUSED: u32 = u32::MAX;
 
 /// Value of `MAP_COOKIE_ORIG_DST` and `MAP_CONN_ORIG_DST`: where the client
 /// meant to connect.
@@ -298,12 +306,17 @@ impl ConnKey {
 // ---------------------------------------------------------------------------------------------
 // In-pod inbound capture and backend authorization (`src/inpod.rs`, agent `redirect/inpod.rs`).
 
-/// `InboundKey -> u32` (`INBOUND_*` flags): the pod addresses and listener ports whose incoming
-/// TCP connections are steered to the agent's in-pod inbound socket (listeners with tls
-/// STRICT or PERMISSIVE). Pod addresses are unique per node, so no netns is needed in the key.
-pub const MAP_INBOUND_PORTS: &str = "STRAIT_INPORTS_V1";
+/// `InboundKey -> u32` (1): the pods and listener ports whose incoming TCP connections are
+/// steered to the agent's in-pod inbound socket (listeners with tls STRICT or PERMISSIVE),
+/// whatever local address of the pod they target. Written for both families whatever sockets
+/// the agent has: a family without a socket is dropped, never let through.
+pub const MAP_INBOUND_PORTS: &str = "STRAIT_INPORTS_V2";
 /// SOCKHASH `InboundKey -> socket`: the agent's listening inbound socket for that key.
-pub const MAP_INBOUND_SOCKS: &str = "STRAIT_INSOCKS_V1";
+pub const MAP_INBOUND_SOCKS: &str = "STRAIT_INSOCKS_V2";
+/// The sk_lookup program's global (a `.rodata` value set at load) naming the pod whose
+/// network namespace that copy of the program is attached to: sk_lookup runs per netns but
+/// has no helper that tells which, so the agent loads one copy per pod.
+pub const GLOBAL_INBOUND_POD: &str = "STRAIT_INBOUND_POD";
 /// `cgroup id (u64) -> u32` (1): enrolled pods whose connects to mesh services are checked
 /// against their virtual node's backends.
 pub const MAP_AUTHZ_PODS: &str = "STRAIT_AUTHZPODS_V1";
@@ -340,15 +353,18 @@ pub const INPOD_COUNTER_INBOUND_SELF: u32 = 3;
 /// Size of the in-pod counters array.
 pub const INPOD_COUNTERS_LEN: u32 = 4;
 
-/// Key of `MAP_INBOUND_PORTS` and `MAP_INBOUND_SOCKS`: a pod address and listener port.
+/// Key of `MAP_INBOUND_PORTS` and `MAP_INBOUND_SOCKS`: a pod, a family and a listener port.
+/// Not the pod's address: a connection to any local address of the pod (a secondary IP, the
+/// IPv6 link-local one) must be captured all the same.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InboundKey {
-    /// For `FAMILY_V4` only `addr[0]` is used, the rest is zero.
-    pub addr: [u32; 4],
+    /// The pod's id (its cgroup id), as in `GLOBAL_INBOUND_POD`.
+    pub pod: u64,
     pub family: u16,
     /// Host order.
     pub port: u16,
+    pub _pad: u32,
 }
 
 /// Key of `MAP_BACKENDS`.
@@ -369,7 +385,7 @@ mod inpod_pod {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<InboundKey>() == 20);
+    assert!(core::mem::size_of::<InboundKey>() == 16);
     assert!(core::mem::size_of::<BackendKey>() == 16);
 };
 

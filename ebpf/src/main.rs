@@ -136,6 +136,30 @@ mod progs {
         }
     }
 
+    /// Is the whole address a virtual service without a provider (`SERVICE_ANY_PORT`)?
+    #[inline(always)]
+    fn refused_address4(addr: u32) -> bool {
+        let key = ServiceKey4 {
+            addr,
+            port: SERVICE_ANY_PORT,
+            _pad: 0,
+        };
+        // SAFETY: Copy value read at once (see enrolled_caller).
+        unsafe { SERVICES4.get(key).copied() }.is_some_and(|s| s.service_id == SERVICE_ID_REFUSED)
+    }
+
+    /// IPv6 twin of [`refused_address4`].
+    #[inline(always)]
+    fn refused_address6(addr: [u32; 4]) -> bool {
+        let key = ServiceKey6 {
+            addr,
+            port: SERVICE_ANY_PORT,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        unsafe { SERVICES6.get(key).copied() }.is_some_and(|s| s.service_id == SERVICE_ID_REFUSED)
+    }
+
     /// Remember where the socket meant to go; false if the map refused it.
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: &OrigDst) -> bool {
@@ -175,6 +199,10 @@ mod progs {
         };
         // SAFETY: Copy value read at once (see enrolled_caller).
         let Some(service) = (unsafe { SERVICES4.get(key).copied() }) else {
+            if refused_address4(addr) {
+                count(COUNTER_DENIED);
+                return Err(REFUSE);
+            }
             return Ok(not_a_service(&pod, ipv4_is_loopback(addr)));
         };
         if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {
@@ -259,6 +287,14 @@ mod progs {
             },
         };
         let Some(service) = service else {
+            let refused = match mapped {
+                Some(v4) => refused_address4(v4),
+                None => refused_address6(addr),
+            };
+            if refused {
+                count(COUNTER_DENIED);
+                return Err(REFUSE);
+            }
             return Ok(not_a_service(&pod, ipv6_is_loopback(addr)));
         };
         if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {

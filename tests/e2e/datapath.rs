@@ -426,7 +426,9 @@ fn access_logs_go_where_the_virtual_node_says_in_its_format() -> anyhow::Result<
             1,
         );
     std::fs::write(&bed.mesh, mesh)?;
-    let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    // Access logs go only under the operator's access log directory.
+    let logs = bed.tb.temp_dir().display().to_string();
+    let _agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--access-log-dir", &logs])?;
     let report = call(
         &bed.client,
         &format!("{SERVICE}:8080"),

@@ -208,7 +208,11 @@ fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn start_agent(bed: &Bed, extra: &[&str]) -> anyhow::Result<Agent> {
-    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, extra)?;
+    // Access logs go only under the operator's access log directory.
+    let logs = bed.tb.temp_dir().display().to_string();
+    let mut args = vec!["--access-log-dir", &logs];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &args)?;
     for pod in ["app/client", "app/color-v1", "app/color-v2"] {
         agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
     }

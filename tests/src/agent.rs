@@ -77,6 +77,18 @@ impl Agent {
     /// Starts `strait run` in the node's network namespace with the node's cgroup root, bpffs
     /// folder and workloads directory, and waits until `/ready` answers 200.
     pub fn start(tb: &Testbed, node: &Node, mesh: &Path, extra: &[&str]) -> anyhow::Result<Agent> {
+        Agent::start_with(tb, node, mesh, extra, |_| {})
+    }
+
+    /// [`Agent::start`], with `customize` applied to the command before it is spawned (for
+    /// tests that need the agent started under particular process settings).
+    pub fn start_with(
+        tb: &Testbed,
+        node: &Node,
+        mesh: &Path,
+        extra: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Agent> {
         let binary = strait_binary()?;
         let mut command = node.command(&binary);
         command
@@ -94,6 +106,7 @@ impl Agent {
             .args(extra)
             // The per-request line (`strait::request`) is DEBUG; tests and the demo read it.
             .env("RUST_LOG", "info,strait::request=debug");
+        customize(&mut command);
         let label = format!(
             "agent-{}-{}",
             node.name(),

@@ -21,12 +21,34 @@ use sha2::{Digest as _, Sha256};
 
 use super::{Error, Metrics, provider};
 
-/// What identifies a version of a file.
+/// What identifies a version of a file. The mode is in it so a key made readable by others
+/// after it was loaded is checked (and refused) again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
     mtime: Option<SystemTime>,
     len: u64,
     ino: u64,
+    mode: u32,
+}
+
+/// Refuses a private key that group or others may read, as ssh does: such a key may already
+/// have been copied by anyone on the node. Follows symlinks (a Kubernetes Secret volume's
+/// files are links into its `..data` folder; the mode that counts is the target's).
+pub fn check_key_mode(path: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|source| Error::Read {
+        what: "private key",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 fn stamp(path: &Path, what: &'static str) -> Result<Stamp, Error> {
@@ -39,6 +61,7 @@ fn stamp(path: &Path, what: &'static str) -> Result<Stamp, Error> {
         mtime: meta.modified().ok(),
         len: meta.len(),
         ino: meta.ino(),
+        mode: meta.mode(),
     })
 }
 
@@ -127,6 +150,7 @@ fn load_cert(chain_path: &Path, key_path: &Path) -> Result<LoadedCert, Error> {
         detail,
     })?;
     let fingerprint = hex(&Sha256::digest(leaf));
+    check_key_mode(key_path)?;
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| Error::BadKey {
         path: key_path.to_owned(),
         detail: e.to_string(),
@@ -294,5 +318,36 @@ impl Store {
                 None => Err(error),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_key_readable_by_others_is_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "not even a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        check_key_mode(&key).unwrap();
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = check_key_mode(&key).unwrap_err();
+            assert!(matches!(error, Error::KeyPermissions { .. }), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains(&format!("chmod 600 {}", key.display())),
+                "{text}"
+            );
+        }
+        // Through a symlink (a Kubernetes Secret volume), the target's mode counts.
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        assert!(check_key_mode(&link).is_err());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        check_key_mode(&link).unwrap();
     }
 }

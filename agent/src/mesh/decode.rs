@@ -865,7 +865,24 @@ impl Cx<'_> {
         let unit = self.req(&o, "unit", |cx, n, p| {
             cx.pick(n, p, &[("s", DurationUnit::S), ("ms", DurationUnit::Ms)])
         });
-        let value = self.req(&o, "value", |cx, n, p| cx.int(n, p, 0, i64::MAX));
+        // App Mesh sets no upper bound, but the data path adds durations to clocks: anything
+        // past MAX_DURATION_SECONDS is a typo or an attack, not a timeout.
+        let max = match unit {
+            Some(DurationUnit::Ms) => MAX_DURATION_SECONDS * 1000,
+            _ => MAX_DURATION_SECONDS,
+        };
+        let value = self.req(&o, "value", |cx, n, p| {
+            let value = cx.int(n, p, 0, i64::MAX)?;
+            if value > max {
+                cx.err(
+                    n.pos,
+                    p,
+                    format!("expected at most {max} (one year; 0 disables a timeout), got {value}"),
+                );
+                return None;
+            }
+            Some(value)
+        });
         Some(Duration {
             unit: unit?,
             value: value? as u64,
@@ -1220,7 +1237,18 @@ impl Cx<'_> {
             let o = cx.obj(n, p, &["file"])?;
             cx.opt(&o, "file", |cx, n, p| {
                 let o = cx.obj(n, p, &["path", "format"])?;
-                let path = cx.req(&o, "path", |cx, n, p| cx.string_len(n, p, 1, 255));
+                let path = cx.req(&o, "path", |cx, n, p| {
+                    let path = cx.string_len(n, p, 1, 255)?;
+                    // The agent writes as root: a path may not climb out of the access log
+                    // directory (the rest is checked where the directory is known).
+                    match crate::telemetry::access_log::check_components(&path) {
+                        Ok(()) => Some(path),
+                        Err(error) => {
+                            cx.err(n.pos, p, error.to_string());
+                            None
+                        }
+                    }
+                });
                 let format = cx.opt(&o, "format", |cx, n, p| {
                     let o = cx.obj(n, p, &["text", "json"])?;
                     let (which, v) = cx.one_of(&o, &["text", "json"], true)?;

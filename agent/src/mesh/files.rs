@@ -1,5 +1,7 @@
-//! Checks that the files a mesh names exist on this machine: TLS certificates, keys and trust
-//! bundles (errors) and access-log directories (warnings).
+//! Checks that the files a mesh names exist on this machine: TLS certificates, keys (errors,
+//! also for a key readable by group or others) and trust bundles (errors); and, against the
+//! operator's access log directory, access log paths (errors when they leave it, warnings for
+//! a missing folder).
 //!
 //! Kept apart from validation so `strait validate` on a laptop does not fail for files that
 //! only exist on the nodes; the agent calls [`check_files`] at start and on reload. Paths are
@@ -63,7 +65,13 @@ impl Checker<'_> {
                 certificate_chain,
                 "certificate chain",
             );
-            self.readable(format!("{at}.file.privateKey"), private_key, "private key");
+            let field = format!("{at}.file.privateKey");
+            self.readable(field.clone(), private_key, "private key");
+            if let Err(error) = crate::identity::store::check_key_mode(Path::new(private_key))
+                && matches!(error, crate::identity::Error::KeyPermissions { .. })
+            {
+                self.push(Severity::Error, field, error.to_string());
+            }
         }
     }
 
@@ -93,24 +101,32 @@ impl Checker<'_> {
         }
     }
 
-    fn logging(&mut self, at: &str, logging: &Logging) {
+    fn logging(&mut self, at: &str, logging: &Logging, dir: &Path) {
         let Some(log) = &logging.access_log else {
             return;
         };
-        let p = Path::new(&log.path);
-        if p.exists() {
+        let field = format!("{at}.accessLog.file.path");
+        let path = match crate::telemetry::access_log::resolve(dir, &log.path) {
+            Ok(path) => path,
+            Err(error) => {
+                self.push(Severity::Error, field, error.to_string());
+                return;
+            }
+        };
+        if path.exists() {
             return;
         }
-        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
-        if let Some(dir) = dir
-            && !dir.is_dir()
+        // The agent makes the access log directory itself; folders below it are the operator's.
+        if let Some(parent) = path.parent()
+            && parent != dir
+            && !parent.is_dir()
         {
             self.push(
                 Severity::Warning,
-                format!("{at}.accessLog.file.path"),
+                field,
                 format!(
                     "directory {} does not exist, so the access log {:?} cannot be written",
-                    dir.display(),
+                    parent.display(),
                     log.path
                 ),
             );
@@ -147,9 +163,6 @@ pub fn check_files(config: &MeshConfig) -> Vec<Diagnostic> {
         {
             c.client_policy(&format!("{res}.backendDefaults.clientPolicy"), cp);
         }
-        if let Some(l) = &vn.spec.logging {
-            c.logging(&format!("{res}.logging"), l);
-        }
     }
     for gw in &config.virtual_gateways {
         let res = format!("VirtualGateway {}: spec", gw.id);
@@ -166,8 +179,26 @@ pub fn check_files(config: &MeshConfig) -> Vec<Diagnostic> {
         {
             c.client_policy(&format!("{res}.backendDefaults.clientPolicy"), cp);
         }
+    }
+    c.out
+}
+
+/// Access log paths against the operator's access log directory (`--access-log-dir`): errors
+/// for a path that leaves it or goes through a symlink, a warning for a missing folder. See
+/// `telemetry::access_log::resolve`.
+pub fn check_access_logs(config: &MeshConfig, dir: &Path) -> Vec<Diagnostic> {
+    let mut c = Checker {
+        file: &config.source.path,
+        out: Vec::new(),
+    };
+    for vn in &config.virtual_nodes {
+        if let Some(l) = &vn.spec.logging {
+            c.logging(&format!("VirtualNode {}: spec.logging", vn.id), l, dir);
+        }
+    }
+    for gw in &config.virtual_gateways {
         if let Some(l) = &gw.spec.logging {
-            c.logging(&format!("{res}.logging"), l);
+            c.logging(&format!("VirtualGateway {}: spec.logging", gw.id), l, dir);
         }
     }
     c.out

@@ -51,6 +51,9 @@ pub enum DurationUnit {
     Ms,
 }
 
+/// The longest duration a mesh file may give (one year), in seconds; validation refuses more.
+pub const MAX_DURATION_SECONDS: i64 = 365 * 24 * 3600;
+
 impl Duration {
     pub fn as_std(&self) -> std::time::Duration {
         match self.unit {

@@ -434,7 +434,11 @@ impl<E: Env> Downstream<E> {
                 r.request_headers(&parts.headers);
             }
         }
-        let deadline = route.per_request.map(|d| (d, started + d));
+        // Checked: a deadline past what the clock can hold is no deadline (validation bounds
+        // mesh durations, this keeps a bad value from panicking on every request).
+        let deadline = route
+            .per_request
+            .and_then(|d| Some((d, started.checked_add(d)?)));
         let mut outcome = Outcome {
             route: &route.name,
             virtual_node,
@@ -594,9 +598,12 @@ impl<E: Env> Downstream<E> {
             let request = build_request(parts, authority, path_and_query, proto, attempt_body)
                 .map_err(|e| Failure::BadRequest(e.to_string()))?;
             let now = Instant::now();
-            let per_try = policy.per_try_timeout.map(|d| now + d);
+            let per_try = policy.per_try_timeout.and_then(|d| now.checked_add(d));
             // Without any per-request timeout, the idle timeout bounds the wait for headers.
-            let idle = route.idle.filter(|_| deadline.is_none()).map(|d| now + d);
+            let idle = route
+                .idle
+                .filter(|_| deadline.is_none())
+                .and_then(|d| now.checked_add(d));
             let bound = [deadline, per_try, idle].into_iter().flatten().min();
             let key = pool::Key {
                 source: self.source.virtual_node.clone(),

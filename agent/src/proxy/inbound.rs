@@ -1,9 +1,11 @@
 //! Inbound: connections to a pod's listener ports from outside the mesh.
 //!
 //! The `strait_sk_lookup` program in the pod's network namespace hands every incoming TCP
-//! connection to a pod address on a port whose listener has `tls` STRICT or PERMISSIVE to the
-//! agent's inbound socket in that namespace (127.0.0.1 / [::1] on the inbound port; the bound
-//! address does not matter to sk_lookup). Meshed traffic never arrives this way: from another
+//! connection to any local address of the pod (not only the ones in its workload file) on a
+//! port whose listener has `tls` STRICT or PERMISSIVE to the agent's inbound socket in that
+//! namespace (127.0.0.1 / [::1] on the inbound port; the bound address does not matter to
+//! sk_lookup). The socket lives in the pod's namespace, so whatever arrives on it is for this
+//! pod, whichever of its addresses it names. Meshed traffic never arrives this way: from another
 //! node it comes through the mTLS tunnel, from this node straight to the pod's loopback. So
 //! what arrives here is plaintext from outside the mesh:
 //!
@@ -42,15 +44,6 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &C
     let Ok(local) = client.local_addr() else {
         return;
     };
-    if !pod
-        .ips
-        .iter()
-        .any(|ip| ip.to_canonical() == local.ip().to_canonical())
-    {
-        // Only possible if the maps pointed this pod's socket at another pod's address.
-        tracing::error!(workload = %pod.workload, %local, %peer, "BUG: inbound connection for an address that is not this pod's; closing");
-        return;
-    }
     let transport = &ctx.transport;
     let mode = transport
         .policy

@@ -2,6 +2,11 @@
 //! enrolled pod's network namespace (inbound capture for STRICT and PERMISSIVE listeners), its
 //! maps, and the backend-authorization maps connect4/connect6 consult.
 //!
+//! Capture is keyed by (pod, family, port), never by address, so a connection to any local
+//! address of the pod is captured (a secondary IP the workload file does not list, the IPv6
+//! link-local address). The program cannot tell which network namespace it runs for, so each
+//! pod gets its own copy, loaded with the pod's id in its `STRAIT_INBOUND_POD` global.
+//!
 //! Links are pinned per pod as `link_inbound_<cgroup id>` beside the node-wide links, so the
 //! steering survives an agent restart (with no agent socket in the map the program drops,
 //! never bypasses; see `ebpf/src/inpod.rs`), and `strait uninstall` removes them with the
@@ -11,15 +16,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use aya::Ebpf;
 use aya::maps::{HashMap, MapData, MapInfo, MapType, PerCpuArray, SockHash};
 use aya::programs::SkLookup;
 use aya::programs::links::FdLink;
+use aya::{Ebpf, EbpfLoader};
 use strait_ebpf as abi;
 
 use super::{Error, eperm_in, remove_entry};
@@ -59,13 +63,12 @@ struct Maps {
     counters: PerCpuArray<MapData, u64>,
 }
 
-/// The sk_lookup program (kept loaded so it can be attached to pods as they come) and the
-/// in-pod maps.
+/// The in-pod maps, and where each pod's copy of the sk_lookup program is pinned.
 pub struct InPod {
     bpffs: PathBuf,
-    // The object stays alive because aya cannot hand out an owned program; the node-wide
-    // programs in it are attached through pinned links and unaffected.
-    ebpf: Mutex<Ebpf>,
+    // The node-wide object stays alive as before (its programs are attached through pinned
+    // links); its sk_lookup copy was loaded only to check the program at start.
+    _ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
 }
 
@@ -123,21 +126,18 @@ pub(super) fn check_pinned_maps(folder: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// The map key of a pod address and port.
-pub fn inbound_key(addr: SocketAddr) -> abi::InboundKey {
-    match addr.ip().to_canonical() {
-        IpAddr::V4(ip) => abi::InboundKey {
-            addr: [abi::ipv4_raw(ip.octets()), 0, 0, 0],
-            family: abi::FAMILY_V4,
-            port: addr.port(),
-        },
-        IpAddr::V6(ip) => abi::InboundKey {
-            addr: abi::ipv6_raw(ip.octets()),
-            family: abi::FAMILY_V6,
-            port: addr.port(),
-        },
+/// The map key of a pod's listener port in one family (`abi::FAMILY_V4` or `FAMILY_V6`).
+pub fn inbound_key(pod: u64, family: u16, port: u16) -> abi::InboundKey {
+    abi::InboundKey {
+        pod,
+        family,
+        port,
+        _pad: 0,
     }
 }
+
+/// Both families: a port is captured in each, whatever sockets the agent has.
+const FAMILIES: [u16; 2] = [abi::FAMILY_V4, abi::FAMILY_V6];
 
 impl InPod {
     /// Takes the in-pod maps out of the freshly loaded object, loads the sk_lookup program,
@@ -174,7 +174,7 @@ impl InPod {
         })?;
         Ok(InPod {
             bpffs: bpffs.to_owned(),
-            ebpf: Mutex::new(ebpf),
+            _ebpf: Mutex::new(ebpf),
             maps: Mutex::new(maps),
         })
     }
@@ -188,8 +188,9 @@ impl InPod {
         self.bpffs.join(format!("{LINK_PREFIX}{cgroup_id}"))
     }
 
-    /// Attaches the sk_lookup program to the pod's network namespace and pins the link
-    /// (replacing the link a previous agent pinned for the same pod, atomically by rename).
+    /// Loads the pod's copy of the sk_lookup program (its `cgroup_id` as the program's pod
+    /// id), attaches it to the pod's network namespace and pins the link (replacing the link a
+    /// previous agent pinned for the same pod, atomically by rename).
     pub fn attach_pod(&self, netns: &Path, cgroup_id: u64) -> Result<(), Error> {
         let program = abi::PROG_SK_LOOKUP;
         let file = File::open(netns).map_err(|source| Error::Attach {
@@ -197,12 +198,30 @@ impl InPod {
             cgroup: netns.to_owned(),
             source: aya::programs::ProgramError::IOError(source),
         })?;
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        // The maps are the node's pinned ones; only the program's read-only data differs.
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&self.bpffs)
+            .override_global(abi::GLOBAL_INBOUND_POD, &cgroup_id, true)
+            .load(super::OBJECT)
+            .map_err(|e| match eperm_in(&e) {
+                Some(source) => Error::PermissionDenied {
+                    step: format!("load the sk_lookup program for cgroup {cgroup_id}"),
+                    source,
+                },
+                None => Error::Load(e),
+            })?;
         let prog: &mut SkLookup = ebpf
             .program_mut(program)
             .ok_or_else(|| Error::Bug(format!("program {program} missing")))?
             .try_into()
             .map_err(|source| Error::LoadProgram { program, source })?;
+        prog.load().map_err(|source| match eperm_in(&source) {
+            Some(io) => Error::PermissionDenied {
+                step: format!("load program {program}"),
+                source: io,
+            },
+            None => Error::LoadProgram { program, source },
+        })?;
         let id = prog.attach(&file).map_err(|source| Error::Attach {
             program,
             cgroup: netns.to_owned(),
@@ -257,37 +276,56 @@ impl InPod {
         }
     }
 
-    /// Steers `addrs` (pod address + listener port) to `socket` (listening, in the pod's
-    /// netns, of the same family). The socket goes in before the port, so a captured port
-    /// always finds it.
-    pub fn capture(&self, addrs: &[SocketAddr], socket: &impl AsRawFd) -> Result<(), Error> {
+    /// Steers the pod's `ports`, in both families, to its inbound `sockets` (family, listening
+    /// socket in the pod's netns). A family without a socket stays captured: the program drops
+    /// its connections rather than let them reach the application. Sockets go in before the
+    /// ports, so a captured port finds its socket.
+    pub fn capture(
+        &self,
+        pod: u64,
+        ports: &[u16],
+        sockets: &[(u16, BorrowedFd<'_>)],
+    ) -> Result<(), Error> {
         let mut maps = self.maps();
-        for addr in addrs {
-            let key = inbound_key(*addr);
-            maps.socks
-                .insert(key, socket.as_raw_fd(), 0)
-                .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_SOCKS, e))?;
-            maps.ports
-                .insert(key, 1, 0)
-                .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_PORTS, e))?;
+        for &port in ports {
+            for (family, socket) in sockets {
+                maps.socks
+                    .insert(inbound_key(pod, *family, port), socket.as_raw_fd(), 0)
+                    .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_SOCKS, e))?;
+            }
+            for family in FAMILIES {
+                maps.ports
+                    .insert(inbound_key(pod, family, port), 1, 0)
+                    .map_err(|e| Error::map("insert into", abi::MAP_INBOUND_PORTS, e))?;
+            }
         }
         Ok(())
     }
 
-    /// Stops steering `addrs` (the port first, so nothing is dropped for a missing socket).
-    pub fn release(&self, addrs: &[SocketAddr]) -> Result<(), Error> {
+    /// Stops steering the pod's `ports` (the port first, so nothing is dropped for a missing
+    /// socket).
+    pub fn release(&self, pod: u64, ports: &[u16]) -> Result<(), Error> {
         let mut maps = self.maps();
-        for addr in addrs {
-            let key = inbound_key(*addr);
-            remove_entry(&mut maps.ports, &key, abi::MAP_INBOUND_PORTS)?;
-            match maps.socks.remove(&key) {
-                Ok(()) => {}
-                // Closing the socket already took it out of the map.
-                Err(e) if super::is_not_found(&e) => {}
-                Err(e) => return Err(Error::map("delete from", abi::MAP_INBOUND_SOCKS, e)),
+        for &port in ports {
+            for family in FAMILIES {
+                let key = inbound_key(pod, family, port);
+                remove_entry(&mut maps.ports, &key, abi::MAP_INBOUND_PORTS)?;
+                match maps.socks.remove(&key) {
+                    Ok(()) => {}
+                    // Closing the socket already took it out of the map.
+                    Err(e) if super::is_not_found(&e) => {}
+                    Err(e) => return Err(Error::map("delete from", abi::MAP_INBOUND_SOCKS, e)),
+                }
             }
         }
         Ok(())
+    }
+
+    /// The keys of a pod's captured ports (both families), for [`InPod::release_strays`].
+    pub fn keys(pod: u64, ports: &[u16]) -> impl Iterator<Item = abi::InboundKey> + '_ {
+        ports
+            .iter()
+            .flat_map(move |&port| FAMILIES.map(|family| inbound_key(pod, family, port)))
     }
 
     /// Removes captured ports that no pod of this agent claims (left by a previous agent).
@@ -380,12 +418,11 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_canonical() {
-        let v4: SocketAddr = "10.244.1.2:8080".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:10.244.1.2]:8080".parse().unwrap();
-        assert_eq!(inbound_key(v4), inbound_key(mapped));
-        assert_eq!(inbound_key(v4).family, abi::FAMILY_V4);
-        let v6: SocketAddr = "[fd00:244:1::2]:8080".parse().unwrap();
-        assert_eq!(inbound_key(v6).family, abi::FAMILY_V6);
+    fn a_port_is_keyed_by_pod_in_both_families() {
+        let keys: Vec<_> = InPod::keys(7, &[8080]).collect();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().all(|k| k.pod == 7 && k.port == 8080));
+        assert_eq!(keys[0].family, abi::FAMILY_V4);
+        assert_eq!(keys[1].family, abi::FAMILY_V6);
     }
 }

@@ -299,6 +299,73 @@ impl AccessLog {
     }
 }
 
+/// Paths allowed outside the access-log directory: the agent's own standard streams (App Mesh
+/// users log to `/dev/stdout`).
+pub const STANDARD_STREAMS: [&str; 2] = ["/dev/stdout", "/dev/stderr"];
+
+/// Why a mesh's access log path is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error(
+        "{path:?} has a `..` component; access logs stay in the access log directory, write a \
+         path relative to it"
+    )]
+    ParentComponent { path: String },
+    #[error(
+        "{path:?} is outside the access log directory {dir} (--access-log-dir): write a path \
+         relative to that directory, a path under it, or /dev/stdout"
+    )]
+    Outside { path: String, dir: PathBuf },
+    #[error(
+        "{link} is a symlink; access logs are opened without following symlinks (the agent runs \
+         as root): replace it with a regular file or folder"
+    )]
+    Symlink { link: PathBuf },
+}
+
+/// The lexical rule, also applied by validation: no `..` component (absolute or relative).
+pub fn check_components(path: &str) -> Result<(), PathError> {
+    if Path::new(path)
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(PathError::ParentComponent {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Where the mesh's `logging.accessLog.file.path` is written: `/dev/stdout` and `/dev/stderr`
+/// as they are; a relative path under `dir`; an absolute path only if it is under `dir`.
+/// Anything between `dir` and the file that exists and is a symlink is refused (the file itself
+/// is also opened with `O_NOFOLLOW`, for links made after this check).
+pub fn resolve(dir: &Path, path: &str) -> Result<PathBuf, PathError> {
+    if STANDARD_STREAMS.contains(&path) {
+        return Ok(PathBuf::from(path));
+    }
+    check_components(path)?;
+    let full = if Path::new(path).is_absolute() {
+        Path::new(path).to_path_buf()
+    } else {
+        dir.join(path)
+    };
+    let Ok(inside) = full.strip_prefix(dir) else {
+        return Err(PathError::Outside {
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+        });
+    };
+    let mut at = dir.to_path_buf();
+    for part in inside.components() {
+        at.push(part);
+        if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(PathError::Symlink { link: at });
+        }
+    }
+    Ok(full)
+}
+
 /// The writer threads, one per file path, shared by every virtual node logging there.
 #[derive(Clone, Default)]
 pub struct Writers {
@@ -308,9 +375,9 @@ pub struct Writers {
 }
 
 impl Writers {
-    /// An access log for a virtual node's `logging.accessLog.file`.
-    pub fn open(&self, config: &FileAccessLog) -> AccessLog {
-        let path = PathBuf::from(&config.path);
+    /// An access log for a virtual node's `logging.accessLog.file`, written to `path` (what
+    /// [`resolve`] made of it).
+    pub fn open(&self, config: &FileAccessLog, path: PathBuf) -> AccessLog {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let queue = files
             .entry(path.clone())
@@ -340,7 +407,15 @@ struct Output {
 }
 
 fn open(path: &Path) -> Option<Output> {
-    match OpenOptions::new().create(true).append(true).open(path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    // /dev/stdout is itself a link (to /proc/self/fd/1); every other path was checked against
+    // the access log directory, and a link swapped in since must not be followed.
+    if !STANDARD_STREAMS.iter().any(|s| Path::new(s) == path) {
+        options.custom_flags(libc::O_NOFOLLOW).mode(0o640);
+    }
+    match options.open(path) {
         Ok(file) => {
             let identity = file.metadata().ok().map(|m| (m.dev(), m.ino()));
             Some(Output {
@@ -474,14 +549,51 @@ mod tests {
     }
 
     #[test]
+    fn paths_stay_in_the_directory_and_symlinks_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(resolve(d, "a/b.log").unwrap(), d.join("a/b.log"));
+        let inside = d.join("c.log").display().to_string();
+        assert_eq!(resolve(d, &inside).unwrap(), d.join("c.log"));
+        assert_eq!(resolve(d, "/dev/stdout").unwrap(), Path::new("/dev/stdout"));
+        assert!(matches!(
+            resolve(d, "/etc/cron.d/x"),
+            Err(PathError::Outside { .. })
+        ));
+        assert!(matches!(
+            resolve(d, "../x.log"),
+            Err(PathError::ParentComponent { .. })
+        ));
+        let sneaky = format!("{}/../x.log", d.display());
+        assert!(matches!(
+            resolve(d, &sneaky),
+            Err(PathError::ParentComponent { .. })
+        ));
+        std::os::unix::fs::symlink("/etc", d.join("etc")).unwrap();
+        assert!(matches!(
+            resolve(d, "etc/cron.d/x"),
+            Err(PathError::Symlink { .. })
+        ));
+        // A link made after the check is not followed when the file is opened.
+        let victim = d.join("victim");
+        std::fs::write(&victim, "original").unwrap();
+        std::os::unix::fs::symlink(&victim, d.join("late.log")).unwrap();
+        assert!(open(&d.join("late.log")).is_none());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original");
+    }
+
+    #[test]
     fn lines_reach_the_file_and_a_rotated_file_is_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.log");
         let writers = Writers::default();
-        let log = writers.open(&FileAccessLog {
-            path: path.display().to_string(),
-            format: Some(LogFormat::Text("%RESPONSE_CODE%".into())),
-        });
+        let log = writers.open(
+            &FileAccessLog {
+                path: "access.log".into(),
+                format: Some(LogFormat::Text("%RESPONSE_CODE%".into())),
+            },
+            resolve(dir.path(), "access.log").unwrap(),
+        );
         log.log(&entry());
         let wait_for = |path: &Path, want: &str| {
             for _ in 0..50 {

@@ -324,7 +324,10 @@ impl Body for ResponseBody {
             }
             Poll::Ready(Some(frame)) => {
                 if let Some((d, sleep)) = &mut this.idle {
-                    sleep.as_mut().reset(Instant::now() + *d);
+                    // Checked: an idle timeout past the clock's range never fires.
+                    if let Some(at) = Instant::now().checked_add(*d) {
+                        sleep.as_mut().reset(at);
+                    }
                 }
                 if let Some(record) = this.record.as_mut() {
                     match &frame {

@@ -2,7 +2,8 @@
 //! server, the proxy's routing and forwarding, to a real upstream on 127.0.0.1, without eBPF.
 //! The properties: nothing panics; the client gets a well-formed response (or a closed
 //! connection for bytes that are not HTTP); the proxy itself never answers 5xx to a healthy
-//! upstream; a forwarded path is normalised (no `//`, `.` or `..` segments).
+//! upstream; a forwarded path is normalised (no `//`, `.` or `..` segments). Mesh files with
+//! durations at and past their bounds go through decode, compile and a request as well.
 //!
 //! `cargo test -p strait fuzz` runs a few hundred cases; set `PROPTEST_CASES` for a long run
 //! (docs/http.md says how the pre-release run is done).
@@ -157,6 +158,7 @@ impl Harness {
             .build()
             .unwrap();
         let port = runtime.block_on(upstream()).port();
+        UPSTREAM_PORT.get_or_init(|| port);
         let mesh = crate::mesh::parse_str(&mesh(port), std::path::Path::new("fuzz.yaml"))
             .unwrap()
             .config;
@@ -178,6 +180,11 @@ impl Harness {
 
     /// Sends `bytes` as a client would (then half-closes) and returns what came back.
     fn exchange(&self, bytes: Vec<u8>) -> Vec<u8> {
+        self.exchange_with(self.env.clone(), bytes)
+    }
+
+    /// [`Harness::exchange`] through another table.
+    fn exchange_with(&self, env: Arc<TestEnv>, bytes: Vec<u8>) -> Vec<u8> {
         self.runtime.block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 20);
             let shutdown = CancellationToken::new();
@@ -185,7 +192,7 @@ impl Harness {
                 server,
                 SERVICE.parse().unwrap(),
                 self.source.clone(),
-                self.env.clone(),
+                env,
                 shutdown.clone(),
             ));
             client.write_all(&bytes).await.unwrap();
@@ -221,6 +228,70 @@ fn body_of(response: &[u8]) -> String {
     text.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// The upstream's port, for meshes built per case.
+static UPSTREAM_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+/// A mesh whose route, retry policy and listener carry the given durations (`unit` `s` or
+/// `ms`), in the shape of [`mesh`]'s `/a` route.
+fn timed_mesh(port: u16, unit: &str, per_request: i64, idle: i64, per_retry: i64) -> String {
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: fuzz}}
+spec: {{}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: up, namespace: app}}
+spec:
+  listeners:
+    - portMapping: {{port: {port}, protocol: http}}
+      timeout: {{http: {{perRequest: {{unit: {unit}, value: {per_request}}}, idle: {{unit: {unit}, value: {idle}}}}}}}
+  serviceDiscovery: {{static: {{addresses: [127.0.0.1]}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: r, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: 80, protocol: http}}}}]
+  routes:
+    - name: any
+      httpRoute:
+        match: {{prefix: /}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: up}}, weight: 1}}]}}
+        timeout: {{perRequest: {{unit: {unit}, value: {per_request}}}, idle: {{unit: {unit}, value: {idle}}}}}
+        retryPolicy:
+          maxRetries: 1
+          perRetryTimeout: {{unit: {unit}, value: {per_retry}}}
+          httpRetryEvents: [server-error]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: s, namespace: app}}
+spec:
+  addresses: [10.96.0.1]
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: r}}}}}}
+"#
+    )
+}
+
+/// Durations around the edges: small, at and past the bound, the integer limits.
+fn duration_value() -> impl Strategy<Value = i64> {
+    let max = crate::mesh::MAX_DURATION_SECONDS;
+    prop_oneof![
+        0i64..=3,
+        100i64..=20_000,
+        Just(max),
+        Just(max + 1),
+        Just(max * 1000),
+        Just(max * 1000 + 1),
+        Just(i64::MAX),
+        Just(i64::MAX / 1000),
+        Just(u64::MAX as i64),
+        any::<i64>(),
+    ]
 }
 
 fn harness() -> &'static Harness {
@@ -322,6 +393,56 @@ proptest! {
         if !response.is_empty() && !prefix.starts_with("PRI") {
             prop_assert!(status_of(&response).is_some(), "not an HTTP answer: {:?}", String::from_utf8_lossy(&response));
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A mesh file's durations, decoded, compiled and used by a request: decoding either
+    /// accepts the file or says where it is wrong, and a request through what it compiles to
+    /// never panics and always gets an HTTP answer.
+    #[test]
+    fn mesh_durations_through_decode_compile_and_a_request(
+        unit in prop::sample::select(vec!["s", "ms"]),
+        per_request in duration_value(),
+        idle in duration_value(),
+        per_retry in duration_value(),
+    ) {
+        let h = harness();
+        let port = *UPSTREAM_PORT.get().expect("the harness records the upstream");
+        let text = timed_mesh(port, unit, per_request, idle, per_retry);
+        let parsed = std::panic::catch_unwind(|| {
+            crate::mesh::parse_str(&text, std::path::Path::new("fuzz.yaml"))
+        });
+        prop_assert!(parsed.is_ok(), "decoding panicked on:\n{text}");
+        let config = match parsed.unwrap() {
+            Ok(parsed) => parsed.config,
+            Err(crate::mesh::Error::Invalid { diagnostics }) => {
+                prop_assert!(
+                    diagnostics.iter().all(|d| d.line > 0 && !d.path.is_empty()),
+                    "an error without a location: {diagnostics:?}"
+                );
+                let max = crate::mesh::MAX_DURATION_SECONDS * if unit == "ms" { 1000 } else { 1 };
+                prop_assert!(
+                    [per_request, idle, per_retry].iter().any(|v| *v < 0 || *v > max),
+                    "a file with durations in range was refused: {diagnostics:?}"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(TestCaseError::fail(format!("unexpected error {e}"))),
+        };
+        let table = std::panic::catch_unwind(|| Table::compile(&config, &BTreeMap::new()));
+        prop_assert!(table.is_ok(), "compiling panicked on:\n{text}");
+        let env = Arc::new(TestEnv {
+            table: Arc::new(table.unwrap()),
+            http: Http::default(),
+        });
+        let response = h.exchange_with(
+            env,
+            b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".to_vec(),
+        );
+        prop_assert!(status_of(&response).is_some(), "no HTTP answer: {:?}", String::from_utf8_lossy(&response));
     }
 }
 

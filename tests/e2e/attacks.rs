@@ -1,0 +1,748 @@
+//! Attacks on strait, each performed for real against the agent on the testbed: a test passes
+//! only when the attack fails. What each one defends is listed in docs/security.md ("What
+//! strait defends against, and how it is tested").
+//!
+//! - Plaintext to a STRICT port through another address of the pod (a secondary IP that is
+//!   not in the workload file, the IPv6 link-local address from a same-node pod and from the
+//!   node) is refused like plaintext to the pod's own address; a pod without ::1 (no IPv6
+//!   inbound socket) does not leave its STRICT ports open over IPv6.
+//! - A virtual service without a provider is refused, not let out to its address.
+//! - An access log path from the mesh cannot leave the operator's log directory (absolute
+//!   elsewhere, a symlink planted at or swapped into the path).
+//! - A duration past the bound in a mesh file is a located validation error.
+//! - The hand-over socket hands nothing to a non-root process or to a root process that does
+//!   not hold the agent's token, and the agent keeps serving.
+//! - Private keys readable by group or others are refused; `strait ca` writes 0700/0600.
+//!
+//! Needs root; without it these tests fail (never skip) with the reason.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+use testbed::agent::{Agent, peer_binary, strait, strait_binary};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
+
+const COLOR: &str = "color.app.svc.cluster.local";
+const GHOST: &str = "ghost.app.svc.cluster.local";
+
+/// The mesh of these tests (ALLOW_ALL): `client` may call `color` (a TCP echo on 9090 with tls
+/// STRICT) and `ghost` (a virtual service without a provider). `client_log` and `color_log`
+/// are `logging.accessLog.file.path` values.
+fn mesh_yaml(certs: &Path, client_log: Option<&str>, color_log: Option<&str>) -> String {
+    let c = certs.display();
+    let logging = |path: Option<&str>| match path {
+        Some(p) => format!("  logging: {{accessLog: {{file: {{path: {p:?}}}}}}}\n"),
+        None => String::new(),
+    };
+    let client_logging = logging(client_log);
+    let color_logging = logging(color_log);
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: ALLOW_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: color}}}}
+    - virtualService: {{virtualServiceRef: {{name: ghost}}}}
+{client_logging}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: color, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: color}}}}
+  listeners:
+    - portMapping: {{port: 9090, protocol: tcp}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/color.pem, privateKey: {c}/color-key.pem}}}}
+  serviceDiscovery: {{dns: {{hostname: color-v1.app.svc.cluster.local}}}}
+{color_logging}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: color, namespace: app}}
+spec:
+  awsName: {COLOR}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: color}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: ghost, namespace: app}}
+spec:
+  awsName: {GHOST}
+"#
+    )
+}
+
+/// One node: `client` and `color` in the mesh, `outside` (a TCP echo named `outside` on 8080)
+/// not in it; certificates issued; the agent not started yet.
+struct Bed {
+    tb: Testbed,
+    node: Node,
+    client: Pod,
+    color: Pod,
+    outside: Pod,
+    certs: PathBuf,
+    mesh: PathBuf,
+    _servers: Vec<Process>,
+}
+
+fn bed(test: &str) -> anyhow::Result<Bed> {
+    let tb = Testbed::new(test)?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let color = node.add_pod(&PodSpec::new("color", "app").label("app", "color"))?;
+    let outside = node.add_pod(&PodSpec::new("stranger", "outside").label("app", "stranger"))?;
+    tb.dns_record(COLOR, &["10.96.0.10".parse()?])?;
+    tb.dns_record("color-v1.app.svc.cluster.local", &color.ips())?;
+    // The provider-less service's name answers with an address outside the mesh that does
+    // serve: traffic that leaks past the agent would reach it.
+    tb.dns_record(GHOST, &outside.ips())?;
+    let peer = peer_binary()?;
+    let mut servers = Vec::new();
+    for (pod, port, name) in [(&color, 9090, "color"), (&outside, 8080, "outside")] {
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                &format!("0.0.0.0:{port},[::]:{port}"),
+                "--name",
+                name,
+            ]),
+        )?;
+        server.wait_listening(port, Duration::from_secs(10))?;
+        servers.push(server);
+    }
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, mesh_yaml(&certs, None, None))?;
+    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    strait_ok(
+        &node,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &mesh.display().to_string(),
+            "--ca-dir",
+            &ca.display().to_string(),
+        ],
+    )?;
+    for pod in [&client, &color] {
+        node.write_workload(pod)?;
+    }
+    Ok(Bed {
+        tb,
+        node,
+        client,
+        color,
+        outside,
+        certs,
+        mesh,
+        _servers: servers,
+    })
+}
+
+impl Bed {
+    fn start(&self, extra: &[&str]) -> anyhow::Result<Agent> {
+        let agent = Agent::start(&self.tb, &self.node, &self.mesh, extra)?;
+        for pod in ["app/client", "app/color"] {
+            agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
+        }
+        Ok(agent)
+    }
+}
+
+fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let output = strait(node, args)?;
+    ensure!(
+        output.status.success(),
+        "strait {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `strait-peer call` from a command (a pod's or the node's); returns its JSON report.
+fn call_from(mut command: Command, target: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = run(
+        command.args(["call", target]).args(args),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "strait-peer call printed no JSON report: stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
+    call_from(pod.command(peer_binary()?), target, args)
+}
+
+/// The sum of the samples of a metric whose labels include every `labels` fragment.
+fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+    let text = agent.admin_get("/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Polls `check` every 200 ms until it holds, for at most `timeout`.
+fn eventually(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not true after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pod's IPv6 link-local address on eth0, once it has left the tentative state.
+fn link_local(pod: &Pod) -> anyhow::Result<String> {
+    let mut found = None;
+    eventually(
+        Duration::from_secs(10),
+        "the pod's link-local address is usable",
+        || {
+            let output = run(
+                pod.command("ip").args([
+                    "-6",
+                    "-o",
+                    "addr",
+                    "show",
+                    "dev",
+                    testbed::POD_IF,
+                    "scope",
+                    "link",
+                ]),
+                Duration::from_secs(10),
+            )?;
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            if text.contains("tentative") {
+                return Ok(false);
+            }
+            found = text
+                .split_whitespace()
+                .skip_while(|w| *w != "inet6")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+                .map(str::to_owned);
+            Ok(found.is_some())
+        },
+    )?;
+    found.context("no link-local address")
+}
+
+/// The count of STRICT refusals; `want` is checked, with the agent's counters on failure.
+fn assert_refused(agent: &Agent, want: f64) -> anyhow::Result<()> {
+    let mut seen = 0.0;
+    eventually(
+        Duration::from_secs(5),
+        "the agent counts the refusal",
+        || {
+            seen = metric(agent, "strait_inbound_plaintext", &["strict", "refused"])?;
+            Ok(seen == want)
+        },
+    )
+    .with_context(|| {
+        let metrics = agent.admin_get("/metrics").unwrap_or_default();
+        let inpod: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("strait_inpod") || l.starts_with("strait_inbound"))
+            .collect();
+        format!("STRICT refusals {seen}, want {want}; in-pod counters {inpod:?}")
+    })
+}
+
+/// Plaintext to a STRICT port must pass the agent whatever local address of the pod it
+/// targets: a secondary IP the workload file does not list, and the IPv6 link-local address
+/// (from a same-node pod and from the node).
+#[test]
+fn strict_is_not_bypassed_through_another_address_of_the_pod() -> anyhow::Result<()> {
+    let bed = bed("attack-strict-addr")?;
+    let agent = bed.start(&[])?;
+    // The attacks need the app to be reachable at those addresses at all: it is, from
+    // inside the pod (loopback is never captured; a pod calling itself is its own business).
+    let report = call(&bed.color, "127.0.0.1:9090", &["-4"])?;
+    assert_eq!(report["by_server"]["color"], 1, "loopback: {report}");
+
+    // A secondary address, not in the workload file.
+    let secondary = addr::pod_v4(bed.node.index(), 200);
+    run(
+        bed.color.command("ip").args([
+            "addr",
+            "add",
+            &format!("{secondary}/32"),
+            "dev",
+            testbed::POD_IF,
+        ]),
+        Duration::from_secs(10),
+    )?;
+    let report = call(&bed.outside, &format!("{secondary}:9090"), &["-4"])?;
+    assert_eq!(
+        report["ok"], false,
+        "plaintext to a STRICT port on a secondary address reached the app: {report}"
+    );
+    assert_refused(&agent, 1.0)?;
+
+    // IPv6 link-local, from a pod on the same bridge and from the node.
+    let ll = link_local(&bed.color)?;
+    let report = call(
+        &bed.outside,
+        &format!("[{ll}%{}]:9090", testbed::POD_IF),
+        &["-6"],
+    )?;
+    assert_eq!(
+        report["ok"], false,
+        "plaintext to a STRICT port on the link-local address reached the app: {report}"
+    );
+    assert_refused(&agent, 2.0)?;
+    let report = call_from(
+        bed.node.command(peer_binary()?),
+        &format!("[{ll}%{}]:9090", testbed::NODE_BRIDGE),
+        &["-6"],
+    )?;
+    assert_eq!(
+        report["ok"], false,
+        "plaintext from the node to the link-local address reached the app: {report}"
+    );
+    assert_refused(&agent, 3.0)?;
+
+    // The mesh still delivers to the pod.
+    let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    assert_eq!(
+        report["by_server"]["color"], 1,
+        "through the mesh: {report}"
+    );
+    Ok(())
+}
+
+/// A pod without an IPv6 loopback (::1 gone) cannot get the agent's IPv6 inbound socket; its
+/// STRICT port must not be reachable over IPv6 for it (the pod still has IPv6 on eth0).
+#[test]
+fn strict_is_not_bypassed_over_ipv6_when_the_pod_has_no_ipv6_loopback() -> anyhow::Result<()> {
+    let bed = bed("attack-strict-v6")?;
+    run(
+        bed.color
+            .command("sysctl")
+            .args(["-w", "net.ipv6.conf.lo.disable_ipv6=1"]),
+        Duration::from_secs(10),
+    )?;
+    // Without the agent, the app does answer over IPv6 on the pod's address.
+    let v6 = format!("[{}]:9090", bed.color.ipv6());
+    let report = call(&bed.outside, &v6, &["-6"])?;
+    assert_eq!(
+        report["by_server"]["color"], 1,
+        "before the agent: {report}"
+    );
+    let agent = bed.start(&[])?;
+    // IPv4 is captured as usual.
+    let report = call(&bed.outside, &format!("{}:9090", bed.color.ipv4()), &["-4"])?;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_refused(&agent, 1.0)?;
+    // IPv6 to the pod's own address: no agent socket to hand it to, so it is dropped.
+    let report = call(&bed.outside, &v6, &["-6", "--timeout", "3"])?;
+    assert_eq!(
+        report["ok"], false,
+        "plaintext over IPv6 reached the STRICT app of a pod without ::1: {report}"
+    );
+    assert!(report["by_server"]["color"].is_null(), "{report}");
+    let dropped = metric(&agent, "strait_inpod_events", &["inbound_no_socket"])?;
+    ensure!(dropped >= 1.0, "no drop counted ({dropped})");
+    Ok(())
+}
+
+/// A virtual service without a provider: the mesh says its connections are refused, so they
+/// must not go out to its address (which here serves) under ALLOW_ALL.
+#[test]
+fn a_virtual_service_without_a_provider_is_refused_not_let_out() -> anyhow::Result<()> {
+    let bed = bed("attack-no-provider")?;
+    let agent = bed.start(&[])?;
+    // The agent warned about it.
+    ensure!(
+        agent
+            .process
+            .stderr()
+            .contains("connections to it are refused"),
+        "no warning about the provider-less service: {}",
+        agent.process.stderr()
+    );
+    // Wait for the agent's DNS answers to be in (the other service is captured by then).
+    eventually(Duration::from_secs(15), "color is captured", || {
+        Ok(call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?["ok"] == true)
+    })?;
+    for (target, family) in [
+        (format!("{GHOST}:8080"), "-4"),
+        (format!("{GHOST}:8080"), "-6"),
+    ] {
+        let report = call(&bed.client, &target, &[family])?;
+        assert_eq!(
+            report["ok"], false,
+            "a connection to the provider-less service left the mesh ({family}): {report}"
+        );
+        assert!(report["by_server"]["outside"].is_null(), "{report}");
+    }
+    // The address itself is still reachable for pods outside the mesh (nothing else changed).
+    let report = call(
+        &bed.outside,
+        &format!("{}:8080", bed.outside.ipv4()),
+        &["-4"],
+    )?;
+    assert_eq!(report["by_server"]["outside"], 1, "{report}");
+    Ok(())
+}
+
+/// Waits a moment for access-log writers, then returns the victim's content.
+fn victim_after_traffic(bed: &Bed, victim: &Path) -> anyhow::Result<String> {
+    for _ in 0..3 {
+        let _ = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(std::fs::read_to_string(victim)?)
+}
+
+/// A mesh author names a file outside the access-log directory (as root, the agent would
+/// append chosen text to it).
+#[test]
+fn an_access_log_outside_the_log_directory_is_refused() -> anyhow::Result<()> {
+    let bed = bed("attack-log-outside")?;
+    // The victim: a file this test made in its own temp dir, standing in for /etc/cron.d/x.
+    let victim = bed.tb.temp_dir().join("victim.txt");
+    std::fs::write(&victim, "original\n")?;
+    std::fs::write(
+        &bed.mesh,
+        mesh_yaml(&bed.certs, Some(&victim.display().to_string()), None),
+    )?;
+    // The default access log directory (/var/log/strait): the victim is outside it. The
+    // agent refuses before it creates that directory.
+    let started = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[]);
+    match started {
+        Ok(agent) => {
+            agent.wait_enrolled("app/client", true, Duration::from_secs(20))?;
+            let content = victim_after_traffic(&bed, &victim)?;
+            bail!(
+                "the agent accepted an access log outside its directory; the victim now holds {content:?}"
+            );
+        }
+        Err(error) => {
+            let text = format!("{error:#}");
+            ensure!(
+                text.contains("accessLog.file.path")
+                    && text.contains("outside the access log directory"),
+                "the refusal does not say what and where: {text}"
+            );
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&victim)?, "original\n");
+
+    // `..` is caught by validation, with its line and column.
+    std::fs::write(
+        &bed.mesh,
+        mesh_yaml(&bed.certs, Some("../victim.txt"), None),
+    )?;
+    let output = run(
+        Command::new(strait_binary()?)
+            .arg("validate")
+            .arg(&bed.mesh),
+        Duration::from_secs(30),
+    )?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "validate accepted `..`: {text}");
+    ensure!(
+        text.contains(&format!("{}:14:", bed.mesh.display()))
+            && text.contains("logging.accessLog.file.path"),
+        "no located error for `..`: {text}"
+    );
+    Ok(())
+}
+
+/// Symlinks in the log directory: planted before the agent starts (refused at load), or
+/// swapped in for a log file while it runs (the file is reopened without following it).
+#[test]
+fn an_access_log_symlink_out_of_the_log_directory_is_not_followed() -> anyhow::Result<()> {
+    let bed = bed("attack-log-symlink")?;
+    let victim = bed.tb.temp_dir().join("victim.txt");
+    std::fs::write(&victim, "original\n")?;
+    let logs = bed.tb.temp_dir().join("logs-dir");
+    std::fs::create_dir_all(&logs)?;
+    std::os::unix::fs::symlink(&victim, logs.join("color.log"))?;
+    std::fs::write(
+        &bed.mesh,
+        mesh_yaml(&bed.certs, Some("client.log"), Some("color.log")),
+    )?;
+    let dir_arg = ["--access-log-dir", &logs.display().to_string()];
+    match Agent::start(&bed.tb, &bed.node, &bed.mesh, &dir_arg) {
+        Ok(agent) => {
+            agent.wait_enrolled("app/client", true, Duration::from_secs(20))?;
+            let content = victim_after_traffic(&bed, &victim)?;
+            bail!("the agent accepted a symlinked access log; the victim now holds {content:?}");
+        }
+        Err(error) => {
+            let text = format!("{error:#}");
+            ensure!(
+                text.contains("color.log") && text.contains("symlink"),
+                "the refusal does not name the symlink: {text}"
+            );
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&victim)?, "original\n");
+
+    // Without the planted link the agent runs; relative paths land in the directory.
+    std::fs::remove_file(logs.join("color.log"))?;
+    let agent = bed.start(&dir_arg)?;
+    let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    let client_log = logs.join("client.log");
+    eventually(
+        Duration::from_secs(10),
+        "the client's access log line",
+        || Ok(std::fs::read_to_string(&client_log).is_ok_and(|t| !t.is_empty())),
+    )?;
+    // Swapped in while running: the writer notices the rotation and must not follow it.
+    std::fs::remove_file(&client_log)?;
+    std::os::unix::fs::symlink(&victim, &client_log)?;
+    let content = victim_after_traffic(&bed, &victim)?;
+    assert_eq!(
+        content, "original\n",
+        "the agent followed a swapped-in symlink"
+    );
+    ensure!(agent.process.try_wait()?.is_none(), "the agent died");
+    Ok(())
+}
+
+/// A duration of i64::MAX seconds made `Instant + d` panic on every request of its route;
+/// such values are validation errors with file, line, column and field path.
+#[test]
+fn a_duration_past_the_bound_is_a_located_validation_error() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("strait-attack-duration-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: test}
+spec: {}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: color, namespace: app}
+spec:
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+      timeout:
+        http:
+          perRequest: {unit: s, value: 9223372036854775807}
+  serviceDiscovery: {dns: {hostname: color.app.svc.cluster.local}}
+"#,
+    )?;
+    let output = run(
+        Command::new(strait_binary()?).arg("validate").arg(&mesh),
+        Duration::from_secs(30),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success(),
+        "validate accepted a duration of i64::MAX seconds: {text}"
+    );
+    ensure!(
+        text.contains(&format!("{}:14:", mesh.display()))
+            && text.contains("timeout.http.perRequest.value"),
+        "no located error for the duration: {text}"
+    );
+    Ok(())
+}
+
+/// Runs a Python snippet that connects to the hand-over socket and prints what it received
+/// (or the error), under `setpriv` arguments if given.
+fn handover_client(socket: &Path, setpriv: &[&str]) -> anyhow::Result<String> {
+    let script = r#"
+import os, socket, sys
+print("uid=%d" % os.getuid())
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(5)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect failed:", e)
+    sys.exit(0)
+try:
+    data = s.recv(65536)
+    print("received:", data.decode(errors="replace"))
+    s.send(b"k")
+    print("more:", s.recv(65536))
+except OSError as e:
+    print("recv failed:", e)
+"#;
+    // The system's interpreter: `nobody` cannot run one under /root.
+    let python = "/usr/bin/python3";
+    let mut command = if setpriv.is_empty() {
+        Command::new(python)
+    } else {
+        let mut c = Command::new("setpriv");
+        c.args(setpriv).arg(python);
+        c
+    };
+    let output = run(
+        command.args(["-c", script]).arg(socket),
+        Duration::from_secs(20),
+    )?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr))
+}
+
+/// Any local process that could connect to the hand-over socket received every in-pod
+/// listener and made the agent drain and exit. A non-root process and a root process that is
+/// not a strait agent (no token) must get nothing, and the agent must keep serving. The agent
+/// is started with umask 0, so the socket's mode is the agent's doing, not the umask's.
+#[test]
+fn the_handover_socket_serves_only_a_strait_agent() -> anyhow::Result<()> {
+    let bed = bed("attack-handover")?;
+    // Let `nobody` reach the socket's folder (the testbed's temp dir), as in a /run/strait that
+    // others may traverse.
+    std::fs::set_permissions(bed.tb.temp_dir(), std::fs::Permissions::from_mode(0o755))?;
+    let agent = Agent::start_with(&bed.tb, &bed.node, &bed.mesh, &[], |command| {
+        // SAFETY: umask is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+    })?;
+    agent.wait_enrolled("app/client", true, Duration::from_secs(20))?;
+    let socket = bed
+        .tb
+        .temp_dir()
+        .join(format!("{}-handover.sock", bed.node.name()));
+    ensure!(
+        socket.exists(),
+        "no hand-over socket at {}",
+        socket.display()
+    );
+
+    let nobody = handover_client(
+        &socket,
+        &["--reuid=65534", "--regid=65534", "--clear-groups"],
+    )?;
+    ensure!(
+        nobody.contains("uid=65534"),
+        "the client did not run as nobody: {nobody}"
+    );
+    ensure!(
+        !nobody.contains("outbound/") && !nobody.contains("inbound/"),
+        "a non-root process received the listener manifest: {nobody}"
+    );
+    let foreign = handover_client(&socket, &[])?;
+    ensure!(
+        foreign.contains("uid=0"),
+        "the client did not run as root: {foreign}"
+    );
+    ensure!(
+        !foreign.contains("outbound/") && !foreign.contains("inbound/"),
+        "a root process without the token received the listener manifest: {foreign}"
+    );
+    // The agent did not hand over, drain or exit, and still serves the mesh.
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        agent.process.try_wait()?.is_none(),
+        "the agent exited after a foreign hand-over request: {}",
+        agent.process.stderr()
+    );
+    ensure!(
+        !agent.process.stderr().contains("listeners handed over"),
+        "the agent handed its listeners over: {}",
+        agent.process.stderr()
+    );
+    let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    assert_eq!(report["by_server"]["color"], 1, "{report}");
+    ensure!(
+        agent.process.stderr().contains("hand-over refused"),
+        "the refusals were not logged: {}",
+        agent.process.stderr()
+    );
+    let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "hand-over socket mode {mode:o}");
+    Ok(())
+}
+
+/// Private keys readable by group or others are refused (as ssh does), naming the file and
+/// the fix; `strait ca` writes its folders 0700 and keys 0600.
+#[test]
+fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> anyhow::Result<()> {
+    let bed = bed("attack-key-mode")?;
+    let mode = |p: &Path| -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(p)
+            .with_context(|| p.display().to_string())?
+            .permissions()
+            .mode()
+            & 0o777)
+    };
+    let key = bed.certs.join("color-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+    match Agent::start(&bed.tb, &bed.node, &bed.mesh, &[]) {
+        Ok(agent) => {
+            agent.wait_enrolled("app/color", true, Duration::from_secs(20))?;
+            bail!(
+                "the agent loaded a private key readable by others: {}",
+                agent.admin_get("/workloads")?
+            );
+        }
+        Err(error) => {
+            let text = format!("{error:#}");
+            ensure!(
+                text.contains(&key.display().to_string()) && text.contains("chmod 600"),
+                "the refusal does not name the key and the fix: {text}"
+            );
+        }
+    }
+    // With the fix applied the agent starts.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    let _agent = bed.start(&[])?;
+
+    // What `strait ca` wrote: folders 0700, keys 0600.
+    let ca = bed.tb.temp_dir().join("ca");
+    assert_eq!(mode(&ca)?, 0o700, "CA folder");
+    assert_eq!(mode(&ca.join("ca-key.pem"))?, 0o600, "CA key");
+    assert_eq!(
+        mode(&bed.certs)?,
+        0o700,
+        "certificate folder strait ca made"
+    );
+    for name in ["color-key.pem", "client-key.pem"] {
+        let path = bed.certs.join(name);
+        if path.exists() {
+            assert_eq!(mode(&path)?, 0o600, "issued key {name}");
+        }
+    }
+    Ok(())
+}
