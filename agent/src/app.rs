@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use notify::Watcher;
@@ -246,6 +246,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         mesh: Arc::new(loaded.config),
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
+        retiring: Vec::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
     };
@@ -324,6 +325,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 }
             }
             _ = retry.tick() => {
+                node.retire_expired();
                 // Also refreshes /workloads, so certificate rotations and expiry show.
                 if !node.failed.is_empty() {
                     node.reconcile(&workload_snapshots.borrow());
@@ -337,6 +339,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     admin_state.ready.store(false, Ordering::Release);
     shutdown.cancel();
     node.enrolled.clear();
+    node.retiring.clear();
     ctx.connections.close();
     if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
         .await
@@ -356,6 +359,87 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tracing::info!(bpffs = %config.bpffs.display(), "pins kept: a restarted agent adopts them");
     }
     Ok(())
+}
+
+/// What a new enrollment of a pod shares with the one it replaces, which releasing the old one
+/// must leave alone.
+#[derive(Clone, Default)]
+struct Shared {
+    /// The same pod cgroup (and network namespace): its eBPF entries were overwritten in place.
+    cgroup: bool,
+    /// Inbound ports the new enrollment captures too.
+    captured: Vec<u16>,
+    /// Addresses the new enrollment has too.
+    ips: Vec<IpAddr>,
+}
+
+impl Shared {
+    fn between(old: &Enrolled, new: &Enrolled) -> Shared {
+        let cgroup = old.cgroup_id == new.cgroup_id;
+        Shared {
+            cgroup,
+            captured: if cgroup {
+                new.inbound.captured.clone()
+            } else {
+                Vec::new()
+            },
+            ips: new.workload.ips.clone(),
+        }
+    }
+}
+
+/// Makes a pod's captured inbound ports match its listeners' tls (a mesh reload or a new
+/// virtual node can change them): the wanted ports are steered to the pod's inbound sockets
+/// first, then ports no longer wanted are released, so a port captured before and after is
+/// never uncaptured in between.
+fn capture_inbound(
+    ctx: &proxy::Context,
+    policy: &Policy,
+    key: &ResourceId,
+    enrolled: &mut Enrolled,
+) {
+    use std::os::fd::AsFd as _;
+    let inpod = ctx.redirect.inpod();
+    let want: Vec<u16> = policy
+        .captured_ports(&enrolled.virtual_node)
+        .into_iter()
+        .map(|(port, _)| port)
+        .collect();
+    let pod = enrolled.cgroup_id;
+    let sockets: Vec<(u16, std::os::fd::BorrowedFd<'_>)> = enrolled
+        .inbound
+        .sockets
+        .iter()
+        .map(|(addr, fd)| {
+            let family = if addr.is_ipv4() {
+                strait_ebpf::FAMILY_V4
+            } else {
+                strait_ebpf::FAMILY_V6
+            };
+            (family, fd.as_fd())
+        })
+        .collect();
+    let captured = match inpod.capture(pod, &want, &sockets) {
+        Ok(()) => want,
+        Err(error) => {
+            tracing::error!(pod = %key, %error, "cannot capture inbound ports");
+            Vec::new()
+        }
+    };
+    let stale: Vec<u16> = enrolled
+        .inbound
+        .captured
+        .iter()
+        .filter(|p| !captured.contains(p))
+        .copied()
+        .collect();
+    if let Err(error) = inpod.release(pod, &stale) {
+        tracing::error!(pod = %key, %error, "cannot release inbound ports");
+    }
+    if captured != enrolled.inbound.captured {
+        tracing::info!(pod = %key, ?captured, "inbound capture (listeners with tls STRICT or PERMISSIVE)");
+    }
+    enrolled.inbound.captured = captured;
 }
 
 /// SHA-256 of the mesh file's bytes (hex), as `mesh::Source::sha256` has it.
@@ -507,9 +591,17 @@ struct Node {
     enrolled: BTreeMap<ResourceId, Enrolled>,
     /// Pods that should be enrolled but could not be, with why; retried periodically.
     failed: BTreeMap<ResourceId, (Workload, Option<ResourceId>, String)>,
+    /// The listeners of pods changed in place, kept accepting until the deadline: a connect
+    /// the kernel steered to them just before the switch waits in their backlog and must be
+    /// served, not reset.
+    retiring: Vec<(Instant, Enrolled)>,
     ctx: Arc<proxy::Context>,
     metrics: Metrics,
 }
+
+/// How long a changed pod's previous listeners keep accepting after the eBPF maps point at the
+/// new ones (see `Node::retiring`).
+const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
 impl Node {
     /// Opens the access logs the virtual nodes ask for (`logging.accessLog.file`).
@@ -588,42 +680,26 @@ impl Node {
                 }
             }
         }
-        // Release pods that are gone or changed (kernel first, then listeners).
-        let stale: Vec<ResourceId> = self
+        // Release pods that are gone (kernel first, then listeners). A pod that changed (its
+        // labels, and so its virtual node, or its addresses) is replaced below, make before
+        // break: it is never less protected during the change than before or after it.
+        let gone: Vec<ResourceId> = self
             .enrolled
-            .iter()
-            .filter(|(key, e)| {
-                desired
-                    .get(*key)
-                    .is_none_or(|(w, vn)| *w != e.workload || *vn != e.virtual_node)
-            })
-            .map(|(key, _)| key.clone())
+            .keys()
+            .filter(|key| !desired.contains_key(*key))
+            .cloned()
             .collect();
-        for key in stale {
+        for key in gone {
             if let Some(enrolled) = self.enrolled.remove(&key) {
-                for addr in &enrolled.listeners {
-                    self.registry.remove(&format!("outbound/{key}/{addr}"));
-                }
-                for (addr, _) in &enrolled.inbound.sockets {
-                    self.registry.remove(&format!("inbound/{key}/{addr}"));
-                }
-                if let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id) {
-                    tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
-                }
-                self.release_inbound(&enrolled);
-                if let Err(error) = self
-                    .ctx
-                    .redirect
-                    .set_fast_path_pod(&enrolled.workload.ips, None)
-                {
-                    tracing::warn!(pod = %key, %error, "cannot remove the pod from the fast path");
-                }
-                tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released");
+                self.release(&key, enrolled, None);
             }
         }
         self.failed.retain(|key, _| desired.contains_key(key));
         for (key, (workload, vn)) in desired {
-            if let Some(enrolled) = self.enrolled.get_mut(&key) {
+            if let Some(enrolled) = self.enrolled.get_mut(&key)
+                && enrolled.workload == workload
+                && enrolled.virtual_node == vn
+            {
                 if enrolled.egress_drop_all != drop_all {
                     let update = EnrolledPod {
                         outbound_port: enrolled.outbound_port,
@@ -639,20 +715,29 @@ impl Node {
                 }
                 continue;
             }
+            // New, or changed: the new enrollment is complete (listeners, inbound capture,
+            // backend rules, then the cgroup) before anything of the old one goes.
             match self.enroll(&workload, &vn, drop_all) {
                 Ok(enrolled) => {
                     tracing::info!(pod = %key, virtual_node = %vn, cgroup_id = enrolled.cgroup_id, listeners = ?enrolled.listeners, "pod enrolled");
                     self.failed.remove(&key);
-                    self.enrolled.insert(key, enrolled);
+                    if let Some(previous) = self.enrolled.insert(key.clone(), enrolled) {
+                        let current = &self.enrolled[&key];
+                        let shared = Shared::between(&previous, current);
+                        self.release(&key, previous, Some(shared));
+                    }
                 }
                 Err(error) => {
                     if self.failed.get(&key).is_none_or(|(_, _, e)| *e != error) {
                         tracing::error!(pod = %key, virtual_node = %vn, "cannot enroll pod: {error}");
                     }
+                    // A changed pod that cannot be enrolled anew keeps its previous enrollment
+                    // (still protected as before) until the next attempt succeeds.
                     self.failed.insert(key, (workload, Some(vn), error));
                 }
             }
         }
+        self.retire_expired();
         self.sync_inbound();
         self.sync_backends();
         self.metrics
@@ -660,80 +745,102 @@ impl Node {
             .set(self.enrolled.len() as i64);
     }
 
-    /// Stops a pod's inbound capture and forgets it as a local pod.
-    fn release_inbound(&self, enrolled: &Enrolled) {
-        let inpod = self.ctx.redirect.inpod();
-        if let Err(error) = inpod.release(enrolled.cgroup_id, &enrolled.inbound.captured) {
-            tracing::error!(pod = %enrolled.workload.key(), %error, "cannot release the pod's inbound ports");
+    /// Stops the previous listeners of changed pods whose grace time is over.
+    fn retire_expired(&mut self) {
+        let now = Instant::now();
+        self.retiring.retain(|(deadline, _)| *deadline > now);
+    }
+
+    /// Undoes an enrollment: the pod is gone (`replaced_by` is `None`), or a new enrollment
+    /// of the same pod has just taken over (`Some`: what the two share stays, and the old
+    /// listeners keep accepting for [`RETIRE_AFTER`] so nothing steered to them is reset).
+    fn release(&mut self, key: &ResourceId, enrolled: Enrolled, replaced_by: Option<Shared>) {
+        for addr in &enrolled.listeners {
+            self.registry.remove(&format!("outbound/{key}/{addr}"));
         }
-        inpod.detach_pod(enrolled.cgroup_id);
-        self.ctx.transport.remove_local(&enrolled.workload.key());
+        for (addr, _) in &enrolled.inbound.sockets {
+            self.registry.remove(&format!("inbound/{key}/{addr}"));
+        }
+        let shared = replaced_by.clone().unwrap_or_default();
+        if !shared.cgroup
+            && let Err(error) = self.ctx.redirect.release(enrolled.cgroup_id)
+        {
+            tracing::error!(pod = %key, %error, "cannot release the pod's cgroup");
+        }
+        let inpod = self.ctx.redirect.inpod();
+        let stale: Vec<u16> = enrolled
+            .inbound
+            .captured
+            .iter()
+            .filter(|port| !shared.cgroup || !shared.captured.contains(port))
+            .copied()
+            .collect();
+        if let Err(error) = inpod.release(enrolled.cgroup_id, &stale) {
+            tracing::error!(pod = %key, %error, "cannot release the pod's inbound ports");
+        }
+        if !shared.cgroup {
+            inpod.detach_pod(enrolled.cgroup_id);
+        }
+        let gone_ips: Vec<IpAddr> = enrolled
+            .workload
+            .ips
+            .iter()
+            .filter(|ip| !shared.ips.contains(ip))
+            .copied()
+            .collect();
+        if replaced_by.is_none() {
+            self.ctx.transport.remove_local(key);
+        } else {
+            self.ctx.transport.remove_local_ips(key, &gone_ips);
+        }
+        if let Err(error) = self.ctx.redirect.set_fast_path_pod(&gone_ips, None) {
+            tracing::warn!(pod = %key, %error, "cannot remove the pod from the fast path");
+        }
+        match replaced_by {
+            None => {
+                tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "pod released")
+            }
+            Some(_) => {
+                tracing::info!(pod = %key, virtual_node = %enrolled.virtual_node, "previous enrollment retired");
+                self.retiring
+                    .push((Instant::now() + RETIRE_AFTER, enrolled));
+            }
+        }
     }
 
     /// Makes each pod's captured ports match its listeners' tls (a mesh reload can change them).
     fn sync_inbound(&mut self) {
-        use std::os::fd::AsFd as _;
         let policy = self.ctx.transport.policy.load_full();
-        let inpod = self.ctx.redirect.inpod();
         for (key, enrolled) in &mut self.enrolled {
-            let want: Vec<u16> = policy
-                .captured_ports(&enrolled.virtual_node)
-                .into_iter()
-                .map(|(port, _)| port)
-                .collect();
-            let pod = enrolled.cgroup_id;
-            let stale: Vec<u16> = enrolled
-                .inbound
-                .captured
-                .iter()
-                .filter(|p| !want.contains(p))
-                .copied()
-                .collect();
-            if let Err(error) = inpod.release(pod, &stale) {
-                tracing::error!(pod = %key, %error, "cannot release inbound ports");
-            }
-            let sockets: Vec<(u16, std::os::fd::BorrowedFd<'_>)> = enrolled
-                .inbound
-                .sockets
-                .iter()
-                .map(|(addr, fd)| {
-                    let family = if addr.is_ipv4() {
-                        strait_ebpf::FAMILY_V4
-                    } else {
-                        strait_ebpf::FAMILY_V6
-                    };
-                    (family, fd.as_fd())
-                })
-                .collect();
-            let captured = match inpod.capture(pod, &want, &sockets) {
-                Ok(()) => want,
-                Err(error) => {
-                    tracing::error!(pod = %key, %error, "cannot capture inbound ports");
-                    Vec::new()
-                }
-            };
-            if captured != enrolled.inbound.captured {
-                tracing::info!(pod = %key, ?captured, "inbound capture (listeners with tls STRICT or PERMISSIVE)");
-            }
-            enrolled.inbound.captured = captured;
+            capture_inbound(&self.ctx, &policy, key, enrolled);
         }
     }
 
     /// Puts every enrolled pod under backend authorization in eBPF: it may connect only to
     /// the services its virtual node lists as backends.
     fn sync_backends(&self) {
+        self.sync_backends_with(None);
+    }
+
+    /// [`Node::sync_backends`], with a pod about to be enrolled (`extra`: its cgroup and
+    /// virtual node), so its rules are in force before its connects are captured.
+    fn sync_backends_with(&self, extra: Option<(u64, &ResourceId)>) {
         let policy = self.ctx.transport.policy.load_full();
-        let mut allowed = BTreeMap::new();
-        for enrolled in self.enrolled.values() {
-            let ids: std::collections::BTreeSet<u32> = self
-                .mesh
+        let backends_of = |vn: &ResourceId| -> std::collections::BTreeSet<u32> {
+            self.mesh
                 .virtual_services
                 .iter()
                 .enumerate()
-                .filter(|(_, vs)| policy.is_backend(&enrolled.virtual_node, &vs.id))
+                .filter(|(_, vs)| policy.is_backend(vn, &vs.id))
                 .map(|(i, _)| i as u32 + 1)
-                .collect();
-            allowed.insert(enrolled.cgroup_id, ids);
+                .collect()
+        };
+        let mut allowed = BTreeMap::new();
+        for enrolled in self.enrolled.values() {
+            allowed.insert(enrolled.cgroup_id, backends_of(&enrolled.virtual_node));
+        }
+        if let Some((cgroup_id, vn)) = extra {
+            allowed.insert(cgroup_id, backends_of(vn));
         }
         if let Err(error) = self.ctx.redirect.inpod().set_backends(&allowed) {
             tracing::error!(%error, "cannot update the backend authorization maps");
@@ -779,6 +886,25 @@ impl Node {
         let accepting = outbound::serve(listeners, source, self.ctx.clone())
             .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?;
         let inbound = self.enroll_inbound(workload, vn, cgroup_id, netns)?;
+        let mut enrolled = Enrolled {
+            workload: workload.clone(),
+            virtual_node: vn.clone(),
+            cgroup_id,
+            netns,
+            outbound_port: port,
+            inbound_port: inbound.port,
+            egress_drop_all: drop_all,
+            listeners: addrs_up,
+            _accepting: accepting,
+            inbound,
+        };
+        // Protection before capture: STRICT ports steered to the agent and the backend rules
+        // in force, then the cgroup (whose connects are captured from that moment on). For a
+        // pod changed in place this switches its inbound ports and outbound listener to the
+        // new sockets, each by one map update.
+        let policy = self.ctx.transport.policy.load_full();
+        capture_inbound(&self.ctx, &policy, &workload.key(), &mut enrolled);
+        self.sync_backends_with(Some((cgroup_id, vn)));
         self.ctx
             .redirect
             .enroll(
@@ -790,18 +916,7 @@ impl Node {
                 },
             )
             .map_err(|e| e.to_string())?;
-        Ok(Enrolled {
-            workload: workload.clone(),
-            virtual_node: vn.clone(),
-            cgroup_id,
-            netns,
-            outbound_port: port,
-            inbound_port: inbound.port,
-            egress_drop_all: drop_all,
-            listeners: addrs_up,
-            _accepting: accepting,
-            inbound,
-        })
+        Ok(enrolled)
     }
 
     /// The first port from `first` that no other enrolled workload in the same network
@@ -812,11 +927,13 @@ impl Node {
         first: u16,
         used: impl Fn(&Enrolled) -> u16,
     ) -> Result<u16, String> {
+        // Retiring listeners of a changed pod still hold their ports for a moment.
         (first..=u16::MAX)
             .find(|port| {
                 !self
                     .enrolled
                     .values()
+                    .chain(self.retiring.iter().map(|(_, e)| e))
                     .any(|e| e.netns == netns && used(e) == *port)
             })
             .ok_or_else(|| format!("no free port from {first} up in this network namespace"))

@@ -746,3 +746,239 @@ fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> a
     }
     Ok(())
 }
+
+/// The mesh of the change test: egress DROP_ALL; `color` pods are selected by one of two
+/// virtual nodes (label `track: a|b`), both with a STRICT listener on 9090, and so are the
+/// `client` pods (both calling `color`).
+fn changing_mesh_yaml(certs: &Path) -> String {
+    let c = certs.display();
+    let mut yaml = String::from(
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {name: test}\n\
+         spec: {egressFilter: {type: DROP_ALL}}\n",
+    );
+    for track in ["a", "b"] {
+        yaml.push_str(&format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-{track}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client, track: "{track}"}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: color}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: color-{track}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: color, track: "{track}"}}}}
+  listeners:
+    - portMapping: {{port: 9090, protocol: tcp}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/color-{track}.pem, privateKey: {c}/color-{track}-key.pem}}}}
+  serviceDiscovery: {{dns: {{hostname: color-v1.app.svc.cluster.local}}}}
+"#
+        ));
+    }
+    yaml.push_str(&format!(
+        r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: color, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: 9090, protocol: tcp}}}}]
+  routes:
+    - name: both
+      tcpRoute:
+        action:
+          weightedTargets:
+            - {{virtualNodeRef: {{name: color-a}}, weight: 50}}
+            - {{virtualNodeRef: {{name: color-b}}, weight: 50}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: color, namespace: app}}
+spec:
+  awsName: {COLOR}
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
+"#
+    ));
+    yaml
+}
+
+/// Writes a pod's workload file with `track` as its label (which picks its virtual node) and,
+/// when `extra_ip` is set, one more address: a change to the workload and to its virtual node.
+fn write_changed_workload(
+    node: &Node,
+    pod: &Pod,
+    track: &str,
+    extra_ip: Option<std::net::IpAddr>,
+) -> anyhow::Result<()> {
+    let mut workload = pod.workload();
+    workload.labels.insert("track".into(), track.into());
+    workload.ips.extend(extra_ip);
+    let path = node.workloads_dir().join(workload.file_name());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&workload)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// A change to a pod (its labels, so its virtual node, and its addresses) is make before
+/// break: while a STRICT pod and a DROP_ALL pod are changed 50 times, plaintext hammering the
+/// STRICT port and outside connects from the DROP_ALL pod never get through once.
+#[test]
+fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
+    let tb = Testbed::new("attack-changes")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let color = node.add_pod(&PodSpec::new("color", "app").label("app", "color"))?;
+    let outside = node.add_pod(&PodSpec::new("stranger", "outside").label("app", "stranger"))?;
+    tb.dns_record(COLOR, &["10.96.0.10".parse()?])?;
+    tb.dns_record("color-v1.app.svc.cluster.local", &color.ips())?;
+    let peer = peer_binary()?;
+    let mut servers = Vec::new();
+    for (pod, port, name) in [(&color, 9090, "color"), (&outside, 8080, "outside")] {
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(&peer).args([
+                "serve",
+                "--listen",
+                &format!("0.0.0.0:{port},[::]:{port}"),
+                "--name",
+                name,
+            ]),
+        )?;
+        server.wait_listening(port, Duration::from_secs(10))?;
+        servers.push(server);
+    }
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, changing_mesh_yaml(&certs))?;
+    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    strait_ok(
+        &node,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &mesh.display().to_string(),
+            "--ca-dir",
+            &ca.display().to_string(),
+        ],
+    )?;
+    write_changed_workload(&node, &client, "a", None)?;
+    write_changed_workload(&node, &color, "a", None)?;
+    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    let virtual_node = |pod: &str| -> anyhow::Result<Option<String>> {
+        Ok(agent
+            .workloads()?
+            .iter()
+            .find(|w| w["pod"] == pod && w["enrolled"] == true)
+            .and_then(|w| w["virtual_node"].as_str().map(str::to_owned)))
+    };
+    for pod in ["app/client", "app/color"] {
+        agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    // Before any change: the STRICT port refuses plaintext, DROP_ALL refuses the outside.
+    let color_target = format!("{}:9090", color.ipv4());
+    let outside_target = format!("{}:8080", outside.ipv4());
+    let report = call(&outside, &color_target, &["-4"])?;
+    assert_eq!(
+        report["succeeded"], 0,
+        "STRICT before the changes: {report}"
+    );
+    let report = call(&client, &outside_target, &["-4"])?;
+    assert_eq!(
+        report["succeeded"], 0,
+        "DROP_ALL before the changes: {report}"
+    );
+
+    // The hammers: bounded batches of connects, until the changes are done.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = |from: Pod, target: String| {
+        let done = done.clone();
+        std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
+            let (mut attempts, mut through) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let report = call(
+                    &from,
+                    &target,
+                    &[
+                        "-4",
+                        "--count",
+                        "40",
+                        "--interval-ms",
+                        "2",
+                        "--timeout",
+                        "2",
+                    ],
+                )?;
+                attempts += report["connections"].as_u64().unwrap_or(0);
+                through += report["succeeded"].as_u64().unwrap_or(0);
+            }
+            Ok((attempts, through))
+        })
+    };
+    let strict_hammer = hammer(outside.clone(), color_target.clone());
+    let drop_all_hammer = hammer(client.clone(), outside_target.clone());
+
+    let changes = (|| -> anyhow::Result<()> {
+        for change in 1..=50u8 {
+            let track = if change % 2 == 1 { "b" } else { "a" };
+            // Every third change also gives the pods another address.
+            let extra = |pod: &Pod| {
+                (change % 3 == 0)
+                    .then(|| std::net::IpAddr::V4(addr::pod_v4(node.index(), 200 + pod.index())))
+            };
+            write_changed_workload(&node, &color, track, extra(&color))?;
+            write_changed_workload(&node, &client, track, extra(&client))?;
+            // Each change must be applied (not folded into the next one) before the next.
+            for (pod, vn) in [("app/color", "color"), ("app/client", "client")] {
+                let want = format!("app/{vn}-{track}");
+                eventually(Duration::from_secs(20), "the change is applied", || {
+                    Ok(virtual_node(pod)?.as_deref() == Some(want.as_str()))
+                })
+                .with_context(|| format!("change {change}: {pod} to {want}"))?;
+            }
+        }
+        Ok(())
+    })();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let strict = strict_hammer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the STRICT hammer panicked"))??;
+    let drop_all = drop_all_hammer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the DROP_ALL hammer panicked"))??;
+    changes?;
+    assert_eq!(
+        strict.1, 0,
+        "plaintext reached the STRICT app {} times in {} attempts during 50 changes",
+        strict.1, strict.0
+    );
+    assert_eq!(
+        drop_all.1, 0,
+        "the DROP_ALL pod reached the outside {} times in {} attempts during 50 changes",
+        drop_all.1, drop_all.0
+    );
+    assert!(
+        strict.0 >= 200 && drop_all.0 >= 200,
+        "too few attempts to mean anything: STRICT {}, DROP_ALL {}",
+        strict.0,
+        drop_all.0
+    );
+    eprintln!(
+        "50 changes: {} plaintext attempts at the STRICT port, {} outside connects from the \
+         DROP_ALL pod; none got through",
+        strict.0, drop_all.0
+    );
+    // And the mesh still works for the pods as they are now.
+    let report = call(&client, &format!("{COLOR}:9090"), &["-4", "--count", "5"])?;
+    assert_eq!(report["succeeded"], 5, "after the changes: {report}");
+    drop(servers);
+    Ok(())
+}

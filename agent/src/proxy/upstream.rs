@@ -198,6 +198,19 @@ impl Transport {
         local.retain(|_, pod| pod.workload != *workload);
     }
 
+    /// Forgets some addresses of a pod of this node (it changed, and no longer has them).
+    pub fn remove_local_ips(&self, workload: &ResourceId, ips: &[IpAddr]) {
+        let mut local = self.local.write().unwrap_or_else(|e| e.into_inner());
+        for ip in ips {
+            if local
+                .get(&ip.to_canonical())
+                .is_some_and(|pod| pod.workload == *workload)
+            {
+                local.remove(&ip.to_canonical());
+            }
+        }
+    }
+
     /// The local pod with this address, if any.
     pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
         let local = self.local.read().unwrap_or_else(|e| e.into_inner());

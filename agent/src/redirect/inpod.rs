@@ -359,12 +359,17 @@ impl InPod {
                 })
             })
             .collect();
-        // New pairs first, then the pods, then stale pairs: a pod never sees a service it
-        // keeps missing for an instant.
+        // Stale pairs first, then new pairs, then the pods: during a change a pod may reach
+        // only what it may reach both before and after it (a service it keeps is never
+        // missing, one it loses is gone before anything is added), and a pod comes under
+        // authorization only once its pairs are in.
         let mut have = BTreeSet::new();
         for entry in maps.backends.iter() {
             let (k, _) = entry.map_err(|e| Error::map("read", abi::MAP_BACKENDS, e))?;
             have.insert(k);
+        }
+        for k in have.difference(&want) {
+            remove_entry(&mut maps.backends, k, abi::MAP_BACKENDS)?;
         }
         for k in want.difference(&have) {
             maps.backends
@@ -385,9 +390,6 @@ impl InPod {
         }
         for id in pods_have.iter().filter(|id| !allowed.contains_key(id)) {
             remove_entry(&mut maps.authz_pods, id, abi::MAP_AUTHZ_PODS)?;
-        }
-        for k in have.difference(&want) {
-            remove_entry(&mut maps.backends, k, abi::MAP_BACKENDS)?;
         }
         Ok(())
     }
