@@ -1,9 +1,9 @@
 //! Builds the running agent from its configuration and keeps it in step with its inputs.
 //!
-//! Inputs: the mesh file or directory (watched, reloaded when it changes), the local workloads (watched),
-//! and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF maps
-//! (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and the
-//! routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
+//! Inputs: the mesh file or directory (watched, reloaded when it changes), the local workloads
+//! (watched), and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF
+//! maps (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and
+//! the routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
 //! restarted agent adopts them.
 
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! `cargo xtask image`: the agent's container image, `deploy/Containerfile`. Builds `strait`
 //! as a static binary for the musl target, checks it has no program interpreter (so it runs
 //! in an image `FROM scratch`), and builds the image with buildah. Stops with what to install
-//! when the musl target or buildah is missing.
+//! when the musl target, the musl C compiler or buildah is missing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +32,17 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         bail!(
             "the Rust target {TARGET} is not installed, and the image needs a static binary: \
              run `rustup target add {TARGET}`"
+        );
+    }
+    // ring (rustls' crypto) compiles C for the target: it needs the musl C compiler wrapper.
+    if Command::new("x86_64-linux-musl-gcc")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!(
+            "x86_64-linux-musl-gcc is not installed, and the static build compiles C for musl: \
+             install it (Debian: `apt-get install musl-tools`)"
         );
     }
     if Command::new("buildah").arg("--version").output().is_err() {
