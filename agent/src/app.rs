@@ -1,9 +1,9 @@
 //! Builds the running agent from its configuration and keeps it in step with its inputs.
 //!
-//! Inputs: the mesh file (watched, reloaded when it changes), the local workloads (watched),
-//! and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF maps
-//! (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and the
-//! routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
+//! Inputs: the mesh file or directory (watched, reloaded when it changes), the local workloads
+//! (watched), and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF
+//! maps (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and
+//! the routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
 //! restarted agent adopts them.
 
 use std::collections::BTreeMap;
@@ -39,6 +39,7 @@ use crate::{discovery, handover, netns};
 /// How `strait run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// A mesh file, or a directory of them (`mesh::load_file`).
     pub mesh_file: PathBuf,
     pub workloads_dir: PathBuf,
     pub cgroup_root: PathBuf,
@@ -287,7 +288,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Some(()) = mesh_updates.recv() => {
                 // The same bytes as last time (a touch, an unrelated event): nothing to do,
                 // and an invalid file is not reported twice.
-                let digest = file_digest(&config.mesh_file);
+                let digest = mesh::digest(std::slice::from_ref(&config.mesh_file)).ok();
                 if digest.is_some() && digest == last_seen {
                     continue;
                 }
@@ -358,18 +359,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// SHA-256 of the mesh file's bytes (hex), as `mesh::Source::sha256` has it.
-fn file_digest(path: &Path) -> Option<String> {
-    use sha2::Digest as _;
-    let bytes = std::fs::read(path).ok()?;
-    Some(
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
-}
-
 fn reload(path: &Path, access_log_dir: &Path) -> Result<MeshConfig, Error> {
     let loaded = mesh::load_file(path)?;
     for warning in &loaded.warnings {
@@ -419,24 +408,35 @@ fn unix_now() -> u64 {
 }
 
 /// Watches the mesh file's directory (not the file: a ConfigMap update swaps a symlinked
-/// directory, and editors replace files by rename) and signals every change.
+/// directory, and editors replace files by rename), or the mesh directory itself, and signals
+/// every change.
 fn watch_mesh_file(path: &Path) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let is_dir = path.is_dir();
+    let dir = if is_dir {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+    .to_path_buf();
     let (kick_tx, mut kick_rx) = mpsc::unbounded_channel::<()>();
     let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only the file itself and Kubernetes' `..data` / `..<timestamp>` entries matter;
-        // other files in the directory (logs, sockets) come and go without a reload.
+        // Only the mesh file (or, for a directory, its mesh files) and Kubernetes' `..data` /
+        // `..<timestamp>` entries matter; other files come and go without a reload.
         let relevant = event.is_ok_and(|event| {
             event.paths.iter().any(|p| {
-                p.file_name().is_some_and(|name| {
-                    Some(name) == file_name.as_deref() || name.to_string_lossy().starts_with("..")
-                })
+                let mesh_file = if is_dir {
+                    p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                } else {
+                    p.file_name() == file_name.as_deref()
+                };
+                mesh_file
+                    || p.file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with(".."))
             })
         });
         if relevant {

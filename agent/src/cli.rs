@@ -28,9 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: capture local pods' traffic and apply the mesh.
     Run(RunArgs),
-    /// Check mesh files; exit 0 when valid, 1 with every error when not.
+    /// Check a mesh; exit 0 when valid, 1 with every error when not.
     Validate {
-        /// Mesh files (multi-document YAML of App Mesh resources).
+        /// Mesh files (multi-document YAML or JSON of App Mesh resources) and directories of
+        /// them (every *.yaml, *.yml, *.json), validated together as one mesh.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -83,7 +84,9 @@ pub enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The mesh file (App Mesh resources, multi-document YAML). Watched and reloaded.
+    /// The mesh: a file of App Mesh resources (multi-document YAML or JSON), or a directory
+    /// whose *.yaml, *.yml and *.json files together are one mesh (a mounted ConfigMap).
+    /// Watched and reloaded.
     #[arg(long)]
     pub mesh: PathBuf,
     /// Directory with one JSON file per local pod. Watched.
@@ -192,29 +195,27 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(app::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { files } => {
-            let mut ok = true;
-            for file in files {
-                match mesh::load_file(&file) {
-                    Ok(loaded) => {
-                        for warning in &loaded.warnings {
-                            println!("{warning}");
-                        }
-                        println!("{}: valid", file.display());
-                        println!("{}", mesh::summary(&loaded.config));
-                    }
-                    Err(error) => {
-                        ok = false;
-                        eprintln!("{error}");
-                    }
+        Command::Validate { files } => match mesh::load_paths(&files, mesh::Options::default()) {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    println!("{warning}");
                 }
+                let read: Vec<String> = loaded
+                    .config
+                    .source
+                    .files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect();
+                println!("{}: valid", read.join(", "));
+                println!("{}", mesh::summary(&loaded.config));
+                Ok(ExitCode::SUCCESS)
             }
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+            Err(error) => {
+                eprintln!("{error}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::Status { admin } => {
             print!("{}", status::render(admin)?);
             Ok(ExitCode::SUCCESS)
