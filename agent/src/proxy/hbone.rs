@@ -35,7 +35,7 @@ use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
+use super::{Context, Drain};
 use super::upstream::{CONNECT_TIMEOUT, Caller, Transport};
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::store::cert_facts;
@@ -504,11 +504,24 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer_sans, mutual, peer).await)
         }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent
+    // that took the listener over); the streams open go on until they end or the drain
+    // timeout.
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = ctx.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                served = connection.as_mut() => served,
+                () = tokio::time::sleep(ctx.drain_timeout) => Ok(()),
+            }
+        }
+    };
     if let Err(error) = served {
         tracing::debug!(%peer, %error, "tunnel connection ended");
     }
@@ -612,6 +625,10 @@ async fn stream(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let peer_sans = peer_sans.to_vec();
     let vn = vn.clone();
+    let drain = Drain {
+        signal: ctx.shutdown.clone(),
+        timeout: ctx.drain_timeout,
+    };
     ctx.connections.spawn(async move {
         let started = Instant::now();
         let mut tunnel = match on_upgrade.await {
@@ -621,13 +638,15 @@ async fn stream(
                 return;
             }
         };
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut tunnel,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        )
-        .await;
+        let copied = tokio::select! {
+            copied = tokio::io::copy_bidirectional_with_sizes(
+                &mut tunnel,
+                &mut upstream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            ) => copied,
+            () = drain.expired() => Err(std::io::Error::other("closed at the drain timeout")),
+        };
         let (received, sent, error) = match copied {
             Ok((a, b)) => (a, b, String::new()),
             Err(e) => (0, 0, e.to_string()),

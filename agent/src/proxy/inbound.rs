@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::Context;
+use super::{Context, Drain};
 use super::upstream::LocalPod;
 use crate::identity::PlaintextLabels;
 use crate::mesh::TlsMode;
@@ -32,13 +32,19 @@ pub fn serve(
     ctx: Arc<Context>,
 ) -> std::io::Result<super::Accepting> {
     let workload = pod.workload.clone();
-    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer| {
+    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer, drain| {
         let (pod, ctx) = (pod.clone(), ctx.clone());
-        async move { handle(stream, peer, &pod, &ctx).await }
+        async move { handle(stream, peer, &pod, &ctx, drain).await }
     })
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &Context) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: &LocalPod,
+    ctx: &Context,
+    drain: Drain,
+) {
     let Ok(local) = client.local_addr() else {
         return;
     };
@@ -99,13 +105,16 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &C
             return;
         }
     };
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await;
+    // Plain TCP: kept until it ends, or until the drain timeout once the agent or pod goes.
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        ) => copied.ok(),
+        () = drain.expired() => None,
+    };
     let (received, sent) = copied.unwrap_or_default();
     tracing::info!(
         target: "strait::inbound",

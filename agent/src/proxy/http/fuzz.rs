@@ -186,7 +186,10 @@ impl Harness {
                 SERVICE.parse().unwrap(),
                 self.source.clone(),
                 self.env.clone(),
-                shutdown.clone(),
+                crate::proxy::Drain {
+                    signal: shutdown.clone(),
+                    timeout: Duration::from_secs(1),
+                },
             ));
             client.write_all(&bytes).await.unwrap();
             client.shutdown().await.unwrap();
