@@ -435,3 +435,81 @@ fn sigterm_finishes_requests_in_flight_and_closes_http1_connections_after_their_
     );
     Ok(())
 }
+
+/// A keep-alive client (Python's http.client, which never re-sends a request) asks once, stays
+/// idle while the agent gets SIGTERM, then asks again on the same connection.
+const IDLE_CLIENT: &str = r#"
+import http.client, json, os, sys, time
+host, ready, go = sys.argv[1], sys.argv[2], sys.argv[3]
+c = http.client.HTTPConnection(host, 8080, timeout=10)
+c.request("GET", "/color")
+first = c.getresponse()
+first.read()
+open(ready, "w").close()
+deadline = time.monotonic() + 20
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.01)
+try:
+    c.request("GET", "/color")
+    second = c.getresponse()
+    second.read()
+    out = {"first": first.status, "second": second.status, "connection": second.getheader("connection")}
+except Exception as e:
+    out = {"first": first.status, "second": None, "error": repr(e)}
+print(json.dumps(out), flush=True)
+"#;
+
+#[test]
+fn sigterm_answers_the_next_request_on_an_idle_keep_alive_connection_then_closes_it()
+-> anyhow::Result<()> {
+    let bed = bed("drain-idle", false)?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--drain-timeout", "5"])?;
+    agent.wait_enrolled("app/client", true, Duration::from_secs(10))?;
+    let ready = bed.tb.temp_dir().join("idle-ready");
+    let go = bed.tb.temp_dir().join("idle-go");
+    let client = bed.tb.spawn(
+        "idle-client",
+        bed.client
+            .command("python3")
+            .args(["-c", IDLE_CLIENT, COLOR])
+            .arg(&ready)
+            .arg(&go),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        if Instant::now() >= deadline || client.try_wait()?.is_some() {
+            bail!(
+                "the client's first request did not complete: {} {}",
+                client.stdout(),
+                client.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The connection is idle now. The agent starts draining; the client asks again a moment
+    // later, as a keep-alive client whose next request comes while the agent drains.
+    agent.process.signal(libc::SIGTERM)?;
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, b"")?;
+    client.wait_timeout(Duration::from_secs(30))?;
+    let report: Value = serde_json::from_str(client.stdout().trim()).with_context(|| {
+        format!(
+            "the client printed no report: {} {}",
+            client.stdout(),
+            client.stderr()
+        )
+    })?;
+    assert_eq!(report["first"], 200, "{report}");
+    assert_eq!(
+        report["second"], 200,
+        "the next request on an idle keep-alive connection is answered during the drain: {report}"
+    );
+    assert_eq!(
+        report["connection"], "close",
+        "and the answer closes the connection: {report}"
+    );
+    // Its connection closed after the answer: nothing keeps the agent to the drain timeout.
+    let status = agent.process.wait_timeout(Duration::from_secs(4))?;
+    assert!(status.success(), "the agent drains and exits: {status}");
+    Ok(())
+}
