@@ -35,6 +35,7 @@ use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use super::http::pool;
 use super::{Context, Drain};
 use super::upstream::{CONNECT_TIMEOUT, Caller, Transport};
 use crate::identity::policy::{certificate_files, trust_file};
@@ -175,47 +176,73 @@ pub async fn open(
         node,
         sni: sni.clone(),
     });
-    let mut sender = {
-        let mut pooled = slot.lock().await;
-        match pooled.as_ref() {
-            Some(p) if p.generation == generation && !p.sender.is_closed() => p.sender.clone(),
-            _ => {
-                if pooled.is_some() {
-                    tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+    // A tunnel connection whose peer agent is draining says GOAWAY; a stream caught between
+    // its GOAWAY and our seeing it was never processed there, and goes once more on a new
+    // connection (to the agent that took the peer's listener over).
+    let mut redialled = false;
+    let response = loop {
+        let mut sender = {
+            let mut pooled = slot.lock().await;
+            match pooled.as_ref() {
+                Some(p) if p.generation == generation && !p.sender.is_closed() => p.sender.clone(),
+                _ => {
+                    if pooled.is_some() && !redialled {
+                        tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+                    }
+                    let expected_sans = client_tls
+                        .map(|t| t.validation.subject_alternative_names.clone())
+                        .unwrap_or_default();
+                    let sender = dial(
+                        transport,
+                        caller,
+                        node,
+                        &sni,
+                        cert.clone(),
+                        trust.clone(),
+                        expected_sans,
+                    )
+                    .await?;
+                    *pooled = Some(Pooled {
+                        sender: sender.clone(),
+                        generation: generation.clone(),
+                    });
+                    sender
                 }
-                let expected_sans = client_tls
-                    .map(|t| t.validation.subject_alternative_names.clone())
-                    .unwrap_or_default();
-                let sender =
-                    dial(transport, caller, node, &sni, cert, trust, expected_sans).await?;
-                *pooled = Some(Pooled {
-                    sender: sender.clone(),
-                    generation,
-                });
+            }
+        };
+        let sent = match sender.ready().await {
+            Ok(()) => {
+                let request = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(endpoint.to_string())
+                    .header("x-strait-source-workload", caller.workload.to_string())
+                    .body(Empty::new())
+                    .map_err(|e| Error::Http2 {
+                        node,
+                        detail: e.to_string(),
+                    })?;
                 sender
+                    .try_send_request(request)
+                    .await
+                    .map_err(|mut e| (e.take_message().is_some(), e.into_error()))
+            }
+            Err(e) => Err((true, e)),
+        };
+        match sent {
+            Ok(response) => break response,
+            Err((unsent, e)) if !redialled && (unsent || pool::never_processed(&e)) => {
+                tracing::debug!(%node, %sni, error = %e, "tunnel connection going away; the stream goes on a new one");
+                redialled = true;
+                *slot.lock().await = None;
+            }
+            Err((_, e)) => {
+                return Err(Error::Http2 {
+                    node,
+                    detail: e.to_string(),
+                });
             }
         }
     };
-    sender.ready().await.map_err(|e| Error::Http2 {
-        node,
-        detail: e.to_string(),
-    })?;
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(endpoint.to_string())
-        .header("x-strait-source-workload", caller.workload.to_string())
-        .body(Empty::new())
-        .map_err(|e| Error::Http2 {
-            node,
-            detail: e.to_string(),
-        })?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| Error::Http2 {
-            node,
-            detail: e.to_string(),
-        })?;
     if response.status() != StatusCode::OK {
         let reason = response
             .headers()

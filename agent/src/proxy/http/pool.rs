@@ -65,20 +65,31 @@ impl Error {
         matches!(self, Error::Connect { .. } | Error::Handshake { .. })
     }
 
-    /// The HTTP/2 upstream refused the stream (REFUSED_STREAM): it did not process it.
+    /// The HTTP/2 upstream did not process the stream: it refused it (REFUSED_STREAM), or it
+    /// was draining and its GOAWAY left the stream out (see [`never_processed`]).
     pub fn is_refused_stream(&self) -> bool {
         let Error::Request { source, .. } = self else {
             return false;
         };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(error) = cause {
-            if let Some(h2) = error.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            }
-            cause = error.source();
-        }
-        false
+        never_processed(source)
     }
+}
+
+/// Whether an HTTP/2 request failed in a way that proves the server never processed it:
+/// REFUSED_STREAM, or the stream fell above the last stream id of the server's graceful
+/// GOAWAY (NO_ERROR; RFC 9113 section 6.8: such streams were not processed and may be sent
+/// again on another connection). A peer agent that drains says GOAWAY; requests caught
+/// between its GOAWAY and our seeing it are sent again instead of failing.
+pub fn never_processed(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// An idle HTTP/1.1 connection and when it became idle.
