@@ -391,7 +391,13 @@ fn sigterm_finishes_requests_in_flight_and_closes_http1_connections_after_their_
     let output = run(
         bed.client
             .command("curl")
-            .args(["--silent", "--max-time", "10", "--write-out", "%{http_code}"])
+            .args([
+                "--silent",
+                "--max-time",
+                "10",
+                "--write-out",
+                "%{http_code}",
+            ])
             .args(["--output", "/dev/null"])
             .arg(format!("http://{COLOR}:8080/color")),
         Duration::from_secs(15),
@@ -459,12 +465,12 @@ except Exception as e:
 print(json.dumps(out), flush=True)
 "#;
 
-#[test]
-fn sigterm_answers_the_next_request_on_an_idle_keep_alive_connection_then_closes_it()
--> anyhow::Result<()> {
-    let bed = bed("drain-idle", false)?;
-    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--drain-timeout", "5"])?;
-    agent.wait_enrolled("app/client", true, Duration::from_secs(10))?;
+/// Runs [`IDLE_CLIENT`]: one request, then `drain` while its connection is idle, then the next
+/// request 300 ms later; returns the client's report.
+fn next_request_on_an_idle_connection(
+    bed: &Bed,
+    drain: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Value> {
     let ready = bed.tb.temp_dir().join("idle-ready");
     let go = bed.tb.temp_dir().join("idle-go");
     let client = bed.tb.spawn(
@@ -486,9 +492,9 @@ fn sigterm_answers_the_next_request_on_an_idle_keep_alive_connection_then_closes
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The connection is idle now. The agent starts draining; the client asks again a moment
-    // later, as a keep-alive client whose next request comes while the agent drains.
-    agent.process.signal(libc::SIGTERM)?;
+    // The connection is idle now. The drain starts; the client asks again a moment later, as a
+    // keep-alive client whose next request comes while the agent drains.
+    drain()?;
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&go, b"")?;
     client.wait_timeout(Duration::from_secs(30))?;
@@ -508,8 +514,33 @@ fn sigterm_answers_the_next_request_on_an_idle_keep_alive_connection_then_closes
         report["connection"], "close",
         "and the answer closes the connection: {report}"
     );
+    Ok(report)
+}
+
+#[test]
+fn sigterm_answers_the_next_request_on_an_idle_keep_alive_connection_then_closes_it()
+-> anyhow::Result<()> {
+    let bed = bed("drain-idle", false)?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--drain-timeout", "5"])?;
+    agent.wait_enrolled("app/client", true, Duration::from_secs(10))?;
+    next_request_on_an_idle_connection(&bed, || agent.process.signal(libc::SIGTERM))?;
     // Its connection closed after the answer: nothing keeps the agent to the drain timeout.
     let status = agent.process.wait_timeout(Duration::from_secs(4))?;
     assert!(status.success(), "the agent drains and exits: {status}");
+    Ok(())
+}
+
+#[test]
+fn a_leaving_pod_s_idle_keep_alive_connection_gets_its_next_answer_then_closes()
+-> anyhow::Result<()> {
+    let bed = bed("drain-pod", false)?;
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--drain-timeout", "5"])?;
+    agent.wait_enrolled("app/client", true, Duration::from_secs(10))?;
+    next_request_on_an_idle_connection(&bed, || {
+        bed.node.remove_workload(&bed.client)?;
+        agent.wait_enrolled("app/client", false, Duration::from_secs(10))
+    })?;
+    // The agent itself goes on serving the other pods.
+    assert!(agent.process.try_wait()?.is_none(), "the agent still runs");
     Ok(())
 }

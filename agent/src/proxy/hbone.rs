@@ -36,8 +36,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::http::pool;
-use super::{Context, Drain};
 use super::upstream::{CONNECT_TIMEOUT, Caller, Transport};
+use super::{Context, Drain};
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::store::cert_facts;
 use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};

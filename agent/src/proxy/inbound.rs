@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::{Context, Drain};
 use super::upstream::LocalPod;
+use super::{Context, Drain};
 use crate::identity::PlaintextLabels;
 use crate::mesh::TlsMode;
 
@@ -32,10 +32,15 @@ pub fn serve(
     ctx: Arc<Context>,
 ) -> std::io::Result<super::Accepting> {
     let workload = pod.workload.clone();
-    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer, drain| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        async move { handle(stream, peer, &pod, &ctx, drain).await }
-    })
+    super::accept(
+        listeners,
+        &ctx.clone(),
+        &workload,
+        move |stream, peer, drain| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            async move { handle(stream, peer, &pod, &ctx, drain).await }
+        },
+    )
 }
 
 async fn handle(

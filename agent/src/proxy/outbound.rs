@@ -38,10 +38,15 @@ pub fn serve(
     ctx: Arc<Context>,
 ) -> std::io::Result<super::Accepting> {
     let workload = source.workload.clone();
-    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer, drain| {
-        let (source, ctx) = (source.clone(), ctx.clone());
-        async move { forward(stream, peer, &source, &ctx, drain).await }
-    })
+    super::accept(
+        listeners,
+        &ctx.clone(),
+        &workload,
+        move |stream, peer, drain| {
+            let (source, ctx) = (source.clone(), ctx.clone());
+            async move { forward(stream, peer, &source, &ctx, drain).await }
+        },
+    )
 }
 
 async fn forward(

@@ -15,8 +15,9 @@
 //!   the run early once F exists. `failed` counts every request that got no 2xx answer: a
 //!   transport error or another status. Nothing is retried: an HTTP/1.1 request given to a
 //!   connection that then fails is a failure. A new connection is opened only for a request
-//!   not yet sent (the previous one was closed by the server, or, HTTP/2, it said GOAWAY and
-//!   gave the request back unsent; those are counted as `resent_unsent`).
+//!   not yet sent (the previous one was closed by the server), and, HTTP/2, a request the
+//!   server's GOAWAY proves it never processed is sent again on a new connection, as HTTP/2
+//!   clients do (counted as `resent_unsent`).
 //! - `strait-http stream URL --bytes N`: POSTs N pseudo-random bytes generated on the fly,
 //!   reads the echo, and reports bytes and SHA-256 of both directions.
 //! - `strait-http ws URL --messages N`: a WebSocket client (RFC 6455) sending N messages and
@@ -570,6 +571,31 @@ impl Tally {
     }
 }
 
+/// An error with its causes (hyper's own message alone says little: "http2 error").
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
+/// The stream failed with the server's graceful GOAWAY (NO_ERROR): the server did not process
+/// it. Any other failure (a reset, a connection cut under a stream it took) is not this.
+fn left_out_by_goaway(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cause = error.source();
+    }
+    false
+}
+
 fn lock_tally(tally: &std::sync::Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
     tally.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -654,26 +680,37 @@ impl Pacer {
     }
 }
 
-/// The HTTP/2 connection the workers share, replaced when the server closes it (GOAWAY).
-type SharedHttp2 = tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>>;
+/// The HTTP/2 connection the workers share (numbered), replaced when the server closes it
+/// (GOAWAY).
+type SharedHttp2 =
+    tokio::sync::Mutex<Option<(u64, hyper::client::conn::http2::SendRequest<Full<Bytes>>)>>;
 
+/// The shared connection, or a new one if it is closed or is the one numbered `stale`.
 async fn http2_sender(
     shared: &SharedHttp2,
     addr: SocketAddr,
     tally: &std::sync::Mutex<Tally>,
-) -> anyhow::Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>> {
+    stale: Option<u64>,
+) -> anyhow::Result<(u64, hyper::client::conn::http2::SendRequest<Full<Bytes>>)> {
     let mut current = shared.lock().await;
-    if let Some(sender) = current.as_ref().filter(|s| !s.is_closed()) {
-        return Ok(sender.clone());
+    if let Some((number, sender)) = current.as_ref()
+        && !sender.is_closed()
+        && Some(*number) != stale
+    {
+        return Ok((*number, sender.clone()));
     }
     let stream = TcpStream::connect(addr).await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await?;
     tokio::spawn(conn);
-    lock_tally(tally).connections += 1;
-    *current = Some(sender.clone());
-    Ok(sender)
+    let number = {
+        let mut t = lock_tally(tally);
+        t.connections += 1;
+        t.connections
+    };
+    *current = Some((number, sender.clone()));
+    Ok((number, sender))
 }
 
 async fn load(args: LoadArgs) -> anyhow::Result<Value> {
@@ -688,7 +725,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
         let shared = Arc::new(SharedHttp2::default());
         // The first connection is opened before the workers start, so that a server that is
         // not there fails the run at once.
-        http2_sender(&shared, target.addr, &tally).await?;
+        http2_sender(&shared, target.addr, &tally, None).await?;
         for worker in 0..concurrency {
             let n = args.count / concurrency + u32::from(worker < args.count % concurrency);
             let plan = Arc::new(plan(&args, n));
@@ -706,10 +743,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
                         Ok(r) => r,
                         Err(e) => return lock_tally(&tally).error(e),
                     };
-                    // A request the client library gives back unsent (the connection said
-                    // GOAWAY before it went out) goes on a new connection, at most twice.
+                    // A request the server never processed goes on a new connection, at most
+                    // twice: one the client library gives back unsent, or one the server's
+                    // GOAWAY left out (RFC 9113 section 6.8: above its last stream id, or
+                    // opened by the library after the GOAWAY arrived).
+                    let mut stale = None;
                     for attempt in 0..3 {
-                        let mut sender = match http2_sender(&shared, target.addr, &tally).await {
+                        let sender = http2_sender(&shared, target.addr, &tally, stale).await;
+                        let (number, mut sender) = match sender {
                             Ok(s) => s,
                             Err(e) => {
                                 lock_tally(&tally).error(format!("connect: {e}"));
@@ -725,9 +766,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
                                 Some(unsent) if attempt < 2 => {
                                     lock_tally(&tally).resent_unsent += 1;
                                     request = unsent;
+                                    stale = Some(number);
                                 }
                                 _ => {
-                                    lock_tally(&tally).error(e.into_error());
+                                    let e = e.into_error();
+                                    if attempt < 2 && left_out_by_goaway(&e) {
+                                        lock_tally(&tally).resent_unsent += 1;
+                                        stale = Some(number);
+                                        request = match build_get(&target, &headers, true) {
+                                            Ok(r) => r,
+                                            Err(e) => return lock_tally(&tally).error(e),
+                                        };
+                                        continue;
+                                    }
+                                    lock_tally(&tally).error(with_causes(&e));
                                     break;
                                 }
                             },
@@ -772,7 +824,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
                         Ok(response) => record(&tally, begun, response).await,
                         Err(e) => {
                             sender = None;
-                            lock_tally(&tally).error(e);
+                            lock_tally(&tally).error(with_causes(&e));
                         }
                     }
                 }

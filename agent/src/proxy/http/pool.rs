@@ -85,7 +85,9 @@ pub fn never_processed(error: &hyper::Error) -> bool {
     while let Some(error) = cause {
         if let Some(h2) = error.downcast_ref::<h2::Error>() {
             return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR));
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
         }
         cause = error.source();
     }
