@@ -8,7 +8,9 @@
 //! runs the agent is upgraded 10 times in a row with a 1 s drain timeout; every request that
 //! did not get its answer counts, and none may fail. Each of the 11 agent generations must
 //! have served some of the requests (its own request log says so), so the load really crossed
-//! every upgrade.
+//! every upgrade. Across nodes, the same HTTP/1.1 load goes through the mTLS tunnel while the
+//! destination node's agent is upgraded 10 times. On SIGTERM and when a pod leaves, an idle
+//! keep-alive connection's next request is answered (with `Connection: close`).
 //!
 //! Needs root (and Python's grpcio for the gRPC test: `cargo xtask setup` installs it); without
 //! them these tests fail with the reason.
@@ -542,5 +544,206 @@ fn a_leaving_pod_s_idle_keep_alive_connection_gets_its_next_answer_then_closes()
     })?;
     // The agent itself goes on serving the other pods.
     assert!(agent.process.try_wait()?.is_none(), "the agent still runs");
+    Ok(())
+}
+
+/// The cross-node mesh: `color` on node2 takes only mTLS (STRICT), the client on node1 calls
+/// it with its own certificate, so every request crosses the agents' tunnel.
+fn tunnel_mesh_yaml(certs: &Path) -> String {
+    let c = certs.display();
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: color}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        enforce: true
+        certificate: {{file: {{certificateChain: {c}/client.pem, privateKey: {c}/client-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://test/ns/app/vn/color]}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: color, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: color}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/color.pem, privateKey: {c}/color-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://test/ns/app/vn/client]}}}}
+  serviceDiscovery: {{dns: {{hostname: server.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: color, namespace: app}}
+spec:
+  awsName: {COLOR}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: color}}}}}}
+"#
+    )
+}
+
+/// `--peer-node` arguments naming `other`, and the drain timeout.
+fn node_args(other: &Node) -> Vec<String> {
+    let mut args = drain_args();
+    for (subnet, bits) in [
+        (testbed::addr::pod_subnet_v4(other.index()).to_string(), 24),
+        (testbed::addr::pod_subnet_v6(other.index()).to_string(), 64),
+    ] {
+        args.push("--peer-node".into());
+        args.push(format!("{subnet}/{bits}={}", other.underlay_ip()));
+    }
+    args
+}
+
+fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
+    let output = testbed::agent::strait(node, args)?;
+    if !output.status.success() {
+        bail!(
+            "strait {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn http1_clients_on_another_node_lose_no_request_across_ten_upgrades_of_the_server_s_agent()
+-> anyhow::Result<()> {
+    let tb = Testbed::new("drain-tunnel")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let client = node1.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let server = node2.add_pod(&PodSpec::new("server", "app").label("app", "color"))?;
+    tb.dns_record(COLOR, &[COLOR_V4.parse()?])?;
+    tb.dns_record("server.app.svc.cluster.local", &server.ips())?;
+    let http = tb.spawn(
+        "http-server",
+        server.command(HTTP_BIN).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080,[::]:8080",
+            "--name",
+            "server",
+        ]),
+    )?;
+    http.wait_listening(8080, Duration::from_secs(10))?;
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, tunnel_mesh_yaml(&certs))?;
+    let (ca_arg, mesh_arg) = (ca.display().to_string(), mesh.display().to_string());
+    strait_ok(&node1, &["ca", "init", "--dir", &ca_arg])?;
+    strait_ok(
+        &node1,
+        &["ca", "issue", "--mesh", &mesh_arg, "--ca-dir", &ca_arg],
+    )?;
+    node1.write_workload(&client)?;
+    node2.write_workload(&server)?;
+    let (args1, args2) = (node_args(&node2), node_args(&node1));
+    let args1: Vec<&str> = args1.iter().map(String::as_str).collect();
+    let args2: Vec<&str> = args2.iter().map(String::as_str).collect();
+    let agent1 = Agent::start(&tb, &node1, &mesh, &args1)?;
+    let mut agent2 = Agent::start(&tb, &node2, &mesh, &args2)?;
+    agent1.wait_enrolled("app/client", true, Duration::from_secs(20))?;
+    agent2.wait_enrolled("app/server", true, Duration::from_secs(20))?;
+
+    let stop = tb.temp_dir().join("stop-tunnel");
+    let stop_arg = stop.display().to_string();
+    let rate = RATE.to_string();
+    let load = tb.spawn(
+        "load-tunnel",
+        client.command(HTTP_BIN).args([
+            "load",
+            &format!("http://{COLOR}:8080/color"),
+            "--concurrency",
+            "8",
+            "--rate",
+            &rate,
+            "--duration-ms",
+            "180000",
+            "--timeout",
+            "200",
+            "--stop-file",
+            &stop_arg,
+        ]),
+    )?;
+    std::thread::sleep(BETWEEN_UPGRADES);
+    let mut generations = Vec::new();
+    for upgrade in 1..=UPGRADES {
+        if let Some(status) = load.try_wait()? {
+            bail!(
+                "the load ended ({status}) before upgrade {upgrade}: {} {}",
+                load.stdout(),
+                load.stderr()
+            );
+        }
+        let new = Agent::start(&tb, &node2, &mesh, &args2)?;
+        let status = agent2
+            .process
+            .wait_timeout(Duration::from_secs(DRAIN_SECONDS + 10))
+            .with_context(|| format!("upgrade {upgrade}: the old agent did not drain and exit"))?;
+        assert!(status.success(), "upgrade {upgrade}: {status}");
+        generations.push(agent2);
+        agent2 = new;
+        std::thread::sleep(BETWEEN_UPGRADES);
+    }
+    std::fs::write(&stop, b"")?;
+    load.wait_timeout(Duration::from_secs(30))?;
+    generations.push(agent2);
+    let report: Value = serde_json::from_str(load.stdout().trim()).with_context(|| {
+        format!(
+            "the load client printed no JSON report: stdout {:?}, stderr {:?}",
+            load.stdout(),
+            load.stderr()
+        )
+    })?;
+    // Each generation of the server's agent took tunnels from the client's agent.
+    let tunnels: Vec<usize> = generations
+        .iter()
+        .map(|agent| {
+            agent
+                .log_lines()
+                .iter()
+                .filter(|l| l["message"] == "mTLS tunnel accepted")
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "tunnel: {UPGRADES} upgrades of node2's agent, report {report}, tunnels accepted per generation {tunnels:?}"
+    );
+    let failures: Vec<String> = agent1
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["target"] == "strait::request" && l["status"].as_u64() != Some(200))
+        .take(5)
+        .map(|l| l.to_string())
+        .collect();
+    assert_eq!(
+        report["failed"], 0,
+        "no request may fail while the server's agent is upgraded: {report}; the client's agent logged {failures:#?}"
+    );
+    assert!(report["completed"].as_u64().unwrap_or(0) > 0, "{report}");
+    for (generation, count) in tunnels.iter().enumerate() {
+        assert!(
+            *count > 0,
+            "generation {generation} of node2's agent took no tunnel ({tunnels:?})"
+        );
+    }
     Ok(())
 }

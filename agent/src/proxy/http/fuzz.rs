@@ -63,7 +63,7 @@ impl Env for TestEnv {
     ) -> BoxFuture<'a, std::io::Result<upstream::Stream>> {
         Box::pin(async move {
             let stream = upstream::connect(endpoint).await?;
-            Ok(Box::new(stream) as upstream::Stream)
+            Ok(upstream::Stream::new(stream))
         })
     }
 }
