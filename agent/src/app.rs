@@ -213,6 +213,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         table: ArcSwap::from_pointee(Table::default()),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        drain_timeout: config.drain_timeout,
         connections: TaskTracker::new(),
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
@@ -339,7 +340,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     shutdown.cancel();
     node.enrolled.clear();
     ctx.connections.close();
-    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
+    // Each connection closes itself at the drain timeout (see `proxy::Drain`); the margin lets
+    // them do so before the process ends whatever is left.
+    let margin = Duration::from_millis(500);
+    if tokio::time::timeout(config.drain_timeout + margin, ctx.connections.wait())
         .await
         .is_err()
     {

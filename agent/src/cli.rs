@@ -107,7 +107,9 @@ pub struct RunArgs {
     /// Port of the outbound listener the agent opens inside each pod's network namespace.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// How long to let connections in flight finish on SIGTERM, in seconds.
+    /// How long a draining connection may go on (SIGTERM, hand-over to a new agent, a pod
+    /// leaving), in seconds. Idle HTTP/1.1 keep-alive connections are kept this long for their
+    /// next request, answered with `Connection: close` (see docs/operations.md, Draining).
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
     /// Remove every pin and attachment on exit (default: keep them for a restarting agent).
