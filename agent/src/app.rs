@@ -380,7 +380,9 @@ async fn wait_synced(
     if *synced.borrow_and_update() {
         return true;
     }
-    tracing::info!("waiting for the pod source's first complete list; /ready answers 503 until then");
+    tracing::info!(
+        "waiting for the pod source's first complete list; /ready answers 503 until then"
+    );
     tokio::select! {
         result = synced.wait_for(|done| *done) => result.is_ok(),
         _ = tokio::signal::ctrl_c() => false,
@@ -1053,16 +1055,20 @@ impl Node {
                     identity: None,
                 }),
         );
-        statuses.extend(self.skipped.iter().map(|(key, (vn, reason))| WorkloadStatus {
-            pod: key.to_string(),
-            virtual_node: vn.as_ref().map(ToString::to_string),
-            enrolled: false,
-            cgroup_id: None,
-            listeners: Vec::new(),
-            error: None,
-            reason: Some(reason.clone()),
-            identity: None,
-        }));
+        statuses.extend(
+            self.skipped
+                .iter()
+                .map(|(key, (vn, reason))| WorkloadStatus {
+                    pod: key.to_string(),
+                    virtual_node: vn.as_ref().map(ToString::to_string),
+                    enrolled: false,
+                    cgroup_id: None,
+                    listeners: Vec::new(),
+                    error: None,
+                    reason: Some(reason.clone()),
+                    identity: None,
+                }),
+        );
         admin.workloads.store(Arc::new(statuses));
     }
 }

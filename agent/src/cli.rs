@@ -26,6 +26,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only complicate the derive"
+)]
 pub enum Command {
     /// Run the node agent: capture local pods' traffic and apply the mesh.
     Run(RunArgs),
@@ -89,7 +93,11 @@ pub struct RunArgs {
     pub mesh: PathBuf,
     /// Directory with one JSON file per local pod. Watched. For plain hosts; on Kubernetes
     /// use --kubernetes instead.
-    #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     pub workloads: Option<PathBuf>,
     /// Take this node's pods from the Kubernetes API (pods with spec.nodeName = --node-name,
     /// their namespaces' labels) instead of a workloads directory.

@@ -50,9 +50,7 @@ pub enum Error {
         "--kubernetes needs the name of this node: pass --node-name, or set NODE_NAME from the downward API (env NODE_NAME, valueFrom.fieldRef.fieldPath: spec.nodeName)"
     )]
     MissingNodeName,
-    #[error(
-        "cannot read the kubeconfig {path}; pass --kubeconfig with a readable kubeconfig file"
-    )]
+    #[error("cannot read the kubeconfig {path}; pass --kubeconfig with a readable kubeconfig file")]
     Kubeconfig {
         path: PathBuf,
         #[source]
@@ -91,12 +89,11 @@ pub async fn start(options: Options) -> Result<KubernetesSource, Error> {
     }
     let config = match &options.kubeconfig {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|source| {
-                Error::Kubeconfig {
+            let kubeconfig =
+                kube::config::Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                })?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
                 .map_err(|source| Error::Kubeconfig {
@@ -379,8 +376,10 @@ impl Resolver {
     /// Lets go of the sandboxes of pods no longer listed (after a delay, see
     /// [`RETIRE_AFTER`]).
     fn retire_missing(&mut self, pods: &BTreeMap<(String, String), Pod>) {
-        let listed: std::collections::HashSet<&str> =
-            pods.values().filter_map(|p| p.meta().uid.as_deref()).collect();
+        let listed: std::collections::HashSet<&str> = pods
+            .values()
+            .filter_map(|p| p.meta().uid.as_deref())
+            .collect();
         let gone: Vec<String> = self
             .found
             .keys()
@@ -403,14 +402,13 @@ impl Resolve for Resolver {
             .uid
             .clone()
             .ok_or_else(|| "the pod has no metadata.uid".to_string())?;
+        let mut previous = None;
         if let Some((cgroup, sandbox)) = self.found.get(&uid) {
             if sandbox.alive() {
                 return Ok((cgroup.clone(), sandbox.netns_path()));
             }
             tracing::info!(pod = %pod.name_any(), pid = sandbox.pid, "the pod's sandbox process is gone; looking for it again");
-            if let Some((_, sandbox)) = self.found.remove(&uid) {
-                self.retired.push((Instant::now(), sandbox));
-            }
+            previous = self.found.remove(&uid).map(|(_, sandbox)| sandbox);
         }
         let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
         let cgroup = sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
@@ -420,7 +418,23 @@ impl Resolve for Resolver {
                 qos.map(|q| format!(", QoS class {q}")).unwrap_or_default()
             )
         })?;
-        let sandbox = Sandbox::open(&cgroup)?;
+        let opened = Sandbox::open(&cgroup);
+        let sandbox = match (previous, opened) {
+            // Another process of the same namespace: keep the descriptor (and the path), so
+            // the pod stays enrolled as it is.
+            (Some(mut previous), Ok(newer)) => match previous.adopt(newer) {
+                Ok(()) => previous,
+                Err(newer) => {
+                    self.retired.push((Instant::now(), previous));
+                    newer
+                }
+            },
+            (Some(previous), Err(reason)) => {
+                self.retired.push((Instant::now(), previous));
+                return Err(reason);
+            }
+            (None, opened) => opened?,
+        };
         let netns = sandbox.netns_path();
         tracing::debug!(pod = %pod.name_any(), cgroup = %cgroup.display(), pid = sandbox.pid, "found the pod's cgroup and sandbox");
         self.found.insert(uid, (cgroup.clone(), sandbox));
@@ -513,9 +527,8 @@ mod tests {
     #[test]
     fn a_relist_replaces_the_objects_only_when_complete_and_errors_keep_them() {
         let mut objects = Objects::<Pod>::new("pods");
-        let p = |name: &str| {
-            pod(serde_json::json!({"metadata": {"name": name, "namespace": "shop"}}))
-        };
+        let p =
+            |name: &str| pod(serde_json::json!({"metadata": {"name": name, "namespace": "shop"}}));
         assert!(!objects.apply(Ok(Event::Init)));
         assert!(!objects.apply(Ok(Event::InitApply(p("a")))));
         assert!(!objects.synced);

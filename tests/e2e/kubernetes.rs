@@ -18,7 +18,8 @@ use anyhow::{Context as _, bail};
 use common::*;
 use serde_json::{Value, json};
 use testbed::agent::{Agent, peer_binary, strait, strait_binary};
-use testbed::kubeapi::{self, KubeApi, Kind};
+use testbed::kubeapi::{self, Kind, KubeApi};
+use testbed::kubelet::CgroupDriver;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 /// The shared mesh, with a namespaceSelector (namespace labels come from the API) and two
@@ -48,14 +49,21 @@ struct KubeBed {
     _v1: Pod,
     v2: Pod,
     mesh: PathBuf,
-    _processes: Vec<Process>,
+    /// The pause processes of client, color-v1, color-v2.
+    sandboxes: Vec<Process>,
+    _servers: Vec<Process>,
 }
 
 /// One node with a client and two color servers, each with its sandbox process; the API
 /// holds the node, namespace `app` (in the mesh) and the two servers, not the client.
 fn kube_bed(test: &str) -> anyhow::Result<KubeBed> {
+    kube_bed_with_driver(test, CgroupDriver::Systemd)
+}
+
+/// [`kube_bed`] on a node whose pod cgroups kubelet's `driver` names.
+fn kube_bed_with_driver(test: &str, driver: CgroupDriver) -> anyhow::Result<KubeBed> {
     let tb = Testbed::new(test)?;
-    let node = tb.add_node("node1")?;
+    let node = tb.add_node_with_driver("node1", driver)?;
     let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
     let v1 = node.add_pod(
         &PodSpec::new("color-v1", "app")
@@ -67,11 +75,12 @@ fn kube_bed(test: &str) -> anyhow::Result<KubeBed> {
             .label("app", "color")
             .label("version", "v2"),
     )?;
-    let mut processes = Vec::new();
     // The sandbox first: it is the pod's oldest process, as on a real node.
-    for pod in [&client, &v1, &v2] {
-        processes.push(tb.start_sandbox(pod)?);
-    }
+    let sandboxes = [&client, &v1, &v2]
+        .into_iter()
+        .map(|pod| tb.start_sandbox(pod))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut servers = Vec::new();
     tb.dns_record(
         SERVICE,
         &[SERVICE_V4.parse()?, SERVICE_V6.parse::<IpAddr>()?],
@@ -91,7 +100,7 @@ fn kube_bed(test: &str) -> anyhow::Result<KubeBed> {
             ]),
         )?;
         server.wait_listening(8080, Duration::from_secs(10))?;
-        processes.push(server);
+        servers.push(server);
     }
     let api = KubeApi::new()?;
     let addr = api.serve_in(&node)?;
@@ -112,7 +121,8 @@ fn kube_bed(test: &str) -> anyhow::Result<KubeBed> {
         _v1: v1,
         v2,
         mesh,
-        _processes: processes,
+        sandboxes,
+        _servers: servers,
     })
 }
 
@@ -183,13 +193,39 @@ fn a_pod_created_in_the_api_is_enrolled_and_captured_and_released_when_deleted()
         "{requests:#?}"
     );
 
+    // The sandbox process is replaced by another in the same network namespace: the pod
+    // stays enrolled as it is (same listeners), and calls are still captured.
+    let replacement = bed.tb.start_sandbox(&bed.client)?;
+    bed.sandboxes[0].kill()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let released = |agent: &Agent| {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| l["message"] == "pod released")
+            .count()
+    };
+    assert_eq!(released(&agent), 0, "{}", agent.process.stderr());
+    assert!(
+        agent.process.stderr().contains("sandbox process is gone"),
+        "the agent did not notice the sandbox change:\n{}",
+        agent.process.stderr()
+    );
+    let again = entry(&agent, "app/client")?.context("client listed")?;
+    assert_eq!(again["enrolled"], true, "{again}");
+    assert_eq!(again["listeners"], client["listeners"], "{again}");
+    let report = call_color(&bed.client)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(agent.counter("captured")?, 2);
+    replacement.kill()?;
+
     bed.api.delete(Kind::Pod, "app", "client")?;
     agent.wait_enrolled("app/client", false, Duration::from_secs(10))?;
     assert!(entry(&agent, "app/client")?.is_none());
     let report = call_color(&bed.client)?;
     assert_eq!(report["ok"], false, "{report}");
     assert_eq!(first_errno(&report), Some(EHOSTUNREACH), "{report}");
-    assert_eq!(agent.counter("captured")?, 1);
+    assert_eq!(agent.counter("captured")?, 2);
     Ok(())
 }
 
@@ -203,7 +239,10 @@ fn only_pods_exactly_one_virtual_node_selects_are_enrolled_and_the_others_say_wh
     let stranger = bed
         .node
         .add_pod(&PodSpec::new("stranger", "other").label("app", "client"))?;
-    let _sandboxes = [bed.tb.start_sandbox(&twin)?, bed.tb.start_sandbox(&stranger)?];
+    let _sandboxes = [
+        bed.tb.start_sandbox(&twin)?,
+        bed.tb.start_sandbox(&stranger)?,
+    ];
     bed.api.apply(kubeapi::pod_object(&twin))?;
     bed.api.apply(kubeapi::pod_object(&stranger))?;
     let mut host = kubeapi::pod_object(&bed.client);
@@ -233,8 +272,14 @@ fn only_pods_exactly_one_virtual_node_selects_are_enrolled_and_the_others_say_wh
         assert_eq!(e["enrolled"], false, "{e}");
         Ok(())
     };
-    reason("app/twin", "several VirtualNodes select the pod (app/twin-a, app/twin-b)")?;
-    reason("other/stranger", "namespace other is not selected by Mesh test")?;
+    reason(
+        "app/twin",
+        "several VirtualNodes select the pod (app/twin-a, app/twin-b)",
+    )?;
+    reason(
+        "other/stranger",
+        "namespace other is not selected by Mesh test",
+    )?;
     reason("app/host", "hostNetwork")?;
     reason("app/pending", "no IP yet")?;
     assert!(entry(&agent, "app/elsewhere")?.is_none());
@@ -346,7 +391,10 @@ fn expired_watches_watch_restarts_and_an_api_outage_keep_pods_enrolled() -> anyh
     while entry(&agent, "app/color-v2")?.is_some() {
         stays_enrolled(&agent, &["app/client", "app/color-v1"], Duration::ZERO)?;
         if Instant::now() >= deadline {
-            bail!("color-v2 still listed after the relist; agent stderr:\n{}", agent.process.stderr());
+            bail!(
+                "color-v2 still listed after the relist; agent stderr:\n{}",
+                agent.process.stderr()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -355,11 +403,19 @@ fn expired_watches_watch_restarts_and_an_api_outage_keep_pods_enrolled() -> anyh
         "no relist after 410: {:#?}",
         bed.api.requests()
     );
-    stays_enrolled(&agent, &["app/client", "app/color-v1"], Duration::from_secs(1))?;
+    stays_enrolled(
+        &agent,
+        &["app/client", "app/color-v1"],
+        Duration::from_secs(1),
+    )?;
 
     // An outage: nothing answers for 4 s. Pods stay enrolled and calls are still captured.
     bed.api.stop();
-    stays_enrolled(&agent, &["app/client", "app/color-v1"], Duration::from_secs(4))?;
+    stays_enrolled(
+        &agent,
+        &["app/client", "app/color-v1"],
+        Duration::from_secs(4),
+    )?;
     let report = call_color(&bed.client)?;
     assert_eq!(report["ok"], true, "{report}");
     assert!(
@@ -375,19 +431,28 @@ fn expired_watches_watch_restarts_and_an_api_outage_keep_pods_enrolled() -> anyh
     agent.wait_enrolled("app/color-v2", true, Duration::from_secs(40))?;
     bed.api.delete(Kind::Pod, "app", "client")?;
     agent.wait_enrolled("app/client", false, Duration::from_secs(10))?;
-    stays_enrolled(&agent, &["app/color-v1", "app/color-v2"], Duration::from_secs(1))?;
+    stays_enrolled(
+        &agent,
+        &["app/color-v1", "app/color-v2"],
+        Duration::from_secs(1),
+    )?;
     let released: Vec<Value> = agent
         .log_lines()
         .into_iter()
         .filter(|l| l["message"] == "pod released")
         .collect();
-    assert_eq!(released.len(), 2, "only color-v2 (410) and client (deleted): {released:#?}");
+    assert_eq!(
+        released.len(),
+        2,
+        "only color-v2 (410) and client (deleted): {released:#?}"
+    );
     Ok(())
 }
 
 #[test]
 fn the_agent_is_not_ready_until_the_api_lists_and_needs_a_node_name() -> anyhow::Result<()> {
-    let bed = kube_bed("k8s-ready")?;
+    // This node's kubelet uses the cgroupfs driver: the agent finds pods in either layout.
+    let bed = kube_bed_with_driver("k8s-ready", CgroupDriver::Cgroupfs)?;
     bed.api.apply(kubeapi::pod_object(&bed.client))?;
     // The API is down when the agent starts.
     bed.api.stop();
@@ -396,11 +461,18 @@ fn the_agent_is_not_ready_until_the_api_lists_and_needs_a_node_name() -> anyhow:
     let mut answers = 0;
     while Instant::now() < deadline {
         let code = agent.admin_status("/ready")?;
-        assert!(code == 503 || code == 0, "/ready answered {code} before the API was reachable");
+        assert!(
+            code == 503 || code == 0,
+            "/ready answered {code} before the API was reachable"
+        );
         answers += usize::from(code == 503);
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(answers > 0, "/ready never answered 503; stderr:\n{}", agent.process.stderr());
+    assert!(
+        answers > 0,
+        "/ready never answered 503; stderr:\n{}",
+        agent.process.stderr()
+    );
     assert!(agent.workloads()?.is_empty());
     assert!(
         agent.process.stderr().contains("cannot list or watch"),

@@ -186,11 +186,22 @@ impl Agent {
         let output = run(
             self.node
                 .command("curl")
-                .args(["--silent", "--output", "/dev/null", "--write-out", "%{http_code}", "--max-time", "5"])
+                .args([
+                    "--silent",
+                    "--output",
+                    "/dev/null",
+                    "--write-out",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                ])
                 .arg(&url),
             Duration::from_secs(10),
         )?;
-        Ok(String::from_utf8_lossy(&output.stdout).trim().parse().unwrap_or(0))
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0))
     }
 
     /// GET an admin path; an error unless the answer is 2xx.

@@ -189,11 +189,14 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
     shared.state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The tasks serving one address (accept loop and connections), to abort on a stop.
+type Tasks = Arc<Mutex<Vec<tokio::task::AbortHandle>>>;
+
 /// One bound address, and the tasks serving it.
 struct Listener {
     netns: PathBuf,
     addr: SocketAddr,
-    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    tasks: Tasks,
 }
 
 /// The test API server. Dropping it stops it.
@@ -251,11 +254,7 @@ impl KubeApi {
         Ok(addr)
     }
 
-    fn accept(
-        &self,
-        std_listener: std::net::TcpListener,
-        tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    ) -> anyhow::Result<()> {
+    fn accept(&self, std_listener: std::net::TcpListener, tasks: Tasks) -> anyhow::Result<()> {
         let _guard = self.runtime().enter();
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         let shared = self.shared.clone();
@@ -323,13 +322,13 @@ impl KubeApi {
     /// starts at the current resourceVersion: watches from before get 410.
     pub fn restart(&self) -> anyhow::Result<()> {
         self.compact();
-        let listeners: Vec<(PathBuf, SocketAddr, Arc<Mutex<Vec<tokio::task::AbortHandle>>>)> =
-            self.listeners
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|l| (l.netns.clone(), l.addr, l.tasks.clone()))
-                .collect();
+        let listeners: Vec<(PathBuf, SocketAddr, Tasks)> = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| (l.netns.clone(), l.addr, l.tasks.clone()))
+            .collect();
         for (netns, addr, tasks) in listeners {
             // The port was just closed; rebinding it may take a moment (bounded).
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -649,15 +648,15 @@ fn parse_fields(kind: Kind, selector: &str) -> Result<Vec<(String, bool, String)
         } else if let Some((f, v)) = term.split_once('=') {
             (f, true, v)
         } else {
-            return Err(format!("invalid selector: '{selector}'; can't understand '{term}'"));
+            return Err(format!(
+                "invalid selector: '{selector}'; can't understand '{term}'"
+            ));
         };
         let supported = matches!(field, "metadata.name")
             || (kind.namespaced() && field == "metadata.namespace")
             || (kind == Kind::Pod && field == "spec.nodeName");
         if !supported {
-            return Err(format!(
-                "field label not supported: {field}"
-            ));
+            return Err(format!("field label not supported: {field}"));
         }
         fields.push((field.to_owned(), equal, value.to_owned()));
     }
@@ -702,7 +701,10 @@ fn parse_labels(selector: &str) -> Result<Vec<LabelRequirement>, String> {
             LabelRequirement::In(k.trim().into(), set(rest)?)
         } else if let Some(k) = term.strip_prefix('!') {
             LabelRequirement::NotExists(k.trim().into())
-        } else if term.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+        } else if term
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
             LabelRequirement::Exists(term.into())
         } else {
             return Err(format!("unable to parse requirement: '{term}'"));
@@ -765,7 +767,11 @@ fn answer<B>(shared: &Arc<Shared>, request: &Request<B>) -> Response<ResponseBod
     }
 }
 
-fn list(shared: &Shared, filter: &Filter, params: &HashMap<String, String>) -> Response<ResponseBody> {
+fn list(
+    shared: &Shared,
+    filter: &Filter,
+    params: &HashMap<String, String>,
+) -> Response<ResponseBody> {
     let mut state = lock(shared);
     let list_kind = format!("{}List", filter.kind.name());
     let limit: usize = params
@@ -870,7 +876,11 @@ fn watch(
                 (state.rv, objects)
             };
             for object in initial {
-                if tx.send(line(json!({"type": "ADDED", "object": object}))).await.is_err() {
+                if tx
+                    .send(line(json!({"type": "ADDED", "object": object})))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -914,7 +924,9 @@ fn watch(
             };
             match events {
                 Err(expired) => {
-                    let _ = tx.send(line(json!({"type": "ERROR", "object": expired}))).await;
+                    let _ = tx
+                        .send(line(json!({"type": "ERROR", "object": expired})))
+                        .await;
                     return;
                 }
                 Ok(events) => {
@@ -986,7 +998,9 @@ mod tests {
 
     #[test]
     fn query_parameters_are_decoded() {
-        let p = query_params("fieldSelector=spec.nodeName%3Dn1&labelSelector=a+in+%28x%2Cy%29&watch=true");
+        let p = query_params(
+            "fieldSelector=spec.nodeName%3Dn1&labelSelector=a+in+%28x%2Cy%29&watch=true",
+        );
         assert_eq!(p["fieldSelector"], "spec.nodeName=n1");
         assert_eq!(p["labelSelector"], "a in (x,y)");
         assert_eq!(p["watch"], "true");

@@ -133,11 +133,7 @@ impl Sandbox {
         })?;
         // The pid could have exited and been reused between listing and opening: it must
         // still be in the pod's cgroup.
-        let sandbox = Sandbox {
-            pid,
-            cgroup,
-            netns,
-        };
+        let sandbox = Sandbox { pid, cgroup, netns };
         if !sandbox.alive() {
             return Err(format!(
                 "the pod's sandbox process {pid} exited while its network namespace was opened"
@@ -152,6 +148,25 @@ impl Sandbox {
             text.lines()
                 .any(|l| l.trim().parse::<u32>() == Ok(self.pid))
         })
+    }
+
+    /// The namespace's identity (device, inode).
+    fn netns_id(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        self.netns.metadata().ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    /// Takes over `newer` (a sandbox found after this one's process went away) if it is in
+    /// the same network namespace: the path stays the same, so the pod is not re-enrolled.
+    /// Returns `newer` back when the namespace differs.
+    pub fn adopt(&mut self, newer: Sandbox) -> Result<(), Sandbox> {
+        if self.netns_id().is_some() && self.netns_id() == newer.netns_id() {
+            self.pid = newer.pid;
+            self.cgroup = newer.cgroup;
+            Ok(())
+        } else {
+            Err(newer)
+        }
     }
 
     /// A path that opens the namespace while this value lives.
@@ -183,7 +198,9 @@ mod tests {
         let g = pod_cgroup_candidates(Path::new("/cg"), UID, Some("Guaranteed"));
         assert_eq!(
             g[0],
-            PathBuf::from("/cg/kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6071_8293_a4b5c6d7e8f9.slice")
+            PathBuf::from(
+                "/cg/kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6071_8293_a4b5c6d7e8f9.slice"
+            )
         );
         assert_eq!(g[1], PathBuf::from(format!("/cg/kubepods/pod{UID}")));
         // No class yet: every class, both drivers.
@@ -217,7 +234,10 @@ mod tests {
         assert!(Sandbox::open(&pod).unwrap_err().contains("no process"));
         // This test process is older than a child it starts: it plays the sandbox.
         let me = std::process::id();
-        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
         std::fs::write(app.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
         std::fs::write(pause.join("cgroup.procs"), format!("{me}\n")).unwrap();
         let sandbox = Sandbox::open(&pod);
@@ -232,5 +252,14 @@ mod tests {
         );
         std::fs::write(pause.join("cgroup.procs"), "").unwrap();
         assert!(!sandbox.alive());
+        // Another process of the same namespace takes over; the path stays.
+        let mut sandbox = sandbox;
+        let path = sandbox.netns_path();
+        std::fs::write(app.join("cgroup.procs"), format!("{me}\n")).unwrap();
+        let newer = Sandbox::open(&pod).unwrap();
+        assert!(sandbox.adopt(newer).is_ok());
+        assert_eq!(sandbox.netns_path(), path);
+        assert_eq!(sandbox.cgroup, app);
+        assert!(sandbox.alive());
     }
 }
