@@ -41,7 +41,8 @@ use crate::{discovery, handover, netns};
 pub struct Config {
     /// A mesh file, or a directory of them (`mesh::load_file`).
     pub mesh_file: PathBuf,
-    pub workloads_dir: PathBuf,
+    /// Where the local pods come from: a workloads directory or the Kubernetes API.
+    pub pod_source: workloads::PodSource,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub admin: SocketAddr,
@@ -131,7 +132,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .as_deref()
         .map(otlp::traces_url)
         .transpose()?;
-    let workload_source = workloads::DirectorySource::start(&config.workloads_dir)?;
+    let workload_source = workloads::start(&config.pod_source).await?;
     let resolver = discovery::Resolver::new(config.dns_server)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::Signals)?;
@@ -240,6 +241,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!(%admin_addr, "admin API listening");
 
     let mesh_updates = watch_mesh_file(&config.mesh_file);
+    // Not ready (and nothing enrolled or released) before the pod source has seen every pod
+    // once: the Kubernetes API may be unreachable at start; its source retries and says so.
+    if !wait_synced(workload_source.synced.clone(), &mut sigterm).await {
+        tracing::info!("stopped before the pod source had listed the pods");
+        shutdown.cancel();
+        drop(ctx);
+        if config.cleanup_on_exit {
+            redirect::uninstall(&config.bpffs)?;
+        }
+        return Ok(());
+    }
     let mut workload_snapshots = workload_source.snapshots.clone();
     let mut node = Node {
         config: config.clone(),
@@ -248,6 +260,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         mesh: Arc::new(loaded.config),
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
+        skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
     };
@@ -361,6 +374,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tracing::info!(bpffs = %config.bpffs.display(), "pins kept: a restarted agent adopts them");
     }
     Ok(())
+}
+
+/// Waits until the pod source is synced; false if a signal came first.
+async fn wait_synced(
+    mut synced: watch::Receiver<bool>,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> bool {
+    if *synced.borrow_and_update() {
+        return true;
+    }
+    tracing::info!(
+        "waiting for the pod source's first complete list; /ready answers 503 until then"
+    );
+    tokio::select! {
+        result = synced.wait_for(|done| *done) => result.is_ok(),
+        _ = tokio::signal::ctrl_c() => false,
+        _ = sigterm.recv() => false,
+    }
 }
 
 fn reload(path: &Path, access_log_dir: &Path) -> Result<MeshConfig, Error> {
@@ -511,6 +542,9 @@ struct Node {
     enrolled: BTreeMap<ResourceId, Enrolled>,
     /// Pods that should be enrolled but could not be, with why; retried periodically.
     failed: BTreeMap<ResourceId, (Workload, Option<ResourceId>, String)>,
+    /// Pods that are not to be enrolled (no or several VirtualNodes, not in the mesh, host
+    /// network, no IP yet), with why: `/workloads` shows them.
+    skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
     ctx: Arc<proxy::Context>,
     metrics: Metrics,
 }
@@ -580,18 +614,28 @@ impl Node {
     fn reconcile(&mut self, pods: &BTreeMap<ResourceId, Workload>) {
         let drop_all = self.mesh.mesh.spec.egress_filter == EgressFilter::DropAll;
         let mut desired: BTreeMap<ResourceId, (Workload, ResourceId)> = BTreeMap::new();
+        let mut skipped = BTreeMap::new();
         for (key, workload) in pods {
-            match workload.virtual_node(&self.mesh) {
-                Selection::None | Selection::NotInMesh => {}
-                Selection::One(vn) => {
+            let selection = workload.virtual_node(&self.mesh);
+            match (selection.chosen(), &workload.unavailable) {
+                (Some(vn), None) => {
                     desired.insert(key.clone(), (workload.clone(), vn.clone()));
                 }
-                Selection::Ambiguous { chosen, others } => {
-                    tracing::warn!(pod = %key, virtual_node = %chosen, ?others, "several VirtualNodes select this pod; using the first");
-                    desired.insert(key.clone(), (workload.clone(), chosen.clone()));
+                (Some(vn), Some(reason)) => {
+                    skipped.insert(key.clone(), (Some(vn.clone()), reason.clone()));
+                }
+                (None, _) => {
+                    let reason = selection.reason(workload, &self.mesh).unwrap_or_default();
+                    if let Selection::Ambiguous { .. } = selection
+                        && self.skipped.get(key).is_none_or(|(_, r)| *r != reason)
+                    {
+                        tracing::warn!(pod = %key, "{reason}");
+                    }
+                    skipped.insert(key.clone(), (None, reason));
                 }
             }
         }
+        self.skipped = skipped;
         // Release pods that are gone or changed (kernel first, then listeners).
         let stale: Vec<ResourceId> = self
             .enrolled
@@ -1030,6 +1074,7 @@ impl Node {
                 cgroup_id: Some(e.cgroup_id),
                 listeners: e.listeners.clone(),
                 error: None,
+                reason: None,
                 identity: Some(self.identity_status(&e.virtual_node)),
             })
             .collect();
@@ -1043,6 +1088,21 @@ impl Node {
                     cgroup_id: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
+                    reason: None,
+                    identity: None,
+                }),
+        );
+        statuses.extend(
+            self.skipped
+                .iter()
+                .map(|(key, (vn, reason))| WorkloadStatus {
+                    pod: key.to_string(),
+                    virtual_node: vn.as_ref().map(ToString::to_string),
+                    enrolled: false,
+                    cgroup_id: None,
+                    listeners: Vec::new(),
+                    error: None,
+                    reason: Some(reason.clone()),
                     identity: None,
                 }),
         );

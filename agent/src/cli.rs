@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::proxy::upstream::PeerNode;
-use crate::{app, ca, mesh, redirect, status};
+use crate::workloads::PodSource;
+use crate::{app, ca, kubernetes, mesh, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +26,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only complicate the derive"
+)]
 pub enum Command {
     /// Run the node agent: capture local pods' traffic and apply the mesh.
     Run(RunArgs),
@@ -89,9 +94,26 @@ pub struct RunArgs {
     /// Watched and reloaded.
     #[arg(long)]
     pub mesh: PathBuf,
-    /// Directory with one JSON file per local pod. Watched.
+    /// Directory with one JSON file per local pod. Watched. For plain hosts; on Kubernetes
+    /// use --kubernetes instead.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub workloads: Option<PathBuf>,
+    /// Take this node's pods from the Kubernetes API (pods with spec.nodeName = --node-name,
+    /// their namespaces' labels) instead of a workloads directory.
     #[arg(long)]
-    pub workloads: PathBuf,
+    pub kubernetes: bool,
+    /// This node's name, as the API knows it (default: the NODE_NAME environment variable,
+    /// which a DaemonSet sets from the downward API's spec.nodeName).
+    #[arg(long, requires = "kubernetes")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for --kubernetes (default: KUBECONFIG, ~/.kube/config, else the pod's
+    /// service account).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -173,10 +195,23 @@ pub enum Switch {
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
+            let cgroup_root = default_cgroup_root(args.cgroup_root);
+            let pod_source = match args.workloads {
+                Some(dir) => PodSource::Directory(dir),
+                None => PodSource::Kubernetes(kubernetes::Options {
+                    node_name: args
+                        .node_name
+                        .or_else(|| std::env::var("NODE_NAME").ok())
+                        .filter(|name| !name.trim().is_empty())
+                        .ok_or(kubernetes::Error::MissingNodeName)?,
+                    kubeconfig: args.kubeconfig,
+                    cgroup_root: cgroup_root.clone(),
+                }),
+            };
             let config = app::Config {
                 mesh_file: args.mesh,
-                workloads_dir: args.workloads,
-                cgroup_root: default_cgroup_root(args.cgroup_root),
+                pod_source,
+                cgroup_root,
                 bpffs: args.bpffs,
                 admin: args.admin,
                 dns_server: args.dns_server,
