@@ -40,6 +40,9 @@ pub struct WorkloadStatus {
     pub listeners: Vec<SocketAddr>,
     /// Why the pod is not enrolled, when it should be.
     pub error: Option<String>,
+    /// Why the pod is not enrolled and is not meant to be (no VirtualNode or several select
+    /// it, its namespace is not in the mesh, host network, no IP yet).
+    pub reason: Option<String>,
     /// The virtual node's identity and certificate (enrolled pods).
     pub identity: Option<IdentityStatus>,
 }

@@ -1,9 +1,9 @@
 //! Builds the running agent from its configuration and keeps it in step with its inputs.
 //!
-//! Inputs: the mesh file (watched, reloaded when it changes), the local workloads (watched),
-//! and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF maps
-//! (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and the
-//! routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
+//! Inputs: the mesh file or directory (watched, reloaded when it changes), the local workloads
+//! (watched), and DNS answers (re-resolved on TTL). One reconcile loop turns them into the eBPF
+//! maps (enrolled cgroups, service addresses), one outbound listener set per enrolled pod, and
+//! the routing table the proxy reads. Shutdown: stop accepting, drain, exit; the pins stay so a
 //! restarted agent adopts them.
 
 use std::collections::BTreeMap;
@@ -39,8 +39,10 @@ use crate::{discovery, handover, netns};
 /// How `strait run` was asked to run.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// A mesh file, or a directory of them (`mesh::load_file`).
     pub mesh_file: PathBuf,
-    pub workloads_dir: PathBuf,
+    /// Where the local pods come from: a workloads directory or the Kubernetes API.
+    pub pod_source: workloads::PodSource,
     pub cgroup_root: PathBuf,
     pub bpffs: PathBuf,
     pub admin: SocketAddr,
@@ -130,7 +132,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .as_deref()
         .map(otlp::traces_url)
         .transpose()?;
-    let workload_source = workloads::DirectorySource::start(&config.workloads_dir)?;
+    let workload_source = workloads::start(&config.pod_source).await?;
     let resolver = discovery::Resolver::new(config.dns_server)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::Signals)?;
@@ -212,6 +214,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         table: ArcSwap::from_pointee(Table::default()),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        drain_timeout: config.drain_timeout,
         connections: TaskTracker::new(),
         access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
@@ -238,6 +241,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!(%admin_addr, "admin API listening");
 
     let mesh_updates = watch_mesh_file(&config.mesh_file);
+    // Not ready (and nothing enrolled or released) before the pod source has seen every pod
+    // once: the Kubernetes API may be unreachable at start; its source retries and says so.
+    if !wait_synced(workload_source.synced.clone(), &mut sigterm).await {
+        tracing::info!("stopped before the pod source had listed the pods");
+        shutdown.cancel();
+        drop(ctx);
+        if config.cleanup_on_exit {
+            redirect::uninstall(&config.bpffs)?;
+        }
+        return Ok(());
+    }
     let mut workload_snapshots = workload_source.snapshots.clone();
     let mut node = Node {
         config: config.clone(),
@@ -247,6 +261,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
         retiring: Vec::new(),
+        skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
     };
@@ -288,7 +303,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             Some(()) = mesh_updates.recv() => {
                 // The same bytes as last time (a touch, an unrelated event): nothing to do,
                 // and an invalid file is not reported twice.
-                let digest = file_digest(&config.mesh_file);
+                let digest = mesh::digest(std::slice::from_ref(&config.mesh_file)).ok();
                 if digest.is_some() && digest == last_seen {
                     continue;
                 }
@@ -341,7 +356,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     node.enrolled.clear();
     node.retiring.clear();
     ctx.connections.close();
-    if tokio::time::timeout(config.drain_timeout, ctx.connections.wait())
+    // Each connection closes itself at the drain timeout (see `proxy::Drain`); the margin lets
+    // them do so before the process ends whatever is left.
+    let margin = Duration::from_millis(500);
+    if tokio::time::timeout(config.drain_timeout + margin, ctx.connections.wait())
         .await
         .is_err()
     {
@@ -442,16 +460,22 @@ fn capture_inbound(
     enrolled.inbound.captured = captured;
 }
 
-/// SHA-256 of the mesh file's bytes (hex), as `mesh::Source::sha256` has it.
-fn file_digest(path: &Path) -> Option<String> {
-    use sha2::Digest as _;
-    let bytes = std::fs::read(path).ok()?;
-    Some(
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+/// Waits until the pod source is synced; false if a signal came first.
+async fn wait_synced(
+    mut synced: watch::Receiver<bool>,
+    sigterm: &mut tokio::signal::unix::Signal,
+) -> bool {
+    if *synced.borrow_and_update() {
+        return true;
+    }
+    tracing::info!(
+        "waiting for the pod source's first complete list; /ready answers 503 until then"
+    );
+    tokio::select! {
+        result = synced.wait_for(|done| *done) => result.is_ok(),
+        _ = tokio::signal::ctrl_c() => false,
+        _ = sigterm.recv() => false,
+    }
 }
 
 fn reload(path: &Path, access_log_dir: &Path) -> Result<MeshConfig, Error> {
@@ -503,24 +527,35 @@ fn unix_now() -> u64 {
 }
 
 /// Watches the mesh file's directory (not the file: a ConfigMap update swaps a symlinked
-/// directory, and editors replace files by rename) and signals every change.
+/// directory, and editors replace files by rename), or the mesh directory itself, and signals
+/// every change.
 fn watch_mesh_file(path: &Path) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let is_dir = path.is_dir();
+    let dir = if is_dir {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+    .to_path_buf();
     let (kick_tx, mut kick_rx) = mpsc::unbounded_channel::<()>();
     let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only the file itself and Kubernetes' `..data` / `..<timestamp>` entries matter;
-        // other files in the directory (logs, sockets) come and go without a reload.
+        // Only the mesh file (or, for a directory, its mesh files) and Kubernetes' `..data` /
+        // `..<timestamp>` entries matter; other files come and go without a reload.
         let relevant = event.is_ok_and(|event| {
             event.paths.iter().any(|p| {
-                p.file_name().is_some_and(|name| {
-                    Some(name) == file_name.as_deref() || name.to_string_lossy().starts_with("..")
-                })
+                let mesh_file = if is_dir {
+                    p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                } else {
+                    p.file_name() == file_name.as_deref()
+                };
+                mesh_file
+                    || p.file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with(".."))
             })
         });
         if relevant {
@@ -595,6 +630,9 @@ struct Node {
     /// the kernel steered to them just before the switch waits in their backlog and must be
     /// served, not reset.
     retiring: Vec<(Instant, Enrolled)>,
+    /// Pods that are not to be enrolled (no or several VirtualNodes, not in the mesh, host
+    /// network, no IP yet), with why: `/workloads` shows them.
+    skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
     ctx: Arc<proxy::Context>,
     metrics: Metrics,
 }
@@ -668,18 +706,28 @@ impl Node {
     fn reconcile(&mut self, pods: &BTreeMap<ResourceId, Workload>) {
         let drop_all = self.mesh.mesh.spec.egress_filter == EgressFilter::DropAll;
         let mut desired: BTreeMap<ResourceId, (Workload, ResourceId)> = BTreeMap::new();
+        let mut skipped = BTreeMap::new();
         for (key, workload) in pods {
-            match workload.virtual_node(&self.mesh) {
-                Selection::None | Selection::NotInMesh => {}
-                Selection::One(vn) => {
+            let selection = workload.virtual_node(&self.mesh);
+            match (selection.chosen(), &workload.unavailable) {
+                (Some(vn), None) => {
                     desired.insert(key.clone(), (workload.clone(), vn.clone()));
                 }
-                Selection::Ambiguous { chosen, others } => {
-                    tracing::warn!(pod = %key, virtual_node = %chosen, ?others, "several VirtualNodes select this pod; using the first");
-                    desired.insert(key.clone(), (workload.clone(), chosen.clone()));
+                (Some(vn), Some(reason)) => {
+                    skipped.insert(key.clone(), (Some(vn.clone()), reason.clone()));
+                }
+                (None, _) => {
+                    let reason = selection.reason(workload, &self.mesh).unwrap_or_default();
+                    if let Selection::Ambiguous { .. } = selection
+                        && self.skipped.get(key).is_none_or(|(_, r)| *r != reason)
+                    {
+                        tracing::warn!(pod = %key, "{reason}");
+                    }
+                    skipped.insert(key.clone(), (None, reason));
                 }
             }
         }
+        self.skipped = skipped;
         // Release pods that are gone (kernel first, then listeners). A pod that changed (its
         // labels, and so its virtual node, or its addresses) is replaced below, make before
         // break: it is never less protected during the change than before or after it.
@@ -1143,6 +1191,7 @@ impl Node {
                 cgroup_id: Some(e.cgroup_id),
                 listeners: e.listeners.clone(),
                 error: None,
+                reason: None,
                 identity: Some(self.identity_status(&e.virtual_node)),
             })
             .collect();
@@ -1156,6 +1205,21 @@ impl Node {
                     cgroup_id: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
+                    reason: None,
+                    identity: None,
+                }),
+        );
+        statuses.extend(
+            self.skipped
+                .iter()
+                .map(|(key, (vn, reason))| WorkloadStatus {
+                    pod: key.to_string(),
+                    virtual_node: vn.as_ref().map(ToString::to_string),
+                    enrolled: false,
+                    cgroup_id: None,
+                    listeners: Vec::new(),
+                    error: None,
+                    reason: Some(reason.clone()),
                     identity: None,
                 }),
         );

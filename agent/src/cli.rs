@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::proxy::upstream::PeerNode;
-use crate::{app, ca, mesh, redirect, status};
+use crate::workloads::PodSource;
+use crate::{app, ca, kubernetes, mesh, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,12 +26,17 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only complicate the derive"
+)]
 pub enum Command {
     /// Run the node agent: capture local pods' traffic and apply the mesh.
     Run(RunArgs),
-    /// Check mesh files; exit 0 when valid, 1 with every error when not.
+    /// Check a mesh; exit 0 when valid, 1 with every error when not.
     Validate {
-        /// Mesh files (multi-document YAML of App Mesh resources).
+        /// Mesh files (multi-document YAML or JSON of App Mesh resources) and directories of
+        /// them (every *.yaml, *.yml, *.json), validated together as one mesh.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -83,12 +89,31 @@ pub enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The mesh file (App Mesh resources, multi-document YAML). Watched and reloaded.
+    /// The mesh: a file of App Mesh resources (multi-document YAML or JSON), or a directory
+    /// whose *.yaml, *.yml and *.json files together are one mesh (a mounted ConfigMap).
+    /// Watched and reloaded.
     #[arg(long)]
     pub mesh: PathBuf,
-    /// Directory with one JSON file per local pod. Watched.
+    /// Directory with one JSON file per local pod. Watched. For plain hosts; on Kubernetes
+    /// use --kubernetes instead.
+    #[arg(
+        long,
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub workloads: Option<PathBuf>,
+    /// Take this node's pods from the Kubernetes API (pods with spec.nodeName = --node-name,
+    /// their namespaces' labels) instead of a workloads directory.
     #[arg(long)]
-    pub workloads: PathBuf,
+    pub kubernetes: bool,
+    /// This node's name, as the API knows it (default: the NODE_NAME environment variable,
+    /// which a DaemonSet sets from the downward API's spec.nodeName).
+    #[arg(long, requires = "kubernetes")]
+    pub node_name: Option<String>,
+    /// Kubeconfig for --kubernetes (default: KUBECONFIG, ~/.kube/config, else the pod's
+    /// service account).
+    #[arg(long, requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
     /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -104,7 +129,9 @@ pub struct RunArgs {
     /// Port of the outbound listener the agent opens inside each pod's network namespace.
     #[arg(long, default_value_t = 15001)]
     pub outbound_port: u16,
-    /// How long to let connections in flight finish on SIGTERM, in seconds.
+    /// How long a draining connection may go on (SIGTERM, hand-over to a new agent, a pod
+    /// leaving), in seconds. Idle HTTP/1.1 keep-alive connections are kept this long for their
+    /// next request, answered with `Connection: close` (see docs/operations.md, Draining).
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
     /// Remove every pin and attachment on exit (default: keep them for a restarting agent).
@@ -168,10 +195,23 @@ pub enum Switch {
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
+            let cgroup_root = default_cgroup_root(args.cgroup_root);
+            let pod_source = match args.workloads {
+                Some(dir) => PodSource::Directory(dir),
+                None => PodSource::Kubernetes(kubernetes::Options {
+                    node_name: args
+                        .node_name
+                        .or_else(|| std::env::var("NODE_NAME").ok())
+                        .filter(|name| !name.trim().is_empty())
+                        .ok_or(kubernetes::Error::MissingNodeName)?,
+                    kubeconfig: args.kubeconfig,
+                    cgroup_root: cgroup_root.clone(),
+                }),
+            };
             let config = app::Config {
                 mesh_file: args.mesh,
-                workloads_dir: args.workloads,
-                cgroup_root: default_cgroup_root(args.cgroup_root),
+                pod_source,
+                cgroup_root,
                 bpffs: args.bpffs,
                 admin: args.admin,
                 dns_server: args.dns_server,
@@ -192,29 +232,27 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(app::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { files } => {
-            let mut ok = true;
-            for file in files {
-                match mesh::load_file(&file) {
-                    Ok(loaded) => {
-                        for warning in &loaded.warnings {
-                            println!("{warning}");
-                        }
-                        println!("{}: valid", file.display());
-                        println!("{}", mesh::summary(&loaded.config));
-                    }
-                    Err(error) => {
-                        ok = false;
-                        eprintln!("{error}");
-                    }
+        Command::Validate { files } => match mesh::load_paths(&files, mesh::Options::default()) {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    println!("{warning}");
                 }
+                let read: Vec<String> = loaded
+                    .config
+                    .source
+                    .files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect();
+                println!("{}: valid", read.join(", "));
+                println!("{}", mesh::summary(&loaded.config));
+                Ok(ExitCode::SUCCESS)
             }
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+            Err(error) => {
+                eprintln!("{error}");
+                Ok(ExitCode::from(1))
+            }
+        },
         Command::Status { admin } => {
             print!("{}", status::render(admin)?);
             Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod discovery;
 pub mod handover;
 pub mod identity;
+pub mod kubernetes;
 pub mod logging;
 pub mod mesh;
 pub mod netns;

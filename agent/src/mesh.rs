@@ -1,5 +1,11 @@
-//! The mesh file: App Mesh (`appmesh.k8s.aws/v1beta2`) resources in one multi-document YAML
-//! file, read into a typed, validated [`MeshConfig`].
+//! The mesh file: App Mesh (`appmesh.k8s.aws/v1beta2`) resources in multi-document YAML (or
+//! JSON, which YAML 1.2 reads as it is), read into a typed, validated [`MeshConfig`].
+//!
+//! A mesh is one file, or a directory whose `*.yaml`, `*.yml` and `*.json` files together hold
+//! one mesh, the way `kubectl apply -f DIR` reads a folder. A mounted ConfigMap is such a
+//! directory: its files are read from the one version its `..data` link points at, so a reload
+//! never mixes two versions. References, duplicates and the single Mesh are checked across all
+//! the files, and every problem names the file it is in.
 //!
 //! App Mesh manifests load unchanged: field names, enums, defaults and limits follow the
 //! controller's CRDs. Other Kubernetes documents are skipped (Namespace labels are kept for
@@ -25,10 +31,12 @@ use std::time::SystemTime;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use decode::Decoded;
+
 pub use files::{check_access_logs, check_files};
 pub use model::*;
 
-/// The whole mesh as read from one file. Resource lists are sorted by [`ResourceId`].
+/// The whole mesh as read from its file or files. Resource lists are sorted by [`ResourceId`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MeshConfig {
@@ -47,8 +55,12 @@ pub struct MeshConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Source {
+    /// What was named: the mesh file, the mesh directory, or the first of several paths.
     pub path: PathBuf,
-    /// Hex SHA-256 of the file's bytes: tells a reload whether anything changed.
+    /// Every file read, in order (a directory's in name order), as the operator names them.
+    pub files: Vec<PathBuf>,
+    /// Hex SHA-256 of the file's bytes when the mesh is one file; over every file's name and
+    /// bytes when it is several. Tells a reload whether anything changed.
     pub sha256: String,
     pub loaded_at: SystemTime,
 }
@@ -68,6 +80,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "no mesh files in {}: a mesh directory holds *.yaml, *.yml or *.json files (names \
+         starting with `.` are skipped); put the mesh there or name a file",
+        dir.display()
+    )]
+    EmptyDir { dir: PathBuf },
     #[error("{}", display_invalid(diagnostics))]
     Invalid { diagnostics: Vec<Diagnostic> },
 }
@@ -141,41 +159,26 @@ pub struct Options {
     pub check_files: bool,
 }
 
-/// Reads, parses and validates a mesh file.
+/// Reads, parses and validates a mesh: a file, or a directory of files (see the module docs).
 pub fn load_file(path: &Path) -> Result<Loaded, Error> {
     load_file_with(path, Options::default())
 }
 
 pub fn load_file_with(path: &Path, options: Options) -> Result<Loaded, Error> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            let offset = e.utf8_error().valid_up_to();
-            let before = &e.as_bytes()[..offset];
-            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-            let column = offset
-                - before
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            return Err(Error::Invalid {
-                diagnostics: vec![Diagnostic {
-                    severity: Severity::Error,
-                    file: path.to_path_buf(),
-                    line,
-                    column,
-                    path: String::new(),
-                    message: "the mesh file is not valid UTF-8".to_string(),
-                }],
-            });
-        }
-    };
-    parse_str_with(&text, path, options)
+    load_paths(&[path.to_path_buf()], options)
+}
+
+/// Reads files and directories as one mesh (`strait validate a.yaml routes/`).
+pub fn load_paths(paths: &[PathBuf], options: Options) -> Result<Loaded, Error> {
+    let inputs = read_inputs(paths)?;
+    let shown = paths.first().cloned().unwrap_or_default();
+    parse_inputs(&shown, inputs, options)
+}
+
+/// The [`Source::sha256`] the mesh at `paths` would load with, without parsing it: lets a
+/// reload skip content it has already seen.
+pub fn digest(paths: &[PathBuf]) -> Result<String, Error> {
+    Ok(digest_of(&read_inputs(paths)?))
 }
 
 /// Parses and validates mesh file text; `file` is only used in diagnostics and [`Source`].
@@ -184,35 +187,205 @@ pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, Error> {
 }
 
 pub fn parse_str_with(text: &str, file: &Path, options: Options) -> Result<Loaded, Error> {
-    let source = Source {
-        path: file.to_path_buf(),
-        sha256: Sha256::digest(text.as_bytes())
+    let input = Input {
+        file: file.to_path_buf(),
+        bytes: text.as_bytes().to_vec(),
+    };
+    parse_inputs(file, vec![input], options)
+}
+
+/// One file of a mesh: the name diagnostics use, and its bytes.
+struct Input {
+    file: PathBuf,
+    bytes: Vec<u8>,
+}
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_inputs(paths: &[PathBuf]) -> Result<Vec<Input>, Error> {
+    let mut inputs = Vec::new();
+    for path in paths {
+        if std::fs::metadata(path).map_err(io_error(path))?.is_dir() {
+            inputs.extend(read_dir(path)?);
+        } else {
+            let bytes = std::fs::read(path).map_err(io_error(path))?;
+            inputs.push(Input {
+                file: path.clone(),
+                bytes,
+            });
+        }
+    }
+    Ok(inputs)
+}
+
+/// The mesh files of a directory, by name. In a ConfigMap volume (`DIR/name.yaml ->
+/// ..data/name.yaml`, `..data -> ..<timestamp>`) they are read from the directory `..data`
+/// points at, resolved once, so all of them come from one version even if kubelet swaps
+/// `..data` meanwhile; they are still reported as `DIR/name.yaml`. Names starting with `.`
+/// (`..data`, the timestamped directories, editors' lock and swap files) are skipped.
+fn read_dir(dir: &Path) -> Result<Vec<Input>, Error> {
+    // kubelet deletes the old version right after the swap: a read that lost that race finds
+    // its file gone and starts over from the new `..data`.
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let base = match std::fs::read_link(dir.join("..data")) {
+            Ok(target) => dir.join(target),
+            Err(_) => dir.to_path_buf(),
+        };
+        match read_dir_once(dir, &base) {
+            Err(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && base != dir
+                    && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn read_dir_once(dir: &Path, base: &Path) -> Result<Vec<Input>, Error> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(base).map_err(io_error(base))? {
+        let name = entry.map_err(io_error(base))?.file_name();
+        let is_mesh_file = Path::new(&name)
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e));
+        if name.as_encoded_bytes().starts_with(b".") || !is_mesh_file {
+            continue;
+        }
+        let path = base.join(&name);
+        // Follows symlinks: a directory that happens to be named `x.yaml` is not a mesh file.
+        if std::fs::metadata(&path).map_err(io_error(&path))?.is_dir() {
+            continue;
+        }
+        names.push(name);
+    }
+    if names.is_empty() {
+        return Err(Error::EmptyDir {
+            dir: dir.to_path_buf(),
+        });
+    }
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let path = base.join(&name);
+            let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+            Ok(Input {
+                file: dir.join(&name),
+                bytes,
+            })
+        })
+        .collect()
+}
+
+fn digest_of(inputs: &[Input]) -> String {
+    let digest = match inputs {
+        [one] => Sha256::digest(&one.bytes),
+        _ => {
+            let mut hasher = Sha256::new();
+            for input in inputs {
+                let name = input.file.as_os_str().as_encoded_bytes();
+                hasher.update((name.len() as u64).to_le_bytes());
+                hasher.update(name);
+                hasher.update((input.bytes.len() as u64).to_le_bytes());
+                hasher.update(&input.bytes);
+            }
+            hasher.finalize()
+        }
+    };
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The error for a file that is not UTF-8, at the first bad byte.
+fn not_utf8(file: &Path, bytes: &[u8], error: std::str::Utf8Error) -> Diagnostic {
+    let offset = error.valid_up_to();
+    let before = &bytes[..offset];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let column = offset
+        - before
             .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1)
+        + 1;
+    Diagnostic {
+        severity: Severity::Error,
+        file: file.to_path_buf(),
+        line,
+        column,
+        path: String::new(),
+        message: "the mesh file is not valid UTF-8".to_string(),
+    }
+}
+
+fn parse_inputs(path: &Path, inputs: Vec<Input>, options: Options) -> Result<Loaded, Error> {
+    let source = Source {
+        path: path.to_path_buf(),
+        files: inputs.iter().map(|i| i.file.clone()).collect(),
+        sha256: digest_of(&inputs),
         loaded_at: SystemTime::now(),
     };
-    let (docs, syntax) = yaml::parse_stream(text);
-    if let Some(e) = syntax {
-        return Err(Error::Invalid {
-            diagnostics: vec![Diagnostic {
+    let mut decoded = Decoded::default();
+    let mut diags = Vec::new();
+    let mut unreadable = false;
+    for input in &inputs {
+        let text = match std::str::from_utf8(&input.bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                diags.push(not_utf8(&input.file, &input.bytes, e));
+                unreadable = true;
+                continue;
+            }
+        };
+        let (docs, syntax) = yaml::parse_stream(text);
+        if let Some(e) = syntax {
+            diags.push(Diagnostic {
                 severity: Severity::Error,
-                file: file.to_path_buf(),
+                file: input.file.clone(),
                 line: e.pos.line,
                 column: e.pos.col,
                 path: String::new(),
                 message: e.message,
-            }],
-        });
+            });
+            unreadable = true;
+            continue;
+        }
+        let (one, found) = decode::decode(&input.file, &docs);
+        decoded.merge(one);
+        diags.extend(found);
     }
-    let (decoded, mut diags) = decode::decode(file, &docs);
-    let config = validate::validate(file, decoded, source, &mut diags);
+    // A file that could not be read hides its resources: checking references against the
+    // rest would only add noise to the one error that matters.
+    let config = if unreadable {
+        None
+    } else {
+        validate::validate(decoded, source, &mut diags)
+    };
     if let Some(config) = &config
         && options.check_files
     {
         diags.extend(check_files(config));
     }
-    diags.sort_by_key(|d| (d.line, d.column, d.severity));
+    let rank: BTreeMap<&Path, usize> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| (input.file.as_path(), i))
+        .collect();
+    diags.sort_by_key(|d| {
+        let file = rank.get(d.file.as_path()).copied().unwrap_or(0);
+        (file, d.line, d.column, d.severity)
+    });
     match config {
         Some(config) if !diags.iter().any(|d| d.severity == Severity::Error) => Ok(Loaded {
             config,

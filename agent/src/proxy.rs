@@ -37,8 +37,11 @@ pub struct Context {
     /// The routing table in force; replaced whole on every mesh or DNS change.
     pub table: ArcSwap<Table>,
     pub metrics: Metrics,
-    /// Cancelled when the agent shuts down: listeners stop accepting.
+    /// Cancelled when the agent shuts down (SIGTERM, or a new agent took the listeners over):
+    /// listeners stop accepting and every connection drains (see [`Drain`]).
     pub shutdown: CancellationToken,
+    /// How long a draining connection may go on (`--drain-timeout`).
+    pub drain_timeout: Duration,
     /// Every connection in flight, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
     /// Access logs by source virtual node (`logging.accessLog`); replaced on mesh reload.
@@ -52,8 +55,31 @@ pub struct Context {
     pub telemetry: Option<Arc<Telemetry>>,
 }
 
+/// The drain signal of one connection: cancelled when its listener stops for good (the agent
+/// shuts down or hands its listeners over, or the pod leaves). A draining connection takes no
+/// new work where its protocol can say so (HTTP/1.1 `Connection: close` on the next response,
+/// HTTP/2 GOAWAY) and is closed at the latest `timeout` after the signal.
+#[derive(Clone)]
+pub struct Drain {
+    pub signal: CancellationToken,
+    pub timeout: Duration,
+}
+
+impl Drain {
+    /// Whether the drain has begun.
+    pub fn started(&self) -> bool {
+        self.signal.is_cancelled()
+    }
+
+    /// Resolves when the drain timeout has run out (never before the drain began).
+    pub async fn expired(&self) {
+        self.signal.cancelled().await;
+        tokio::time::sleep(self.timeout).await;
+    }
+}
+
 /// Sockets the agent accepts on for one pod. Dropping it stops accepting; connections in
-/// flight go on (the agent's connection tracker drains them).
+/// flight drain (see [`Drain`]) and the agent's connection tracker waits for them.
 pub struct Accepting {
     stop: CancellationToken,
 }
@@ -65,7 +91,8 @@ impl Drop for Accepting {
 }
 
 /// Accepts on every listener (already bound inside the pod's network namespace) and runs
-/// `handle` for each connection, tracked for draining. `workload` names the pod in logs.
+/// `handle` for each connection, tracked for draining; its [`Drain`] starts when the
+/// [`Accepting`] is dropped or the agent shuts down. `workload` names the pod in logs.
 pub fn accept<F, Fut>(
     listeners: Vec<std::net::TcpListener>,
     ctx: &Arc<Context>,
@@ -73,7 +100,7 @@ pub fn accept<F, Fut>(
     handle: F,
 ) -> std::io::Result<Accepting>
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(TcpStream, SocketAddr, Drain) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let stop = ctx.shutdown.child_token();
@@ -89,7 +116,11 @@ where
                 };
                 match accepted {
                     Ok((stream, peer)) => {
-                        ctx.connections.spawn(handle(stream, peer));
+                        let drain = Drain {
+                            signal: stop.clone(),
+                            timeout: ctx.drain_timeout,
+                        };
+                        ctx.connections.spawn(handle(stream, peer, drain));
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.

@@ -135,7 +135,7 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
     }
     let _ = writeln!(
         out,
-        "\nWORKLOAD                        VIRTUAL NODE                ENROLLED  LISTENERS / ERROR"
+        "\nWORKLOAD                        VIRTUAL NODE                ENROLLED  LISTENERS / ERROR / REASON"
     );
     for w in workloads.as_array().into_iter().flatten() {
         let detail = if w["enrolled"] == true {
@@ -143,8 +143,10 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
                 .as_array()
                 .map(|l| l.iter().map(text).collect::<Vec<_>>().join(", "))
                 .unwrap_or_default()
-        } else {
+        } else if !w["error"].is_null() {
             text(&w["error"])
+        } else {
+            format!("not enrolled: {}", text(&w["reason"]))
         };
         let _ = writeln!(
             out,

@@ -3,7 +3,8 @@
 //!
 //! The first source is a directory with one small JSON file per pod, the facts a CNI plugin or
 //! the kubelet knows. The directory is watched; every change produces a fresh [`Snapshot`].
-//! A Kubernetes source (watching pods on this node) can later produce the same snapshots.
+//! The Kubernetes source (`crate::kubernetes`, pods on this node from the API) produces the
+//! same snapshots; [`start`] starts the one the agent was asked for.
 //! Matching pods to VirtualNodes (`podSelector`) lives here too; what to do with an enrolled
 //! pod is the proxy's and the redirect's business.
 
@@ -34,6 +35,8 @@ pub enum Error {
         path: PathBuf,
         source: notify::Error,
     },
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::Error),
 }
 
 /// One pod on this node, as its workload file describes it.
@@ -61,6 +64,10 @@ pub struct Workload {
         skip_serializing_if = "Option::is_none"
     )]
     pub namespace_labels: Option<BTreeMap<String, String>>,
+    /// Why the source cannot hand this pod over for enrollment (host network, no IP yet, no
+    /// sandbox yet); `None` when it can. Set by the Kubernetes source, never read from a file.
+    #[serde(skip)]
+    pub unavailable: Option<String>,
 }
 
 impl Workload {
@@ -82,7 +89,8 @@ impl Workload {
 
     /// The VirtualNode whose `podSelector` selects this pod: same namespace, labels match. A
     /// VirtualNode without a podSelector selects no pod (App Mesh semantics). When several
-    /// match, the first by name wins and the caller is told about the others.
+    /// match, the pod is none of them (the App Mesh controller refuses such a pod too); the
+    /// caller is told which.
     pub fn virtual_node<'m>(&self, mesh: &'m MeshConfig) -> Selection<'m> {
         if !self.in_mesh(mesh) {
             return Selection::NotInMesh;
@@ -124,11 +132,75 @@ pub enum Selection<'m> {
 }
 
 impl<'m> Selection<'m> {
+    /// The VirtualNode the pod is enrolled as: exactly one must select it.
     pub fn chosen(&self) -> Option<&'m ResourceId> {
         match self {
-            Selection::NotInMesh | Selection::None => None,
+            Selection::NotInMesh | Selection::None | Selection::Ambiguous { .. } => None,
             Selection::One(id) => Some(id),
-            Selection::Ambiguous { chosen, .. } => Some(chosen),
+        }
+    }
+
+    /// Why a pod with this selection is not enrolled (`None` when it is one VirtualNode's).
+    pub fn reason(&self, workload: &Workload, mesh: &MeshConfig) -> Option<String> {
+        match self {
+            Selection::One(_) => None,
+            Selection::NotInMesh => Some(format!(
+                "namespace {} is not selected by Mesh {}'s namespaceSelector",
+                workload.namespace, mesh.mesh.name
+            )),
+            Selection::None => Some(format!(
+                "no VirtualNode in namespace {} selects the pod's labels",
+                workload.namespace
+            )),
+            Selection::Ambiguous { chosen, others } => Some(format!(
+                "several VirtualNodes select the pod ({}); exactly one must, so it is not enrolled",
+                std::iter::once(*chosen)
+                    .chain(others.iter().copied())
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// Where the agent learns about its pods.
+#[derive(Debug, Clone)]
+pub enum PodSource {
+    /// A directory of workload files (plain hosts, or a CNI plugin that writes them).
+    Directory(PathBuf),
+    /// This node's pods in the Kubernetes API.
+    Kubernetes(crate::kubernetes::Options),
+}
+
+/// A running pod source.
+pub struct Source {
+    pub snapshots: watch::Receiver<Snapshot>,
+    /// True once the source has seen every pod once (at once for a directory; after the
+    /// first complete list for the Kubernetes API). The agent is not ready before.
+    pub synced: watch::Receiver<bool>,
+    _directory: Option<DirectorySource>,
+}
+
+/// Starts the pod source. A directory is read once now (an unreadable one is an error); the
+/// Kubernetes API is only configured now and retried until it answers.
+pub async fn start(source: &PodSource) -> Result<Source, Error> {
+    match source {
+        PodSource::Directory(dir) => {
+            let directory = DirectorySource::start(dir)?;
+            Ok(Source {
+                snapshots: directory.snapshots.clone(),
+                synced: watch::channel(true).1,
+                _directory: Some(directory),
+            })
+        }
+        PodSource::Kubernetes(options) => {
+            let kubernetes = crate::kubernetes::start(options.clone()).await?;
+            Ok(Source {
+                snapshots: kubernetes.snapshots,
+                synced: kubernetes.synced,
+                _directory: None,
+            })
         }
     }
 }
@@ -307,6 +379,7 @@ spec:
             netns: "/n".into(),
             cgroup: "/c".into(),
             namespace_labels: None,
+            unavailable: None,
         }
     }
 

@@ -148,12 +148,14 @@ fn a_pod_that_matches_no_virtual_node_is_not_captured() -> anyhow::Result<()> {
         .add_pod(&PodSpec::new("stranger", "app").label("app", "stranger"))?;
     bed.node.write_workload(&stranger)?;
     let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let workloads = agent.workloads()?;
+    let listed = workloads.iter().find(|w| w["pod"] == "app/stranger");
     assert!(
-        agent
-            .workloads()?
-            .iter()
-            .all(|w| w["pod"] != "app/stranger"),
-        "a pod no VirtualNode selects must not be enrolled"
+        listed.is_some_and(|w| w["enrolled"] == false
+            && w["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("no VirtualNode"))),
+        "a pod no VirtualNode selects must not be enrolled, and /workloads says why: {workloads:?}"
     );
     // Not captured: the connect goes to the service range, which is unreachable.
     let report = call(&stranger, &format!("{SERVICE}:8080"), &["-4"])?;

@@ -2,6 +2,8 @@
 //! the file is a symlink into a `..data` directory symlink that is swapped atomically. Valid
 //! and invalid versions alternate while a client makes 1,000 connections; none may fail, the
 //! valid versions take effect, the invalid ones change nothing and are counted and shown.
+//! Then the whole ConfigMap volume as the mesh (`--mesh DIR`): several files are one mesh, and
+//! a swap replaces all of them at once.
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
@@ -113,6 +115,146 @@ fn reloading_valid_and_invalid_meshes_under_traffic_loses_no_connection() -> any
     assert!(
         errors.contains("weightedTargets[0].weight") && errors.contains("150"),
         "the admin API shows the last rejection: {dump}"
+    );
+    Ok(())
+}
+
+/// Publishes several files as one ConfigMap version: kubelet's layout, `DIR/name ->
+/// ..data/name` for each key, `..data` swapped by rename.
+fn publish_files(
+    volume: &Path,
+    generation: usize,
+    files: &[(String, String)],
+) -> anyhow::Result<()> {
+    let dir_name = format!("..2026_11_30_{generation:04}");
+    let dir = volume.join(&dir_name);
+    std::fs::create_dir(&dir)?;
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+        let link = volume.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(Path::new("..data").join(name), &link)?;
+        }
+    }
+    let staged = volume.join("..data_tmp");
+    let _ = std::fs::remove_file(&staged);
+    symlink(&dir_name, &staged)?;
+    std::fs::rename(&staged, volume.join("..data"))?;
+    Ok(())
+}
+
+/// The test mesh as three files: the Mesh and Namespace, the VirtualNodes and VirtualService,
+/// the VirtualRouter (the weights) alone.
+fn split_mesh(text: &str) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = ["mesh.yaml", "nodes.yaml", "router.yaml"]
+        .iter()
+        .map(|n| (n.to_string(), String::new()))
+        .collect();
+    for doc in text.split("\n---\n") {
+        let file = if doc.contains("kind: VirtualRouter") {
+            2
+        } else if doc.contains("kind: Mesh") || doc.contains("kind: Namespace") {
+            0
+        } else {
+            1
+        };
+        let body = &mut files[file].1;
+        if !body.is_empty() {
+            body.push_str("---\n");
+        }
+        body.push_str(doc.trim_end());
+        body.push('\n');
+    }
+    files
+}
+
+/// `count` connections from the client to the service, all of which must succeed; the
+/// servers that answered.
+fn served(bed: &Bed, count: u32) -> anyhow::Result<Value> {
+    let report = call(
+        &bed.client,
+        &format!("{SERVICE}:8080"),
+        &["-4", "--count", &count.to_string()],
+    )?;
+    assert_eq!(report["succeeded"], count, "{report}");
+    Ok(report["by_server"].clone())
+}
+
+/// Polls `/config_dump` (bounded) until `done` holds; returns the last dump.
+fn wait_dump(agent: &Agent, what: &str, done: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump: Value = serde_json::from_str(&agent.admin_get("/config_dump")?)?;
+        if done(&dump) {
+            return Ok(dump);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("{what}: not seen within 10 s; /config_dump: {dump}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_configmap_directory_is_one_mesh_and_a_swap_replaces_all_its_files() -> anyhow::Result<()> {
+    let bed = bed("reload-dir", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    let volume = bed.tb.temp_dir().join("configmap-dir");
+    std::fs::create_dir(&volume)?;
+    publish_files(&volume, 0, &split_mesh(&mesh_yaml("ALLOW_ALL", 100, 0)))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &volume, &[])?;
+
+    // One mesh from three files, each named as the operator sees it.
+    let dump: Value = serde_json::from_str(&agent.admin_get("/config_dump")?)?;
+    let files: Vec<String> = ["mesh.yaml", "nodes.yaml", "router.yaml"]
+        .iter()
+        .map(|n| volume.join(n).display().to_string())
+        .collect();
+    assert_eq!(
+        dump["mesh"]["source"]["files"],
+        serde_json::json!(files),
+        "{dump}"
+    );
+    assert_eq!(dump["file"], volume.display().to_string());
+    for pod in ["app/client", "app/color-v1", "app/color-v2"] {
+        agent.wait_enrolled(pod, true, Duration::from_secs(10))?;
+    }
+    let servers = served(&bed, 20)?;
+    assert_eq!(servers["v1"], 20, "weights 100/0: {servers}");
+
+    // Only router.yaml changes; the swap brings it with the others, and it applies.
+    let first = dump["sha256"].clone();
+    publish_files(&volume, 1, &split_mesh(&mesh_yaml("ALLOW_ALL", 0, 100)))?;
+    let dump = wait_dump(&agent, "the 0/100 version", |d| d["sha256"] != first)?;
+    let servers = served(&bed, 20)?;
+    assert_eq!(servers["v2"], 20, "weights 0/100: {servers}");
+
+    // A duplicate across files (color-v1 again in a new key, read after nodes.yaml) is
+    // rejected at its own place, naming the first; the mesh in force does not change.
+    let applied = dump["sha256"].clone();
+    let mut files = split_mesh(&mesh_yaml("ALLOW_ALL", 100, 0));
+    let nodes = files[1].1.clone();
+    let color_v1 = nodes
+        .split("---\n")
+        .find(|d| d.contains("name: color-v1"))
+        .expect("color-v1 is in nodes.yaml")
+        .to_string();
+    files.push(("workers.yaml".to_string(), color_v1));
+    publish_files(&volume, 2, &files)?;
+    let dump = wait_dump(&agent, "the rejection", |d| !d["last_rejected"].is_null())?;
+    let errors = dump["last_rejected"]["errors"].to_string();
+    let extra = volume.join("workers.yaml").display().to_string();
+    let nodes_file = volume.join("nodes.yaml").display().to_string();
+    assert!(
+        errors.contains(&format!(
+            "{extra}:4:9: error: VirtualNode app/color-v1: duplicate"
+        )) && errors.contains(&format!("already defined at {nodes_file}:")),
+        "{dump}"
+    );
+    assert_eq!(dump["sha256"], applied);
+    let servers = served(&bed, 20)?;
+    assert_eq!(
+        servers["v2"], 20,
+        "the rejected version changed nothing: {servers}"
     );
     Ok(())
 }

@@ -8,8 +8,13 @@ The server also implements `grpc.health.v1.Health/Check`, answering SERVING.
 
   python3 color_grpc.py serve --port 50051 --name v1
   python3 color_grpc.py call --target HOST:PORT --unary 20 --bidi 10 [--metadata k=v] [--method /x.Y/Z]
+  python3 color_grpc.py load --target HOST:PORT --workers 4 --rate 50 --duration 60 [--stop-file F]
 
-`call` prints one JSON line and exits 0 only when every call succeeded.
+`call` prints one JSON line and exits 0 only when every call succeeded. `load` runs unary Gets
+from several threads over one channel, each thread paced to `--rate` calls per second, until
+`--duration` seconds passed or the stop file exists; it counts every call that did not end OK
+(grpcio's own transparent retry of streams a server never processed, after a GOAWAY, is the
+library's behaviour and stays on; nothing else is retried).
 """
 
 import argparse
@@ -121,6 +126,66 @@ def call(args):
     return 0 if report["ok"] else 1
 
 
+def load(args):
+    import threading
+
+    lock = threading.Lock()
+    report = {"ok": False, "completed": 0, "failed": 0, "by_server": {}, "codes": {}, "errors": []}
+    deadline = time.monotonic() + args.duration
+
+    def stop():
+        return time.monotonic() >= deadline or (args.stop_file and _exists(args.stop_file))
+
+    with grpc.insecure_channel(args.target) as channel:
+        get = channel.unary_unary("/color.Color/Get", request_serializer=identity, response_deserializer=identity)
+
+        def worker(w):
+            interval = 1.0 / args.rate if args.rate > 0 else 0.0
+            next_at = time.monotonic()
+            i = 0
+            while not stop():
+                if interval:
+                    pause = next_at - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                    next_at = max(next_at, time.monotonic() - interval) + interval
+                message = f"w{w} {i}"
+                i += 1
+                try:
+                    answer = get(message.encode(), timeout=args.timeout).decode()
+                    server, _, echoed = answer.partition(":")
+                    with lock:
+                        if echoed == message:
+                            report["completed"] += 1
+                            report["by_server"][server] = report["by_server"].get(server, 0) + 1
+                        else:
+                            report["failed"] += 1
+                            if len(report["errors"]) < 20:
+                                report["errors"].append(f"wrong answer {answer!r} to {message!r}")
+                except grpc.RpcError as e:
+                    with lock:
+                        report["failed"] += 1
+                        code = e.code().name
+                        report["codes"][code] = report["codes"].get(code, 0) + 1
+                        if len(report["errors"]) < 20:
+                            report["errors"].append(f"{code}: {e.details()}")
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(args.workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    report["ok"] = report["failed"] == 0 and report["completed"] > 0
+    print(json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
+
+
+def _exists(path):
+    import os
+
+    return os.path.exists(path)
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +199,16 @@ def main():
     c.add_argument("--metadata", action="append", default=[])
     c.add_argument("--method")
     c.add_argument("--timeout", type=float, default=10.0)
+    ld = sub.add_parser("load")
+    ld.add_argument("--target", required=True)
+    ld.add_argument("--workers", type=int, default=4)
+    ld.add_argument("--rate", type=float, default=50.0)
+    ld.add_argument("--duration", type=float, default=60.0)
+    ld.add_argument("--stop-file")
+    ld.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
+    if args.command == "load":
+        return load(args)
     if args.command == "serve":
         serve(args)
         return 0

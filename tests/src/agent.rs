@@ -89,21 +89,91 @@ impl Agent {
         extra: &[&str],
         customize: impl FnOnce(&mut Command),
     ) -> anyhow::Result<Agent> {
+        let workloads = node.workloads_dir().to_string_lossy().into_owned();
+        let agent = Self::spawn_with(
+            tb,
+            node,
+            mesh,
+            &["--workloads", &workloads],
+            extra,
+            customize,
+        )?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts `strait run --kubernetes` with the node's name and `kubeconfig` (the test API
+    /// server's, see [`crate::kubeapi`]), and waits until `/ready` answers 200.
+    pub fn start_kubernetes(
+        tb: &Testbed,
+        node: &Node,
+        mesh: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let agent = Self::spawn_kubernetes(tb, node, mesh, kubeconfig, extra)?;
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    /// Like [`Agent::start_kubernetes`], without waiting for `/ready`.
+    pub fn spawn_kubernetes(
+        tb: &Testbed,
+        node: &Node,
+        mesh: &Path,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+        let source = [
+            "--kubernetes",
+            "--node-name",
+            node.name(),
+            "--kubeconfig",
+            &kubeconfig,
+        ];
+        Self::spawn(tb, node, mesh, &source, extra)
+    }
+
+    /// Starts `strait run` with the pod source arguments `source`, without waiting.
+    pub fn spawn(
+        tb: &Testbed,
+        node: &Node,
+        mesh: &Path,
+        source: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        Self::spawn_with(tb, node, mesh, source, extra, |_| {})
+    }
+
+    fn spawn_with(
+        tb: &Testbed,
+        node: &Node,
+        mesh: &Path,
+        source: &[&str],
+        extra: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Agent> {
         let binary = strait_binary()?;
         let mut command = node.command(&binary);
         command
             .args(["--log-format", "json", "run", "--mesh"])
             .arg(mesh)
-            .arg("--workloads")
-            .arg(node.workloads_dir())
+            .args(source)
             .arg("--cgroup-root")
             .arg(node.cgroup_root())
             .arg("--bpffs")
             .arg(node.bpffs())
-            .args(["--admin", ADMIN, "--drain-timeout", "5"])
+            .args(["--admin", ADMIN])
             .arg("--handover-socket")
             .arg(tb.temp_dir().join(format!("{}-handover.sock", node.name())))
-            .args(extra)
+            .args(extra);
+        // Tests that drain give their own timeout; the others get one long enough for a
+        // debug build.
+        if !extra.contains(&"--drain-timeout") {
+            command.args(["--drain-timeout", "5"]);
+        }
+        command
             // The per-request line (`strait::request`) is DEBUG; tests and the demo read it.
             .env("RUST_LOG", "info,strait::request=debug");
         customize(&mut command);
@@ -113,15 +183,14 @@ impl Agent {
             STARTS.fetch_add(1, Ordering::Relaxed)
         );
         let process = tb.spawn(&label, &mut command)?;
-        let agent = Agent {
+        Ok(Agent {
             process,
             node: node.clone(),
-        };
-        agent.wait_ready(Duration::from_secs(20))?;
-        Ok(agent)
+        })
     }
 
-    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until this agent's `/ready` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.process.try_wait()? {
@@ -146,6 +215,30 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The HTTP status of an admin path (0 when nothing answers).
+    pub fn admin_status(&self, path: &str) -> anyhow::Result<u16> {
+        let url = format!("http://{ADMIN}{path}");
+        let output = run(
+            self.node
+                .command("curl")
+                .args([
+                    "--silent",
+                    "--output",
+                    "/dev/null",
+                    "--write-out",
+                    "%{http_code}",
+                    "--max-time",
+                    "5",
+                ])
+                .arg(&url),
+            Duration::from_secs(10),
+        )?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0))
     }
 
     /// GET an admin path; an error unless the answer is 2xx.

@@ -49,6 +49,15 @@ impl QosClass {
         }
     }
 
+    /// The class as the Pod's `status.qosClass` names it.
+    pub fn kubernetes_name(self) -> &'static str {
+        match self {
+            Self::Guaranteed => "Guaranteed",
+            Self::Burstable => "Burstable",
+            Self::BestEffort => "BestEffort",
+        }
+    }
+
     fn name(self) -> Option<&'static str> {
         match self {
             Self::Guaranteed => None,

@@ -44,6 +44,7 @@ pub mod agent;
 mod dns;
 mod enter;
 mod host;
+pub mod kubeapi;
 pub mod kubelet;
 mod netns;
 mod node;
@@ -324,6 +325,18 @@ impl Testbed {
         let process = Process::spawn(&unique, cmd, &self.shared.log_dir)?;
         self.shared.track(&process)?;
         Ok(process)
+    }
+
+    /// Starts the pod's sandbox: a long-lived process (`sleep infinity`) in its `pause`
+    /// container cgroup and network namespace, as the container runtime's pause process is on
+    /// a Kubernetes node. The Kubernetes pod source finds the pod's network namespace through
+    /// it. Cleanup kills it.
+    pub fn start_sandbox(&self, pod: &Pod) -> anyhow::Result<Process> {
+        let label = format!("pause-{}-{}", pod.namespace(), pod.name());
+        self.spawn(
+            &label,
+            pod.container_command("pause", "sleep").arg("infinity"),
+        )
     }
 
     /// A handle that removes everything from another thread (a Ctrl-C handler). Idempotent.

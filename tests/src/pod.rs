@@ -151,6 +151,11 @@ impl Pod {
         &self.inner.uid
     }
 
+    /// The pod's QoS class, which places its pod cgroup (see [`kubelet`]).
+    pub fn qos_class(&self) -> kubelet::QosClass {
+        kubelet::QosClass::for_index(self.inner.index)
+    }
+
     /// The pod's cgroup v2 directory (under its node's cgroup root): what the workload file
     /// names. Its processes live in the container cgroups below it.
     pub fn cgroup_path(&self) -> &Path {

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod image;
 mod metrics_plot;
 mod setup;
 mod test;
@@ -34,6 +35,9 @@ enum Task {
     /// Run the demo's canary with load, scrape /metrics each second, promote the canary
     /// halfway; writes docs/metrics/canary.svg (the picture in docs/metrics.md).
     MetricsPlot,
+    /// Build the agent's container image (deploy/Containerfile): a static binary FROM scratch,
+    /// with buildah.
+    Image(image::ImageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo::run_demo(),
         Task::Bench(args) => bench::run_bench(&args),
         Task::MetricsPlot => metrics_plot::run_plot(),
+        Task::Image(args) => image::run(&args),
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::model::*;
 use super::yaml::{Document, Node, Pos, Value};
@@ -55,6 +55,8 @@ pub(crate) struct PendingRef {
     pub kind: RefKind,
     pub id: ResourceId,
     pub pos: Pos,
+    /// The file the reference is in (a mesh may span several).
+    pub file: PathBuf,
     /// Full diagnostic path ("VirtualRouter shop/cart: spec.routes[0]...").
     pub path: String,
     /// A weighted target's `port`, to check against the node's listeners.
@@ -66,6 +68,8 @@ pub(crate) struct PendingRef {
 pub(crate) struct Seen<T> {
     pub value: T,
     pub pos: Pos,
+    /// The file the resource is defined in (a mesh may span several).
+    pub file: PathBuf,
     pub label: String,
 }
 
@@ -84,6 +88,22 @@ pub(crate) struct Decoded {
     pub failed: BTreeSet<(RefKind, ResourceId)>,
     /// Mesh documents whose spec had errors (so "no Mesh" is not reported on top).
     pub failed_meshes: usize,
+}
+
+impl Decoded {
+    /// Adds what another file of the same mesh held; `validate` checks the union.
+    pub(crate) fn merge(&mut self, other: Decoded) {
+        self.meshes.extend(other.meshes);
+        self.virtual_nodes.extend(other.virtual_nodes);
+        self.virtual_services.extend(other.virtual_services);
+        self.virtual_routers.extend(other.virtual_routers);
+        self.virtual_gateways.extend(other.virtual_gateways);
+        self.gateway_routes.extend(other.gateway_routes);
+        self.namespaces.extend(other.namespaces);
+        self.refs.extend(other.refs);
+        self.failed.extend(other.failed);
+        self.failed_meshes += other.failed_meshes;
+    }
 }
 
 pub(crate) fn decode(file: &Path, docs: &[Document]) -> (Decoded, Vec<Diagnostic>) {
@@ -652,6 +672,7 @@ impl Cx<'_> {
                     self.out.meshes.push(Seen {
                         value: Mesh { name, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -665,6 +686,7 @@ impl Cx<'_> {
                     self.out.virtual_nodes.push(Seen {
                         value: VirtualNode { id, labels, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -680,6 +702,7 @@ impl Cx<'_> {
                     self.out.virtual_services.push(Seen {
                         value: VirtualService { id, labels, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -693,6 +716,7 @@ impl Cx<'_> {
                     self.out.virtual_routers.push(Seen {
                         value: VirtualRouter { id, labels, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -708,6 +732,7 @@ impl Cx<'_> {
                     self.out.virtual_gateways.push(Seen {
                         value: VirtualGateway { id, labels, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -717,6 +742,7 @@ impl Cx<'_> {
                     self.out.gateway_routes.push(Seen {
                         value: GatewayRoute { id, labels, spec },
                         pos: name_pos,
+                        file: self.file.to_path_buf(),
                         label,
                     });
                 }
@@ -1334,6 +1360,7 @@ impl Cx<'_> {
             kind,
             id: id.clone(),
             pos,
+            file: self.file.to_path_buf(),
             path,
             port,
         });
@@ -2397,6 +2424,7 @@ impl Cx<'_> {
                 kind: RefKind::VirtualGateway,
                 id: id.clone(),
                 pos: n.pos,
+                file: cx.file.to_path_buf(),
                 path,
                 port: None,
             });

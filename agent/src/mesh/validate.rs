@@ -1,6 +1,7 @@
-//! Checks that span documents: exactly one Mesh, no duplicate names, every reference points at
-//! an existing resource (and a weighted target's `port` at one of the node's listeners).
-//! Per-document checks happen while decoding (`decode.rs`).
+//! Checks that span documents, and files when a mesh is a directory: exactly one Mesh, no
+//! duplicate names, every reference points at an existing resource (and a weighted target's
+//! `port` at one of the node's listeners). Per-document checks happen while decoding
+//! (`decode.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,13 +11,24 @@ use super::model::ResourceId;
 use super::yaml::Pos;
 use super::{Diagnostic, MeshConfig, Severity, Source};
 
+/// Where an earlier definition is, as seen from a later one: the line in the same file,
+/// `file:line:column` in another.
+fn place(first_file: &Path, first: Pos, this_file: &Path) -> String {
+    if first_file == this_file {
+        format!("line {}", first.line)
+    } else {
+        format!("{}:{}:{}", first_file.display(), first.line, first.col)
+    }
+}
+
+/// `source.files` are the files read, in order; an error with no better place (no Mesh at
+/// all) names the only file, or `source.path` when there are several.
 pub(crate) fn validate(
-    file: &Path,
     decoded: Decoded,
     source: Source,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<MeshConfig> {
-    let mut err = |pos: Pos, path: &str, message: String| {
+    let mut err = |file: &Path, pos: Pos, path: &str, message: String| {
         diags.push(Diagnostic {
             severity: Severity::Error,
             file: file.to_path_buf(),
@@ -30,24 +42,36 @@ pub(crate) fn validate(
     let mut meshes = decoded.meshes.into_iter();
     let mesh = meshes.next();
     for extra in meshes {
-        let first = mesh.as_ref().map(|m| (m.value.name.clone(), m.pos.line));
-        let (name, line) = first.unwrap_or_default();
+        let (name, at) = mesh.as_ref().map_or_else(Default::default, |m| {
+            (m.value.name.clone(), place(&m.file, m.pos, &extra.file))
+        });
         err(
+            &extra.file,
             extra.pos,
             &extra.label,
             format!(
                 "a second Mesh: a mesh file describes exactly one mesh (Mesh {name} is defined \
-                 at line {line})"
+                 at {at})"
             ),
         );
     }
     if mesh.is_none() && decoded.failed_meshes == 0 {
+        let (file, pos, what) = match source.files.as_slice() {
+            [only] => (only.as_path(), Pos { line: 1, col: 1 }, "document"),
+            _ => (
+                source.path.as_path(),
+                Pos::default(),
+                "document in any of the files",
+            ),
+        };
         err(
-            Pos { line: 1, col: 1 },
+            file,
+            pos,
             "",
-            "no Mesh document: exactly one `kind: Mesh` (apiVersion appmesh.k8s.aws/v1beta2) is \
-             required"
-                .to_string(),
+            format!(
+                "no Mesh {what}: exactly one `kind: Mesh` (apiVersion appmesh.k8s.aws/v1beta2) \
+                 is required"
+            ),
         );
     }
 
@@ -56,7 +80,7 @@ pub(crate) fn validate(
         items: &[Seen<T>],
         id: impl Fn(&T) -> &ResourceId,
         kind: &str,
-        err: &mut impl FnMut(Pos, &str, String),
+        err: &mut impl FnMut(&Path, Pos, &str, String),
     ) -> BTreeMap<ResourceId, usize> {
         let mut map = BTreeMap::new();
         for (i, seen) in items.iter().enumerate() {
@@ -64,11 +88,12 @@ pub(crate) fn validate(
             if let Some(&first) = map.get(rid) {
                 let first: &Seen<T> = &items[first];
                 err(
+                    &seen.file,
                     seen.pos,
                     &seen.label,
                     format!(
-                        "duplicate {kind} {rid}: already defined at line {}",
-                        first.pos.line
+                        "duplicate {kind} {rid}: already defined at {}",
+                        place(&first.file, first.pos, &seen.file)
                     ),
                 );
             } else {
@@ -133,10 +158,11 @@ pub(crate) fn validate(
                 }
             };
             err(
+                &r.file,
                 r.pos,
                 &r.path,
                 format!(
-                    "{} {} does not exist in this mesh file{hint}",
+                    "{} {} does not exist in this mesh{hint}",
                     r.kind.name(),
                     r.id
                 ),
@@ -165,6 +191,7 @@ pub(crate) fn validate(
                     )
                 };
                 err(
+                    &r.file,
                     *pos,
                     path,
                     format!(

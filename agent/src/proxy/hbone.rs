@@ -21,7 +21,10 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,11 +35,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::Context;
-use super::upstream::{CONNECT_TIMEOUT, Caller, Transport};
+use super::http::pool;
+use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
+use super::{Context, Drain};
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::store::cert_facts;
 use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};
@@ -97,8 +102,112 @@ struct PoolKey {
 
 struct Pooled {
     sender: Sender,
+    /// Set when the peer agent said GOAWAY (it drains): no new stream goes on this connection.
+    going_away: Arc<AtomicBool>,
     /// Fingerprints of the client certificate and trust bundle the connection was made with.
     generation: String,
+}
+
+/// The read side of a tunnel connection, watched for the peer's GOAWAY. hyper does not tell
+/// when its HTTP/2 client receives one, and the pooled HTTP connections over this tunnel's
+/// streams must stop taking requests as soon as it arrives (the peer cuts those streams at
+/// its drain timeout). This follows the frame boundaries of what the peer sends (9-byte
+/// headers: 24-bit length, type, flags, stream id; RFC 9113 section 4.1) and reads nothing
+/// else.
+struct GoawayWatch<T> {
+    inner: T,
+    seen: Arc<AtomicBool>,
+    header: [u8; 9],
+    have: usize,
+    skip: usize,
+}
+
+impl<T> GoawayWatch<T> {
+    fn new(inner: T, seen: Arc<AtomicBool>) -> Self {
+        GoawayWatch {
+            inner,
+            seen,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+        }
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
+        const GOAWAY: u8 = 0x7;
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 9 {
+                let [a, b, c, kind, ..] = self.header;
+                if kind == GOAWAY {
+                    self.seen.store(true, Ordering::Release);
+                }
+                self.skip = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+                self.have = 0;
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GoawayWatch<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let read = buf.filled()[before..].to_vec();
+            self.scan(&read);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GoawayWatch<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// Tunnel connections, one per key.
@@ -147,7 +256,7 @@ pub async fn open(
     endpoint: SocketAddr,
     node: SocketAddr,
     client_tls: Option<&ClientTls>,
-) -> Result<TokioIo<hyper::upgrade::Upgraded>, Error> {
+) -> Result<(TokioIo<hyper::upgrade::Upgraded>, GoingAway), Error> {
     let field = format!("VirtualNode {} clientPolicy.tls", caller.virtual_node);
     let cert = match client_tls.and_then(|t| t.certificate.as_ref()) {
         Some(c) => {
@@ -175,47 +284,89 @@ pub async fn open(
         node,
         sni: sni.clone(),
     });
-    let mut sender = {
-        let mut pooled = slot.lock().await;
-        match pooled.as_ref() {
-            Some(p) if p.generation == generation && !p.sender.is_closed() => p.sender.clone(),
-            _ => {
-                if pooled.is_some() {
-                    tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+    // A tunnel connection whose peer agent is draining says GOAWAY; a stream caught between
+    // its GOAWAY and our seeing it was never processed there, and goes once more on a new
+    // connection (to the agent that took the peer's listener over).
+    let mut redialled = false;
+    let (response, going_away) = loop {
+        let (mut sender, tunnel_going_away) = {
+            let mut pooled = slot.lock().await;
+            match pooled.as_ref() {
+                Some(p)
+                    if p.generation == generation
+                        && !p.sender.is_closed()
+                        && !p.going_away.load(Ordering::Acquire) =>
+                {
+                    (p.sender.clone(), p.going_away.clone())
                 }
-                let expected_sans = client_tls
-                    .map(|t| t.validation.subject_alternative_names.clone())
-                    .unwrap_or_default();
-                let sender =
-                    dial(transport, caller, node, &sni, cert, trust, expected_sans).await?;
-                *pooled = Some(Pooled {
-                    sender: sender.clone(),
-                    generation,
-                });
+                _ => {
+                    if pooled
+                        .as_ref()
+                        .is_some_and(|p| !p.going_away.load(Ordering::Acquire))
+                        && !redialled
+                    {
+                        tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+                    }
+                    let expected_sans = client_tls
+                        .map(|t| t.validation.subject_alternative_names.clone())
+                        .unwrap_or_default();
+                    let (sender, going_away) = dial(
+                        transport,
+                        caller,
+                        node,
+                        &sni,
+                        cert.clone(),
+                        trust.clone(),
+                        expected_sans,
+                    )
+                    .await?;
+                    *pooled = Some(Pooled {
+                        sender: sender.clone(),
+                        going_away: going_away.clone(),
+                        generation: generation.clone(),
+                    });
+                    (sender, going_away)
+                }
+            }
+        };
+        let sent = match sender.ready().await {
+            Ok(()) => {
+                let request = Request::builder()
+                    .method(Method::CONNECT)
+                    .uri(endpoint.to_string())
+                    .header("x-strait-source-workload", caller.workload.to_string())
+                    .body(Empty::new())
+                    .map_err(|e| Error::Http2 {
+                        node,
+                        detail: e.to_string(),
+                    })?;
                 sender
+                    .try_send_request(request)
+                    .await
+                    .map_err(|mut e| (e.take_message().is_some(), e.into_error()))
+            }
+            Err(e) => Err((true, e)),
+        };
+        match sent {
+            Ok(response) => {
+                // The streams already open go on until the peer's drain timeout.
+                let going_away: GoingAway =
+                    Arc::new(move || tunnel_going_away.load(Ordering::Acquire));
+                break (response, going_away);
+            }
+            Err((unsent, e)) if !redialled && (unsent || pool::never_processed(&e)) => {
+                tracing::debug!(%node, %sni, error = %e, "tunnel connection going away; the stream goes on a new one");
+                redialled = true;
+                *slot.lock().await = None;
+            }
+            Err((_, e)) => {
+                return Err(Error::Http2 {
+                    node,
+                    detail: e.to_string(),
+                });
             }
         }
     };
-    sender.ready().await.map_err(|e| Error::Http2 {
-        node,
-        detail: e.to_string(),
-    })?;
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(endpoint.to_string())
-        .header("x-strait-source-workload", caller.workload.to_string())
-        .body(Empty::new())
-        .map_err(|e| Error::Http2 {
-            node,
-            detail: e.to_string(),
-        })?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| Error::Http2 {
-            node,
-            detail: e.to_string(),
-        })?;
     if response.status() != StatusCode::OK {
         let reason = response
             .headers()
@@ -243,7 +394,7 @@ pub async fn open(
             direction: "outbound",
         })
         .inc();
-    Ok(TokioIo::new(upgraded))
+    Ok((TokioIo::new(upgraded), going_away))
 }
 
 async fn dial(
@@ -254,7 +405,7 @@ async fn dial(
     cert: Option<Arc<identity::store::LoadedCert>>,
     trust: Option<Arc<identity::store::Trust>>,
     expected_sans: Vec<String>,
-) -> Result<Sender, Error> {
+) -> Result<(Sender, Arc<AtomicBool>), Error> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node))
         .await
         .map_err(|_| Error::Connect {
@@ -323,10 +474,11 @@ async fn dial(
         tls_version = tls_version(session.protocol_version()),
         "mTLS tunnel connected"
     );
+    let going_away = Arc::new(AtomicBool::new(false));
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .handshake(TokioIo::new(tls))
+        .handshake(TokioIo::new(GoawayWatch::new(tls, going_away.clone())))
         .await
         .map_err(|e| Error::Http2 {
             node,
@@ -345,7 +497,7 @@ async fn dial(
             direction: "outbound",
         })
         .inc();
-    Ok(sender)
+    Ok((sender, going_away))
 }
 
 /// Accepts tunnel connections on `listener` until shutdown.
@@ -508,11 +660,24 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer_sans, mutual, peer).await)
         }
     });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent
+    // that took the listener over); the streams open go on until they end or the drain
+    // timeout.
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = ctx.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                served = connection.as_mut() => served,
+                () = tokio::time::sleep(ctx.drain_timeout) => Ok(()),
+            }
+        }
+    };
     if let Err(error) = served {
         tracing::debug!(%peer, %error, "tunnel connection ended");
     }
@@ -616,6 +781,10 @@ async fn stream(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let peer_sans = peer_sans.to_vec();
     let vn = vn.clone();
+    let drain = Drain {
+        signal: ctx.shutdown.clone(),
+        timeout: ctx.drain_timeout,
+    };
     ctx.connections.spawn(async move {
         let started = Instant::now();
         let mut tunnel = match on_upgrade.await {
@@ -625,13 +794,15 @@ async fn stream(
                 return;
             }
         };
-        let copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut tunnel,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        )
-        .await;
+        let copied = tokio::select! {
+            copied = tokio::io::copy_bidirectional_with_sizes(
+                &mut tunnel,
+                &mut upstream,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            ) => copied,
+            () = drain.expired() => Err(std::io::Error::other("closed at the drain timeout")),
+        };
         let (received, sent, error) = match copied {
             Ok((a, b)) => (a, b, String::new()),
             Err(e) => (0, 0, e.to_string()),
@@ -653,4 +824,50 @@ async fn stream(
         );
     });
     Response::new(Empty::new())
+}
+
+#[cfg(test)]
+mod goaway_watch_tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut out = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn sees_a_goaway_frame_however_the_reads_split_it_and_nothing_in_payloads() {
+        // SETTINGS, then a DATA frame whose payload looks like a GOAWAY header, then GOAWAY.
+        let mut wire = frame(0x4, &[0; 12]);
+        wire.extend(frame(0x0, &frame(0x7, &[0; 8])));
+        let before_goaway = wire.len();
+        wire.extend(frame(0x7, &[0, 0, 0, 5, 0, 0, 0, 0]));
+        for chunk in [1, 2, 5, 9, 64] {
+            let seen = Arc::new(AtomicBool::new(false));
+            let mut watch = GoawayWatch::new((), seen.clone());
+            for (i, piece) in wire.chunks(chunk).enumerate() {
+                watch.scan(piece);
+                let end = (i + 1) * chunk;
+                if end < before_goaway + 9 {
+                    assert!(
+                        !seen.load(Ordering::Acquire),
+                        "chunk {chunk}: too early at {end}"
+                    );
+                }
+            }
+            assert!(seen.load(Ordering::Acquire), "chunk {chunk}: GOAWAY missed");
+        }
+    }
 }

@@ -50,13 +50,12 @@ use tokio::time::Instant;
 
 use crate::mesh::ResourceId;
 use crate::proxy::upstream;
-use tokio_util::sync::CancellationToken;
 
 use self::balance::InFlight;
 use self::body::{Guard, ReplayBody, ResponseBody};
 use self::pool::{Pool, Proto};
-use super::Context;
 use super::outbound::Source;
+use super::{Context, Drain};
 use crate::mesh::Protocol;
 use crate::routing::Table;
 use crate::routing::http::{HttpRoute, HttpTarget, RequestView, normalize_path};
@@ -166,13 +165,23 @@ pub fn start(ctx: &Arc<Context>) {
     health::spawn(ctx.clone());
 }
 
-/// Serves HTTP on a captured client connection until it closes or the agent shuts down.
+/// Serves HTTP on a captured client connection until it closes, or drains it when its listener
+/// stops (see [`Drain`]).
+///
+/// Draining loses no request: an HTTP/1.1 connection is not closed while the client may be
+/// sending on it. Its next response says `Connection: close` and the connection closes after
+/// that response; one that stays idle is closed only when the drain timeout runs out (a client
+/// that sends its next request at that very moment can still meet the close: the timeout is the
+/// bound). hyper's own graceful shutdown is not used for HTTP/1.1 because it closes an idle
+/// connection at once, under a request the client may already have sent. An HTTP/2 connection
+/// gets GOAWAY (hyper sends it twice: first with the highest stream id, then, after a PING
+/// round trip, with the last stream it took), its streams finish, and it closes.
 pub async fn serve<E: Env, I>(
     io: I,
     orig_dst: SocketAddr,
     source: Arc<Source>,
     env: Arc<E>,
-    shutdown: CancellationToken,
+    drain: Drain,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -181,10 +190,34 @@ pub async fn serve<E: Env, I>(
         orig_dst,
         source,
     });
-    let service = service_fn(move |request| {
-        let downstream = downstream.clone();
-        async move { Ok::<_, Infallible>(downstream.handle(request).await) }
-    });
+    // Which HTTP the connection speaks is known from its first request.
+    let http2_seen = Arc::new(tokio::sync::Notify::new());
+    let service = {
+        let (drain, http2_seen) = (drain.clone(), http2_seen.clone());
+        let http2_known = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        service_fn(move |request: Request<Incoming>| {
+            let (downstream, drain) = (downstream.clone(), drain.clone());
+            let version = request.version();
+            if version == Version::HTTP_2
+                && !http2_known.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                http2_seen.notify_one();
+            }
+            async move {
+                let mut response = downstream.handle(request).await;
+                if version < Version::HTTP_2
+                    && drain.started()
+                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    // hyper closes the connection after a response that says so.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // A client may shut down its sending side while it waits for the answer (`printf ... |
     // nc`); that is no reason to drop the answer.
@@ -192,12 +225,22 @@ pub async fn serve<E: Env, I>(
     builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = shutdown.cancelled() => {
-            // Finish the requests in flight, take no new ones.
+    let expired = drain.expired();
+    tokio::pin!(expired);
+    let (mut draining, mut http2, mut goaway) = (false, false, false);
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = drain.signal.cancelled(), if !draining => draining = true,
+            () = http2_seen.notified(), if !http2 => http2 = true,
+            () = &mut expired => {
+                tracing::debug!(%orig_dst, "client HTTP connection closed at the drain timeout");
+                break Ok(());
+            }
+        }
+        if draining && http2 && !goaway {
             connection.as_mut().graceful_shutdown();
-            connection.await
+            goaway = true;
         }
     };
     if let Err(error) = result {

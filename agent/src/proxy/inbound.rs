@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
-use super::Context;
 use super::upstream::LocalPod;
+use super::{Context, Drain};
 use crate::identity::PlaintextLabels;
 use crate::mesh::TlsMode;
 
@@ -34,13 +34,24 @@ pub fn serve(
     ctx: Arc<Context>,
 ) -> std::io::Result<super::Accepting> {
     let workload = pod.workload.clone();
-    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer| {
-        let (pod, ctx) = (pod.clone(), ctx.clone());
-        async move { handle(stream, peer, &pod, &ctx).await }
-    })
+    super::accept(
+        listeners,
+        &ctx.clone(),
+        &workload,
+        move |stream, peer, drain| {
+            let (pod, ctx) = (pod.clone(), ctx.clone());
+            async move { handle(stream, peer, &pod, &ctx, drain).await }
+        },
+    )
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &Context) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: &LocalPod,
+    ctx: &Context,
+    drain: Drain,
+) {
     let Ok(local) = client.local_addr() else {
         return;
     };
@@ -92,13 +103,16 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, pod: &LocalPod, ctx: &C
             return;
         }
     };
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await;
+    // Plain TCP: kept until it ends, or until the drain timeout once the agent or pod goes.
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        ) => copied.ok(),
+        () = drain.expired() => None,
+    };
     let (received, sent) = copied.unwrap_or_default();
     tracing::info!(
         target: "strait::inbound",

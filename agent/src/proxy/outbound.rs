@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 
 use tokio::net::TcpStream;
 
-use super::{Context, http, upstream};
+use super::{Context, Drain, http, upstream};
 use crate::mesh::ResourceId;
 use crate::redirect::{self, OriginalDestination};
 use crate::routing::{Action, pick_weighted};
@@ -38,10 +38,15 @@ pub fn serve(
     ctx: Arc<Context>,
 ) -> std::io::Result<super::Accepting> {
     let workload = source.workload.clone();
-    super::accept(listeners, &ctx.clone(), &workload, move |stream, peer| {
-        let (source, ctx) = (source.clone(), ctx.clone());
-        async move { forward(stream, peer, &source, &ctx).await }
-    })
+    super::accept(
+        listeners,
+        &ctx.clone(),
+        &workload,
+        move |stream, peer, drain| {
+            let (source, ctx) = (source.clone(), ctx.clone());
+            async move { forward(stream, peer, &source, &ctx, drain).await }
+        },
+    )
 }
 
 async fn forward(
@@ -49,6 +54,7 @@ async fn forward(
     peer: SocketAddr,
     source: &Arc<Source>,
     ctx: &Arc<Context>,
+    drain: Drain,
 ) {
     let started = Instant::now();
     let started_at = SystemTime::now();
@@ -83,8 +89,7 @@ async fn forward(
     };
     if service.http.is_some() {
         let _ = client.set_nodelay(true);
-        let shutdown = ctx.shutdown.clone();
-        http::serve(client, original.addr, source.clone(), ctx.clone(), shutdown).await;
+        http::serve(client, original.addr, source.clone(), ctx.clone(), drain).await;
         return;
     }
     let target = match &service.action {
@@ -138,13 +143,17 @@ async fn forward(
         active.inc();
         active
     });
-    let copied = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await;
+    // An L4 connection has no way to be told to end: it goes on until one side closes it, or
+    // until the drain timeout once the agent (or the pod) is going away.
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        ) => copied,
+        () = drain.expired() => Err(std::io::Error::other("closed at the drain timeout")),
+    };
     let (sent, received, error) = match copied {
         Ok((sent, received)) => (sent, received, None),
         Err(error) => (0, 0, Some(error.to_string())),

@@ -45,8 +45,72 @@ pub const CONNECT_ATTEMPTS: usize = 3;
 /// A byte stream to an endpoint: a TCP connection or a tunnel stream.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-/// A boxed [`Io`].
-pub type Stream = Box<dyn Io>;
+
+/// Whether the way to an endpoint is going away: a tunnel connection whose peer agent drains
+/// (it said GOAWAY). The stream itself goes on until the peer's drain timeout.
+pub type GoingAway = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A boxed [`Io`], and for a tunnel stream how to tell that its tunnel is going away (so a
+/// pooled HTTP connection over it takes no new request: see `http::pool`).
+pub struct Stream {
+    io: Box<dyn Io>,
+    pub going_away: Option<GoingAway>,
+}
+
+impl Stream {
+    pub fn new(io: impl Io + 'static) -> Stream {
+        Stream {
+            io: Box::new(io),
+            going_away: None,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// Why no endpoint could be reached.
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +380,7 @@ pub async fn dial(
             .connect_loopback(endpoint.ip(), endpoint.port())
             .await
             .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))?;
-        return Ok(Box::new(stream));
+        return Ok(Stream::new(stream));
     }
     let policy = transport.policy.load_full();
     let listener_tls = policy.listener_tls(target_node, endpoint.port());
@@ -324,7 +388,7 @@ pub async fn dial(
     let tls = listener_tls.is_some() || client_tls.is_some_and(|t| t.enforce);
     if !tls {
         let stream = connect(endpoint).await.map_err(|e| e.to_string())?;
-        return Ok(Box::new(stream));
+        return Ok(Stream::new(stream));
     }
     let Some(node) = transport.peer_node(endpoint.ip()) else {
         return Err(format!(
@@ -340,10 +404,14 @@ pub async fn dial(
             target_node
         ));
     }
-    let stream = hbone::open(transport, caller, target_node, endpoint, node, client_tls)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Box::new(stream))
+    let (stream, going_away) =
+        hbone::open(transport, caller, target_node, endpoint, node, client_tls)
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok(Stream {
+        io: Box::new(stream),
+        going_away: Some(going_away),
+    })
 }
 
 #[cfg(test)]

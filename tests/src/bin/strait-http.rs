@@ -10,7 +10,14 @@
 //! - `strait-http load URL --count N [--concurrency C] [--http2] [-H 'name: value']`: N GETs
 //!   over C keep-alive connections (HTTP/1.1: one request at a time per connection; HTTP/2:
 //!   one connection, C streams), then one JSON report: counts by status and by `x-server`,
-//!   connections opened, latencies, errors.
+//!   connections opened, latencies, errors. `--rate R` paces each worker to R requests per
+//!   second; `--duration-ms D` runs for D ms instead of N requests, and `--stop-file F` ends
+//!   the run early once F exists. `failed` counts every request that got no 2xx answer: a
+//!   transport error or another status. Nothing is retried: an HTTP/1.1 request given to a
+//!   connection that then fails is a failure. A new connection is opened only for a request
+//!   not yet sent (the previous one was closed by the server), and, HTTP/2, a request the
+//!   server's GOAWAY proves it never processed is sent again on a new connection, as HTTP/2
+//!   clients do (counted as `resent_unsent`).
 //! - `strait-http stream URL --bytes N`: POSTs N pseudo-random bytes generated on the fly,
 //!   reads the echo, and reports bytes and SHA-256 of both directions.
 //! - `strait-http ws URL --messages N`: a WebSocket client (RFC 6455) sending N messages and
@@ -100,6 +107,15 @@ struct LoadArgs {
     /// Seconds for the whole run.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Requests per second per worker (0: as fast as answers come).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Run for this long instead of `--count` requests.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// End the run early once this file exists.
+    #[arg(long)]
+    stop_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -543,6 +559,7 @@ struct Tally {
     error_count: u64,
     latencies_ms: Vec<f64>,
     connections: u64,
+    resent_unsent: u64,
 }
 
 impl Tally {
@@ -552,6 +569,35 @@ impl Tally {
             self.errors.push(e.to_string());
         }
     }
+}
+
+/// An error with its causes (hyper's own message alone says little: "http2 error").
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
+}
+
+/// The stream failed with the server's graceful GOAWAY (NO_ERROR): the server did not process
+/// it. Any other failure (a reset, a connection cut under a stream it took) is not this.
+fn left_out_by_goaway(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        cause = error.source();
+    }
+    false
+}
+
+fn lock_tally(tally: &std::sync::Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn build_get(
@@ -581,7 +627,7 @@ async fn record(tally: &std::sync::Mutex<Tally>, started: Instant, response: Res
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let body = response.into_body().collect().await;
-    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    let mut t = lock_tally(tally);
     match body {
         Ok(_) => {
             *t.statuses.entry(status).or_default() += 1;
@@ -595,38 +641,149 @@ async fn record(tally: &std::sync::Mutex<Tally>, started: Instant, response: Res
     }
 }
 
+/// When a worker sends its requests: how many (or until when), at what pace.
+struct Plan {
+    count: Option<u32>,
+    until: Option<Instant>,
+    interval: Option<Duration>,
+    stop_file: Option<std::path::PathBuf>,
+}
+
+/// One worker's turn: waits for the next slot of its pace and says whether to send request
+/// number `sent` at all.
+struct Pacer {
+    plan: Arc<Plan>,
+    next: Instant,
+    sent: u32,
+}
+
+impl Pacer {
+    fn new(plan: Arc<Plan>) -> Pacer {
+        Pacer {
+            plan,
+            next: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    async fn turn(&mut self) -> bool {
+        if let Some(interval) = self.plan.interval {
+            tokio::time::sleep_until(self.next.into()).await;
+            // A late turn does not make the next ones come faster (no catching up in bursts).
+            self.next = self.next.max(Instant::now() - interval) + interval;
+        }
+        let more = self.plan.count.is_none_or(|n| self.sent < n)
+            && self.plan.until.is_none_or(|t| Instant::now() < t)
+            && self.plan.stop_file.as_ref().is_none_or(|f| !f.exists());
+        self.sent += u32::from(more);
+        more
+    }
+}
+
+/// The HTTP/2 connection the workers share (numbered), replaced when the server closes it
+/// (GOAWAY).
+type SharedHttp2 =
+    tokio::sync::Mutex<Option<(u64, hyper::client::conn::http2::SendRequest<Full<Bytes>>)>>;
+
+/// The shared connection, or a new one if it is closed or is the one numbered `stale`.
+async fn http2_sender(
+    shared: &SharedHttp2,
+    addr: SocketAddr,
+    tally: &std::sync::Mutex<Tally>,
+    stale: Option<u64>,
+) -> anyhow::Result<(u64, hyper::client::conn::http2::SendRequest<Full<Bytes>>)> {
+    let mut current = shared.lock().await;
+    if let Some((number, sender)) = current.as_ref()
+        && !sender.is_closed()
+        && Some(*number) != stale
+    {
+        return Ok((*number, sender.clone()));
+    }
+    let stream = TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(conn);
+    let number = {
+        let mut t = lock_tally(tally);
+        t.connections += 1;
+        t.connections
+    };
+    *current = Some((number, sender.clone()));
+    Ok((number, sender))
+}
+
 async fn load(args: LoadArgs) -> anyhow::Result<Value> {
     let target = Arc::new(resolve(&args.url).await?);
     let headers = Arc::new(parse_headers(&args.headers)?);
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
     let started = Instant::now();
     let concurrency = args.concurrency.clamp(1, 256);
+    let by_time = args.duration_ms.is_some();
     let mut tasks = Vec::new();
     if args.http2 {
-        let stream = TcpStream::connect(target.addr).await?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(conn);
-        tally.lock().unwrap_or_else(|p| p.into_inner()).connections = 1;
+        let shared = Arc::new(SharedHttp2::default());
+        // The first connection is opened before the workers start, so that a server that is
+        // not there fails the run at once.
+        http2_sender(&shared, target.addr, &tally, None).await?;
         for worker in 0..concurrency {
             let n = args.count / concurrency + u32::from(worker < args.count % concurrency);
-            let (mut sender, target, headers, tally) = (
-                sender.clone(),
+            let plan = Arc::new(plan(&args, n));
+            let (shared, target, headers, tally) = (
+                shared.clone(),
                 target.clone(),
                 headers.clone(),
                 tally.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                for _ in 0..n {
+                let mut pacer = Pacer::new(plan);
+                while pacer.turn().await {
                     let begun = Instant::now();
-                    let request = match build_get(&target, &headers, true) {
+                    let mut request = match build_get(&target, &headers, true) {
                         Ok(r) => r,
-                        Err(e) => return tally.lock().unwrap_or_else(|p| p.into_inner()).error(e),
+                        Err(e) => return lock_tally(&tally).error(e),
                     };
-                    match sender.send_request(request).await {
-                        Ok(response) => record(&tally, begun, response).await,
-                        Err(e) => tally.lock().unwrap_or_else(|p| p.into_inner()).error(e),
+                    // A request the server never processed goes on a new connection, at most
+                    // twice: one the client library gives back unsent, or one the server's
+                    // GOAWAY left out (RFC 9113 section 6.8: above its last stream id, or
+                    // opened by the library after the GOAWAY arrived).
+                    let mut stale = None;
+                    for attempt in 0..3 {
+                        let sender = http2_sender(&shared, target.addr, &tally, stale).await;
+                        let (number, mut sender) = match sender {
+                            Ok(s) => s,
+                            Err(e) => {
+                                lock_tally(&tally).error(format!("connect: {e}"));
+                                break;
+                            }
+                        };
+                        match sender.try_send_request(request).await {
+                            Ok(response) => {
+                                record(&tally, begun, response).await;
+                                break;
+                            }
+                            Err(mut e) => match e.take_message() {
+                                Some(unsent) if attempt < 2 => {
+                                    lock_tally(&tally).resent_unsent += 1;
+                                    request = unsent;
+                                    stale = Some(number);
+                                }
+                                _ => {
+                                    let e = e.into_error();
+                                    if attempt < 2 && left_out_by_goaway(&e) {
+                                        lock_tally(&tally).resent_unsent += 1;
+                                        stale = Some(number);
+                                        request = match build_get(&target, &headers, true) {
+                                            Ok(r) => r,
+                                            Err(e) => return lock_tally(&tally).error(e),
+                                        };
+                                        continue;
+                                    }
+                                    lock_tally(&tally).error(with_causes(&e));
+                                    break;
+                                }
+                            },
+                        }
                     }
                 }
             }));
@@ -634,19 +791,21 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
     } else {
         for worker in 0..concurrency {
             let n = args.count / concurrency + u32::from(worker < args.count % concurrency);
+            let plan = Arc::new(plan(&args, n));
             let (target, headers, tally) = (target.clone(), headers.clone(), tally.clone());
             tasks.push(tokio::spawn(async move {
                 let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-                for _ in 0..n {
+                let mut pacer = Pacer::new(plan);
+                while pacer.turn().await {
                     let begun = Instant::now();
                     if sender.as_ref().is_none_or(|s| s.is_closed()) {
                         match open_http1(target.addr).await {
                             Ok(s) => {
-                                tally.lock().unwrap_or_else(|p| p.into_inner()).connections += 1;
+                                lock_tally(&tally).connections += 1;
                                 sender = Some(s);
                             }
                             Err(e) => {
-                                tally.lock().unwrap_or_else(|p| p.into_inner()).error(e);
+                                lock_tally(&tally).error(e);
                                 continue;
                             }
                         }
@@ -654,21 +813,18 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
                     let Some(s) = sender.as_mut() else { continue };
                     if s.ready().await.is_err() {
                         sender = None;
-                        tally
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .error("connection closed");
+                        lock_tally(&tally).error("connection closed");
                         continue;
                     }
                     let request = match build_get(&target, &headers, false) {
                         Ok(r) => r,
-                        Err(e) => return tally.lock().unwrap_or_else(|p| p.into_inner()).error(e),
+                        Err(e) => return lock_tally(&tally).error(e),
                     };
                     match s.send_request(request).await {
                         Ok(response) => record(&tally, begun, response).await,
                         Err(e) => {
                             sender = None;
-                            tally.lock().unwrap_or_else(|p| p.into_inner()).error(e);
+                            lock_tally(&tally).error(with_causes(&e));
                         }
                     }
                 }
@@ -678,7 +834,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
     for task in tasks {
         task.await?;
     }
-    let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut t = std::mem::take(&mut *lock_tally(&tally));
     t.latencies_ms.sort_by(f64::total_cmp);
     let pct = |p: f64| -> f64 {
         if t.latencies_ms.is_empty() {
@@ -688,19 +844,45 @@ async fn load(args: LoadArgs) -> anyhow::Result<Value> {
         t.latencies_ms[i]
     };
     let completed: u64 = t.statuses.values().sum();
+    let not_2xx: u64 = t
+        .statuses
+        .iter()
+        .filter(|(status, _)| !(200..300).contains(*status))
+        .map(|(_, n)| n)
+        .sum();
+    let requests = if by_time {
+        completed + t.error_count
+    } else {
+        u64::from(args.count)
+    };
     Ok(json!({
-        "ok": t.error_count == 0 && completed == u64::from(args.count),
-        "requests": args.count,
+        "ok": t.error_count == 0 && completed == requests,
+        "requests": requests,
         "completed": completed,
+        "failed": t.error_count + not_2xx,
         "statuses": t.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "by_server": t.servers,
         "connections": t.connections,
+        "resent_unsent": t.resent_unsent,
         "errors": t.errors,
         "error_count": t.error_count,
         "p50_ms": pct(0.5),
         "max_ms": pct(1.0),
         "elapsed_ms": started.elapsed().as_millis() as u64,
     }))
+}
+
+/// A worker's plan: `n` requests, or (with `--duration-ms`) as many as fit in the time.
+fn plan(args: &LoadArgs, n: u32) -> Plan {
+    let until = args
+        .duration_ms
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    Plan {
+        count: until.is_none().then_some(n),
+        until,
+        interval: (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate)),
+        stop_file: args.stop_file.clone(),
+    }
 }
 
 async fn open_http1(

@@ -5,6 +5,10 @@
 //! upstream; a forwarded path is normalised (no `//`, `.` or `..` segments). Mesh files with
 //! durations at and past their bounds go through decode, compile and a request as well.
 //!
+//! The same harness checks how one client connection drains (`mod drain`): HTTP/1.1 answers
+//! the next request with `Connection: close`, an idle connection is closed only at the drain
+//! timeout, HTTP/2 gets GOAWAY.
+//!
 //! `cargo test -p strait fuzz` runs a few hundred cases; set `PROPTEST_CASES` for a long run
 //! (docs/http.md says how the pre-release run is done).
 
@@ -60,7 +64,7 @@ impl Env for TestEnv {
     ) -> BoxFuture<'a, std::io::Result<upstream::Stream>> {
         Box::pin(async move {
             let stream = upstream::connect(endpoint).await?;
-            Ok(Box::new(stream) as upstream::Stream)
+            Ok(upstream::Stream::new(stream))
         })
     }
 }
@@ -193,7 +197,10 @@ impl Harness {
                 SERVICE.parse().unwrap(),
                 self.source.clone(),
                 env,
-                shutdown.clone(),
+                crate::proxy::Drain {
+                    signal: shutdown.clone(),
+                    timeout: Duration::from_secs(1),
+                },
             ));
             client.write_all(&bytes).await.unwrap();
             client.shutdown().await.unwrap();
@@ -469,4 +476,152 @@ fn routes_and_errors_through_the_whole_path() {
         "{}",
         String::from_utf8_lossy(&garbage)
     );
+}
+
+/// The drain of one client connection (`serve` with a [`crate::proxy::Drain`]): a hyper client
+/// on the other end of an in-memory pipe.
+mod drain {
+    use super::*;
+    use crate::proxy::Drain;
+    use http_body_util::Empty;
+
+    fn start(
+        h: &'static Harness,
+        timeout: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let signal = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            server,
+            SERVICE.parse().unwrap(),
+            h.source.clone(),
+            h.env.clone(),
+            Drain {
+                signal: signal.clone(),
+                timeout,
+            },
+        ));
+        (client, signal, task)
+    }
+
+    fn get(version: http::Version) -> hyper::Request<Empty<Bytes>> {
+        let uri = match version {
+            http::Version::HTTP_2 => "http://color/a",
+            _ => "/a",
+        };
+        hyper::Request::get(uri)
+            .header("host", "color")
+            .version(version)
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_idle_http1_connection_answers_its_next_request_with_close_then_closes() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (client, signal, task) = start(h, Duration::from_secs(10));
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                    .await
+                    .unwrap();
+            let connection = tokio::spawn(connection);
+            let first = sender
+                .send_request(get(http::Version::HTTP_11))
+                .await
+                .unwrap();
+            assert_eq!(first.status(), 200);
+            assert!(first.headers().get("connection").is_none());
+            drop(first);
+            // The drain begins while the connection is idle; it stays open.
+            signal.cancel();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                !task.is_finished(),
+                "an idle connection is not closed at once"
+            );
+            sender.ready().await.unwrap();
+            let second = sender
+                .send_request(get(http::Version::HTTP_11))
+                .await
+                .unwrap();
+            assert_eq!(second.status(), 200);
+            assert_eq!(second.headers()["connection"], "close");
+            drop(second);
+            // And the connection closes right after that answer, long before the timeout.
+            tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .expect("the connection closed after its answer")
+                .unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+        });
+    }
+
+    #[test]
+    fn an_http1_connection_that_stays_idle_is_closed_at_the_drain_timeout() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (client, signal, task) = start(h, Duration::from_millis(400));
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                    .await
+                    .unwrap();
+            let connection = tokio::spawn(connection);
+            let first = sender
+                .send_request(get(http::Version::HTTP_11))
+                .await
+                .unwrap();
+            assert_eq!(first.status(), 200);
+            drop(first);
+            let began = std::time::Instant::now();
+            signal.cancel();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("closed at the drain timeout")
+                .unwrap();
+            let took = began.elapsed();
+            assert!(
+                took >= Duration::from_millis(350),
+                "closed after {took:?}, before the drain timeout"
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
+        });
+    }
+
+    #[test]
+    fn a_draining_http2_connection_gets_goaway_and_closes_when_its_streams_are_done() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (client, signal, task) = start(h, Duration::from_secs(10));
+            let (mut sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(client),
+            )
+            .await
+            .unwrap();
+            let connection = tokio::spawn(connection);
+            let first = sender
+                .send_request(get(http::Version::HTTP_2))
+                .await
+                .unwrap();
+            assert_eq!(first.status(), 200);
+            drop(first);
+            signal.cancel();
+            // GOAWAY ends the client's connection without an error, and the server's with it.
+            let ended = tokio::time::timeout(Duration::from_secs(2), connection)
+                .await
+                .expect("the client's connection ended after GOAWAY")
+                .unwrap();
+            assert!(ended.is_ok(), "a graceful GOAWAY: {ended:?}");
+            assert!(sender.is_closed());
+            tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .expect("the server's connection ended")
+                .unwrap();
+        });
+    }
 }

@@ -218,12 +218,12 @@ async fn probe(ctx: &Context, policy: &HealthCheck, target: SocketAddr) -> Resul
     // A pod on this node is probed from inside its own network namespace, like its traffic is
     // delivered (so a STRICT listener's capture does not mistake the probe for an outsider).
     let stream: upstream::Stream = match ctx.transport.local_pod(target.ip()) {
-        Some(pod) => Box::new(
+        Some(pod) => upstream::Stream::new(
             pod.connect_loopback(target.ip(), target.port())
                 .await
                 .map_err(ProbeError::Connect)?,
         ),
-        None => Box::new(
+        None => upstream::Stream::new(
             upstream::connect(target)
                 .await
                 .map_err(ProbeError::Connect)?,

@@ -6,6 +6,10 @@
 //! connection is opened through [`upstream::connect`], the one seam for leaving the agent (it
 //! decides between a direct connection and a tunnel to another node).
 //!
+//! A connection over a tunnel whose peer agent drains (it said GOAWAY) finishes what it carries
+//! and takes no new request: the peer closes the tunnel stream at its drain timeout, and a
+//! request sent on it just then would be lost.
+//!
 //! A request that a pooled connection could not even start to send (the upstream had closed the
 //! idle connection) is sent again on a new connection; that is not a retry in App Mesh's sense.
 
@@ -65,24 +69,59 @@ impl Error {
         matches!(self, Error::Connect { .. } | Error::Handshake { .. })
     }
 
-    /// The HTTP/2 upstream refused the stream (REFUSED_STREAM): it did not process it.
+    /// The HTTP/2 upstream did not process the stream: it refused it (REFUSED_STREAM), or it
+    /// was draining and its GOAWAY left the stream out (see [`never_processed`]).
     pub fn is_refused_stream(&self) -> bool {
         let Error::Request { source, .. } = self else {
             return false;
         };
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-        while let Some(error) = cause {
-            if let Some(h2) = error.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            }
-            cause = error.source();
-        }
-        false
+        never_processed(source)
     }
 }
 
+/// Whether an HTTP/2 request failed in a way that proves the server never processed it:
+/// REFUSED_STREAM, or the stream fell above the last stream id of the server's graceful
+/// GOAWAY (NO_ERROR; RFC 9113 section 6.8: such streams were not processed and may be sent
+/// again on another connection). A peer agent that drains says GOAWAY; requests caught
+/// between its GOAWAY and our seeing it are sent again instead of failing.
+pub fn never_processed(error: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// An HTTP/1.1 connection, and whether the way under it is going away (a tunnel whose peer
+/// agent drains: the connection finishes its request and is not reused, so no request is sent
+/// on it just as the peer closes the tunnel stream at its drain timeout).
+struct Http1 {
+    sender: http1::SendRequest<ReplayBody>,
+    going_away: Option<upstream::GoingAway>,
+}
+
+impl Http1 {
+    fn reusable(&self) -> bool {
+        self.sender.is_ready()
+            && !self.sender.is_closed()
+            && self.going_away.as_ref().is_none_or(|gone| !gone())
+    }
+}
+
+/// An HTTP/2 connection (see [`Http1`] for `going_away`).
+struct Http2 {
+    sender: http2::SendRequest<ReplayBody>,
+    going_away: Option<upstream::GoingAway>,
+}
+
 /// An idle HTTP/1.1 connection and when it became idle.
-type Idle = (Instant, http1::SendRequest<ReplayBody>);
+type Idle = (Instant, Http1);
 
 /// Pooled connections belong to one caller identity and one endpoint: through an mTLS
 /// tunnel the connection carries the calling workload's certificate, so it must never serve
@@ -100,7 +139,7 @@ pub type Dial<'a> =
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    multiplexed: Mutex<HashMap<Key, http2::SendRequest<ReplayBody>>>,
+    multiplexed: Mutex<HashMap<Key, Http2>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -122,16 +161,16 @@ impl Pool {
         for _ in 0..STALE_RETRIES {
             match proto {
                 Proto::Http1 => {
-                    let (mut sender, reused) = match self.take_idle(key) {
-                        Some(sender) => (sender, true),
+                    let (mut connection, reused) = match self.take_idle(key) {
+                        Some(connection) => (connection, true),
                         None => (self.connect_http1(endpoint, dial).await?, false),
                     };
-                    match sender.try_send_request(request).await {
+                    match connection.sender.try_send_request(request).await {
                         Ok(response) => {
                             let back = PoolReturn {
                                 pool: self.clone(),
                                 key: key.clone(),
-                                sender: Some(sender),
+                                connection: Some(connection),
                             };
                             return Ok((response, Some(Box::new(back))));
                         }
@@ -147,15 +186,19 @@ impl Pool {
                     }
                 }
                 Proto::Http2 => {
+                    // One whose tunnel is going away keeps its streams but takes no new one.
                     let cached = lock(&self.multiplexed)
                         .get(key)
-                        .filter(|s| !s.is_closed())
-                        .cloned();
+                        .filter(|c| {
+                            !c.sender.is_closed() && c.going_away.as_ref().is_none_or(|g| !g())
+                        })
+                        .map(|c| c.sender.clone());
                     let (mut sender, reused) = match cached {
                         Some(sender) => (sender, true),
                         None => {
-                            let sender = self.connect_http2(endpoint, dial).await?;
-                            lock(&self.multiplexed).insert(key.clone(), sender.clone());
+                            let connection = self.connect_http2(endpoint, dial).await?;
+                            let sender = connection.sender.clone();
+                            lock(&self.multiplexed).insert(key.clone(), connection);
                             (sender, false)
                         }
                     };
@@ -189,22 +232,25 @@ impl Pool {
         })
     }
 
-    fn take_idle(&self, key: &Key) -> Option<http1::SendRequest<ReplayBody>> {
+    fn take_idle(&self, key: &Key) -> Option<Http1> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(key)?;
-        while let Some((since, sender)) = list.pop() {
-            if since.elapsed() < IDLE_MAX_AGE && sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
+        while let Some((since, connection)) = list.pop() {
+            if since.elapsed() < IDLE_MAX_AGE && connection.reusable() {
+                return Some(connection);
             }
         }
         None
     }
 
-    fn give_back(&self, key: Key, sender: http1::SendRequest<ReplayBody>) {
+    fn give_back(&self, key: Key, connection: Http1) {
+        if connection.going_away.as_ref().is_some_and(|gone| gone()) {
+            return;
+        }
         let mut idle = lock(&self.idle);
         let list = idle.entry(key).or_default();
         if list.len() < IDLE_MAX_PER_ENDPOINT {
-            list.push((Instant::now(), sender));
+            list.push((Instant::now(), connection));
         }
     }
 
@@ -214,14 +260,11 @@ impl Pool {
         lock(&self.multiplexed).retain(|key, _| keep(&key.endpoint));
     }
 
-    async fn connect_http1(
-        &self,
-        endpoint: SocketAddr,
-        dial: Dial<'_>,
-    ) -> Result<http1::SendRequest<ReplayBody>, Error> {
+    async fn connect_http1(&self, endpoint: SocketAddr, dial: Dial<'_>) -> Result<Http1, Error> {
         let stream = dial()
             .await
             .map_err(|source| Error::Connect { endpoint, source })?;
+        let going_away = stream.going_away.clone();
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -231,17 +274,14 @@ impl Pool {
                 tracing::debug!(%endpoint, %error, "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok(sender)
+        Ok(Http1 { sender, going_away })
     }
 
-    async fn connect_http2(
-        &self,
-        endpoint: SocketAddr,
-        dial: Dial<'_>,
-    ) -> Result<http2::SendRequest<ReplayBody>, Error> {
+    async fn connect_http2(&self, endpoint: SocketAddr, dial: Dial<'_>) -> Result<Http2, Error> {
         let stream = dial()
             .await
             .map_err(|source| Error::Connect { endpoint, source })?;
+        let going_away = stream.going_away.clone();
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -253,7 +293,7 @@ impl Pool {
                 tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
             }
         });
-        Ok(sender)
+        Ok(Http2 { sender, going_away })
     }
 }
 
@@ -261,26 +301,27 @@ impl Pool {
 struct PoolReturn {
     pool: Arc<Pool>,
     key: Key,
-    sender: Option<http1::SendRequest<ReplayBody>>,
+    connection: Option<Http1>,
 }
 
 impl Drop for PoolReturn {
     fn drop(&mut self) {
-        let Some(mut sender) = self.sender.take() else {
+        let Some(mut connection) = self.connection.take() else {
             return;
         };
-        if sender.is_ready() {
-            self.pool.give_back(self.key.clone(), sender);
+        if connection.sender.is_ready() {
+            self.pool.give_back(self.key.clone(), connection);
             return;
         }
-        if sender.is_closed() || tokio::runtime::Handle::try_current().is_err() {
+        if connection.sender.is_closed() || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         // The connection turns ready a moment after the last byte of the body is read.
         let (pool, key) = (self.pool.clone(), self.key.clone());
         tokio::spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), sender.ready()).await {
-                pool.give_back(key, sender);
+            let ready = tokio::time::timeout(Duration::from_secs(1), connection.sender.ready());
+            if let Ok(Ok(())) = ready.await {
+                pool.give_back(key, connection);
             }
         });
     }
