@@ -222,8 +222,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
         telemetry,
     });
     proxy::http::start(&ctx);
-    proxy::hbone::serve(tunnel_listener, ctx.clone());
-    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     let log_writers = access_log::Writers::default();
     registry.register(
         "strait_access_log_dropped_lines",
@@ -269,6 +267,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     node.apply_table(&answers.borrow_and_update());
     node.reconcile(&workload_snapshots.borrow_and_update());
     node.release_strays();
+    // Tunnels from other nodes deliver to local pods: accept them only once the pods are
+    // enrolled (during an upgrade they wait in the inherited listener's backlog meanwhile,
+    // instead of finding no local pod and failing).
+    proxy::hbone::serve(tunnel_listener, ctx.clone());
+    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     // Sockets of pods that went away while the agents changed places.
     node.inherited = handover::Inherited::default();
     let (handed_over_tx, mut handed_over) = mpsc::unbounded_channel();
