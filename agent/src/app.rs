@@ -32,6 +32,7 @@ use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
+use crate::service_ids::ServiceIds;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, handover, netns};
@@ -259,6 +260,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
         retiring: Vec::new(),
+        service_ids: ServiceIds::default(),
         skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
@@ -633,6 +635,8 @@ struct Node {
     /// the kernel steered to them just before the switch waits in their backlog and must be
     /// served, not reset.
     retiring: Vec<(Instant, Enrolled)>,
+    /// The eBPF id of each virtual service, stable across reloads.
+    service_ids: ServiceIds,
     /// Pods that are not to be enrolled (no or several VirtualNodes, not in the mesh, host
     /// network, no IP yet), with why: `/workloads` shows them.
     skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
@@ -676,18 +680,12 @@ impl Node {
 
     fn apply_table(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {
         let table = Table::compile(&self.mesh, answers);
+        self.service_ids
+            .update(self.mesh.virtual_services.iter().map(|vs| &vs.id));
         let services: Vec<(SocketAddr, u32)> = table
             .services
             .iter()
-            .map(|(addr, port)| {
-                let id = self
-                    .mesh
-                    .virtual_services
-                    .iter()
-                    .position(|vs| vs.id == port.service)
-                    .map_or(0, |i| i as u32 + 1);
-                (*addr, id)
-            })
+            .filter_map(|(addr, port)| Some((*addr, self.service_ids.get(&port.service)?)))
             .chain(table.refused.keys().map(|ip| {
                 (
                     SocketAddr::new(*ip, strait_ebpf::SERVICE_ANY_PORT),
@@ -697,7 +695,8 @@ impl Node {
             .collect();
         // The proxy must know a service before the kernel starts capturing it.
         self.ctx.table.store(Arc::new(table));
-        // Service ids follow the mesh's order: the backend maps must follow them first.
+        // A new service's backend pairs go in before its addresses; a service that stays keeps
+        // its id, so its entries in both maps stay as they are.
         self.sync_backends();
         if let Err(error) = self.ctx.redirect.set_services(&services) {
             tracing::error!(%error, "cannot update the service addresses in the eBPF map");
@@ -881,9 +880,8 @@ impl Node {
             self.mesh
                 .virtual_services
                 .iter()
-                .enumerate()
-                .filter(|(_, vs)| policy.is_backend(vn, &vs.id))
-                .map(|(i, _)| i as u32 + 1)
+                .filter(|vs| policy.is_backend(vn, &vs.id))
+                .filter_map(|vs| self.service_ids.get(&vs.id))
                 .collect()
         };
         let mut allowed = BTreeMap::new();

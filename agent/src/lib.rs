@@ -18,6 +18,7 @@ pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod routing;
+pub mod service_ids;
 pub mod status;
 pub mod telemetry;
 pub mod workloads;

@@ -262,3 +262,86 @@ fn a_configmap_directory_is_one_mesh_and_a_swap_replaces_all_its_files() -> anyh
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A reload that adds or removes a virtual service changes no other service's standing in
+/// eBPF: service ids are stable, so a pod calling its backend `color` is never refused while a
+/// service sorted before it (`aaa`, not a backend of the caller) comes and goes 20 times.
+#[test]
+fn a_service_coming_and_going_never_refuses_calls_to_another() -> anyhow::Result<()> {
+    let with_aaa = |base: &str| {
+        format!(
+            "{base}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata:
+  name: aaa
+  namespace: app
+spec:
+  awsName: aaa.app.svc.cluster.local
+  provider:
+    virtualNode:
+      virtualNodeRef:
+        name: color-v1
+"
+        )
+    };
+    let base = mesh_yaml("DROP_ALL", 100, 0);
+    let bed = bed("reload-ids", &base)?;
+    bed.tb
+        .dns_record("aaa.app.svc.cluster.local", &["10.96.0.9".parse()?])?;
+    let volume = bed.tb.temp_dir().join("configmap");
+    std::fs::create_dir(&volume)?;
+    publish(&volume, 0, &base)?;
+    symlink("..data/mesh.yaml", volume.join("mesh.yaml"))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &volume.join("mesh.yaml"), &[])?;
+    let client = bed.tb.spawn(
+        "client-ids",
+        bed.client.command(peer_binary()?).args([
+            "call",
+            &format!("{SERVICE}:8080"),
+            "-4",
+            "--count",
+            "3000",
+            "--bytes",
+            "16",
+            "--interval-ms",
+            "2",
+        ]),
+    )?;
+    let mut still_running_at_end = true;
+    for generation in 1..=20 {
+        let text = if generation % 2 == 1 {
+            with_aaa(&base)
+        } else {
+            base.clone()
+        };
+        publish(&volume, generation, &text)?;
+        std::thread::sleep(Duration::from_millis(250));
+        if client.try_wait()?.is_some() {
+            still_running_at_end = false;
+        }
+    }
+    let status = client.wait_timeout(Duration::from_secs(120))?;
+    let report: Value = serde_json::from_str(client.stdout().trim())?;
+    assert!(status.success(), "{report}");
+    assert_eq!(
+        report["succeeded"], 3000,
+        "no call to color may be refused while aaa comes and goes: {report}"
+    );
+    assert!(
+        still_running_at_end,
+        "the client finished before the reloads did; raise --count"
+    );
+    let metrics = agent.admin_get("/metrics")?;
+    let applied = metric(&metrics, "strait_mesh_reloads_total{result=\"applied\"}");
+    assert!(applied >= 15, "20 versions published, applied {applied}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "strait_inpod_events_total{reason=\"not_a_backend\"}"
+        ),
+        0,
+        "no call was refused as a non-backend"
+    );
+    Ok(())
+}
