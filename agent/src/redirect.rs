@@ -42,7 +42,10 @@ use std::{
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     },
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
@@ -112,6 +115,20 @@ pub struct OriginalDestination {
     pub service_id: u32,
 }
 
+/// What [`Redirect::take_original_destination`] found for an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// The connection's original destination (the entry is deleted).
+    Found(OriginalDestination),
+    /// No entry for the connection: it was not captured, or the entry was lost.
+    Missing,
+    /// The entry was recorded for a connect steered to another outbound listener
+    /// (`expected`): the connection reuses the client port of another workload's captured
+    /// connect (SO_REUSEADDR / SO_REUSEPORT in a shared network namespace) to be taken for
+    /// the workload whose listener it reached. Refused; the entry is left for its owner.
+    OtherListener { expected: u16 },
+}
+
 /// eBPF outcome counters, summed over CPUs, since the maps were first created
 /// (they survive agent restarts).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,13 +149,17 @@ pub struct Counters {
     pub capture_failed: u64,
     /// Original destinations lost because the re-keyed entry could not be stored.
     pub rekey_failed: u64,
+    /// Connections refused because their original destination was recorded for another
+    /// workload's outbound listener (see [`Taken::OtherListener`]); counted by the agent,
+    /// since it started.
+    pub other_listener: u64,
     /// Fast path: sends and sockets, see [`FastPathCounters`].
     pub fast_path: FastPathCounters,
 }
 
 impl Counters {
     /// (reason, value) pairs, for metrics with a bounded `reason` label.
-    pub fn by_reason(&self) -> [(&'static str, u64); 13] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 14] {
         [
             ("captured", self.captured),
             ("passed", self.passed),
@@ -148,6 +169,7 @@ impl Counters {
             ("lookup_miss", self.lookup_miss),
             ("capture_failed", self.capture_failed),
             ("rekey_failed", self.rekey_failed),
+            ("other_listener", self.other_listener),
             ("fastpath_hit", self.fast_path.hit),
             ("fastpath_miss", self.fast_path.miss),
             ("fastpath_tainted", self.fast_path.tainted),
@@ -323,6 +345,8 @@ pub struct Redirect {
     maps: Mutex<Maps>,
     /// Inbound capture and backend authorization (`redirect/inpod.rs`).
     inpod: inpod::InPod,
+    /// See [`Counters::other_listener`].
+    other_listener: AtomicU64,
 }
 
 impl std::fmt::Debug for Redirect {
@@ -380,6 +404,7 @@ impl Redirect {
             bpffs: cfg.bpffs.clone(),
             maps: Mutex::new(maps),
             inpod,
+            other_listener: AtomicU64::new(0),
         })
     }
 
@@ -454,19 +479,30 @@ impl Redirect {
 
     /// Look up and delete the original destination of a connection accepted on
     /// an outbound listener: `netns_cookie` of the accepted socket
-    /// ([`socket_netns_cookie`]) and its peer address.
+    /// ([`socket_netns_cookie`]), its peer address, and the port of the listener it was
+    /// accepted on (its local port). The entry is the connection's only if connect4/6
+    /// steered that connect to this very listener: the key (netns, client address, client
+    /// port) alone can be presented by another socket of the namespace bound to the same
+    /// port.
     pub fn take_original_destination(
         &self,
         netns_cookie: u64,
         peer: SocketAddr,
-    ) -> Result<Option<OriginalDestination>, Error> {
+        listener_port: u16,
+    ) -> Result<Taken, Error> {
         let key = keys::conn_key(netns_cookie, peer);
         let mut maps = self.maps();
         let dst = match maps.conn_orig_dst.get(&key, 0) {
             Ok(dst) => dst,
-            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) if is_not_found(&e) => return Ok(Taken::Missing),
             Err(e) => return Err(Error::map("read", abi::MAP_CONN_ORIG_DST, e)),
         };
+        if dst.listener_port != listener_port {
+            self.other_listener.fetch_add(1, Ordering::Relaxed);
+            return Ok(Taken::OtherListener {
+                expected: dst.listener_port,
+            });
+        }
         // The LRU may have evicted it in between; we have the value anyway.
         remove_entry(&mut maps.conn_orig_dst, &key, abi::MAP_CONN_ORIG_DST)?;
         let addr = keys::orig_dst_addr(&dst).ok_or_else(|| {
@@ -475,7 +511,7 @@ impl Redirect {
                 dst.family
             ))
         })?;
-        Ok(Some(OriginalDestination {
+        Ok(Taken::Found(OriginalDestination {
             addr,
             service_id: dst.service_id,
         }))
@@ -494,6 +530,7 @@ impl Redirect {
             lookup_miss: read(abi::COUNTER_LOOKUP_MISS)?,
             capture_failed: read(abi::COUNTER_CAPTURE_FAILED)?,
             rekey_failed: read(abi::COUNTER_REKEY_FAILED)?,
+            other_listener: self.other_listener.load(Ordering::Relaxed),
             fast_path: maps.fast_path.counters()?,
         })
     }

@@ -23,7 +23,7 @@ use std::{
 };
 
 use strait::redirect::{
-    self, Counters, EnrolledPod, OriginalDestination, Redirect, RedirectConfig,
+    self, Counters, EnrolledPod, OriginalDestination, Redirect, RedirectConfig, Taken,
 };
 
 const CGROUP2: &str = "/sys/fs/cgroup/unified";
@@ -242,15 +242,21 @@ fn expect_captured(
     let pid = spawn_client(guard, procs, dst, Proto::Tcp, force_v6);
     let (stream, peer) = accept_within(listener, TIMEOUT);
     let cookie = redirect::socket_netns_cookie(stream.as_fd()).unwrap();
-    let got = r.take_original_destination(cookie, peer).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert_eq!(
+        r.take_original_destination(cookie, peer, port + 1).unwrap(),
+        Taken::OtherListener { expected: port },
+        "an entry is only taken on the listener its connect was steered to"
+    );
+    let got = r.take_original_destination(cookie, peer, port).unwrap();
     assert_eq!(
         got,
-        Some(want),
+        Taken::Found(want),
         "original destination of {dst} (peer {peer})"
     );
     assert_eq!(
-        r.take_original_destination(cookie, peer).unwrap(),
-        None,
+        r.take_original_destination(cookie, peer, port).unwrap(),
+        Taken::Missing,
         "taking deletes the entry"
     );
     drop(stream);
@@ -381,6 +387,7 @@ fn capture_deny_pass_restart_uninstall() {
     expect_captured(&mut guard, &r, &procs, &out4, svc4, false, orig4);
     want.captured += 1;
     want.rekeyed += 1;
+    want.other_listener += 1;
     assert_eq!(r.counters().unwrap(), want, "after the IPv4 capture");
 
     let orig6 = OriginalDestination {
@@ -391,6 +398,7 @@ fn capture_deny_pass_restart_uninstall() {
     expect_captured(&mut guard, &r, &procs, &out4, svc4, true, orig4);
     want.captured += 2;
     want.rekeyed += 2;
+    want.other_listener += 2;
     assert_eq!(r.counters().unwrap(), want, "after the IPv6 captures");
 
     // ALLOW_ALL: a non-service destination passes untouched. Only loopback is
@@ -422,6 +430,7 @@ fn capture_deny_pass_restart_uninstall() {
     expect_captured(&mut guard, &r, &procs, &out4, svc4, false, orig4);
     want.captured += 1;
     want.rekeyed += 1;
+    want.other_listener += 1;
     let udp = connect_errno(
         &mut guard,
         &procs,
@@ -448,10 +457,13 @@ fn capture_deny_pass_restart_uninstall() {
     let old_programs = pinned_program_ids(&bpffs);
     let r = Redirect::install(&cfg).unwrap();
     wait_unloaded(&old_programs);
+    // The eBPF counters survive; the agent's own count of refused listeners starts over.
+    want.other_listener = 0;
     assert_eq!(r.counters().unwrap(), want, "counters survive a restart");
     expect_captured(&mut guard, &r, &procs, &out4, svc4, false, orig4);
     want.captured += 1;
     want.rekeyed += 1;
+    want.other_listener += 1;
 
     // Released: untouched and counted as not enrolled.
     r.release(pod_id).unwrap();

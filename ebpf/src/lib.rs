@@ -24,9 +24,9 @@ pub const MAP_SERVICES4: &str = "STRAIT_SERVICES4_V1";
 /// `ServiceKey6 -> ServiceValue`: IPv6 addresses of mesh services.
 pub const MAP_SERVICES6: &str = "STRAIT_SERVICES6_V1";
 /// LRU `socket cookie (u64) -> OrigDst`: written by connect4/6, read by sock_ops.
-pub const MAP_COOKIE_ORIG_DST: &str = "STRAIT_COOKIEDST_V1";
+pub const MAP_COOKIE_ORIG_DST: &str = "STRAIT_COOKIEDST_V2";
 /// LRU `ConnKey -> OrigDst`: written by sock_ops, read (and deleted) by the agent.
-pub const MAP_CONN_ORIG_DST: &str = "STRAIT_CONNDST_V1";
+pub const MAP_CONN_ORIG_DST: &str = "STRAIT_CONNDST_V2";
 /// `port (u16, host order) -> u32` (number of enrolled pods using it): the
 /// outbound listener ports, so sock_ops can tell a lookup miss from ordinary
 /// loopback traffic.
@@ -152,7 +152,12 @@ pub struct OrigDst {
     /// Host order.
     pub port: u16,
     pub service_id: u32,
-    pub _pad: u32,
+    /// The outbound listener port (host order) connect4/6 steered the connect to: the agent
+    /// takes the entry only for a connection accepted on that port, so a workload sharing the
+    /// network namespace cannot present another's key (same client port, reused with
+    /// SO_REUSEADDR) at another workload's listener and be taken for it.
+    pub listener_port: u16,
+    pub _pad: u16,
 }
 
 /// Key of `MAP_CONN_ORIG_DST`: the client end of a captured connection, as the

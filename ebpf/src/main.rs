@@ -57,10 +57,10 @@ mod progs {
     static SERVICES4: HashMap<ServiceKey4, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
     #[map(name = "STRAIT_SERVICES6_V1")]
     static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
-    #[map(name = "STRAIT_COOKIEDST_V1")]
+    #[map(name = "STRAIT_COOKIEDST_V2")]
     static COOKIE_ORIG_DST: LruHashMap<u64, OrigDst> =
         LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
-    #[map(name = "STRAIT_CONNDST_V1")]
+    #[map(name = "STRAIT_CONNDST_V2")]
     static CONN_ORIG_DST: LruHashMap<ConnKey, OrigDst> =
         LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
     #[map(name = "STRAIT_OUTPORTS_V1")]
@@ -213,6 +213,7 @@ mod progs {
             family: FAMILY_V4,
             port,
             service_id: service.service_id,
+            listener_port: pod.outbound_port,
             _pad: 0,
         };
         if !remember(ctx, &dst) {
@@ -307,6 +308,7 @@ mod progs {
                     family: FAMILY_V4,
                     port,
                     service_id: service.service_id,
+                    listener_port: pod.outbound_port,
                     _pad: 0,
                 },
                 [0, 0, IPV4_MAPPED_WORD2, IPV4_LOOPBACK_RAW],
@@ -317,6 +319,7 @@ mod progs {
                     family: FAMILY_V6,
                     port,
                     service_id: service.service_id,
+                    listener_port: pod.outbound_port,
                     _pad: 0,
                 },
                 IPV6_LOOPBACK_RAW,

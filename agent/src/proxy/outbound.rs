@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::{Context, Drain, http, upstream};
 use crate::mesh::ResourceId;
-use crate::redirect::{self, OriginalDestination};
+use crate::redirect::{self, Taken};
 use crate::routing::{Action, pick_weighted};
 use crate::telemetry::access_log;
 use crate::telemetry::{BytesLabels, FailureLabels, TcpLabels};
@@ -70,8 +70,13 @@ async fn forward(
             .inc();
     };
     let original = match original_destination(&client, peer, ctx) {
-        Ok(Some(original)) => original,
-        Ok(None) => {
+        Ok(Taken::Found(original)) => original,
+        Ok(Taken::OtherListener { expected }) => {
+            fail("other_listener");
+            tracing::warn!(workload = %source.workload, %peer, expected_listener = expected, "this connection's client port was captured for another outbound listener (a workload sharing the network namespace reusing another's port?); refusing it");
+            return;
+        }
+        Ok(Taken::Missing) => {
             fail("lookup_miss");
             tracing::warn!(workload = %source.workload, %peer, "no original destination recorded for this connection; closing it");
             return;
@@ -229,10 +234,13 @@ fn original_destination(
     client: &TcpStream,
     peer: SocketAddr,
     ctx: &Context,
-) -> Result<Option<OriginalDestination>, String> {
+) -> Result<Taken, String> {
     let cookie = redirect::socket_netns_cookie(client.as_fd())
         .map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let listener = client
+        .local_addr()
+        .map_err(|e| format!("local address of the accepted socket: {e}"))?;
     ctx.redirect
-        .take_original_destination(cookie, peer)
+        .take_original_destination(cookie, peer, listener.port())
         .map_err(|e| e.to_string())
 }

@@ -121,6 +121,7 @@ mod tests {
                     family: abi::FAMILY_V4,
                     port: k.port,
                     service_id: 1,
+                    listener_port: 15001,
                     _pad: 0,
                 },
                 ServiceKey::V6(k) => abi::OrigDst {
@@ -128,6 +129,7 @@ mod tests {
                     family: abi::FAMILY_V6,
                     port: k.port,
                     service_id: 1,
+                    listener_port: 15001,
                     _pad: 0,
                 },
             };
@@ -138,6 +140,7 @@ mod tests {
             family: 99,
             port: 0,
             service_id: 0,
+            listener_port: 0,
             _pad: 0,
         };
         assert_eq!(orig_dst_addr(&bad), None);
