@@ -13,6 +13,8 @@
 //! - The hand-over socket hands nothing to a non-root process or to a root process that does
 //!   not hold the agent's token, and the agent keeps serving.
 //! - Private keys readable by group or others are refused; `strait ca` writes 0700/0600.
+//! - A workload sharing a network namespace cannot present its captured client port at another
+//!   workload's outbound listener (SO_REUSEADDR) and be proxied as that workload.
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
@@ -980,5 +982,185 @@ fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
     let report = call(&client, &format!("{COLOR}:9090"), &["-4", "--count", "5"])?;
     assert_eq!(report["succeeded"], 5, "after the changes: {report}");
     drop(servers);
+    Ok(())
+}
+
+/// A cgroup the test made, removed on drop (before the testbed removes the node's cgroup root
+/// around it, so declare it after the `Bed`).
+struct OwnCgroup(PathBuf);
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Adds a second workload, `app/<name>`, in its own cgroup under the node's cgroup root but in
+/// `pod`'s network namespace (a plain host running two services), before the agent starts.
+fn workload_sharing_netns(bed: &Bed, pod: &Pod, name: &str) -> anyhow::Result<OwnCgroup> {
+    let cgroup = OwnCgroup(bed.node.cgroup_root().join(format!("app_{name}")));
+    std::fs::create_dir(&cgroup.0)?;
+    let mut workload = pod.workload();
+    workload.name = name.into();
+    workload.cgroup = cgroup.0.clone();
+    std::fs::write(
+        bed.node.workloads_dir().join(workload.file_name()),
+        serde_json::to_vec(&workload)?,
+    )?;
+    Ok(cgroup)
+}
+
+/// The port of a workload's IPv4 outbound listener, from the agent's `/workloads`.
+fn outbound_port(agent: &Agent, workload: &str) -> anyhow::Result<u16> {
+    let workloads = agent.workloads()?;
+    workloads
+        .iter()
+        .find(|w| w["pod"] == workload)
+        .and_then(|w| w["listeners"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str()?.strip_prefix("127.0.0.1:")?.parse().ok())
+        .next()
+        .with_context(|| format!("no IPv4 outbound listener for {workload} in {workloads:?}"))
+}
+
+/// The attacker of the shared-namespace test. Each attempt: a captured connect to `color`
+/// from a socket bound with SO_REUSEADDR (its original destination is recorded under
+/// (netns, 127.0.0.1, its port)), then a second socket bound to the same address and port
+/// (SO_REUSEADDR again) connects straight to the victim's outbound listener and sends a line.
+/// Prints one JSON report per attempt: what came back on the second socket.
+const SPOOF_SCRIPT: &str = r#"
+import json, socket, sys
+service = (sys.argv[1], int(sys.argv[2]))
+victim = ("127.0.0.1", int(sys.argv[3]))
+for attempt in range(int(sys.argv[4])):
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    first.bind(("127.0.0.1", 0))
+    port = first.getsockname()[1]
+    first.setblocking(False)
+    try:
+        first.connect(service)
+    except BlockingIOError:
+        pass
+    second = socket.socket()
+    second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    second.bind(("127.0.0.1", port))
+    second.settimeout(5)
+    reply, error = b"", ""
+    try:
+        second.connect(victim)
+        second.sendall(b"spoofed\n")
+        reply = second.recv(100)
+    except OSError as e:
+        error = str(e)
+    print(json.dumps({"port": port, "reply": reply.decode(errors="replace"), "error": error}), flush=True)
+    second.close()
+    first.close()
+"#;
+
+/// Identity spoofing in a shared network namespace: two workloads of a plain host share one
+/// namespace, each with its own outbound listener. The attacker makes a captured connect (its
+/// original destination recorded under its client port), and presents that same client port,
+/// from a second socket bound with SO_REUSEADDR, at the *victim's* listener: keyed only by
+/// (netns, client address, client port), the agent would take the connection for the victim's
+/// and proxy it with the victim's identity. The test holds the attacker's own captured SYN (a
+/// drop rule in the namespace, standing for the agent being slower on the attacker's listener)
+/// so the attacker wins that race every time. The agent must refuse every such connection and
+/// count it (`other_listener`), while the victim's own calls keep working.
+#[test]
+fn a_workload_sharing_the_namespace_cannot_pass_for_another_at_its_listener() -> anyhow::Result<()>
+{
+    const ATTEMPTS: usize = 5;
+    let bed = bed("spoofns")?;
+    let attacker_cgroup = workload_sharing_netns(&bed, &bed.client, "batch")?;
+    let agent = bed.start(&[])?;
+    agent.wait_enrolled("app/batch", true, Duration::from_secs(20))?;
+    let victim_port = outbound_port(&agent, "app/client")?;
+    let attacker_port = outbound_port(&agent, "app/batch")?;
+    ensure!(
+        victim_port != attacker_port,
+        "the workloads share a listener"
+    );
+    let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    assert_eq!(report["ok"], true, "victim before the attack: {report}");
+
+    let rule = [
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-p",
+        "tcp",
+        "--syn",
+        "--dport",
+        &attacker_port.to_string(),
+        "-j",
+        "DROP",
+    ]
+    .map(str::to_owned);
+    let iptables = |op: &str| -> anyhow::Result<()> {
+        let output = run(
+            bed.client.command("iptables").args(["-w", op]).args(&rule),
+            Duration::from_secs(10),
+        )?;
+        ensure!(
+            output.status.success(),
+            "iptables {op}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    iptables("-A")?;
+    let script = bed.tb.temp_dir().join("spoof.py");
+    std::fs::write(&script, SPOOF_SCRIPT)?;
+    let attack = run(
+        bed.client.command("sh").arg("-c").arg(format!(
+            "echo $$ > {}/cgroup.procs && exec /usr/bin/python3 {} 10.96.0.10 9090 {victim_port} {ATTEMPTS}",
+            attacker_cgroup.0.display(),
+            script.display()
+        )),
+        Duration::from_secs(60),
+    );
+    let removed = iptables("-D");
+    let attack = attack?;
+    removed?;
+    let stdout = String::from_utf8_lossy(&attack.stdout);
+    let reports: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!(
+                "attacker output {stdout:?}, stderr {:?}",
+                String::from_utf8_lossy(&attack.stderr)
+            )
+        })?;
+    assert_eq!(reports.len(), ATTEMPTS, "{stdout}");
+    for report in &reports {
+        assert_eq!(
+            report["reply"], "",
+            "the victim's listener carried the attacker's connection: {report}"
+        );
+    }
+    eventually(
+        Duration::from_secs(5),
+        "the agent counts every refusal",
+        || Ok(agent.counter("other_listener")? == ATTEMPTS as u64),
+    )
+    .with_context(|| format!("counters {:?}", agent.counters()))?;
+    let victims: Vec<Value> = agent
+        .connection_logs()
+        .into_iter()
+        .filter(|l| l["source_workload"] == "app/client")
+        .collect();
+    assert_eq!(victims.len(), 1, "only the victim's own call: {victims:?}");
+
+    let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
+    assert_eq!(report["ok"], true, "victim after the attack: {report}");
     Ok(())
 }
