@@ -656,10 +656,12 @@ fn decide(published: &admin::State, key: &str, inode: u64) -> Result<Reply, Stri
         return Ok(reply);
     }
     // No VirtualNode was chosen: the mesh's rules decided, whatever the sandbox.
-    if !status.enrolled && status.virtual_node.is_none() && status.error.is_none() {
-        if let Some(reason) = status.reason {
-            return Ok(Reply::new(Outcome::NotInMesh, reason));
-        }
+    if !status.enrolled
+        && status.virtual_node.is_none()
+        && status.error.is_none()
+        && let Some(reason) = status.reason
+    {
+        return Ok(Reply::new(Outcome::NotInMesh, reason));
     }
     Err(if status.enrolled {
         "enrolled in another network namespace (an older sandbox); waiting for the new one"

@@ -9,19 +9,22 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
+/// The requests a stand-in agent got, with the inode of the descriptor that came along.
+type Seen = Arc<Mutex<Vec<(Request, Option<u64>)>>>;
+
 /// A stand-in agent: answers every request with `outcome`, records what it got (and the
 /// inode of the descriptor that came with it).
 struct FakeAgent {
     _dir: tempfile::TempDir,
     socket: PathBuf,
-    seen: Arc<Mutex<Vec<(Request, Option<u64>)>>>,
+    seen: Seen,
 }
 
 fn fake_agent(outcome: Outcome) -> FakeAgent {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cni.sock");
     let listener = UnixListener::bind(&socket).unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     std::thread::spawn(move || {
         // Bounded: the tests make fewer connections than this.
