@@ -371,10 +371,13 @@ fn workload(
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-    // The plugin's addresses stand in until the kubelet reports the pod's.
+    // The plugin's addresses are the pod's from its ADD on; the kubelet later reports the
+    // same ones (the runtime takes them from the same CNI result). Keeping them, rather than
+    // switching to `status.podIPs` when it appears, leaves the workload unchanged, so the
+    // pod is not enrolled a second time.
     let released = match resolver.cni_view(pod) {
         cni::View::Registered(registration) => {
-            if workload.ips.is_empty() {
+            if !registration.saved.ips.is_empty() {
                 workload.ips = registration.saved.ips.clone();
             }
             false

@@ -292,6 +292,23 @@ fn a_pod_set_up_by_the_cni_chain_is_captured_from_its_first_connect() -> anyhow:
     assert_eq!(status["netns_inode"], netns_inode(&client)?, "{status}");
     eprintln!("ADD through the chain took {took:?}");
 
+    // The kubelet then reports the sandbox's address: the pod stays enrolled as it is (same
+    // listeners, never released in between).
+    let mut running = kubeapi::pod_object(&client);
+    running["status"]["podIP"] = json!(ip);
+    running["status"]["podIPs"] = json!([{"ip": ip}]);
+    bed.api.apply(running)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = entry(&agent, "app/client")?.context("app/client in /workloads")?;
+    assert_eq!(after["enrolled"], true, "{after}");
+    assert_eq!(after["cgroup_id"], status["cgroup_id"], "{after}");
+    let released = agent
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "pod released" && l["pod"] == "app/client")
+        .count();
+    assert_eq!(released, 0, "{}", agent.process.stderr());
+
     // CHECK through the whole chain (bridge, host-local, portmap and strait-cni).
     let runtime = Runtime::new(&bed.node, list.clone(), bed.cni_path.clone())?;
     let checked = runtime.check(&att, &result)?;
