@@ -800,6 +800,53 @@ mod tests {
         assert!(matches!(again.view(&cart), View::None));
     }
 
+    /// Connects to `socket` as `uid` (a real process through setpriv), waits for the agent's
+    /// side to be accepted, and returns what the peer check says about it.
+    fn peer_check_for(uid: u32) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // Open to everyone only for this test: the peer check is the layer under test.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let socket = dir.path().join("cni.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let script = format!(
+            "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect('{}'); time.sleep(2)",
+            socket.display()
+        );
+        let mut client = std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={uid}"),
+                format!("--regid={uid}"),
+                "--clear-groups".into(),
+                "/usr/bin/python3".into(),
+                "-c".into(),
+                script,
+            ])
+            .spawn()
+            .expect("setpriv (util-linux) and /usr/bin/python3 are needed; run as root");
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
+                Err(e) => panic!("the client never connected (are the tests run as root?): {e}"),
+            }
+        };
+        let result = check_peer(&stream);
+        let _ = client.kill();
+        let _ = client.wait();
+        result
+    }
+
+    #[test]
+    fn only_root_may_hand_pods_over() {
+        let refused = peer_check_for(65534).unwrap_err();
+        assert!(refused.contains("uid 65534"), "{refused}");
+        peer_check_for(0).unwrap();
+    }
+
     #[test]
     fn only_network_namespaces_are_taken() {
         assert!(is_netns(&File::open("/proc/self/ns/net").unwrap()));
