@@ -28,18 +28,18 @@ pub enum Error {
     NoConfiguration(PathBuf),
     #[error("{path}: {message}")]
     Configuration { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    /// The cause is in the message: `main` prints the message alone.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
+    move |cause| Error::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

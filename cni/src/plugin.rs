@@ -465,21 +465,17 @@ fn invocation(
     })
 }
 
-/// Why the agent gave no usable answer.
+/// Why the agent gave no usable answer. The cause is part of the message (no `#[source]`):
+/// the message is all the CNI error object carries.
 #[derive(Debug, thiserror::Error)]
 enum Unreachable {
-    #[error("no strait agent answers on {socket} ({source}); is the agent running on this node?")]
-    NoAgent {
-        socket: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("the strait agent on {socket} did not answer within {timeout:?} ({source})")]
+    #[error("no strait agent answers on {socket} ({cause}); is the agent running on this node?")]
+    NoAgent { socket: PathBuf, cause: io::Error },
+    #[error("the strait agent on {socket} did not answer within {timeout:?} ({cause})")]
     NoAnswer {
         socket: PathBuf,
         timeout: Duration,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -505,17 +501,17 @@ fn ask(
                 if !retry || Instant::now() + RETRY_EVERY >= deadline {
                     return Err(Unreachable::NoAgent {
                         socket: socket.to_path_buf(),
-                        source: error,
+                        cause: error,
                     });
                 }
                 std::thread::sleep(RETRY_EVERY);
             }
         }
     };
-    let no_answer = |source| Unreachable::NoAnswer {
+    let no_answer = |cause| Unreachable::NoAnswer {
         socket: socket.to_path_buf(),
         timeout,
-        source,
+        cause,
     };
     let left = deadline
         .saturating_duration_since(Instant::now())
