@@ -282,6 +282,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     })?;
     node.publish(&admin_state);
     admin_state.ready.store(true, Ordering::Release);
+    // The CNI plugin's hand-off, once the pods are listed and reconciled: its answers are
+    // read from the published state (see kubernetes/cni.rs).
+    if let Some(cni) = &workload_source.cni {
+        cni.serve(admin_state.clone())
+            .map_err(|e| workloads::Error::from(crate::kubernetes::Error::from(e)))?;
+    }
     tracing::info!(mesh = %node.mesh.mesh.name, "agent ready");
 
     let mut mesh_updates = mesh_updates;
@@ -1190,6 +1196,7 @@ impl Node {
                 virtual_node: Some(e.virtual_node.to_string()),
                 enrolled: true,
                 cgroup_id: Some(e.cgroup_id),
+                netns_inode: Some(e.netns.1),
                 listeners: e.listeners.clone(),
                 error: None,
                 reason: None,
@@ -1204,6 +1211,7 @@ impl Node {
                     virtual_node: vn.as_ref().map(ToString::to_string),
                     enrolled: false,
                     cgroup_id: None,
+                    netns_inode: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
                     reason: None,
@@ -1218,6 +1226,7 @@ impl Node {
                     virtual_node: vn.as_ref().map(ToString::to_string),
                     enrolled: false,
                     cgroup_id: None,
+                    netns_inode: None,
                     listeners: Vec::new(),
                     error: None,
                     reason: Some(reason.clone()),

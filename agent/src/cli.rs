@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// service account).
     #[arg(long, requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
+    /// Unix socket on which `strait-cni` hands new pods to the agent (--kubernetes only; made
+    /// 0600 in a folder only root may write to). `none` turns the hand-off off: pods are then
+    /// found through their sandbox process once the kubelet reports their IP.
+    #[arg(long, default_value = "/run/strait/cni.sock", requires = "kubernetes")]
+    pub cni_socket: PathBuf,
     /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -206,6 +211,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         .ok_or(kubernetes::Error::MissingNodeName)?,
                     kubeconfig: args.kubeconfig,
                     cgroup_root: cgroup_root.clone(),
+                    cni_socket: Some(args.cni_socket).filter(|p| p.as_os_str() != "none"),
                 }),
             };
             let config = app::Config {

@@ -29,6 +29,21 @@ pub fn strait_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The CNI plugin binary: `$STRAIT_CNI_BIN`, else the workspace's debug build.
+pub fn cni_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("STRAIT_CNI_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug").join("strait-cni"),
+    };
+    if !path.exists() {
+        bail!(
+            "the CNI plugin binary {} does not exist: build it with `cargo build -p strait-cni` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The peer tool binary: `$STRAIT_PEER_BIN`, else the workspace's debug build.
 pub fn peer_binary() -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os("STRAIT_PEER_BIN") {

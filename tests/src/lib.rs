@@ -41,6 +41,7 @@
 
 pub mod addr;
 pub mod agent;
+pub mod cni;
 mod dns;
 mod enter;
 mod host;
