@@ -9,7 +9,9 @@
 //!   leaves the node, and no TLS is spoken: both ends are pods this agent enrolled, identified
 //!   by kernel facts (the cgroup and netns the agent itself set up), not by anything a pod
 //!   says, and the bytes never cross a wire an attacker could tap without already owning the
-//!   node's kernel (see docs/security.md). The backend rule is still checked here.
+//!   node's kernel (see docs/security.md). The backend rule is still checked, and so is the
+//!   target listener's `validation.subjectAlternativeNames`, against the caller's identities
+//!   (what a tunnel checks on the caller's certificate).
 //! - **A pod on another node, TLS in play** (the target listener has `tls` STRICT or
 //!   PERMISSIVE, or the caller's client policy enforces TLS on that port): an HTTP/2 CONNECT
 //!   stream through the mutual-TLS tunnel to that node's agent ([`super::hbone`]), pooled per
