@@ -225,8 +225,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
         telemetry,
     });
     proxy::http::start(&ctx);
-    proxy::hbone::serve(tunnel_listener, ctx.clone());
-    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     let log_writers = access_log::Writers::default();
     registry.register(
         "strait_access_log_dropped_lines",
@@ -271,6 +269,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     node.apply_table(&answers.borrow_and_update());
     node.reconcile(&workload_snapshots.borrow_and_update());
     node.release_strays();
+    // Tunnel streams are for this node's pods: accept them once the pods are known (until
+    // then, connections wait in the listener's backlog; one handed over by the previous agent
+    // would otherwise answer "no such pod" for a moment after every upgrade).
+    proxy::hbone::serve(tunnel_listener, ctx.clone());
+    tracing::info!(tunnel_listen = %config.tunnel_listen, peer_nodes = ?config.peer_nodes, "accepting mTLS tunnels");
     // Sockets of pods that went away while the agents changed places.
     node.inherited = handover::Inherited::default();
     let (handed_over_tx, mut handed_over) = mpsc::unbounded_channel();
