@@ -55,6 +55,8 @@ pub struct Config {
     pub handover_socket: PathBuf,
     /// Where other nodes' agents open mTLS tunnels to this one.
     pub tunnel_listen: SocketAddr,
+    /// Tunnel keepalives (`--tunnel-keepalive-interval`, `--tunnel-keepalive-timeout`).
+    pub tunnel: proxy::hbone::Settings,
     /// Other nodes: pod CIDR -> agent tunnel address.
     pub peer_nodes: Vec<PeerNode>,
     /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
@@ -159,7 +161,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let security = identity::Metrics::default();
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
-    let transport = Arc::new(Transport::new(config.peer_nodes.clone(), security));
+    let transport =
+        Arc::new(Transport::new(config.peer_nodes.clone(), security).with_tunnel(config.tunnel));
     transport
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));
