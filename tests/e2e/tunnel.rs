@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary, strait};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
+use testbed::agent::{Agent, metric, peer_binary, strait_ok};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const ECHO: &str = "echo.app.svc.cluster.local";
@@ -253,16 +253,6 @@ fn bed(test: &str, agent_args: &[&str]) -> anyhow::Result<Bed> {
     })
 }
 
-fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
-    let output = strait(node, args)?;
-    ensure!(
-        output.status.success(),
-        "strait {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// A `strait-peer` JSON report from its stdout.
 fn report(output: &std::process::Output) -> anyhow::Result<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -283,34 +273,6 @@ fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
         Duration::from_secs(120),
     )?;
     report(&output)
-}
-
-/// The sum of the samples of a metric whose labels include every `labels` fragment.
-fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-    let text = agent.admin_get("/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-/// Polls `check` every 200 ms until it holds, for at most `timeout`.
-fn eventually(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not true after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn unix_ms() -> u64 {

@@ -350,3 +350,24 @@ pub fn strait(node: &Node, args: &[&str]) -> anyhow::Result<std::process::Output
     command.args(args);
     run(&mut command, Duration::from_secs(30))
 }
+
+/// [`strait`] that must succeed; its stdout.
+pub fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let output = strait(node, args)?;
+    anyhow::ensure!(
+        output.status.success(),
+        "strait {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The sum of the samples of an agent's metric whose labels include every `labels` fragment.
+pub fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+    let text = agent.admin_get("/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
