@@ -37,6 +37,10 @@ pub struct WorkloadStatus {
     pub virtual_node: Option<String>,
     pub enrolled: bool,
     pub cgroup_id: Option<u64>,
+    /// Inode of the network namespace the pod is enrolled in (as `ls -Li /proc/PID/ns/net`
+    /// shows it); the CNI hand-off answers an ADD once it is the namespace it was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
     pub listeners: Vec<SocketAddr>,
     /// Why the pod is not enrolled, when it should be.
     pub error: Option<String>,

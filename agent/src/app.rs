@@ -55,6 +55,8 @@ pub struct Config {
     pub handover_socket: PathBuf,
     /// Where other nodes' agents open mTLS tunnels to this one.
     pub tunnel_listen: SocketAddr,
+    /// Tunnel keepalives (`--tunnel-keepalive-interval`, `--tunnel-keepalive-timeout`).
+    pub tunnel: proxy::hbone::Settings,
     /// Other nodes: pod CIDR -> agent tunnel address.
     pub peer_nodes: Vec<PeerNode>,
     /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
@@ -159,7 +161,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let security = identity::Metrics::default();
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
-    let transport = Arc::new(Transport::new(config.peer_nodes.clone(), security));
+    let transport =
+        Arc::new(Transport::new(config.peer_nodes.clone(), security).with_tunnel(config.tunnel));
     transport
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));
@@ -282,6 +285,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     })?;
     node.publish(&admin_state);
     admin_state.ready.store(true, Ordering::Release);
+    // The CNI plugin's hand-off, once the pods are listed and reconciled: its answers are
+    // read from the published state (see kubernetes/cni.rs).
+    if let Some(cni) = &workload_source.cni {
+        cni.serve(admin_state.clone())
+            .map_err(|e| workloads::Error::from(crate::kubernetes::Error::from(e)))?;
+    }
     tracing::info!(mesh = %node.mesh.mesh.name, "agent ready");
 
     let mut mesh_updates = mesh_updates;
@@ -1190,6 +1199,7 @@ impl Node {
                 virtual_node: Some(e.virtual_node.to_string()),
                 enrolled: true,
                 cgroup_id: Some(e.cgroup_id),
+                netns_inode: Some(e.netns.1),
                 listeners: e.listeners.clone(),
                 error: None,
                 reason: None,
@@ -1204,6 +1214,7 @@ impl Node {
                     virtual_node: vn.as_ref().map(ToString::to_string),
                     enrolled: false,
                     cgroup_id: None,
+                    netns_inode: None,
                     listeners: Vec::new(),
                     error: Some(error.clone()),
                     reason: None,
@@ -1218,6 +1229,7 @@ impl Node {
                     virtual_node: vn.as_ref().map(ToString::to_string),
                     enrolled: false,
                     cgroup_id: None,
+                    netns_inode: None,
                     listeners: Vec::new(),
                     error: None,
                     reason: Some(reason.clone()),

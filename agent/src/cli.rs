@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::proxy::upstream::PeerNode;
 use crate::workloads::PodSource;
-use crate::{app, ca, kubernetes, mesh, redirect, status};
+use crate::{app, ca, kubernetes, mesh, proxy, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -114,6 +114,11 @@ pub struct RunArgs {
     /// service account).
     #[arg(long, requires = "kubernetes")]
     pub kubeconfig: Option<PathBuf>,
+    /// Unix socket on which `strait-cni` hands new pods to the agent (--kubernetes only; made
+    /// 0600 in a folder only root may write to). `none` turns the hand-off off: pods are then
+    /// found through their sandbox process once the kubelet reports their IP.
+    #[arg(long, default_value = "/run/strait/cni.sock", requires = "kubernetes")]
+    pub cni_socket: PathBuf,
     /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -143,6 +148,14 @@ pub struct RunArgs {
     /// Where this agent accepts mTLS tunnels from other nodes' agents (HTTP/2 CONNECT).
     #[arg(long, default_value = "0.0.0.0:15008")]
     pub tunnel_listen: SocketAddr,
+    /// Seconds without a frame from a peer agent after which a tunnel connection sends an
+    /// HTTP/2 PING (also the TCP keepalive idle time). See docs/operations.md, Tunnels.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub tunnel_keepalive_interval: u64,
+    /// Seconds a PING may go unanswered before the tunnel connection, and every stream on it,
+    /// is closed and the peer node is held down (new streams go to other endpoints).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub tunnel_keepalive_timeout: u64,
     /// Another node: its pod CIDR and agent address, `10.244.2.0/24=192.0.2.2[:15008]`.
     /// Repeatable. Endpoints in these ranges are reached through that node's agent.
     #[arg(long = "peer-node")]
@@ -184,6 +197,27 @@ fn parse_sampling(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Lifts the soft limit on open files to the hard one: the agent holds two sockets per proxied
+/// connection of every pod on the node, and a soft limit of 1024 (a common default) would cap
+/// the node at a few hundred connections.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(soft = before, "cannot raise the open files limit");
+            }
+        }
+    }
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -206,6 +240,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                         .ok_or(kubernetes::Error::MissingNodeName)?,
                     kubeconfig: args.kubeconfig,
                     cgroup_root: cgroup_root.clone(),
+                    cni_socket: Some(args.cni_socket).filter(|p| p.as_os_str() != "none"),
                 }),
             };
             let config = app::Config {
@@ -220,6 +255,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 cleanup_on_exit: args.cleanup_on_exit,
                 handover_socket: args.handover_socket,
                 tunnel_listen: args.tunnel_listen,
+                tunnel: proxy::hbone::Settings {
+                    keepalive_interval: Duration::from_secs(args.tunnel_keepalive_interval),
+                    keepalive_timeout: Duration::from_secs(args.tunnel_keepalive_timeout),
+                },
                 peer_nodes: args.peer_nodes,
                 inbound_port: args.inbound_port,
                 fast_path: args.fast_path == Switch::On,
@@ -228,6 +267,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 otlp_endpoint: args.otlp_endpoint,
                 access_log_dir: args.access_log_dir,
             };
+            raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(app::run(config))?;
             Ok(ExitCode::SUCCESS)

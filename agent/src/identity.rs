@@ -161,7 +161,8 @@ pub fn parse_tunnel_sni(sni: &str) -> Option<(TunnelTarget, u16)> {
 pub struct TlsFailureLabels {
     /// `client` (we verified a server) or `server` (we verified a client).
     pub side: &'static str,
-    /// Certificate rejections by the verifier: `expired`, `not_yet_valid`, `san_mismatch`,
+    /// Certificate rejections by the verifier: `expired`, `not_yet_valid`, `san_mismatch`
+    /// (also a same-node caller whose identities a listener's SANs do not list),
     /// `untrusted`, `other`. Handshakes that failed otherwise: `no_certificate`,
     /// `peer_alert` (the peer rejected us; its agent counts why), `protocol`, `io`,
     /// `handshake_timeout`, `not_tls`, `no_server_name`.
@@ -246,6 +247,22 @@ impl Metrics {
             .get_or_create(&TlsFailureLabels { side, reason })
             .inc();
         tracing::warn!(side, reason, context, "peer certificate rejected: {detail}");
+    }
+
+    /// Counts and logs a same-node caller refused by a listener's subjectAlternativeNames,
+    /// exactly as a tunnel peer whose certificate does not match is (`side="server"`,
+    /// `reason="san_mismatch"`), so one alert covers both placements.
+    pub fn san_refused(&self, context: &str, mismatch: &verify::SanMismatch) {
+        let (side, reason) = ("server", "san_mismatch");
+        self.tls_failures
+            .get_or_create(&TlsFailureLabels { side, reason })
+            .inc();
+        tracing::warn!(
+            side,
+            reason,
+            context,
+            "same-node caller rejected: SAN mismatch: {mismatch}"
+        );
     }
 
     /// Counts a failed TLS handshake (already logged by the caller), unless the certificate

@@ -15,7 +15,13 @@
 //! [`Workload::unavailable`], so `/workloads` can say why it is not enrolled; such pods are
 //! looked at again every second. Whether a pod belongs to a VirtualNode is the reconcile's
 //! business, for both sources alike. See docs/kubernetes-pod-source.md.
+//!
+//! With `--cni-socket`, the `strait-cni` plugin hands new pods over as the runtime sets them
+//! up ([`cni`]): such a pod's network namespace is the one the plugin sent and its addresses
+//! those of the CNI result, so it is enrolled before its containers start, with no sandbox
+//! process or `status.podIPs` needed. See docs/kubernetes.md.
 
+pub mod cni;
 pub mod sandbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,6 +68,8 @@ pub enum Error {
     Infer(#[source] kube::config::InferConfigError),
     #[error("cannot set up the Kubernetes client")]
     Client(#[source] kube::Error),
+    #[error(transparent)]
+    Cni(#[from] cni::Error),
 }
 
 /// How to reach the API and which node this is.
@@ -72,6 +80,8 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// The agent's cgroup root: pod cgroups are looked for below it.
     pub cgroup_root: PathBuf,
+    /// Where `strait-cni` hands pods over (`--cni-socket`); `None`: no CNI hand-off.
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// The running source.
@@ -79,6 +89,8 @@ pub struct KubernetesSource {
     pub snapshots: watch::Receiver<Snapshot>,
     /// Becomes true once pods and namespaces have been listed completely.
     pub synced: watch::Receiver<bool>,
+    /// The CNI hand-off, served once the agent is ready ([`cni::Handle::serve`]).
+    pub cni: Option<cni::Handle>,
 }
 
 /// Builds the client (no request yet: an unreachable API is retried, not an error) and starts
@@ -107,8 +119,33 @@ pub async fn start(options: Options) -> Result<KubernetesSource, Error> {
     let client = Client::try_from(config).map_err(Error::Client)?;
     let (snapshots_tx, snapshots) = watch::channel(Snapshot::default());
     let (synced_tx, synced) = watch::channel(false);
-    tokio::spawn(run(client, options, snapshots_tx, synced_tx));
-    Ok(KubernetesSource { snapshots, synced })
+    // Saved hand-overs are opened again before the first snapshot, so a restarted agent
+    // enrolls those pods in the namespaces the plugin gave.
+    let (cni, registrations, commands) = match &options.cni_socket {
+        Some(socket) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let registrations = cni::Registrations::load(cni::state_dir(socket));
+            let handle = cni::Handle {
+                socket: socket.clone(),
+                commands: tx,
+            };
+            (Some(handle), Some(registrations), Some(rx))
+        }
+        None => (None, None, None),
+    };
+    tokio::spawn(run(
+        client,
+        options,
+        snapshots_tx,
+        synced_tx,
+        registrations,
+        commands,
+    ));
+    Ok(KubernetesSource {
+        snapshots,
+        synced,
+        cni,
+    })
 }
 
 /// One kind of object as last listed and watched.
@@ -220,6 +257,8 @@ async fn run(
     options: Options,
     snapshots: watch::Sender<Snapshot>,
     synced: watch::Sender<bool>,
+    registrations: Option<cni::Registrations>,
+    mut commands: Option<tokio::sync::mpsc::UnboundedReceiver<cni::Command>>,
 ) {
     let selector = format!("spec.nodeName={}", options.node_name);
     let mut pod_events = watch_all(
@@ -235,6 +274,8 @@ async fn run(
     let mut namespaces = Objects::<Namespace>::new("namespaces");
     let mut nodes = Objects::<Node>::new("nodes");
     let mut resolver = Resolver::new(options.cgroup_root.clone());
+    resolver.cni = registrations;
+    let mut answers: Vec<cni::Done> = Vec::new();
     let mut recheck = tokio::time::interval(RECHECK);
     let mut announced_own_node = false;
     loop {
@@ -251,6 +292,11 @@ async fn run(
                 }
             }
             _ = recheck.tick() => {}
+            Some(command) = next_command(&mut commands) => {
+                if let Some(registrations) = resolver.cni.as_mut() {
+                    answers.push(registrations.apply(command));
+                }
+            }
             _ = snapshots.closed() => return,
         }
         if !(pods.synced && namespaces.synced) {
@@ -267,6 +313,21 @@ async fn run(
             }
         });
         synced.send_if_modified(|done| !std::mem::replace(done, true));
+        // The snapshot with the plugin's changes is out: its requests may now wait for the
+        // reconcile.
+        for answer in answers.drain(..) {
+            answer.send();
+        }
+    }
+}
+
+/// The next CNI command, or never when there is no CNI hand-off.
+async fn next_command(
+    commands: &mut Option<tokio::sync::mpsc::UnboundedReceiver<cni::Command>>,
+) -> Option<cni::Command> {
+    match commands {
+        Some(commands) => commands.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -310,8 +371,24 @@ fn workload(
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    // The plugin's addresses are the pod's from its ADD on; the kubelet later reports the
+    // same ones (the runtime takes them from the same CNI result). Keeping them, rather than
+    // switching to `status.podIPs` when it appears, leaves the workload unchanged, so the
+    // pod is not enrolled a second time.
+    let released = match resolver.cni_view(pod) {
+        cni::View::Registered(registration) => {
+            if !registration.saved.ips.is_empty() {
+                workload.ips = registration.saved.ips.clone();
+            }
+            false
+        }
+        cni::View::Released => true,
+        cni::View::None => false,
+    };
     let reason = if matches!(phase, "Succeeded" | "Failed") {
         Some(format!("the pod has finished (phase {phase})"))
+    } else if released {
+        Some("the pod's network was torn down (CNI DEL)".to_string())
     } else if spec.and_then(|s| s.host_network) == Some(true) {
         Some(
             "hostNetwork pod: it shares the node's network namespace, which strait does not capture"
@@ -355,6 +432,11 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 /// Finds a pod's cgroup and network namespace on this node.
 trait Resolve {
     fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), String>;
+
+    /// What the CNI plugin handed over for the pod.
+    fn cni_view(&self, _pod: &Pod) -> cni::View<'_> {
+        cni::View::None
+    }
 }
 
 /// The pod cgroups and sandboxes found so far, by pod UID.
@@ -362,6 +444,8 @@ struct Resolver {
     cgroup_root: PathBuf,
     found: HashMap<String, (PathBuf, Sandbox)>,
     retired: Vec<(Instant, Sandbox)>,
+    /// The CNI plugin's hand-overs, when it is in use.
+    cni: Option<cni::Registrations>,
 }
 
 impl Resolver {
@@ -370,6 +454,7 @@ impl Resolver {
             cgroup_root,
             found: HashMap::new(),
             retired: Vec::new(),
+            cni: None,
         }
     }
 
@@ -391,17 +476,46 @@ impl Resolver {
                 self.retired.push((Instant::now(), sandbox));
             }
         }
+        if let Some(registrations) = self.cni.as_mut() {
+            let listed = pods
+                .values()
+                .flat_map(|p| {
+                    let name = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                    [p.meta().uid.clone().unwrap_or_default(), name]
+                })
+                .collect();
+            registrations.prune_released(&listed);
+        }
         self.retired.retain(|(at, _)| at.elapsed() < RETIRE_AFTER);
     }
 }
 
 impl Resolve for Resolver {
+    fn cni_view(&self, pod: &Pod) -> cni::View<'_> {
+        match &self.cni {
+            Some(registrations) => registrations.view(pod),
+            None => cni::View::None,
+        }
+    }
+
     fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), String> {
         let uid = pod
             .meta()
             .uid
             .clone()
             .ok_or_else(|| "the pod has no metadata.uid".to_string())?;
+        let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
+        // Handed over by the plugin: its namespace, and the pod cgroup kubelet made before
+        // asking the runtime for the sandbox (no sandbox process needed).
+        if let cni::View::Registered(registration) = self.cni_view(pod) {
+            let cgroup = sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
+                format!(
+                    "no pod cgroup for UID {uid} below {}; is --cgroup-root the node's cgroup v2 mount?",
+                    self.cgroup_root.display()
+                )
+            })?;
+            return Ok((cgroup, registration.netns_path()));
+        }
         let mut previous = None;
         if let Some((cgroup, sandbox)) = self.found.get(&uid) {
             if sandbox.alive() {
@@ -410,7 +524,6 @@ impl Resolve for Resolver {
             tracing::info!(pod = %pod.name_any(), pid = sandbox.pid, "the pod's sandbox process is gone; looking for it again");
             previous = self.found.remove(&uid).map(|(_, sandbox)| sandbox);
         }
-        let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
         let cgroup = sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
             format!(
                 "no pod cgroup for UID {uid} below {} (looked for kubelet's systemd and cgroupfs layouts{}); is --cgroup-root the node's cgroup v2 mount?",

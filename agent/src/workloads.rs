@@ -179,6 +179,9 @@ pub struct Source {
     /// True once the source has seen every pod once (at once for a directory; after the
     /// first complete list for the Kubernetes API). The agent is not ready before.
     pub synced: watch::Receiver<bool>,
+    /// The CNI plugin's hand-off (Kubernetes with `--cni-socket`), served once the agent is
+    /// ready.
+    pub cni: Option<crate::kubernetes::cni::Handle>,
     _directory: Option<DirectorySource>,
 }
 
@@ -191,6 +194,7 @@ pub async fn start(source: &PodSource) -> Result<Source, Error> {
             Ok(Source {
                 snapshots: directory.snapshots.clone(),
                 synced: watch::channel(true).1,
+                cni: None,
                 _directory: Some(directory),
             })
         }
@@ -199,6 +203,7 @@ pub async fn start(source: &PodSource) -> Result<Source, Error> {
             Ok(Source {
                 snapshots: kubernetes.snapshots,
                 synced: kubernetes.synced,
+                cni: kubernetes.cni,
                 _directory: None,
             })
         }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary, strait, strait_binary};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
+use testbed::agent::{Agent, metric, peer_binary, strait_binary, strait_ok};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const GHOST: &str = "ghost.app.svc.cluster.local";
@@ -167,16 +167,6 @@ impl Bed {
     }
 }
 
-fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
-    let output = strait(node, args)?;
-    ensure!(
-        output.status.success(),
-        "strait {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 /// `strait-peer call` from a command (a pod's or the node's); returns its JSON report.
 fn call_from(mut command: Command, target: &str, args: &[&str]) -> anyhow::Result<Value> {
     let output = run(
@@ -194,34 +184,6 @@ fn call_from(mut command: Command, target: &str, args: &[&str]) -> anyhow::Resul
 
 fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
     call_from(pod.command(peer_binary()?), target, args)
-}
-
-/// The sum of the samples of a metric whose labels include every `labels` fragment.
-fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-    let text = agent.admin_get("/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-/// Polls `check` every 200 ms until it holds, for at most `timeout`.
-fn eventually(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not true after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The pod's IPv6 link-local address on eth0, once it has left the tentative state.

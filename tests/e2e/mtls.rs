@@ -9,12 +9,12 @@
 //! Needs root, tcpdump and tshark; without them these tests fail (never skip) with the reason.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary, strait};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, require_tool, run};
+use testbed::agent::{Agent, metric, peer_binary, strait_ok};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, require_tool, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const WEB: &str = "web.app.svc.cluster.local";
@@ -264,16 +264,6 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     })
 }
 
-fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
-    let output = strait(node, args)?;
-    ensure!(
-        output.status.success(),
-        "strait {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
 fn issue(node: &Node, mesh: &Path, ca: &Path, extra: &[&str]) -> anyhow::Result<String> {
     let mut args = vec![
         "ca".to_string(),
@@ -302,34 +292,6 @@ fn call(pod: &Pod, target: &str, args: &[&str]) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&output.stderr)
         )
     })
-}
-
-/// The sum of the samples of a metric whose labels include every `labels` fragment.
-fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
-    let text = agent.admin_get("/metrics")?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-/// Polls `check` every 200 ms until it holds, for at most `timeout`.
-fn eventually(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not true after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn log_lines(agent: &Agent, target: &str, message: &str) -> Vec<Value> {

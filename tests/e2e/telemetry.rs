@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, strait};
+use testbed::agent::{Agent, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -195,16 +195,6 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
         access_log,
         _servers: servers,
     })
-}
-
-fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
-    let output = strait(node, args)?;
-    ensure!(
-        output.status.success(),
-        "strait {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn start_agent(bed: &Bed, extra: &[&str]) -> anyhow::Result<Agent> {

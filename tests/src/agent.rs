@@ -29,6 +29,21 @@ pub fn strait_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The CNI plugin binary: `$STRAIT_CNI_BIN`, else the workspace's debug build.
+pub fn cni_binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("STRAIT_CNI_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => target_dir().join("debug").join("strait-cni"),
+    };
+    if !path.exists() {
+        bail!(
+            "the CNI plugin binary {} does not exist: build it with `cargo build -p strait-cni` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// The peer tool binary: `$STRAIT_PEER_BIN`, else the workspace's debug build.
 pub fn peer_binary() -> anyhow::Result<PathBuf> {
     let path = match std::env::var_os("STRAIT_PEER_BIN") {
@@ -334,4 +349,25 @@ pub fn strait(node: &Node, args: &[&str]) -> anyhow::Result<std::process::Output
     let mut command: Command = node.command(strait_binary()?);
     command.args(args);
     run(&mut command, Duration::from_secs(30))
+}
+
+/// [`strait`] that must succeed; its stdout.
+pub fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
+    let output = strait(node, args)?;
+    anyhow::ensure!(
+        output.status.success(),
+        "strait {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The sum of the samples of an agent's metric whose labels include every `labels` fragment.
+pub fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+    let text = agent.admin_get("/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }

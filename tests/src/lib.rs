@@ -41,6 +41,7 @@
 
 pub mod addr;
 pub mod agent;
+pub mod cni;
 mod dns;
 mod enter;
 mod host;
@@ -367,5 +368,24 @@ impl Drop for Testbed {
         if let Err(e) = self.shared.cleanup() {
             eprintln!("{e:#}");
         }
+    }
+}
+
+/// Polls `check` every 200 ms until it holds, for at most `timeout`; an error naming `what`
+/// otherwise.
+pub fn eventually(
+    timeout: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("{what}: not true after {timeout:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }

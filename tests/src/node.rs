@@ -327,6 +327,18 @@ impl Node {
     /// cgroup driver (see [`crate::kubelet`]), and a resolv.conf pointing at the node's DNS. The pod is not in the mesh
     /// until [`Node::write_workload`].
     pub fn add_pod(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
+        self.add_pod_with(spec, true)
+    }
+
+    /// Adds a pod as the kubelet has it before the container runtime calls CNI: the network
+    /// namespace (loopback up, the unreachable service ranges) and the cgroups, but no
+    /// interface, address or route: a CNI chain gives it those (see [`crate::cni`]). The pod's
+    /// addresses ([`Pod::ipv4`]) are the ones the chain is to assign.
+    pub fn add_pod_for_cni(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
+        self.add_pod_with(spec, false)
+    }
+
+    fn add_pod_with(&self, spec: &PodSpec, network: bool) -> anyhow::Result<Pod> {
         validate_label("pod name", &spec.name)?;
         validate_label("namespace", &spec.namespace)?;
         let mut pods = lock(&self.inner.pods);
@@ -372,7 +384,6 @@ impl Node {
             ipv6: addr::pod_v6(node_index, index),
         };
         let pod_ns = inner.netns.as_str();
-        let node_ns = self.inner.netns.as_str();
         let ctx = || {
             format!(
                 "create pod {}/{} on node {} (netns {pod_ns})",
@@ -381,34 +392,8 @@ impl Node {
         };
 
         self.shared.create_netns(pod_ns).with_context(ctx)?;
-        let port = format!("vp{index}");
-        ip_in(
-            node_ns,
-            &[
-                "link", "add", &port, "type", "veth", "peer", "name", POD_IF, "netns", pod_ns,
-            ],
-        )
-        .with_context(ctx)?;
-        ip_in(
-            node_ns,
-            &["link", "set", &port, "master", NODE_BRIDGE, "up"],
-        )
-        .with_context(ctx)?;
-        let v4 = format!("{}/24", inner.ipv4);
-        let v6 = format!("{}/64", inner.ipv6);
-        ip_in(pod_ns, &["addr", "add", &v4, "dev", POD_IF]).with_context(ctx)?;
-        ip_in(pod_ns, &["addr", "add", &v6, "dev", POD_IF, "nodad"]).with_context(ctx)?;
-        ip_in(pod_ns, &["link", "set", POD_IF, "up"]).with_context(ctx)?;
-        // Other nodes' pods and the nodes' underlay addresses via our bridge (a Kubernetes pod
-        // reaches both through its default route; an agent's plaintext cross-node connection
-        // comes from its node's underlay address); deliberately no default route.
-        let gw4 = self.bridge_ipv4().to_string();
-        let gw6 = self.bridge_ipv6().to_string();
-        for cidr in [addr::POD_CIDR_V4, addr::UNDERLAY_CIDR_V4] {
-            ip_in(pod_ns, &["route", "add", cidr, "via", &gw4]).with_context(ctx)?;
-        }
-        for cidr in [addr::POD_CIDR_V6, addr::UNDERLAY_CIDR_V6] {
-            ip_in(pod_ns, &["-6", "route", "add", cidr, "via", &gw6]).with_context(ctx)?;
+        if network {
+            self.connect_pod(&inner).with_context(ctx)?;
         }
         netns::service_ranges_unreachable(pod_ns).with_context(ctx)?;
 
@@ -434,6 +419,41 @@ impl Node {
         };
         pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// A veth from the node's bridge into the pod, the pod's addresses and its routes.
+    fn connect_pod(&self, inner: &PodInner) -> anyhow::Result<()> {
+        let pod_ns = inner.netns.as_str();
+        let node_ns = self.inner.netns.as_str();
+        let index = inner.index;
+        let port = format!("vp{index}");
+        ip_in(
+            node_ns,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", POD_IF, "netns", pod_ns,
+            ],
+        )?;
+        ip_in(
+            node_ns,
+            &["link", "set", &port, "master", NODE_BRIDGE, "up"],
+        )?;
+        let v4 = format!("{}/24", inner.ipv4);
+        let v6 = format!("{}/64", inner.ipv6);
+        ip_in(pod_ns, &["addr", "add", &v4, "dev", POD_IF])?;
+        ip_in(pod_ns, &["addr", "add", &v6, "dev", POD_IF, "nodad"])?;
+        ip_in(pod_ns, &["link", "set", POD_IF, "up"])?;
+        // Other nodes' pods and the nodes' underlay addresses via our bridge (a Kubernetes pod
+        // reaches both through its default route; an agent's plaintext cross-node connection
+        // comes from its node's underlay address); deliberately no default route.
+        let gw4 = self.bridge_ipv4().to_string();
+        let gw6 = self.bridge_ipv6().to_string();
+        for cidr in [addr::POD_CIDR_V4, addr::UNDERLAY_CIDR_V4] {
+            ip_in(pod_ns, &["route", "add", cidr, "via", &gw4])?;
+        }
+        for cidr in [addr::POD_CIDR_V6, addr::UNDERLAY_CIDR_V6] {
+            ip_in(pod_ns, &["-6", "route", "add", cidr, "via", &gw6])?;
+        }
+        Ok(())
     }
 
     /// Where `pod`'s workload file lives.

@@ -53,7 +53,7 @@ pub fn run(args: &ImageArgs) -> Result<()> {
     }
 
     ebpf::build_ebpf()?;
-    eprintln!("==> cargo build --release --target {TARGET} -p strait");
+    eprintln!("==> cargo build --release --target {TARGET} -p strait -p strait-cni");
     let status = cargo()
         .args([
             "build",
@@ -64,6 +64,10 @@ pub fn run(args: &ImageArgs) -> Result<()> {
             "strait",
             "--bin",
             "strait",
+            "-p",
+            "strait-cni",
+            "--bin",
+            "strait-cni",
         ])
         // The image carries no debugger; line tables for backtraces are enough.
         .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
@@ -71,24 +75,28 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("building the static agent binary failed");
+        bail!("building the static agent binaries failed");
     }
-    let binary = workspace_root()
-        .join("target")
-        .join(TARGET)
-        .join("release/strait");
-    let elf = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
-    if has_interpreter(&elf).with_context(|| format!("{} is not ELF64", binary.display()))? {
-        bail!(
-            "{} asks for a dynamic loader (PT_INTERP), so it would not run FROM scratch",
-            binary.display()
-        );
-    }
-
-    // The build context holds the binary only: nothing else of the tree goes into the image.
+    // The build context holds the binaries only: nothing else of the tree goes into the image.
     let context = workspace_root().join("target/image");
     std::fs::create_dir_all(&context)?;
-    std::fs::copy(&binary, context.join("strait"))?;
+    // The agent, and the CNI plugin the DaemonSet's init container copies to the node.
+    for name in ["strait", "strait-cni"] {
+        let binary = workspace_root()
+            .join("target")
+            .join(TARGET)
+            .join("release")
+            .join(name);
+        let elf =
+            std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
+        if has_interpreter(&elf).with_context(|| format!("{} is not ELF64", binary.display()))? {
+            bail!(
+                "{} asks for a dynamic loader (PT_INTERP), so it would not run FROM scratch",
+                binary.display()
+            );
+        }
+        std::fs::copy(&binary, context.join(name))?;
+    }
     let containerfile = workspace_root().join("deploy/Containerfile");
     eprintln!("==> buildah build {}", args.tag);
     let status = Command::new("buildah")

@@ -65,7 +65,16 @@ fn cargo() -> Command {
 fn build_testbed_binaries() -> anyhow::Result<()> {
     use anyhow::Context as _;
     let status = cargo()
-        .args(["build", "-p", "strait", "-p", "strait-tests", "--bins"])
+        .args([
+            "build",
+            "-p",
+            "strait",
+            "-p",
+            "strait-cni",
+            "-p",
+            "strait-tests",
+            "--bins",
+        ])
         .current_dir(workspace_root())
         .status()
         .context("cannot run cargo build")?;

@@ -55,7 +55,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             ]),
         )?;
     }
-    // Build the binaries the end-to-end tests start (the agent and the peer tool).
+    // Build the binaries the end-to-end tests start (the agent, the CNI plugin, the peer tool).
     crate::build_testbed_binaries()?;
     let mut totals = Totals::default();
     let mut unit = cargo();
@@ -64,6 +64,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
         "--no-fail-fast",
         "-p",
         "strait",
+        "-p",
+        "strait-cni",
         "-p",
         "strait-ebpf",
         "-p",

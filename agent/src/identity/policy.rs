@@ -162,6 +162,37 @@ impl Policy {
             .is_some_and(|n| n.reachable.contains(target))
     }
 
+    /// App Mesh's authorization at a listener, for a caller known by its virtual node rather
+    /// than by a certificate (a pod on this node): admitted when the listener has no tls, no
+    /// `validation`, or no `subjectAlternativeNames`, or when one of the caller's identities
+    /// is among them (the same exact match the tunnel's client verifier applies to a peer
+    /// certificate). Refused: the caller's identities and the names expected.
+    pub fn listener_admits(
+        &self,
+        caller: &ResourceId,
+        target: &ResourceId,
+        port: u16,
+    ) -> Result<(), (Vec<String>, Vec<String>)> {
+        let Some(expected) = self
+            .listener_tls(target, port)
+            .and_then(|tls| tls.validation.as_ref())
+            .map(|v| &v.subject_alternative_names)
+            .filter(|sans| !sans.is_empty())
+        else {
+            return Ok(());
+        };
+        let identities = self
+            .nodes
+            .get(caller)
+            .map(|n| n.identities.clone())
+            .unwrap_or_default();
+        if identities.iter().any(|i| expected.contains(i)) {
+            Ok(())
+        } else {
+            Err((identities, expected.clone()))
+        }
+    }
+
     /// The virtual nodes a verified certificate with these SANs stands for.
     pub fn peer_nodes(&self, sans: &[String]) -> BTreeSet<ResourceId> {
         sans.iter()
@@ -253,6 +284,13 @@ spec:
       tls:
         mode: STRICT
         certificate: {file: {certificateChain: /s.pem, privateKey: /s.key}}
+    - portMapping: {port: 7070, protocol: tcp}
+      tls:
+        mode: STRICT
+        certificate: {file: {certificateChain: /s.pem, privateKey: /s.key}}
+        validation:
+          trust: {file: {certificateChain: /ca.pem}}
+          subjectAlternativeNames: {match: {exact: [spiffe://test/ns/app/vn/client]}}
     - portMapping: {port: 9090, protocol: tcp}
       tls:
         mode: DISABLED
@@ -307,11 +345,33 @@ spec:
     }
 
     #[test]
+    fn listener_sans_admit_callers_by_their_identities() {
+        let p = policy();
+        let color = ResourceId::new("app", "color");
+        let client = ResourceId::new("app", "client");
+        let stranger = ResourceId::new("app", "stranger");
+        assert_eq!(p.listener_admits(&client, &color, 7070), Ok(()));
+        let (presented, expected) = p.listener_admits(&stranger, &color, 7070).unwrap_err();
+        assert_eq!(
+            presented,
+            vec!["spiffe://test/ns/app/vn/stranger".to_string()]
+        );
+        assert_eq!(expected, vec!["spiffe://test/ns/app/vn/client".to_string()]);
+        // No validation, or no tls at all: nothing to match.
+        assert_eq!(p.listener_admits(&stranger, &color, 8080), Ok(()));
+        assert_eq!(p.listener_admits(&stranger, &color, 9090), Ok(()));
+        assert_eq!(p.listener_admits(&stranger, &color, 1234), Ok(()));
+    }
+
+    #[test]
     fn disabled_listeners_are_not_captured_and_client_ports_apply() {
         let p = policy();
         let color = ResourceId::new("app", "color");
         let client = ResourceId::new("app", "client");
-        assert_eq!(p.captured_ports(&color), vec![(8080, TlsMode::Strict)]);
+        assert_eq!(
+            p.captured_ports(&color),
+            vec![(7070, TlsMode::Strict), (8080, TlsMode::Strict)]
+        );
         assert!(p.listener_tls(&color, 9090).is_none());
         assert!(p.client_tls(&client, &color, 8080).is_some());
         assert!(p.client_tls(&client, &color, 9090).is_none());

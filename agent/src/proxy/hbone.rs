@@ -11,6 +11,14 @@
 //! the pool key includes the destination listener. A pooled connection made with certificate
 //! material that has since changed on disk takes no new streams (it drains; nothing is cut).
 //!
+//! A key holds as many connections as its streams need, at most [`MAX_STREAMS_PER_CONNECTION`]
+//! streams each (well under the receiving side's limit, so no stream ever queues for a slot
+//! the peer will not grant). Every step has a bound: the TCP connect, the TLS handshake, and
+//! the stream open (readiness, the CONNECT request, its answer and the upgrade). A peer node
+//! that vanishes without a reset is found by HTTP/2 PINGs ([`Settings`]) and TCP keepalives:
+//! its connections close, and its node is held down ([`NODE_HOLD_DOWN`]) so new streams to it
+//! fail at once and the caller moves to another endpoint, until a probe reaches it again.
+//!
 //! Server ([`serve`]): reads the ClientHello, builds the destination listener's server config
 //! (its `tls.certificate`; its `validation` trust and SANs, which make the client certificate
 //! mandatory), then for each CONNECT stream checks that the target is that listener of a pod on
@@ -22,7 +30,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -31,7 +39,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
@@ -57,6 +65,63 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Copy buffer per direction on the receiving side.
 const COPY_BUFFER: usize = 64 * 1024;
+/// Streams one pooled tunnel connection carries at most; past it a key gets another
+/// connection (ztunnel opens a new one past 100 streams too). Well under [`SERVER_MAX_STREAMS`]
+/// and hyper's own default of 200, so a stream never waits for the peer to grant a slot.
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
+/// Concurrent streams the receiving side grants one connection (HTTP/2 SETTINGS): generous,
+/// for clients that do not cap themselves.
+const SERVER_MAX_STREAMS: u32 = 1000;
+/// How long opening one stream may take: readiness of the connection, the CONNECT request and
+/// its answer (the peer connects to the pod first, within its own 5 s connect timeout), and
+/// the upgrade. A connection on which a stream open times out takes no new stream.
+pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a node whose agent stopped answering (keepalive timeout, connect or stream-open
+/// timeout) is skipped: streams to it fail at once, so callers try another endpoint instead of
+/// waiting out a connect timeout each. A probe ends it early once the node answers again.
+pub const NODE_HOLD_DOWN: Duration = Duration::from_secs(15);
+/// How often a held-down node is probed (a TCP connect to its tunnel port).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// An extra connection of a key (not its first) with no stream for this long is let go.
+const EXTRA_IDLE: Duration = Duration::from_secs(30);
+
+/// How tunnels find out that a peer is gone (`--tunnel-keepalive-interval`,
+/// `--tunnel-keepalive-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// After this long without a frame from the peer, send an HTTP/2 PING (idle or not); also
+    /// the TCP keepalive idle time and probe interval.
+    pub keepalive_interval: Duration,
+    /// A PING unanswered this long closes the connection and every stream on it; also bounds
+    /// unacknowledged data (TCP_USER_TIMEOUT = interval + timeout).
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    /// TCP keepalive and user timeout on a tunnel socket: the kernel's own dead-peer check,
+    /// for a peer gone while data waits for its acknowledgement.
+    fn apply(&self, tcp: &TcpStream) {
+        let socket = socket2::SockRef::from(tcp);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.keepalive_interval)
+            .with_interval(self.keepalive_interval)
+            .with_retries(3);
+        if let Err(error) = socket.set_tcp_keepalive(&keepalive).and_then(|()| {
+            socket.set_tcp_user_timeout(Some(self.keepalive_interval + self.keepalive_timeout))
+        }) {
+            tracing::debug!(%error, "cannot set TCP keepalive on a tunnel socket");
+        }
+    }
+}
 
 /// Why a tunnel stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +147,21 @@ pub enum Error {
     },
     #[error("HTTP/2 on the tunnel to {node} failed: {detail}")]
     Http2 { node: SocketAddr, detail: String },
+    #[error(
+        "the agent of node {node} stopped answering {ago:?} ago ({why}); streams to it fail at \
+         once for up to {NODE_HOLD_DOWN:?} or until it answers again (is the node up, and its \
+         link?)"
+    )]
+    NodeDown {
+        node: SocketAddr,
+        why: &'static str,
+        ago: Duration,
+    },
+    #[error(
+        "opening a stream on the tunnel to {node} took longer than {STREAM_OPEN_TIMEOUT:?} (the \
+         connection takes no new stream; is the agent of that node overloaded or gone?)"
+    )]
+    StreamTimeout { node: SocketAddr },
     #[error("the agent of node {node} refused the stream to {target}: {status} {reason}")]
     Refused {
         node: SocketAddr,
@@ -104,8 +184,173 @@ struct Pooled {
     sender: Sender,
     /// Set when the peer agent said GOAWAY (it drains): no new stream goes on this connection.
     going_away: Arc<AtomicBool>,
+    /// Set when the connection ended, or a stream open on it timed out: no new stream.
+    broken: Arc<AtomicBool>,
     /// Fingerprints of the client certificate and trust bundle the connection was made with.
     generation: String,
+    /// Streams open (or being opened) on it.
+    streams: Arc<AtomicUsize>,
+    /// When a stream was last put on it.
+    last_used: Instant,
+}
+
+impl Pooled {
+    fn takes_streams(&self, generation: &str) -> bool {
+        self.generation == generation
+            && !self.sender.is_closed()
+            && !self.going_away.load(Ordering::Acquire)
+            && !self.broken.load(Ordering::Acquire)
+    }
+}
+
+/// One stream's place on a pooled connection, given back when the stream is dropped.
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(streams: &Arc<AtomicUsize>) -> StreamSlot {
+        streams.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(streams.clone())
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A tunnel stream: the upgraded CONNECT stream, holding its place on its connection.
+pub struct TunnelStream {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _slot: StreamSlot,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Nodes whose agent stopped answering, each with when and why.
+#[derive(Default)]
+struct HeldDown(Mutex<HashMap<SocketAddr, (Instant, &'static str)>>);
+
+impl HeldDown {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, (Instant, &'static str)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Since when and why `node` is held down, if it is.
+    fn get(&self, node: SocketAddr) -> Option<(Instant, &'static str)> {
+        let mut held = self.lock();
+        match held.get(&node) {
+            Some(&(since, why)) if since.elapsed() < NODE_HOLD_DOWN => Some((since, why)),
+            Some(_) => {
+                held.remove(&node);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn clear(&self, node: SocketAddr) {
+        if self.lock().remove(&node).is_some() {
+            tracing::info!(%node, "the agent of node answers again: tunnels to it resume");
+        }
+    }
+
+    /// Holds `node` down, and probes it until it answers or the hold-down ends.
+    fn hold(self: &Arc<Self>, node: SocketAddr, why: &'static str) {
+        let since = Instant::now();
+        {
+            let mut held = self.lock();
+            if held
+                .get(&node)
+                .is_some_and(|(s, _)| s.elapsed() < NODE_HOLD_DOWN)
+            {
+                return;
+            }
+            held.insert(node, (since, why));
+        }
+        tracing::warn!(%node, why, hold_down = ?NODE_HOLD_DOWN, "the agent of node stopped answering: new streams to it fail at once until it answers again");
+        let held = self.clone();
+        tokio::spawn(async move {
+            while since.elapsed() < NODE_HOLD_DOWN {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                let probe = tokio::time::timeout(PROBE_INTERVAL, TcpStream::connect(node)).await;
+                if let Ok(Ok(tcp)) = probe {
+                    // Nothing sent: the peer takes a connection closed before any byte for
+                    // a probe.
+                    drop(tcp);
+                    let mut map = held.lock();
+                    if map.get(&node).is_some_and(|(s, _)| *s == since) {
+                        map.remove(&node);
+                        drop(map);
+                        tracing::info!(%node, "the agent of node answers again: tunnels to it resume");
+                    }
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Whether a connection ended because the peer stopped answering (an unanswered keepalive
+/// PING, or the kernel's TCP user timeout), rather than closing it.
+fn peer_silent(error: &hyper::Error) -> bool {
+    if error.is_timeout() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The read side of a tunnel connection, watched for the peer's GOAWAY. hyper does not tell
@@ -210,14 +455,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GoawayWatch<T> {
     }
 }
 
-/// Tunnel connections, one per key.
+/// Tunnel connections, as many per key as its streams need.
 #[derive(Default)]
 pub struct Pool {
-    slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Option<Pooled>>>>>,
+    slots: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<Vec<Pooled>>>>>,
+    held_down: Arc<HeldDown>,
 }
 
 impl Pool {
-    fn slot(&self, key: PoolKey) -> Arc<tokio::sync::Mutex<Option<Pooled>>> {
+    fn slot(&self, key: PoolKey) -> Arc<tokio::sync::Mutex<Vec<Pooled>>> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.entry(key).or_default().clone()
     }
@@ -256,7 +502,7 @@ pub async fn open(
     endpoint: SocketAddr,
     node: SocketAddr,
     client_tls: Option<&ClientTls>,
-) -> Result<(TokioIo<hyper::upgrade::Upgraded>, GoingAway), Error> {
+) -> Result<(TunnelStream, GoingAway), Error> {
     let field = format!("VirtualNode {} clientPolicy.tls", caller.virtual_node);
     let cert = match client_tls.and_then(|t| t.certificate.as_ref()) {
         Some(c) => {
@@ -288,29 +534,46 @@ pub async fn open(
     // its GOAWAY and our seeing it was never processed there, and goes once more on a new
     // connection (to the agent that took the peer's listener over).
     let mut redialled = false;
-    let (response, going_away) = loop {
-        let (mut sender, tunnel_going_away) = {
-            let mut pooled = slot.lock().await;
-            match pooled.as_ref() {
-                Some(p)
-                    if p.generation == generation
-                        && !p.sender.is_closed()
-                        && !p.going_away.load(Ordering::Acquire) =>
+    loop {
+        let (sender, stream_slot, going_away, broken) = {
+            let mut connections = slot.lock().await;
+            connections.retain(|c| {
+                let keep = c.takes_streams(&generation);
+                if !keep
+                    && c.generation != generation
+                    && !c.going_away.load(Ordering::Acquire)
+                    && !c.broken.load(Ordering::Acquire)
                 {
-                    (p.sender.clone(), p.going_away.clone())
+                    tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
                 }
-                _ => {
-                    if pooled
-                        .as_ref()
-                        .is_some_and(|p| !p.going_away.load(Ordering::Acquire))
-                        && !redialled
-                    {
-                        tracing::info!(%node, %sni, source = %caller.virtual_node, "certificate material changed: new tunnel connection (the old one drains)");
+                keep
+            });
+            // Extra connections opened for a burst of streams go once idle for a while.
+            let mut first = true;
+            connections.retain(|c| {
+                let keep = first
+                    || c.streams.load(Ordering::Acquire) > 0
+                    || c.last_used.elapsed() < EXTRA_IDLE;
+                first = false;
+                keep
+            });
+            let free = connections
+                .iter_mut()
+                .find(|c| c.streams.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION);
+            let chosen = match free {
+                Some(c) => c,
+                None => {
+                    if let Some((since, why)) = transport.pool.held_down.get(node) {
+                        return Err(Error::NodeDown {
+                            node,
+                            why,
+                            ago: since.elapsed(),
+                        });
                     }
                     let expected_sans = client_tls
                         .map(|t| t.validation.subject_alternative_names.clone())
                         .unwrap_or_default();
-                    let (sender, going_away) = dial(
+                    let dialled = dial(
                         transport,
                         caller,
                         node,
@@ -318,53 +581,107 @@ pub async fn open(
                         cert.clone(),
                         trust.clone(),
                         expected_sans,
+                        generation.clone(),
                     )
                     .await?;
-                    *pooled = Some(Pooled {
-                        sender: sender.clone(),
-                        going_away: going_away.clone(),
-                        generation: generation.clone(),
-                    });
-                    (sender, going_away)
+                    connections.push(dialled);
+                    connections.last_mut().expect("BUG: just pushed")
                 }
-            }
+            };
+            chosen.last_used = Instant::now();
+            (
+                chosen.sender.clone(),
+                StreamSlot::take(&chosen.streams),
+                chosen.going_away.clone(),
+                chosen.broken.clone(),
+            )
         };
-        let sent = match sender.ready().await {
-            Ok(()) => {
-                let request = Request::builder()
-                    .method(Method::CONNECT)
-                    .uri(endpoint.to_string())
-                    .header("x-strait-source-workload", caller.workload.to_string())
-                    .body(Empty::new())
-                    .map_err(|e| Error::Http2 {
-                        node,
-                        detail: e.to_string(),
-                    })?;
-                sender
-                    .try_send_request(request)
-                    .await
-                    .map_err(|mut e| (e.take_message().is_some(), e.into_error()))
-            }
-            Err(e) => Err((true, e)),
-        };
-        match sent {
-            Ok(response) => {
+        let opened = tokio::time::timeout(
+            STREAM_OPEN_TIMEOUT,
+            open_stream(sender, caller, endpoint, node),
+        )
+        .await;
+        match opened {
+            Ok(Ok(io)) => {
+                transport
+                    .metrics
+                    .tunnel_streams
+                    .get_or_create(&TunnelLabels {
+                        direction: "outbound",
+                    })
+                    .inc();
                 // The streams already open go on until the peer's drain timeout.
-                let going_away: GoingAway =
-                    Arc::new(move || tunnel_going_away.load(Ordering::Acquire));
-                break (response, going_away);
+                let going_away: GoingAway = Arc::new(move || going_away.load(Ordering::Acquire));
+                let stream = TunnelStream {
+                    io,
+                    _slot: stream_slot,
+                };
+                return Ok((stream, going_away));
             }
-            Err((unsent, e)) if !redialled && (unsent || pool::never_processed(&e)) => {
+            Ok(Err(Opening::Unsent(e))) if !redialled => {
                 tracing::debug!(%node, %sni, error = %e, "tunnel connection going away; the stream goes on a new one");
                 redialled = true;
-                *slot.lock().await = None;
+                broken.store(true, Ordering::Release);
             }
-            Err((_, e)) => {
+            Ok(Err(Opening::Unsent(e))) => {
                 return Err(Error::Http2 {
                     node,
                     detail: e.to_string(),
                 });
             }
+            Ok(Err(Opening::Failed(error))) => return Err(error),
+            Err(_) => {
+                // Nothing came back on this connection for the whole bound: whatever it is
+                // waiting for, new streams must not wait behind it.
+                broken.store(true, Ordering::Release);
+                transport
+                    .pool
+                    .held_down
+                    .hold(node, "a stream open timed out");
+                return Err(Error::StreamTimeout { node });
+            }
+        }
+    }
+}
+
+/// Why a stream could not be opened on a connection.
+enum Opening {
+    /// The connection would not take the stream, or the peer never processed it (GOAWAY).
+    Unsent(hyper::Error),
+    Failed(Error),
+}
+
+/// Opens one CONNECT stream on `sender` and waits for it to be established.
+async fn open_stream(
+    mut sender: Sender,
+    caller: &Caller<'_>,
+    endpoint: SocketAddr,
+    node: SocketAddr,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, Opening> {
+    sender.ready().await.map_err(Opening::Unsent)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(endpoint.to_string())
+        .header("x-strait-source-workload", caller.workload.to_string())
+        .body(Empty::new())
+        .map_err(|e| {
+            Opening::Failed(Error::Http2 {
+                node,
+                detail: e.to_string(),
+            })
+        })?;
+    let response = match sender.try_send_request(request).await {
+        Ok(response) => response,
+        Err(mut e) => {
+            let unsent = e.take_message().is_some();
+            let e = e.into_error();
+            if unsent || pool::never_processed(&e) {
+                return Err(Opening::Unsent(e));
+            }
+            return Err(Opening::Failed(Error::Http2 {
+                node,
+                detail: e.to_string(),
+            }));
         }
     };
     if response.status() != StatusCode::OK {
@@ -374,29 +691,23 @@ pub async fn open(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        return Err(Error::Refused {
+        return Err(Opening::Failed(Error::Refused {
             node,
             target: endpoint,
             status: response.status(),
             reason,
-        });
+        }));
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|e| Error::Http2 {
+    let upgraded = hyper::upgrade::on(response).await.map_err(|e| {
+        Opening::Failed(Error::Http2 {
             node,
             detail: e.to_string(),
-        })?;
-    transport
-        .metrics
-        .tunnel_streams
-        .get_or_create(&TunnelLabels {
-            direction: "outbound",
         })
-        .inc();
-    Ok((TokioIo::new(upgraded), going_away))
+    })?;
+    Ok(TokioIo::new(upgraded))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn dial(
     transport: &Transport,
     caller: &Caller<'_>,
@@ -405,15 +716,26 @@ async fn dial(
     cert: Option<Arc<identity::store::LoadedCert>>,
     trust: Option<Arc<identity::store::Trust>>,
     expected_sans: Vec<String>,
-) -> Result<(Sender, Arc<AtomicBool>), Error> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node))
-        .await
-        .map_err(|_| Error::Connect {
-            node,
-            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-        })?
-        .map_err(|source| Error::Connect { node, source })?;
+    generation: String,
+) -> Result<Pooled, Error> {
+    let held_down = &transport.pool.held_down;
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(node)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(Error::Connect { node, source }),
+        Err(_) => {
+            // No answer at all (not even a reset): the node or its link is gone.
+            held_down.hold(node, "connect timed out");
+            return Err(Error::Connect {
+                node,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {CONNECT_TIMEOUT:?}"),
+                ),
+            });
+        }
+    };
     let _ = tcp.set_nodelay(true);
+    transport.tunnel.apply(&tcp);
     let report = Report {
         metrics: transport.metrics.clone(),
         context: format!("tunnel to {node} ({sni}) for {}", caller.virtual_node),
@@ -450,6 +772,7 @@ async fn dial(
         transport
             .metrics
             .handshake_failure("client", "handshake_timeout");
+        held_down.hold(node, "TLS handshake timed out");
         handshake_error("timed out".into())
     })?
     .map_err(|e| {
@@ -475,19 +798,48 @@ async fn dial(
         "mTLS tunnel connected"
     );
     let going_away = Arc::new(AtomicBool::new(false));
+    let settings = transport.tunnel;
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(settings.keepalive_interval)
+        .keep_alive_timeout(settings.keepalive_timeout)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(GoawayWatch::new(tls, going_away.clone())))
         .await
         .map_err(|e| Error::Http2 {
             node,
             detail: e.to_string(),
         })?;
-    let sni_owned = sni.to_owned();
+    held_down.clear(node);
+    let broken = Arc::new(AtomicBool::new(false));
+    let streams = Arc::new(AtomicUsize::new(0));
+    let (sni_owned, broken2, streams2, held_down2) = (
+        sni.to_owned(),
+        broken.clone(),
+        streams.clone(),
+        held_down.clone(),
+    );
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%node, sni = %sni_owned, %error, "tunnel connection ended");
+        let ended = connection.await;
+        broken2.store(true, Ordering::Release);
+        match ended {
+            Err(error) if peer_silent(&error) => {
+                tracing::warn!(
+                    target: "strait::tunnel",
+                    %node,
+                    sni = %sni_owned,
+                    streams = streams2.load(Ordering::Acquire),
+                    %error,
+                    "tunnel connection closed: the peer agent stopped answering (keepalive); its streams are closed"
+                );
+                held_down2.hold(node, "keepalive timed out");
+            }
+            Err(error) => {
+                tracing::debug!(%node, sni = %sni_owned, %error, "tunnel connection ended");
+            }
+            Ok(()) => {}
         }
     });
     transport
@@ -497,7 +849,14 @@ async fn dial(
             direction: "outbound",
         })
         .inc();
-    Ok((sender, going_away))
+    Ok(Pooled {
+        sender,
+        going_away,
+        broken,
+        generation,
+        streams,
+        last_used: Instant::now(),
+    })
 }
 
 /// Accepts tunnel connections on `listener` until shutdown.
@@ -576,9 +935,15 @@ fn server_config(
 async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let _ = tcp.set_nodelay(true);
     let transport = &ctx.transport;
+    transport.tunnel.apply(&tcp);
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // Another agent probing whether this node is back (see `HeldDown`).
+            tracing::debug!(%peer, "connection closed before a ClientHello (a probe)");
+            return;
+        }
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "not a TLS client on the tunnel port; closed");
             transport.metrics.handshake_failure("server", "not_tls");
@@ -660,9 +1025,15 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer_sans, mutual, peer).await)
         }
     });
+    // PINGs from this side too: a peer gone without a reset must not keep its streams' pod
+    // connections open.
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(SERVER_MAX_STREAMS)
+        .timer(TokioTimer::new())
+        .keep_alive_interval(transport.tunnel.keepalive_interval)
+        .keep_alive_timeout(transport.tunnel.keepalive_timeout)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
     // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent

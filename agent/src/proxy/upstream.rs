@@ -9,7 +9,9 @@
 //!   leaves the node, and no TLS is spoken: both ends are pods this agent enrolled, identified
 //!   by kernel facts (the cgroup and netns the agent itself set up), not by anything a pod
 //!   says, and the bytes never cross a wire an attacker could tap without already owning the
-//!   node's kernel (see docs/security.md). The backend rule is still checked here.
+//!   node's kernel (see docs/security.md). The backend rule is still checked, and so is the
+//!   target listener's `validation.subjectAlternativeNames`, against the caller's identities
+//!   (what a tunnel checks on the caller's certificate).
 //! - **A pod on another node, TLS in play** (the target listener has `tls` STRICT or
 //!   PERMISSIVE, or the caller's client policy enforces TLS on that port): an HTTP/2 CONNECT
 //!   stream through the mutual-TLS tunnel to that node's agent ([`super::hbone`]), pooled per
@@ -232,6 +234,8 @@ pub struct Transport {
     pub store: identity::store::Store,
     pub metrics: identity::Metrics,
     pub pool: hbone::Pool,
+    /// Tunnel keepalive settings.
+    pub tunnel: hbone::Settings,
     local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     peers: Vec<PeerNode>,
 }
@@ -243,9 +247,16 @@ impl Transport {
             store: identity::store::Store::new(metrics.clone()),
             metrics,
             pool: hbone::Pool::default(),
+            tunnel: hbone::Settings::default(),
             local: RwLock::new(HashMap::new()),
             peers,
         }
+    }
+
+    /// With these tunnel keepalive settings.
+    pub fn with_tunnel(mut self, tunnel: hbone::Settings) -> Transport {
+        self.tunnel = tunnel;
+        self
     }
 
     /// Registers a pod of this node (by each of its addresses).
@@ -366,6 +377,40 @@ pub fn authorize(
     })
 }
 
+/// The listener's `validation.subjectAlternativeNames` for a caller on this node: what a
+/// tunnel's client verifier checks on another node's caller certificate, checked here on the
+/// caller's identities (its virtual node is known from the pod it called from, a kernel fact;
+/// no certificate is involved, so trust and expiry have nothing to apply to). A refusal is
+/// counted and logged as the verifier does: `strait_tls_failures{side="server",
+/// reason="san_mismatch"}`.
+fn admit_same_node(
+    transport: &Transport,
+    caller: &Caller<'_>,
+    pod: &LocalPod,
+    port: u16,
+) -> Result<(), String> {
+    let policy = transport.policy.load();
+    let Err((presented, expected)) =
+        policy.listener_admits(caller.virtual_node, &pod.virtual_node, port)
+    else {
+        return Ok(());
+    };
+    drop(policy);
+    let context = format!(
+        "same-node call from {} ({}) to {} port {port}",
+        caller.workload, caller.virtual_node, pod.virtual_node
+    );
+    let mismatch = identity::verify::SanMismatch {
+        presented,
+        expected,
+    };
+    transport.metrics.san_refused(&context, &mismatch);
+    Err(format!(
+        "{}'s listener {port} refuses {}: {mismatch} (its validation.subjectAlternativeNames)",
+        pod.virtual_node, caller.virtual_node
+    ))
+}
+
 /// Opens a stream to one endpoint of `target_node` on behalf of `caller`: a local pod through
 /// its own loopback, a remote one directly or through the mTLS tunnel to its node's agent
 /// when TLS applies. Authorization is the caller's business ([`authorize`]).
@@ -376,6 +421,7 @@ pub async fn dial(
     endpoint: SocketAddr,
 ) -> Result<Stream, String> {
     if let Some(pod) = transport.local_pod(endpoint.ip()) {
+        admit_same_node(transport, caller, &pod, endpoint.port())?;
         let stream = pod
             .connect_loopback(endpoint.ip(), endpoint.port())
             .await

@@ -8,6 +8,11 @@
 //!   connections one after another, and on each reads the banner, sends N pseudo-random bytes
 //!   while reading the echo, half-closes, reads to EOF and compares SHA-256 of both directions.
 //!   Prints one JSON line (see [`Report`]) and exits 0 only if every connection succeeded.
+//! - `strait-peer hold TARGET:PORT --connections N [--seconds S] [--every-ms MS] [--open-within-ms MS] [--timeout SECS] [-4|-6]`:
+//!   opens N connections concurrently (one thread each, started over `--open-within-ms`),
+//!   reads each banner, waits until all are open, then on each echoes 16 bytes every MS for S
+//!   seconds and closes. Prints one JSON line (see [`HoldReport`]): how many were open at
+//!   once, each connection's server and, for a failed one, when (Unix milliseconds) and why.
 //!
 //! Blocking std sockets on threads, on purpose: the mesh must not break blocking applications
 //! (docs/architecture.md, "The fast path"), and a spurious EAGAIN on a blocking socket is reported as its own
@@ -18,9 +23,10 @@ use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs as _};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -53,6 +59,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Call a server and check the echo.
     Call(CallArgs),
+    /// Hold many connections open at once, echoing on each.
+    Hold(HoldArgs),
 }
 
 #[derive(Args)]
@@ -92,6 +100,33 @@ struct CallArgs {
     ipv6: bool,
 }
 
+#[derive(Args)]
+struct HoldArgs {
+    /// HOST:PORT, HOST a name or an address (`[v6]:port` for IPv6 literals).
+    target: String,
+    /// Connections held open at once.
+    #[arg(long)]
+    connections: u32,
+    /// How long each connection is held (echoing) once all are open, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Pause between two echoes on one connection, milliseconds.
+    #[arg(long, default_value_t = 500)]
+    every_ms: u64,
+    /// The connections are started evenly over this many milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    open_within_ms: u64,
+    /// Bound for a connect with its banner, and for each echo, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    timeout: f64,
+    /// Use IPv4 addresses only.
+    #[arg(short = '4', conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Use IPv6 addresses only.
+    #[arg(short = '6')]
+    ipv6: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -102,6 +137,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::Hold(args) => {
+            let report = hold(&args);
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("BUG: report serializes")
+            );
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Cmd::Call(args) => {
             let report = call(&args);
             println!(
@@ -280,7 +327,11 @@ fn split_target(target: &str) -> Result<(String, u16), String> {
 }
 
 fn resolve(args: &CallArgs) -> Result<SocketAddr, PeerError> {
-    let (host, port) = split_target(&args.target).map_err(|m| PeerError::other("resolve", m))?;
+    resolve_target(&args.target, args.ipv4, args.ipv6)
+}
+
+fn resolve_target(target: &str, ipv4: bool, ipv6: bool) -> Result<SocketAddr, PeerError> {
+    let (host, port) = split_target(target).map_err(|m| PeerError::other("resolve", m))?;
     // An address literal needs no lookup; a name goes through getaddrinfo.
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
@@ -291,7 +342,7 @@ fn resolve(args: &CallArgs) -> Result<SocketAddr, PeerError> {
     };
     addrs
         .iter()
-        .find(|a| (!args.ipv4 || a.is_ipv4()) && (!args.ipv6 || a.is_ipv6()))
+        .find(|a| (!ipv4 || a.is_ipv4()) && (!ipv6 || a.is_ipv6()))
         .copied()
         .ok_or_else(|| {
             PeerError::other(
@@ -403,6 +454,34 @@ fn read_kind(e: &io::Error, waited: Duration, timeout: Duration) -> &'static str
     }
 }
 
+/// Reads the banner line, byte by byte so no echo byte is consumed with it; returns the
+/// server's name.
+fn read_banner(stream: &mut TcpStream, timeout: Duration) -> Result<String, PeerError> {
+    let mut banner = Vec::new();
+
+    let mut byte = [0u8; 1];
+    while banner.len() < MAX_BANNER {
+        let asked = Instant::now();
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => banner.push(byte[0]),
+            Err(e) => {
+                let kind = match read_kind(&e, asked.elapsed(), timeout) {
+                    "read" => "banner",
+                    k => k,
+                };
+                return Err(PeerError::io(kind, &e));
+            }
+        }
+    }
+    let banner = String::from_utf8_lossy(&banner).into_owned();
+    Ok(banner
+        .strip_prefix(BANNER_PREFIX)
+        .ok_or_else(|| PeerError::other("banner", format!("unexpected banner {banner:?}")))?
+        .to_owned())
+}
+
 fn exchange(addr: SocketAddr, bytes: u64, timeout: Duration, seed: u64) -> Result<Done, Failed> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
@@ -419,30 +498,7 @@ fn exchange(addr: SocketAddr, bytes: u64, timeout: Duration, seed: u64) -> Resul
         s.set_nodelay(true)
     };
     setup(&stream).map_err(|e| PeerError::io("connect", &e))?;
-
-    // Banner: one line, read byte by byte so no echo byte is consumed with it.
-    let mut banner = Vec::new();
-    let mut byte = [0u8; 1];
-    while banner.len() < MAX_BANNER {
-        let asked = Instant::now();
-        match stream.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => banner.push(byte[0]),
-            Err(e) => {
-                let kind = match read_kind(&e, asked.elapsed(), timeout) {
-                    "read" => "banner",
-                    k => k,
-                };
-                return Err(PeerError::io(kind, &e).into());
-            }
-        }
-    }
-    let banner = String::from_utf8_lossy(&banner).into_owned();
-    let server = banner
-        .strip_prefix(BANNER_PREFIX)
-        .ok_or_else(|| PeerError::other("banner", format!("unexpected banner {banner:?}")))?
-        .to_owned();
+    let server = read_banner(&mut stream, timeout)?;
 
     // Writer on its own thread, so the echo is read while sending (no deadlock on full
     // buffers).
@@ -531,6 +587,234 @@ fn exchange(addr: SocketAddr, bytes: u64, timeout: Duration, seed: u64) -> Resul
     })
 }
 
+// ---- hold ----
+
+/// What `hold` prints.
+#[derive(Serialize)]
+struct HoldReport {
+    /// Every connection opened, all were open at once, and every echo came back.
+    ok: bool,
+    target: String,
+    address: Option<String>,
+    connections: u32,
+    /// Connections whose banner arrived.
+    opened: u32,
+    /// Most connections open at the same time.
+    peak_open: usize,
+    /// Opened connections by the server name in their banner.
+    by_server: BTreeMap<String, u32>,
+    /// Echoes that came back, over all connections.
+    echoes: u64,
+    /// When the first connection was started, Unix milliseconds.
+    started_unix_ms: u64,
+    elapsed_ms: u64,
+    /// Resolution failure, if any.
+    error: Option<PeerError>,
+    /// One entry per connection, in order.
+    held: Vec<Held>,
+}
+
+#[derive(Serialize, Clone, Default)]
+struct Held {
+    server: Option<String>,
+    echoes: u32,
+    /// When it failed, Unix milliseconds.
+    failed_unix_ms: Option<u64>,
+    error: Option<PeerError>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Lifts the soft open-files limit to the hard one (a thousand sockets need it).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Shared by the connection threads of `hold`.
+struct Holding {
+    addr: SocketAddr,
+    total: usize,
+    timeout: Duration,
+    hold: Duration,
+    every: Duration,
+    /// Connections that finished opening (either way).
+    settled: AtomicUsize,
+    open_now: AtomicUsize,
+    peak: AtomicUsize,
+    /// The open phase ends at the latest then.
+    open_deadline: Instant,
+}
+
+fn hold(args: &HoldArgs) -> HoldReport {
+    raise_open_files_limit();
+    let start = Instant::now();
+    let mut report = HoldReport {
+        ok: false,
+        target: args.target.clone(),
+        address: None,
+        connections: args.connections,
+        opened: 0,
+        peak_open: 0,
+        by_server: BTreeMap::new(),
+        echoes: 0,
+        started_unix_ms: unix_ms(),
+        elapsed_ms: 0,
+        error: None,
+        held: Vec::new(),
+    };
+    let addr = match resolve_target(&args.target, args.ipv4, args.ipv6) {
+        Ok(addr) => addr,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    report.address = Some(addr.to_string());
+    let total = args.connections as usize;
+    let timeout = Duration::from_secs_f64(args.timeout.clamp(0.001, 3600.0));
+    let spread = Duration::from_millis(args.open_within_ms);
+    let shared = Arc::new(Holding {
+        addr,
+        total,
+        timeout,
+        hold: Duration::from_secs_f64(args.seconds.clamp(0.0, 3600.0)),
+        every: Duration::from_millis(args.every_ms),
+        settled: AtomicUsize::new(0),
+        open_now: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+        open_deadline: start + spread + timeout,
+    });
+    let results = Arc::new(Mutex::new(vec![Held::default(); total]));
+    let mut threads = Vec::with_capacity(total);
+    for i in 0..total {
+        let (shared2, results2) = (shared.clone(), results.clone());
+        let begin = start + spread.mul_f64(i as f64 / total.max(1) as f64);
+        let spawned = thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let held = hold_one(&shared2, begin, i as u64);
+                results2.lock().unwrap_or_else(|e| e.into_inner())[i] = held;
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                // Counts as settled, so the others do not wait for it.
+                shared.settled.fetch_add(1, Ordering::SeqCst);
+                results.lock().unwrap_or_else(|e| e.into_inner())[i].error =
+                    Some(PeerError::io("thread", &e));
+            }
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    report.held = results.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for held in &report.held {
+        if let Some(server) = &held.server {
+            report.opened += 1;
+            *report.by_server.entry(server.clone()).or_default() += 1;
+        }
+        report.echoes += u64::from(held.echoes);
+    }
+    report.peak_open = shared.peak.load(Ordering::SeqCst);
+    report.ok = report.peak_open == total
+        && report
+            .held
+            .iter()
+            .all(|h| h.server.is_some() && h.error.is_none() && h.echoes > 0);
+    report.elapsed_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report
+}
+
+fn hold_one(shared: &Holding, begin: Instant, seed: u64) -> Held {
+    let mut held = Held::default();
+    thread::sleep(begin.saturating_duration_since(Instant::now()));
+    let opened = TcpStream::connect_timeout(&shared.addr, shared.timeout)
+        .map_err(|e| PeerError::io("connect", &e))
+        .and_then(|mut stream| {
+            stream
+                .set_read_timeout(Some(shared.timeout))
+                .and_then(|()| stream.set_write_timeout(Some(shared.timeout)))
+                .and_then(|()| stream.set_nodelay(true))
+                .map_err(|e| PeerError::io("connect", &e))?;
+            let server = read_banner(&mut stream, shared.timeout)?;
+            Ok((stream, server))
+        });
+    let mut stream = match opened {
+        Ok((stream, server)) => {
+            held.server = Some(server);
+            let now = shared.open_now.fetch_add(1, Ordering::SeqCst) + 1;
+            shared.peak.fetch_max(now, Ordering::SeqCst);
+            shared.settled.fetch_add(1, Ordering::SeqCst);
+            stream
+        }
+        Err(e) => {
+            shared.settled.fetch_add(1, Ordering::SeqCst);
+            held.failed_unix_ms = Some(unix_ms());
+            held.error = Some(e);
+            return held;
+        }
+    };
+    // Everyone open (or given up on) before the holding starts.
+    while shared.settled.load(Ordering::SeqCst) < shared.total
+        && Instant::now() < shared.open_deadline
+    {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let end = Instant::now() + shared.hold;
+    let mut filler = Filler::new(seed);
+    let mut sent = [0u8; 16];
+    let mut got = [0u8; 16];
+    loop {
+        filler.fill(&mut sent);
+        let echoed = stream
+            .write_all(&sent)
+            .map_err(|e| PeerError::io("write", &e))
+            .and_then(|()| {
+                let asked = Instant::now();
+                stream.read_exact(&mut got).map_err(|e| {
+                    let kind = match e.kind() {
+                        io::ErrorKind::UnexpectedEof => "eof",
+                        _ => read_kind(&e, asked.elapsed(), shared.timeout),
+                    };
+                    PeerError::io(kind, &e)
+                })
+            })
+            .and_then(|()| {
+                (got == sent)
+                    .then_some(())
+                    .ok_or_else(|| PeerError::other("mismatch", "echo differs".into()))
+            });
+        if let Err(e) = echoed {
+            held.failed_unix_ms = Some(unix_ms());
+            held.error = Some(e);
+            break;
+        }
+        held.echoes += 1;
+        if Instant::now() + shared.every >= end {
+            break;
+        }
+        thread::sleep(shared.every);
+    }
+    shared.open_now.fetch_sub(1, Ordering::SeqCst);
+    let _ = stream.shutdown(Shutdown::Both);
+    held
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,5 +841,28 @@ mod tests {
             .unwrap_or_else(|f| panic!("{}", f.error.message));
         assert_eq!(done.server, "t");
         assert_eq!((done.sent, done.received), (300_000, 300_000));
+    }
+
+    #[test]
+    fn hold_keeps_connections_open_together_and_echoing() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let banner: Arc<str> = "strait-peer name=h\n".into();
+        let active = Arc::new(AtomicUsize::new(0));
+        thread::spawn(move || accept_loop(&listener, &banner, &active, Duration::from_secs(5)));
+        let report = hold(&HoldArgs {
+            target: addr.to_string(),
+            connections: 20,
+            seconds: 0.3,
+            every_ms: 100,
+            open_within_ms: 100,
+            timeout: 5.0,
+            ipv4: false,
+            ipv6: false,
+        });
+        assert!(report.ok, "{}", serde_json::to_string(&report).unwrap());
+        assert_eq!(report.peak_open, 20);
+        assert_eq!(report.by_server.get("h"), Some(&20));
+        assert!(report.held.iter().all(|h| h.echoes >= 2));
     }
 }
