@@ -159,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
     let transport = Arc::new(Transport::new(config.peer_nodes.clone(), security));
+    transport.admission.metrics.register(&mut registry);
     transport
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));

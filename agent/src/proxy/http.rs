@@ -515,8 +515,12 @@ impl<E: Env> Downstream<E> {
             r.attempts = outcome.attempts;
             r.retries = std::mem::take(&mut outcome.retries);
             r.timeouts = std::mem::take(&mut outcome.timeouts);
-            if result.is_ok() {
+            if let Ok(upstream) = &result {
                 r.upstream_service_time = Some(started.elapsed());
+                // The destination agent refused it: overflow (UO) or rate limited (RL).
+                if let Some(flag) = super::admission::response_flag(upstream.response.headers()) {
+                    r.flags.push(flag);
+                }
             } else if let Err(failure) = &result {
                 r.flags.push(failure_flag(failure));
                 if !r.retries.is_empty() {
@@ -718,7 +722,10 @@ impl<E: Env> Downstream<E> {
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
+                    // A destination agent's connectionPool or rateLimit refusal is not retried
+                        // (Envoy does not retry `x-envoy-overloaded` either).
                     if retries_left
+                        && super::admission::response_flag(response.headers()).is_none()
                         && policy.retries_status(response.status().as_u16(), grpc_status)
                         && body.replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
