@@ -1712,9 +1712,9 @@ impl Cx<'_> {
                     o.key_pos("connectionPool"),
                     &join(&p, kind),
                     format!(
-                        "a `{kind}` connection pool on a {} listener: give `connectionPool.{}`, \
-                         the pool of the listener's protocol",
-                        pm.protocol,
+                        "a `{kind}` connection pool, but the listener's protocol is {}: give \
+                         `connectionPool.{}` instead",
+                        pm.protocol.as_str(),
                         pm.protocol.as_str()
                     ),
                 );
