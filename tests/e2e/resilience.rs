@@ -641,3 +641,226 @@ fn grpc_callers_over_the_rate_limit_get_resource_exhausted() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// Node addresses of `other` for `--peer-node`, both families.
+fn peer_args(other: &Node) -> Vec<String> {
+    vec![
+        "--peer-node".into(),
+        format!(
+            "{}/24={}",
+            testbed::addr::pod_subnet_v4(other.index()),
+            other.underlay_ip()
+        ),
+        "--peer-node".into(),
+        format!(
+            "{}/64={}",
+            testbed::addr::pod_subnet_v6(other.index()),
+            other.underlay_ip()
+        ),
+    ]
+}
+
+fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
+    let output = testbed::agent::strait(node, args)?;
+    if !output.status.success() {
+        bail!(
+            "strait {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Across nodes, through the mTLS tunnel: the receiving agent keys per-caller buckets by the
+/// SPIFFE ID in the verified client certificate (an override names one by `identity`), and a
+/// tcp listener's maxConnections refuses the tunnel stream over the limit.
+#[test]
+fn tunnel_callers_are_limited_by_their_certificate_identity() -> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-tunnel")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let clients: Vec<Pod> = ["client-a", "client-b"]
+        .iter()
+        .map(|name| node1.add_pod(&PodSpec::new(name, "app").label("app", name)))
+        .collect::<anyhow::Result<_>>()?;
+    let server = node2.add_pod(&PodSpec::new("server", "app").label("app", "server"))?;
+    tb.dns_record("server.app.svc.cluster.local", &["10.96.2.1".parse()?])?;
+    tb.dns_record("server-pods.app.svc.cluster.local", &server.ips())?;
+    let http = tb.spawn(
+        "server-http",
+        server
+            .command(HTTP_BIN)
+            .args(["serve", "--listen", "0.0.0.0:8080,[::]:8080", "--name", "server"]),
+    )?;
+    http.wait_listening(8080, Duration::from_secs(20))?;
+    let listen = format!("0.0.0.0:{TCP_PORT},[::]:{TCP_PORT}");
+    let tcp = tb.spawn(
+        "server-tcp",
+        server
+            .command(peer_binary()?)
+            .args(["serve", "--listen", &listen, "--name", "server"]),
+    )?;
+    tcp.wait_listening(TCP_PORT, Duration::from_secs(20))?;
+
+    let certs = tb.temp_dir().join("certs");
+    let c = certs.display();
+    let client_node = |name: &str| {
+        format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {name}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {name}}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: server}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/{name}.pem, privateKey: {c}/{name}-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+"#
+        )
+    };
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+{}{}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: server, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: server}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      tls: &strict
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/server.pem, privateKey: {c}/server-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://test/ns/app/vn/client-a, spiffe://test/ns/app/vn/client-b]}}}}
+      rateLimit:
+        perCaller: {{requestsPerSecond: 1, burst: 3}}
+        overrides:
+          - callers: [{{identity: spiffe://test/ns/app/vn/client-b}}]
+            requestsPerSecond: 1
+            burst: 5
+    - portMapping: {{port: {TCP_PORT}, protocol: tcp}}
+      tls: *strict
+      connectionPool: {{tcp: {{maxConnections: 1}}}}
+  serviceDiscovery: {{dns: {{hostname: server-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: server, namespace: app}}
+spec:
+  awsName: server.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: server}}}}}}
+"#,
+        client_node("client-a"),
+        client_node("client-b"),
+    );
+    let ca = tb.temp_dir().join("ca");
+    let mut meshes = Vec::new();
+    for node in ["node1", "node2"] {
+        let path = tb.temp_dir().join(format!("{node}-mesh")).join("mesh.yaml");
+        std::fs::create_dir_all(path.parent().context("mesh folder")?)?;
+        std::fs::write(&path, &mesh)?;
+        meshes.push(path);
+    }
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    let (mesh1, ca_dir) = (meshes[0].display().to_string(), ca.display().to_string());
+    strait_ok(
+        &node1,
+        &["ca", "issue", "--mesh", &mesh1, "--ca-dir", &ca_dir],
+    )?;
+    for pod in &clients {
+        node1.write_workload(pod)?;
+    }
+    node2.write_workload(&server)?;
+    let start = |node: &Node, other: &Node, mesh: &PathBuf| {
+        let args = peer_args(other);
+        Agent::start(
+            &tb,
+            node,
+            mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1, &node2, &meshes[0])?;
+    let agent2 = start(&node2, &node1, &meshes[1])?;
+    for pod in ["app/client-a", "app/client-b"] {
+        agent1.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    agent2.wait_enrolled("app/server", true, Duration::from_secs(20))?;
+
+    let urls: Vec<String> = (0..8)
+        .map(|i| format!("http://server.app.svc.cluster.local:8080/t{i}"))
+        .collect();
+    let a = curl(&clients[0], &[], &urls)?;
+    let b = curl(&clients[1], &[], &urls)?;
+    assert_eq!(
+        (statuses(&a, 200), statuses(&a, 429)),
+        (3, 5),
+        "client-a: perCaller burst 3: {a:?}"
+    );
+    assert_eq!(
+        (statuses(&b, 200), statuses(&b, 429)),
+        (5, 3),
+        "client-b: its override, burst 5: {b:?}"
+    );
+    // Counted by the receiving agent, against the callers its certificates name.
+    for (source, scope, want) in [("app/client-a", "caller", 5.0), ("app/client-b", "override", 3.0)] {
+        let got = metric(
+            &agent2,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/server""#,
+                &format!(r#"source_virtual_node="{source}""#),
+                &format!(r#"scope="{scope}""#),
+            ],
+        )?;
+        assert_eq!(got, want, "{source} {scope}");
+    }
+    assert!(metric(&agent2, "strait_tunnel_streams_total", &[])? > 0.0);
+
+    // tcp maxConnections 1 across the tunnel: the second connection is refused.
+    let output = run(
+        clients[0].command("python3").args([
+            "-c",
+            TCP_PROBE,
+            "server.app.svc.cluster.local",
+            &TCP_PORT.to_string(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the probe printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("server"), "{seen}");
+    assert!(
+        got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(got("third").contains("server"), "{seen}");
+    assert!(
+        metric(
+            &agent2,
+            "strait_overflows_total",
+            &[
+                r#"virtual_node="app/server""#,
+                r#"reason="max_connections""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )? >= 1.0
+    );
+    drop((agent1, agent2, http, tcp));
+    Ok(())
+}

@@ -768,6 +768,13 @@ async fn stream(
     };
     drop(policy);
     if let admission::Admitted::Http(gate) = admitted {
+        transport
+            .metrics
+            .tunnel_streams
+            .get_or_create(&TunnelLabels {
+                direction: "inbound",
+            })
+            .inc();
         let on_upgrade = hyper::upgrade::on(&mut request);
         let drain = Drain {
             signal: ctx.shutdown.clone(),
