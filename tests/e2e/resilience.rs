@@ -207,7 +207,10 @@ fn bed(test: &str, clients: &[&str], servers: &[&Server]) -> anyhow::Result<Bed>
     for s in servers {
         let pod = node.add_pod(&PodSpec::new(s.name, "app").label("app", s.name))?;
         tb.dns_record(&host(s), &[s.address.parse()?])?;
-        tb.dns_record(&format!("{}-pods.app.svc.cluster.local", s.name), &pod.ips())?;
+        tb.dns_record(
+            &format!("{}-pods.app.svc.cluster.local", s.name),
+            &pod.ips(),
+        )?;
         let listen = format!("0.0.0.0:{p},[::]:{p}", p = s.port);
         let process = match s.listener {
             "tcp" => tb.spawn(
@@ -368,7 +371,10 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
     let fourth = &fourth?[0];
     assert_eq!(fourth.status, 503, "{fourth:?}");
     assert_eq!(fourth.overloaded, "true", "{fourth:?}");
-    assert!(fourth.seconds < 1.0, "refused at once, not queued: {fourth:?}");
+    assert!(
+        fourth.seconds < 1.0,
+        "refused at once, not queued: {fourth:?}"
+    );
     let background: Vec<Reply> = background
         .into_iter()
         .map(|r| r.map(|mut v| v.remove(0)))
@@ -408,7 +414,11 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
         let url = format!("{h2}/slow?delay_ms=2000");
         let first = scope.spawn(move || curl(client, &["--http2-prior-knowledge"], &[url]));
         std::thread::sleep(Duration::from_millis(700));
-        let second = curl(client, &["--http2-prior-knowledge"], &[format!("{h2}/fast")]);
+        let second = curl(
+            client,
+            &["--http2-prior-knowledge"],
+            &[format!("{h2}/fast")],
+        );
         (first.join().expect("curl thread panicked"), second)
     });
     let (first, second) = (&first?[0], &second?[0]);
@@ -416,7 +426,11 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
     assert_eq!(second.status, 503, "{second:?}");
     assert_eq!(second.overloaded, "true", "{second:?}");
     // Once the first is done, the next one is served.
-    let after = curl(client, &["--http2-prior-knowledge"], &[format!("{h2}/fast")])?;
+    let after = curl(
+        client,
+        &["--http2-prior-knowledge"],
+        &[format!("{h2}/fast")],
+    )?;
     assert_eq!(after[0].status, 200, "{after:?}");
     assert_eq!(
         metric(
@@ -435,8 +449,8 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
 }
 
 #[test]
-fn a_burst_of_15_against_10_per_second_serves_10_and_shadow_mode_refuses_none()
--> anyhow::Result<()> {
+fn a_burst_of_15_against_10_per_second_serves_10_and_shadow_mode_refuses_none() -> anyhow::Result<()>
+{
     let bed = bed("resilience-burst", &["client-a"], &[&BURST, &SHADOW])?;
     let client = bed.client("client-a");
     let burst = |server: &Server| -> Vec<String> {
@@ -472,7 +486,11 @@ fn a_burst_of_15_against_10_per_second_serves_10_and_shadow_mode_refuses_none()
     assert_eq!(limited, 5, "{lines:?}");
     // The bucket refills: a second later a request is served again.
     std::thread::sleep(Duration::from_millis(1100));
-    let again = curl(client, &[], &[format!("http://{}:8080/again", host(&BURST))])?;
+    let again = curl(
+        client,
+        &[],
+        &[format!("http://{}:8080/again", host(&BURST))],
+    )?;
     assert_eq!(again[0].status, 200, "{again:?}");
 
     // Shadow mode: the same burst is served whole, and what would have been refused counted.
@@ -580,13 +598,19 @@ fn tcp_max_connections_refuses_the_connection_over_the_limit() -> anyhow::Result
         )
     })?;
     let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
-    assert!(got("first").contains("tcp"), "the banner names the server: {seen}");
+    assert!(
+        got("first").contains("tcp"),
+        "the banner names the server: {seen}"
+    );
     // Over maxConnections 1: closed without a byte from the server (or reset).
     assert!(
         got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
         "{seen}"
     );
-    assert!(got("third").contains("tcp"), "a connection freed up: {seen}");
+    assert!(
+        got("third").contains("tcp"),
+        "a connection freed up: {seen}"
+    );
     assert!(
         metric(
             &bed.agent,
@@ -688,9 +712,13 @@ fn tunnel_callers_are_limited_by_their_certificate_identity() -> anyhow::Result<
     tb.dns_record("server-pods.app.svc.cluster.local", &server.ips())?;
     let http = tb.spawn(
         "server-http",
-        server
-            .command(HTTP_BIN)
-            .args(["serve", "--listen", "0.0.0.0:8080,[::]:8080", "--name", "server"]),
+        server.command(HTTP_BIN).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080,[::]:8080",
+            "--name",
+            "server",
+        ]),
     )?;
     http.wait_listening(8080, Duration::from_secs(20))?;
     let listen = format!("0.0.0.0:{TCP_PORT},[::]:{TCP_PORT}");
@@ -812,7 +840,10 @@ spec:
         "client-b: its override, burst 5: {b:?}"
     );
     // Counted by the receiving agent, against the callers its certificates name.
-    for (source, scope, want) in [("app/client-a", "caller", 5.0), ("app/client-b", "override", 3.0)] {
+    for (source, scope, want) in [
+        ("app/client-a", "caller", 5.0),
+        ("app/client-b", "override", 3.0),
+    ] {
         let got = metric(
             &agent2,
             "strait_rate_limited_total",

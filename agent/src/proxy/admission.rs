@@ -46,8 +46,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use self::bucket::TokenBucket;
 use super::Drain;
 use super::http::body::{Guard, ReplayBody, ResponseBody};
-use super::http::{BoxFuture, headers};
 use super::http::pool::{self, Pool, Proto};
+use super::http::{BoxFuture, headers};
 use super::upstream::{LocalPod, Stream};
 use crate::identity::policy::Policy;
 use crate::mesh::{ConnectionPool, MeshConfig, Protocol, RateLimit, RateLimitCaller, ResourceId};
@@ -319,9 +319,9 @@ impl State {
             Some(ConnectionPool::Http {
                 max_connections, ..
             }) => (permits(max_connections), permits(0)),
-            Some(ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests }) => {
-                (permits(0), permits(max_requests))
-            }
+            Some(
+                ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests },
+            ) => (permits(0), permits(max_requests)),
             _ => (permits(0), permits(0)),
         };
         State {
@@ -449,7 +449,8 @@ impl Admission {
         if let Some(rate) = &limits.rate
             && let Err(refusal) = state.rate(rate, &who, Instant::now())
         {
-            self.metrics.limited(limits, &who, refusal.scope, rate.shadow);
+            self.metrics
+                .limited(limits, &who, refusal.scope, rate.shadow);
             tracing::debug!(target: "strait::admission", virtual_node = %vn, port, caller = %who.key, scope = refusal.scope, shadow = rate.shadow, "tcp connection over the rate limit");
             if !rate.shadow {
                 return Err(Refused::RateLimited {
@@ -621,7 +622,10 @@ impl Gate {
         drain: Drain,
     ) {
         match on_upgrade.await {
-            Ok(upgraded) => self.serve(TokioIo::new(upgraded), pod, target, Some(drain)).await,
+            Ok(upgraded) => {
+                self.serve(TokioIo::new(upgraded), pod, target, Some(drain))
+                    .await
+            }
             Err(error) => tracing::debug!(%error, "tunnel stream ended before it was established"),
         }
     }
@@ -1030,7 +1034,11 @@ mod tests {
         let state = State::new(limits(rate.clone()));
         let now = Instant::now();
         let (a, b, vip) = (who("id-a", "a"), who("id-b", "b"), who("id-vip", "vip"));
-        let served = |w: &Who| (0..10).filter(|_| state.rate(&rate, w, now).is_ok()).count();
+        let served = |w: &Who| {
+            (0..10)
+                .filter(|_| state.rate(&rate, w, now).is_ok())
+                .count()
+        };
         assert_eq!(served(&a), 2);
         assert_eq!(served(&b), 2);
         assert_eq!(served(&vip), 5);
@@ -1058,7 +1066,11 @@ mod tests {
         assert!(state.rate(&rate, &who("id-b", "b"), now).is_ok());
         assert!(state.rate(&rate, &who("id-c", "c"), now).is_ok());
         assert_eq!(
-            state.rate(&rate, &who("id-d", "d"), now).err().unwrap().scope,
+            state
+                .rate(&rate, &who("id-d", "d"), now)
+                .err()
+                .unwrap()
+                .scope,
             "total"
         );
     }
@@ -1068,10 +1080,7 @@ mod tests {
         let named = RateLimitCaller::Identity("spiffe://m/ns/ns/vn/vip".into());
         let tunnel = Who::resolve(
             &Policy::default(),
-            &Caller::Tunnel(vec![
-                "vip.ns.svc".into(),
-                "spiffe://m/ns/ns/vn/vip".into(),
-            ]),
+            &Caller::Tunnel(vec!["vip.ns.svc".into(), "spiffe://m/ns/ns/vn/vip".into()]),
         );
         assert_eq!(tunnel.key, "spiffe://m/ns/ns/vn/vip");
         assert!(tunnel.matches(&named));

@@ -723,7 +723,7 @@ impl<E: Env> Downstream<E> {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
                     // A destination agent's connectionPool or rateLimit refusal is not retried
-                        // (Envoy does not retry `x-envoy-overloaded` either).
+                    // (Envoy does not retry `x-envoy-overloaded` either).
                     if retries_left
                         && super::admission::response_flag(response.headers()).is_none()
                         && policy.retries_status(response.status().as_u16(), grpc_status)

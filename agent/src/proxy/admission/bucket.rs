@@ -45,7 +45,9 @@ impl TokenBucket {
             return Ok(());
         }
         let nanos = (TOKEN - self.tokens).div_ceil(self.per_second);
-        Err(Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)))
+        Err(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
     }
 
     /// Takes a token that [`check`](Self::check) found (never below zero).
