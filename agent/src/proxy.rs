@@ -8,6 +8,7 @@
 //! about which pods are enrolled; the app does, and hands it listeners.
 
 pub mod admission;
+pub mod breaker;
 pub mod hbone;
 pub mod http;
 pub mod inbound;

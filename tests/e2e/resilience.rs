@@ -29,6 +29,8 @@ struct Server {
     listener: &'static str,
     port: u16,
     limits: &'static str,
+    /// The callers' `clientPolicy.circuitBreaker` for this backend, if any.
+    breaker: &'static str,
 }
 
 const SLOW: Server = Server {
@@ -37,6 +39,7 @@ const SLOW: Server = Server {
     listener: "http",
     port: 8080,
     limits: "connectionPool: {http: {maxConnections: 2, maxPendingRequests: 1}}",
+    breaker: "",
 };
 const H2: Server = Server {
     name: "h2",
@@ -44,6 +47,7 @@ const H2: Server = Server {
     listener: "http2",
     port: 8080,
     limits: "connectionPool: {http2: {maxRequests: 1}}",
+    breaker: "",
 };
 const BURST: Server = Server {
     name: "burst",
@@ -51,6 +55,7 @@ const BURST: Server = Server {
     listener: "http",
     port: 8080,
     limits: "rateLimit: {requestsPerSecond: 10, burst: 10}",
+    breaker: "",
 };
 const SHADOW: Server = Server {
     name: "shadow",
@@ -58,6 +63,7 @@ const SHADOW: Server = Server {
     listener: "http",
     port: 8080,
     limits: "rateLimit: {requestsPerSecond: 10, burst: 10, shadow: true}",
+    breaker: "",
 };
 const FAIR: Server = Server {
     name: "fair",
@@ -65,6 +71,7 @@ const FAIR: Server = Server {
     listener: "http",
     port: 8080,
     limits: "rateLimit: {perCaller: {requestsPerSecond: 1, burst: 3}, overrides: [{callers: [{virtualNodeRef: {name: vip}}], requestsPerSecond: 1, burst: 6}]}",
+    breaker: "",
 };
 const TCP: Server = Server {
     name: "tcp",
@@ -72,6 +79,7 @@ const TCP: Server = Server {
     listener: "tcp",
     port: TCP_PORT,
     limits: "connectionPool: {tcp: {maxConnections: 1}}",
+    breaker: "",
 };
 const GRPC: Server = Server {
     name: "grpc",
@@ -79,8 +87,44 @@ const GRPC: Server = Server {
     listener: "grpc",
     port: GRPC_PORT,
     limits: "rateLimit: {requestsPerSecond: 1, burst: 2}",
+    breaker: "",
 };
-const SERVERS: [&Server; 7] = [&SLOW, &H2, &BURST, &SHADOW, &FAIR, &TCP, &GRPC];
+const GUARDED: Server = Server {
+    name: "guarded",
+    address: "10.96.1.8",
+    listener: "http",
+    port: 8080,
+    limits: "",
+    breaker: "{maxConnections: 2, maxPendingRequests: 1}",
+};
+const GUARDED_REQUESTS: Server = Server {
+    name: "guarded-requests",
+    address: "10.96.1.9",
+    listener: "http2",
+    port: 8080,
+    limits: "",
+    breaker: "{maxRequests: 1}",
+};
+const GUARDED_TCP: Server = Server {
+    name: "guarded-tcp",
+    address: "10.96.1.10",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "",
+    breaker: "{maxConnections: 1}",
+};
+const SERVERS: [&Server; 10] = [
+    &SLOW,
+    &H2,
+    &BURST,
+    &SHADOW,
+    &FAIR,
+    &TCP,
+    &GRPC,
+    &GUARDED,
+    &GUARDED_REQUESTS,
+    &GUARDED_TCP,
+];
 
 /// The calling virtual nodes: `client-a` (with an access log), `client-b`, `vip`.
 const CLIENTS: [&str; 3] = ["client-a", "client-b", "vip"];
@@ -96,8 +140,13 @@ fn mesh_yaml(access_log: &std::path::Path) -> String {
     let backends: String = SERVERS
         .iter()
         .map(|s| {
+            let policy = if s.breaker.is_empty() {
+                String::new()
+            } else {
+                format!(", clientPolicy: {{circuitBreaker: {}}}", s.breaker)
+            };
             format!(
-                "    - virtualService: {{virtualServiceRef: {{name: {}}}}}\n",
+                "    - virtualService: {{virtualServiceRef: {{name: {}}}{policy}}}\n",
                 s.name
             )
         })
@@ -346,10 +395,50 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
 -> anyhow::Result<()> {
     let bed = bed("resilience-pool", &["client-a"], &[&SLOW, &H2])?;
     let client = bed.client("client-a");
-    let slow = |n: u32| format!("http://{}:8080/slow{n}?delay_ms=3000", host(&SLOW));
+    // http: maxConnections 2, maxPendingRequests 1.
+    three_slow_then_one(client, &SLOW)?;
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_overflows_total",
+            &[
+                r#"virtual_node="app/slow""#,
+                r#"reason="max_pending_requests""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )?,
+        1.0
+    );
+    // The caller's access log says why: UO (upstream overflow).
+    let lines = access_log_lines(&bed.access_log, 4)?;
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/fast").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0]["code"], 503, "{lines:?}");
+    assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
 
-    // http: maxConnections 2, maxPendingRequests 1. Three slow requests: two are served at
-    // once, the third waits for a connection; a fourth is refused at once.
+    // http2: maxRequests 1. One slow request in flight, the next is refused at once.
+    one_slow_then_one(client, &H2, &["--http2-prior-knowledge"])?;
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_overflows_total",
+            &[r#"virtual_node="app/h2""#, r#"reason="max_requests""#]
+        )?,
+        1.0
+    );
+    assert!(
+        !bed.agent.process.stderr().contains("panicked"),
+        "{}",
+        bed.agent.process.stderr()
+    );
+    Ok(())
+}
+
+/// With two connections and one pending request allowed: three requests answered in 3 s, then
+/// a fourth. The first two are served at once, the third waits for a connection, the fourth is
+/// refused at once with 503 `x-envoy-overloaded`.
+fn three_slow_then_one(client: &Pod, server: &Server) -> anyhow::Result<()> {
+    let slow = |n: u32| format!("http://{}:8080/slow{n}?delay_ms=3000", host(server));
     let (background, fourth) = std::thread::scope(|scope| {
         let background: Vec<_> = (1..=3)
             .map(|n| {
@@ -361,7 +450,7 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
             })
             .collect();
         std::thread::sleep(Duration::from_millis(700));
-        let fourth = curl(client, &[], &[format!("http://{}:8080/fast", host(&SLOW))]);
+        let fourth = curl(client, &[], &[format!("http://{}:8080/fast", host(server))]);
         let background: Vec<_> = background
             .into_iter()
             .map(|h| h.join().expect("curl thread panicked"))
@@ -389,62 +478,91 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
         background[2].seconds >= 5.0,
         "the third request waited for a connection: {background:?}"
     );
-    assert_eq!(
-        metric(
-            &bed.agent,
-            "strait_overflows_total",
-            &[
-                r#"virtual_node="app/slow""#,
-                r#"reason="max_pending_requests""#,
-                r#"source_virtual_node="app/client-a""#
-            ]
-        )?,
-        1.0
-    );
-    // The caller's access log says why: UO (upstream overflow).
-    let lines = access_log_lines(&bed.access_log, 4)?;
-    let refused: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/fast").collect();
-    assert_eq!(refused.len(), 1, "{lines:?}");
-    assert_eq!(refused[0]["code"], 503, "{lines:?}");
-    assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
+    Ok(())
+}
 
-    // http2: maxRequests 1. One slow request in flight, the next is refused at once.
-    let h2 = format!("http://{}:8080", host(&H2));
+/// With one request allowed in flight: a second while one is slow is refused at once with 503
+/// `x-envoy-overloaded`; once the first is done, the next is served.
+fn one_slow_then_one(client: &Pod, server: &Server, args: &[&str]) -> anyhow::Result<()> {
+    let base = format!("http://{}:8080", host(server));
     let (first, second) = std::thread::scope(|scope| {
-        let url = format!("{h2}/slow?delay_ms=2000");
-        let first = scope.spawn(move || curl(client, &["--http2-prior-knowledge"], &[url]));
+        let url = format!("{base}/slow?delay_ms=2000");
+        let first = scope.spawn(move || curl(client, args, &[url]));
         std::thread::sleep(Duration::from_millis(700));
-        let second = curl(
-            client,
-            &["--http2-prior-knowledge"],
-            &[format!("{h2}/fast")],
-        );
+        let second = curl(client, args, &[format!("{base}/fast")]);
         (first.join().expect("curl thread panicked"), second)
     });
     let (first, second) = (&first?[0], &second?[0]);
     assert_eq!(first.status, 200, "{first:?}");
     assert_eq!(second.status, 503, "{second:?}");
     assert_eq!(second.overloaded, "true", "{second:?}");
-    // Once the first is done, the next one is served.
-    let after = curl(
-        client,
-        &["--http2-prior-knowledge"],
-        &[format!("{h2}/fast")],
-    )?;
+    assert!(second.seconds < 1.0, "refused at once: {second:?}");
+    let after = curl(client, args, &[format!("{base}/fast")])?;
     assert_eq!(after[0].status, 200, "{after:?}");
-    assert_eq!(
+    Ok(())
+}
+
+/// Runs [`TCP_PROBE`] from `client` against `host`; returns what each connection got.
+fn tcp_probe(client: &Pod, host: &str) -> anyhow::Result<Value> {
+    let output = run(
+        client
+            .command("python3")
+            .args(["-c", TCP_PROBE, host, &TCP_PORT.to_string()]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the probe printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn client_circuit_breakers_queue_refuse_with_503_and_close_tcp_connections() -> anyhow::Result<()> {
+    let bed = bed(
+        "resilience-breaker",
+        &["client-a"],
+        &[&GUARDED, &GUARDED_REQUESTS, &GUARDED_TCP],
+    )?;
+    let client = bed.client("client-a");
+    let overflows = |target: &str, reason: &str| {
         metric(
             &bed.agent,
-            "strait_overflows_total",
-            &[r#"virtual_node="app/h2""#, r#"reason="max_requests""#]
-        )?,
-        1.0
-    );
+            "strait_circuit_breaker_overflows_total",
+            &[
+                r#"source_virtual_node="app/client-a""#,
+                &format!(r#"target_virtual_node="app/{target}""#),
+                &format!(r#"reason="{reason}""#),
+            ],
+        )
+    };
+    // maxConnections 2, maxPendingRequests 1, on the caller's side.
+    three_slow_then_one(client, &GUARDED)?;
+    assert_eq!(overflows("guarded", "max_pending_requests")?, 1.0);
+    let lines = access_log_lines(&bed.access_log, 4)?;
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/fast").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0]["code"], 503, "{lines:?}");
+    assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
+    // The destination has no limits: nothing counted there.
+    assert_eq!(metric(&bed.agent, "strait_overflows_total", &[])?, 0.0);
+
+    // maxRequests 1 (an http2 target; the client speaks HTTP/1.1 to the agent).
+    one_slow_then_one(client, &GUARDED_REQUESTS, &[])?;
+    assert_eq!(overflows("guarded-requests", "max_requests")?, 1.0);
+
+    // maxConnections 1 on a tcp backend: the second connection is closed.
+    let seen = tcp_probe(client, &host(&GUARDED_TCP))?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("guarded-tcp"), "{seen}");
     assert!(
-        !bed.agent.process.stderr().contains("panicked"),
-        "{}",
-        bed.agent.process.stderr()
+        got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
+        "{seen}"
     );
+    assert!(got("third").contains("guarded-tcp"), "{seen}");
+    assert_eq!(overflows("guarded-tcp", "max_connections")?, 1.0);
     Ok(())
 }
 
@@ -581,22 +699,7 @@ print(json.dumps(out))
 #[test]
 fn tcp_max_connections_refuses_the_connection_over_the_limit() -> anyhow::Result<()> {
     let bed = bed("resilience-tcp", &["client-a"], &[&TCP])?;
-    let output = run(
-        bed.client("client-a").command("python3").args([
-            "-c",
-            TCP_PROBE,
-            &host(&TCP),
-            &TCP_PORT.to_string(),
-        ]),
-        Duration::from_secs(30),
-    )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let seen: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "the probe printed no JSON: {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
+    let seen = tcp_probe(bed.client("client-a"), &host(&TCP))?;
     let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
     assert!(
         got("first").contains("tcp"),
@@ -858,22 +961,7 @@ spec:
     assert!(metric(&agent2, "strait_tunnel_streams_total", &[])? > 0.0);
 
     // tcp maxConnections 1 across the tunnel: the second connection is refused.
-    let output = run(
-        clients[0].command("python3").args([
-            "-c",
-            TCP_PROBE,
-            "server.app.svc.cluster.local",
-            &TCP_PORT.to_string(),
-        ]),
-        Duration::from_secs(60),
-    )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let seen: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "the probe printed no JSON: {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
+    let seen = tcp_probe(&clients[0], "server.app.svc.cluster.local")?;
     let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
     assert!(got("first").contains("server"), "{seen}");
     assert!(

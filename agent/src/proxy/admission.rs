@@ -50,7 +50,9 @@ use super::http::pool::{self, Pool, Proto};
 use super::http::{BoxFuture, headers};
 use super::upstream::{LocalPod, Stream};
 use crate::identity::policy::Policy;
-use crate::mesh::{ConnectionPool, MeshConfig, Protocol, RateLimit, RateLimitCaller, ResourceId};
+use crate::mesh::{
+    CircuitBreaker, ConnectionPool, MeshConfig, Protocol, RateLimit, RateLimitCaller, ResourceId,
+};
 
 /// Per-caller buckets kept per listener before full (forgettable) ones are dropped.
 const MAX_CALLER_BUCKETS: usize = 10_000;
@@ -74,17 +76,39 @@ pub struct ListenerLimits {
     pub rate: Option<RateLimit>,
 }
 
-/// Every listener with a `connectionPool` or a `rateLimit`, compiled with the mesh's
-/// [`Policy`].
+/// Every listener with a `connectionPool` or a `rateLimit`, and every backend's
+/// `clientPolicy.circuitBreaker` (see [`super::breaker`]), compiled with the mesh's [`Policy`].
 #[derive(Debug, Clone, Default)]
 pub struct Limits {
     listeners: BTreeMap<(ResourceId, u16), Arc<ListenerLimits>>,
+    /// (calling virtual node, backend virtual service) -> its circuit breaker.
+    breakers: BTreeMap<(ResourceId, ResourceId), CircuitBreaker>,
 }
 
 impl Limits {
     pub fn compile(mesh: &MeshConfig) -> Limits {
         let mut listeners = BTreeMap::new();
+        let mut breakers = BTreeMap::new();
         for vn in &mesh.virtual_nodes {
+            // A backend's own circuitBreaker, else backendDefaults' (as for `tls`).
+            let default = vn
+                .spec
+                .backend_defaults
+                .as_ref()
+                .and_then(|d| d.client_policy.as_ref())
+                .and_then(|p| p.circuit_breaker.as_ref());
+            for backend in &vn.spec.backends {
+                let own = backend
+                    .client_policy
+                    .as_ref()
+                    .and_then(|p| p.circuit_breaker.as_ref());
+                if let Some(breaker) = own.or(default) {
+                    breakers.insert(
+                        (vn.id.clone(), backend.virtual_service.clone()),
+                        breaker.clone(),
+                    );
+                }
+            }
             for l in &vn.spec.listeners {
                 if l.connection_pool.is_none() && l.rate_limit.is_none() {
                     continue;
@@ -103,7 +127,19 @@ impl Limits {
                 );
             }
         }
-        Limits { listeners }
+        Limits {
+            listeners,
+            breakers,
+        }
+    }
+
+    /// The circuit breaker of `source`'s backend `service`, if it has one.
+    pub fn circuit_breaker(
+        &self,
+        source: &ResourceId,
+        service: &ResourceId,
+    ) -> Option<&CircuitBreaker> {
+        self.breakers.get(&(source.clone(), service.clone()))
     }
 
     pub fn get(&self, vn: &ResourceId, port: u16) -> Option<&Arc<ListenerLimits>> {
@@ -211,6 +247,8 @@ pub struct RateLimitLabels {
 pub struct Metrics {
     pub overflows: Family<OverflowLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
+    /// Client-side circuit breaker overflows ([`super::breaker`]).
+    pub breaker_overflows: Family<super::breaker::BreakerLabels, Counter>,
 }
 
 impl Metrics {
@@ -224,6 +262,11 @@ impl Metrics {
             "strait_rate_limited",
             "Requests (or tcp connections) over a listener's rateLimit: refused (enforced) or only counted (shadow)",
             self.rate_limited.clone(),
+        );
+        registry.register(
+            "strait_circuit_breaker_overflows",
+            "Requests, connections and retries refused by a backend's clientPolicy.circuitBreaker, by reason",
+            self.breaker_overflows.clone(),
         );
     }
 
@@ -391,16 +434,49 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// The node-wide state of the destination-side limits.
-#[derive(Default)]
+/// The node-wide state of the limits: the destination-side ones here, the client-side
+/// circuit breakers in `breakers`.
 pub struct Admission {
     states: Mutex<HashMap<(ResourceId, u16), Arc<State>>>,
     pub metrics: Metrics,
     /// Connections to local pods for gated listeners without `http.maxConnections`.
     pool: Arc<Pool>,
+    pub breakers: super::breaker::Breakers,
+}
+
+impl Default for Admission {
+    fn default() -> Admission {
+        let metrics = Metrics::default();
+        Admission {
+            states: Mutex::default(),
+            breakers: super::breaker::Breakers::new(metrics.breaker_overflows.clone()),
+            metrics,
+            pool: Arc::default(),
+        }
+    }
 }
 
 impl Admission {
+    /// The circuit breaker of `source` calling `target` through `service`, if the mesh gives
+    /// that backend one.
+    pub fn breaker(
+        &self,
+        policy: &Policy,
+        source: &ResourceId,
+        service: &ResourceId,
+        target: &ResourceId,
+    ) -> Option<Arc<super::breaker::Breaker>> {
+        // Most meshes have none: no look-up, no lock on the request path.
+        if policy.limits.breakers.is_empty() {
+            return None;
+        }
+        let config = policy.limits.circuit_breaker(source, service)?;
+        Some(
+            self.breakers
+                .get(&policy.mesh, config, source, service, target),
+        )
+    }
+
     fn state(&self, limits: &Arc<ListenerLimits>) -> Arc<State> {
         let mut states = lock(&self.states);
         let key = (limits.virtual_node.clone(), limits.port);
