@@ -455,7 +455,7 @@ pub struct BackendDefaults {
 #[serde(rename_all = "camelCase")]
 pub struct ClientPolicy {
     pub tls: Option<ClientTls>,
-    /// strait extension: client-side circuit breaker. Validated, not yet enforced.
+    /// strait extension: client-side circuit breaker (see `proxy::breaker`).
     pub circuit_breaker: Option<CircuitBreaker>,
 }
 
