@@ -416,6 +416,19 @@ fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503
     assert_eq!(refused[0]["code"], 503, "{lines:?}");
     assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
 
+    // A WebSocket and a 1 MB body each way pass through the limited listener.
+    let base = format!("http://{}:8080", host(&SLOW));
+    for args in [
+        ["ws", &format!("{base}/ws"), "--messages", "20"],
+        ["stream", &format!("{base}/echo"), "--bytes", "1000000"],
+    ] {
+        let output = run(client.command(HTTP_BIN).args(args), Duration::from_secs(60))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report: Value = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("strait-http {args:?} printed no JSON report: {stdout:?}"))?;
+        assert_eq!(report["ok"], true, "{args:?}: {report}");
+    }
+
     // http2: maxRequests 1. One slow request in flight, the next is refused at once.
     one_slow_then_one(client, &H2, &["--http2-prior-knowledge"])?;
     assert_eq!(

@@ -477,24 +477,21 @@ impl Admission {
         )
     }
 
-    fn state(&self, limits: &Arc<ListenerLimits>) -> Arc<State> {
+    fn state(&self, policy: &Policy, limits: &Arc<ListenerLimits>) -> Arc<State> {
         let mut states = lock(&self.states);
         let key = (limits.virtual_node.clone(), limits.port);
         match states.get(&key) {
             Some(state) if *state.limits == **limits => state.clone(),
             _ => {
                 // New or changed limits start afresh; connections admitted under the old ones
-                // keep their old state until they close.
+                // keep their old state until they close. A new mesh is the time to forget
+                // listeners it no longer limits.
+                states.retain(|(vn, port), _| policy.limits.get(vn, *port).is_some());
                 let state = Arc::new(State::new(limits.clone()));
                 states.insert(key, state.clone());
                 state
             }
         }
-    }
-
-    /// Forgets the state of listeners the mesh no longer limits.
-    fn prune(&self, policy: &Policy) {
-        lock(&self.states).retain(|(vn, port), _| policy.limits.get(vn, *port).is_some());
     }
 
     /// Admits (or refuses) a new connection from `caller` to the local pod listener `vn`
@@ -507,12 +504,9 @@ impl Admission {
         caller: &Caller,
     ) -> Result<Admitted, Refused> {
         let Some(limits) = policy.limits.get(vn, port) else {
-            if !lock(&self.states).is_empty() {
-                self.prune(policy);
-            }
             return Ok(Admitted::Plain);
         };
-        let state = self.state(limits);
+        let state = self.state(policy, limits);
         let who = Who::resolve(policy, caller);
         if limits.protocol != Protocol::Tcp {
             return Ok(Admitted::Http(Gate(Arc::new(GateInner {
