@@ -576,6 +576,14 @@ fn client_circuit_breakers_queue_refuse_with_503_and_close_tcp_connections() -> 
     );
     assert!(got("third").contains("guarded-tcp"), "{seen}");
     assert_eq!(overflows("guarded-tcp", "max_connections")?, 1.0);
+    // The refused connection has its access log line, flag UO (requests: 4 + 3; connections:
+    // the two served and the refused one).
+    let lines = access_log_lines(&bed.access_log, 10)?;
+    let refused_tcp = lines
+        .iter()
+        .filter(|l| l["flags"] == "UO" && l["code"] != 503)
+        .count();
+    assert_eq!(refused_tcp, 1, "{lines:?}");
     Ok(())
 }
 

@@ -136,6 +136,25 @@ async fn forward(
                 reason = overflow.0,
                 "circuit breaker overflow (clientPolicy.circuitBreaker); closing the client's connection"
             );
+            if let Some(log) = ctx
+                .access_logs
+                .load()
+                .get(&source.virtual_node)
+                .filter(|_| ctx.telemetry.is_some())
+            {
+                log.log(&access_log::Entry {
+                    start: Some(started_at),
+                    duration: started.elapsed(),
+                    protocol: "TCP",
+                    upstream_cluster: target.virtual_node.to_string(),
+                    downstream_remote: Some(peer),
+                    downstream_local: Some(original.addr),
+                    route_name: route_name(&service.action),
+                    // Envoy's flag for a circuit breaker overflow.
+                    response_flags: "UO".into(),
+                    ..access_log::Entry::default()
+                });
+            }
             return;
         }
         Some(Ok(permit)) => permit,
