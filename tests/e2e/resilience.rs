@@ -89,6 +89,14 @@ const GRPC: Server = Server {
     limits: "rateLimit: {requestsPerSecond: 1, burst: 2}",
     breaker: "",
 };
+const TCP_RATE: Server = Server {
+    name: "tcp-rate",
+    address: "10.96.1.11",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "rateLimit: {requestsPerSecond: 1, burst: 2}",
+    breaker: "",
+};
 const GUARDED: Server = Server {
     name: "guarded",
     address: "10.96.1.8",
@@ -113,7 +121,8 @@ const GUARDED_TCP: Server = Server {
     limits: "",
     breaker: "{maxConnections: 1}",
 };
-const SERVERS: [&Server; 10] = [
+const SERVERS: [&Server; 11] = [
+    &TCP_RATE,
     &SLOW,
     &H2,
     &BURST,
@@ -718,8 +727,9 @@ print(json.dumps(out))
 "#;
 
 #[test]
-fn tcp_max_connections_refuses_the_connection_over_the_limit() -> anyhow::Result<()> {
-    let bed = bed("resilience-tcp", &["client-a"], &[&TCP])?;
+fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -> anyhow::Result<()>
+{
+    let bed = bed("resilience-tcp", &["client-a"], &[&TCP, &TCP_RATE])?;
     let seen = tcp_probe(bed.client("client-a"), &host(&TCP))?;
     let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
     assert!(
@@ -740,6 +750,28 @@ fn tcp_max_connections_refuses_the_connection_over_the_limit() -> anyhow::Result
             &bed.agent,
             "strait_overflows_total",
             &[r#"virtual_node="app/tcp""#, r#"reason="max_connections""#]
+        )? >= 1.0
+    );
+
+    // A tcp listener's rateLimit is a connection rate: burst 2, then 1 a second. The probe's
+    // third connection comes half a second after the first two: refused.
+    let seen = tcp_probe(bed.client("client-a"), &host(&TCP_RATE))?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("tcp-rate"), "{seen}");
+    assert!(got("second").contains("tcp-rate"), "{seen}");
+    assert!(
+        got("third").is_empty() || got("third").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/tcp-rate""#,
+                r#"unit="connection""#,
+                r#"mode="enforced""#
+            ]
         )? >= 1.0
     );
     Ok(())
