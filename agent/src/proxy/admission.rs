@@ -1166,6 +1166,71 @@ mod tests {
     }
 
     #[test]
+    fn limits_compile_listeners_and_breakers_with_a_backends_own_over_the_defaults() {
+        let yaml = r#"
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: m}
+spec: {namespaceSelector: {}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: client, namespace: app}
+spec:
+  backends:
+    - virtualService:
+        virtualServiceRef: {name: a}
+        clientPolicy: {circuitBreaker: {maxRequests: 5}}
+    - virtualService: {virtualServiceRef: {name: b}}
+  backendDefaults: {clientPolicy: {circuitBreaker: {maxRetries: 2}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: server, namespace: app}
+spec:
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+      rateLimit: {requestsPerSecond: 10}
+    - portMapping: {port: 9090, protocol: tcp}
+  serviceDiscovery: {static: {addresses: [10.0.0.9]}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: a, namespace: app}
+spec: {provider: {virtualNode: {virtualNodeRef: {name: server}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: b, namespace: app}
+spec: {provider: {virtualNode: {virtualNodeRef: {name: server}}}}
+"#;
+        let mesh = crate::mesh::parse_str(yaml, std::path::Path::new("limits.yaml"))
+            .expect("valid mesh")
+            .config;
+        let limits = Limits::compile(&mesh);
+        let (client, server) = (
+            ResourceId::new("app", "client"),
+            ResourceId::new("app", "server"),
+        );
+        let http = limits
+            .get(&server, 8080)
+            .expect("the rate-limited listener");
+        assert_eq!(http.protocol, Protocol::Http);
+        assert_eq!(http.mesh, "m");
+        assert!(limits.get(&server, 9090).is_none(), "no limits: not gated");
+        let a = limits.circuit_breaker(&client, &ResourceId::new("app", "a"));
+        assert_eq!(a.and_then(|b| b.max_requests), Some(5));
+        assert_eq!(a.and_then(|b| b.max_retries), None, "its own, not merged");
+        let b = limits.circuit_breaker(&client, &ResourceId::new("app", "b"));
+        assert_eq!(b.and_then(|b| b.max_retries), Some(2));
+        assert!(
+            limits
+                .circuit_breaker(&server, &ResourceId::new("app", "a"))
+                .is_none()
+        );
+    }
+
+    #[test]
     fn response_flags_name_the_refusal() {
         let vn = ResourceId::new("ns", "server");
         let r = overloaded(false, &vn, "max_pending_requests");
