@@ -163,6 +163,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
     let transport =
         Arc::new(Transport::new(config.peer_nodes.clone(), security).with_tunnel(config.tunnel));
+    transport.admission.metrics.register(&mut registry);
     transport
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));

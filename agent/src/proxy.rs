@@ -7,6 +7,8 @@
 //! between nodes; `upstream` decides how each endpoint is reached. The proxy decides nothing
 //! about which pods are enrolled; the app does, and hands it listeners.
 
+pub mod admission;
+pub mod breaker;
 pub mod hbone;
 pub mod http;
 pub mod inbound;

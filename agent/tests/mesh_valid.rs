@@ -371,8 +371,25 @@ fn node_full() {
     assert_eq!(
         l.rate_limit,
         Some(RateLimit {
-            requests_per_second: 200,
-            burst: Some(400)
+            total: Some(Bucket {
+                requests_per_second: 200,
+                burst: Some(400)
+            }),
+            per_caller: Some(Bucket {
+                requests_per_second: 20,
+                burst: None
+            }),
+            overrides: vec![RateLimitOverride {
+                callers: vec![
+                    RateLimitCaller::VirtualNode(ResourceId::new("shop", "ledger")),
+                    RateLimitCaller::Identity("spiffe://shop.local/ns/shop/sa/frontend".into()),
+                ],
+                limit: Bucket {
+                    requests_per_second: 100,
+                    burst: Some(150)
+                },
+            }],
+            shadow: true,
         })
     );
     assert_eq!(

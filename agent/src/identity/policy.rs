@@ -38,6 +38,8 @@ pub struct Policy {
     by_identity: BTreeMap<String, BTreeSet<ResourceId>>,
     /// [`super::tunnel_label`] -> the virtual node, for hashed tunnel server names.
     by_tunnel_label: BTreeMap<String, ResourceId>,
+    /// Listeners' `connectionPool` and `rateLimit` (applied by `proxy::admission`).
+    pub limits: crate::proxy::admission::Limits,
 }
 
 /// The virtual nodes a virtual service sends traffic to (its provider, or every target of
@@ -67,6 +69,7 @@ impl Policy {
     pub fn compile(mesh: &MeshConfig) -> Policy {
         let mut policy = Policy {
             mesh: mesh.mesh.name.clone(),
+            limits: crate::proxy::admission::Limits::compile(mesh),
             ..Policy::default()
         };
         for vn in &mesh.virtual_nodes {

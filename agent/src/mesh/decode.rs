@@ -1040,13 +1040,112 @@ impl Cx<'_> {
         }
     }
 
+    /// strait extension `rateLimit` (see docs/resilience.md).
     fn rate_limit(&mut self, n: &Node, path: &str) -> Option<RateLimit> {
+        let o = self.obj(
+            n,
+            path,
+            &[
+                "requestsPerSecond",
+                "burst",
+                "perCaller",
+                "overrides",
+                "shadow",
+            ],
+        )?;
+        let rps = self.opt(&o, "requestsPerSecond", Cx::positive);
+        let burst = self.opt(&o, "burst", Cx::positive);
+        let per_caller = self.opt(&o, "perCaller", Cx::bucket);
+        let overrides = self.opt(&o, "overrides", |cx, n, p| {
+            cx.each(n, p, 1, 100, Cx::rate_limit_override)
+        });
+        let shadow = self.opt(&o, "shadow", Cx::boolean);
+        let failed = |key: &str, ok: bool| o.get(key).is_some() && !ok;
+        if failed("requestsPerSecond", rps.is_some())
+            || failed("burst", burst.is_some())
+            || failed("perCaller", per_caller.is_some())
+            || failed("overrides", overrides.is_some())
+            || failed("shadow", shadow.is_some())
+        {
+            return None;
+        }
+        if rps.is_none() && burst.is_some() {
+            self.err(
+                o.key_pos("burst"),
+                &o.at("burst"),
+                "`burst` needs `requestsPerSecond` beside it (the bucket every caller shares)",
+            );
+            return None;
+        }
+        let overrides = overrides.unwrap_or_default();
+        if rps.is_none() && per_caller.is_none() && overrides.is_empty() {
+            self.err(
+                o.pos,
+                path,
+                "a rate limit needs at least one of `requestsPerSecond` (every caller together), \
+                 `perCaller` or `overrides`",
+            );
+            return None;
+        }
+        Some(RateLimit {
+            total: rps.map(|requests_per_second| Bucket {
+                requests_per_second,
+                burst,
+            }),
+            per_caller,
+            overrides,
+            shadow: shadow.unwrap_or(false),
+        })
+    }
+
+    /// `{requestsPerSecond, burst?}`.
+    fn bucket(&mut self, n: &Node, path: &str) -> Option<Bucket> {
         let o = self.obj(n, path, &["requestsPerSecond", "burst"])?;
         let rps = self.req(&o, "requestsPerSecond", Cx::positive);
         let burst = self.opt(&o, "burst", Cx::positive);
-        Some(RateLimit {
+        Some(Bucket {
             requests_per_second: rps?,
             burst,
+        })
+    }
+
+    /// `{callers: [{virtualNodeRef | virtualNodeARN | identity}], requestsPerSecond, burst?}`.
+    fn rate_limit_override(&mut self, n: &Node, path: &str) -> Option<RateLimitOverride> {
+        let o = self.obj(n, path, &["callers", "requestsPerSecond", "burst"])?;
+        let callers = self.req(&o, "callers", |cx, n, p| {
+            cx.each(n, p, 1, 100, |cx, n, p| {
+                let o = cx.obj(n, p, &["virtualNodeRef", "virtualNodeARN", "identity"])?;
+                if o.get("identity").is_some() {
+                    if o.get("virtualNodeRef").is_some() || o.get("virtualNodeARN").is_some() {
+                        cx.err(
+                            o.key_pos("identity"),
+                            &o.at("identity"),
+                            "give either `identity` or a virtual node, not both",
+                        );
+                        return None;
+                    }
+                    return cx
+                        .req(&o, "identity", |cx, n, p| cx.string_len(n, p, 1, 2048))
+                        .map(RateLimitCaller::Identity);
+                }
+                cx.reference(
+                    &o,
+                    RefKind::VirtualNode,
+                    "virtualNodeRef",
+                    "virtualNodeARN",
+                    None,
+                )
+                .map(RateLimitCaller::VirtualNode)
+            })
+        });
+        let rps = self.req(&o, "requestsPerSecond", Cx::positive);
+        let burst = self.opt(&o, "burst", Cx::positive);
+        Some(RateLimitOverride {
+            callers: callers?,
+            limit: Bucket {
+                requests_per_second: rps?,
+                burst,
+            },
         })
     }
 
@@ -1600,6 +1699,28 @@ impl Cx<'_> {
         let connection_pool = self.opt(&o, "connectionPool", |cx, n, p| {
             cx.connection_pool(n, p, false)
         });
+        if let (Some(pm), Some(pool)) = (&port_mapping, &connection_pool) {
+            let kind = match pool {
+                ConnectionPool::Tcp { .. } => "tcp",
+                ConnectionPool::Http { .. } => "http",
+                ConnectionPool::Http2 { .. } => "http2",
+                ConnectionPool::Grpc { .. } => "grpc",
+            };
+            if kind != pm.protocol.as_str() {
+                let p = o.at("connectionPool");
+                self.err(
+                    o.key_pos("connectionPool"),
+                    &join(&p, kind),
+                    format!(
+                        "a `{kind}` connection pool, but the listener's protocol is {}: give \
+                         `connectionPool.{}` instead",
+                        pm.protocol.as_str(),
+                        pm.protocol.as_str()
+                    ),
+                );
+                return None;
+            }
+        }
         let tls = self.opt(&o, "tls", |cx, n, p| cx.listener_tls(n, p, false));
         let timeout = self.opt(&o, "timeout", |cx, n, p| {
             let keys = &["tcp", "http", "http2", "grpc"];

@@ -227,7 +227,7 @@ pub struct Listener {
     pub connection_pool: Option<ConnectionPool>,
     pub tls: Option<ListenerTls>,
     pub timeout: Option<ListenerTimeout>,
-    /// strait extension: local (per listener, per agent) rate limit. Validated, not yet enforced.
+    /// strait extension: local (per listener, per agent) rate limit.
     pub rate_limit: Option<RateLimit>,
 }
 
@@ -355,13 +355,55 @@ pub struct TcpTimeout {
     pub idle: Option<Duration>,
 }
 
-/// strait extension `listeners[].rateLimit`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// strait extension `listeners[].rateLimit`: token buckets enforced by the agent that delivers
+/// to the local pod (see docs/resilience.md). At least one of `total`, `per_caller`,
+/// `overrides` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
+    /// `requestsPerSecond` and `burst` at the top: one bucket for every caller together.
+    pub total: Option<Bucket>,
+    /// `perCaller`: one bucket per caller identity.
+    pub per_caller: Option<Bucket>,
+    /// `overrides[]`: named callers get their own limit instead of `per_caller`'s.
+    pub overrides: Vec<RateLimitOverride>,
+    /// `shadow: true`: count what would be refused, refuse nothing.
+    pub shadow: bool,
+}
+
+/// A token bucket: `requests_per_second` refill, `burst` capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bucket {
     pub requests_per_second: u32,
     /// Defaults to `requests_per_second` when absent.
     pub burst: Option<u32>,
+}
+
+impl Bucket {
+    pub fn capacity(&self) -> u32 {
+        self.burst.unwrap_or(self.requests_per_second)
+    }
+}
+
+/// `rateLimit.overrides[]`: a limit for the callers it names, each caller its own bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitOverride {
+    pub callers: Vec<RateLimitCaller>,
+    pub limit: Bucket,
+}
+
+/// A caller named in a rate limit override.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitCaller {
+    /// Same-node callers of this virtual node, and tunnel callers whose certificate is one of
+    /// its client certificates.
+    VirtualNode(ResourceId),
+    /// A tunnel caller whose verified certificate has this subject alternative name (a SPIFFE
+    /// ID or DNS name).
+    Identity(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -413,7 +455,7 @@ pub struct BackendDefaults {
 #[serde(rename_all = "camelCase")]
 pub struct ClientPolicy {
     pub tls: Option<ClientTls>,
-    /// strait extension: client-side circuit breaker. Validated, not yet enforced.
+    /// strait extension: client-side circuit breaker (see `proxy::breaker`).
     pub circuit_breaker: Option<CircuitBreaker>,
 }
 

@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::pool;
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
-use super::{Context, Drain};
+use super::{Context, Drain, admission};
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::store::cert_facts;
 use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};
@@ -1130,7 +1130,31 @@ async fn stream(
             "not a backend of the peer's virtual node",
         );
     }
+    // Destination-side limits (connectionPool, rateLimit), keyed by the verified identity: see
+    // `super::admission`.
+    let caller = admission::Caller::Tunnel(peer_sans.to_vec());
+    let admitted = match transport.admission.admit(&policy, vn, port, &caller) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &refused.to_string()),
+    };
     drop(policy);
+    if let admission::Admitted::Http(gate) = admitted {
+        transport
+            .metrics
+            .tunnel_streams
+            .get_or_create(&TunnelLabels {
+                direction: "inbound",
+            })
+            .inc();
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        let drain = Drain {
+            signal: ctx.shutdown.clone(),
+            timeout: ctx.drain_timeout,
+        };
+        ctx.connections
+            .spawn(gate.serve_upgrade(on_upgrade, pod, target, drain));
+        return Response::new(Empty::new());
+    }
     // Connect before answering, so the caller sees a refused connection as a failure.
     let mut upstream = match pod.connect_loopback(target.ip(), target.port()).await {
         Ok(s) => s,
@@ -1157,6 +1181,8 @@ async fn stream(
         timeout: ctx.drain_timeout,
     };
     ctx.connections.spawn(async move {
+        // A tcp listener's connection counts against its connectionPool while it is open.
+        let _admitted = admitted;
         let started = Instant::now();
         let mut tunnel = match on_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),

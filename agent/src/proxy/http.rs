@@ -54,6 +54,7 @@ use crate::proxy::upstream;
 use self::balance::InFlight;
 use self::body::{Guard, ReplayBody, ResponseBody};
 use self::pool::{Pool, Proto};
+use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
 use crate::mesh::Protocol;
@@ -102,6 +103,15 @@ pub trait Env: Send + Sync + 'static {
     }
     /// The access log of a source virtual node (its `logging.accessLog`), if it has one.
     fn access_log(&self, _virtual_node: &ResourceId) -> Option<AccessLog> {
+        None
+    }
+    /// The circuit breaker of `source`'s backend `service` towards `target_node`, if any.
+    fn breaker(
+        &self,
+        _source: &ResourceId,
+        _service: &ResourceId,
+        _target_node: &ResourceId,
+    ) -> Option<Arc<Breaker>> {
         None
     }
 }
@@ -157,6 +167,18 @@ impl Env for Context {
 
     fn access_log(&self, virtual_node: &ResourceId) -> Option<AccessLog> {
         self.access_logs.load().get(virtual_node).cloned()
+    }
+
+    fn breaker(
+        &self,
+        source: &ResourceId,
+        service: &ResourceId,
+        target_node: &ResourceId,
+    ) -> Option<Arc<Breaker>> {
+        let policy = self.transport.policy.load();
+        self.transport
+            .admission
+            .breaker(&policy, source, service, target_node)
     }
 }
 
@@ -265,6 +287,8 @@ enum Failure {
     NoEndpoints,
     Unsupported(&'static str),
     BadRequest(String),
+    /// The backend's circuit breaker is full (`max_requests`, `max_pending_requests`).
+    Overflow(&'static str),
 }
 
 struct Upstream {
@@ -289,6 +313,7 @@ struct Outcome<'a> {
 fn failure_flag(failure: &Failure) -> &'static str {
     match failure {
         Failure::Forbidden(_) => "UAEX",
+        Failure::Overflow(_) => "UO",
         Failure::Connect(_) => "UF",
         Failure::Reset(_) => "UC",
         Failure::Timeout(_) => "UT",
@@ -515,8 +540,12 @@ impl<E: Env> Downstream<E> {
             r.attempts = outcome.attempts;
             r.retries = std::mem::take(&mut outcome.retries);
             r.timeouts = std::mem::take(&mut outcome.timeouts);
-            if result.is_ok() {
+            if let Ok(upstream) = &result {
                 r.upstream_service_time = Some(started.elapsed());
+                // The destination agent refused it: overflow (UO) or rate limited (RL).
+                if let Some(flag) = super::admission::response_flag(upstream.response.headers()) {
+                    r.flags.push(flag);
+                }
             } else if let Err(failure) = &result {
                 r.flags.push(failure_flag(failure));
                 if !r.retries.is_empty() {
@@ -624,6 +653,13 @@ impl<E: Env> Downstream<E> {
         let attempts = 1 + policy.max_retries;
         let mut tried = Vec::new();
         let mut last = Failure::NoEndpoints;
+        // The backend's circuit breaker, if it has one (docs/resilience.md).
+        let breaker = self.env.breaker(&self.source.virtual_node, &service, node);
+        let mut request_permit = match &breaker {
+            Some(b) => b.request().map_err(|o| Failure::Overflow(o.0))?,
+            None => None,
+        };
+        let mut retry_guard = None;
         for attempt in 1..=attempts {
             let retries_left = attempt < attempts;
             let Some(attempt_body) = body.replay() else {
@@ -648,6 +684,22 @@ impl<E: Env> Downstream<E> {
                 .filter(|_| deadline.is_none())
                 .and_then(|d| now.checked_add(d));
             let bound = [deadline, per_try, idle].into_iter().flatten().min();
+            // HTTP/1.1: the request holds one of the breaker's maxConnections while it is in
+            // flight, waiting for one if fewer than maxPendingRequests already wait.
+            let slot = match (&breaker, proto) {
+                (Some(b), Proto::Http1) => {
+                    let wait = b.http1_connection();
+                    let got = match bound {
+                        Some(at) => match tokio::time::timeout_at(at, wait).await {
+                            Ok(got) => got,
+                            Err(_) => return Err(Failure::Timeout(at.duration_since(now))),
+                        },
+                        None => wait.await,
+                    };
+                    got.map_err(|o| Failure::Overflow(o.0))?
+                }
+                _ => None,
+            };
             let key = pool::Key {
                 source: self.source.virtual_node.clone(),
                 endpoint,
@@ -675,6 +727,7 @@ impl<E: Env> Downstream<E> {
                             && retries_left
                             && (policy.server_error || policy.gateway_error)
                             && body.replayable()
+                            && retry_budget(breaker.as_deref(), &mut retry_guard)
                         {
                             outcome.retries.push("per_try_timeout");
                             backoff(attempt, deadline).await;
@@ -705,7 +758,11 @@ impl<E: Env> Downstream<E> {
                     } else {
                         Failure::Reset(error.to_string())
                     };
-                    if retry && retries_left && body.replayable() {
+                    if retry
+                        && retries_left
+                        && body.replayable()
+                        && retry_budget(breaker.as_deref(), &mut retry_guard)
+                    {
                         outcome.retries.push(reason);
                         backoff(attempt, deadline).await;
                         continue;
@@ -718,10 +775,14 @@ impl<E: Env> Downstream<E> {
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
+                    // A destination agent's connectionPool or rateLimit refusal is not retried
+                    // (Envoy does not retry `x-envoy-overloaded` either).
                     if retries_left
+                        && super::admission::response_flag(response.headers()).is_none()
                         && policy.retries_status(response.status().as_u16(), grpc_status)
                         && body.replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
+                        && retry_budget(breaker.as_deref(), &mut retry_guard)
                     {
                         tracing::debug!(%endpoint, status = %response.status(), attempt, "retrying on the response status");
                         drop(response);
@@ -731,6 +792,8 @@ impl<E: Env> Downstream<E> {
                     }
                     let mut guards: Vec<Guard> = vec![Box::new(in_flight)];
                     guards.extend(pool_guard);
+                    guards.extend(slot.map(|p| Box::new(p) as Guard));
+                    guards.extend(request_permit.take().map(|p| Box::new(p) as Guard));
                     return Ok(Upstream {
                         response,
                         endpoint,
@@ -741,6 +804,17 @@ impl<E: Env> Downstream<E> {
         }
         Err(last)
     }
+}
+
+/// Whether the breaker's retry budget (`maxRetries`, retries in flight at once) allows one
+/// more retry; the guard of this request's previous retry is given back first.
+fn retry_budget(breaker: Option<&Breaker>, guard: &mut Option<RetryGuard>) -> bool {
+    let Some(breaker) = breaker else {
+        return true;
+    };
+    *guard = None;
+    *guard = breaker.retry();
+    guard.is_some()
 }
 
 /// Envoy-style backoff before a retry: full jitter over 25 ms, 50 ms, ..., never past the
@@ -826,6 +900,18 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 }
 
 fn failure_reply(grpc: bool, vs: &str, route: &str, failure: Failure) -> Response<ResponseBody> {
+    if let Failure::Overflow(reason) = failure {
+        let mut response = local(
+            grpc,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("virtual service {vs} route {route}: circuit breaker overflow ({reason})"),
+        );
+        response.headers_mut().insert(
+            super::admission::OVERLOADED,
+            HeaderValue::from_static("true"),
+        );
+        return response;
+    }
     let (status, what) = match failure {
         Failure::Forbidden(e) => (StatusCode::FORBIDDEN, e),
         Failure::Connect(e) => (
@@ -846,6 +932,7 @@ fn failure_reply(grpc: bool, vs: &str, route: &str, failure: Failure) -> Respons
         ),
         Failure::Unsupported(e) => (StatusCode::BAD_GATEWAY, e.to_owned()),
         Failure::BadRequest(e) => (StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
+        Failure::Overflow(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason.to_owned()),
     };
     local(
         grpc,

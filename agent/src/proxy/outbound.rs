@@ -121,6 +121,50 @@ async fn forward(
         fail("no_endpoints");
         return;
     };
+    // The backend's circuit breaker: maxConnections bounds the connections open to the target.
+    let breaker = {
+        let policy = ctx.transport.policy.load();
+        ctx.transport.admission.breaker(
+            &policy,
+            &source.virtual_node,
+            &service.service,
+            &target.virtual_node,
+        )
+    };
+    let _connection_permit = match breaker.as_ref().map(|b| b.connection()) {
+        Some(Err(overflow)) => {
+            fail("circuit_breaker");
+            tracing::info!(
+                workload = %source.workload,
+                virtual_service = %service.service,
+                virtual_node = %target.virtual_node,
+                reason = overflow.0,
+                "circuit breaker overflow (clientPolicy.circuitBreaker); closing the client's connection"
+            );
+            if let Some(log) = ctx
+                .access_logs
+                .load()
+                .get(&source.virtual_node)
+                .filter(|_| ctx.telemetry.is_some())
+            {
+                log.log(&access_log::Entry {
+                    start: Some(started_at),
+                    duration: started.elapsed(),
+                    protocol: "TCP",
+                    upstream_cluster: target.virtual_node.to_string(),
+                    downstream_remote: Some(peer),
+                    downstream_local: Some(original.addr),
+                    route_name: route_name(&service.action),
+                    // Envoy's flag for a circuit breaker overflow.
+                    response_flags: "UO".into(),
+                    ..access_log::Entry::default()
+                });
+            }
+            return;
+        }
+        Some(Ok(permit)) => permit,
+        None => None,
+    };
     let caller = upstream::Caller {
         workload: &source.workload,
         virtual_node: &source.virtual_node,

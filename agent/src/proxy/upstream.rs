@@ -31,7 +31,7 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Context, hbone};
+use super::{Context, admission, hbone};
 use crate::identity::policy::Policy;
 use crate::identity::{self, AuthzLabels};
 use crate::mesh::ResourceId;
@@ -236,6 +236,8 @@ pub struct Transport {
     pub pool: hbone::Pool,
     /// Tunnel keepalive settings.
     pub tunnel: hbone::Settings,
+    /// Destination-side limits of local pods' listeners (`connectionPool`, `rateLimit`).
+    pub admission: admission::Admission,
     local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     peers: Vec<PeerNode>,
 }
@@ -248,6 +250,7 @@ impl Transport {
             metrics,
             pool: hbone::Pool::default(),
             tunnel: hbone::Settings::default(),
+            admission: admission::Admission::default(),
             local: RwLock::new(HashMap::new()),
             peers,
         }
@@ -422,11 +425,16 @@ pub async fn dial(
 ) -> Result<Stream, String> {
     if let Some(pod) = transport.local_pod(endpoint.ip()) {
         admit_same_node(transport, caller, &pod, endpoint.port())?;
-        let stream = pod
-            .connect_loopback(endpoint.ip(), endpoint.port())
-            .await
-            .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))?;
-        return Ok(Stream::new(stream));
+        // Through the listener's connectionPool and rateLimit, if it has any.
+        let policy = transport.policy.load_full();
+        return admission::deliver_local(
+            &transport.admission,
+            &policy,
+            caller.virtual_node,
+            pod,
+            endpoint,
+        )
+        .await;
     }
     let policy = transport.policy.load_full();
     let listener_tls = policy.listener_tls(target_node, endpoint.port());

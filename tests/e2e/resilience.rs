@@ -1,0 +1,1038 @@
+//! End-to-end tests of the destination-side limits (docs/resilience.md): listeners'
+//! `connectionPool` and `rateLimit`, applied by the agent that delivers to the local pod. A
+//! real agent on a testbed node, client pods calling virtual services with curl, Python
+//! sockets and grpcio, real servers (`strait-http`, `strait-peer`, grpcio). What is checked
+//! is what a user would see: status codes, `retry-after`, how long a queued request waited,
+//! a refused TCP connection, gRPC status codes, and the agent's metrics and access log.
+//!
+//! Needs root (and Python's grpcio for the gRPC test: `cargo xtask setup` installs it);
+//! without them these tests fail with the reason.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use testbed::agent::{Agent, peer_binary};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+
+const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
+const GRPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/color_grpc.py");
+const GRPC_PORT: u16 = 50051;
+const TCP_PORT: u16 = 9000;
+
+/// A server virtual node of these tests: its name (also its pod's `app` label and service
+/// name), its listener and its limits.
+struct Server {
+    name: &'static str,
+    address: &'static str,
+    listener: &'static str,
+    port: u16,
+    limits: &'static str,
+    /// The callers' `clientPolicy.circuitBreaker` for this backend, if any.
+    breaker: &'static str,
+}
+
+const SLOW: Server = Server {
+    name: "slow",
+    address: "10.96.1.1",
+    listener: "http",
+    port: 8080,
+    limits: "connectionPool: {http: {maxConnections: 2, maxPendingRequests: 1}}",
+    breaker: "",
+};
+const H2: Server = Server {
+    name: "h2",
+    address: "10.96.1.2",
+    listener: "http2",
+    port: 8080,
+    limits: "connectionPool: {http2: {maxRequests: 1}}",
+    breaker: "",
+};
+const BURST: Server = Server {
+    name: "burst",
+    address: "10.96.1.3",
+    listener: "http",
+    port: 8080,
+    limits: "rateLimit: {requestsPerSecond: 10, burst: 10}",
+    breaker: "",
+};
+const SHADOW: Server = Server {
+    name: "shadow",
+    address: "10.96.1.4",
+    listener: "http",
+    port: 8080,
+    limits: "rateLimit: {requestsPerSecond: 10, burst: 10, shadow: true}",
+    breaker: "",
+};
+const FAIR: Server = Server {
+    name: "fair",
+    address: "10.96.1.5",
+    listener: "http",
+    port: 8080,
+    limits: "rateLimit: {perCaller: {requestsPerSecond: 1, burst: 3}, overrides: [{callers: [{virtualNodeRef: {name: vip}}], requestsPerSecond: 1, burst: 6}]}",
+    breaker: "",
+};
+const TCP: Server = Server {
+    name: "tcp",
+    address: "10.96.1.6",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "connectionPool: {tcp: {maxConnections: 1}}",
+    breaker: "",
+};
+const GRPC: Server = Server {
+    name: "grpc",
+    address: "10.96.1.7",
+    listener: "grpc",
+    port: GRPC_PORT,
+    limits: "rateLimit: {requestsPerSecond: 1, burst: 2}",
+    breaker: "",
+};
+const TCP_RATE: Server = Server {
+    name: "tcp-rate",
+    address: "10.96.1.11",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "rateLimit: {requestsPerSecond: 1, burst: 2}",
+    breaker: "",
+};
+const GUARDED: Server = Server {
+    name: "guarded",
+    address: "10.96.1.8",
+    listener: "http",
+    port: 8080,
+    limits: "",
+    breaker: "{maxConnections: 2, maxPendingRequests: 1}",
+};
+const GUARDED_REQUESTS: Server = Server {
+    name: "guarded-requests",
+    address: "10.96.1.9",
+    listener: "http2",
+    port: 8080,
+    limits: "",
+    breaker: "{maxRequests: 1}",
+};
+const GUARDED_TCP: Server = Server {
+    name: "guarded-tcp",
+    address: "10.96.1.10",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "",
+    breaker: "{maxConnections: 1}",
+};
+const SERVERS: [&Server; 11] = [
+    &TCP_RATE,
+    &SLOW,
+    &H2,
+    &BURST,
+    &SHADOW,
+    &FAIR,
+    &TCP,
+    &GRPC,
+    &GUARDED,
+    &GUARDED_REQUESTS,
+    &GUARDED_TCP,
+];
+
+/// The calling virtual nodes: `client-a` (with an access log), `client-b`, `vip`.
+const CLIENTS: [&str; 3] = ["client-a", "client-b", "vip"];
+
+fn host(server: &Server) -> String {
+    format!("{}.app.svc.cluster.local", server.name)
+}
+
+fn mesh_yaml(access_log: &std::path::Path) -> String {
+    let mut yaml = String::from(
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: Mesh\nmetadata: {name: test}\nspec: {egressFilter: {type: DROP_ALL}}\n",
+    );
+    let backends: String = SERVERS
+        .iter()
+        .map(|s| {
+            let policy = if s.breaker.is_empty() {
+                String::new()
+            } else {
+                format!(", clientPolicy: {{circuitBreaker: {}}}", s.breaker)
+            };
+            format!(
+                "    - virtualService: {{virtualServiceRef: {{name: {}}}{policy}}}\n",
+                s.name
+            )
+        })
+        .collect();
+    for client in CLIENTS {
+        let logging = if client == "client-a" {
+            format!(
+                r#"  logging:
+    accessLog:
+      file:
+        path: {}
+        format:
+          json:
+            - {{key: path, value: "%REQ(:PATH)%"}}
+            - {{key: code, value: "%RESPONSE_CODE%"}}
+            - {{key: flags, value: "%RESPONSE_FLAGS%"}}
+"#,
+                access_log.display()
+            )
+        } else {
+            String::new()
+        };
+        yaml.push_str(&format!(
+            "---\napiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualNode\nmetadata: {{name: {client}, namespace: app}}\nspec:\n  podSelector: {{matchLabels: {{app: {client}}}}}\n  backends:\n{backends}{logging}"
+        ));
+    }
+    for s in SERVERS {
+        yaml.push_str(&format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {name}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {name}}}}}
+  listeners:
+    - portMapping: {{port: {port}, protocol: {listener}}}
+      {limits}
+  serviceDiscovery: {{dns: {{hostname: {name}-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: {name}, namespace: app}}
+spec:
+  awsName: {host}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: {name}}}}}}}
+"#,
+            name = s.name,
+            port = s.port,
+            listener = s.listener,
+            limits = s.limits,
+            host = host(s),
+        ));
+    }
+    yaml
+}
+
+/// Dropped in this order: the agent, the servers, then the pods, node and testbed.
+struct Bed {
+    agent: Agent,
+    _servers: Vec<Process>,
+    clients: Vec<Pod>,
+    access_log: PathBuf,
+    _node: Node,
+    _tb: Testbed,
+}
+
+impl Bed {
+    fn client(&self, name: &str) -> &Pod {
+        self.clients
+            .iter()
+            .find(|p| p.name() == name)
+            .expect("BUG: no such client pod")
+    }
+}
+
+/// The Python interpreter that has grpcio, or a clear failure.
+fn python_with_grpcio() -> anyhow::Result<String> {
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import grpc, sys; print(sys.executable)"])
+        .output()
+        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
+    if !output.status.success() {
+        bail!(
+            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// One node: the given client pods and server pods, each server running its real server, and
+/// an agent with the mesh of these tests.
+fn bed(test: &str, clients: &[&str], servers: &[&Server]) -> anyhow::Result<Bed> {
+    let python = if servers.iter().any(|s| s.listener == "grpc") {
+        Some(python_with_grpcio()?)
+    } else {
+        None
+    };
+    let tb = Testbed::new(test)?;
+    let node = tb.add_node("node1")?;
+    let mut client_pods = Vec::new();
+    for name in clients {
+        client_pods.push(node.add_pod(&PodSpec::new(name, "app").label("app", name))?);
+    }
+    let mut processes = Vec::new();
+    let mut server_pods = Vec::new();
+    for s in servers {
+        let pod = node.add_pod(&PodSpec::new(s.name, "app").label("app", s.name))?;
+        tb.dns_record(&host(s), &[s.address.parse()?])?;
+        tb.dns_record(
+            &format!("{}-pods.app.svc.cluster.local", s.name),
+            &pod.ips(),
+        )?;
+        let listen = format!("0.0.0.0:{p},[::]:{p}", p = s.port);
+        let process = match s.listener {
+            "tcp" => tb.spawn(
+                &format!("server-{}", s.name),
+                pod.command(peer_binary()?)
+                    .args(["serve", "--listen", &listen, "--name", s.name]),
+            )?,
+            "grpc" => tb.spawn(
+                &format!("server-{}", s.name),
+                pod.command(python.as_deref().unwrap_or("python3")).args([
+                    GRPC_SCRIPT,
+                    "serve",
+                    "--port",
+                    &s.port.to_string(),
+                    "--name",
+                    s.name,
+                ]),
+            )?,
+            _ => tb.spawn(
+                &format!("server-{}", s.name),
+                pod.command(HTTP_BIN)
+                    .args(["serve", "--listen", &listen, "--name", s.name]),
+            )?,
+        };
+        process.wait_listening(s.port, Duration::from_secs(20))?;
+        processes.push(process);
+        server_pods.push(pod);
+    }
+    for pod in client_pods.iter().chain(&server_pods) {
+        node.write_workload(pod)?;
+    }
+    let access_log = tb.temp_dir().join("client-a-access.log");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, mesh_yaml(&access_log))?;
+    let logs = tb.temp_dir().display().to_string();
+    let agent = Agent::start(&tb, &node, &mesh, &["--access-log-dir", &logs])?;
+    for pod in client_pods.iter().chain(&server_pods) {
+        agent.wait_enrolled(
+            &format!("app/{}", pod.name()),
+            true,
+            Duration::from_secs(20),
+        )?;
+    }
+    Ok(Bed {
+        agent,
+        _servers: processes,
+        clients: client_pods,
+        access_log,
+        _node: node,
+        _tb: tb,
+    })
+}
+
+/// What curl saw of one request.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    seconds: f64,
+    retry_after: String,
+    overloaded: String,
+}
+
+/// curl in the pod, one line per URL (`--parallel` if asked); the status and headers of
+/// interest are written by `--write-out`.
+fn curl(pod: &Pod, args: &[&str], urls: &[String]) -> anyhow::Result<Vec<Reply>> {
+    let output = run(
+        pod.command("curl")
+            .args(["--silent", "--show-error", "--max-time", "30"])
+            .args([
+                "--write-out",
+                "%{http_code} %{time_total} [%header{retry-after}] [%header{x-envoy-overloaded}]\\n",
+            ])
+            .args(args)
+            // `--output` applies to one URL each.
+            .args(urls.iter().flat_map(|u| ["--output", "/dev/null", u.as_str()])),
+        Duration::from_secs(40),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let replies: Option<Vec<Reply>> = stdout
+        .lines()
+        .map(|line| {
+            let mut f = line.split_whitespace();
+            Some(Reply {
+                status: f.next()?.parse().ok()?,
+                seconds: f.next()?.parse().ok()?,
+                retry_after: f.next()?.trim_matches(['[', ']']).to_owned(),
+                overloaded: f.next()?.trim_matches(['[', ']']).to_owned(),
+            })
+        })
+        .collect();
+    match replies {
+        Some(r) if r.len() == urls.len() => Ok(r),
+        _ => bail!(
+            "curl {args:?} {urls:?}: unexpected output {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+fn statuses(replies: &[Reply], status: u16) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
+/// The sum of the samples of a metric whose labels include every `labels` fragment.
+fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+    let text = agent.admin_get("/metrics")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The access log's lines, once there are at least `want` (bounded wait).
+fn access_log_lines(path: &std::path::Path, want: usize) -> anyhow::Result<Vec<Value>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .context("an access log line is not JSON")?;
+        if lines.len() >= want || Instant::now() >= deadline {
+            return Ok(lines);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_full_connection_pool_queues_up_to_max_pending_and_refuses_the_rest_with_503()
+-> anyhow::Result<()> {
+    let bed = bed("resilience-pool", &["client-a"], &[&SLOW, &H2])?;
+    let client = bed.client("client-a");
+    // http: maxConnections 2, maxPendingRequests 1.
+    three_slow_then_one(client, &SLOW)?;
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_overflows_total",
+            &[
+                r#"virtual_node="app/slow""#,
+                r#"reason="max_pending_requests""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )?,
+        1.0
+    );
+    // The caller's access log says why: UO (upstream overflow).
+    let lines = access_log_lines(&bed.access_log, 4)?;
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/fast").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0]["code"], 503, "{lines:?}");
+    assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
+
+    // A WebSocket and a 1 MB body each way pass through the limited listener.
+    let base = format!("http://{}:8080", host(&SLOW));
+    for args in [
+        ["ws", &format!("{base}/ws"), "--messages", "20"],
+        ["stream", &format!("{base}/echo"), "--bytes", "1000000"],
+    ] {
+        let output = run(client.command(HTTP_BIN).args(args), Duration::from_secs(60))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let report: Value = serde_json::from_str(stdout.trim())
+            .with_context(|| format!("strait-http {args:?} printed no JSON report: {stdout:?}"))?;
+        assert_eq!(report["ok"], true, "{args:?}: {report}");
+    }
+
+    // http2: maxRequests 1. One slow request in flight, the next is refused at once.
+    one_slow_then_one(client, &H2, &["--http2-prior-knowledge"])?;
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_overflows_total",
+            &[r#"virtual_node="app/h2""#, r#"reason="max_requests""#]
+        )?,
+        1.0
+    );
+    assert!(
+        !bed.agent.process.stderr().contains("panicked"),
+        "{}",
+        bed.agent.process.stderr()
+    );
+    Ok(())
+}
+
+/// With two connections and one pending request allowed: three requests answered in 3 s, then
+/// a fourth. The first two are served at once, the third waits for a connection, the fourth is
+/// refused at once with 503 `x-envoy-overloaded`.
+fn three_slow_then_one(client: &Pod, server: &Server) -> anyhow::Result<()> {
+    let slow = |n: u32| format!("http://{}:8080/slow{n}?delay_ms=3000", host(server));
+    let (background, fourth) = std::thread::scope(|scope| {
+        let background: Vec<_> = (1..=3)
+            .map(|n| {
+                let url = slow(n);
+                let handle = scope.spawn(move || curl(client, &[], &[url]));
+                // In this order: the third is the one that waits.
+                std::thread::sleep(Duration::from_millis(300));
+                handle
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        let fourth = curl(client, &[], &[format!("http://{}:8080/fast", host(server))]);
+        let background: Vec<_> = background
+            .into_iter()
+            .map(|h| h.join().expect("curl thread panicked"))
+            .collect();
+        (background, fourth)
+    });
+    let fourth = &fourth?[0];
+    assert_eq!(fourth.status, 503, "{fourth:?}");
+    assert_eq!(fourth.overloaded, "true", "{fourth:?}");
+    assert!(
+        fourth.seconds < 1.0,
+        "refused at once, not queued: {fourth:?}"
+    );
+    let background: Vec<Reply> = background
+        .into_iter()
+        .map(|r| r.map(|mut v| v.remove(0)))
+        .collect::<anyhow::Result<_>>()?;
+    for reply in &background {
+        assert_eq!(reply.status, 200, "{background:?}");
+    }
+    // Served at once: about the server's 3 s. Queued: about 6 s, after a connection freed up.
+    assert!(background[0].seconds < 5.0, "{background:?}");
+    assert!(background[1].seconds < 5.0, "{background:?}");
+    assert!(
+        background[2].seconds >= 5.0,
+        "the third request waited for a connection: {background:?}"
+    );
+    Ok(())
+}
+
+/// With one request allowed in flight: a second while one is slow is refused at once with 503
+/// `x-envoy-overloaded`; once the first is done, the next is served.
+fn one_slow_then_one(client: &Pod, server: &Server, args: &[&str]) -> anyhow::Result<()> {
+    let base = format!("http://{}:8080", host(server));
+    let (first, second) = std::thread::scope(|scope| {
+        let url = format!("{base}/slow?delay_ms=2000");
+        let first = scope.spawn(move || curl(client, args, &[url]));
+        std::thread::sleep(Duration::from_millis(700));
+        let second = curl(client, args, &[format!("{base}/fast")]);
+        (first.join().expect("curl thread panicked"), second)
+    });
+    let (first, second) = (&first?[0], &second?[0]);
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(second.status, 503, "{second:?}");
+    assert_eq!(second.overloaded, "true", "{second:?}");
+    assert!(second.seconds < 1.0, "refused at once: {second:?}");
+    let after = curl(client, args, &[format!("{base}/fast")])?;
+    assert_eq!(after[0].status, 200, "{after:?}");
+    Ok(())
+}
+
+/// Runs [`TCP_PROBE`] from `client` against `host`; returns what each connection got.
+fn tcp_probe(client: &Pod, host: &str) -> anyhow::Result<Value> {
+    let output = run(
+        client
+            .command("python3")
+            .args(["-c", TCP_PROBE, host, &TCP_PORT.to_string()]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the probe printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn client_circuit_breakers_queue_refuse_with_503_and_close_tcp_connections() -> anyhow::Result<()> {
+    let bed = bed(
+        "resilience-breaker",
+        &["client-a"],
+        &[&GUARDED, &GUARDED_REQUESTS, &GUARDED_TCP],
+    )?;
+    let client = bed.client("client-a");
+    let overflows = |target: &str, reason: &str| {
+        metric(
+            &bed.agent,
+            "strait_circuit_breaker_overflows_total",
+            &[
+                r#"source_virtual_node="app/client-a""#,
+                &format!(r#"target_virtual_node="app/{target}""#),
+                &format!(r#"reason="{reason}""#),
+            ],
+        )
+    };
+    // maxConnections 2, maxPendingRequests 1, on the caller's side.
+    three_slow_then_one(client, &GUARDED)?;
+    assert_eq!(overflows("guarded", "max_pending_requests")?, 1.0);
+    let lines = access_log_lines(&bed.access_log, 4)?;
+    let refused: Vec<&Value> = lines.iter().filter(|l| l["path"] == "/fast").collect();
+    assert_eq!(refused.len(), 1, "{lines:?}");
+    assert_eq!(refused[0]["code"], 503, "{lines:?}");
+    assert_eq!(refused[0]["flags"], "UO", "{lines:?}");
+    // The destination has no limits: nothing counted there.
+    assert_eq!(metric(&bed.agent, "strait_overflows_total", &[])?, 0.0);
+
+    // maxRequests 1 (an http2 target; the client speaks HTTP/1.1 to the agent).
+    one_slow_then_one(client, &GUARDED_REQUESTS, &[])?;
+    assert_eq!(overflows("guarded-requests", "max_requests")?, 1.0);
+
+    // maxConnections 1 on a tcp backend: the second connection is closed.
+    let seen = tcp_probe(client, &host(&GUARDED_TCP))?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("guarded-tcp"), "{seen}");
+    assert!(
+        got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(got("third").contains("guarded-tcp"), "{seen}");
+    assert_eq!(overflows("guarded-tcp", "max_connections")?, 1.0);
+    // The refused connection has its access log line, flag UO (requests: 4 + 3; connections:
+    // the two served and the refused one).
+    let lines = access_log_lines(&bed.access_log, 10)?;
+    let refused_tcp = lines
+        .iter()
+        .filter(|l| l["flags"] == "UO" && l["code"] != 503)
+        .count();
+    assert_eq!(refused_tcp, 1, "{lines:?}");
+    Ok(())
+}
+
+#[test]
+fn a_burst_of_15_against_10_per_second_serves_10_and_shadow_mode_refuses_none() -> anyhow::Result<()>
+{
+    let bed = bed("resilience-burst", &["client-a"], &[&BURST, &SHADOW])?;
+    let client = bed.client("client-a");
+    let burst = |server: &Server| -> Vec<String> {
+        (0..15)
+            .map(|i| format!("http://{}:8080/b{i}", host(server)))
+            .collect()
+    };
+    let parallel = ["--parallel", "--parallel-immediate", "--parallel-max", "15"];
+    let replies = curl(client, &parallel, &burst(&BURST))?;
+    assert_eq!(statuses(&replies, 200), 10, "{replies:?}");
+    assert_eq!(statuses(&replies, 429), 5, "{replies:?}");
+    for r in replies.iter().filter(|r| r.status == 429) {
+        // 10 per second: the next token is at most 100 ms away; whole seconds, rounded up.
+        assert_eq!(r.retry_after, "1", "{replies:?}");
+    }
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/burst""#,
+                r#"scope="total""#,
+                r#"mode="enforced""#
+            ]
+        )?,
+        5.0
+    );
+    let lines = access_log_lines(&bed.access_log, 15)?;
+    let limited = lines
+        .iter()
+        .filter(|l| l["code"] == 429 && l["flags"] == "RL")
+        .count();
+    assert_eq!(limited, 5, "{lines:?}");
+    // The bucket refills: a second later a request is served again.
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = curl(
+        client,
+        &[],
+        &[format!("http://{}:8080/again", host(&BURST))],
+    )?;
+    assert_eq!(again[0].status, 200, "{again:?}");
+
+    // Shadow mode: the same burst is served whole, and what would have been refused counted.
+    let replies = curl(client, &parallel, &burst(&SHADOW))?;
+    assert_eq!(statuses(&replies, 200), 15, "{replies:?}");
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[r#"virtual_node="app/shadow""#, r#"mode="shadow""#]
+        )?,
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[r#"virtual_node="app/shadow""#, r#"mode="enforced""#]
+        )?,
+        0.0
+    );
+    Ok(())
+}
+
+#[test]
+fn per_caller_limits_count_each_caller_apart_and_an_override_is_honoured() -> anyhow::Result<()> {
+    let bed = bed("resilience-callers", &CLIENTS, &[&FAIR])?;
+    // Eight requests each on one keep-alive connection (well under a second: at 1 per second
+    // the buckets gain nothing meanwhile). perCaller: burst 3; vip's override: burst 6.
+    let urls: Vec<String> = (0..8)
+        .map(|i| format!("http://{}:8080/f{i}", host(&FAIR)))
+        .collect();
+    let mut served = Vec::new();
+    for name in CLIENTS {
+        let replies = curl(bed.client(name), &[], &urls)?;
+        served.push((name, statuses(&replies, 200), statuses(&replies, 429)));
+    }
+    assert_eq!(
+        served,
+        vec![("client-a", 3, 5), ("client-b", 3, 5), ("vip", 6, 2)],
+        "each caller has its own bucket; vip's is the override's"
+    );
+    for (source, scope, want) in [
+        ("app/client-a", "caller", 5.0),
+        ("app/client-b", "caller", 5.0),
+        ("app/vip", "override", 2.0),
+    ] {
+        let got = metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/fair""#,
+                &format!(r#"source_virtual_node="{source}""#),
+                &format!(r#"scope="{scope}""#),
+            ],
+        )?;
+        assert_eq!(got, want, "{source} {scope}");
+    }
+    Ok(())
+}
+
+/// Python in the client pod: holds one connection to the tcp service (reads its banner), then
+/// tries a second while the first is open, then a third after closing the first. Prints what
+/// each got.
+const TCP_PROBE: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+def first_bytes(s):
+    s.settimeout(5)
+    try:
+        return s.recv(100).decode(errors="replace")
+    except (ConnectionResetError, socket.timeout) as e:
+        return "error: " + type(e).__name__
+out = {}
+a = socket.create_connection((host, port), timeout=5)
+out["first"] = first_bytes(a)
+b = socket.create_connection((host, port), timeout=5)
+out["second"] = first_bytes(b)
+b.close()
+a.close()
+time.sleep(0.5)
+c = socket.create_connection((host, port), timeout=5)
+out["third"] = first_bytes(c)
+c.close()
+print(json.dumps(out))
+"#;
+
+#[test]
+fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -> anyhow::Result<()>
+{
+    let bed = bed("resilience-tcp", &["client-a"], &[&TCP, &TCP_RATE])?;
+    let seen = tcp_probe(bed.client("client-a"), &host(&TCP))?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(
+        got("first").contains("tcp"),
+        "the banner names the server: {seen}"
+    );
+    // Over maxConnections 1: closed without a byte from the server (or reset).
+    assert!(
+        got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(
+        got("third").contains("tcp"),
+        "a connection freed up: {seen}"
+    );
+    assert!(
+        metric(
+            &bed.agent,
+            "strait_overflows_total",
+            &[r#"virtual_node="app/tcp""#, r#"reason="max_connections""#]
+        )? >= 1.0
+    );
+
+    // A tcp listener's rateLimit is a connection rate: burst 2, then 1 a second. The probe's
+    // third connection comes half a second after the first two: refused.
+    let seen = tcp_probe(bed.client("client-a"), &host(&TCP_RATE))?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("tcp-rate"), "{seen}");
+    assert!(got("second").contains("tcp-rate"), "{seen}");
+    assert!(
+        got("third").is_empty() || got("third").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/tcp-rate""#,
+                r#"unit="connection""#,
+                r#"mode="enforced""#
+            ]
+        )? >= 1.0
+    );
+    Ok(())
+}
+
+#[test]
+fn grpc_callers_over_the_rate_limit_get_resource_exhausted() -> anyhow::Result<()> {
+    let python = python_with_grpcio()?;
+    let bed = bed("resilience-grpc", &["client-a"], &[&GRPC])?;
+    let output = run(
+        bed.client("client-a").command(&python).args([
+            GRPC_SCRIPT,
+            "call",
+            "--target",
+            &format!("{}:{GRPC_PORT}", host(&GRPC)),
+            "--unary",
+            "4",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    // Burst 2 at 1 per second: the first two calls are answered, the next two (within the
+    // same second) get RESOURCE_EXHAUSTED.
+    assert_eq!(report["unary"]["grpc"], 2, "{report}");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
+        "{report}"
+    );
+    assert_eq!(
+        metric(
+            &bed.agent,
+            "strait_rate_limited_total",
+            &[r#"virtual_node="app/grpc""#, r#"mode="enforced""#]
+        )?,
+        2.0
+    );
+    Ok(())
+}
+
+/// Node addresses of `other` for `--peer-node`, both families.
+fn peer_args(other: &Node) -> Vec<String> {
+    vec![
+        "--peer-node".into(),
+        format!(
+            "{}/24={}",
+            testbed::addr::pod_subnet_v4(other.index()),
+            other.underlay_ip()
+        ),
+        "--peer-node".into(),
+        format!(
+            "{}/64={}",
+            testbed::addr::pod_subnet_v6(other.index()),
+            other.underlay_ip()
+        ),
+    ]
+}
+
+fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
+    let output = testbed::agent::strait(node, args)?;
+    if !output.status.success() {
+        bail!(
+            "strait {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Across nodes, through the mTLS tunnel: the receiving agent keys per-caller buckets by the
+/// SPIFFE ID in the verified client certificate (an override names one by `identity`), and a
+/// tcp listener's maxConnections refuses the tunnel stream over the limit.
+#[test]
+fn tunnel_callers_are_limited_by_their_certificate_identity() -> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-tunnel")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let clients: Vec<Pod> = ["client-a", "client-b"]
+        .iter()
+        .map(|name| node1.add_pod(&PodSpec::new(name, "app").label("app", name)))
+        .collect::<anyhow::Result<_>>()?;
+    let server = node2.add_pod(&PodSpec::new("server", "app").label("app", "server"))?;
+    tb.dns_record("server.app.svc.cluster.local", &["10.96.2.1".parse()?])?;
+    tb.dns_record("server-pods.app.svc.cluster.local", &server.ips())?;
+    let http = tb.spawn(
+        "server-http",
+        server.command(HTTP_BIN).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080,[::]:8080",
+            "--name",
+            "server",
+        ]),
+    )?;
+    http.wait_listening(8080, Duration::from_secs(20))?;
+    let listen = format!("0.0.0.0:{TCP_PORT},[::]:{TCP_PORT}");
+    let tcp = tb.spawn(
+        "server-tcp",
+        server
+            .command(peer_binary()?)
+            .args(["serve", "--listen", &listen, "--name", "server"]),
+    )?;
+    tcp.wait_listening(TCP_PORT, Duration::from_secs(20))?;
+
+    let certs = tb.temp_dir().join("certs");
+    let c = certs.display();
+    let client_node = |name: &str| {
+        format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {name}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {name}}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: server}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/{name}.pem, privateKey: {c}/{name}-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+"#
+        )
+    };
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+{}{}---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: server, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: server}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      tls: &strict
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/server.pem, privateKey: {c}/server-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://test/ns/app/vn/client-a, spiffe://test/ns/app/vn/client-b]}}}}
+      rateLimit:
+        perCaller: {{requestsPerSecond: 1, burst: 3}}
+        overrides:
+          - callers: [{{identity: spiffe://test/ns/app/vn/client-b}}]
+            requestsPerSecond: 1
+            burst: 5
+    - portMapping: {{port: {TCP_PORT}, protocol: tcp}}
+      tls: *strict
+      connectionPool: {{tcp: {{maxConnections: 1}}}}
+  serviceDiscovery: {{dns: {{hostname: server-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: server, namespace: app}}
+spec:
+  awsName: server.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: server}}}}}}
+"#,
+        client_node("client-a"),
+        client_node("client-b"),
+    );
+    let ca = tb.temp_dir().join("ca");
+    let mut meshes = Vec::new();
+    for node in ["node1", "node2"] {
+        let path = tb.temp_dir().join(format!("{node}-mesh")).join("mesh.yaml");
+        std::fs::create_dir_all(path.parent().context("mesh folder")?)?;
+        std::fs::write(&path, &mesh)?;
+        meshes.push(path);
+    }
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    let (mesh1, ca_dir) = (meshes[0].display().to_string(), ca.display().to_string());
+    strait_ok(
+        &node1,
+        &["ca", "issue", "--mesh", &mesh1, "--ca-dir", &ca_dir],
+    )?;
+    for pod in &clients {
+        node1.write_workload(pod)?;
+    }
+    node2.write_workload(&server)?;
+    let start = |node: &Node, other: &Node, mesh: &PathBuf| {
+        let args = peer_args(other);
+        Agent::start(
+            &tb,
+            node,
+            mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1, &node2, &meshes[0])?;
+    let agent2 = start(&node2, &node1, &meshes[1])?;
+    for pod in ["app/client-a", "app/client-b"] {
+        agent1.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    agent2.wait_enrolled("app/server", true, Duration::from_secs(20))?;
+
+    let urls: Vec<String> = (0..8)
+        .map(|i| format!("http://server.app.svc.cluster.local:8080/t{i}"))
+        .collect();
+    let a = curl(&clients[0], &[], &urls)?;
+    let b = curl(&clients[1], &[], &urls)?;
+    assert_eq!(
+        (statuses(&a, 200), statuses(&a, 429)),
+        (3, 5),
+        "client-a: perCaller burst 3: {a:?}"
+    );
+    assert_eq!(
+        (statuses(&b, 200), statuses(&b, 429)),
+        (5, 3),
+        "client-b: its override, burst 5: {b:?}"
+    );
+    // Counted by the receiving agent, against the callers its certificates name.
+    for (source, scope, want) in [
+        ("app/client-a", "caller", 5.0),
+        ("app/client-b", "override", 3.0),
+    ] {
+        let got = metric(
+            &agent2,
+            "strait_rate_limited_total",
+            &[
+                r#"virtual_node="app/server""#,
+                &format!(r#"source_virtual_node="{source}""#),
+                &format!(r#"scope="{scope}""#),
+            ],
+        )?;
+        assert_eq!(got, want, "{source} {scope}");
+    }
+    assert!(metric(&agent2, "strait_tunnel_streams_total", &[])? > 0.0);
+
+    // tcp maxConnections 1 across the tunnel: the second connection is refused.
+    let seen = tcp_probe(&clients[0], "server.app.svc.cluster.local")?;
+    let got = |k: &str| seen[k].as_str().unwrap_or_default().to_owned();
+    assert!(got("first").contains("server"), "{seen}");
+    assert!(
+        got("second").is_empty() || got("second").starts_with("error: ConnectionReset"),
+        "{seen}"
+    );
+    assert!(got("third").contains("server"), "{seen}");
+    assert!(
+        metric(
+            &agent2,
+            "strait_overflows_total",
+            &[
+                r#"virtual_node="app/server""#,
+                r#"reason="max_connections""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )? >= 1.0
+    );
+    drop((agent1, agent2, http, tcp));
+    Ok(())
+}
