@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, metric, peer_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, require_tool, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -171,7 +171,6 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     tb.dns_record("color-v1.app.svc.cluster.local", &color.ips())?;
     tb.dns_record("web-v1.app.svc.cluster.local", &web.ips())?;
 
-    let peer = peer_binary()?;
     let mut servers = Vec::new();
     let site = tb.temp_dir().join("site");
     std::fs::create_dir_all(&site)?;
@@ -193,17 +192,7 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     http.wait_listening(8080, Duration::from_secs(20))?;
     servers.push(http);
     for (pod, port, name) in [(&color, 9090, "color"), (&web, 8080, "web")] {
-        let server = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port},[::]:{port}"),
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(port, Duration::from_secs(10))?;
+        let server = echo_server(&tb, pod, port, name)?;
         servers.push(server);
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, metric, peer_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -168,24 +168,13 @@ fn bed(test: &str, agent_args: &[&str]) -> anyhow::Result<Bed> {
     echoes.extend(echo_b.ips());
     tb.dns_record("echo-v1.app.svc.cluster.local", &echoes)?;
 
-    let peer = peer_binary()?;
     let mut servers = Vec::new();
     for (pod, port, name) in [
         (&color, 9090, "color"),
         (&echo_a, 7070, "echo-a"),
         (&echo_b, 7070, "echo-b"),
     ] {
-        let server = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port},[::]:{port}"),
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(port, Duration::from_secs(10))?;
+        let server = echo_server(&tb, pod, port, name)?;
         servers.push(server);
     }
 

@@ -371,3 +371,25 @@ pub fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64>
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }
+
+/// Starts `strait-peer serve` in `pod` on `port` (both families; it answers with `name`), and
+/// waits until it listens.
+pub fn echo_server(
+    tb: &Testbed,
+    pod: &crate::Pod,
+    port: u16,
+    name: &str,
+) -> anyhow::Result<Process> {
+    let server = tb.spawn(
+        &format!("server-{name}"),
+        pod.command(peer_binary()?).args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port},[::]:{port}"),
+            "--name",
+            name,
+        ]),
+    )?;
+    server.wait_listening(port, Duration::from_secs(10))?;
+    Ok(server)
+}
