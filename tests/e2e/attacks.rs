@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, metric, peer_binary, strait_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_binary, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -110,20 +110,9 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     // The provider-less service's name answers with an address outside the mesh that does
     // serve: traffic that leaks past the agent would reach it.
     tb.dns_record(GHOST, &outside.ips())?;
-    let peer = peer_binary()?;
     let mut servers = Vec::new();
     for (pod, port, name) in [(&color, 9090, "color"), (&outside, 8080, "outside")] {
-        let server = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port},[::]:{port}"),
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(port, Duration::from_secs(10))?;
+        let server = echo_server(&tb, pod, port, name)?;
         servers.push(server);
     }
     let certs = tb.temp_dir().join("certs");
@@ -801,20 +790,9 @@ fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
     let outside = node.add_pod(&PodSpec::new("stranger", "outside").label("app", "stranger"))?;
     tb.dns_record(COLOR, &["10.96.0.10".parse()?])?;
     tb.dns_record("color-v1.app.svc.cluster.local", &color.ips())?;
-    let peer = peer_binary()?;
     let mut servers = Vec::new();
     for (pod, port, name) in [(&color, 9090, "color"), (&outside, 8080, "outside")] {
-        let server = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port},[::]:{port}"),
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(port, Duration::from_secs(10))?;
+        let server = echo_server(&tb, pod, port, name)?;
         servers.push(server);
     }
     let certs = tb.temp_dir().join("certs");
@@ -903,10 +881,21 @@ fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
             // Each change must be applied (not folded into the next one) before the next.
             for (pod, vn) in [("app/color", "color"), ("app/client", "client")] {
                 let want = format!("app/{vn}-{track}");
-                eventually(Duration::from_secs(20), "the change is applied", || {
+                eventually(Duration::from_secs(60), "the change is applied", || {
                     Ok(virtual_node(pod)?.as_deref() == Some(want.as_str()))
                 })
-                .with_context(|| format!("change {change}: {pod} to {want}"))?;
+                .with_context(|| {
+                    let stderr = agent.process.stderr();
+                    let tail: Vec<&str> = stderr
+                        .lines()
+                        .filter(|l| {
+                            !l.contains("\"level\":\"DEBUG\"") && !l.contains("strait::inbound")
+                        })
+                        .rev()
+                        .take(30)
+                        .collect();
+                    format!("change {change}: {pod} to {want}; the agent's last lines: {tail:#?}")
+                })?;
             }
         }
         Ok(())
