@@ -894,14 +894,25 @@ impl Node {
                 .filter_map(|vs| self.service_ids.get(&vs.id))
                 .collect()
         };
-        let mut allowed = BTreeMap::new();
-        for enrolled in self.enrolled.values() {
-            allowed.insert(enrolled.cgroup_id, backends_of(&enrolled.virtual_node));
-        }
-        if let Some((cgroup_id, vn)) = extra {
-            allowed.insert(cgroup_id, backends_of(vn));
-        }
-        if let Err(error) = self.ctx.redirect.inpod().set_backends(&allowed) {
+        let result = match extra {
+            // One pod about to be enrolled: only its own pairs change. Pods a previous agent
+            // enrolled and this one has not reached yet keep theirs (during an upgrade their
+            // connects go on).
+            Some((cgroup_id, vn)) => self
+                .ctx
+                .redirect
+                .inpod()
+                .set_pod_backends(cgroup_id, &backends_of(vn)),
+            None => {
+                let allowed: BTreeMap<u64, std::collections::BTreeSet<u32>> = self
+                    .enrolled
+                    .values()
+                    .map(|e| (e.cgroup_id, backends_of(&e.virtual_node)))
+                    .collect();
+                self.ctx.redirect.inpod().set_backends(&allowed)
+            }
+        };
+        if let Err(error) = result {
             tracing::error!(%error, "cannot update the backend authorization maps");
         }
     }

@@ -345,6 +345,39 @@ impl InPod {
         Ok(())
     }
 
+    /// Makes one pod's backend pairs exactly `ids` (stale pairs first, then new ones), then
+    /// puts the pod under authorization; other pods' entries are left as they are.
+    pub fn set_pod_backends(&self, cgroup_id: u64, ids: &BTreeSet<u32>) -> Result<(), Error> {
+        let mut maps = self.maps();
+        let mut have = BTreeSet::new();
+        for entry in maps.backends.iter() {
+            let (k, _) = entry.map_err(|e| Error::map("read", abi::MAP_BACKENDS, e))?;
+            if k.cgroup_id == cgroup_id {
+                have.insert(k);
+            }
+        }
+        let want: BTreeSet<abi::BackendKey> = ids
+            .iter()
+            .map(|&service_id| abi::BackendKey {
+                cgroup_id,
+                service_id,
+                _pad: 0,
+            })
+            .collect();
+        for k in have.difference(&want) {
+            remove_entry(&mut maps.backends, k, abi::MAP_BACKENDS)?;
+        }
+        for k in want.difference(&have) {
+            maps.backends
+                .insert(k, 1, 0)
+                .map_err(|e| Error::map("insert into", abi::MAP_BACKENDS, e))?;
+        }
+        maps.authz_pods
+            .insert(cgroup_id, 1, 0)
+            .map_err(|e| Error::map("insert into", abi::MAP_AUTHZ_PODS, e))?;
+        Ok(())
+    }
+
     /// Makes the backend maps hold exactly `allowed`: cgroup id -> service ids its pod may
     /// connect to. Every cgroup in `allowed` is under authorization, even with no services.
     pub fn set_backends(&self, allowed: &BTreeMap<u64, BTreeSet<u32>>) -> Result<(), Error> {
