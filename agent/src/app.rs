@@ -63,6 +63,8 @@ pub struct Config {
     pub inbound_port: u16,
     /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
     pub fast_path: bool,
+    /// Open captured connections allowed per pod (see `RedirectConfig`).
+    pub max_pod_connections: u32,
     /// Per-request telemetry (`--telemetry`).
     pub telemetry: bool,
     /// Probability of sampling a new trace (`--trace-sampling`).
@@ -144,6 +146,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         cgroup_root: config.cgroup_root.clone(),
         bpffs: config.bpffs.clone(),
         fast_path: config.fast_path,
+        max_pod_connections: config.max_pod_connections,
     })?);
     tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), fast_path = config.fast_path, "eBPF programs attached");
 

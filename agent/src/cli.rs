@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// exchange bytes through a sockmap instead of the TCP stack. See docs/benchmarks.md.
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub fast_path: Switch,
+    /// Most captured outbound connections one pod may have open at once (at most half of the
+    /// node's 65,536 pending-connection entries). Past it the pod's connects fail with EPERM
+    /// and `strait_redirect_connects_total{reason="pod_connection_limit"}` counts them, so a
+    /// pod flooding connects cannot make other pods' connections fail.
+    #[arg(long, default_value_t = 16_384)]
+    pub max_pod_connections: u32,
     /// Per-request telemetry: request and TCP connection metrics, access logs, traces.
     /// `off` leaves only the agent's own metrics (eBPF counters, reloads, health checks,
     /// process); the benchmark compares the two.
@@ -262,6 +268,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 peer_nodes: args.peer_nodes,
                 inbound_port: args.inbound_port,
                 fast_path: args.fast_path == Switch::On,
+                max_pod_connections: args.max_pod_connections,
                 telemetry: args.telemetry == Switch::On,
                 trace_sampling: args.trace_sampling,
                 otlp_endpoint: args.otlp_endpoint,

@@ -50,7 +50,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError},
@@ -94,6 +94,10 @@ pub struct RedirectConfig {
     /// Attach the fast path (sockmap redirection of the agent's local legs, see
     /// `redirect/fastpath.rs`); off detaches a previous agent's.
     pub fast_path: bool,
+    /// Most captured outbound connections one pod network namespace may have open at once;
+    /// connects past it are refused (EPERM) and counted as `pod_connection_limit`. Bounds
+    /// each pod's share of the node-wide original-destination maps.
+    pub max_pod_connections: u32,
 }
 
 /// How an enrolled pod's connects are treated.
@@ -149,6 +153,8 @@ pub struct Counters {
     pub capture_failed: u64,
     /// Original destinations lost because the re-keyed entry could not be stored.
     pub rekey_failed: u64,
+    /// Connects refused because the pod had its limit of captured connections open.
+    pub pod_connection_limit: u64,
     /// Connections refused because their original destination was recorded for another
     /// workload's outbound listener (see [`Taken::OtherListener`]); counted by the agent,
     /// since it started.
@@ -159,7 +165,7 @@ pub struct Counters {
 
 impl Counters {
     /// (reason, value) pairs, for metrics with a bounded `reason` label.
-    pub fn by_reason(&self) -> [(&'static str, u64); 14] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 15] {
         [
             ("captured", self.captured),
             ("passed", self.passed),
@@ -169,6 +175,7 @@ impl Counters {
             ("lookup_miss", self.lookup_miss),
             ("capture_failed", self.capture_failed),
             ("rekey_failed", self.rekey_failed),
+            ("pod_connection_limit", self.pod_connection_limit),
             ("other_listener", self.other_listener),
             ("fastpath_hit", self.fast_path.hit),
             ("fastpath_miss", self.fast_path.miss),
@@ -239,6 +246,12 @@ pub enum Error {
          with `cargo xtask build-ebpf` and then `cargo build`"
     )]
     NoObject,
+    #[error(
+        "--max-pod-connections {limit} is out of range: give 1 to {MAX_POD_CONNECTIONS} \
+         (half the node's {} pending-connection entries, so no pod can fill them)",
+        abi::MAX_PENDING_CONNECTIONS
+    )]
+    PodConnectionLimit { limit: u32 },
     #[error("the kernel refused strait's eBPF object (needs Linux >= 5.15 with BTF and cgroup v2)")]
     Load(#[source] aya::EbpfError),
     #[error("cannot load program {program} (the verifier's output follows)")]
@@ -324,6 +337,10 @@ fn eperm_in(err: &(dyn std::error::Error + 'static)) -> Option<io::Error> {
     None
 }
 
+/// Highest `--max-pod-connections`: half the pending-connection map, so one pod can never
+/// hold more than half of the entries every other pod's connects need.
+pub const MAX_POD_CONNECTIONS: u32 = abi::MAX_PENDING_CONNECTIONS / 2;
+
 /// strait's maps, opened from the pins.
 struct Maps {
     enrolled: HashMap<MapData, u64, abi::EnrolledPod>,
@@ -332,6 +349,7 @@ struct Maps {
     conn_orig_dst: HashMap<MapData, abi::ConnKey, abi::OrigDst>,
     outbound_ports: HashMap<MapData, u16, u32>,
     counters: PerCpuArray<MapData, u64>,
+    limits: Array<MapData, u64>,
     /// Mirror of `enrolled` (this agent is its only writer): cgroup -> port,
     /// so that `outbound_ports` is kept without scanning the map.
     ports_by_cgroup: StdHashMap<u64, u16>,
@@ -365,6 +383,11 @@ impl Redirect {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
+        if cfg.max_pod_connections == 0 || cfg.max_pod_connections > MAX_POD_CONNECTIONS {
+            return Err(Error::PodConnectionLimit {
+                limit: cfg.max_pod_connections,
+            });
+        }
         let cgroup = open_cgroup(&cfg.cgroup_root)?;
         prepare_pin_folder(&cfg.bpffs)?;
         check_pinned_maps(&cfg.bpffs)?;
@@ -391,7 +414,14 @@ impl Redirect {
         } else {
             None
         };
-        let maps = take_maps(&mut ebpf, cfg.fast_path)?;
+        let mut maps = take_maps(&mut ebpf, cfg.fast_path)?;
+        maps.limits
+            .set(
+                abi::LIMIT_POD_CONNECTIONS,
+                u64::from(cfg.max_pod_connections),
+                0,
+            )
+            .map_err(|e| Error::map("write", abi::MAP_LIMITS, e))?;
         let inpod = inpod::InPod::new(ebpf, &cfg.bpffs)?;
 
         pin_links(&cfg.bpffs, attached)?;
@@ -530,6 +560,7 @@ impl Redirect {
             lookup_miss: read(abi::COUNTER_LOOKUP_MISS)?,
             capture_failed: read(abi::COUNTER_CAPTURE_FAILED)?,
             rekey_failed: read(abi::COUNTER_REKEY_FAILED)?,
+            pod_connection_limit: read(abi::COUNTER_POD_CONNECTION_LIMIT)?,
             other_listener: self.other_listener.load(Ordering::Relaxed),
             fast_path: maps.fast_path.counters()?,
         })
@@ -717,6 +748,18 @@ fn expected_layout(name: &str) -> Option<(MapType, usize, usize, u32)> {
             size_of::<u64>(),
             abi::COUNTERS_LEN,
         ),
+        abi::MAP_POD_CONNECTIONS => (
+            MapType::LruHash,
+            size_of::<u64>(),
+            size_of::<i64>(),
+            abi::MAX_COUNTED_NETNS,
+        ),
+        abi::MAP_LIMITS => (
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            abi::LIMITS_LEN,
+        ),
         abi::MAP_FASTPATH_SOCKS => (
             MapType::SockHash,
             size_of::<abi::FastKey>(),
@@ -843,6 +886,7 @@ fn take_maps(ebpf: &mut Ebpf, fast_path: bool) -> Result<Maps, Error> {
         conn_orig_dst: take(ebpf, abi::MAP_CONN_ORIG_DST)?,
         outbound_ports: take(ebpf, abi::MAP_OUTBOUND_PORTS)?,
         counters: take(ebpf, abi::MAP_COUNTERS)?,
+        limits: take(ebpf, abi::MAP_LIMITS)?,
         ports_by_cgroup,
         fast_path: fastpath::take_maps(ebpf, fast_path)?,
     };
@@ -1127,6 +1171,7 @@ mod tests {
             cgroup_root: dir.path().to_owned(),
             bpffs: dir.path().join("pins"),
             fast_path: true,
+            max_pod_connections: 16_384,
         };
         assert!(matches!(
             Redirect::install(&cfg),

@@ -358,6 +358,7 @@ fn capture_deny_pass_restart_uninstall() {
         cgroup_root: node.clone(),
         bpffs: bpffs.clone(),
         fast_path: false,
+        max_pod_connections: 16_384,
     };
     let r = Redirect::install(&cfg).unwrap();
     let pod_id = redirect::cgroup_id(&pod).unwrap();

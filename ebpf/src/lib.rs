@@ -32,10 +32,16 @@ pub const MAP_CONN_ORIG_DST: &str = "STRAIT_CONNDST_V2";
 /// loopback traffic.
 pub const MAP_OUTBOUND_PORTS: &str = "STRAIT_OUTPORTS_V1";
 /// Per-CPU `u64` counters indexed by the `COUNTER_*` constants.
-pub const MAP_COUNTERS: &str = "STRAIT_COUNTERS_V1";
+pub const MAP_COUNTERS: &str = "STRAIT_COUNTERS_V2";
+/// LRU `netns cookie (u64) -> i64`: captured outbound connections a pod network namespace has
+/// open (counted at TCP connect, uncounted when the socket closes), so one pod cannot fill
+/// the node-wide original-destination maps. Only eBPF writes it.
+pub const MAP_POD_CONNECTIONS: &str = "STRAIT_PODCONNS_V1";
+/// Array of `u64` indexed by the `LIMIT_*` constants, written by the agent at start.
+pub const MAP_LIMITS: &str = "STRAIT_LIMITS_V1";
 
 /// Every map, in the order the agent checks and pins them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_ENROLLED,
     MAP_SERVICES4,
     MAP_SERVICES6,
@@ -43,6 +49,8 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_CONN_ORIG_DST,
     MAP_OUTBOUND_PORTS,
     MAP_COUNTERS,
+    MAP_POD_CONNECTIONS,
+    MAP_LIMITS,
 ];
 
 /// Deepest cgroup level (below the hierarchy root, level 0) at which a pod's cgroup can be
@@ -58,6 +66,16 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_PENDING_CONNECTIONS: u32 = 65_536;
 /// Distinct outbound listener ports.
 pub const MAX_OUTBOUND_PORTS: u32 = 1_024;
+/// Pod network namespaces whose open connections are counted (more than a node's pods, so
+/// only namespaces idle the longest, usually gone, are ever evicted).
+pub const MAX_COUNTED_NETNS: u32 = 4 * MAX_ENROLLED;
+
+/// `MAP_LIMITS` index: most captured outbound connections one pod network namespace may have
+/// open at once; a connect past it is refused (EPERM). Kept well below
+/// `MAX_PENDING_CONNECTIONS` so one pod's flood cannot evict another pod's pending entries.
+pub const LIMIT_POD_CONNECTIONS: u32 = 0;
+/// Size of `MAP_LIMITS`.
+pub const LIMITS_LEN: u32 = 1;
 
 /// Program names (the function names in `src/main.rs`).
 pub const PROG_CONNECT4: &str = "strait_connect4";
@@ -81,8 +99,11 @@ pub const COUNTER_LOOKUP_MISS: u32 = 5;
 pub const COUNTER_CAPTURE_FAILED: u32 = 6;
 /// sock_ops could not store the connection key (the agent will miss it).
 pub const COUNTER_REKEY_FAILED: u32 = 7;
+/// connect4/6 refused a connect: the pod already has `LIMIT_POD_CONNECTIONS` captured
+/// connections open (EPERM).
+pub const COUNTER_POD_CONNECTION_LIMIT: u32 = 8;
 /// Size of the counters array.
-pub const COUNTERS_LEN: u32 = 8;
+pub const COUNTERS_LEN: u32 = 9;
 
 /// `EnrolledPod::flags`: refuse connects to non-mesh, non-loopback destinations
 /// (App Mesh `egressFilter.type: DROP_ALL`).

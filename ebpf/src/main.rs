@@ -8,17 +8,24 @@
 //! - `strait_sockops` (sock_ops): at `TCP_CONNECT_CB` (local port assigned, SYN
 //!   not sent yet) move the original destination from the socket cookie to
 //!   (netns cookie, client address, client port), which the agent can compute
-//!   from the socket it accepts.
+//!   from the socket it accepts. The socket is counted against its pod network
+//!   namespace's connection limit and asks for state callbacks; when it closes, the
+//!   count drops and an entry the agent never took (the connection never reached
+//!   its accept) is removed, so no entry outlives its socket.
 //! - `strait_sk_lookup` and the backend check of connect4/6 live in `src/inpod.rs` (inbound
 //!   capture for STRICT/PERMISSIVE listeners, App Mesh backend authorization).
 //!
 //! - `strait_sockops_fastpath` / `strait_sk_msg_fastpath`: the fast path, see
 //!   `src/fastpath.rs`.
 //!
-//! Hot paths count outcomes in `STRAIT_COUNTERS_V1` and never log. Every map is
+//! Hot paths count outcomes in `STRAIT_COUNTERS_V2` and never log. Every map is
 //! pinned by name so a restarting agent adopts them. Loading, attaching and
 //! pinning are the agent's `redirect` module.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// The bpf target has no compare-and-swap, so core's atomic types offer no `fetch_add`; the
+// intrinsic compiles to the BPF atomic add instruction the kernel has had since 3.18.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
@@ -32,14 +39,18 @@ mod inpod;
 mod progs {
     use aya_ebpf::{
         EbpfContext as _,
-        bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+        bindings::{
+            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+            BPF_NOEXIST, BPF_TCP_CLOSE, bpf_sock_addr,
+        },
         helpers::generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
         macros::{cgroup_sock_addr, map, sock_ops},
-        maps::{HashMap, LruHashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::{SockAddrContext, SockOpsContext},
     };
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
     use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
     use strait_ebpf::*;
 
@@ -65,14 +76,50 @@ mod progs {
         LruHashMap::pinned(MAX_PENDING_CONNECTIONS, 0);
     #[map(name = "STRAIT_OUTPORTS_V1")]
     pub(crate) static OUTBOUND_PORTS: HashMap<u16, u32> = HashMap::pinned(MAX_OUTBOUND_PORTS, 0);
-    #[map(name = "STRAIT_COUNTERS_V1")]
+    #[map(name = "STRAIT_COUNTERS_V2")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+    #[map(name = "STRAIT_PODCONNS_V1")]
+    static POD_CONNECTIONS: LruHashMap<u64, i64> = LruHashMap::pinned(MAX_COUNTED_NETNS, 0);
+    #[map(name = "STRAIT_LIMITS_V1")]
+    static LIMITS: Array<u64> = Array::pinned(LIMITS_LEN, 0);
 
     #[inline(always)]
     fn count(reason: u32) {
         if let Some(p) = COUNTERS.get_ptr_mut(reason) {
             // SAFETY: a per-CPU slot, only this CPU writes it while we run.
             unsafe { *p += 1 }
+        }
+    }
+
+    /// Has the caller's pod network namespace as many captured connections open as it may?
+    /// A limit of 0 (the agent has not written one) means none.
+    #[inline(always)]
+    fn at_connection_limit(netns: u64) -> bool {
+        let limit = LIMITS.get(LIMIT_POD_CONNECTIONS).copied().unwrap_or(0);
+        if limit == 0 {
+            return false;
+        }
+        // SAFETY: a plain i64 read; a concurrent update gives the old or the new count.
+        let open = unsafe { POD_CONNECTIONS.get(netns).copied() }.unwrap_or(0);
+        open >= limit as i64
+    }
+
+    /// Add `delta` to the open-connection count of a pod network namespace. Atomic: the
+    /// connects and closes of one pod run on every CPU.
+    #[inline(always)]
+    fn add_pod_connections(netns: u64, delta: i64) {
+        if POD_CONNECTIONS.get_ptr_mut(netns).is_none() {
+            if delta < 0 {
+                // Evicted (idle the longest) or counted by an older agent: nothing to undo.
+                return;
+            }
+            // BPF_NOEXIST: another CPU may have created it meanwhile; either way it exists.
+            let _ = POD_CONNECTIONS.insert(netns, 0, u64::from(BPF_NOEXIST));
+        }
+        if let Some(open) = POD_CONNECTIONS.get_ptr_mut(netns) {
+            // SAFETY: the pointer is into the map's value, valid for the program's run and
+            // 8-byte aligned; every writer uses atomic adds.
+            unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(open, delta) };
         }
     }
 
@@ -168,6 +215,18 @@ mod progs {
         COOKIE_ORIG_DST.insert(cookie, dst, 0).is_ok()
     }
 
+    /// connect4/6: refuse (and count) a capture past the pod's connection limit.
+    #[inline(always)]
+    fn over_limit(ctx: &SockAddrContext) -> bool {
+        // SAFETY: the context pointer is valid for the program's run.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        if at_connection_limit(netns) {
+            count(COUNTER_POD_CONNECTION_LIMIT);
+            return true;
+        }
+        false
+    }
+
     #[cgroup_sock_addr(connect4)]
     pub fn strait_connect4(ctx: SockAddrContext) -> i32 {
         match try_connect4(&ctx) {
@@ -206,6 +265,9 @@ mod progs {
             return Ok(not_a_service(&pod, ipv4_is_loopback(addr)));
         };
         if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {
+            return Err(REFUSE);
+        }
+        if over_limit(ctx) {
             return Err(REFUSE);
         }
         let dst = OrigDst {
@@ -301,6 +363,9 @@ mod progs {
         if !crate::inpod::backend_allowed(pod_cgroup, service.service_id) {
             return Err(REFUSE);
         }
+        if over_limit(ctx) {
+            return Err(REFUSE);
+        }
         let (dst, listener) = match mapped {
             Some(v4) => (
                 OrigDst {
@@ -355,6 +420,9 @@ mod progs {
         let ops = ctx.ops;
         // SAFETY: context fields, 4-byte reads as the verifier requires.
         let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+        if op == BPF_SOCK_OPS_STATE_CB {
+            return closed(ctx);
+        }
         if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
             return Ok(());
         }
@@ -424,6 +492,67 @@ mod progs {
             count(COUNTER_REKEYED);
         } else {
             count(COUNTER_REKEY_FAILED);
+        }
+        // Counted from here until the socket closes: ask for its state changes. The flags
+        // are replaced, not or-ed, by the helper, so keep any already set.
+        // SAFETY: context field, 4-byte read.
+        let flags = unsafe { read_volatile(addr_of!((*ops).bpf_sock_ops_cb_flags)) };
+        if ctx
+            .set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+            .is_ok()
+        {
+            add_pod_connections(netns, 1);
+        }
+        Ok(())
+    }
+
+    /// A counted socket changed state: on close, uncount it and remove its original
+    /// destination if the agent never took it (the connection never reached its accept:
+    /// refused, timed out, or closed by the client first).
+    fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
+        if ctx.arg(1) != BPF_TCP_CLOSE {
+            return Ok(());
+        }
+        // SAFETY: the context pointer is valid for the program's run.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        add_pod_connections(netns, -1);
+        let ops = ctx.ops;
+        // SAFETY: context fields, 4-byte reads as the verifier requires.
+        let (family, local_port, remote_port) = unsafe {
+            (
+                read_volatile(addr_of!((*ops).family)),
+                read_volatile(addr_of!((*ops).local_port)) as u16,
+                u16::from_be((read_volatile(addr_of!((*ops).remote_port)) >> 16) as u16),
+            )
+        };
+        let key = if family == AF_INET {
+            // SAFETY: as above.
+            ConnKey::v4(
+                netns,
+                unsafe { read_volatile(addr_of!((*ops).local_ip4)) },
+                local_port,
+            )
+        } else if family == AF_INET6 {
+            // SAFETY: as above.
+            let local = unsafe {
+                [
+                    read_volatile(addr_of!((*ops).local_ip6[0])),
+                    read_volatile(addr_of!((*ops).local_ip6[1])),
+                    read_volatile(addr_of!((*ops).local_ip6[2])),
+                    read_volatile(addr_of!((*ops).local_ip6[3])),
+                ]
+            };
+            ConnKey::v6(netns, local, local_port)
+        } else {
+            return Ok(());
+        };
+        // Only this socket's entry: on a shared network namespace another socket may use the
+        // same local port towards another workload's listener.
+        // SAFETY: Copy value read at once.
+        if let Some(dst) = unsafe { CONN_ORIG_DST.get(key).copied() }
+            && dst.listener_port == remote_port
+        {
+            let _ = CONN_ORIG_DST.remove(key);
         }
         Ok(())
     }

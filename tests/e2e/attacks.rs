@@ -15,6 +15,8 @@
 //! - Private keys readable by group or others are refused; `strait ca` writes 0700/0600.
 //! - A workload sharing a network namespace cannot present its captured client port at another
 //!   workload's outbound listener (SO_REUSEADDR) and be proxied as that workload.
+//! - A pod flooding connects that never reach the agent cannot push other pods' pending
+//!   connections out of the node-wide map.
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
@@ -1113,5 +1115,214 @@ fn a_workload_sharing_the_namespace_cannot_pass_for_another_at_its_listener() ->
 
     let report = call(&bed.client, &format!("{COLOR}:9090"), &["-4"])?;
     assert_eq!(report["ok"], true, "victim after the attack: {report}");
+    Ok(())
+}
+
+/// One process of the flooding pod of the connection-flood test. The pod's own SYNs to its
+/// outbound listener are dropped (a rule in its namespace), so every captured connect stays
+/// pending: an original destination the agent never takes. It opens up to `argv[3]` such
+/// connects at once from several loopback source addresses (enough ports to pass the node's
+/// 65,536 pending entries across the pod's processes), prints a report, waits for the file
+/// `argv[5]` to exist, then for `argv[4]` seconds closes its oldest thousand and opens a
+/// thousand more. Reports (JSON lines): connects that went pending, connects refused with
+/// EPERM, the most it had open at once.
+const FLOOD_SCRIPT: &str = r#"
+import collections, json, os, resource, socket, sys, time
+service = (sys.argv[1], int(sys.argv[2]))
+target, seconds, go = int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+if hard != resource.RLIM_INFINITY and hard < target + 100:
+    sys.exit("the open-files hard limit %d is below %d" % (hard, target + 100))
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+IP_BIND_ADDRESS_NO_PORT = 24
+sources = ["127.0.%d.%d" % (os.getpid() % 200, i) for i in range(2, 10)]
+open_socks = collections.deque()
+report = {"pending": 0, "refused": 0, "other": 0, "most_open": 0}
+def connect(i):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    s.bind((sources[i % len(sources)], 0))
+    s.setblocking(False)
+    try:
+        s.connect(service)
+    except BlockingIOError:
+        pass
+    except PermissionError:
+        report["refused"] += 1
+        s.close()
+        return
+    except OSError as e:
+        report["other"] += 1
+        report["error"] = str(e)
+        s.close()
+        return
+    open_socks.append(s)
+    report["pending"] += 1
+    report["most_open"] = max(report["most_open"], len(open_socks))
+i = 0
+while i < target:
+    connect(i)
+    i += 1
+print(json.dumps({"phase": "filled", "open": len(open_socks), **report}), flush=True)
+waited = 0
+while not os.path.exists(go) and waited < 600:
+    time.sleep(0.1)
+    waited += 1
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline and i < 50 * target:
+    for _ in range(min(1000, len(open_socks))):
+        open_socks.popleft().close()
+    for _ in range(1000):
+        connect(i)
+        i += 1
+print(json.dumps({"phase": "done", "open": len(open_socks), **report}), flush=True)
+"#;
+
+/// One pod flooding connects cannot make another pod's connections fail. The original
+/// destinations of captured connects wait in one node-wide map of 65,536 entries until the
+/// agent accepts; a pod whose connects never reach the agent (here: its own SYNs dropped)
+/// could fill it and push out other pods' entries, whose connections the agent then closes as
+/// lookup misses. Each pod may have at most `--max-pod-connections` (default 16,384) captured
+/// connections open: the flooder's connects past that fail with EPERM and are counted, its
+/// closed sockets free their share (and their entries) at once, and a well-behaved pod's calls
+/// all succeed during the flood.
+#[test]
+fn a_pod_flooding_connects_cannot_make_another_pods_connections_fail() -> anyhow::Result<()> {
+    const FLOOD: usize = 75_000;
+    const PROCESSES: usize = 5;
+    const LIMIT: u64 = 16_384;
+    let bed = bed("attack-flood")?;
+    let flooder = bed
+        .node
+        .add_pod(&PodSpec::new("flooder", "app").label("app", "client"))?;
+    bed.node.write_workload(&flooder)?;
+    let agent = bed.start(&[])?;
+    agent.wait_enrolled("app/flooder", true, Duration::from_secs(20))?;
+    let port = outbound_port(&agent, "app/flooder")?;
+    run(
+        flooder
+            .command("sysctl")
+            .args(["-w", "net.ipv4.ip_local_port_range=1024 65535"]),
+        Duration::from_secs(10),
+    )?;
+    let drop_syns = [
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-p",
+        "tcp",
+        "--syn",
+        "--dport",
+        &port.to_string(),
+        "-j",
+        "DROP",
+    ]
+    .map(str::to_owned);
+    let output = run(
+        flooder
+            .command("iptables")
+            .args(["-w", "-A"])
+            .args(&drop_syns),
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        output.status.success(),
+        "iptables: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let script = bed.tb.temp_dir().join("flood.py");
+    std::fs::write(&script, FLOOD_SCRIPT)?;
+    let go = bed.tb.temp_dir().join("flood-go");
+    let per_process = (FLOOD / PROCESSES).to_string();
+    let floods = (0..PROCESSES)
+        .map(|n| {
+            bed.tb.spawn(
+                &format!("flooder{n}"),
+                flooder.command("/usr/bin/python3").arg(&script).args([
+                    "10.96.0.10",
+                    "9090",
+                    &per_process,
+                    "15",
+                    &go.display().to_string(),
+                ]),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let reports = |phase: &str| -> anyhow::Result<Vec<Value>> {
+        let mut found = Vec::new();
+        for flood in &floods {
+            if let Some(status) = flood.try_wait()?
+                && !status.success()
+            {
+                bail!("a flooder failed ({status}): {}", flood.stderr());
+            }
+            found.extend(
+                flood
+                    .stdout()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter(|r| r["phase"] == phase),
+            );
+        }
+        Ok(found)
+    };
+    let sum = |reports: &[Value], field: &str| -> u64 {
+        reports.iter().filter_map(|r| r[field].as_u64()).sum()
+    };
+    eventually(
+        Duration::from_secs(90),
+        "every flooding process has opened what it could",
+        || Ok(reports("filled")?.len() == PROCESSES),
+    )?;
+    let filled = reports("filled")?;
+    std::fs::write(&go, "")?;
+    // The well-behaved pod, during the churn: every connection must get through.
+    let report = call(
+        &bed.client,
+        &format!("{COLOR}:9090"),
+        &["-4", "--count", "200"],
+    )?;
+    for flood in &floods {
+        let status = flood.wait_timeout(Duration::from_secs(120))?;
+        ensure!(status.success(), "flooder: {}", flood.stderr());
+    }
+    assert_eq!(
+        report["ok"],
+        true,
+        "the well-behaved pod lost connections during the flood: {report}; counters {:?}",
+        agent.counters()
+    );
+    // Nothing was closed before the filled reports: what was open then is what the pod held.
+    assert_eq!(
+        sum(&filled, "open"),
+        LIMIT,
+        "the flooding pod held more (or fewer) pending connects than its share: {filled:?}"
+    );
+    assert_eq!(sum(&filled, "other"), 0, "{filled:?}");
+    let done = reports("done")?;
+    ensure!(done.len() == PROCESSES, "flooder reports {done:?}");
+    assert_eq!(sum(&done, "other"), 0, "{done:?}");
+    let refused = sum(&done, "refused");
+    ensure!(refused > 0, "no connect was refused: {done:?}");
+    eventually(
+        Duration::from_secs(5),
+        "the agent counts every refused connect",
+        || Ok(agent.counter("pod_connection_limit")? == refused),
+    )
+    .with_context(|| format!("counters {:?}, flooders {done:?}", agent.counters()))?;
+    // The flooder's share is free again once its sockets are gone: nothing leaked.
+    let output = run(
+        flooder
+            .command("iptables")
+            .args(["-w", "-D"])
+            .args(&drop_syns),
+        Duration::from_secs(10),
+    )?;
+    ensure!(output.status.success(), "iptables -D");
+    let after = call(&flooder, &format!("{COLOR}:9090"), &["-4", "--count", "5"])?;
+    assert_eq!(
+        after["ok"], true,
+        "the flooder's share was not given back: {after}"
+    );
     Ok(())
 }
