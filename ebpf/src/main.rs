@@ -40,8 +40,8 @@ mod progs {
     use aya_ebpf::{
         EbpfContext as _,
         bindings::{
-            BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-            BPF_NOEXIST, BPF_TCP_CLOSE, bpf_sock_addr,
+            BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
         },
         helpers::generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
