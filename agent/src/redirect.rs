@@ -2,7 +2,7 @@
 //! from `strait-ebpf`), attaches them at the node's cgroup root, pins links and
 //! maps under one bpffs folder, and reads and writes the maps.
 //!
-//! What the programs do (see `ebpf/src/main.rs`): `strait_connect4`/`6` capture
+//! What the programs do (see `ebpf/src/capture.rs`): `strait_connect4`/`6` capture
 //! TCP connects from enrolled cgroups to service addresses (rewriting them to
 //! the pod's outbound listener on loopback, and remembering the original
 //! destination) and enforce egress DROP_ALL; `strait_sockops` re-keys the
@@ -166,23 +166,34 @@ pub struct Counters {
 impl Counters {
     /// (reason, value) pairs, for metrics with a bounded `reason` label.
     pub fn by_reason(&self) -> [(&'static str, u64); 15] {
-        [
-            ("captured", self.captured),
-            ("passed", self.passed),
-            ("denied", self.denied),
-            ("not_enrolled", self.not_enrolled),
-            ("rekeyed", self.rekeyed),
-            ("lookup_miss", self.lookup_miss),
-            ("capture_failed", self.capture_failed),
-            ("rekey_failed", self.rekey_failed),
-            ("pod_connection_limit", self.pod_connection_limit),
-            ("other_listener", self.other_listener),
-            ("fastpath_hit", self.fast_path.hit),
-            ("fastpath_miss", self.fast_path.miss),
-            ("fastpath_tainted", self.fast_path.tainted),
-            ("fastpath_sockets", self.fast_path.inserted),
-            ("fastpath_insert_failed", self.fast_path.insert_failed),
-        ]
+        let ebpf = [
+            self.captured,
+            self.passed,
+            self.denied,
+            self.not_enrolled,
+            self.rekeyed,
+            self.lookup_miss,
+            self.capture_failed,
+            self.rekey_failed,
+            self.pod_connection_limit,
+        ];
+        let fast = [
+            self.fast_path.hit,
+            self.fast_path.miss,
+            self.fast_path.tainted,
+            self.fast_path.inserted,
+            self.fast_path.insert_failed,
+        ];
+        let mut all = [("", 0); 15];
+        let names = abi::COUNTER_NAMES
+            .into_iter()
+            .zip(ebpf)
+            .chain([("other_listener", self.other_listener)])
+            .chain(abi::FASTPATH_COUNTER_NAMES.into_iter().zip(fast));
+        for (slot, pair) in all.iter_mut().zip(names) {
+            *slot = pair;
+        }
+        all
     }
 }
 
@@ -1114,6 +1125,41 @@ mod tests {
     fn redirect_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Redirect>();
+    }
+
+    /// Each field reads the slot of its index constant, and `by_reason` names it as the
+    /// library's table names that index.
+    #[test]
+    fn counters_are_named_by_the_shared_table() {
+        let at = |index: u32| 100 + u64::from(index);
+        let counters = Counters {
+            captured: at(abi::COUNTER_CAPTURED),
+            passed: at(abi::COUNTER_PASSED),
+            denied: at(abi::COUNTER_DENIED),
+            not_enrolled: at(abi::COUNTER_NOT_ENROLLED),
+            rekeyed: at(abi::COUNTER_REKEYED),
+            lookup_miss: at(abi::COUNTER_LOOKUP_MISS),
+            capture_failed: at(abi::COUNTER_CAPTURE_FAILED),
+            rekey_failed: at(abi::COUNTER_REKEY_FAILED),
+            pod_connection_limit: at(abi::COUNTER_POD_CONNECTION_LIMIT),
+            other_listener: 7,
+            fast_path: FastPathCounters {
+                hit: 200 + u64::from(abi::FASTPATH_COUNTER_HIT),
+                miss: 200 + u64::from(abi::FASTPATH_COUNTER_MISS),
+                tainted: 200 + u64::from(abi::FASTPATH_COUNTER_TAINTED),
+                inserted: 200 + u64::from(abi::FASTPATH_COUNTER_INSERTED),
+                insert_failed: 200 + u64::from(abi::FASTPATH_COUNTER_INSERT_FAILED),
+            },
+        };
+        let named: std::collections::HashMap<_, _> = counters.by_reason().into_iter().collect();
+        assert_eq!(named.len(), 15, "{named:?}");
+        for (index, name) in abi::COUNTER_NAMES.into_iter().enumerate() {
+            assert_eq!(named[name], 100 + index as u64, "{name}");
+        }
+        for (index, name) in abi::FASTPATH_COUNTER_NAMES.into_iter().enumerate() {
+            assert_eq!(named[name], 200 + index as u64, "{name}");
+        }
+        assert_eq!(named["other_listener"], 7);
     }
 
     #[test]

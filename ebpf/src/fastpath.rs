@@ -34,7 +34,9 @@ use aya_ebpf::{
 use core::ptr::{addr_of, read_volatile};
 use strait_ebpf::*;
 
-use crate::progs::OUTBOUND_PORTS;
+use crate::common::*;
+
+use crate::capture::OUTBOUND_PORTS;
 
 /// Leg A (a pod's client socket <-> the agent's in-pod listener) stays on the normal stack.
 ///
@@ -47,9 +49,6 @@ use crate::progs::OUTBOUND_PORTS;
 /// Python requests. The agent's own sockets are non-blocking and retry on EAGAIN anyway. Turn
 /// this on only for kernels where the same tests pass with it.
 const LEG_A: bool = false;
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 #[map(name = "STRAIT_FASTPATH_SOCKS_V1")]
 static SOCKS: SockHash<FastKey> = SockHash::pinned(MAX_FASTPATH_SOCKETS, 0);
@@ -64,10 +63,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(FASTPATH_COUNTERS_LEN, 0
 
 #[inline(always)]
 fn count(reason: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(reason) {
-        // SAFETY: a per-CPU slot, only this CPU writes it while we run.
-        unsafe { *p += 1 }
-    }
+    bump(&COUNTERS, reason);
 }
 
 /// Family and addresses of a context with the usual socket fields (`bpf_sock_ops`,

@@ -26,9 +26,7 @@ use aya_ebpf::{
 use core::ptr::{addr_of, read_volatile};
 use strait_ebpf::*;
 
-const IPPROTO_TCP: u32 = 6;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use crate::common::*;
 
 #[map(name = "STRAIT_INPORTS_V2")]
 static INBOUND_PORTS: HashMap<InboundKey, u32> = HashMap::pinned(MAX_INBOUND_PORTS, 0);
@@ -48,10 +46,7 @@ static STRAIT_INBOUND_POD: Global<u64> = Global::new(0);
 
 #[inline(always)]
 fn count(reason: u32) {
-    if let Some(p) = INPOD_COUNTERS.get_ptr_mut(reason) {
-        // SAFETY: a per-CPU slot, only this CPU writes it while we run.
-        unsafe { *p += 1 }
-    }
+    bump(&INPOD_COUNTERS, reason);
 }
 
 /// May the calling pod, enrolled as cgroup `cgroup_id` (the pod's cgroup, an ancestor of the

@@ -46,12 +46,20 @@ pub struct InPodCounters {
 impl InPodCounters {
     /// (reason, value) pairs for a metric with a bounded `reason` label.
     pub fn by_reason(&self) -> [(&'static str, u64); 4] {
-        [
-            ("not_a_backend", self.not_a_backend),
-            ("inbound_steered", self.inbound_steered),
-            ("inbound_no_socket", self.inbound_no_socket),
-            ("inbound_self", self.inbound_self),
-        ]
+        let values = [
+            self.not_a_backend,
+            self.inbound_steered,
+            self.inbound_no_socket,
+            self.inbound_self,
+        ];
+        let mut all = [("", 0); 4];
+        for (slot, pair) in all
+            .iter_mut()
+            .zip(abi::INPOD_COUNTER_NAMES.into_iter().zip(values))
+        {
+            *slot = pair;
+        }
+        all
     }
 }
 
