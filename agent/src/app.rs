@@ -161,8 +161,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let security = identity::Metrics::default();
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
-    let transport =
-        Arc::new(Transport::new(config.peer_nodes.clone(), security).with_tunnel(config.tunnel));
+    let transport = Arc::new(
+        Transport::new(config.peer_nodes.clone(), security)
+            .with_tunnel(config.tunnel)
+            .with_endpoints(workload_source.endpoints.clone()),
+    );
     transport.admission.metrics.register(&mut registry);
     transport
         .policy
