@@ -140,6 +140,7 @@ pub async fn start(options: Options) -> Result<KubernetesSource, Error> {
             let handle = cni::Handle {
                 socket: socket.clone(),
                 commands: tx,
+                stop: cni::Stop::default(),
             };
             (Some(handle), Some(registrations), Some(rx))
         }
