@@ -803,5 +803,27 @@ fn pods_of_one_flat_range_are_reached_through_the_agent_of_the_node_the_api_name
     assert_eq!(report["by_server"]["color-c"], 6, "{report}");
     assert_eq!(failures(&agent1, "no such pod"), asked_node2);
     assert_eq!(tunnel_streams(&agent2, "inbound")?, inbound2);
+
+    // The free address goes to a new pod on node3 (as the VPC CNI reuses addresses): it is
+    // routed to node3's agent now.
+    let color_b2 = node3.add_pod_at(
+        &PodSpec::new("color-b2", "app").label("app", "color"),
+        ip(11),
+    )?;
+    processes.push(tb.start_sandbox(&color_b2)?);
+    processes.push(echo_server(&tb, &color_b2, 9090, "color-b2")?);
+    api.apply(kubeapi::pod_object(&color_b2))?;
+    agent3.wait_enrolled("app/color-b2", true, Duration::from_secs(15))?;
+    eventually(Duration::from_secs(15), "client reaches color-b2", || {
+        let report = call_flat(&client, 2)?;
+        Ok(report["by_server"]["color-b2"].as_u64().unwrap_or(0) > 0)
+    })?;
+    let inbound3 = tunnel_streams(&agent3, "inbound")?;
+    let report = call_flat(&client, 6)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-b2"], 3, "{report}");
+    assert_eq!(report["by_server"]["color-c"], 3, "{report}");
+    assert!(tunnel_streams(&agent3, "inbound")? >= inbound3 + 6.0);
+    assert_eq!(tunnel_streams(&agent2, "inbound")?, inbound2);
     Ok(())
 }
