@@ -164,8 +164,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let security = identity::Metrics::default();
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
-    let transport =
-        Arc::new(Transport::new(config.peer_nodes.clone(), security).with_tunnel(config.tunnel));
+    let transport = Arc::new(
+        Transport::new(config.peer_nodes.clone(), security)
+            .with_tunnel(config.tunnel)
+            .with_endpoints(workload_source.endpoints.clone()),
+    );
     transport.admission.metrics.register(&mut registry);
     transport
         .policy
@@ -284,7 +287,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Sockets of pods that went away while the agents changed places.
     node.inherited = handover::Inherited::default();
     let (handed_over_tx, mut handed_over) = mpsc::unbounded_channel();
+    // The CNI plugin's requests go to the new agent from the hand-over on.
+    let cni_stop = workload_source.cni.as_ref().map(|cni| cni.stop.clone());
     handover::serve(&config.handover_socket, handover_registry, move |_| {
+        if let Some(stop) = &cni_stop {
+            stop.stop();
+        }
         let _ = handed_over_tx.send(());
     })?;
     node.publish(&admin_state);

@@ -119,6 +119,15 @@ pub struct RunArgs {
     /// found through their sandbox process once the kubelet reports their IP.
     #[arg(long, default_value = "/run/strait/cni.sock", requires = "kubernetes")]
     pub cni_socket: PathBuf,
+    /// The labels of the agent's own pods (--kubernetes only): a node with a ready host-network
+    /// pod carrying them runs an agent, and its pods are reached through the tunnel to that
+    /// node's InternalIP on this agent's --tunnel-listen port. See docs/kubernetes.md.
+    #[arg(
+        long,
+        default_value = crate::kubernetes::endpoints::DEFAULT_AGENT_LABELS,
+        requires = "kubernetes"
+    )]
+    pub agent_pod_labels: crate::kubernetes::endpoints::AgentLabels,
     /// cgroup v2 directory the eBPF programs attach to; only pods below it are seen.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
@@ -247,6 +256,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                     kubeconfig: args.kubeconfig,
                     cgroup_root: cgroup_root.clone(),
                     cni_socket: Some(args.cni_socket).filter(|p| p.as_os_str() != "none"),
+                    tunnel_port: args.tunnel_listen.port(),
+                    agent_labels: args.agent_pod_labels,
                 }),
             };
             let config = app::Config {

@@ -20,8 +20,13 @@
 //! up ([`cni`]): such a pod's network namespace is the one the plugin sent and its addresses
 //! those of the CNI result, so it is enrolled before its containers start, with no sandbox
 //! process or `status.podIPs` needed. See docs/kubernetes.md.
+//!
+//! A fourth watch, of every Pod in the cluster, tells which node each pod address is on
+//! ([`endpoints`]), so other nodes' endpoints are reached through their node's agent without
+//! `--peer-node`.
 
 pub mod cni;
+pub mod endpoints;
 pub mod sandbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,6 +87,11 @@ pub struct Options {
     pub cgroup_root: PathBuf,
     /// Where `strait-cni` hands pods over (`--cni-socket`); `None`: no CNI hand-off.
     pub cni_socket: Option<PathBuf>,
+    /// The port other nodes' agents accept tunnels on (this agent's `--tunnel-listen` port).
+    pub tunnel_port: u16,
+    /// The labels of the agent's pods (`--agent-pod-labels`): a node with such a pod, ready,
+    /// runs an agent.
+    pub agent_labels: endpoints::AgentLabels,
 }
 
 /// The running source.
@@ -91,6 +101,8 @@ pub struct KubernetesSource {
     pub synced: watch::Receiver<bool>,
     /// The CNI hand-off, served once the agent is ready ([`cni::Handle::serve`]).
     pub cni: Option<cni::Handle>,
+    /// Which node each pod address of the cluster is on.
+    pub endpoints: endpoints::Shared,
 }
 
 /// Builds the client (no request yet: an unreachable API is retried, not an error) and starts
@@ -128,16 +140,21 @@ pub async fn start(options: Options) -> Result<KubernetesSource, Error> {
             let handle = cni::Handle {
                 socket: socket.clone(),
                 commands: tx,
+                stop: cni::Stop::default(),
             };
             (Some(handle), Some(registrations), Some(rx))
         }
         None => (None, None, None),
     };
+    let directory = endpoints::Shared::default();
     tokio::spawn(run(
         client,
         options,
-        snapshots_tx,
-        synced_tx,
+        Outputs {
+            snapshots: snapshots_tx,
+            synced: synced_tx,
+            directory: directory.clone(),
+        },
         registrations,
         commands,
     ));
@@ -145,6 +162,7 @@ pub async fn start(options: Options) -> Result<KubernetesSource, Error> {
         snapshots,
         synced,
         cni,
+        endpoints: directory,
     })
 }
 
@@ -252,11 +270,17 @@ where
         .boxed()
 }
 
+/// What the source publishes.
+struct Outputs {
+    snapshots: watch::Sender<Snapshot>,
+    synced: watch::Sender<bool>,
+    directory: endpoints::Shared,
+}
+
 async fn run(
     client: Client,
     options: Options,
-    snapshots: watch::Sender<Snapshot>,
-    synced: watch::Sender<bool>,
+    outputs: Outputs,
     registrations: Option<cni::Registrations>,
     mut commands: Option<tokio::sync::mpsc::UnboundedReceiver<cni::Command>>,
 ) {
@@ -269,7 +293,10 @@ async fn run(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     );
+    let mut cluster_pod_events =
+        watch_all(Api::<Pod>::all(client.clone()), watcher::Config::default());
     let mut node_events = watch_all(Api::<Node>::all(client), watcher::Config::default());
+    let mut cluster_pods = endpoints::Pods::new(options.agent_labels.clone());
     let mut pods = Objects::<Pod>::new("pods");
     let mut namespaces = Objects::<Namespace>::new("namespaces");
     let mut nodes = Objects::<Node>::new("nodes");
@@ -278,12 +305,23 @@ async fn run(
     let mut answers: Vec<cni::Done> = Vec::new();
     let mut recheck = tokio::time::interval(RECHECK);
     let mut announced_own_node = false;
+    let Outputs {
+        snapshots,
+        synced,
+        directory,
+    } = outputs;
     loop {
+        let mut endpoints_changed = false;
         tokio::select! {
             Some(event) = pod_events.next() => { pods.apply(event); }
             Some(event) = namespace_events.next() => { namespaces.apply(event); }
+            Some(event) = cluster_pod_events.next() => {
+                endpoints_changed = cluster_pods.apply(event);
+            }
             Some(event) = node_events.next() => {
-                if nodes.apply(event) && !announced_own_node {
+                let changed = nodes.apply(event);
+                endpoints_changed = changed;
+                if changed && !announced_own_node {
                     let own = nodes.items.get(&(String::new(), options.node_name.clone()));
                     if own.is_none() {
                         tracing::warn!(node = %options.node_name, "no Node object of this name in the API: check --node-name / NODE_NAME");
@@ -298,6 +336,14 @@ async fn run(
                 }
             }
             _ = snapshots.closed() => return,
+        }
+        if endpoints_changed && cluster_pods.synced && nodes.synced {
+            directory.store(Arc::new(endpoints::build(
+                &cluster_pods,
+                endpoints::node_addresses(&nodes.items),
+                &options.node_name,
+                options.tunnel_port,
+            )));
         }
         if !(pods.synced && namespaces.synced) {
             continue;

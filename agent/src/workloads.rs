@@ -182,6 +182,8 @@ pub struct Source {
     /// The CNI plugin's hand-off (Kubernetes with `--cni-socket`), served once the agent is
     /// ready.
     pub cni: Option<crate::kubernetes::cni::Handle>,
+    /// Which node each pod address is on (Kubernetes), for reaching other nodes' pods.
+    pub endpoints: Option<crate::kubernetes::endpoints::Shared>,
     _directory: Option<DirectorySource>,
 }
 
@@ -195,6 +197,7 @@ pub async fn start(source: &PodSource) -> Result<Source, Error> {
                 snapshots: directory.snapshots.clone(),
                 synced: watch::channel(true).1,
                 cni: None,
+                endpoints: None,
                 _directory: Some(directory),
             })
         }
@@ -204,6 +207,7 @@ pub async fn start(source: &PodSource) -> Result<Source, Error> {
                 snapshots: kubernetes.snapshots,
                 synced: kubernetes.synced,
                 cni: kubernetes.cni,
+                endpoints: Some(kubernetes.endpoints),
                 _directory: None,
             })
         }

@@ -480,7 +480,9 @@ enum Unreachable {
 }
 
 /// Connects (retrying while nobody listens, until `timeout`), sends `request` with `fd`, and
-/// reads the answer.
+/// reads the answer. A connection the agent closes without an answer is asked again on a new
+/// one, within `timeout`: an agent that hands over to its successor during an upgrade closes
+/// its pending requests so that they reach the new agent (every request is idempotent).
 fn ask(
     socket: &Path,
     request: &Request,
@@ -488,6 +490,33 @@ fn ask(
     timeout: Duration,
 ) -> Result<Reply, Unreachable> {
     let deadline = Instant::now() + timeout;
+    loop {
+        match ask_once(socket, request, fd, timeout, deadline) {
+            Err(Unreachable::NoAnswer { cause, .. })
+                if closed_unanswered(&cause) && Instant::now() + RETRY_EVERY < deadline =>
+            {
+                std::thread::sleep(RETRY_EVERY);
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// The agent closed the connection before answering (it is handing over, or stopping).
+fn closed_unanswered(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
+}
+
+fn ask_once(
+    socket: &Path,
+    request: &Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<Reply, Unreachable> {
     let stream = loop {
         match UnixStream::connect(socket) {
             Ok(stream) => break stream,

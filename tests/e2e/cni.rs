@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use testbed::agent::{Agent, cni_binary, peer_binary};
 use testbed::cni::{Attachment, PLUGIN_DIR, PluginOutput, Runtime};
 use testbed::kubeapi::{self, KubeApi};
-use testbed::{Node, Pod, PodSpec, Process, Testbed};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, eventually};
 
 /// The mesh of the Kubernetes tests: namespaces labelled `mesh: test` are in it.
 fn mesh_text() -> String {
@@ -435,5 +435,156 @@ fn an_agent_killed_and_restarted_lets_nothing_escape_and_enrolls_every_pod_again
     // The counters live in the pinned maps: one call before the kill, the three while the
     // agent was away (captured by eBPF and refused, not sent around the mesh), one after.
     assert_eq!(agent.counter("captured")?, 5);
+    Ok(())
+}
+
+/// A surge upgrade as the DaemonSet does it (`maxSurge: 1`): a new agent started beside the
+/// running one, on the same hand-over and CNI sockets. Under a steady stream of connects none
+/// is refused, and a CNI ADD in progress at the old agent when the new one takes over (its Pod
+/// object comes only after the hand-over, so the old agent is still waiting for it) is closed
+/// by the old agent, asked again by the plugin, and enrolled by the new agent: the sandbox
+/// starts captured, with no kubelet retry.
+#[test]
+fn a_surge_upgrade_refuses_no_connect_and_an_add_during_the_overlap_is_enrolled()
+-> anyhow::Result<()> {
+    let bed = cni_bed("cni-surge")?;
+    let socket = bed.socket.to_string_lossy().into_owned();
+    // The DaemonSet's drain timeout: the old agent lives on while connections drain.
+    let args = ["--cni-socket", &socket, "--drain-timeout", "30"];
+    let old = Agent::start_kubernetes(&bed.tb, &bed.node, &bed.mesh, &bed.kubeconfig, &args)?;
+    let list = conflist(&bed, 20);
+    let client = bed
+        .node
+        .add_pod_for_cni(&PodSpec::new("client", "app").label("app", "client"))?;
+    bed.api.apply(pending_pod(&client))?;
+    result_of(&setup(&bed, &list, &attachment(&client, 1))?)?;
+
+    // 300 connects, one every 20 ms, across the upgrade.
+    let load = bed.tb.spawn(
+        "load",
+        client.command(peer_binary()?).args([
+            "call",
+            &format!("{SERVICE}:8080"),
+            "-4",
+            "--count",
+            "300",
+            "--interval-ms",
+            "20",
+        ]),
+    )?;
+    // A long connection keeps the old agent draining (alive) well past the hand-over.
+    let hold = bed.tb.spawn(
+        "hold",
+        client.command(peer_binary()?).args([
+            "hold",
+            &format!("{SERVICE}:8080"),
+            "-4",
+            "--connections",
+            "1",
+            "--seconds",
+            "15",
+        ]),
+    )?;
+    let late = bed
+        .node
+        .add_pod_for_cni(&PodSpec::new("late", "app").label("app", "client"))?;
+    let late_att = attachment(&late, 1);
+    let (outputs, new) = std::thread::scope(|scope| -> anyhow::Result<_> {
+        // The runtime sets the sandbox up before the kubelet's Pod object is there: the old
+        // agent takes the ADD and waits for the Pod.
+        let add = scope.spawn(|| setup(&bed, &list, &late_att));
+        std::thread::sleep(Duration::from_secs(1));
+        anyhow::ensure!(
+            !add.is_finished(),
+            "the ADD did not wait for the Pod object"
+        );
+        let new = Agent::spawn_kubernetes(&bed.tb, &bed.node, &bed.mesh, &bed.kubeconfig, &args)?;
+        eventually(Duration::from_secs(20), "the old agent hands over", || {
+            Ok(old
+                .process
+                .stderr()
+                .contains("listeners handed over to a new agent"))
+        })?;
+        bed.api.apply(pending_pod(&late))?;
+        let outputs = add
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ADD thread panicked"))??;
+        // Answered while both agents run: during the overlap.
+        anyhow::ensure!(
+            old.process.try_wait()?.is_none(),
+            "the old agent exited before the ADD was answered"
+        );
+        Ok((outputs, new))
+    })?;
+    result_of(&outputs).with_context(|| {
+        format!(
+            "old agent:\n{}\nnew agent:\n{}",
+            old.process.stderr(),
+            new.process.stderr()
+        )
+    })?;
+    new.wait_ready(Duration::from_secs(30))?;
+    // The ADD was in progress at the old agent, which left it to the new one.
+    assert!(
+        old.process
+            .stderr()
+            .contains("CNI socket: a request in progress is left to the new agent"),
+        "{}",
+        old.process.stderr()
+    );
+    let status = entry(&new, "app/late")?.context("app/late in the new agent's /workloads")?;
+    assert_eq!(status["enrolled"], true, "{status}");
+    assert_eq!(status["netns_inode"], netns_inode(&late)?, "{status}");
+    // The late pod's first connect is captured, by the new agent.
+    let report = call(&late, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(
+        new.connection_logs()
+            .iter()
+            .any(|l| l["source_workload"] == "app/late"),
+        "{}",
+        new.process.stderr()
+    );
+    let status = old
+        .process
+        .wait_timeout(Duration::from_secs(60))
+        .context("the old agent did not drain and exit")?;
+    assert!(status.success(), "the old agent exits cleanly: {status}");
+
+    hold.wait_timeout(Duration::from_secs(30))?;
+    let held: Value = serde_json::from_str(hold.stdout().trim())
+        .with_context(|| format!("no report from hold: {}", hold.stderr()))?;
+    assert_eq!(
+        held["ok"], true,
+        "the held connection lived through the upgrade: {held}"
+    );
+    load.wait_timeout(Duration::from_secs(60))?;
+    let report: Value = serde_json::from_str(load.stdout().trim())
+        .with_context(|| format!("no report from the load: {}", load.stderr()))?;
+    assert_eq!(
+        report["ok"], true,
+        "a connect failed across the upgrade: {report}"
+    );
+    let served: u64 = report["by_server"]
+        .as_object()
+        .context("by_server")?
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(served, 300, "{report}");
+    // Both agents carried part of it.
+    let by = |agent: &Agent| {
+        agent
+            .connection_logs()
+            .iter()
+            .filter(|l| l["source_workload"] == "app/client")
+            .count()
+    };
+    assert!(
+        by(&old) > 0 && by(&new) > 0,
+        "old {}, new {}",
+        by(&old),
+        by(&new)
+    );
     Ok(())
 }

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use testbed::agent::{Agent, peer_binary, strait, strait_binary};
 use testbed::kubeapi::{self, Kind, KubeApi};
 use testbed::kubelet::CgroupDriver;
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, eventually, run};
 
 /// The shared mesh, with a namespaceSelector (namespace labels come from the API) and two
 /// VirtualNodes that both select `app: twin`.
@@ -516,4 +516,314 @@ fn wait_connection_logs(agent: &Agent, n: usize) -> anyhow::Result<Vec<Value>> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The mesh of the flat-range test: `client` calls `color`, whose listener is tls STRICT
+/// (certificates from `strait ca issue`), and `legacy`, whose listener is PERMISSIVE (the
+/// client's policy does not enforce TLS for it), both with endpoints from DNS.
+fn flat_mesh_yaml(certs: &std::path::Path) -> String {
+    let c = certs.display();
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: ALLOW_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: color}}}}
+    - virtualService:
+        virtualServiceRef: {{name: legacy}}
+        clientPolicy:
+          tls:
+            enforce: false
+            certificate: {{file: {{certificateChain: {c}/client.pem, privateKey: {c}/client-key.pem}}}}
+            validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/client.pem, privateKey: {c}/client-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: color, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: color}}}}
+  listeners:
+    - portMapping: {{port: 9090, protocol: tcp}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/color.pem, privateKey: {c}/color-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+  serviceDiscovery: {{dns: {{hostname: color-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: color, namespace: app}}
+spec:
+  awsName: color.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: color}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: legacy, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: legacy}}}}
+  listeners:
+    - portMapping: {{port: 7070, protocol: tcp}}
+      tls:
+        mode: PERMISSIVE
+        certificate: {{file: {{certificateChain: {c}/legacy.pem, privateKey: {c}/legacy-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+  serviceDiscovery: {{dns: {{hostname: legacy-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: legacy, namespace: app}}
+spec:
+  awsName: legacy.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: legacy}}}}}}
+"#
+    )
+}
+
+/// Calls color (9090) `count` times from `pod`; the report.
+fn call_flat(pod: &Pod, count: u32) -> anyhow::Result<Value> {
+    call(
+        pod,
+        "color.app.svc.cluster.local:9090",
+        &["-4", "--count", &count.to_string()],
+    )
+}
+
+/// Inbound (or outbound) tunnel streams an agent counted.
+fn tunnel_streams(agent: &Agent, direction: &str) -> anyhow::Result<f64> {
+    testbed::agent::metric(
+        agent,
+        "strait_tunnel_streams_total",
+        &[&format!("direction=\"{direction}\"")],
+    )
+}
+
+#[test]
+fn pods_of_one_flat_range_are_reached_through_the_agent_of_the_node_the_api_names()
+-> anyhow::Result<()> {
+    use testbed::agent::{echo_server, strait_ok};
+    let tb = Testbed::new("k8s-flat")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    // EKS-style: one range, the nodes' pods interleaved, no per-node CIDR (and no --peer-node).
+    let ip = |last: u8| std::net::Ipv4Addr::new(10, 245, 0, last);
+    let client = node1.add_pod_at(
+        &PodSpec::new("client", "app").label("app", "client"),
+        ip(10),
+    )?;
+    let color_b = node2.add_pod_at(
+        &PodSpec::new("color-b", "app").label("app", "color"),
+        ip(11),
+    )?;
+    let idle = node1.add_pod_at(&PodSpec::new("idle", "app").label("app", "idle"), ip(12))?;
+    // color-c and legacy (node3, added later) will be 10.245.0.13 and .14; DNS lists them from
+    // the start.
+    tb.dns_record("color.app.svc.cluster.local", &["10.96.0.10".parse()?])?;
+    tb.dns_record("legacy.app.svc.cluster.local", &["10.96.0.11".parse()?])?;
+    tb.dns_record("legacy-pods.app.svc.cluster.local", &[IpAddr::V4(ip(14))])?;
+    tb.dns_record(
+        "color-pods.app.svc.cluster.local",
+        &[IpAddr::V4(ip(11)), IpAddr::V4(ip(13))],
+    )?;
+    let mut processes = Vec::new();
+    for pod in [&client, &color_b, &idle] {
+        processes.push(tb.start_sandbox(pod)?);
+    }
+    processes.push(echo_server(&tb, &color_b, 9090, "color-b")?);
+
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, flat_mesh_yaml(&certs))?;
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    strait_ok(
+        &node1,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &mesh.display().to_string(),
+            "--ca-dir",
+            &ca.display().to_string(),
+        ],
+    )?;
+
+    let api = KubeApi::new()?;
+    let kubeconfig = |node: &Node| -> anyhow::Result<PathBuf> {
+        let addr = api.serve_in(node)?;
+        api.kubeconfig(addr, tb.temp_dir())
+    };
+    let kubeconfig1 = kubeconfig(&node1)?;
+    let kubeconfig2 = kubeconfig(&node2)?;
+    api.apply(kubeapi::node_object(&node1))?;
+    api.apply(kubeapi::node_object(&node2))?;
+    api.apply(kubeapi::namespace_object("app", &[]))?;
+    for pod in [&client, &color_b, &idle] {
+        api.apply(kubeapi::pod_object(pod))?;
+    }
+    let agent1 = Agent::start_kubernetes(&tb, &node1, &mesh, &kubeconfig1, &[])?;
+    api.apply(kubeapi::agent_pod_object(&node1, true))?;
+    let agent2 = Agent::start_kubernetes(&tb, &node2, &mesh, &kubeconfig2, &[])?;
+    api.apply(kubeapi::agent_pod_object(&node2, true))?;
+    agent1.wait_enrolled("app/client", true, Duration::from_secs(15))?;
+    agent2.wait_enrolled("app/color-b", true, Duration::from_secs(15))?;
+
+    // color-b, on node2, through node2's agent over mTLS. 10.245.0.13 is no pod yet: with
+    // a STRICT listener it is not tried in plain TCP, so every call lands on color-b.
+    eventually(Duration::from_secs(15), "client reaches color-b", || {
+        Ok(call_flat(&client, 1)?["ok"] == true)
+    })?;
+    let inbound2 = tunnel_streams(&agent2, "inbound")?;
+    let report = call_flat(&client, 6)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-b"], 6, "{report}");
+    assert!(
+        tunnel_streams(&agent2, "inbound")? >= inbound2 + 6.0,
+        "node2's agent did not take the calls through its tunnel:\n{}",
+        agent1.process.stderr()
+    );
+    assert!(
+        agent1
+            .process
+            .stderr()
+            .contains("no Pod in the API has this address"),
+        "{}",
+        agent1.process.stderr()
+    );
+
+    // node3 joins: its Node and Pod objects, then its agent. Until that agent's pod is
+    // ready, node3 is a node without an agent: color-c is not reached (STRICT), legacy is, in
+    // plain TCP (PERMISSIVE).
+    let node3 = tb.add_node("node3")?;
+    let color_c = node3.add_pod_at(
+        &PodSpec::new("color-c", "app").label("app", "color"),
+        ip(13),
+    )?;
+    let legacy = node3.add_pod_at(
+        &PodSpec::new("legacy", "app").label("app", "legacy"),
+        ip(14),
+    )?;
+    processes.push(tb.start_sandbox(&color_c)?);
+    processes.push(tb.start_sandbox(&legacy)?);
+    processes.push(echo_server(&tb, &color_c, 9090, "color-c")?);
+    processes.push(echo_server(&tb, &legacy, 7070, "legacy")?);
+    let kubeconfig3 = kubeconfig(&node3)?;
+    api.apply(kubeapi::node_object(&node3))?;
+    api.apply(kubeapi::pod_object(&color_c))?;
+    api.apply(kubeapi::pod_object(&legacy))?;
+    let agent3 = Agent::start_kubernetes(&tb, &node3, &mesh, &kubeconfig3, &[])?;
+    api.apply(kubeapi::agent_pod_object(&node3, false))?;
+    agent3.wait_enrolled("app/color-c", true, Duration::from_secs(15))?;
+    agent3.wait_enrolled("app/legacy", true, Duration::from_secs(15))?;
+    eventually(
+        Duration::from_secs(10),
+        "agent1 sees node3 as a node without an agent",
+        || {
+            call_flat(&client, 1)?;
+            Ok(agent1
+                .process
+                .stderr()
+                .contains("is on node node3, where no ready strait agent pod runs there"))
+        },
+    )?;
+    let report = call_flat(&client, 4)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-b"], 4, "{report}");
+    let report = call(
+        &client,
+        "legacy.app.svc.cluster.local:7070",
+        &["-4", "--count", "3"],
+    )?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["legacy"], 3, "{report}");
+    // It arrived in plaintext: node3's agent counted it at legacy's PERMISSIVE listener.
+    let plaintext = testbed::agent::metric(
+        &agent3,
+        "strait_inbound_plaintext_total",
+        &["mode=\"permissive\"", "result=\"accepted\""],
+    )?;
+    assert_eq!(plaintext, 3.0, "{}", agent3.process.stderr());
+    assert_eq!(tunnel_streams(&agent3, "inbound")?, 0.0);
+
+    // Its agent is ready: color-c is reached through it, agent1 never restarted.
+    let agent1_pid = agent1.process.pid();
+    api.apply(kubeapi::agent_pod_object(&node3, true))?;
+    eventually(Duration::from_secs(15), "client reaches color-c", || {
+        let report = call_flat(&client, 2)?;
+        Ok(report["by_server"]["color-c"].as_u64().unwrap_or(0) > 0)
+    })?;
+    let report = call_flat(&client, 6)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-b"], 3, "{report}");
+    assert_eq!(report["by_server"]["color-c"], 3, "{report}");
+    assert!(tunnel_streams(&agent3, "inbound")? >= 3.0);
+    assert_eq!(agent1.process.pid(), agent1_pid);
+    assert!(agent1.process.try_wait()?.is_none(), "agent1 exited");
+
+    // color-b's Pod is deleted: node2 is no longer where 10.245.0.11 lives, and agent1 stops
+    // sending it there: it refuses the address itself (no Pod has it; the listener is
+    // STRICT) instead of asking node2's agent, which would answer "no such pod".
+    let failures = |agent: &Agent, why: &str| {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"] == "connect to endpoint failed"
+                    && l["endpoint"] == "10.245.0.11:9090"
+                    && l["error"].as_str().is_some_and(|e| e.contains(why))
+            })
+            .count()
+    };
+    api.delete(Kind::Pod, "app", "color-b")?;
+    agent2.wait_enrolled("app/color-b", false, Duration::from_secs(15))?;
+    eventually(
+        Duration::from_secs(10),
+        "agent1 knows 10.245.0.11 is no pod's",
+        || {
+            call_flat(&client, 2)?;
+            Ok(failures(&agent1, "no Pod in the API has this address") > 0)
+        },
+    )?;
+    let asked_node2 = failures(&agent1, "no such pod");
+    let inbound2 = tunnel_streams(&agent2, "inbound")?;
+    let report = call_flat(&client, 6)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-c"], 6, "{report}");
+    assert_eq!(failures(&agent1, "no such pod"), asked_node2);
+    assert_eq!(tunnel_streams(&agent2, "inbound")?, inbound2);
+
+    // The free address goes to a new pod on node3 (as the VPC CNI reuses addresses): it is
+    // routed to node3's agent now.
+    let color_b2 = node3.add_pod_at(
+        &PodSpec::new("color-b2", "app").label("app", "color"),
+        ip(11),
+    )?;
+    processes.push(tb.start_sandbox(&color_b2)?);
+    processes.push(echo_server(&tb, &color_b2, 9090, "color-b2")?);
+    api.apply(kubeapi::pod_object(&color_b2))?;
+    agent3.wait_enrolled("app/color-b2", true, Duration::from_secs(15))?;
+    eventually(Duration::from_secs(15), "client reaches color-b2", || {
+        let report = call_flat(&client, 2)?;
+        Ok(report["by_server"]["color-b2"].as_u64().unwrap_or(0) > 0)
+    })?;
+    let inbound3 = tunnel_streams(&agent3, "inbound")?;
+    let report = call_flat(&client, 6)?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["by_server"]["color-b2"], 3, "{report}");
+    assert_eq!(report["by_server"]["color-c"], 3, "{report}");
+    assert!(tunnel_streams(&agent3, "inbound")? >= inbound3 + 6.0);
+    assert_eq!(tunnel_streams(&agent2, "inbound")?, inbound2);
+    Ok(())
 }

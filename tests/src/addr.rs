@@ -8,6 +8,8 @@
 //! | node `n`'s bridge    | 10.244.n.1 (DNS here too) | fd00:244:n::1                 |
 //! | pod `p` on node `n`  | 10.244.n.p (p = 2..=254)  | fd00:244:n::p (p in hex)      |
 //! | underlay, node `n`   | 192.0.2.n/24 (TEST-NET-1) | fd00:ff::n/64                 |
+//! | flat pod range       | 10.245.0.0/16, any node   |                               |
+//! | the fabric's router  | 192.0.2.254               |                               |
 //! | services (virtual)   | 10.96.0.0/16 unreachable  | fd00:96::/112 unreachable     |
 //!
 //! Node indexes start at 1 in the order nodes are added; pod indexes start at 2 on each node.
@@ -24,6 +26,11 @@ pub const POD_CIDR_V4: &str = "10.244.0.0/16";
 pub const POD_CIDR_V6: &str = "fd00:244::/32";
 /// The underlay prefix length.
 pub const UNDERLAY_PREFIX_V4: u8 = 24;
+/// Pods placed at an address of their own ([`crate::Node::add_pod_at`]), on any node, as
+/// EKS's VPC CNI gives them: no per-node range; the fabric routes each address to its node.
+pub const FLAT_POD_CIDR_V4: &str = "10.245.0.0/16";
+/// The fabric's router on the underlay, which knows where each flat-range pod lives.
+pub const FABRIC_ROUTER_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
 /// The underlay between nodes (TEST-NET-1 and a ULA), inside the testbed only.
 pub const UNDERLAY_CIDR_V4: &str = "192.0.2.0/24";
 pub const UNDERLAY_CIDR_V6: &str = "fd00:ff::/64";

@@ -480,6 +480,31 @@ pub fn node_object(node: &Node) -> Value {
     })
 }
 
+/// The Pod object of `node`'s strait agent as the DaemonSet makes it (host network, the
+/// template's labels), with the `Ready` condition kubelet sets from the agent's `/ready` probe.
+pub fn agent_pod_object(node: &Node, ready: bool) -> Value {
+    json!({
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("strait-{}", node.name()),
+            "namespace": "strait",
+            "uid": format!("00000000-0000-4000-8000-0000000000{:02x}", node.index()),
+            "labels": {"app.kubernetes.io/name": "strait", "app.kubernetes.io/part-of": "strait"},
+        },
+        "spec": {
+            "nodeName": node.name(),
+            "hostNetwork": true,
+            "containers": [{"name": "agent", "image": "strait"}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": node.underlay_ip().to_string(),
+            "podIPs": [{"ip": node.underlay_ip().to_string()}],
+            "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+        },
+    })
+}
+
 /// Binds a TCP listener inside the network namespace at `netns` (from a thread that enters
 /// it and ends: a socket keeps the namespace it was made in).
 fn bind_in(netns: &Path, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {

@@ -327,7 +327,46 @@ impl Node {
     /// cgroup driver (see [`crate::kubelet`]), and a resolv.conf pointing at the node's DNS. The pod is not in the mesh
     /// until [`Node::write_workload`].
     pub fn add_pod(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
-        self.add_pod_with(spec, true)
+        self.add_pod_with(spec, true, None)
+    }
+
+    /// Adds a pod with IPv4 address `ipv4` from [`addr::FLAT_POD_CIDR_V4`], the way EKS's VPC
+    /// CNI places pods: no per-node range, so pods of different nodes interleave in one range,
+    /// and the fabric (here a router on the underlay, as the VPC's) routes each address to its
+    /// node. The pod's IPv6 address stays in its node's range.
+    pub fn add_pod_at(&self, spec: &PodSpec, ipv4: Ipv4Addr) -> anyhow::Result<Pod> {
+        let in_range = ipv4.octets()[..2] == [10, 245];
+        if !in_range {
+            bail!("{ipv4} is not in {}", addr::FLAT_POD_CIDR_V4);
+        }
+        let pod = self.add_pod_with(spec, true, Some(ipv4))?;
+        let host = format!("{ipv4}/32");
+        let fab = self.shared.fabric_netns.as_str();
+        let router = format!("{}/{}", addr::FABRIC_ROUTER_V4, addr::UNDERLAY_PREFIX_V4);
+        ip_in(fab, &["addr", "replace", &router, "dev", "br0"])?;
+        netns::sysctls(fab, &[("net/ipv4/ip_forward", "1")])?;
+        ip_in(
+            fab,
+            &[
+                "route",
+                "replace",
+                &host,
+                "via",
+                &self.underlay_ip().to_string(),
+            ],
+        )?;
+        ip_in(
+            &self.inner.netns,
+            &["route", "replace", &host, "dev", NODE_BRIDGE],
+        )?;
+        let router = addr::FABRIC_ROUTER_V4.to_string();
+        for node in lock(&self.shared.topology).iter() {
+            ip_in(
+                &node.netns,
+                &["route", "replace", addr::FLAT_POD_CIDR_V4, "via", &router],
+            )?;
+        }
+        Ok(pod)
     }
 
     /// Adds a pod as the kubelet has it before the container runtime calls CNI: the network
@@ -335,10 +374,15 @@ impl Node {
     /// interface, address or route: a CNI chain gives it those (see [`crate::cni`]). The pod's
     /// addresses ([`Pod::ipv4`]) are the ones the chain is to assign.
     pub fn add_pod_for_cni(&self, spec: &PodSpec) -> anyhow::Result<Pod> {
-        self.add_pod_with(spec, false)
+        self.add_pod_with(spec, false, None)
     }
 
-    fn add_pod_with(&self, spec: &PodSpec, network: bool) -> anyhow::Result<Pod> {
+    fn add_pod_with(
+        &self,
+        spec: &PodSpec,
+        network: bool,
+        ipv4: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Pod> {
         validate_label("pod name", &spec.name)?;
         validate_label("namespace", &spec.namespace)?;
         let mut pods = lock(&self.inner.pods);
@@ -380,7 +424,7 @@ impl Node {
                 .dir
                 .join("pods")
                 .join(format!("{key}.resolv.conf")),
-            ipv4: addr::pod_v4(node_index, index),
+            ipv4: ipv4.unwrap_or_else(|| addr::pod_v4(node_index, index)),
             ipv6: addr::pod_v6(node_index, index),
         };
         let pod_ns = inner.netns.as_str();
@@ -437,17 +481,26 @@ impl Node {
             node_ns,
             &["link", "set", &port, "master", NODE_BRIDGE, "up"],
         )?;
-        let v4 = format!("{}/24", inner.ipv4);
+        let gw4 = self.bridge_ipv4().to_string();
+        let gw6 = self.bridge_ipv6().to_string();
+        // A flat-range pod (add_pod_at) has only its own address; its gateway is on-link.
+        let flat = inner.ipv4.octets()[..3] != addr::pod_subnet_v4(self.inner.index).octets()[..3];
+        let v4 = format!("{}/{}", inner.ipv4, if flat { 32 } else { 24 });
         let v6 = format!("{}/64", inner.ipv6);
         ip_in(pod_ns, &["addr", "add", &v4, "dev", POD_IF])?;
         ip_in(pod_ns, &["addr", "add", &v6, "dev", POD_IF, "nodad"])?;
         ip_in(pod_ns, &["link", "set", POD_IF, "up"])?;
+        if flat {
+            ip_in(pod_ns, &["route", "add", &gw4, "dev", POD_IF])?;
+        }
         // Other nodes' pods and the nodes' underlay addresses via our bridge (a Kubernetes pod
         // reaches both through its default route; an agent's plaintext cross-node connection
         // comes from its node's underlay address); deliberately no default route.
-        let gw4 = self.bridge_ipv4().to_string();
-        let gw6 = self.bridge_ipv6().to_string();
-        for cidr in [addr::POD_CIDR_V4, addr::UNDERLAY_CIDR_V4] {
+        for cidr in [
+            addr::POD_CIDR_V4,
+            addr::FLAT_POD_CIDR_V4,
+            addr::UNDERLAY_CIDR_V4,
+        ] {
             ip_in(pod_ns, &["route", "add", cidr, "via", &gw4])?;
         }
         for cidr in [addr::POD_CIDR_V6, addr::UNDERLAY_CIDR_V6] {

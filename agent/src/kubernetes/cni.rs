@@ -112,6 +112,9 @@ pub enum Command {
         valid: BTreeSet<String>,
         done: std::sync::mpsc::SyncSender<()>,
     },
+    /// Reads the state folder again for hand-overs saved since this agent started: those the
+    /// previous agent took during an upgrade, before it handed over.
+    Rescan,
 }
 
 /// The pod source's view of a pod's CNI hand-over.
@@ -195,11 +198,26 @@ impl Registrations {
             retired: Vec::new(),
             next_seq: 0,
         };
+        registrations.read_saved();
+        registrations
+    }
+
+    /// Opens every saved hand-over not known yet.
+    fn read_saved(&mut self) {
+        let registrations = self;
         let Ok(entries) = std::fs::read_dir(&registrations.state_dir) else {
-            return registrations;
+            return;
         };
         for path in entries.flatten().map(|e| e.path()) {
             if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let known = path.file_stem().is_some_and(|id| {
+                registrations
+                    .by_container
+                    .contains_key(&*id.to_string_lossy())
+            });
+            if known {
                 continue;
             }
             let saved: Option<Saved> = std::fs::read(&path)
@@ -224,7 +242,6 @@ impl Registrations {
                 }
             }
         }
-        registrations
     }
 
     fn file(&self, container_id: &str) -> PathBuf {
@@ -315,6 +332,10 @@ impl Registrations {
                 }
                 Done::Gc(done)
             }
+            Command::Rescan => {
+                self.read_saved();
+                Done::None
+            }
         }
     }
 
@@ -348,6 +369,7 @@ pub enum Done {
     Add(std::sync::mpsc::SyncSender<()>),
     Del(std::sync::mpsc::SyncSender<bool>, bool),
     Gc(std::sync::mpsc::SyncSender<()>),
+    None,
 }
 
 impl Done {
@@ -359,6 +381,7 @@ impl Done {
             Done::Del(tx, released) => {
                 let _ = tx.try_send(released);
             }
+            Done::None => {}
         }
     }
 }
@@ -368,6 +391,35 @@ impl Done {
 pub struct Handle {
     pub socket: PathBuf,
     pub commands: mpsc::UnboundedSender<Command>,
+    pub stop: Stop,
+}
+
+/// Stops serving the plugin when a new agent takes over (an upgrade): the listener refuses new
+/// connections (the plugin retries them until the new agent's socket is there) and requests
+/// in progress are closed unanswered (the plugin asks the new agent again). Answering them
+/// would mean answering from a pod list this agent no longer maintains.
+#[derive(Clone, Default)]
+pub struct Stop {
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+    listener: Arc<std::sync::Mutex<Option<UnixListener>>>,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let listener = self.listener.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(listener) = listener.as_ref() {
+            // Only this agent holds the socket (it is never handed over): shutting it down
+            // makes connects to it fail with ECONNREFUSED and wakes the accept loop.
+            let _ =
+                nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        tracing::info!("CNI socket: a new agent takes over; requests in progress go to it");
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
 }
 
 /// Makes the socket's folder (0700) or checks an existing one is not writable by others.
@@ -404,7 +456,13 @@ impl Handle {
             path: path.clone(),
             source,
         };
+        if self.stop.stopped() {
+            // Handed over before it ever served: the socket is the new agent's.
+            return Ok(());
+        }
         prepare_folder(path.parent().unwrap_or(Path::new("/")))?;
+        // Hand-overs the previous agent took after this one read the state folder.
+        let _ = self.commands.send(Command::Rescan);
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
             _ => {}
@@ -412,12 +470,19 @@ impl Handle {
         let listener = UnixListener::bind(path).map_err(fail)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
         tracing::info!(socket = %path.display(), "serving the CNI plugin");
+        *self.stop.listener.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(listener.try_clone().map_err(fail)?);
         let commands = self.commands.clone();
+        let stop = self.stop.clone();
         let busy = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("cni-accept".into())
             .spawn(move || {
                 for stream in listener.incoming() {
+                    if stop.stopped() {
+                        // Closed unanswered: the plugin asks the new agent.
+                        return;
+                    }
                     let stream = match stream {
                         Ok(stream) => stream,
                         Err(error) => {
@@ -435,12 +500,16 @@ impl Handle {
                         );
                         continue;
                     }
-                    let (commands, published, busy) =
-                        (commands.clone(), published.clone(), busy.clone());
+                    let (commands, published, busy, stop) = (
+                        commands.clone(),
+                        published.clone(),
+                        busy.clone(),
+                        stop.clone(),
+                    );
                     let spawned = std::thread::Builder::new()
                         .name("cni-request".into())
                         .spawn(move || {
-                            serve_one(&stream, &commands, &published);
+                            serve_one(&stream, &commands, &published, &stop);
                             busy.fetch_sub(1, Ordering::AcqRel);
                         });
                     if let Err(error) = spawned {
@@ -474,6 +543,7 @@ fn serve_one(
     stream: &UnixStream,
     commands: &mpsc::UnboundedSender<Command>,
     published: &admin::State,
+    stop: &Stop,
 ) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let reply = match check_peer(stream) {
@@ -486,9 +556,13 @@ fn serve_one(
                 Outcome::Refused,
                 format!("cannot read the request: {error}"),
             ),
-            Ok((request, fds)) => handle(request, fds, commands, published),
+            Ok((request, fds)) => handle(request, fds, commands, published, stop),
         },
     };
+    if stop.stopped() {
+        tracing::info!("CNI socket: a request in progress is left to the new agent");
+        return;
+    }
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     if let Err(error) = protocol::send(stream, &reply, None) {
         tracing::warn!(%error, "CNI socket: cannot answer the plugin (it gave up?)");
@@ -500,6 +574,7 @@ fn handle(
     fds: Vec<OwnedFd>,
     commands: &mpsc::UnboundedSender<Command>,
     published: &admin::State,
+    stop: &Stop,
 ) -> Reply {
     if request.version != protocol::VERSION {
         return Reply::new(
@@ -510,6 +585,9 @@ fn handle(
                 protocol::VERSION
             ),
         );
+    }
+    if stop.stopped() {
+        return Reply::new(Outcome::Failed, "the agent handed over");
     }
     let wait =
         Duration::from_millis(request.timeout_ms).clamp(Duration::from_millis(100), MAX_WAIT);
@@ -545,7 +623,7 @@ fn handle(
                 let key = format!("{}/{}", pod.namespace, pod.name);
                 let deadline = Instant::now() + wait.min(DEL_WAIT);
                 while status(published, &key).is_some_and(|s| s.enrolled) {
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= deadline || stop.stopped() {
                         return Reply::new(
                             Outcome::Released,
                             format!("{key} is still being released"),
@@ -616,6 +694,9 @@ fn handle(
             tracing::info!(pod = %key, container = %request.container_id, ips = ?request.ips, "CNI ADD: waiting for the pod to be enrolled");
             let started = Instant::now();
             loop {
+                if stop.stopped() {
+                    return Reply::new(Outcome::Failed, "the agent handed over");
+                }
                 let decision = decide(published, &key, id.1);
                 match decision {
                     Ok(reply) => {
@@ -700,6 +781,32 @@ mod tests {
             },
             netns,
         }
+    }
+
+    #[test]
+    fn a_rescan_takes_the_hand_overs_the_previous_agent_saved_after_this_one_started() {
+        // During a surge upgrade the old agent still takes ADDs after the new one read the
+        // state folder; the new one reads it again when it starts serving the plugin.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("cni.pods");
+        let cart = pod(
+            serde_json::json!({"metadata": {"name": "cart", "namespace": "shop", "uid": "u1"}}),
+        );
+        let mut old = Registrations::load(state.clone());
+        let mut new = Registrations::load(state.clone());
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        old.apply(Command::Add(registration("aaa", Some("u1")), tx))
+            .send();
+        assert!(matches!(new.view(&cart), View::None));
+        new.apply(Command::Rescan).send();
+        assert!(matches!(new.view(&cart), View::Registered(r) if r.saved.container_id == "aaa"));
+        // Known ones stay as they are (not opened twice).
+        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+        new.apply(Command::Add(registration("bbb", Some("u1")), tx))
+            .send();
+        new.apply(Command::Rescan).send();
+        assert_eq!(new.by_container.len(), 2);
+        assert!(matches!(new.view(&cart), View::Registered(r) if r.saved.container_id == "bbb"));
     }
 
     #[test]

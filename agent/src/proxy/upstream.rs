@@ -15,7 +15,12 @@
 //! - **A pod on another node, TLS in play** (the target listener has `tls` STRICT or
 //!   PERMISSIVE, or the caller's client policy enforces TLS on that port): an HTTP/2 CONNECT
 //!   stream through the mutual-TLS tunnel to that node's agent ([`super::hbone`]), pooled per
-//!   (source identity, destination node, destination listener).
+//!   (source identity, destination node, destination listener). The node's agent is found
+//!   from the Pod and Node objects with `--kubernetes` ([`crate::kubernetes::endpoints`]),
+//!   else from `--peer-node`. With no agent in front of the endpoint (a node without one, a
+//!   pod of this node that is not enrolled, an address no Pod has), a PERMISSIVE listener is
+//!   reached in plain TCP (it accepts plaintext) unless the caller's client policy enforces
+//!   TLS; a STRICT one is refused, with the reason.
 //! - **Otherwise** (no TLS configured on either side): a plain TCP connection to the endpoint,
 //!   as App Mesh would.
 //!
@@ -34,7 +39,7 @@ use tokio::net::TcpStream;
 use super::{Context, admission, hbone};
 use crate::identity::policy::Policy;
 use crate::identity::{self, AuthzLabels};
-use crate::mesh::ResourceId;
+use crate::mesh::{ResourceId, TlsMode};
 use crate::netns;
 use crate::routing::{Endpoints, Target};
 
@@ -240,6 +245,17 @@ pub struct Transport {
     pub admission: admission::Admission,
     local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     peers: Vec<PeerNode>,
+    /// Which node each pod address is on, from the Kubernetes API (`--kubernetes`).
+    endpoints: Option<crate::kubernetes::endpoints::Shared>,
+}
+
+/// How a remote endpoint is reached when TLS is in play.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remote {
+    /// Through the tunnel to this agent address.
+    Agent(SocketAddr),
+    /// No strait agent is in front of it: why not.
+    NoAgent(String),
 }
 
 impl Transport {
@@ -253,7 +269,17 @@ impl Transport {
             admission: admission::Admission::default(),
             local: RwLock::new(HashMap::new()),
             peers,
+            endpoints: None,
         }
+    }
+
+    /// Finding other nodes' agents from the Kubernetes API, when it is the pod source.
+    pub fn with_endpoints(
+        mut self,
+        endpoints: Option<crate::kubernetes::endpoints::Shared>,
+    ) -> Transport {
+        self.endpoints = endpoints;
+        self
     }
 
     /// With these tunnel keepalive settings.
@@ -302,6 +328,35 @@ impl Transport {
             .filter(|p| p.contains(ip))
             .max_by_key(|p| p.prefix)
             .map(|p| p.tunnel)
+    }
+
+    /// How to reach `ip`, not a pod of this node that this agent enrolled, with TLS: the Pod
+    /// and Node objects first (`--kubernetes`), then `--peer-node`.
+    pub fn locate(&self, ip: IpAddr) -> Remote {
+        use crate::kubernetes::endpoints::Location;
+        let located = self
+            .endpoints
+            .as_ref()
+            .and_then(|directory| directory.load().locate(ip));
+        match located {
+            Some(Location::Agent { tunnel, .. }) => Remote::Agent(tunnel),
+            Some(Location::NoAgent { pod, node, why }) => {
+                Remote::NoAgent(format!("pod {pod} is on node {node}, where {why}"))
+            }
+            Some(Location::ThisNode { pod }) => Remote::NoAgent(format!(
+                "pod {pod} is on this node but not enrolled (see /workloads)"
+            )),
+            None => match self.peer_node(ip) {
+                Some(tunnel) => Remote::Agent(tunnel),
+                None if self.endpoints.is_some() => Remote::NoAgent(
+                    "no Pod in the API has this address and no --peer-node covers it".to_string(),
+                ),
+                None => Remote::NoAgent(
+                    "it is not a pod of this node and no --peer-node covers it (add --peer-node <pod CIDR>=<node address>)"
+                        .to_string(),
+                ),
+            },
+        }
     }
 }
 
@@ -444,11 +499,35 @@ pub async fn dial(
         let stream = connect(endpoint).await.map_err(|e| e.to_string())?;
         return Ok(Stream::new(stream));
     }
-    let Some(node) = transport.peer_node(endpoint.ip()) else {
-        return Err(format!(
-            "{endpoint} is not a pod of this node and no --peer-node covers it: mutual TLS needs \
-             the destination node's agent (add --peer-node <pod CIDR>=<node address>)"
-        ));
+    let node = match transport.locate(endpoint.ip()) {
+        Remote::Agent(node) => node,
+        Remote::NoAgent(why) => {
+            let enforced = client_tls.is_some_and(|t| t.enforce);
+            let permissive = listener_tls.is_some_and(|t| t.mode == TlsMode::Permissive);
+            if permissive && !enforced {
+                // The listener takes plaintext too: as App Mesh would, without an agent
+                // in front of the endpoint to speak mutual TLS for it.
+                tracing::debug!(%endpoint, %why, "no strait agent in front of the endpoint; its listener is PERMISSIVE: plain TCP");
+                let stream = connect(endpoint).await.map_err(|e| e.to_string())?;
+                return Ok(Stream::new(stream));
+            }
+            let needs = if enforced {
+                format!(
+                    "the client policy of {} enforces TLS on port {}",
+                    caller.virtual_node,
+                    endpoint.port()
+                )
+            } else {
+                format!(
+                    "{}'s listener on port {} is tls STRICT",
+                    target_node,
+                    endpoint.port()
+                )
+            };
+            return Err(format!(
+                "{endpoint}: {why}; {needs}, and mutual TLS needs the destination node's strait agent"
+            ));
+        }
     };
     if listener_tls.is_none() {
         return Err(format!(

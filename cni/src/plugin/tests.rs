@@ -474,3 +474,48 @@ fn del_is_idempotent_and_never_fails_for_want_of_an_agent() {
     );
     assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{out:?}");
 }
+
+#[test]
+fn a_request_the_agent_closes_unanswered_is_asked_again_on_a_new_connection() {
+    // The first agent reads the ADD and closes without an answer (it handed over to a
+    // successor during an upgrade); the plugin asks again and the second answer counts.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cni.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let seen: Seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(2).enumerate() {
+            let Ok(stream) = stream else { return };
+            let Ok((request, fds)) = protocol::receive::<Request>(&stream) else {
+                continue;
+            };
+            let inode = fds
+                .into_iter()
+                .next()
+                .map(|fd| std::fs::File::from(fd).metadata().unwrap().ino());
+            record.lock().unwrap().push((request, inode));
+            if n == 1 {
+                let _ = protocol::send(&stream, &Reply::new(Outcome::Enrolled, ""), None);
+            }
+        }
+    });
+    let prev = prev_result("1.0.0");
+    let out = invoke(
+        &env_for("ADD", &[]),
+        &config("1.0.0", &socket, "", Some(&prev)),
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, prev.as_str()),
+        "{out:?}"
+    );
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    // The same request both times, with the pod's network namespace.
+    for (request, inode) in seen.iter() {
+        assert_eq!(request.op, Op::Add);
+        assert_eq!(request.container_id, "c0ffee");
+        assert_eq!(*inode, Some(netns_inode()));
+    }
+}
