@@ -16,6 +16,7 @@
 //! TLS 1.3 only, ring as the crypto provider. What to do with a verified identity (which
 //! backends it may reach) is [`policy`]; the tunnels themselves are `proxy::hbone`.
 
+pub mod local;
 pub mod policy;
 pub mod store;
 pub mod verify;
@@ -72,6 +73,38 @@ pub enum Error {
          `defaultMode: 0400`)"
     )]
     KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{0}")]
+    WrongIdentity(Box<IdentityMismatch>),
+}
+
+/// A certificate that does not carry the identity of the virtual node it would be used for.
+#[derive(Debug)]
+pub struct IdentityMismatch {
+    pub virtual_node: ResourceId,
+    /// Where the mesh file names the certificate.
+    pub field: String,
+    pub path: PathBuf,
+    /// The leaf's URI and DNS SANs.
+    pub found: Vec<String>,
+    /// The virtual node's identities.
+    pub expected: Vec<String>,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vn = &self.virtual_node;
+        write!(
+            f,
+            "{} (named by {}) carries the subject alternative names {:?}, none of which is an \
+             identity of VirtualNode {vn} ({:?}): strait refuses to present it as {vn}; point \
+             the field at this virtual node's own certificate, or issue one with its SPIFFE ID \
+             (`strait ca issue --virtual-node {vn}`)",
+            self.path.display(),
+            self.field,
+            self.found,
+            self.expected
+        )
+    }
 }
 
 /// The crypto provider of every TLS configuration strait builds.
@@ -185,6 +218,14 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// Why this node refused to use a local virtual node's certificate: `wrong_identity`
+    /// (its SANs are not that virtual node's), `key_permissions`, `unreadable`,
+    /// `unsupported` (a source strait does not read), `invalid`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelLabels {
     /// `outbound` (streams this agent opened) or `inbound` (streams it accepted).
     pub direction: &'static str,
@@ -199,6 +240,7 @@ pub struct Metrics {
     pub tunnel_streams: Family<TunnelLabels, Counter>,
     pub tunnel_connections: Family<TunnelLabels, Counter>,
     pub certificate_reloads: Counter,
+    pub identity_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -232,6 +274,11 @@ impl Metrics {
             "strait_certificate_reloads",
             "Certificates and trust bundles re-read after their files changed",
             self.certificate_reloads.clone(),
+        );
+        registry.register(
+            "strait_identity_refused",
+            "Certificates of local virtual nodes this agent refused to use, by reason (counted once per distinct cause)",
+            self.identity_refused.clone(),
         );
     }
 
