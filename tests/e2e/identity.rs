@@ -3,7 +3,8 @@
 //! exist on it; a virtual node whose certificate file holds another identity is refused by its
 //! own agent (naming the file and the SANs found) while the rest of the mesh serves; and a
 //! receiving agent refuses a peer that presents an identity its listener does not admit, even
-//! a genuine certificate of the mesh taken from another workload.
+//! a genuine certificate of the mesh taken from another workload, and a certificate of an
+//! admitted identity that the mesh's CA did not sign.
 //!
 //! Two testbed nodes: node1 runs `client` and `thief`, node2 runs `color`. Needs root and curl;
 //! without them these tests fail (never skip) with the reason.
@@ -115,7 +116,7 @@ fn peer_args(other: &Node) -> Vec<String> {
 }
 
 struct Bed {
-    _tb: Testbed,
+    tb: Testbed,
     node1: Node,
     node2: Node,
     client: Pod,
@@ -184,7 +185,7 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     }
     agent2.wait_enrolled("app/color", true, Duration::from_secs(20))?;
     Ok(Bed {
-        _tb: tb,
+        tb,
         node1,
         node2,
         client,
@@ -322,7 +323,7 @@ fn a_virtual_node_pointing_at_another_identitys_key_is_refused_and_the_rest_serv
 }
 
 #[test]
-fn a_receiving_agent_refuses_a_stolen_certificate_of_another_identity() -> anyhow::Result<()> {
+fn a_receiving_agent_refuses_a_stolen_or_forged_identity() -> anyhow::Result<()> {
     let bed = bed("identity-stolen")?;
     // A tool on node1 (as if it held node1's files) presents color's genuine certificate to
     // color's listener, which admits client and thief only.
@@ -375,6 +376,61 @@ fn a_receiving_agent_refuses_a_stolen_certificate_of_another_identity() -> anyho
             .is_some_and(|m| m.contains("spiffe://test/ns/app/vn/color")),
         "the log line should name the presented identity: {rejected}"
     );
+
+    // A node without client's key cannot make it up: a certificate with client's SPIFFE ID
+    // from a CA of its own is refused as untrusted.
+    let forged = bed.tb.temp_dir().join("forged");
+    let forged_ca = bed.tb.temp_dir().join("forged-ca");
+    let forged_mesh = bed.tb.temp_dir().join("forged-mesh.yaml");
+    std::fs::write(
+        &forged_mesh,
+        mesh_yaml(&forged, &bed.tb.temp_dir().join("forged-ghost"), "thief"),
+    )?;
+    strait_ok(
+        &bed.node1,
+        &["ca", "init", "--dir", &forged_ca.display().to_string()],
+    )?;
+    strait_ok(
+        &bed.node1,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &forged_mesh.display().to_string(),
+            "--ca-dir",
+            &forged_ca.display().to_string(),
+            "--virtual-node",
+            "client",
+        ],
+    )?;
+    let before = metric(&bed.agent2, "strait_tls_failures", &["server", "untrusted"])?;
+    let output = run(
+        bed.node1.command("curl").args([
+            "--silent",
+            "--insecure",
+            "--http2",
+            "--max-time",
+            "10",
+            "--cert",
+            &forged.join("client.pem").display().to_string(),
+            "--key",
+            &forged.join("client-key.pem").display().to_string(),
+            "--resolve",
+            &format!("p9090.color.app.strait:15008:{}", bed.node2.underlay_ip()),
+            "https://p9090.color.app.strait:15008/",
+        ]),
+        Duration::from_secs(20),
+    )?;
+    ensure!(
+        !output.status.success(),
+        "node2 accepted a forged certificate of client"
+    );
+    let after = metric(&bed.agent2, "strait_tls_failures", &["server", "untrusted"])?;
+    ensure!(
+        after > before,
+        "node2 did not count the forged certificate as untrusted ({before} -> {after})"
+    );
+
     // Genuine traffic is unaffected.
     let report = call(&bed.client, &format!("{COLOR}:9090"))?;
     assert_eq!(report["ok"], true, "{report}");
