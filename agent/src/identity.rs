@@ -9,6 +9,8 @@
 //!   changes ([`store::Store`]): new handshakes use the new material, connections already up
 //!   keep theirs (nothing is dropped), and the tunnel pool stops reusing a connection made with
 //!   material that has since changed.
+//! - A node opens only the certificates of virtual nodes it runs a pod of, and uses one only
+//!   if it carries that virtual node's identity ([`local`]).
 //! - Verification ([`verify`]) is rustls/webpki chain validation against the configured trust
 //!   bundle, then the App Mesh `subjectAlternativeNames` check. Every rejection is logged with
 //!   its reason (`expired`, `san_mismatch`, `untrusted`, ...) and counted.
