@@ -62,6 +62,8 @@ pub struct IssueOptions {
     pub only: Vec<String>,
     /// Validity in days from now (default 365).
     pub days: Option<u32>,
+    /// Validity in minutes from now, instead of `days` (short-lived certificates).
+    pub minutes: Option<u32>,
     /// Make certificates that expired yesterday (to test rejection).
     pub expired: bool,
     /// Use these SANs instead of the node's identities (to test SAN mismatch).
@@ -206,7 +208,10 @@ fn leaf(
         params.not_after = now - time::Duration::days(1);
     } else {
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(i64::from(options.days.unwrap_or(365)));
+        params.not_after = match options.minutes {
+            Some(minutes) => now + time::Duration::minutes(i64::from(minutes)),
+            None => now + time::Duration::days(i64::from(options.days.unwrap_or(365))),
+        };
     }
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer, issuer_key)?;

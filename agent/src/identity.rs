@@ -29,6 +29,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::crypto::CryptoProvider;
 
@@ -228,6 +229,12 @@ pub struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VirtualNodeLabels {
+    /// `namespace/name`.
+    pub virtual_node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelLabels {
     /// `outbound` (streams this agent opened) or `inbound` (streams it accepted).
     pub direction: &'static str,
@@ -243,6 +250,7 @@ pub struct Metrics {
     pub tunnel_connections: Family<TunnelLabels, Counter>,
     pub certificate_reloads: Counter,
     pub identity_refused: Family<RefusedLabels, Counter>,
+    pub identity_expires_in: Family<VirtualNodeLabels, Gauge>,
 }
 
 impl Metrics {
@@ -281,6 +289,11 @@ impl Metrics {
             "strait_identity_refused",
             "Certificates of local virtual nodes this agent refused to use, by reason (counted once per distinct cause)",
             self.identity_refused.clone(),
+        );
+        registry.register(
+            "strait_identity_expires_in_seconds",
+            "Seconds until the certificate of each local virtual node expires (negative: expired), as last used",
+            self.identity_expires_in.clone(),
         );
     }
 

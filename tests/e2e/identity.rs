@@ -117,6 +117,8 @@ fn peer_args(other: &Node) -> Vec<String> {
 
 struct Bed {
     tb: Testbed,
+    ca: PathBuf,
+    ghost: PathBuf,
     node1: Node,
     node2: Node,
     client: Pod,
@@ -186,6 +188,8 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     agent2.wait_enrolled("app/color", true, Duration::from_secs(20))?;
     Ok(Bed {
         tb,
+        ca,
+        ghost,
         node1,
         node2,
         client,
@@ -434,5 +438,76 @@ fn a_receiving_agent_refuses_a_stolen_or_forged_identity() -> anyhow::Result<()>
     // Genuine traffic is unaffected.
     let report = call(&bed.client, &format!("{COLOR}:9090"))?;
     assert_eq!(report["ok"], true, "{report}");
+    Ok(())
+}
+
+#[test]
+fn a_certificate_nearing_expiry_is_measured_and_warned_about() -> anyhow::Result<()> {
+    let bed = bed("identity-expiry")?;
+    // Client gets a certificate with one minute left of six (issued five minutes back-dated):
+    // past three quarters of its life, as if its renewal had not come.
+    let issue_mesh = bed.tb.temp_dir().join("issue-mesh.yaml");
+    std::fs::write(&issue_mesh, mesh_yaml(&bed.certs, &bed.ghost, "thief"))?;
+    strait_ok(
+        &bed.node1,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &issue_mesh.display().to_string(),
+            "--ca-dir",
+            &bed.ca.display().to_string(),
+            "--virtual-node",
+            "client",
+            "--minutes",
+            "1",
+        ],
+    )?;
+    // Traffic goes on with it while it is valid.
+    let report = call(&bed.client, &format!("{COLOR}:9090"))?;
+    assert_eq!(report["ok"], true, "{report}");
+    let mut warned = Vec::new();
+    testbed::eventually(
+        Duration::from_secs(20),
+        "node1 warns that client's certificate is nearing expiry",
+        || {
+            warned = bed
+                .agent1
+                .log_lines()
+                .into_iter()
+                .filter(|l| {
+                    l["level"] == "WARN"
+                        && l["virtual_node"] == "app/client"
+                        && l["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("three quarters of its life"))
+                })
+                .collect();
+            Ok(!warned.is_empty())
+        },
+    )?;
+    ensure!(warned.len() == 1, "warned more than once: {warned:?}");
+    let left = metric(
+        &bed.agent1,
+        "strait_identity_expires_in_seconds",
+        &["app/client"],
+    )?;
+    ensure!(
+        left > 0.0 && left <= 60.0,
+        "strait_identity_expires_in_seconds for app/client: {left}"
+    );
+    // A virtual node with a year left is not warned about.
+    ensure!(
+        !bed.agent2.log_lines().iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("three quarters of its life"))),
+        "node2 warned about a certificate with a year left"
+    );
+    let color_left = metric(
+        &bed.agent2,
+        "strait_identity_expires_in_seconds",
+        &["app/color"],
+    )?;
+    ensure!(color_left > 300.0 * 86400.0, "color: {color_left}");
     Ok(())
 }

@@ -12,6 +12,10 @@
 //! A refusal names the file and the SANs found, is logged once per distinct cause and
 //! counted (`strait_identity_refused`), and touches nothing else: other virtual nodes keep
 //! their tunnels.
+//!
+//! Each use of a local virtual node's certificate (at least every few seconds, through the
+//! status of its pods) sets `strait_identity_expires_in_seconds` for it, and a certificate past
+//! three quarters of its life (so not renewed at half-life, nor since) is warned about once.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,10 +69,19 @@ fn check_identity(
 }
 
 /// Reports refused identities once per distinct cause (the lookups run per new TLS connection,
-/// and a log line per connection would drown the cause).
+/// and a log line per connection would drown the cause), and certificates nearing expiry.
 #[derive(Default)]
 pub struct Refusals {
     last: Mutex<HashMap<ResourceId, String>>,
+    /// The serial last warned about as expiring, per virtual node.
+    expiring: Mutex<HashMap<ResourceId, String>>,
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` is past three quarters of its
+/// life at `now`: a renewal (at half-life, or by the operator) has not happened in time.
+pub fn nearing_expiry(not_before: i64, not_after: i64, now: i64) -> bool {
+    let lifetime = (not_after - not_before).max(0);
+    not_after - now < lifetime / 4
 }
 
 impl std::fmt::Debug for Refusals {
@@ -88,10 +101,11 @@ impl Refusals {
     ) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match result {
-            Ok(_) => {
+            Ok(cert) => {
                 if last.remove(vn).is_some() {
                     tracing::info!(virtual_node = %vn, "identity usable again");
                 }
+                self.note_expiry(metrics, vn, cert);
             }
             Err(error) => {
                 let text = error.to_string();
@@ -113,6 +127,40 @@ impl Refusals {
                 last.insert(vn.clone(), text);
             }
         }
+    }
+}
+
+impl Refusals {
+    /// Sets `strait_identity_expires_in_seconds` for `vn`, and warns once per certificate when
+    /// it is past three quarters of its life ([`nearing_expiry`]).
+    fn note_expiry(&self, metrics: &Metrics, vn: &ResourceId, cert: &LoadedCert) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let left = cert.not_after - now;
+        metrics
+            .identity_expires_in
+            .get_or_create(&super::VirtualNodeLabels {
+                virtual_node: vn.to_string(),
+            })
+            .set(left);
+        if !nearing_expiry(cert.not_before, cert.not_after, now) {
+            return;
+        }
+        let mut expiring = self.expiring.lock().unwrap_or_else(|e| e.into_inner());
+        if expiring.get(vn) == Some(&cert.serial) {
+            return;
+        }
+        tracing::warn!(
+            virtual_node = %vn,
+            chain = %cert.chain.display(),
+            serial = %cert.serial,
+            expires_in_seconds = left,
+            "the certificate of this virtual node is past three quarters of its life and was not \
+             renewed: peers refuse it once it expires; renew it (`strait ca issue`, or your PKI)"
+        );
+        expiring.insert(vn.clone(), cert.serial.clone());
     }
 }
 
@@ -195,6 +243,14 @@ spec:
         // A virtual node the mesh does not have carries no identity at all.
         let stranger = ResourceId::new("app", "stranger");
         assert!(certificate(&store, &policy, &stranger, &file(&chain, &key), "f").is_err());
+    }
+
+    #[test]
+    fn expiry_is_near_past_three_quarters_of_the_life() {
+        assert!(!nearing_expiry(0, 100, 0));
+        assert!(!nearing_expiry(0, 100, 75));
+        assert!(nearing_expiry(0, 100, 76));
+        assert!(nearing_expiry(0, 100, 200));
     }
 
     #[test]
