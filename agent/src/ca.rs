@@ -43,6 +43,16 @@ pub enum Error {
     NoSuchNode(String),
     #[error(transparent)]
     Key(#[from] identity::Error),
+    #[error(
+        "{path} is named as the certificate of both VirtualNode {first} and VirtualNode \
+         {second}: a certificate carries one virtual node's identity, and agents refuse it for \
+         the other; give each virtual node its own files"
+    )]
+    SharedFile {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
 }
 
 /// How [`issue`] mints.
@@ -52,6 +62,8 @@ pub struct IssueOptions {
     pub only: Vec<String>,
     /// Validity in days from now (default 365).
     pub days: Option<u32>,
+    /// Validity in minutes from now, instead of `days` (short-lived certificates).
+    pub minutes: Option<u32>,
     /// Make certificates that expired yesterday (to test rejection).
     pub expired: bool,
     /// Use these SANs instead of the node's identities (to test SAN mismatch).
@@ -196,7 +208,10 @@ fn leaf(
         params.not_after = now - time::Duration::days(1);
     } else {
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + time::Duration::days(i64::from(options.days.unwrap_or(365)));
+        params.not_after = match options.minutes {
+            Some(minutes) => now + time::Duration::minutes(i64::from(minutes)),
+            None => now + time::Duration::days(i64::from(options.days.unwrap_or(365))),
+        };
     }
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, issuer, issuer_key)?;
@@ -224,6 +239,10 @@ pub fn issue(
     }
     let mut issued = Vec::new();
     let mut trusts = BTreeSet::new();
+    // Certificate paths and the virtual node that names them: one file cannot carry two
+    // identities (see identity::local).
+    let mut owners: std::collections::BTreeMap<String, String> = Default::default();
+    let mut planned = Vec::new();
     let mut add_trust = |v: &TlsValidation| {
         if let TlsTrust::File { certificate_chain } = &v.trust {
             trusts.insert(PathBuf::from(certificate_chain));
@@ -268,6 +287,22 @@ pub fn issue(
                 add_trust(&tls.validation);
             }
         }
+        for (chain, key) in &files {
+            for path in [chain, key] {
+                match owners.get(path) {
+                    Some(first) if *first != vn.id.to_string() => {
+                        return Err(Error::SharedFile {
+                            path: path.into(),
+                            first: first.clone(),
+                            second: vn.id.to_string(),
+                        });
+                    }
+                    _ => {
+                        owners.insert(path.clone(), vn.id.to_string());
+                    }
+                }
+            }
+        }
         let selected = options.only.is_empty()
             || options
                 .only
@@ -285,6 +320,10 @@ pub fn issue(
         } else {
             options.sans.clone()
         };
+        planned.push((vn.id.to_string(), sans, files));
+    }
+    // Nothing is written before every virtual node's files were checked.
+    for (virtual_node, sans, files) in planned {
         for (chain, key) in files {
             let (cert_pem, key_pem) = leaf(&sans, options, &issuer, &issuer_key)?;
             // Key first: a reader that sees the new chain with the old key keeps the old
@@ -292,7 +331,7 @@ pub fn issue(
             write_atomic(Path::new(&key), &key_pem, true)?;
             write_atomic(Path::new(&chain), &cert_pem, false)?;
             issued.push(Issued {
-                virtual_node: vn.id.to_string(),
+                virtual_node: virtual_node.clone(),
                 chain: chain.into(),
                 key: key.into(),
                 sans: sans.clone(),
@@ -365,6 +404,35 @@ spec:
         verifier
             .verify_client_cert(&cert, &[], UnixTime::now())
             .map(|_| ())
+    }
+
+    #[test]
+    fn one_file_named_by_two_virtual_nodes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init(&ca).unwrap();
+        let mesh = mesh(dir.path());
+        let d = dir.path().display();
+        let mut text = std::fs::read_to_string(&mesh).unwrap();
+        text.push_str(&format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: thief, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: thief}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {d}/client.pem, privateKey: {d}/thief.key}}}}
+        validation: {{trust: {{file: {{certificateChain: {d}/trust.pem}}}}}}
+"#
+        ));
+        std::fs::write(&mesh, text).unwrap();
+        let error = issue(&mesh, &ca, &IssueOptions::default()).unwrap_err();
+        assert!(matches!(error, Error::SharedFile { .. }), "{error}");
+        assert!(error.to_string().contains("client.pem"), "{error}");
+        assert!(!dir.path().join("client.pem").exists());
     }
 
     #[test]

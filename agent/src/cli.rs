@@ -78,6 +78,9 @@ pub enum CaCommand {
         /// Validity in days.
         #[arg(long)]
         days: Option<u32>,
+        /// Validity in minutes, instead of days (short-lived certificates).
+        #[arg(long, conflicts_with = "days")]
+        minutes: Option<u32>,
         /// Issue certificates that already expired (to test rejection).
         #[arg(long)]
         expired: bool,
@@ -341,12 +344,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             ca_dir,
             only,
             days,
+            minutes,
             expired,
             sans,
         }) => {
             let options = ca::IssueOptions {
                 only,
                 days,
+                minutes,
                 expired,
                 sans,
             };

@@ -9,6 +9,8 @@
 //!   changes ([`store::Store`]): new handshakes use the new material, connections already up
 //!   keep theirs (nothing is dropped), and the tunnel pool stops reusing a connection made with
 //!   material that has since changed.
+//! - A node opens only the certificates of virtual nodes it runs a pod of, and uses one only
+//!   if it carries that virtual node's identity ([`local`]).
 //! - Verification ([`verify`]) is rustls/webpki chain validation against the configured trust
 //!   bundle, then the App Mesh `subjectAlternativeNames` check. Every rejection is logged with
 //!   its reason (`expired`, `san_mismatch`, `untrusted`, ...) and counted.
@@ -16,6 +18,7 @@
 //! TLS 1.3 only, ring as the crypto provider. What to do with a verified identity (which
 //! backends it may reach) is [`policy`]; the tunnels themselves are `proxy::hbone`.
 
+pub mod local;
 pub mod policy;
 pub mod store;
 pub mod verify;
@@ -26,6 +29,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::crypto::CryptoProvider;
 
@@ -72,6 +76,38 @@ pub enum Error {
          `defaultMode: 0400`)"
     )]
     KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{0}")]
+    WrongIdentity(Box<IdentityMismatch>),
+}
+
+/// A certificate that does not carry the identity of the virtual node it would be used for.
+#[derive(Debug)]
+pub struct IdentityMismatch {
+    pub virtual_node: ResourceId,
+    /// Where the mesh file names the certificate.
+    pub field: String,
+    pub path: PathBuf,
+    /// The leaf's URI and DNS SANs.
+    pub found: Vec<String>,
+    /// The virtual node's identities.
+    pub expected: Vec<String>,
+}
+
+impl std::fmt::Display for IdentityMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vn = &self.virtual_node;
+        write!(
+            f,
+            "{} (named by {}) carries the subject alternative names {:?}, none of which is an \
+             identity of VirtualNode {vn} ({:?}): strait refuses to present it as {vn}; point \
+             the field at this virtual node's own certificate, or issue one with its SPIFFE ID \
+             (`strait ca issue --virtual-node {vn}`)",
+            self.path.display(),
+            self.field,
+            self.found,
+            self.expected
+        )
+    }
 }
 
 /// The crypto provider of every TLS configuration strait builds.
@@ -185,6 +221,20 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// Why this node refused to use a local virtual node's certificate: `wrong_identity`
+    /// (its SANs are not that virtual node's), `key_permissions`, `unreadable`,
+    /// `unsupported` (a source strait does not read), `invalid`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VirtualNodeLabels {
+    /// `namespace/name`.
+    pub virtual_node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelLabels {
     /// `outbound` (streams this agent opened) or `inbound` (streams it accepted).
     pub direction: &'static str,
@@ -199,6 +249,8 @@ pub struct Metrics {
     pub tunnel_streams: Family<TunnelLabels, Counter>,
     pub tunnel_connections: Family<TunnelLabels, Counter>,
     pub certificate_reloads: Counter,
+    pub identity_refused: Family<RefusedLabels, Counter>,
+    pub identity_expires_in: Family<VirtualNodeLabels, Gauge>,
 }
 
 impl Metrics {
@@ -232,6 +284,16 @@ impl Metrics {
             "strait_certificate_reloads",
             "Certificates and trust bundles re-read after their files changed",
             self.certificate_reloads.clone(),
+        );
+        registry.register(
+            "strait_identity_refused",
+            "Certificates of local virtual nodes this agent refused to use, by reason (counted once per distinct cause)",
+            self.identity_refused.clone(),
+        );
+        registry.register(
+            "strait_identity_expires_in_seconds",
+            "Seconds until the certificate of each local virtual node expires (negative: expired), as last used",
+            self.identity_expires_in.clone(),
         );
     }
 

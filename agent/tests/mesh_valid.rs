@@ -565,11 +565,9 @@ fn aws_only_fields_load_with_warnings() {
         .collect();
     let expect = [
         "Mesh aws: spec.meshOwner: AWS-only",
-        "VirtualNode aws/api: spec.listeners[0].tls.certificate.acm: AWS-only",
         "VirtualNode aws/api: spec.listeners[0].tls.validation.trust.sds: SDS",
         "VirtualNode aws/api: spec.serviceDiscovery.awsCloudMap: AWS-only",
         "VirtualNode aws/api: spec.backends[0].virtualService.clientPolicy.tls.certificate.sds: SDS",
-        "VirtualNode aws/api: spec.backends[0].virtualService.clientPolicy.tls.validation.trust.acm: AWS-only",
     ];
     for e in expect {
         assert!(

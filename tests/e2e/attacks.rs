@@ -12,7 +12,8 @@
 //! - A duration past the bound in a mesh file is a located validation error.
 //! - The hand-over socket hands nothing to a non-root process or to a root process that does
 //!   not hold the agent's token, and the agent keeps serving.
-//! - Private keys readable by group or others are refused; `strait ca` writes 0700/0600.
+//! - Private keys readable by group or others are refused (the identity, not the agent);
+//!   `strait ca` writes 0700/0600.
 //! - A workload sharing a network namespace cannot present its captured client port at another
 //!   workload's outbound listener (SO_REUSEADDR) and be proxied as that workload.
 //! - A pod flooding connects that never reach the agent cannot push other pods' pending
@@ -664,25 +665,39 @@ fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> a
     };
     let key = bed.certs.join("color-key.pem");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
-    match Agent::start(&bed.tb, &bed.node, &bed.mesh, &[]) {
-        Ok(agent) => {
-            agent.wait_enrolled("app/color", true, Duration::from_secs(20))?;
-            bail!(
-                "the agent loaded a private key readable by others: {}",
-                agent.admin_get("/workloads")?
-            );
-        }
-        Err(error) => {
-            let text = format!("{error:#}");
-            ensure!(
-                text.contains(&key.display().to_string()) && text.contains("chmod 600"),
-                "the refusal does not name the key and the fix: {text}"
-            );
-        }
-    }
-    // With the fix applied the agent starts.
+    // The agent holds only the identities of its pods, read when it needs them: it starts,
+    // and refuses color's identity (its pod runs here) naming the key and the fix.
+    let agent = bed.start(&[])?;
+    let key_text = key.display().to_string();
+    let status = bed_workload(&agent, "app/color")?;
+    let error = status["identity"]["certificate"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    ensure!(
+        error.contains(&key_text) && error.contains("chmod 600"),
+        "the agent used a private key readable by others, or did not name the key and the fix: {status}"
+    );
+    ensure!(
+        agent
+            .log_lines()
+            .iter()
+            .any(|l| l["reason"] == "key_permissions"
+                && l["message"].as_str().is_some_and(|m| m.contains(&key_text))),
+        "the refusal was not logged: {}",
+        agent.process.stderr()
+    );
+    assert!(metric(&agent, "strait_identity_refused", &["key_permissions"])? >= 1.0);
+    agent.stop()?;
+    drop(agent);
+    // With the fix applied the identity is used.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-    let _agent = bed.start(&[])?;
+    let agent = bed.start(&[])?;
+    let status = bed_workload(&agent, "app/color")?;
+    ensure!(
+        status["identity"]["certificate"]["error"].is_null(),
+        "{status}"
+    );
 
     // What `strait ca` wrote: folders 0700, keys 0600.
     let ca = bed.tb.temp_dir().join("ca");
@@ -700,6 +715,15 @@ fn keys_readable_by_others_are_refused_and_strait_ca_writes_private_files() -> a
         }
     }
     Ok(())
+}
+
+/// The `/workloads` entry of a pod.
+fn bed_workload(agent: &Agent, pod: &str) -> anyhow::Result<Value> {
+    agent
+        .workloads()?
+        .into_iter()
+        .find(|w| w["pod"] == pod)
+        .with_context(|| format!("{pod} is not in /workloads"))
 }
 
 /// The mesh of the change test: egress DROP_ALL; `color` pods are selected by one of two

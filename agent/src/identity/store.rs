@@ -75,8 +75,11 @@ pub struct LoadedCert {
     pub sans: Vec<String>,
     /// The leaf's serial number, hex.
     pub serial: String,
-    /// The leaf's notAfter, seconds since the epoch.
+    /// The leaf's notBefore and notAfter, seconds since the epoch.
+    pub not_before: i64,
     pub not_after: i64,
+    /// The file the chain was read from.
+    pub chain: PathBuf,
 }
 
 /// A trust bundle.
@@ -174,7 +177,9 @@ fn load_cert(chain_path: &Path, key_path: &Path) -> Result<LoadedCert, Error> {
         fingerprint,
         sans: facts.sans,
         serial: facts.serial,
+        not_before: facts.not_before,
         not_after: facts.not_after,
+        chain: chain_path.to_owned(),
     })
 }
 

@@ -1163,11 +1163,14 @@ impl Cx<'_> {
             "acm" => {
                 let o = self.obj(v, &p, &["certificateARN"])?;
                 let arn = self.req(&o, "certificateARN", Cx::nonempty)?;
-                self.warn(
+                // Accepted with a warning, this broke every connection from another node to
+                // the listener (no certificate to present): refused where it is written.
+                self.err(
                     v.pos,
                     &p,
-                    "AWS-only: strait cannot obtain ACM certificates, so this listener is treated \
-                     as having no TLS certificate; use `file` or `sds`",
+                    "ACM certificates never leave AWS, so strait cannot present this one; use \
+                     `file` (a certificate and key on the nodes running this virtual node's \
+                     pods, e.g. from cert-manager or `strait ca issue`; see docs/security.md)",
                 );
                 Some(TlsCertificate::Acm {
                     certificate_arn: arn,
@@ -1221,11 +1224,12 @@ impl Cx<'_> {
                     let arns = cx.req(&o, "certificateAuthorityARNs", |cx, n, p| {
                         cx.each(n, p, 1, 3, Cx::nonempty)
                     })?;
-                    cx.warn(
+                    cx.err(
                         v.pos,
                         &p,
-                        "AWS-only: strait cannot read ACM Private CA trust, so peers cannot be \
-                         verified with it; use `file` (a PEM bundle of the CA)",
+                        "ACM Private CA trust lives in AWS, so strait cannot verify peers with \
+                         it; use `file` (a PEM bundle of the CA that issued the peers' \
+                         certificates; see docs/security.md)",
                     );
                     Some(TlsTrust::Acm {
                         certificate_authority_arns: arns,

@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::pool;
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
 use super::{Context, Drain, admission};
-use crate::identity::policy::{certificate_files, trust_file};
+use crate::identity::policy::trust_file;
 use crate::identity::store::cert_facts;
 use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};
 use crate::identity::{self, ALPN_H2, AuthzLabels, TunnelLabels, parse_tunnel_sni, tunnel_sni};
@@ -506,8 +506,7 @@ pub async fn open(
     let field = format!("VirtualNode {} clientPolicy.tls", caller.virtual_node);
     let cert = match client_tls.and_then(|t| t.certificate.as_ref()) {
         Some(c) => {
-            let (chain, key) = certificate_files(c, &format!("{field}.certificate"))?;
-            Some(transport.store.cert(&chain, &key)?)
+            Some(transport.certificate(caller.virtual_node, c, &format!("{field}.certificate"))?)
         }
         None => None,
     };
@@ -894,12 +893,16 @@ fn server_config(
     let tls = policy.listener_tls(vn, port).ok_or_else(|| {
         format!("virtual node {vn} has no listener with tls on port {port} in this agent's mesh")
     })?;
+    // This node holds the identities of its own pods only: a server name asking for another
+    // virtual node opens no file (identity::local).
+    if !transport.runs(vn) {
+        return Err(format!(
+            "virtual node {vn} has no pod on this node, so this node does not hold its identity"
+        ));
+    }
     let field = format!("VirtualNode {vn} listener {port} tls");
-    let (chain, key) = certificate_files(&tls.certificate, &format!("{field}.certificate"))
-        .map_err(|e| e.to_string())?;
     let cert = transport
-        .store
-        .cert(&chain, &key)
+        .certificate(vn, &tls.certificate, &format!("{field}.certificate"))
         .map_err(|e| e.to_string())?;
     let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -243,6 +243,8 @@ pub struct Transport {
     pub tunnel: hbone::Settings,
     /// Destination-side limits of local pods' listeners (`connectionPool`, `rateLimit`).
     pub admission: admission::Admission,
+    /// Local virtual nodes whose certificate was refused, reported once per cause.
+    pub refusals: identity::local::Refusals,
     local: RwLock<HashMap<IpAddr, Arc<LocalPod>>>,
     peers: Vec<PeerNode>,
     /// Which node each pod address is on, from the Kubernetes API (`--kubernetes`).
@@ -267,6 +269,7 @@ impl Transport {
             pool: hbone::Pool::default(),
             tunnel: hbone::Settings::default(),
             admission: admission::Admission::default(),
+            refusals: identity::local::Refusals::default(),
             local: RwLock::new(HashMap::new()),
             peers,
             endpoints: None,
@@ -319,6 +322,27 @@ impl Transport {
     pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<LocalPod>> {
         let local = self.local.read().unwrap_or_else(|e| e.into_inner());
         local.get(&ip.to_canonical()).cloned()
+    }
+
+    /// Whether a pod of `vn` is enrolled on this node: only then does this node hold (open
+    /// the files of) `vn`'s identity ([`identity::local`]).
+    pub fn runs(&self, vn: &ResourceId) -> bool {
+        let local = self.local.read().unwrap_or_else(|e| e.into_inner());
+        local.values().any(|pod| pod.virtual_node == *vn)
+    }
+
+    /// The certificate `vn` presents, checked to carry `vn`'s identity; a refusal is logged
+    /// and counted once per cause ([`identity::local`]).
+    pub fn certificate(
+        &self,
+        vn: &ResourceId,
+        cert: &crate::mesh::TlsCertificate,
+        field: &str,
+    ) -> Result<Arc<identity::store::LoadedCert>, identity::Error> {
+        let policy = self.policy.load();
+        let result = identity::local::certificate(&self.store, &policy, vn, cert, field);
+        self.refusals.note(&self.metrics, vn, &result);
+        result
     }
 
     /// The tunnel address of the node hosting `ip`, if a peer node covers it.
