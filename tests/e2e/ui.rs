@@ -1,9 +1,10 @@
 //! End-to-end test of the admin page (`/ui`) in a real browser: Debian's Chromium, headless,
 //! in a testbed node, loads the page from the agent's admin port while a client pod sends a
-//! 90/10 canary and requests to a route whose endpoint refuses connections. The test reads
-//! the DOM the page's script built: the graph's nodes (source virtual node, virtual service,
-//! routes, virtual nodes, endpoints), its edges with their weights, live request rates, error
-//! ratios and p99, and the table of local pods with enrollment and identity expiry. It also
+//! 90/10 canary and requests to a route whose endpoint refuses connections (and fails its
+//! health check). The test reads the DOM the page's script built: the graph's nodes (source
+//! virtual node, virtual service, routes, virtual nodes, endpoints), the ejected endpoint's
+//! mark, its edges with their weights, live request rates, error ratios and p99, and the table
+//! of local pods with enrollment and identity expiry. It also
 //! takes a screenshot (docs/ui.md shows one) into the target directory.
 //!
 //! Needs root and `cargo xtask setup` (chromium); without them it fails with the reason.
@@ -65,6 +66,7 @@ metadata: {{name: dead, namespace: app}}
 spec:
   listeners:
     - portMapping: {{port: 8080, protocol: http}}
+      healthCheck: {{protocol: tcp, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}}
   serviceDiscovery: {{dns: {{hostname: dead.app.svc.cluster.local, responseType: ENDPOINTS}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
@@ -300,6 +302,16 @@ fn admin_page_shows_the_mesh_graph_with_live_rates_in_a_real_browser() -> anyhow
             "no {kind} node {id} in the page's graph: {nodes:?}"
         );
     }
+
+    // The dead endpoint fails its health check: its virtual node is marked, and only it.
+    let ejected: Vec<String> = elements(&dom, "g", "ejected")
+        .into_iter()
+        .map(|a| format!("{}={}", a["data-id"], a["data-ejected"]))
+        .collect();
+    ensure!(
+        ejected == ["vn:app/dead=1"] && dom.contains("1 endpoint ejected"),
+        "ejected marks: {ejected:?}"
+    );
 
     let edges = elements(&dom, "g", "edge");
     let edge = |from: &str, to: &str| -> anyhow::Result<BTreeMap<String, String>> {

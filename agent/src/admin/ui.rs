@@ -11,7 +11,7 @@
 //! counters (`strait_requests_total`, `strait_request_duration_seconds`, read from the same
 //! registry `/metrics` encodes): each answer takes a snapshot, and rates are the difference to
 //! the oldest snapshot of the last [`WINDOW`]. Until two polls are a second apart, rates are
-//! `null`.
+//! `null`. Virtual nodes with endpoints ejected by health checks are marked.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
@@ -64,6 +64,10 @@ pub struct Node {
     /// `source`, `virtual_service`, `route`, `virtual_node` or `endpoint`.
     pub kind: &'static str,
     pub label: String,
+    /// A virtual node's endpoints out of load balancing now (failing their health check,
+    /// `strait_endpoints_ejected`); absent when none are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<u64>,
 }
 
 /// `/ui/graph.json`.
@@ -92,6 +96,7 @@ pub fn graph_json(state: &State) -> Value {
     let (nodes, edges) = build(
         &config.mesh,
         &workloads,
+        &parse_ejected(&text),
         &current,
         previous
             .as_ref()
@@ -132,6 +137,19 @@ fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
         map.insert(k, v.trim_end_matches('"'));
     }
     Some((name, map, value.trim().parse().ok()?))
+}
+
+/// `strait_endpoints_ejected` by virtual node.
+fn parse_ejected(text: &str) -> BTreeMap<String, u64> {
+    let mut ejected = BTreeMap::new();
+    for (name, labels, value) in text.lines().filter_map(parse_line) {
+        if name == "strait_endpoints_ejected"
+            && let Some(vn) = labels.get("virtual_node")
+        {
+            *ejected.entry((*vn).to_owned()).or_default() += value.max(0.0) as u64;
+        }
+    }
+    ejected
 }
 
 fn is_error(class: &str) -> bool {
@@ -281,6 +299,7 @@ fn route_targets(route: &Value) -> Vec<(String, u32)> {
 fn build(
     mesh: &Value,
     workloads: &[super::WorkloadStatus],
+    ejected: &BTreeMap<String, u64>,
     current: &Snapshot,
     previous: Option<(f64, &Snapshot)>,
 ) -> (Vec<Node>, Vec<Edge>) {
@@ -290,7 +309,16 @@ fn build(
     let mut edges = Vec::new();
     let mut node = |id: String, kind: &'static str, label: String| {
         if seen.insert(id.clone()) {
-            nodes.push(Node { id, kind, label });
+            let ejected = (kind == "virtual_node")
+                .then(|| ejected.get(&label).copied())
+                .flatten()
+                .filter(|n| *n > 0);
+            nodes.push(Node {
+                id,
+                kind,
+                label,
+                ejected,
+            });
         }
     };
     let list = |key: &str| mesh[key].as_array().cloned().unwrap_or_default();
