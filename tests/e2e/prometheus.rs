@@ -539,9 +539,10 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
                 ensure!(p50 > 0.0 && p50 < 0.1, "{}", context());
             }
             "Latency p50 / p99" => {
-                // The timed-out requests (200 ms) are well over 1 % of all.
+                // The timed-out requests (200 ms) and the dead route's (retried) are well over
+                // 1 % of all; none takes a second.
                 let p99 = value_of(&series, "target_virtual_service", "app/color")?;
-                ensure!((0.1..=0.5).contains(&p99), "{}", context());
+                ensure!((0.1..1.0).contains(&p99), "{}", context());
             }
             "Responses by code class" => {
                 let of = |class: &str| {
@@ -597,7 +598,9 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
                     observed_share,
                     0.03,
                 )?;
-                near(&context(), v2_rate / (v1_rate + v2_rate), 0.10, 0.03)?;
+                // And near the route's weight (10 %): about 600 requests make one standard
+                // deviation 1.2 points, so 5 points keeps this from failing by chance.
+                near(&context(), v2_rate / (v1_rate + v2_rate), 0.10, 0.05)?;
             }
             "Error ratio and p99 per target virtual node" if expr.contains("quantile") => {
                 let slow_p99 = value_of(&series, "target_virtual_node", "app/slow")?;
@@ -715,7 +718,7 @@ fn check_rules_in_prometheus(
                 }
                 "strait:request_duration_seconds:p99_1m" => {
                     let p99 = value_of(&series, "target_virtual_service", "app/color")?;
-                    ensure!((0.1..=0.5).contains(&p99), "{}", context());
+                    ensure!((0.1..1.0).contains(&p99), "{}", context());
                 }
                 // p99 is well under a second: the latency alert must not be about to fire.
                 "StraitHighLatencyP99" => ensure!(series.is_empty(), "{}", context()),
