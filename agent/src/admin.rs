@@ -1,4 +1,5 @@
-//! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters.
+//! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters,
+//! and a live page of the node's mesh (`/ui`, [`ui`]).
 //!
 //! Plain HTTP/1.1 on the `--admin` address (default 127.0.0.1:15000, like Envoy's admin port
 //! in App Mesh). Every answer is computed from shared state on request; nothing here is on
@@ -20,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::redirect::Redirect;
+
+pub mod ui;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -216,9 +219,14 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
         },
         "/workloads" => json(&**state.workloads.load()),
         "/config_dump" => json(&**state.config.load()),
+        "/ui" => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from_static(ui::PAGE.as_bytes())))
+            .expect("static response parts are valid"),
+        "/ui/graph.json" => json(&ui::graph_json(state)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /metrics /stats /workloads /config_dump\n".into(),
+            "not found; try /ready /metrics /stats /workloads /config_dump /ui\n".into(),
         ),
     }
 }

@@ -1,4 +1,4 @@
-//! The `strait` command line: `run`, `validate`, `status`, `uninstall`, `ca`.
+//! The `strait` command line: `run`, `validate`, `status`, `check`, `uninstall`, `ca`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::proxy::upstream::PeerNode;
 use crate::workloads::PodSource;
-use crate::{app, ca, kubernetes, mesh, proxy, redirect, status};
+use crate::{app, ca, check, kubernetes, mesh, proxy, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +46,9 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
     },
+    /// Pre-flight: test what the agent needs on this node (kernel, BTF, cgroup v2, bpffs,
+    /// capabilities, its eBPF programs, ports, DNS, the mesh); exit 1 if anything fails.
+    Check(check::Args),
     /// Remove every eBPF pin and attachment an agent left under a bpffs folder.
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/strait")]
@@ -318,6 +321,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", status::render(admin)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check(args) => Ok(check::main(args)),
         Command::Uninstall { bpffs } => {
             let report = redirect::uninstall(&bpffs)?;
             if report.folder_existed {
@@ -370,7 +374,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// On hybrid-cgroup hosts (cgroup v1 controllers at /sys/fs/cgroup, v2 at
 /// /sys/fs/cgroup/unified) the default root is the v2 mount below it.
-fn default_cgroup_root(requested: PathBuf) -> PathBuf {
+pub(crate) fn default_cgroup_root(requested: PathBuf) -> PathBuf {
     let unified = requested.join("unified");
     if requested == std::path::Path::new("/sys/fs/cgroup")
         && !requested.join("cgroup.procs").exists()

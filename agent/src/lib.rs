@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod ca;
+pub mod check;
 pub mod cli;
 pub mod discovery;
 pub mod handover;

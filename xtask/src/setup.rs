@@ -7,7 +7,9 @@
 //!   which `bpf-linker` links against (Debian, as root);
 //! - the testbed's packages (`dnsmasq-base iproute2 curl`, and for the bench and the fast
 //!   path tests `python3 wrk iperf3 nginx-light haproxy openssl`, and
-//!   `containernetworking-plugins` for the CNI tests; Debian, as root);
+//!   `containernetworking-plugins` for the CNI tests, `libcap2-bin` for the check tests,
+//!   `prometheus` for the dashboard tests, `chromium chromium-driver` for the admin page's;
+//!   Debian, as root);
 //! - `bpf-linker` built against LLVM 22 (rustc here uses LLVM 22; a linker built
 //!   on another LLVM cannot read its bitcode);
 //! - Python's `grpcio` (the gRPC end-to-end test's real client and server): with
@@ -27,8 +29,10 @@ const LLVM_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev
 /// The testbed's; tcpdump and tshark check what crosses the wire between nodes (mTLS tests);
 /// python3 serves HTTP in the e2e tests; then `cargo xtask bench`'s load generators, servers
 /// and sidecar stand-ins (h2load comes in nghttp2-client); the reference CNI plugins (bridge,
-/// host-local, loopback, portmap) the CNI tests chain strait-cni after.
-const TESTBED_PACKAGES: [&str; 13] = [
+/// host-local, loopback, portmap) the CNI tests chain strait-cni after; capsh (libcap2-bin)
+/// runs `strait check` without a capability; a real Prometheus (and promtool) evaluates the
+/// shipped dashboard and rules, and headless Chromium loads the admin page (`/ui`).
+const TESTBED_PACKAGES: [&str; 17] = [
     "dnsmasq-base",
     "iproute2",
     "curl",
@@ -42,6 +46,10 @@ const TESTBED_PACKAGES: [&str; 13] = [
     "openssl",
     "nghttp2-client",
     "containernetworking-plugins",
+    "libcap2-bin",
+    "prometheus",
+    "chromium",
+    "chromium-driver",
 ];
 
 pub fn setup() -> anyhow::Result<()> {
