@@ -35,7 +35,7 @@ use crate::routing::Table;
 use crate::service_ids::ServiceIds;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
-use crate::{discovery, handover, netns};
+use crate::{discovery, gateway, handover, netns};
 
 /// How `strait run` was asked to run.
 #[derive(Debug, Clone)]
@@ -268,6 +268,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
+        gateways: gateway::Gateways::default(),
     };
     node.apply_access_logs(&log_writers);
     node.apply_table(&answers.borrow_and_update());
@@ -357,7 +358,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             _ = retry.tick() => {
                 node.retire_expired();
                 // Also refreshes /workloads, so certificate rotations and expiry show.
-                if !node.failed.is_empty() {
+                if !node.failed.is_empty() || node.gateways.has_failures() {
                     node.reconcile(&workload_snapshots.borrow());
                 }
             }
@@ -652,6 +653,8 @@ struct Node {
     skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
     ctx: Arc<proxy::Context>,
     metrics: Metrics,
+    /// Gateway pods and the VirtualGateway listeners served in them.
+    gateways: gateway::Gateways,
 }
 
 /// How long a changed pod's previous listeners keep accepting after the eBPF maps point at the
@@ -728,6 +731,8 @@ impl Node {
                 (Some(vn), Some(reason)) => {
                     skipped.insert(key.clone(), (Some(vn.clone()), reason.clone()));
                 }
+                // A gateway's pod: its listeners are `gateway`'s (reconciled below).
+                (None, _) if gateway::selects(&self.mesh, workload) => {}
                 (None, _) => {
                     let reason = selection.reason(workload, &self.mesh).unwrap_or_default();
                     if let Selection::Ambiguous { .. } = selection
@@ -800,6 +805,9 @@ impl Node {
         self.retire_expired();
         self.sync_inbound();
         self.sync_backends();
+        let (mesh, ctx) = (self.mesh.clone(), self.ctx.clone());
+        self.gateways
+            .reconcile(pods, &mesh, &ctx, &self.inherited, &self.registry);
         self.metrics
             .enrolled_workloads
             .set(self.enrolled.len() as i64);
@@ -1248,6 +1256,7 @@ impl Node {
                     identity: None,
                 }),
         );
+        statuses.extend(self.gateways.statuses());
         admin.workloads.store(Arc::new(statuses));
     }
 }

@@ -9,6 +9,7 @@ pub mod app;
 pub mod ca;
 pub mod cli;
 pub mod discovery;
+pub mod gateway;
 pub mod handover;
 pub mod identity;
 pub mod kubernetes;

@@ -1,0 +1,354 @@
+//! End-to-end tests of ingress: a VirtualGateway whose listeners the node agent serves inside
+//! the gateway's pod, and its GatewayRoutes, with App Mesh's matching and rewrite defaults.
+//!
+//! The client is curl in a network namespace that is not enrolled (it stands for the load
+//! balancer in front of the gateway pods) calling the gateway pod's address. The backends are
+//! `strait-http` servers that answer with what they received (path, headers), so each test
+//! checks what the service saw: which color answered, its path and its host.
+//!
+//! The manifests are `tests/e2e/ingress/*.yaml`, written like App Mesh's ingress walkthroughs;
+//! one test checks that `strait validate` accepts them as one mesh.
+//!
+//! Needs root (and curl); without them these tests fail with the reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use serde_json::Value;
+use testbed::agent::{Agent, strait_binary};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+
+const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
+const GATEWAY: &str = "ingress/ingress-gw-1";
+
+/// The walkthrough's manifests: mesh, gateway, routes.
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/ingress")
+}
+
+fn http_server(tb: &Testbed, pod: &Pod, name: &str, port: u16) -> anyhow::Result<Process> {
+    let server = tb.spawn(
+        &format!("http-{name}"),
+        pod.command(HTTP_BIN).args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port},[::]:{port}"),
+            "--name",
+            name,
+        ]),
+    )?;
+    server.wait_listening(port, Duration::from_secs(10))?;
+    Ok(server)
+}
+
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+impl Reply {
+    /// What the backend saw (its JSON echo).
+    fn seen(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.body).with_context(|| {
+            format!(
+                "status {}: not a backend's echo: {:?}",
+                self.status, self.body
+            )
+        })
+    }
+}
+
+/// curl in `pod`; the status is written after the body by `--write-out`.
+fn curl(pod: &Pod, args: &[&str]) -> anyhow::Result<Reply> {
+    let output = run(
+        pod.command("curl")
+            .args(["--silent", "--show-error", "--max-time", "20"])
+            .args(["--write-out", "\n%{http_code}"])
+            .args(args),
+        Duration::from_secs(30),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let status = status.trim().parse().with_context(|| {
+        format!(
+            "curl {args:?}: unexpected output {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    Ok(Reply {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// The backends behind the gateway: one pod per color, each its VirtualNode's.
+struct Backends {
+    _servers: Vec<Process>,
+}
+
+fn backends(tb: &Testbed, node: &Node) -> anyhow::Result<(Backends, Vec<Pod>)> {
+    let mut servers = Vec::new();
+    let mut pods = Vec::new();
+    for (name, namespace) in [
+        ("red", "ingress"),
+        ("blue", "ingress"),
+        ("green", "ingress"),
+        ("yellow", "shop"),
+    ] {
+        let pod = node.add_pod(&PodSpec::new(name, namespace).label("app", name))?;
+        tb.dns_record(
+            &format!("{name}-v1.{namespace}.svc.cluster.local"),
+            &[pod.ipv4().into()],
+        )?;
+        servers.push(http_server(tb, &pod, name, 8080)?);
+        if name == "green" {
+            servers.push(http_server(tb, &pod, "green-8081", 8081)?);
+        }
+        node.write_workload(&pod)?;
+        pods.push(pod);
+    }
+    Ok((Backends { _servers: servers }, pods))
+}
+
+struct Bed {
+    _tb: Testbed,
+    _backends: Backends,
+    agent: Agent,
+    lb: Pod,
+    gateway: Pod,
+}
+
+/// One node: the gateway pod, the four backends, and `lb` (not enrolled) as the client.
+fn bed(test: &str) -> anyhow::Result<Bed> {
+    let tb = Testbed::new(test)?;
+    let node = tb.add_node("node1")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    let (backends, _) = backends(&tb, &node)?;
+    node.write_workload(&gateway)?;
+    let agent = Agent::start(&tb, &node, &fixtures(), &[])?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    for pod in [
+        "ingress/red",
+        "ingress/blue",
+        "ingress/green",
+        "shop/yellow",
+    ] {
+        agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    Ok(Bed {
+        _tb: tb,
+        _backends: backends,
+        agent,
+        lb,
+        gateway,
+    })
+}
+
+impl Bed {
+    fn url(&self, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.gateway.ipv4())
+    }
+
+    fn get(&self, path: &str, extra: &[&str]) -> anyhow::Result<Reply> {
+        let url = self.url(8088, path);
+        let mut args: Vec<&str> = extra.to_vec();
+        args.push(&url);
+        curl(&self.lb, &args)
+    }
+
+    /// The request reached `color`; returns what the backend saw.
+    fn expect(&self, color: &str, path: &str, extra: &[&str]) -> anyhow::Result<Value> {
+        let reply = self.get(path, extra)?;
+        ensure!(
+            reply.status == 200,
+            "{path} {extra:?}: status {} (wanted 200 from {color}): {}; agent log:\n{}",
+            reply.status,
+            reply.body,
+            self.agent.process.stderr()
+        );
+        let seen = reply.seen()?;
+        ensure!(
+            seen["name"] == color,
+            "{path} {extra:?}: answered by {} (wanted {color}): {seen}",
+            seen["name"]
+        );
+        Ok(seen)
+    }
+
+    /// No gateway route matches: the gateway answers 404 itself.
+    fn expect_no_route(&self, path: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let reply = self.get(path, extra)?;
+        ensure!(
+            reply.status == 404 && reply.body.contains("no gateway route matches"),
+            "{path} {extra:?}: wanted the gateway's 404, got {}: {}",
+            reply.status,
+            reply.body
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn the_walkthrough_manifests_validate_as_one_mesh() -> anyhow::Result<()> {
+    let output = std::process::Command::new(strait_binary()?)
+        .arg("validate")
+        .arg(fixtures())
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(output.status.success(), "strait validate refused: {text}");
+    ensure!(
+        text.contains("1 VirtualGateway") && text.contains("24 GatewayRoutes"),
+        "{text}"
+    );
+    // A reserved prefix is refused where it is written.
+    let tb = Testbed::new("ingress-validate")?;
+    let dir = tb.temp_dir().join("mesh");
+    std::fs::create_dir_all(&dir)?;
+    for file in ["mesh.yaml", "gateway.yaml", "routes.yaml"] {
+        std::fs::copy(fixtures().join(file), dir.join(file))?;
+    }
+    std::fs::write(
+        dir.join("reserved.yaml"),
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: GatewayRoute\nmetadata: {name: reserved, namespace: ingress}\nspec:\n  httpRoute:\n    match: {prefix: /aws-appmesh/stats}\n    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}\n",
+    )?;
+    let output = std::process::Command::new(strait_binary()?)
+        .arg("validate")
+        .arg(&dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success(),
+        "a reserved prefix was accepted: {text}"
+    );
+    ensure!(
+        text.contains("reserved.yaml:6") && text.contains("spec.httpRoute.match.prefix"),
+        "the error does not say where: {text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_gateway_route_match_kind_selects_and_its_negative_does_not() -> anyhow::Result<()> {
+    let bed = bed("ingress-match")?;
+
+    // prefix
+    bed.expect("red", "/red", &[])?;
+    bed.expect_no_route("/rouge", &[])?;
+    // path: exact and regex
+    bed.expect("green", "/exact", &[])?;
+    bed.expect_no_route("/exact/more", &[])?;
+    bed.expect("green", "/regex/42", &[])?;
+    bed.expect_no_route("/regex/abc", &[])?;
+    // headers: exact, prefix, suffix, regex, range, invert; each with a value that fails it
+    for (path, good, bad) in [
+        ("/h/exact", "x-color: blue", "x-color: blue2"),
+        ("/h/prefix", "x-color: blurple", "x-color: red"),
+        ("/h/suffix", "x-color: true-blue", "x-color: blues"),
+        ("/h/regex", "x-color: blue", "x-color: bblue"),
+        ("/h/range", "x-version: 4", "x-version: 5"),
+        ("/h/invert", "x-color: blue", "x-color: red"),
+    ] {
+        bed.expect("blue", path, &["-H", good])?;
+        bed.expect_no_route(path, &["-H", bad])?;
+    }
+    // A missing header matches no value rule, inverted or not (Envoy, as on router routes).
+    bed.expect_no_route("/h/exact", &[])?;
+    bed.expect_no_route("/h/invert", &[])?;
+    // queryParameters
+    let seen = bed.expect("green", "/q?color=green&x=1", &[])?;
+    ensure!(seen["query"] == "color=green&x=1", "{seen}");
+    bed.expect_no_route("/q?color=red", &[])?;
+    bed.expect_no_route("/q", &[])?;
+    // method
+    bed.expect("green", "/m", &["-X", "POST"])?;
+    bed.expect_no_route("/m", &[])?;
+    // hostname: exact and suffix, with and without the port, case aside
+    for host in ["www.example.com", "www.example.com:8088", "WWW.Example.COM"] {
+        bed.expect("blue", "/anything", &["-H", &format!("Host: {host}")])?;
+    }
+    bed.expect_no_route("/anything", &["-H", "Host: api.example.com"])?;
+    for host in ["shop.example.org", "a.b.example.org:8088"] {
+        bed.expect("green", "/anything", &["-H", &format!("Host: {host}")])?;
+    }
+    bed.expect_no_route("/anything", &["-H", "Host: example.org.evil"])?;
+    // port: the route serves the 9088 listener only
+    let reply = curl(&bed.lb, &[&bed.url(9088, "/port/a")])?;
+    ensure!(reply.status == 200, "{}: {}", reply.status, reply.body);
+    ensure!(reply.seen()?["name"] == "red", "{}", reply.body);
+    bed.expect_no_route("/port/a", &[])?;
+    // the target's port
+    bed.expect("green-8081", "/alt", &[])?;
+    // ordering: the longest prefix without priority; a lower priority number over a longer prefix
+    bed.expect("blue", "/lp/longer/x", &[])?;
+    bed.expect("red", "/lp/x", &[])?;
+    bed.expect("red", "/pp/longer/x", &[])?;
+    // gatewayRouteSelector and namespaceSelector
+    bed.expect("yellow", "/shop", &[])?;
+    bed.expect_no_route("/unlabelled", &[])?;
+    bed.expect_no_route("/elsewhere", &[])?;
+    Ok(())
+}
+
+#[test]
+fn app_mesh_default_rewrites_apply_unless_disabled_and_explicit_ones_replace_them()
+-> anyhow::Result<()> {
+    let bed = bed("ingress-rewrite")?;
+    let lb_ip = bed.lb.ipv4().to_string();
+
+    // Default: the matched prefix becomes `/`, the host the target virtual service's name.
+    let seen = bed.expect(
+        "red",
+        "/red/chapter/1?x=y",
+        &[
+            "-H",
+            "Host: shop.example.net",
+            "-H",
+            "x-request-id: outside",
+        ],
+    )?;
+    ensure!(seen["path"] == "/chapter/1", "{seen}");
+    ensure!(seen["query"] == "x=y", "{seen}");
+    ensure!(
+        seen["headers"]["host"] == "red.ingress.svc.cluster.local",
+        "{seen}"
+    );
+    // The edge's forwarding headers: the client's address, http, and a fresh request id.
+    ensure!(
+        seen["headers"]["x-forwarded-for"] == lb_ip.as_str(),
+        "{seen}"
+    );
+    ensure!(seen["headers"]["x-forwarded-proto"] == "http", "{seen}");
+    let id = seen["headers"]["x-request-id"].as_str().unwrap_or("");
+    ensure!(id.len() == 36 && id != "outside", "{seen}");
+    let seen = bed.expect("red", "/red", &[])?;
+    ensure!(seen["path"] == "/", "{seen}");
+    // defaultPrefix and defaultTargetHostname DISABLED: path and host as the client sent them.
+    let seen = bed.expect("red", "/keep/a/b", &["-H", "Host: shop.example.net:8088"])?;
+    ensure!(seen["path"] == "/keep/a/b", "{seen}");
+    ensure!(seen["headers"]["host"] == "shop.example.net:8088", "{seen}");
+    // prefix.value
+    let seen = bed.expect("blue", "/v1/items/7", &[])?;
+    ensure!(seen["path"] == "/api/v1/items/7", "{seen}");
+    ensure!(
+        seen["headers"]["host"] == "blue.ingress.svc.cluster.local",
+        "{seen}"
+    );
+    // path.exact
+    let seen = bed.expect("green", "/exact", &[])?;
+    ensure!(seen["path"] == "/rewritten", "{seen}");
+    // A path match has no prefix to rewrite.
+    let seen = bed.expect("green", "/regex/7", &[])?;
+    ensure!(seen["path"] == "/regex/7", "{seen}");
+    // HTTP/2 (prior knowledge) from the client: the same routes and rewrites.
+    let seen = bed.expect("red", "/red/h2", &["--http2-prior-knowledge"])?;
+    ensure!(seen["path"] == "/h2", "{seen}");
+    Ok(())
+}
