@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, strait_binary};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::agent::{Agent, metric, strait_binary, strait_ok};
+use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
 const GATEWAY: &str = "ingress/ingress-gw-1";
@@ -350,5 +350,382 @@ fn app_mesh_default_rewrites_apply_unless_disabled_and_explicit_ones_replace_the
     // HTTP/2 (prior knowledge) from the client: the same routes and rewrites.
     let seen = bed.expect("red", "/red/h2", &["--http2-prior-knowledge"])?;
     ensure!(seen["path"] == "/h2", "{seen}");
+    Ok(())
+}
+
+const GRPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/color_grpc.py");
+
+/// The Python interpreter that has grpcio, or a clear failure.
+fn python_with_grpcio() -> anyhow::Result<String> {
+    let output = std::process::Command::new("python3")
+        .args(["-c", "import grpc, sys; print(sys.executable)"])
+        .output()
+        .context("cannot run python3 (the gRPC check needs Python 3 with grpcio)")?;
+    ensure!(
+        output.status.success(),
+        "the gRPC check needs Python's grpcio (`cargo xtask setup` installs it): {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// A gateway whose listeners terminate TLS at the edge (STRICT, PERMISSIVE, STRICT with client
+/// certificates) and speak gRPC, in front of services on another node whose listeners take
+/// only mutual TLS from the gateway's identity.
+fn tls_mesh(certs: &Path) -> String {
+    let c = certs.display();
+    let gw_id = "spiffe://ingress-tls/ns/ingress/vg/ingress-gw";
+    let upstream_tls = |name: &str| {
+        format!(
+            r#"      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/{name}.pem, privateKey: {c}/{name}-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [{gw_id}]}}}}"#
+        )
+    };
+    let edge_cert = format!(
+        "certificate: {{file: {{certificateChain: {c}/gw.pem, privateKey: {c}/gw-key.pem}}}}"
+    );
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: ingress-tls}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: red, namespace: ingress}}
+spec:
+  podSelector: {{matchLabels: {{app: red}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+{red_tls}
+  serviceDiscovery: {{dns: {{hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: rpc, namespace: ingress}}
+spec:
+  podSelector: {{matchLabels: {{app: rpc}}}}
+  listeners:
+    - portMapping: {{port: 50051, protocol: grpc}}
+{rpc_tls}
+  serviceDiscovery: {{dns: {{hostname: rpc-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+# No pods: `strait ca issue` mints the certificate an outside client presents at the edge.
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: edge-client, namespace: ingress}}
+spec:
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/edge-client.pem, privateKey: {c}/edge-client-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: red, namespace: ingress}}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: red}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: rpc, namespace: ingress}}
+spec:
+  awsName: rpc.ingress.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: rpc}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {{name: ingress-gw, namespace: ingress}}
+spec:
+  podSelector: {{matchLabels: {{app: ingress-gw}}}}
+  listeners:
+    - portMapping: {{port: 8443, protocol: http}}
+      tls: {{mode: STRICT, {edge_cert}}}
+    - portMapping: {{port: 8444, protocol: http}}
+      tls: {{mode: PERMISSIVE, {edge_cert}}}
+    - portMapping: {{port: 8445, protocol: http}}
+      tls:
+        mode: STRICT
+        {edge_cert}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+    - portMapping: {{port: 9090, protocol: grpc}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/gw-client.pem, privateKey: {c}/gw-client-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: red, namespace: ingress}}
+spec:
+  httpRoute:
+    match: {{prefix: /red, hostname: {{exact: www.example.com}}}}
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: red}}}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: color, namespace: ingress}}
+spec:
+  grpcRoute:
+    match: {{serviceName: color.Color}}
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: rpc}}}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: rpc-host, namespace: ingress}}
+spec:
+  grpcRoute:
+    match:
+      hostname: {{exact: rpc.example.com}}
+      metadata: [{{name: x-pass, match: {{exact: "yes"}}}}]
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: rpc}}}}}}}}
+"#,
+        red_tls = upstream_tls("red"),
+        rpc_tls = upstream_tls("rpc"),
+    )
+}
+
+/// `--peer-node` arguments for every node but `me`.
+fn peer_args(me: &Node, nodes: &[&Node]) -> Vec<String> {
+    let mut args = Vec::new();
+    for other in nodes.iter().filter(|n| n.index() != me.index()) {
+        args.push("--peer-node".into());
+        args.push(format!(
+            "{}/24={}",
+            addr::pod_subnet_v4(other.index()),
+            other.underlay_ip()
+        ));
+    }
+    args
+}
+
+#[test]
+fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> anyhow::Result<()> {
+    let python = python_with_grpcio()?;
+    let tb = Testbed::new("ingress-tls")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let gateway =
+        node1.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let lb = node1.add_pod(&PodSpec::new("lb", "outside"))?;
+    let red = node2.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let rpc = node2.add_pod(&PodSpec::new("rpc", "ingress").label("app", "rpc"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    tb.dns_record("rpc-v1.ingress.svc.cluster.local", &[rpc.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, "red", 8080)?;
+    let _rpc_server = tb.spawn(
+        "grpc-rpc",
+        rpc.command(&python)
+            .args([GRPC_SCRIPT, "serve", "--port", "50051", "--name", "rpc"]),
+    )?;
+    _rpc_server.wait_listening(50051, Duration::from_secs(20))?;
+
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
+    std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
+    std::fs::write(&mesh, tls_mesh(&certs))?;
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    let issued = strait_ok(
+        &node1,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &mesh.display().to_string(),
+            "--ca-dir",
+            &ca.display().to_string(),
+        ],
+    )?;
+    ensure!(
+        issued.contains("www.example.com") && issued.contains("rpc.example.com"),
+        "the gateway's certificate names the hosts its routes match: {issued}"
+    );
+    node1.write_workload(&gateway)?;
+    node2.write_workload(&red)?;
+    node2.write_workload(&rpc)?;
+    let nodes = [&node1, &node2];
+    let start = |node: &Node| -> anyhow::Result<Agent> {
+        let args = peer_args(node, &nodes);
+        Agent::start(
+            &tb,
+            node,
+            &mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1)?;
+    let agent2 = start(&node2)?;
+    agent1.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent2.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    agent2.wait_enrolled("ingress/rpc", true, Duration::from_secs(20))?;
+
+    let gw = gateway.ipv4().to_string();
+    let ca_pem = ca.join("ca.pem").display().to_string();
+    let https = |port: u16, path: &str, extra: &[&str]| -> anyhow::Result<Reply> {
+        let resolve = format!("www.example.com:{port}:{gw}");
+        let url = format!("https://www.example.com:{port}{path}");
+        let mut args = vec!["--cacert", ca_pem.as_str(), "--resolve", resolve.as_str()];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&lb, &args)
+    };
+    let expect_red = |reply: Reply, what: &str, proto: &str| -> anyhow::Result<()> {
+        ensure!(
+            reply.status == 200,
+            "{what}: status {}: {}; gateway agent:\n{}\nservice agent:\n{}",
+            reply.status,
+            reply.body,
+            agent1.process.stderr(),
+            agent2.process.stderr()
+        );
+        let seen = reply.seen()?;
+        ensure!(
+            seen["name"] == "red" && seen["path"] == "/x",
+            "{what}: {seen}"
+        );
+        ensure!(
+            seen["headers"]["x-forwarded-proto"] == proto,
+            "{what}: {seen}"
+        );
+        Ok(())
+    };
+
+    // STRICT: the certificate is checked by curl against the CA; to red on node2, whose
+    // listener takes only mutual TLS from the gateway's identity (the tunnel).
+    expect_red(https(8443, "/red/x", &[])?, "https on STRICT", "https")?;
+    let streams = metric(&agent2, "strait_tunnel_streams", &["direction=\"inbound\""])?;
+    ensure!(
+        streams >= 1.0,
+        "the request did not arrive through the tunnel ({streams} streams)"
+    );
+    let plain = curl(
+        &lb,
+        &[
+            "-H",
+            "Host: www.example.com",
+            &format!("http://{gw}:8443/red/x"),
+        ],
+    )?;
+    ensure!(
+        plain.status != 200,
+        "plaintext on a STRICT listener: {}",
+        plain.body
+    );
+    // HTTP/2 over TLS (ALPN h2).
+    expect_red(
+        https(8443, "/red/x", &["--http2"])?,
+        "h2 on STRICT",
+        "https",
+    )?;
+    // PERMISSIVE: both.
+    expect_red(https(8444, "/red/x", &[])?, "https on PERMISSIVE", "https")?;
+    let plain = curl(
+        &lb,
+        &[
+            "-H",
+            "Host: www.example.com",
+            &format!("http://{gw}:8444/red/x"),
+        ],
+    )?;
+    expect_red(plain, "http on PERMISSIVE", "http")?;
+    // Client certificate validation: refused without one, served with one from the CA.
+    let refused = https(8445, "/red/x", &[])?;
+    ensure!(
+        refused.status != 200,
+        "no client certificate: {}",
+        refused.body
+    );
+    let cert = certs.join("edge-client.pem").display().to_string();
+    let key = certs.join("edge-client-key.pem").display().to_string();
+    expect_red(
+        https(8445, "/red/x", &["--cert", &cert, "--key", &key])?,
+        "https with a client certificate",
+        "https",
+    )?;
+    // The wrong host for the route: no route, and the certificate does not name it either.
+    let other = curl(
+        &lb,
+        &[
+            "--cacert",
+            &ca_pem,
+            "--resolve",
+            &format!("api.example.com:8443:{gw}"),
+            "https://api.example.com:8443/red/x",
+        ],
+    )?;
+    ensure!(other.status != 200, "{}", other.body);
+
+    // gRPC: serviceName, and hostname + metadata.
+    let grpc = |args: &[&str]| -> anyhow::Result<Value> {
+        let target = format!("{gw}:9090");
+        let output = run(
+            lb.command(&python)
+                .args([GRPC_SCRIPT, "call", "--target", &target])
+                .args(args),
+            Duration::from_secs(60),
+        )?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "gRPC client printed no report: {stdout:?}, stderr {:?}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    };
+    let report = grpc(&["--unary", "10", "--bidi", "10"])?;
+    ensure!(
+        report["ok"] == true && report["unary"]["rpc"] == 10 && report["bidi"]["rpc"] == 10,
+        "{report}; gateway agent:\n{}",
+        agent1.process.stderr()
+    );
+    // Another service: no gateway route (the gateway answers UNIMPLEMENTED itself)...
+    let report = grpc(&["--method", "/other.Service/Call"])?;
+    ensure!(
+        report["code"] == "UNIMPLEMENTED"
+            && report["details"]
+                .as_str()
+                .is_some_and(|d| d.contains("no gateway route")),
+        "{report}"
+    );
+    // ...unless the hostname and metadata route takes it: then the server answers (it has
+    // no such method).
+    let report = grpc(&[
+        "--method",
+        "/other.Service/Call",
+        "--authority",
+        "rpc.example.com",
+        "--metadata",
+        "x-pass=yes",
+    ])?;
+    ensure!(
+        report["code"] == "UNIMPLEMENTED"
+            && !report["details"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no gateway route"),
+        "{report}"
+    );
+    let report = grpc(&[
+        "--method",
+        "/other.Service/Call",
+        "--authority",
+        "rpc.example.com",
+        "--metadata",
+        "x-pass=no",
+    ])?;
+    ensure!(
+        report["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("no gateway route")),
+        "{report}"
+    );
     Ok(())
 }
