@@ -668,15 +668,23 @@ impl Node {
             .mesh
             .virtual_nodes
             .iter()
-            .filter_map(|vn| {
-                let file = vn.spec.logging.as_ref()?.access_log.as_ref()?;
+            .map(|vn| (&vn.id, &vn.spec.logging))
+            // A gateway's requests carry its id as their source (crate::gateway).
+            .chain(
+                self.mesh
+                    .virtual_gateways
+                    .iter()
+                    .map(|gw| (&gw.id, &gw.spec.logging)),
+            )
+            .filter_map(|(id, logging)| {
+                let file = logging.as_ref()?.access_log.as_ref()?;
                 // Checked when the mesh was loaded; checked again, as the folder may have
                 // changed since.
                 let dir = &self.config.access_log_dir;
                 let path = match access_log::resolve(dir, &file.path) {
                     Ok(path) => path,
                     Err(error) => {
-                        tracing::error!(virtual_node = %vn.id, %error, "access log refused");
+                        tracing::error!(virtual_node = %id, %error, "access log refused");
                         return None;
                     }
                 };
@@ -685,7 +693,7 @@ impl Node {
                 {
                     tracing::error!(dir = %dir.display(), %error, "cannot create the access log directory");
                 }
-                Some((vn.id.clone(), writers.open(file, path)))
+                Some((id.clone(), writers.open(file, path)))
             })
             .collect();
         self.ctx.access_logs.store(Arc::new(logs));

@@ -112,7 +112,7 @@ fn backends(tb: &Testbed, node: &Node) -> anyhow::Result<(Backends, Vec<Pod>)> {
 }
 
 struct Bed {
-    _tb: Testbed,
+    tb: Testbed,
     _backends: Backends,
     agent: Agent,
     lb: Pod,
@@ -139,7 +139,7 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
         agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
     }
     Ok(Bed {
-        _tb: tb,
+        tb,
         _backends: backends,
         agent,
         lb,
@@ -353,6 +353,87 @@ fn app_mesh_default_rewrites_apply_unless_disabled_and_explicit_ones_replace_the
     Ok(())
 }
 
+/// Requests the gateway answered, by an agent's own request log (`strait::request`).
+fn served(agent: &Agent) -> usize {
+    agent
+        .log_lines()
+        .iter()
+        .filter(|line| line["target"] == "strait::request")
+        .count()
+}
+
+#[test]
+fn gateway_listeners_lose_no_request_across_agent_upgrades() -> anyhow::Result<()> {
+    const UPGRADES: usize = 3;
+    let bed = bed("ingress-upgrade")?;
+    let tb = &bed.tb;
+    let node = tb.nodes().into_iter().next().context("node1")?;
+    let args = ["--drain-timeout", "1"];
+    let stop = tb.temp_dir().join("stop-load");
+    let url = bed.url(8088, "/red/load");
+    let client = tb.spawn(
+        "load",
+        bed.lb.command(HTTP_BIN).args([
+            "load",
+            &url,
+            "--concurrency",
+            "4",
+            "--rate",
+            "50",
+            "--duration-ms",
+            "120000",
+            "--timeout",
+            "200",
+            "--stop-file",
+            stop.to_str().context("stop file path")?,
+        ]),
+    )?;
+    std::thread::sleep(Duration::from_millis(700));
+    let mut generations = Vec::new();
+    let mut agent = bed.agent;
+    for upgrade in 1..=UPGRADES {
+        ensure!(
+            client.try_wait()?.is_none(),
+            "the load ended before upgrade {upgrade}: {} {}",
+            client.stdout(),
+            client.stderr()
+        );
+        let new = Agent::start(tb, &node, &fixtures(), &args)?;
+        let status = agent
+            .process
+            .wait_timeout(Duration::from_secs(15))
+            .with_context(|| format!("upgrade {upgrade}: the old agent did not drain and exit"))?;
+        ensure!(status.success(), "upgrade {upgrade}: {status}");
+        generations.push(agent);
+        agent = new;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    std::fs::write(&stop, b"")?;
+    client.wait_timeout(Duration::from_secs(30))?;
+    generations.push(agent);
+    let report: Value = serde_json::from_str(client.stdout().trim()).with_context(|| {
+        format!(
+            "the load client printed no JSON report: {:?} {:?}",
+            client.stdout(),
+            client.stderr()
+        )
+    })?;
+    let by_generation: Vec<usize> = generations.iter().map(served).collect();
+    ensure!(
+        report["failed"] == 0 && report["completed"].as_u64().unwrap_or(0) > 0,
+        "no request may fail across {UPGRADES} upgrades: {report}"
+    );
+    ensure!(
+        report["statuses"]["200"] == report["completed"],
+        "every request was routed: {report}"
+    );
+    ensure!(
+        by_generation.iter().all(|n| *n > 0),
+        "every agent generation served the gateway ({by_generation:?}): the load crossed each upgrade"
+    );
+    Ok(())
+}
+
 const GRPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/color_grpc.py");
 
 /// The Python interpreter that has grpcio, or a clear failure.
@@ -372,8 +453,9 @@ fn python_with_grpcio() -> anyhow::Result<String> {
 /// A gateway whose listeners terminate TLS at the edge (STRICT, PERMISSIVE, STRICT with client
 /// certificates) and speak gRPC, in front of services on another node whose listeners take
 /// only mutual TLS from the gateway's identity.
-fn tls_mesh(certs: &Path) -> String {
+fn tls_mesh(certs: &Path, logs: &Path) -> String {
     let c = certs.display();
+    let logs = logs.display();
     let gw_id = "spiffe://ingress-tls/ns/ingress/vg/ingress-gw";
     let upstream_tls = |name: &str| {
         format!(
@@ -455,6 +537,11 @@ spec:
         {edge_cert}
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
     - portMapping: {{port: 9090, protocol: grpc}}
+  logging:
+    accessLog:
+      file:
+        path: {logs}/gateway.log
+        format: {{text: "%ROUTE_NAME% %RESPONSE_CODE% %UPSTREAM_CLUSTER%\n"}}
   backendDefaults:
     clientPolicy:
       tls:
@@ -531,7 +618,8 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
     std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
-    std::fs::write(&mesh, tls_mesh(&certs))?;
+    let logs = tb.temp_dir().join("logs");
+    std::fs::write(&mesh, tls_mesh(&certs, &logs))?;
     strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
     let issued = strait_ok(
         &node1,
@@ -553,7 +641,9 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
     node2.write_workload(&rpc)?;
     let nodes = [&node1, &node2];
     let start = |node: &Node| -> anyhow::Result<Agent> {
-        let args = peer_args(node, &nodes);
+        let mut args = peer_args(node, &nodes);
+        args.push("--access-log-dir".into());
+        args.push(logs.display().to_string());
         Agent::start(
             &tb,
             node,
@@ -662,6 +752,29 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
         ],
     )?;
     ensure!(other.status != 200, "{}", other.body);
+    // Per-route metrics and access log lines, with the gateway as the reporter.
+    let routed = metric(
+        &agent1,
+        "strait_gateway_requests_total",
+        &[
+            "virtual_gateway=\"ingress/ingress-gw\"",
+            "gateway_route=\"ingress/red\"",
+            "response_code_class=\"2xx\"",
+        ],
+    )?;
+    // Five served: STRICT (HTTP/1.1 and h2), PERMISSIVE (both), with a client certificate.
+    ensure!(
+        routed == 5.0,
+        "gateway route ingress/red answered {routed} requests, not 5"
+    );
+    testbed::eventually(Duration::from_secs(10), "the gateway's access log", || {
+        let log = std::fs::read_to_string(logs.join("gateway.log")).unwrap_or_default();
+        Ok(log
+            .lines()
+            .filter(|l| *l == "ingress/red 200 ingress/red")
+            .count()
+            == 5)
+    })?;
 
     // gRPC: serviceName, and hostname + metadata.
     let grpc = |args: &[&str]| -> anyhow::Result<Value> {

@@ -428,7 +428,12 @@ impl<E: Env> Downstream<E> {
                 let routed = ingress.route(&table, &mut parts);
                 request = Request::from_parts(parts, body);
                 match routed {
-                    Ok((service, _route)) => service,
+                    Ok((service, route)) => {
+                        if let Some(r) = record.as_mut() {
+                            r.gateway_route = route;
+                        }
+                        service
+                    }
                     Err((status, message)) => {
                         flag(&mut record, "NR");
                         return local(grpc, status, &message);
