@@ -23,7 +23,8 @@ pub mod routes;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
@@ -35,8 +36,9 @@ use crate::admin::WorkloadStatus;
 use crate::handover;
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::{self, verify};
-use crate::mesh::{ListenerTls, MeshConfig, ResourceId, TlsMode};
+use crate::mesh::{ListenerTls, MeshConfig, RateLimit, ResourceId, TlsMode};
 use crate::netns;
+use crate::proxy::admission::bucket::TokenBucket;
 use crate::proxy::http::Ingress;
 use crate::proxy::outbound::Source;
 use crate::proxy::{self, Context, Drain};
@@ -46,7 +48,7 @@ use crate::workloads::Workload;
 use self::routes::{GatewayTable, ListenerRoutes};
 
 /// How long a client at the edge may take to start its TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The gateway pods of this node and the compiled routes of every gateway listener.
 #[derive(Default)]
@@ -57,6 +59,52 @@ pub struct Gateways {
     pods: BTreeMap<ResourceId, GatewayPod>,
     /// Pods a gateway selects whose listeners could not be opened, with why.
     failed: BTreeMap<ResourceId, String>,
+    /// Listener `rateLimit` buckets (the `total` limit), by (gateway, port).
+    limits: Arc<Limits>,
+}
+
+/// The gateway listeners' rate limits on this node: one bucket per listener, shared by the
+/// gateway's pods here, kept across mesh reloads that leave the limit as it was.
+#[derive(Default)]
+struct Limits {
+    buckets: Mutex<BTreeMap<(ResourceId, u16), (RateLimit, TokenBucket)>>,
+}
+
+impl Limits {
+    fn update(&self, mesh: &MeshConfig) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = BTreeMap::new();
+        for gw in &mesh.virtual_gateways {
+            for l in &gw.spec.listeners {
+                let Some(rate) = &l.rate_limit else { continue };
+                let Some(total) = rate.total else { continue };
+                let key = (gw.id.clone(), l.port_mapping.port);
+                let entry = match buckets.remove(&key) {
+                    Some((old, bucket)) if old == *rate => (old, bucket),
+                    _ => (rate.clone(), TokenBucket::new(total, now)),
+                };
+                next.insert(key, entry);
+            }
+        }
+        *buckets = next;
+    }
+
+    /// Takes a token of the listener's `total` bucket; Err: how long until one is there. A
+    /// `shadow` limit only logs what it would refuse.
+    fn admit(&self, gateway: &ResourceId, port: u16) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((rate, bucket)) = buckets.get_mut(&(gateway.clone(), port)) else {
+            return Ok(());
+        };
+        match bucket.try_take(Instant::now()) {
+            Err(wait) if rate.shadow => {
+                tracing::debug!(%gateway, port, ?wait, "rate limit (shadow) would refuse a request");
+                Ok(())
+            }
+            result => result,
+        }
+    }
 }
 
 /// A gateway pod whose listeners the agent serves.
@@ -89,6 +137,7 @@ impl Gateways {
         registry: &handover::Registry,
     ) {
         self.table.store(Arc::new(GatewayTable::compile(mesh)));
+        self.limits.update(mesh);
         self.tls.store(Arc::new(
             mesh.virtual_gateways
                 .iter()
@@ -216,6 +265,7 @@ impl Gateways {
                 port,
                 table: self.table.clone(),
                 tls: self.tls.clone(),
+                limits: self.limits.clone(),
                 ctx: ctx.clone(),
             });
             let handle = move |stream: TcpStream, peer: SocketAddr, drain: Drain| {
@@ -275,6 +325,7 @@ struct Listener {
     port: u16,
     table: Arc<ArcSwap<GatewayTable>>,
     tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
+    limits: Arc<Limits>,
     ctx: Arc<Context>,
 }
 
@@ -336,6 +387,7 @@ impl Listener {
             gateway: self.gateway.clone(),
             port: self.port,
             table: self.table.clone(),
+            limits: self.limits.clone(),
             tls,
         })
     }
@@ -417,6 +469,7 @@ struct Edge {
     gateway: ResourceId,
     port: u16,
     table: Arc<ArcSwap<GatewayTable>>,
+    limits: Arc<Limits>,
     tls: bool,
 }
 
@@ -438,6 +491,17 @@ impl Ingress for Edge {
                 ),
             ));
         };
+        if let Err(wait) = self.limits.admit(&self.gateway, self.port) {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "virtual gateway {} port {}: rate limited (rateLimit; a token is back in {} ms)",
+                    self.gateway,
+                    self.port,
+                    wait.as_millis().max(1)
+                ),
+            ));
+        }
         edge_headers(parts, self.tls);
         let routed = routes.route(table, parts)?;
         Ok((routed.service, routed.route))

@@ -284,6 +284,17 @@ fn every_gateway_route_match_kind_selects_and_its_negative_does_not() -> anyhow:
     ensure!(reply.status == 200, "{}: {}", reply.status, reply.body);
     ensure!(reply.seen()?["name"] == "red", "{}", reply.body);
     bed.expect_no_route("/port/a", &[])?;
+    // The 9088 listener's rateLimit (1 a second, bursts of 3): a quick run of 8 is cut short
+    // with 429; the 8088 listener has no limit (every request above passed).
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(curl(&bed.lb, &[&bed.url(9088, "/port/a")])?.status);
+    }
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    ensure!(
+        limited >= 3 && statuses.iter().all(|s| *s == 200 || *s == 429),
+        "rate limit on 9088: {statuses:?}"
+    );
     // the target's port
     bed.expect("green-8081", "/alt", &[])?;
     // ordering: the longest prefix without priority; a lower priority number over a longer prefix
