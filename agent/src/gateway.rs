@@ -23,6 +23,7 @@ pub mod routes;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,6 +114,8 @@ struct GatewayPod {
     gateway: ResourceId,
     ports: Vec<u16>,
     addrs: Vec<SocketAddr>,
+    /// Inode of the network namespace the listeners live in (the CNI hand-off compares it).
+    netns_inode: Option<u64>,
     /// Hand-over names of its sockets.
     names: Vec<String>,
     _accepting: Vec<proxy::Accepting>,
@@ -277,7 +280,9 @@ impl Gateways {
                     .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?,
             );
         }
+        let netns_inode = std::fs::metadata(&workload.netns).ok().map(|m| m.ino());
         Ok(GatewayPod {
+            netns_inode,
             workload: workload.clone(),
             gateway: gateway.clone(),
             ports: ports.to_vec(),
@@ -294,7 +299,7 @@ impl Gateways {
             virtual_node: None,
             enrolled: true,
             cgroup_id: None,
-            netns_inode: None,
+            netns_inode: pod.netns_inode,
             listeners: pod.addrs.clone(),
             error: None,
             reason: Some(format!(
