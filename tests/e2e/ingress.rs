@@ -462,8 +462,8 @@ fn python_with_grpcio() -> anyhow::Result<String> {
 }
 
 /// A gateway whose listeners terminate TLS at the edge (STRICT, PERMISSIVE, STRICT with client
-/// certificates) and speak gRPC, in front of services on another node whose listeners take
-/// only mutual TLS from the gateway's identity.
+/// certificates), speak http2 and gRPC, and log each request, in front of services on another
+/// node whose listeners take only mutual TLS from the gateway's identity.
 fn tls_mesh(certs: &Path, logs: &Path) -> String {
     let c = certs.display();
     let logs = logs.display();
@@ -548,6 +548,7 @@ spec:
         {edge_cert}
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
     - portMapping: {{port: 9090, protocol: grpc}}
+    - portMapping: {{port: 8090, protocol: http2}}
   logging:
     accessLog:
       file:
@@ -565,6 +566,14 @@ metadata: {{name: red, namespace: ingress}}
 spec:
   httpRoute:
     match: {{prefix: /red, hostname: {{exact: www.example.com}}}}
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: red}}}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: red-h2, namespace: ingress}}
+spec:
+  http2Route:
+    match: {{prefix: /h2/}}
     action: {{target: {{virtualService: {{virtualServiceRef: {{name: red}}}}}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
@@ -786,6 +795,35 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
             .count()
             == 5)
     })?;
+
+    // An http2 listener serves http2Routes (the httpRoute above is not its), to an http
+    // service: HTTP/2 from the client, HTTP/1.1 to red.
+    let h2 = curl(
+        &lb,
+        &["--http2-prior-knowledge", &format!("http://{gw}:8090/h2/x")],
+    )?;
+    ensure!(
+        h2.status == 200,
+        "http2 listener: {}: {}",
+        h2.status,
+        h2.body
+    );
+    let seen = h2.seen()?;
+    ensure!(seen["name"] == "red" && seen["path"] == "/x", "{seen}");
+    let h2 = curl(
+        &lb,
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: www.example.com",
+            &format!("http://{gw}:8090/red/x"),
+        ],
+    )?;
+    ensure!(
+        h2.status == 404,
+        "an httpRoute on an http2 listener: {}",
+        h2.body
+    );
 
     // gRPC: serviceName, and hostname + metadata.
     let grpc = |args: &[&str]| -> anyhow::Result<Value> {
