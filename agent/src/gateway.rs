@@ -37,7 +37,9 @@ use crate::admin::WorkloadStatus;
 use crate::handover;
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::{self, verify};
-use crate::mesh::{ListenerTls, MeshConfig, RateLimit, ResourceId, TlsMode};
+use crate::mesh::{
+    CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, RateLimit, ResourceId, TlsMode,
+};
 use crate::netns;
 use crate::proxy::admission::bucket::TokenBucket;
 use crate::proxy::http::Ingress;
@@ -119,6 +121,54 @@ struct GatewayPod {
     /// Hand-over names of its sockets.
     names: Vec<String>,
     _accepting: Vec<proxy::Accepting>,
+}
+
+/// A gateway listener's `connectionPool` bounds what the gateway sends to the services its
+/// routes on that listener target, as App Mesh's gateway Envoy bounded its upstream clusters:
+/// it becomes the gateway's circuit breaker toward each of them (`proxy::breaker`; `http`:
+/// `maxConnections`, `maxPendingRequests`; `http2`, `grpc`: `maxRequests`). Overflow is a 503
+/// with `x-envoy-overloaded`. A service several listeners route to takes the first
+/// listener's pool.
+pub fn connection_pools(
+    mesh: &MeshConfig,
+    breakers: &mut BTreeMap<(ResourceId, ResourceId), CircuitBreaker>,
+) {
+    let table = GatewayTable::compile(mesh);
+    for gw in &mesh.virtual_gateways {
+        for listener in &gw.spec.listeners {
+            let Some(pool) = &listener.connection_pool else {
+                continue;
+            };
+            let breaker = match *pool {
+                ConnectionPool::Http {
+                    max_connections,
+                    max_pending_requests,
+                } => CircuitBreaker {
+                    max_connections: Some(max_connections),
+                    max_pending_requests,
+                    ..CircuitBreaker::default()
+                },
+                ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests } => {
+                    CircuitBreaker {
+                        max_requests: Some(max_requests),
+                        ..CircuitBreaker::default()
+                    }
+                }
+                ConnectionPool::Tcp { .. } => continue,
+            };
+            let Some(routes) = table
+                .listeners
+                .get(&(gw.id.clone(), listener.port_mapping.port))
+            else {
+                continue;
+            };
+            for route in &routes.routes {
+                breakers
+                    .entry((gw.id.clone(), route.target.clone()))
+                    .or_insert_with(|| breaker.clone());
+            }
+        }
+    }
 }
 
 /// Is this pod a gateway's (its labels match a VirtualGateway's `podSelector`)?

@@ -532,6 +532,14 @@ spec:
   awsName: rpc.ingress.svc.cluster.local
   provider: {{virtualNode: {{virtualNodeRef: {{name: rpc}}}}}}
 ---
+# The same pods as red, for the connectionPool check alone.
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: slow, namespace: ingress}}
+spec:
+  awsName: slow.ingress.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: red}}}}}}
+---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualGateway
 metadata: {{name: ingress-gw, namespace: ingress}}
@@ -549,6 +557,7 @@ spec:
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
     - portMapping: {{port: 9090, protocol: grpc}}
     - portMapping: {{port: 8090, protocol: http2}}
+      connectionPool: {{http2: {{maxRequests: 1}}}}
   logging:
     accessLog:
       file:
@@ -567,6 +576,14 @@ spec:
   httpRoute:
     match: {{prefix: /red, hostname: {{exact: www.example.com}}}}
     action: {{target: {{virtualService: {{virtualServiceRef: {{name: red}}}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: slow, namespace: ingress}}
+spec:
+  http2Route:
+    match: {{prefix: /slow/}}
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: slow}}}}}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: GatewayRoute
@@ -823,6 +840,38 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
         h2.status == 404,
         "an httpRoute on an http2 listener: {}",
         h2.body
+    );
+
+    // The http2 listener's connectionPool (maxRequests: 1) bounds what the gateway sends on:
+    // of 3 concurrent slow requests, the ones past the first overflow with 503 (UO).
+    let report = run(
+        lb.command(HTTP_BIN).args([
+            "load",
+            &format!("http://{gw}:8090/slow/x?delay_ms=1500"),
+            "--http2",
+            "--count",
+            "3",
+            "--concurrency",
+            "3",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let report: Value = serde_json::from_slice(&report.stdout)
+        .with_context(|| format!("load report: {:?}", String::from_utf8_lossy(&report.stdout)))?;
+    let ok = report["statuses"]["200"].as_u64().unwrap_or(0);
+    let overflow = report["statuses"]["503"].as_u64().unwrap_or(0);
+    ensure!(
+        ok >= 1 && overflow >= 1 && ok + overflow == 3,
+        "connectionPool maxRequests 1: {report}"
+    );
+    let overflows = metric(
+        &agent1,
+        "strait_circuit_breaker_overflows_total",
+        &["source_virtual_node=\"ingress/ingress-gw\""],
+    )?;
+    ensure!(
+        overflows == overflow as f64,
+        "the 503s were the gateway's connectionPool: {overflows} overflows counted, {report}"
     );
 
     // gRPC: serviceName, and hostname + metadata.
