@@ -35,7 +35,7 @@ use crate::routing::Table;
 use crate::service_ids::ServiceIds;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
-use crate::{discovery, handover, netns};
+use crate::{discovery, gateway, handover, netns};
 
 /// How `strait run` was asked to run.
 #[derive(Debug, Clone)]
@@ -274,6 +274,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
+        gateways: gateway::Gateways::default(),
     };
     node.apply_access_logs(&log_writers);
     node.apply_table(&answers.borrow_and_update());
@@ -368,7 +369,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             _ = retry.tick() => {
                 node.retire_expired();
                 // Also refreshes /workloads, so certificate rotations and expiry show.
-                if !node.failed.is_empty() {
+                if !node.failed.is_empty() || node.gateways.has_failures() {
                     node.reconcile(&workload_snapshots.borrow());
                 }
             }
@@ -667,6 +668,8 @@ struct Node {
     skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
     ctx: Arc<proxy::Context>,
     metrics: Metrics,
+    /// Gateway pods and the VirtualGateway listeners served in them.
+    gateways: gateway::Gateways,
 }
 
 /// How long a changed pod's previous listeners keep accepting after the eBPF maps point at the
@@ -680,15 +683,23 @@ impl Node {
             .mesh
             .virtual_nodes
             .iter()
-            .filter_map(|vn| {
-                let file = vn.spec.logging.as_ref()?.access_log.as_ref()?;
+            .map(|vn| (&vn.id, &vn.spec.logging))
+            // A gateway's requests carry its id as their source (crate::gateway).
+            .chain(
+                self.mesh
+                    .virtual_gateways
+                    .iter()
+                    .map(|gw| (&gw.id, &gw.spec.logging)),
+            )
+            .filter_map(|(id, logging)| {
+                let file = logging.as_ref()?.access_log.as_ref()?;
                 // Checked when the mesh was loaded; checked again, as the folder may have
                 // changed since.
                 let dir = &self.config.access_log_dir;
                 let path = match access_log::resolve(dir, &file.path) {
                     Ok(path) => path,
                     Err(error) => {
-                        tracing::error!(virtual_node = %vn.id, %error, "access log refused");
+                        tracing::error!(virtual_node = %id, %error, "access log refused");
                         return None;
                     }
                 };
@@ -697,7 +708,7 @@ impl Node {
                 {
                     tracing::error!(dir = %dir.display(), %error, "cannot create the access log directory");
                 }
-                Some((vn.id.clone(), writers.open(file, path)))
+                Some((id.clone(), writers.open(file, path)))
             })
             .collect();
         self.ctx.access_logs.store(Arc::new(logs));
@@ -743,6 +754,8 @@ impl Node {
                 (Some(vn), Some(reason)) => {
                     skipped.insert(key.clone(), (Some(vn.clone()), reason.clone()));
                 }
+                // A gateway's pod: its listeners are `gateway`'s (reconciled below).
+                (None, _) if gateway::selects(&self.mesh, workload) => {}
                 (None, _) => {
                     let reason = selection.reason(workload, &self.mesh).unwrap_or_default();
                     if let Selection::Ambiguous { .. } = selection
@@ -815,6 +828,9 @@ impl Node {
         self.retire_expired();
         self.sync_inbound();
         self.sync_backends();
+        let (mesh, ctx) = (self.mesh.clone(), self.ctx.clone());
+        self.gateways
+            .reconcile(pods, &mesh, &ctx, &self.inherited, &self.registry);
         self.metrics
             .enrolled_workloads
             .set(self.enrolled.len() as i64);
@@ -1263,6 +1279,7 @@ impl Node {
                     identity: None,
                 }),
         );
+        statuses.extend(self.gateways.statuses());
         admin.workloads.store(Arc::new(statuses));
     }
 }

@@ -6,7 +6,8 @@
 //!   each `certificate.file` path the node names (listener `tls` and `clientPolicy.tls`), with
 //!   the node's identities as SANs (its SPIFFE ID `spiffe://<mesh>/ns/<ns>/vn/<name>` and its
 //!   DNS service-discovery name), and the CA certificate to every `validation.trust.file`
-//!   path. Files are replaced by rename, so a running agent picks them up whole (rotation).
+//!   path. A virtual gateway gets the same for its listeners and `backendDefaults`, with its
+//!   SPIFFE ID (`.../vg/<name>`) and the host names its routes match. Files are replaced by rename, so a running agent picks them up whole (rotation).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -232,7 +233,9 @@ pub fn issue(
         if !mesh
             .virtual_nodes
             .iter()
-            .any(|vn| vn.id.name == *name || vn.id.to_string() == *name)
+            .map(|vn| &vn.id)
+            .chain(mesh.virtual_gateways.iter().map(|gw| &gw.id))
+            .any(|id| id.name == *name || id.to_string() == *name)
         {
             return Err(Error::NoSuchNode(name.clone()));
         }
@@ -332,6 +335,83 @@ pub fn issue(
             write_atomic(Path::new(&chain), &cert_pem, false)?;
             issued.push(Issued {
                 virtual_node: virtual_node.clone(),
+                chain: chain.into(),
+                key: key.into(),
+                sans: sans.clone(),
+            });
+        }
+    }
+    // Virtual gateways: the listeners' certificates (presented to clients at the edge) and
+    // the client certificate toward the mesh, with the gateway's SPIFFE ID and the host names
+    // its routes match (an exact name, `*.example.com` for a suffix `.example.com`).
+    for gateway in &mesh.virtual_gateways {
+        let mut files = BTreeSet::new();
+        for listener in &gateway.spec.listeners {
+            if let Some(tls) = &listener.tls {
+                if let TlsCertificate::File {
+                    certificate_chain,
+                    private_key,
+                } = &tls.certificate
+                {
+                    files.insert((certificate_chain.clone(), private_key.clone()));
+                }
+                if let Some(v) = &tls.validation {
+                    add_trust(v);
+                }
+            }
+        }
+        let policy = gateway
+            .spec
+            .backend_defaults
+            .as_ref()
+            .and_then(|d| d.client_policy.as_ref())
+            .and_then(|p| p.tls.as_ref());
+        if let Some(tls) = policy {
+            if let Some(TlsCertificate::File {
+                certificate_chain,
+                private_key,
+            }) = &tls.certificate
+            {
+                files.insert((certificate_chain.clone(), private_key.clone()));
+            }
+            add_trust(&tls.validation);
+        }
+        let selected = options.only.is_empty()
+            || options
+                .only
+                .iter()
+                .any(|n| *n == gateway.id.name || *n == gateway.id.to_string());
+        if !selected || files.is_empty() {
+            continue;
+        }
+        let sans = if options.sans.is_empty() {
+            let mut sans = vec![identity::gateway_spiffe_id(&mesh.mesh.name, &gateway.id)];
+            for route in mesh.gateway_routes_for(gateway) {
+                let host = match &route.spec.kind {
+                    mesh::GatewayRouteKind::Http(r) | mesh::GatewayRouteKind::Http2(r) => {
+                        r.r#match.hostname.as_ref()
+                    }
+                    mesh::GatewayRouteKind::Grpc(r) => r.r#match.hostname.as_ref(),
+                };
+                let name = match host {
+                    Some(mesh::HostnameMatch::Exact(name)) => name.clone(),
+                    Some(mesh::HostnameMatch::Suffix(s)) if s.starts_with('.') => format!("*{s}"),
+                    _ => continue,
+                };
+                if !sans.contains(&name) {
+                    sans.push(name);
+                }
+            }
+            sans
+        } else {
+            options.sans.clone()
+        };
+        for (chain, key) in files {
+            let (cert_pem, key_pem) = leaf(&sans, options, &issuer, &issuer_key)?;
+            write_atomic(Path::new(&key), &key_pem, true)?;
+            write_atomic(Path::new(&chain), &cert_pem, false)?;
+            issued.push(Issued {
+                virtual_node: gateway.id.to_string(),
                 chain: chain.into(),
                 key: key.into(),
                 sans: sans.clone(),

@@ -125,6 +125,16 @@ pub fn spiffe_id(mesh: &str, vn: &ResourceId) -> String {
     )
 }
 
+/// The SPIFFE ID of a virtual gateway: `spiffe://<mesh>/ns/<namespace>/vg/<name>`.
+pub fn gateway_spiffe_id(mesh: &str, gateway: &ResourceId) -> String {
+    format!(
+        "spiffe://{}/ns/{}/vg/{}",
+        mesh.to_ascii_lowercase(),
+        gateway.namespace,
+        gateway.name
+    )
+}
+
 /// The TLS server name a tunnel client sends for a destination listener: it tells the
 /// receiving agent which workload's certificate to present and which validation to apply,
 /// before any tunnelled request is read.

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod check;
 pub mod cli;
 pub mod discovery;
+pub mod gateway;
 pub mod handover;
 pub mod identity;
 pub mod kubernetes;

@@ -94,6 +94,9 @@ pub struct Table {
     /// without listeners): every connect to them is refused in eBPF, as validation warns,
     /// rather than left to go out of the mesh.
     pub refused: BTreeMap<IpAddr, ResourceId>,
+    /// Every port of every virtual service, by service and port, whether or not it has
+    /// addresses: how a gateway route reaches its target (`crate::gateway`).
+    pub ports: BTreeMap<(ResourceId, u16), Arc<ServicePort>>,
 }
 
 impl Table {
@@ -170,6 +173,7 @@ impl Table {
                         .services
                         .insert(SocketAddr::new(*addr, port), entry.clone());
                 }
+                table.ports.insert((vs.id.clone(), port), entry);
             }
         }
         table

@@ -67,6 +67,18 @@ pub struct RequestLabels {
     pub response_code_class: &'static str,
 }
 
+/// Labels of a request that entered the mesh through a VirtualGateway (`crate::gateway`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayRequestLabels {
+    pub mesh: String,
+    pub virtual_gateway: String,
+    /// The GatewayRoute (`namespace/name`).
+    pub gateway_route: String,
+    pub target_virtual_service: String,
+    /// As in [`RequestLabels`].
+    pub response_code_class: &'static str,
+}
+
 /// Labels of a retry or a timeout.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteEventLabels {
@@ -132,6 +144,8 @@ pub struct Metrics {
     /// Connections the agent accepted but could not forward, by reason.
     pub tcp_failures: Family<FailureLabels, Counter>,
     pub enrolled_workloads: Gauge,
+    /// Requests answered at a gateway listener, by gateway route.
+    pub gateway_requests: Family<GatewayRequestLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -151,12 +165,18 @@ impl Default for Metrics {
             tcp_bytes: Family::default(),
             tcp_failures: Family::default(),
             enrolled_workloads: Gauge::default(),
+            gateway_requests: Family::default(),
         }
     }
 }
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "strait_gateway_requests",
+            "Requests answered at VirtualGateway listeners, by gateway, gateway route, target virtual service and response code class",
+            self.gateway_requests.clone(),
+        );
         registry.register(
             "strait_requests",
             "HTTP, HTTP/2 and gRPC requests answered, by mesh, source and target virtual node, target virtual service, route and response code class (gRPC: status name)",

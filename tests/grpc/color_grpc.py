@@ -8,6 +8,7 @@ The server also implements `grpc.health.v1.Health/Check`, answering SERVING.
 
   python3 color_grpc.py serve --port 50051 --name v1
   python3 color_grpc.py call --target HOST:PORT --unary 20 --bidi 10 [--metadata k=v] [--method /x.Y/Z]
+      [--authority NAME]
   python3 color_grpc.py load --target HOST:PORT --workers 4 --rate 50 --duration 60 [--stop-file F]
 
 `call` prints one JSON line and exits 0 only when every call succeeded. `load` runs unary Gets
@@ -68,7 +69,8 @@ def serve(args):
 def call(args):
     report = {"ok": False, "unary": {}, "bidi": {}, "errors": []}
     metadata = [tuple(kv.split("=", 1)) for kv in args.metadata]
-    with grpc.insecure_channel(args.target) as channel:
+    options = [("grpc.default_authority", args.authority)] if args.authority else None
+    with grpc.insecure_channel(args.target, options=options) as channel:
         if args.method:
             stub = channel.unary_unary(args.method, request_serializer=identity, response_deserializer=identity)
             try:
@@ -198,6 +200,7 @@ def main():
     c.add_argument("--bidi", type=int, default=0)
     c.add_argument("--metadata", action="append", default=[])
     c.add_argument("--method")
+    c.add_argument("--authority")
     c.add_argument("--timeout", type=float, default=10.0)
     ld = sub.add_parser("load")
     ld.add_argument("--target", required=True)

@@ -4,7 +4,8 @@
 //! `color` virtual service, a TCP echo server behind `echo`, and a pod outside the mesh), runs
 //! the agent on examples/demo/mesh.yaml, drives traffic (a 90/10 HTTP canary, a header match,
 //! HTTP/2 over IPv6, TCP at L4, the egress filter), prints what happened, and tears everything
-//! down.
+//! down. Then mutual TLS across two more nodes (`demo/mtls.rs`) and ingress through a
+//! VirtualGateway (`demo/ingress.rs`).
 //! Ctrl-C tears down too.
 
 use std::net::IpAddr;
@@ -17,6 +18,7 @@ use testbed::{Pod, PodSpec, Testbed, run};
 
 use crate::{ebpf, setup, workspace_root};
 
+mod ingress;
 mod mtls;
 
 const SERVICE: &str = "color.demo.svc.cluster.local";
@@ -263,6 +265,7 @@ pub fn run_demo() -> Result<()> {
     }
 
     mtls::section(&tb)?;
+    ingress::section(&tb)?;
 
     say("Stopping the agent and tearing the testbed down.");
     agent.stop()?;

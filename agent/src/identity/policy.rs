@@ -123,6 +123,42 @@ impl Policy {
                 },
             );
         }
+        // A VirtualGateway calls the virtual services its routes target, as a virtual node
+        // calls its backends, with its `backendDefaults.clientPolicy.tls` (crate::gateway).
+        for gateway in &mesh.virtual_gateways {
+            if policy.nodes.contains_key(&gateway.id) {
+                tracing::warn!(gateway = %gateway.id, "a VirtualNode has the VirtualGateway's name and namespace; the gateway gets no identity of its own and may reach only that node's backends");
+                continue;
+            }
+            let identity = super::gateway_spiffe_id(&mesh.mesh.name, &gateway.id);
+            let tls = gateway
+                .spec
+                .backend_defaults
+                .as_ref()
+                .and_then(|d| d.client_policy.as_ref())
+                .and_then(|p| p.tls.clone());
+            let mut backends = BTreeMap::new();
+            let mut reachable = BTreeSet::new();
+            for route in mesh.gateway_routes_for(gateway) {
+                let service = &route.spec.kind.target().virtual_service;
+                backends.insert(service.clone(), tls.clone());
+                reachable.extend(service_targets(mesh, service));
+            }
+            policy
+                .by_identity
+                .entry(identity.clone())
+                .or_default()
+                .insert(gateway.id.clone());
+            policy.nodes.insert(
+                gateway.id.clone(),
+                NodePolicy {
+                    identities: vec![identity],
+                    listeners: BTreeMap::new(),
+                    backends,
+                    reachable,
+                },
+            );
+        }
         policy
     }
 

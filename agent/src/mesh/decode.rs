@@ -2158,6 +2158,36 @@ impl Cx<'_> {
         Some(QueryParameterMatch { name: name?, exact })
     }
 
+    /// A path a gateway route matches or rewrites to: App Mesh reserves `/aws-appmesh*` for
+    /// its own use and refuses it there.
+    fn not_reserved(&mut self, n: &Node, path: &str, value: String) -> Option<String> {
+        if value.starts_with("/aws-appmesh") {
+            self.err(
+                n.pos,
+                path,
+                format!(
+                    "{value:?}: paths starting with `/aws-appmesh` are reserved by App Mesh; choose another"
+                ),
+            );
+            return None;
+        }
+        Some(value)
+    }
+
+    fn gateway_prefix(&mut self, n: &Node, path: &str) -> Option<String> {
+        let s = self.prefix(n, path)?;
+        self.not_reserved(n, path, s)
+    }
+
+    fn gateway_path_match(&mut self, n: &Node, path: &str) -> Option<PathMatch> {
+        match self.path_match(n, path)? {
+            PathMatch::Exact(s) => self
+                .not_reserved(n, &format!("{path}.exact"), s)
+                .map(PathMatch::Exact),
+            regex => Some(regex),
+        }
+    }
+
     fn prefix(&mut self, n: &Node, path: &str) -> Option<String> {
         let s = self.string_len(n, path, 1, 255)?;
         if !s.starts_with('/') {
@@ -2638,8 +2668,8 @@ impl Cx<'_> {
                     "port",
                 ],
             )?;
-            let prefix = cx.opt(&o, "prefix", Cx::prefix);
-            let path = cx.opt(&o, "path", Cx::path_match);
+            let prefix = cx.opt(&o, "prefix", Cx::gateway_prefix);
+            let path = cx.opt(&o, "path", Cx::gateway_path_match);
             let qp = cx.opt(&o, "queryParameters", |cx, n, p| {
                 cx.each(n, p, 1, 10, Cx::query_parameter)
             });
@@ -2689,7 +2719,10 @@ impl Cx<'_> {
                 let prefix = cx.opt(&o, "prefix", |cx, n, p| {
                     let o = cx.obj(n, p, &["defaultPrefix", "value"])?;
                     let default_prefix = cx.opt(&o, "defaultPrefix", Cx::toggle);
-                    let value = cx.opt(&o, "value", |cx, n, p| cx.string_len(n, p, 1, 255));
+                    let value = cx.opt(&o, "value", |cx, n, p| {
+                        let s = cx.string_len(n, p, 1, 255)?;
+                        cx.not_reserved(n, p, s)
+                    });
                     if o.get("defaultPrefix").is_some() && o.get("value").is_some() {
                         cx.err(
                             o.key_pos("value"),
@@ -2705,7 +2738,10 @@ impl Cx<'_> {
                 });
                 let path = cx.opt(&o, "path", |cx, n, p| {
                     let o = cx.obj(n, p, &["exact"])?;
-                    cx.req(&o, "exact", |cx, n, p| cx.string_len(n, p, 1, 255))
+                    cx.req(&o, "exact", |cx, n, p| {
+                        let s = cx.string_len(n, p, 1, 255)?;
+                        cx.not_reserved(n, p, s)
+                    })
                 });
                 let hostname = cx.opt(&o, "hostname", Cx::hostname_rewrite);
                 let bad = |key: &str, ok: bool| o.get(key).is_some() && !ok;

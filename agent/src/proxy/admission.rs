@@ -127,6 +127,7 @@ impl Limits {
                 );
             }
         }
+        crate::gateway::connection_pools(mesh, &mut breakers);
         Limits {
             listeners,
             breakers,

@@ -58,8 +58,8 @@ use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
 use crate::mesh::Protocol;
-use crate::routing::Table;
 use crate::routing::http::{HttpRoute, HttpTarget, RequestView, normalize_path};
+use crate::routing::{ServicePort, Table};
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::request::Record;
@@ -207,10 +207,51 @@ pub async fn serve<E: Env, I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve_with(io, orig_dst, source, env, drain, None).await;
+}
+
+/// A gateway listener's choice of virtual service, per request (`crate::gateway`): a pod's
+/// outbound connection is to one virtual service, a gateway's requests each name theirs.
+pub trait Ingress: Send + Sync + 'static {
+    /// Matches the request (rewriting it as its route says) and returns the virtual service
+    /// port it goes to and the route's name; or the status and message the client gets.
+    fn route(
+        &self,
+        table: &Table,
+        parts: &mut Parts,
+    ) -> Result<(Arc<ServicePort>, String), (StatusCode, String)>;
+}
+
+/// Serves HTTP on a gateway listener's connection as [`serve`] does, each request sent to the
+/// virtual service `ingress` picks; `local` is the listener's address.
+pub async fn serve_ingress<E: Env, I>(
+    io: I,
+    local: SocketAddr,
+    source: Arc<Source>,
+    env: Arc<E>,
+    drain: Drain,
+    ingress: Arc<dyn Ingress>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_with(io, local, source, env, drain, Some(ingress)).await;
+}
+
+async fn serve_with<E: Env, I>(
+    io: I,
+    orig_dst: SocketAddr,
+    source: Arc<Source>,
+    env: Arc<E>,
+    drain: Drain,
+    ingress: Option<Arc<dyn Ingress>>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let downstream = Arc::new(Downstream {
         env,
         orig_dst,
         source,
+        ingress,
     });
     // Which HTTP the connection speaks is known from its first request.
     let http2_seen = Arc::new(tokio::sync::Notify::new());
@@ -274,6 +315,8 @@ struct Downstream<E> {
     env: Arc<E>,
     orig_dst: SocketAddr,
     source: Arc<Source>,
+    /// A gateway listener's routes; None for a pod's outbound connection.
+    ingress: Option<Arc<dyn Ingress>>,
 }
 
 /// Why no upstream response came back.
@@ -379,13 +422,35 @@ impl<E: Env> Downstream<E> {
                 r.request_headers(request.headers());
             }
         }
-        let Some(service) = table.services.get(&self.orig_dst).cloned() else {
-            flag(&mut record, "NR");
-            return local(
-                grpc,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("{} is no longer a mesh service", self.orig_dst),
-            );
+        let service = match &self.ingress {
+            Some(ingress) => {
+                let (mut parts, body) = request.into_parts();
+                let routed = ingress.route(&table, &mut parts);
+                request = Request::from_parts(parts, body);
+                match routed {
+                    Ok((service, route)) => {
+                        if let Some(r) = record.as_mut() {
+                            r.gateway_route = route;
+                        }
+                        service
+                    }
+                    Err((status, message)) => {
+                        flag(&mut record, "NR");
+                        return local(grpc, status, &message);
+                    }
+                }
+            }
+            None => match table.services.get(&self.orig_dst).cloned() {
+                Some(service) => service,
+                None => {
+                    flag(&mut record, "NR");
+                    return local(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("{} is no longer a mesh service", self.orig_dst),
+                    );
+                }
+            },
         };
         let vs = service.service.to_string();
         if let Some(r) = record.as_mut() {
@@ -524,6 +589,7 @@ impl<E: Env> Downstream<E> {
         let result = self
             .forward(
                 &table,
+                &service.service,
                 &route,
                 &target,
                 &parts,
@@ -608,6 +674,7 @@ impl<E: Env> Downstream<E> {
     async fn forward(
         &self,
         table: &Table,
+        service: &ResourceId,
         route: &HttpRoute,
         target: &HttpTarget,
         parts: &Parts,
@@ -620,15 +687,8 @@ impl<E: Env> Downstream<E> {
     ) -> Result<Upstream, Failure> {
         let http = self.env.http();
         let node = &target.target.virtual_node;
-        let Some(service) = table
-            .services
-            .get(&self.orig_dst)
-            .map(|s| s.service.clone())
-        else {
-            return Err(Failure::NoEndpoints);
-        };
         self.env
-            .authorize(&self.source, &service, node)
+            .authorize(&self.source, service, node)
             .map_err(Failure::Forbidden)?;
         let addrs: Vec<SocketAddr> = table
             .endpoints
@@ -654,7 +714,7 @@ impl<E: Env> Downstream<E> {
         let mut tried = Vec::new();
         let mut last = Failure::NoEndpoints;
         // The backend's circuit breaker, if it has one (docs/resilience.md).
-        let breaker = self.env.breaker(&self.source.virtual_node, &service, node);
+        let breaker = self.env.breaker(&self.source.virtual_node, service, node);
         let mut request_permit = match &breaker {
             Some(b) => b.request().map_err(|o| Failure::Overflow(o.0))?,
             None => None,
@@ -705,7 +765,7 @@ impl<E: Env> Downstream<E> {
                 endpoint,
             };
             let env = &self.env;
-            let (source, service_ref) = (&self.source, &service);
+            let (source, service_ref) = (&self.source, service);
             let dial = move || env.dial(source, service_ref, node, endpoint);
             let sent = http.pool.send(&key, &dial, proto, request);
             let result = match bound {

@@ -387,7 +387,7 @@ fn compile_route(mesh: &MeshConfig, route: &mesh::Route) -> Option<HttpRoute> {
 }
 
 /// A regex that must match the whole value, as Envoy's `safe_regex` does.
-fn full_regex(pattern: &str) -> Option<Regex> {
+pub(crate) fn full_regex(pattern: &str) -> Option<Regex> {
     match Regex::new(&format!("^(?:{pattern})$")) {
         Ok(regex) => Some(regex),
         Err(error) => {
@@ -424,7 +424,7 @@ fn compile_http_match(m: &mesh::HttpRouteMatch) -> Option<HttpMatch> {
     })
 }
 
-fn method_name(method: mesh::HttpMethod) -> &'static str {
+pub(crate) fn method_name(method: mesh::HttpMethod) -> &'static str {
     use mesh::HttpMethod::*;
     match method {
         Connect => "CONNECT",
@@ -439,7 +439,7 @@ fn method_name(method: mesh::HttpMethod) -> &'static str {
     }
 }
 
-fn compile_headers(headers: &[mesh::HeaderMatch]) -> Option<Vec<HeaderRule>> {
+pub(crate) fn compile_headers(headers: &[mesh::HeaderMatch]) -> Option<Vec<HeaderRule>> {
     headers
         .iter()
         .map(|h| {

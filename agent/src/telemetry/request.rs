@@ -19,7 +19,7 @@ use http::HeaderMap;
 use super::access_log::{AccessLog, Entry};
 use super::otlp::{Attr, SpanData};
 use super::trace::Span;
-use super::{RequestLabels, RouteEventLabels, Telemetry};
+use super::{GatewayRequestLabels, RequestLabels, RouteEventLabels, Telemetry};
 
 /// gRPC status names by code (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>).
 const GRPC_STATUS: [&str; 17] = [
@@ -87,6 +87,8 @@ pub struct Record {
     pub target_virtual_service: String,
     pub target_virtual_node: String,
     pub route: String,
+    /// The GatewayRoute that took the request, at a gateway listener; else empty.
+    pub gateway_route: String,
     started: Instant,
     started_at: SystemTime,
     grpc: bool,
@@ -132,6 +134,7 @@ impl Record {
             target_virtual_service: String::new(),
             target_virtual_node: String::new(),
             route: String::new(),
+            gateway_route: String::new(),
             started: Instant::now(),
             started_at: SystemTime::now(),
             grpc,
@@ -276,13 +279,30 @@ impl Record {
                 upstream_cluster: self.target_virtual_node.clone(),
                 downstream_remote: None,
                 downstream_local: None,
-                route_name: self.route.clone(),
+                // At a gateway, the GatewayRoute that took the request.
+                route_name: if self.gateway_route.is_empty() {
+                    self.route.clone()
+                } else {
+                    self.gateway_route.clone()
+                },
             });
         }
         if self.recorded_span()
             && let (Some(span), Some(exporter)) = (self.span.take(), &self.telemetry.exporter)
         {
             exporter.export(self.span_data(span, duration, class, &flags));
+        }
+        if !self.gateway_route.is_empty() {
+            metrics
+                .gateway_requests
+                .get_or_create(&GatewayRequestLabels {
+                    mesh: self.mesh.clone(),
+                    virtual_gateway: self.source_virtual_node.clone(),
+                    gateway_route: std::mem::take(&mut self.gateway_route),
+                    target_virtual_service: self.target_virtual_service.clone(),
+                    response_code_class: class,
+                })
+                .inc();
         }
         let labels = RequestLabels {
             mesh: std::mem::take(&mut self.mesh),

@@ -1,0 +1,578 @@
+//! Ingress: VirtualGateway listeners served by the node agent inside the gateway pods.
+//!
+//! App Mesh ran an Envoy deployment per VirtualGateway behind a load balancer. strait keeps the
+//! deployment (the pods the gateway's `podSelector` selects, usually a small Deployment behind
+//! a Kubernetes Service) but not the proxy in it: for each such pod on its node, the agent
+//! binds the gateway's listener ports (`0.0.0.0` and `[::]`) inside the pod's network
+//! namespace, the way it binds a pod's outbound listener there (`netns::listen_in`). A client
+//! outside the mesh (a load balancer) connects to the pod's address as it would to Envoy.
+//!
+//! Each request is matched against the gateway's GatewayRoutes and rewritten
+//! ([`routes`]), then handed to the HTTP proxy as if the gateway had called the target virtual
+//! service (`proxy::http::serve_ingress`): the same routing, retries, endpoints, mTLS tunnel
+//! to other nodes, backend rules (a gateway may reach the virtual services its routes target)
+//! and telemetry, with the gateway as the source. The listener's `tls` (STRICT, PERMISSIVE,
+//! DISABLED; a `file` certificate; `validation` for client certificates) is terminated here.
+//!
+//! What it leaves to others: pods and their labels (`workloads`), the eBPF side (a gateway pod
+//! is not enrolled as a VirtualNode; its own connects are not captured), the request path
+//! (`proxy::http`), listener hand-over on upgrade (`handover`, under the names
+//! `gateway/<pod>/<addr>`).
+
+pub mod routes;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::StatusCode;
+use http::header::{HeaderName, HeaderValue};
+use http::request::Parts;
+use tokio::net::TcpStream;
+
+use crate::admin::WorkloadStatus;
+use crate::handover;
+use crate::identity::policy::{certificate_files, trust_file};
+use crate::identity::{self, verify};
+use crate::mesh::{
+    CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, RateLimit, ResourceId, TlsMode,
+};
+use crate::netns;
+use crate::proxy::admission::bucket::TokenBucket;
+use crate::proxy::http::Ingress;
+use crate::proxy::outbound::Source;
+use crate::proxy::{self, Context, Drain};
+use crate::routing::{ServicePort, Table};
+use crate::workloads::Workload;
+
+use self::routes::{GatewayTable, ListenerRoutes};
+
+/// How long a client at the edge may take to start its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gateway pods of this node and the compiled routes of every gateway listener.
+#[derive(Default)]
+pub struct Gateways {
+    table: Arc<ArcSwap<GatewayTable>>,
+    /// Listener `tls` by (gateway, port), replaced with the mesh.
+    tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
+    pods: BTreeMap<ResourceId, GatewayPod>,
+    /// Pods a gateway selects whose listeners could not be opened, with why.
+    failed: BTreeMap<ResourceId, String>,
+    /// Listener `rateLimit` buckets (the `total` limit), by (gateway, port).
+    limits: Arc<Limits>,
+}
+
+/// The gateway listeners' rate limits on this node: one bucket per listener, shared by the
+/// gateway's pods here, kept across mesh reloads that leave the limit as it was.
+#[derive(Default)]
+struct Limits {
+    buckets: Mutex<BTreeMap<(ResourceId, u16), (RateLimit, TokenBucket)>>,
+}
+
+impl Limits {
+    fn update(&self, mesh: &MeshConfig) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = BTreeMap::new();
+        for gw in &mesh.virtual_gateways {
+            for l in &gw.spec.listeners {
+                let Some(rate) = &l.rate_limit else { continue };
+                let Some(total) = rate.total else { continue };
+                let key = (gw.id.clone(), l.port_mapping.port);
+                let entry = match buckets.remove(&key) {
+                    Some((old, bucket)) if old == *rate => (old, bucket),
+                    _ => (rate.clone(), TokenBucket::new(total, now)),
+                };
+                next.insert(key, entry);
+            }
+        }
+        *buckets = next;
+    }
+
+    /// Takes a token of the listener's `total` bucket; Err: how long until one is there. A
+    /// `shadow` limit only logs what it would refuse.
+    fn admit(&self, gateway: &ResourceId, port: u16) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((rate, bucket)) = buckets.get_mut(&(gateway.clone(), port)) else {
+            return Ok(());
+        };
+        match bucket.try_take(Instant::now()) {
+            Err(wait) if rate.shadow => {
+                tracing::debug!(%gateway, port, ?wait, "rate limit (shadow) would refuse a request");
+                Ok(())
+            }
+            result => result,
+        }
+    }
+}
+
+/// A gateway pod whose listeners the agent serves.
+struct GatewayPod {
+    workload: Workload,
+    gateway: ResourceId,
+    ports: Vec<u16>,
+    addrs: Vec<SocketAddr>,
+    /// Inode of the network namespace the listeners live in (the CNI hand-off compares it).
+    netns_inode: Option<u64>,
+    /// Hand-over names of its sockets.
+    names: Vec<String>,
+    _accepting: Vec<proxy::Accepting>,
+}
+
+/// A gateway listener's `connectionPool` bounds what the gateway sends to the services its
+/// routes on that listener target, as App Mesh's gateway Envoy bounded its upstream clusters:
+/// it becomes the gateway's circuit breaker toward each of them (`proxy::breaker`; `http`:
+/// `maxConnections`, `maxPendingRequests`; `http2`, `grpc`: `maxRequests`). Overflow is a 503
+/// with `x-envoy-overloaded`. A service several listeners route to takes the first
+/// listener's pool.
+pub fn connection_pools(
+    mesh: &MeshConfig,
+    breakers: &mut BTreeMap<(ResourceId, ResourceId), CircuitBreaker>,
+) {
+    let table = GatewayTable::compile(mesh);
+    for gw in &mesh.virtual_gateways {
+        for listener in &gw.spec.listeners {
+            let Some(pool) = &listener.connection_pool else {
+                continue;
+            };
+            let breaker = match *pool {
+                ConnectionPool::Http {
+                    max_connections,
+                    max_pending_requests,
+                } => CircuitBreaker {
+                    max_connections: Some(max_connections),
+                    max_pending_requests,
+                    ..CircuitBreaker::default()
+                },
+                ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests } => {
+                    CircuitBreaker {
+                        max_requests: Some(max_requests),
+                        ..CircuitBreaker::default()
+                    }
+                }
+                ConnectionPool::Tcp { .. } => continue,
+            };
+            let Some(routes) = table
+                .listeners
+                .get(&(gw.id.clone(), listener.port_mapping.port))
+            else {
+                continue;
+            };
+            for route in &routes.routes {
+                breakers
+                    .entry((gw.id.clone(), route.target.clone()))
+                    .or_insert_with(|| breaker.clone());
+            }
+        }
+    }
+}
+
+/// Is this pod a gateway's (its labels match a VirtualGateway's `podSelector`)?
+pub fn selects(mesh: &MeshConfig, workload: &Workload) -> bool {
+    workload.in_mesh(mesh)
+        && routes::gateway_of(mesh, &workload.namespace, &workload.labels).is_some()
+}
+
+impl Gateways {
+    /// Brings the gateway pods' listeners in line with the pods and the mesh: new gateway pods
+    /// get theirs, gone ones lose them, changed routes and tls apply to the next request and
+    /// connection. A pod whose ports change is closed and opened again.
+    pub fn reconcile(
+        &mut self,
+        pods: &BTreeMap<ResourceId, Workload>,
+        mesh: &MeshConfig,
+        ctx: &Arc<Context>,
+        inherited: &handover::Inherited,
+        registry: &handover::Registry,
+    ) {
+        self.table.store(Arc::new(GatewayTable::compile(mesh)));
+        self.limits.update(mesh);
+        self.tls.store(Arc::new(
+            mesh.virtual_gateways
+                .iter()
+                .flat_map(|gw| {
+                    gw.spec.listeners.iter().filter_map(|l| {
+                        let tls = l.tls.clone()?;
+                        Some(((gw.id.clone(), l.port_mapping.port), tls))
+                    })
+                })
+                .collect(),
+        ));
+        let mut desired = BTreeMap::new();
+        for (key, workload) in pods {
+            if workload.unavailable.is_some() || !workload.in_mesh(mesh) {
+                continue;
+            }
+            if let Some(gw) = routes::gateway_of(mesh, &workload.namespace, &workload.labels) {
+                let ports: Vec<u16> = gw
+                    .spec
+                    .listeners
+                    .iter()
+                    .map(|l| l.port_mapping.port)
+                    .collect();
+                desired.insert(key.clone(), (workload, gw.id.clone(), ports));
+            }
+        }
+        let stale: Vec<ResourceId> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| {
+                desired.get(*key).is_none_or(|(w, gw, ports)| {
+                    **w != pod.workload || *gw != pod.gateway || *ports != pod.ports
+                })
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            if let Some(pod) = self.pods.remove(&key) {
+                for name in &pod.names {
+                    registry.remove(name);
+                }
+                tracing::info!(pod = %key, gateway = %pod.gateway, "gateway pod released");
+            }
+        }
+        self.failed.retain(|key, _| desired.contains_key(key));
+        for (key, (workload, gateway, ports)) in desired {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.open(workload, &gateway, &ports, ctx, inherited, registry) {
+                Ok(pod) => {
+                    tracing::info!(pod = %key, %gateway, listeners = ?pod.addrs, "gateway pod enrolled: its listeners are served by the agent");
+                    self.failed.remove(&key);
+                    self.pods.insert(key, pod);
+                }
+                Err(error) => {
+                    if self.failed.get(&key) != Some(&error) {
+                        tracing::error!(pod = %key, %gateway, "cannot open the gateway's listeners in the pod: {error}");
+                    }
+                    self.failed.insert(key, error);
+                }
+            }
+        }
+    }
+
+    /// Whether some gateway pod could not be served (the agent retries).
+    pub fn has_failures(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    fn open(
+        &self,
+        workload: &Workload,
+        gateway: &ResourceId,
+        ports: &[u16],
+        ctx: &Arc<Context>,
+        inherited: &handover::Inherited,
+        registry: &handover::Registry,
+    ) -> Result<GatewayPod, String> {
+        let mut bound: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
+        let mut names = Vec::new();
+        let name = |addr: &SocketAddr| format!("gateway/{}/{addr}", workload.key());
+        for &port in ports {
+            let addrs = [
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            ];
+            let mut missing = Vec::new();
+            for addr in addrs {
+                match inherited.take(&name(&addr)) {
+                    Some(listener) => bound.push((addr, listener)),
+                    None => missing.push(addr),
+                }
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            let fresh = netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?;
+            for (addr, result) in missing.into_iter().zip(fresh) {
+                match result {
+                    Ok(listener) => bound.push((addr, listener)),
+                    // A pod without IPv6 has no [::] to listen on; IPv4 clients still reach it.
+                    Err(error) if addr.is_ipv6() => {
+                        tracing::info!(pod = %workload.key(), %error, "no IPv6 gateway listener")
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+        }
+        let mut by_port: BTreeMap<u16, Vec<std::net::TcpListener>> = BTreeMap::new();
+        let mut addrs = Vec::new();
+        for (addr, listener) in bound {
+            if let Err(error) = registry.add(&name(&addr), &listener) {
+                tracing::warn!(%addr, %error, "gateway listener cannot be handed over on upgrade");
+            }
+            names.push(name(&addr));
+            addrs.push(addr);
+            by_port.entry(addr.port()).or_default().push(listener);
+        }
+        let mut accepting = Vec::new();
+        for (port, listeners) in by_port {
+            let listener = Arc::new(Listener {
+                workload: workload.key(),
+                gateway: gateway.clone(),
+                port,
+                table: self.table.clone(),
+                tls: self.tls.clone(),
+                limits: self.limits.clone(),
+                ctx: ctx.clone(),
+            });
+            let handle = move |stream: TcpStream, peer: SocketAddr, drain: Drain| {
+                let listener = listener.clone();
+                async move { listener.serve(stream, peer, drain).await }
+            };
+            accepting.push(
+                proxy::accept(listeners, ctx, &workload.key(), handle)
+                    .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?,
+            );
+        }
+        let netns_inode = std::fs::metadata(&workload.netns).ok().map(|m| m.ino());
+        Ok(GatewayPod {
+            netns_inode,
+            workload: workload.clone(),
+            gateway: gateway.clone(),
+            ports: ports.to_vec(),
+            addrs,
+            names,
+            _accepting: accepting,
+        })
+    }
+
+    /// `/workloads` lines for the gateway pods.
+    pub fn statuses(&self) -> Vec<WorkloadStatus> {
+        let served = self.pods.iter().map(|(key, pod)| WorkloadStatus {
+            pod: key.to_string(),
+            virtual_node: None,
+            enrolled: true,
+            cgroup_id: None,
+            netns_inode: pod.netns_inode,
+            listeners: pod.addrs.clone(),
+            error: None,
+            reason: Some(format!(
+                "gateway pod of VirtualGateway {}: the agent serves its listeners",
+                pod.gateway
+            )),
+            identity: None,
+        });
+        let failed = self.failed.iter().map(|(key, error)| WorkloadStatus {
+            pod: key.to_string(),
+            virtual_node: None,
+            enrolled: false,
+            cgroup_id: None,
+            netns_inode: None,
+            listeners: Vec::new(),
+            error: Some(error.clone()),
+            reason: None,
+            identity: None,
+        });
+        served.chain(failed).collect()
+    }
+}
+
+/// One gateway listener port of one pod.
+struct Listener {
+    workload: ResourceId,
+    gateway: ResourceId,
+    port: u16,
+    table: Arc<ArcSwap<GatewayTable>>,
+    tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
+    limits: Arc<Limits>,
+    ctx: Arc<Context>,
+}
+
+impl Listener {
+    async fn serve(&self, stream: TcpStream, peer: SocketAddr, drain: Drain) {
+        let _ = stream.set_nodelay(true);
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.port));
+        let source = Arc::new(Source {
+            workload: self.workload.clone(),
+            virtual_node: self.gateway.clone(),
+            // The client's address: `x-forwarded-for` names who called the gateway.
+            ips: vec![peer.ip().to_canonical()],
+        });
+        let tls = self
+            .tls
+            .load()
+            .get(&(self.gateway.clone(), self.port))
+            .filter(|t| t.mode != TlsMode::Disabled)
+            .cloned();
+        let Some(tls) = tls else {
+            let ingress = self.ingress(false);
+            proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress)
+                .await;
+            return;
+        };
+        if tls.mode == TlsMode::Permissive && !starts_with_tls(&stream).await {
+            let ingress = self.ingress(false);
+            proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress)
+                .await;
+            return;
+        }
+        let config = match self.server_config(&tls, peer) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(gateway = %self.gateway, port = self.port, %peer, "cannot serve TLS: {error}");
+                return;
+            }
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                tracing::info!(gateway = %self.gateway, port = self.port, %peer, %error, "TLS handshake with a client failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(gateway = %self.gateway, port = self.port, %peer, "no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        let ingress = self.ingress(true);
+        proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress).await;
+    }
+
+    fn ingress(&self, tls: bool) -> Arc<dyn Ingress> {
+        Arc::new(Edge {
+            gateway: self.gateway.clone(),
+            port: self.port,
+            table: self.table.clone(),
+            limits: self.limits.clone(),
+            tls,
+        })
+    }
+
+    /// The listener's certificate (read through the certificate store, so a rotated file is
+    /// presented from the next connection on) and, with `validation`, the client check.
+    fn server_config(
+        &self,
+        tls: &ListenerTls,
+        peer: SocketAddr,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let transport = &self.ctx.transport;
+        let field = format!("VirtualGateway {} listener {} tls", self.gateway, self.port);
+        let (chain, key) = certificate_files(&tls.certificate, &format!("{field}.certificate"))
+            .map_err(|e| e.to_string())?;
+        let cert = transport
+            .store
+            .cert(&chain, &key)
+            .map_err(|e| e.to_string())?;
+        let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match &tls.validation {
+            Some(validation) => {
+                let trust_path = trust_file(validation, &format!("{field}.validation"))
+                    .map_err(|e| e.to_string())?;
+                let trust = transport
+                    .store
+                    .trust(&trust_path)
+                    .map_err(|e| e.to_string())?;
+                let report = verify::Report {
+                    metrics: transport.metrics.clone(),
+                    context: format!(
+                        "client {peer} of gateway {} port {}",
+                        self.gateway, self.port
+                    ),
+                };
+                let verifier = verify::ClientVerifier::new(
+                    trust.roots.clone(),
+                    validation.subject_alternative_names.clone(),
+                    report,
+                )
+                .map_err(|e| e.to_string())?;
+                builder.with_client_cert_verifier(Arc::new(verifier))
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(Presents(cert.certified.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Presents one certificate whatever the client asks for.
+#[derive(Debug)]
+struct Presents(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Presents {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// PERMISSIVE: does the client start with a TLS handshake record? Waits for its first byte.
+async fn starts_with_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        // 22: a TLS handshake record (RFC 8446 section 5.1); no HTTP request starts with it.
+        Ok(Ok(1)) => first[0] == 22,
+        _ => false,
+    }
+}
+
+/// A gateway listener's per-request routing, as the HTTP proxy asks for it.
+struct Edge {
+    gateway: ResourceId,
+    port: u16,
+    table: Arc<ArcSwap<GatewayTable>>,
+    limits: Arc<Limits>,
+    tls: bool,
+}
+
+impl Ingress for Edge {
+    fn route(
+        &self,
+        table: &Table,
+        parts: &mut Parts,
+    ) -> Result<(Arc<ServicePort>, String), (StatusCode, String)> {
+        let gateways = self.table.load();
+        let Some(routes): Option<&Arc<ListenerRoutes>> =
+            gateways.listeners.get(&(self.gateway.clone(), self.port))
+        else {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "virtual gateway {} no longer has a listener on port {}",
+                    self.gateway, self.port
+                ),
+            ));
+        };
+        if let Err(wait) = self.limits.admit(&self.gateway, self.port) {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "virtual gateway {} port {}: rate limited (rateLimit; a token is back in {} ms)",
+                    self.gateway,
+                    self.port,
+                    wait.as_millis().max(1)
+                ),
+            ));
+        }
+        edge_headers(parts, self.tls);
+        let routed = routes.route(table, parts)?;
+        Ok((routed.service, routed.route))
+    }
+}
+
+/// What the edge owns: `x-forwarded-proto` is how the client reached the gateway, and a
+/// request id from outside the mesh is not trusted (a fresh one is made downstream).
+/// `x-forwarded-for` gets the client's address appended by the proxy.
+fn edge_headers(parts: &mut Parts, tls: bool) {
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    let scheme = if tls { "https" } else { "http" };
+    parts
+        .headers
+        .insert(proto, HeaderValue::from_static(scheme));
+    parts
+        .headers
+        .remove(HeaderName::from_static("x-request-id"));
+}
