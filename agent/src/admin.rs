@@ -1,4 +1,5 @@
-//! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters.
+//! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters,
+//! ejected endpoints and circuit breakers.
 //!
 //! Plain HTTP/1.1 on the `--admin` address (default 127.0.0.1:15000, like Envoy's admin port
 //! in App Mesh). Every answer is computed from shared state on request; nothing here is on
@@ -103,6 +104,9 @@ pub struct State {
     pub redirect: Arc<Redirect>,
     pub workloads: ArcSwap<Vec<WorkloadStatus>>,
     pub config: ArcSwap<ConfigDump>,
+    /// Endpoints ejected by outlier detection and client circuit breakers now
+    /// (`/status/resilience`).
+    pub resilience: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 /// Binds the admin address now (so a conflict is a start-up error) and serves it until
@@ -216,9 +220,11 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
         },
         "/workloads" => json(&**state.workloads.load()),
         "/config_dump" => json(&**state.config.load()),
+        "/status/resilience" => json(&(state.resilience)()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /metrics /stats /workloads /config_dump\n".into(),
+            "not found; try /ready /metrics /stats /workloads /config_dump /status/resilience\n"
+                .into(),
         ),
     }
 }

@@ -227,6 +227,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         telemetry,
     });
     proxy::http::start(&ctx);
+    ctx.http.endpoints.outliers.register(&mut registry);
     let log_writers = access_log::Writers::default();
     registry.register(
         "strait_access_log_dropped_lines",
@@ -239,6 +240,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         redirect: redirect.clone(),
         workloads: ArcSwap::from_pointee(Vec::new()),
         config: ArcSwap::from_pointee(config_dump(&loaded.config)),
+        resilience: {
+            let ctx = ctx.clone();
+            Box::new(move || proxy::resilience_status(&ctx))
+        },
     });
     let admin_addr = admin::serve(config.admin, admin_state.clone(), shutdown.clone()).await?;
     tracing::info!(%admin_addr, "admin API listening");

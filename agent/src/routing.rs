@@ -90,6 +90,8 @@ pub struct Table {
     pub endpoints: BTreeMap<ResourceId, Arc<Endpoints>>,
     /// Every listener `healthCheck` in the mesh.
     pub health_checks: Vec<Arc<http::HealthCheckSpec>>,
+    /// Listeners' `outlierDetection`, by virtual node and listener port.
+    pub outliers: BTreeMap<(ResourceId, u16), crate::mesh::OutlierDetection>,
     /// Addresses of virtual services that answer on no port (no provider, or a provider
     /// without listeners): every connect to them is refused in eBPF, as validation warns,
     /// rather than left to go out of the mesh.
@@ -140,6 +142,13 @@ impl Table {
             table
                 .endpoints
                 .insert(vn.id.clone(), Arc::new(Endpoints::new(addrs)));
+            for listener in &vn.spec.listeners {
+                if let Some(policy) = &listener.outlier_detection {
+                    table
+                        .outliers
+                        .insert((vn.id.clone(), listener.port_mapping.port), policy.clone());
+                }
+            }
         }
         for vs in &mesh.virtual_services {
             let hostname = vs.hostname();

@@ -1036,3 +1036,246 @@ spec:
     drop((agent1, agent2, http, tcp));
     Ok(())
 }
+
+/// The outlier detection test's virtual node: three pods, one listener.
+const POOL: [&str; 3] = ["pool-1", "pool-2", "pool-3"];
+const EJECTION_BASE: Duration = Duration::from_secs(4);
+
+/// A `strait-http load` run in the pod; its JSON report.
+fn load(pod: &Pod, url: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = run(
+        pod.command(HTTP_BIN).args(["load", url]).args(args),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("strait-http load {url} printed no JSON report: {stdout:?}"))
+}
+
+fn served_by(report: &Value, server: &str) -> u64 {
+    report["by_server"][server].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn outlier_detection_ejects_after_max_server_errors_for_longer_each_time_within_the_percentage()
+-> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-outlier")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let mut servers = Vec::new();
+    let mut pods = Vec::new();
+    for name in POOL {
+        let pod = node.add_pod(&PodSpec::new(name, "app").label("app", "pool"))?;
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(HTTP_BIN)
+                .args(["serve", "--listen", "0.0.0.0:8080", "--name", name]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(20))?;
+        servers.push(server);
+        pods.push(pod);
+    }
+    tb.dns_record("pool.app.svc.cluster.local", &["10.96.3.1".parse()?])?;
+    // IPv4 only: each pod is one endpoint.
+    let ips: Vec<std::net::IpAddr> = pods.iter().map(|p| p.ipv4().into()).collect();
+    tb.dns_record("pool-pods.app.svc.cluster.local", &ips)?;
+    let base = EJECTION_BASE.as_secs();
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: pool}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: pool, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: pool}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      outlierDetection:
+        maxServerErrors: 5
+        interval: {{unit: s, value: 60}}
+        baseEjectionDuration: {{unit: s, value: {base}}}
+        maxEjectionPercent: 50
+  serviceDiscovery: {{dns: {{hostname: pool-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: pool, namespace: app}}
+spec:
+  awsName: pool.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: pool}}}}}}
+"#
+    );
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    for pod in pods.iter().chain([&client]) {
+        node.write_workload(pod)?;
+    }
+    let agent = Agent::start(&tb, &node, &mesh_path, &[])?;
+    for pod in pods.iter().chain([&client]) {
+        agent.wait_enrolled(
+            &format!("app/{}", pod.name()),
+            true,
+            Duration::from_secs(20),
+        )?;
+    }
+    let url = |fail_on: &str| format!("http://pool.app.svc.cluster.local:8080/?fail_on={fail_on}");
+    let ejections = |result: &str| {
+        metric(
+            &agent,
+            "strait_outlier_ejections_total",
+            &[
+                r#"virtual_node="app/pool""#,
+                &format!(r#"result="{result}""#),
+            ],
+        )
+    };
+
+    // One request at a time, pool-1 answering 500: exactly 5 reach it, then it is ejected.
+    let sequential = ["--count", "60", "--concurrency", "1"];
+    let started = Instant::now();
+    let first = load(&client, &url("pool-1"), &sequential)?;
+    let first_took = started.elapsed();
+    assert_eq!(served_by(&first, "pool-1"), 5, "{first}");
+    assert_eq!(first["statuses"]["500"], 5, "{first}");
+    assert_eq!(ejections("enforced")?, 1.0);
+    // The ejection is in `strait status`'s source.
+    let status = agent.admin_get("/status/resilience")?;
+    let status: Value = serde_json::from_str(&status).context("/status/resilience")?;
+    let ejected = status["ejected_endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ejected.len(), 1, "{status}");
+    assert_eq!(
+        ejected[0]["endpoint"],
+        format!("{}:8080", pods[0].ipv4()),
+        "{status}"
+    );
+    // No traffic to it for the rest of the ejection (it began at the latest when that run
+    // ended, at the earliest when it started).
+    let quiet = EJECTION_BASE
+        .checked_sub(first_took + Duration::from_millis(700))
+        .filter(|d| *d >= Duration::from_millis(1500))
+        .with_context(|| {
+            format!("60 requests took {first_took:?}: too slow to time a {base} s ejection")
+        })?;
+    let during = load(
+        &client,
+        &url("pool-1"),
+        &[
+            "--concurrency",
+            "1",
+            "--rate",
+            "20",
+            "--duration-ms",
+            &quiet.as_millis().to_string(),
+        ],
+    )?;
+    assert_eq!(served_by(&during, "pool-1"), 0, "ejected: {during}");
+    assert!(
+        served_by(&during, "pool-2") + served_by(&during, "pool-3") >= 10,
+        "{during}"
+    );
+
+    // Back by itself after the ejection time; still failing: ejected again after 5, for twice
+    // as long.
+    std::thread::sleep(
+        (started + first_took + EJECTION_BASE + Duration::from_millis(300))
+            .saturating_duration_since(Instant::now()),
+    );
+    let started = Instant::now();
+    let second = load(&client, &url("pool-1"), &sequential)?;
+    let second_took = started.elapsed();
+    assert_eq!(
+        served_by(&second, "pool-1"),
+        5,
+        "back after {base} s: {second}"
+    );
+    assert_eq!(ejections("enforced")?, 2.0);
+    // 1.5 x the base after the second ejection began, pool-1 is still out: longer than the
+    // first.
+    let span = EJECTION_BASE * 3 / 2 + Duration::from_millis(500);
+    let during = load(
+        &client,
+        &url("pool-1"),
+        &[
+            "--concurrency",
+            "1",
+            "--rate",
+            "20",
+            "--duration-ms",
+            &span.as_millis().to_string(),
+        ],
+    )?;
+    assert_eq!(
+        served_by(&during, "pool-1"),
+        0,
+        "the second ejection lasts 2 x {base} s: {during}"
+    );
+    // And back after 2 x the base.
+    std::thread::sleep(
+        (started + second_took + EJECTION_BASE * 2 + Duration::from_millis(300))
+            .saturating_duration_since(Instant::now()),
+    );
+    let healthy = load(
+        &client,
+        &url("none"),
+        &["--count", "30", "--concurrency", "1"],
+    )?;
+    assert_eq!(healthy["ok"], true, "{healthy}");
+    assert!(
+        served_by(&healthy, "pool-1") > 0,
+        "back after 2 x {base} s: {healthy}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(
+        &agent,
+        "strait_outlier_ejected",
+        &[r#"virtual_node="app/pool""#],
+    )? != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ejected gauge did not go back to 0"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Two of three failing under maxEjectionPercent 50: only one is ejected; the other keeps
+    // getting traffic (and failing), counted as an overflow.
+    let both = load(&client, &url("pool-1,pool-2"), &sequential)?;
+    let (one, two) = (served_by(&both, "pool-1"), served_by(&both, "pool-2"));
+    assert!(
+        (one == 5 && two > 5) || (two == 5 && one > 5),
+        "exactly one of the two ejected after 5 errors: {both}"
+    );
+    assert_eq!(ejections("enforced")?, 3.0);
+    assert!(ejections("overflow")? >= 1.0);
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_outlier_ejected",
+            &[r#"virtual_node="app/pool""#]
+        )?,
+        1.0
+    );
+    assert!(
+        !agent.process.stderr().contains("panicked"),
+        "{}",
+        agent.process.stderr()
+    );
+    drop(agent);
+    drop(servers);
+    Ok(())
+}

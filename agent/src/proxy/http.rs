@@ -29,6 +29,7 @@ pub mod body;
 mod fuzz;
 pub mod headers;
 pub mod health;
+pub mod outlier;
 pub mod pool;
 
 use std::convert::Infallible;
@@ -660,6 +661,14 @@ impl<E: Env> Downstream<E> {
             None => None,
         };
         let mut retry_guard = None;
+        // The target listener's outlierDetection judges every attempt's answer.
+        let outliers = table.outliers.get(&(node.clone(), target.target.port));
+        let judge = |state: &balance::EndpointState, server_error: bool| {
+            if let Some(policy) = outliers {
+                http.endpoints
+                    .observe(&table.mesh, node, &addrs, state, policy, server_error);
+            }
+        };
         for attempt in 1..=attempts {
             let retries_left = attempt < attempts;
             let Some(attempt_body) = body.replay() else {
@@ -673,7 +682,7 @@ impl<E: Env> Downstream<E> {
             tried.push(endpoint);
             outcome.attempts = attempt;
             outcome.endpoint = Some(endpoint);
-            let in_flight = InFlight::new(state);
+            let in_flight = InFlight::new(state.clone());
             let request = build_request(parts, authority, path_and_query, proto, attempt_body)
                 .map_err(|e| Failure::BadRequest(e.to_string()))?;
             let now = Instant::now();
@@ -712,6 +721,7 @@ impl<E: Env> Downstream<E> {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {
                     Ok(result) => result,
                     Err(_) => {
+                        judge(&state, true);
                         let overall = deadline.is_some_and(|d| Instant::now() >= d);
                         outcome.timeouts.push(if overall || Some(at) == deadline {
                             "per_request"
@@ -745,6 +755,7 @@ impl<E: Env> Downstream<E> {
                     )));
                 }
                 Err(error) => {
+                    judge(&state, true);
                     let (retry, reason) = if error.is_connect() {
                         (policy.connect_failure, "connect_failure")
                     } else if error.is_refused_stream() {
@@ -775,6 +786,10 @@ impl<E: Env> Downstream<E> {
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
+                    judge(
+                        &state,
+                        outlier::server_error_status(response.status().as_u16(), grpc_status),
+                    );
                     // A destination agent's connectionPool or rateLimit refusal is not retried
                     // (Envoy does not retry `x-envoy-overloaded` either).
                     if retries_left
