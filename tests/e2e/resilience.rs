@@ -121,7 +121,16 @@ const GUARDED_TCP: Server = Server {
     limits: "",
     breaker: "{maxConnections: 1}",
 };
-const SERVERS: [&Server; 11] = [
+const IDLE: Server = Server {
+    name: "idle",
+    address: "10.96.1.12",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "timeout: {tcp: {idle: {unit: ms, value: 1500}}}",
+    breaker: "",
+};
+const SERVERS: [&Server; 12] = [
+    &IDLE,
     &TCP_RATE,
     &SLOW,
     &H2,
@@ -725,6 +734,69 @@ out["third"] = first_bytes(c)
 c.close()
 print(json.dumps(out))
 "#;
+
+/// Keeps a connection busy (a line echoed every 0.5 s for 3 s), then quiet: how long until
+/// the server side closes it.
+const IDLE_PROBE: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=5)
+s.settimeout(5)
+out = {"banner": s.recv(100).decode(errors="replace"), "echoes": 0}
+for i in range(6):
+    time.sleep(0.5)
+    s.sendall(b"ping\n")
+    if s.recv(100):
+        out["echoes"] += 1
+quiet = time.monotonic()
+s.settimeout(10)
+try:
+    data = s.recv(100)
+    out["end"] = "closed" if not data else "data: " + data.decode(errors="replace")
+except ConnectionResetError:
+    out["end"] = "reset"
+except socket.timeout:
+    out["end"] = "still open after 10 s"
+out["quiet_s"] = time.monotonic() - quiet
+print(json.dumps(out))
+"#;
+
+#[test]
+fn tcp_idle_closes_an_idle_connection_at_the_receiving_side() -> anyhow::Result<()> {
+    let bed = bed("resilience-idle", &["client-a"], &[&IDLE])?;
+    let output = run(
+        bed.client("client-a").command("python3").args([
+            "-c",
+            IDLE_PROBE,
+            &host(&IDLE),
+            &TCP_PORT.to_string(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the probe printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert!(
+        seen["banner"].as_str().is_some_and(|b| b.contains("idle")),
+        "{seen}"
+    );
+    // 3 s of traffic every 0.5 s: longer than the 1.5 s idle timeout, and never cut.
+    assert_eq!(seen["echoes"], 6, "{seen}");
+    assert!(
+        seen["end"] == "closed" || seen["end"] == "reset",
+        "closed when idle: {seen}"
+    );
+    let quiet = seen["quiet_s"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        (1.3..3.5).contains(&quiet),
+        "closed about 1.5 s after the last byte: {seen}"
+    );
+    Ok(())
+}
 
 #[test]
 fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -> anyhow::Result<()>

@@ -51,7 +51,8 @@ use super::http::{BoxFuture, headers};
 use super::upstream::{LocalPod, Stream};
 use crate::identity::policy::Policy;
 use crate::mesh::{
-    CircuitBreaker, ConnectionPool, MeshConfig, Protocol, RateLimit, RateLimitCaller, ResourceId,
+    CircuitBreaker, ConnectionPool, ListenerTimeout, MeshConfig, Protocol, RateLimit,
+    RateLimitCaller, ResourceId, TcpTimeout,
 };
 
 /// Per-caller buckets kept per listener before full (forgettable) ones are dropped.
@@ -83,12 +84,16 @@ pub struct Limits {
     listeners: BTreeMap<(ResourceId, u16), Arc<ListenerLimits>>,
     /// (calling virtual node, backend virtual service) -> its circuit breaker.
     breakers: BTreeMap<(ResourceId, ResourceId), CircuitBreaker>,
+    /// tcp listeners' `timeout.tcp.idle` (not 0), applied where the pod's stream is
+    /// delivered ([`super::idle`]).
+    tcp_idle: BTreeMap<(ResourceId, u16), Duration>,
 }
 
 impl Limits {
     pub fn compile(mesh: &MeshConfig) -> Limits {
         let mut listeners = BTreeMap::new();
         let mut breakers = BTreeMap::new();
+        let mut tcp_idle = BTreeMap::new();
         for vn in &mesh.virtual_nodes {
             // A backend's own circuitBreaker, else backendDefaults' (as for `tls`).
             let default = vn
@@ -110,6 +115,11 @@ impl Limits {
                 }
             }
             for l in &vn.spec.listeners {
+                if let Some(ListenerTimeout::Tcp(TcpTimeout { idle: Some(idle) })) = &l.timeout
+                    && !idle.as_std().is_zero()
+                {
+                    tcp_idle.insert((vn.id.clone(), l.port_mapping.port), idle.as_std());
+                }
                 if l.connection_pool.is_none() && l.rate_limit.is_none() {
                     continue;
                 }
@@ -130,7 +140,13 @@ impl Limits {
         Limits {
             listeners,
             breakers,
+            tcp_idle,
         }
+    }
+
+    /// The tcp listener's idle timeout, if it has one.
+    pub fn tcp_idle(&self, vn: &ResourceId, port: u16) -> Option<Duration> {
+        self.tcp_idle.get(&(vn.clone(), port)).copied()
     }
 
     /// The circuit breaker of `source`'s backend `service`, if it has one.
@@ -571,10 +587,13 @@ pub async fn deliver_local(
             .await
             .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))
     };
+    // A tcp listener's idle timeout, at the receiving side as App Mesh applied it.
+    let idle = policy.limits.tcp_idle(&pod.virtual_node, endpoint.port());
+    let stream = |io| super::idle::stream(io, idle);
     match admitted {
-        Admitted::Plain => Ok(Stream::new(connect().await?)),
+        Admitted::Plain => Ok(stream(connect().await?)),
         Admitted::Tcp(guard) => Ok(Stream::new(Guarded {
-            io: connect().await?,
+            io: stream(connect().await?),
             _guard: guard,
         })),
         Admitted::Http(gate) => {

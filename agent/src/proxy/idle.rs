@@ -13,6 +13,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use super::upstream::Stream;
+
+/// `io` as a [`Stream`], behind an [`IdleTimeout`] if `idle` is given.
+pub fn stream(io: tokio::net::TcpStream, idle: Option<Duration>) -> Stream {
+    match idle {
+        Some(idle) => Stream::new(IdleTimeout::new(io, idle)),
+        None => Stream::new(io),
+    }
+}
+
 /// A stream that fails with `TimedOut` after `idle` without traffic.
 pub struct IdleTimeout<T> {
     inner: T,
