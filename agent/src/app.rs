@@ -227,6 +227,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
         telemetry,
     });
     proxy::http::start(&ctx);
+    if let Some(telemetry) = &ctx.telemetry {
+        let _ = transport.admission.telemetry.set(telemetry.clone());
+    }
     ctx.http.endpoints.outliers.register(&mut registry);
     let log_writers = access_log::Writers::default();
     registry.register(
@@ -690,7 +693,10 @@ impl Node {
                 Some((vn.id.clone(), writers.open(file, path)))
             })
             .collect();
-        self.ctx.access_logs.store(Arc::new(logs));
+        let logs = Arc::new(logs);
+        // The receiving side writes the server's lines (docs/resilience.md).
+        self.ctx.transport.admission.access_logs.store(logs.clone());
+        self.ctx.access_logs.store(logs);
     }
 
     fn apply_table(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {

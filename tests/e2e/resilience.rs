@@ -1351,3 +1351,186 @@ spec:
     drop(servers);
     Ok(())
 }
+
+/// The server's own `logging.accessLog` gets a line for each request it receives, written by
+/// the agent that delivers it: from a pod of its node, and from another node through the
+/// tunnel; the request metrics count it with `reporter="destination"`.
+#[test]
+fn the_receiving_agent_logs_what_the_server_receives_from_its_node_and_another()
+-> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-received")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let client = node1.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let near = node1.add_pod(&PodSpec::new("near", "app").label("app", "near"))?;
+    let far = node2.add_pod(&PodSpec::new("far", "app").label("app", "far"))?;
+    let mut servers = Vec::new();
+    for (pod, address) in [(&near, "10.96.4.1"), (&far, "10.96.4.2")] {
+        let name = pod.name().to_owned();
+        tb.dns_record(
+            &format!("{name}.app.svc.cluster.local"),
+            &[address.parse()?],
+        )?;
+        tb.dns_record(&format!("{name}-pods.app.svc.cluster.local"), &pod.ips())?;
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(HTTP_BIN).args([
+                "serve",
+                "--listen",
+                "0.0.0.0:8080,[::]:8080",
+                "--name",
+                &name,
+            ]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(20))?;
+        servers.push(server);
+    }
+    let certs = tb.temp_dir().join("certs");
+    let c = certs.display();
+    let server_node = |name: &str| {
+        format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {name}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {name}}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/{name}.pem, privateKey: {c}/{name}-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+  serviceDiscovery: {{dns: {{hostname: {name}-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+  logging:
+    accessLog:
+      file:
+        path: received.log
+        format:
+          json:
+            - {{key: path, value: "%REQ(:PATH)%"}}
+            - {{key: code, value: "%RESPONSE_CODE%"}}
+            - {{key: reporter, value: "%STRAIT_REPORTER%"}}
+            - {{key: cluster, value: "%UPSTREAM_CLUSTER%"}}
+            - {{key: bytes_sent, value: "%BYTES_SENT%"}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: {name}, namespace: app}}
+spec:
+  awsName: {name}.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: {name}}}}}}}
+"#
+        )
+    };
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: near}}}}
+    - virtualService: {{virtualServiceRef: {{name: far}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/client-a.pem, privateKey: {c}/client-a-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+{}{}"#,
+        server_node("near"),
+        server_node("far"),
+    );
+    let ca = tb.temp_dir().join("ca");
+    let mut meshes = Vec::new();
+    let mut log_dirs = Vec::new();
+    for node in ["node1", "node2"] {
+        let dir = tb.temp_dir().join(format!("{node}-mesh"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, &mesh)?;
+        meshes.push(path);
+        log_dirs.push(tb.temp_dir().join(format!("{node}-logs")));
+    }
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    let (mesh1, ca_dir) = (meshes[0].display().to_string(), ca.display().to_string());
+    strait_ok(
+        &node1,
+        &["ca", "issue", "--mesh", &mesh1, "--ca-dir", &ca_dir],
+    )?;
+    node1.write_workload(&client)?;
+    node1.write_workload(&near)?;
+    node2.write_workload(&far)?;
+    let start = |node: &Node, other: &Node, mesh: &PathBuf, logs: &PathBuf| {
+        let mut args = peer_args(other);
+        args.extend(["--access-log-dir".into(), logs.display().to_string()]);
+        Agent::start(
+            &tb,
+            node,
+            mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1, &node2, &meshes[0], &log_dirs[0])?;
+    let agent2 = start(&node2, &node1, &meshes[1], &log_dirs[1])?;
+    for pod in ["app/client-a", "app/near"] {
+        agent1.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    agent2.wait_enrolled("app/far", true, Duration::from_secs(20))?;
+
+    for name in ["near", "far"] {
+        let urls: Vec<String> = (0..3)
+            .map(|i| format!("http://{name}.app.svc.cluster.local:8080/{name}{i}"))
+            .collect();
+        let replies = curl(&client, &[], &urls)?;
+        assert_eq!(statuses(&replies, 200), 3, "{name}: {replies:?}");
+    }
+    // near: written by node1's agent (same node); far: by node2's (through the tunnel).
+    for (name, agent, dir) in [
+        ("near", &agent1, &log_dirs[0]),
+        ("far", &agent2, &log_dirs[1]),
+    ] {
+        let lines = access_log_lines(&dir.join("received.log"), 3)?;
+        assert_eq!(lines.len(), 3, "{name}: {lines:?}");
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(line["path"], format!("/{name}{i}"), "{lines:?}");
+            assert_eq!(line["code"], 200, "{lines:?}");
+            assert_eq!(line["reporter"], "destination", "{lines:?}");
+            assert_eq!(line["cluster"], format!("app/{name}"), "{lines:?}");
+            assert!(line["bytes_sent"].as_u64() > Some(0), "{lines:?}");
+        }
+        assert_eq!(
+            metric(
+                agent,
+                "strait_requests_total",
+                &[
+                    r#"reporter="destination""#,
+                    &format!(r#"target_virtual_node="app/{name}""#),
+                    r#"source_virtual_node="app/client-a""#,
+                    r#"response_code_class="2xx""#,
+                ]
+            )?,
+            3.0,
+            "{name}"
+        );
+    }
+    // The caller's agent counted them too, as the source.
+    assert_eq!(
+        metric(
+            &agent1,
+            "strait_requests_total",
+            &[
+                r#"reporter="source""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )?,
+        6.0
+    );
+    drop((agent1, agent2, servers));
+    Ok(())
+}

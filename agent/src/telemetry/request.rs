@@ -115,6 +115,8 @@ pub struct Record {
     pub path: String,
     pub authority: String,
     ended: bool,
+    /// `source` (the calling agent) or `destination` (the agent delivering to the server).
+    pub reporter: &'static str,
 }
 
 impl Record {
@@ -154,6 +156,7 @@ impl Record {
             path: String::new(),
             authority: String::new(),
             ended: false,
+            reporter: "source",
         }
     }
 
@@ -277,6 +280,7 @@ impl Record {
                 downstream_remote: None,
                 downstream_local: None,
                 route_name: self.route.clone(),
+                reporter: self.reporter,
             });
         }
         if self.recorded_span()
@@ -291,6 +295,7 @@ impl Record {
             target_virtual_node: std::mem::take(&mut self.target_virtual_node),
             route: std::mem::take(&mut self.route),
             response_code_class: class,
+            reporter: self.reporter,
         };
         metrics
             .request_duration
