@@ -1269,10 +1269,24 @@ spec:
     let started = Instant::now();
     let second = load(&client, &url("pool-1"), &sequential)?;
     let second_took = started.elapsed();
+    let outlier_log = || {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("outlier"))
+            })
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(
         served_by(&second, "pool-1"),
         5,
-        "back after {base} s: {second}"
+        "back after {base} s: {second}\n{}",
+        outlier_log()
     );
     assert_eq!(ejections("enforced")?, 2.0);
     // 1.5 x the base after the second ejection began, pool-1 is still out: longer than the

@@ -308,6 +308,12 @@ struct Outcome<'a> {
     retries: Vec<&'static str>,
     /// Route timeouts that expired while waiting for response headers.
     timeouts: Vec<&'static str>,
+    /// A retry the policy asked for was not made: the circuit breaker's retry budget
+    /// (`maxRetries`) was spent (Envoy's flag `UO`).
+    retry_overflow: bool,
+    /// The answer is one the policy would have retried, but the attempts were used up
+    /// (Envoy's flag `URX`).
+    retries_exhausted: bool,
 }
 
 /// Envoy's response flag for a failure, as App Mesh's access logs showed it.
@@ -515,6 +521,8 @@ impl<E: Env> Downstream<E> {
             attempts: 0,
             retries: Vec::new(),
             timeouts: Vec::new(),
+            retry_overflow: false,
+            retries_exhausted: false,
         };
         let body = ReplayBody::new(body);
         if let Some(r) = record.as_mut()
@@ -547,12 +555,19 @@ impl<E: Env> Downstream<E> {
                 if let Some(flag) = super::admission::response_flag(upstream.response.headers()) {
                     r.flags.push(flag);
                 }
+                if outcome.retries_exhausted {
+                    r.flags.push("URX");
+                }
             } else if let Err(failure) = &result {
                 r.flags.push(failure_flag(failure));
                 if !r.retries.is_empty() {
                     // Envoy: the upstream retry limit was exceeded.
                     r.flags.push("URX");
                 }
+            }
+            if outcome.retry_overflow {
+                // Envoy: a retry refused by the circuit breaker is an upstream overflow.
+                r.flags.push("UO");
             }
         }
         let response = match result {
@@ -737,7 +752,11 @@ impl<E: Env> Downstream<E> {
                             && retries_left
                             && (policy.server_error || policy.gateway_error)
                             && body.replayable()
-                            && retry_budget(breaker.as_deref(), &mut retry_guard)
+                            && retry_budget(
+                                breaker.as_deref(),
+                                &mut retry_guard,
+                                &mut outcome.retry_overflow,
+                            )
                         {
                             outcome.retries.push("per_try_timeout");
                             backoff(attempt, deadline).await;
@@ -772,7 +791,11 @@ impl<E: Env> Downstream<E> {
                     if retry
                         && retries_left
                         && body.replayable()
-                        && retry_budget(breaker.as_deref(), &mut retry_guard)
+                        && retry_budget(
+                            breaker.as_deref(),
+                            &mut retry_guard,
+                            &mut outcome.retry_overflow,
+                        )
                     {
                         outcome.retries.push(reason);
                         backoff(attempt, deadline).await;
@@ -797,7 +820,11 @@ impl<E: Env> Downstream<E> {
                         && policy.retries_status(response.status().as_u16(), grpc_status)
                         && body.replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
-                        && retry_budget(breaker.as_deref(), &mut retry_guard)
+                        && retry_budget(
+                            breaker.as_deref(),
+                            &mut retry_guard,
+                            &mut outcome.retry_overflow,
+                        )
                     {
                         tracing::debug!(%endpoint, status = %response.status(), attempt, "retrying on the response status");
                         drop(response);
@@ -805,6 +832,10 @@ impl<E: Env> Downstream<E> {
                         backoff(attempt, deadline).await;
                         continue;
                     }
+                    outcome.retries_exhausted = !retries_left
+                        && attempts > 1
+                        && super::admission::response_flag(response.headers()).is_none()
+                        && policy.retries_status(response.status().as_u16(), grpc_status);
                     let mut guards: Vec<Guard> = vec![Box::new(in_flight)];
                     guards.extend(pool_guard);
                     guards.extend(slot.map(|p| Box::new(p) as Guard));
@@ -823,12 +854,17 @@ impl<E: Env> Downstream<E> {
 
 /// Whether the breaker's retry budget (`maxRetries`, retries in flight at once) allows one
 /// more retry; the guard of this request's previous retry is given back first.
-fn retry_budget(breaker: Option<&Breaker>, guard: &mut Option<RetryGuard>) -> bool {
+fn retry_budget(
+    breaker: Option<&Breaker>,
+    guard: &mut Option<RetryGuard>,
+    overflowed: &mut bool,
+) -> bool {
     let Some(breaker) = breaker else {
         return true;
     };
     *guard = None;
     *guard = breaker.retry();
+    *overflowed |= guard.is_none();
     guard.is_some()
 }
 

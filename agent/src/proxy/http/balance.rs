@@ -145,6 +145,9 @@ impl Registry {
             (None, Vec::new())
         };
         let mut own = state.outlier();
+        // An ejection whose time is up but that the sweep has not ended yet ends here, so its
+        // gauge and log are not lost when a new ejection follows.
+        self.returned(node, state, &mut own, now);
         let verdict = outlier::judge(
             &mut own,
             policy,
@@ -206,14 +209,25 @@ impl Registry {
                 .collect()
         };
         for (node, state) in states {
-            let Some(gauge) = state.outlier().end_if_due(now) else {
-                continue;
-            };
-            if let Some(labels) = gauge {
-                self.outliers.ejected.get_or_create(&labels).dec();
-            }
-            tracing::info!(virtual_node = %node, endpoint = %state.addr, "outlier detection: endpoint returned");
+            self.returned(&node, &state, &mut state.outlier(), now);
         }
+    }
+
+    /// Ends `state`'s ejection if its time is up: the gauge goes down, the return is logged.
+    fn returned(
+        &self,
+        node: &ResourceId,
+        state: &EndpointState,
+        own: &mut outlier::State,
+        now: Instant,
+    ) {
+        let Some(gauge) = own.end_if_due(now) else {
+            return;
+        };
+        if let Some(labels) = gauge {
+            self.outliers.ejected.get_or_create(&labels).dec();
+        }
+        tracing::info!(virtual_node = %node, endpoint = %state.addr, "outlier detection: endpoint returned");
     }
 
     /// The endpoints ejected now, for `strait status`.
@@ -390,6 +404,42 @@ mod tests {
             virtual_node: node().to_string(),
         };
         assert_eq!(registry.outliers.ejected.get_or_create(&labels).get(), 0);
+    }
+
+    #[test]
+    fn errors_after_an_ejection_ends_count_even_before_the_sweep_runs() {
+        let registry = Registry::default();
+        let addrs = addrs(3);
+        let policy = OutlierDetection {
+            max_server_errors: 2,
+            interval: crate::mesh::Duration {
+                unit: crate::mesh::DurationUnit::S,
+                value: 60,
+            },
+            base_ejection_duration: crate::mesh::Duration {
+                unit: crate::mesh::DurationUnit::Ms,
+                value: 50,
+            },
+            max_ejection_percent: 50,
+        };
+        let state = registry.state(&node(), addrs[0]);
+        let error = || registry.observe("m", &node(), &addrs, &state, &policy, true);
+        error();
+        assert!(matches!(error(), Verdict::Ejected { times: 1, .. }));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        // Back by time; one error, then the sweep runs: the count is not lost.
+        assert_eq!(error(), Verdict::Counted);
+        registry.sweep();
+        assert!(matches!(error(), Verdict::Ejected { times: 2, .. }));
+        let labels = EndpointLabels {
+            mesh: "m".into(),
+            virtual_node: node().to_string(),
+        };
+        assert_eq!(
+            registry.outliers.ejected.get_or_create(&labels).get(),
+            1,
+            "the first ejection's gauge went down when it ended"
+        );
     }
 
     #[test]
