@@ -1215,60 +1215,39 @@ spec:
 
     // One request at a time, pool-1 answering 500: exactly 5 reach it, then it is ejected.
     let sequential = ["--count", "60", "--concurrency", "1"];
-    let started = Instant::now();
-    let first = load(&client, &url("pool-1"), &sequential)?;
-    let first_took = started.elapsed();
-    assert_eq!(served_by(&first, "pool-1"), 5, "{first}");
-    assert_eq!(first["statuses"]["500"], 5, "{first}");
-    assert_eq!(ejections("enforced")?, 1.0);
-    // The ejection is in `strait status`'s source.
-    let status = agent.admin_get("/status/resilience")?;
-    let status: Value = serde_json::from_str(&status).context("/status/resilience")?;
-    let ejected = status["ejected_endpoints"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(ejected.len(), 1, "{status}");
-    assert_eq!(
-        ejected[0]["endpoint"],
-        format!("{}:8080", pods[0].ipv4()),
-        "{status}"
-    );
-    // No traffic to it for the rest of the ejection (it began at the latest when that run
-    // ended, at the earliest when it started).
-    let quiet = EJECTION_BASE
-        .checked_sub(first_took + Duration::from_millis(700))
-        .filter(|d| *d >= Duration::from_millis(1500))
-        .with_context(|| {
-            format!("60 requests took {first_took:?}: too slow to time a {base} s ejection")
-        })?;
-    let during = load(
-        &client,
-        &url("pool-1"),
-        &[
-            "--concurrency",
-            "1",
-            "--rate",
-            "20",
-            "--duration-ms",
-            &quiet.as_millis().to_string(),
-        ],
-    )?;
-    assert_eq!(served_by(&during, "pool-1"), 0, "ejected: {during}");
-    assert!(
-        served_by(&during, "pool-2") + served_by(&during, "pool-3") >= 10,
-        "{during}"
-    );
-
-    // Back by itself after the ejection time; still failing: ejected again after 5, for twice
-    // as long.
-    std::thread::sleep(
-        (started + first_took + EJECTION_BASE + Duration::from_millis(300))
-            .saturating_duration_since(Instant::now()),
-    );
-    let started = Instant::now();
-    let second = load(&client, &url("pool-1"), &sequential)?;
-    let second_took = started.elapsed();
+    // When the agent says pool-1 comes back (from /status/resilience, `strait status`'s
+    // source): the windows below are timed from it, so a slow machine does not matter.
+    let ejection_left = || -> anyhow::Result<(Instant, Duration)> {
+        let asked = Instant::now();
+        let status: Value = serde_json::from_str(&agent.admin_get("/status/resilience")?)
+            .context("/status/resilience")?;
+        let ejected = status["ejected_endpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(ejected.len(), 1, "{status}");
+        assert_eq!(
+            ejected[0]["endpoint"],
+            format!("{}:8080", pods[0].ipv4()),
+            "{status}"
+        );
+        let left = Duration::from_millis(ejected[0]["remaining_ms"].as_u64().unwrap_or(0));
+        Ok((asked, left))
+    };
+    let quiet_run = |window: Duration| {
+        load(
+            &client,
+            &url("pool-1"),
+            &[
+                "--concurrency",
+                "1",
+                "--rate",
+                "20",
+                "--duration-ms",
+                &window.as_millis().to_string(),
+            ],
+        )
+    };
     let outlier_log = || {
         agent
             .log_lines()
@@ -1282,6 +1261,31 @@ spec:
             .collect::<Vec<_>>()
             .join("\n")
     };
+    let margin = Duration::from_millis(500);
+
+    let first = load(&client, &url("pool-1"), &sequential)?;
+    assert_eq!(served_by(&first, "pool-1"), 5, "{first}");
+    assert_eq!(first["statuses"]["500"], 5, "{first}");
+    assert_eq!(ejections("enforced")?, 1.0);
+    let (asked, left) = ejection_left()?;
+    assert!(
+        left <= EJECTION_BASE,
+        "the first ejection lasts the base: {left:?}"
+    );
+    // No traffic to it for the rest of the ejection.
+    let during = quiet_run(left.saturating_sub(margin))?;
+    assert_eq!(served_by(&during, "pool-1"), 0, "ejected: {during}");
+    assert!(
+        served_by(&during, "pool-2") + served_by(&during, "pool-3") > 0,
+        "{during}"
+    );
+
+    // Back by itself when the time is up; still failing: ejected again after 5, for twice as
+    // long.
+    std::thread::sleep(
+        (asked + left + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    let second = load(&client, &url("pool-1"), &sequential)?;
     assert_eq!(
         served_by(&second, "pool-1"),
         5,
@@ -1289,30 +1293,22 @@ spec:
         outlier_log()
     );
     assert_eq!(ejections("enforced")?, 2.0);
-    // 1.5 x the base after the second ejection began, pool-1 is still out: longer than the
-    // first.
-    let span = EJECTION_BASE * 3 / 2 + Duration::from_millis(500);
-    let during = load(
-        &client,
-        &url("pool-1"),
-        &[
-            "--concurrency",
-            "1",
-            "--rate",
-            "20",
-            "--duration-ms",
-            &span.as_millis().to_string(),
-        ],
-    )?;
+    let (asked, left) = ejection_left()?;
+    // Still out for longer than a whole first ejection from now on, and it gets nothing.
+    assert!(
+        left > EJECTION_BASE + margin && left <= EJECTION_BASE * 2,
+        "the second ejection lasts 2 x {base} s: {left:?} left\n{}",
+        outlier_log()
+    );
+    let during = quiet_run(left.saturating_sub(margin))?;
     assert_eq!(
         served_by(&during, "pool-1"),
         0,
         "the second ejection lasts 2 x {base} s: {during}"
     );
-    // And back after 2 x the base.
+    // And back after it.
     std::thread::sleep(
-        (started + second_took + EJECTION_BASE * 2 + Duration::from_millis(300))
-            .saturating_duration_since(Instant::now()),
+        (asked + left + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
     );
     let healthy = load(
         &client,
