@@ -41,7 +41,13 @@ pub enum Action {
     /// The provider is a virtual node: everything goes there.
     Node(Target),
     /// A router's TCP route: one target picked per connection by weight.
-    Weighted { route: String, targets: Vec<Target> },
+    Weighted {
+        route: String,
+        targets: Vec<Target>,
+        /// The route's `timeout.idle` (not 0): the calling agent closes the connection after
+        /// this long without a byte either way.
+        idle: Option<std::time::Duration>,
+    },
     /// The router has no TCP route for this port (an HTTP route needs the L7 proxy).
     NoRoute { reason: String },
 }
@@ -235,6 +241,12 @@ fn router_ports(mesh: &MeshConfig, router: &VirtualRouter) -> Vec<(u16, Protocol
             let action = match tcp {
                 Some((route, tcp)) => Action::Weighted {
                     route: route.name.clone(),
+                    idle: tcp
+                        .timeout
+                        .as_ref()
+                        .and_then(|t| t.idle.as_ref())
+                        .map(|d| d.as_std())
+                        .filter(|d| !d.is_zero()),
                     targets: tcp
                         .action
                         .weighted_targets

@@ -1544,3 +1544,97 @@ spec:
     drop((agent1, agent2, servers));
     Ok(())
 }
+
+/// A virtual router's `tcpRoute.timeout.idle` closes an idle connection at the calling side.
+#[test]
+fn a_tcp_routes_idle_timeout_closes_an_idle_connection() -> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-route-idle")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let server = node.add_pod(&PodSpec::new("echo", "app").label("app", "echo"))?;
+    tb.dns_record("echo.app.svc.cluster.local", &["10.96.5.1".parse()?])?;
+    tb.dns_record("echo-pods.app.svc.cluster.local", &server.ips())?;
+    let listen = format!("0.0.0.0:{TCP_PORT},[::]:{TCP_PORT}");
+    let process = tb.spawn(
+        "server-echo",
+        server
+            .command(peer_binary()?)
+            .args(["serve", "--listen", &listen, "--name", "echo-idle"]),
+    )?;
+    process.wait_listening(TCP_PORT, Duration::from_secs(20))?;
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends: [{{virtualService: {{virtualServiceRef: {{name: echo}}}}}}]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: echo, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: echo}}}}
+  listeners: [{{portMapping: {{port: {TCP_PORT}, protocol: tcp}}}}]
+  serviceDiscovery: {{dns: {{hostname: echo-pods.app.svc.cluster.local}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: echo, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: {TCP_PORT}, protocol: tcp}}}}]
+  routes:
+    - name: echo-route
+      tcpRoute:
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: echo}}, weight: 1}}]}}
+        timeout: {{idle: {{unit: ms, value: 1500}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  awsName: echo.app.svc.cluster.local
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: echo}}}}}}
+"#
+    );
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    node.write_workload(&client)?;
+    node.write_workload(&server)?;
+    let agent = Agent::start(&tb, &node, &mesh_path, &[])?;
+    agent.wait_enrolled("app/client-a", true, Duration::from_secs(20))?;
+    agent.wait_enrolled("app/echo", true, Duration::from_secs(20))?;
+    let output = run(
+        client.command("python3").args([
+            "-c",
+            IDLE_PROBE,
+            "echo.app.svc.cluster.local",
+            &TCP_PORT.to_string(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("the probe printed no JSON: {stdout:?}"))?;
+    assert!(
+        seen["banner"]
+            .as_str()
+            .is_some_and(|b| b.contains("echo-idle")),
+        "{seen}"
+    );
+    assert_eq!(seen["echoes"], 6, "traffic keeps it open: {seen}");
+    assert!(
+        seen["end"] == "closed" || seen["end"] == "reset",
+        "closed when idle: {seen}"
+    );
+    let quiet = seen["quiet_s"].as_f64().unwrap_or(f64::MAX);
+    assert!((1.3..3.5).contains(&quiet), "about 1.5 s: {seen}");
+    drop(agent);
+    drop(process);
+    Ok(())
+}

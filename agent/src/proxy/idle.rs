@@ -1,7 +1,9 @@
-//! A listener's `timeout.tcp.idle` at the receiving side: the stream to the pod ends with an
-//! error when no byte has gone either way for that long, so whatever copies it (the caller's
-//! agent for a same-node call, the tunnel server for a call from another node) closes both
-//! sides, as Envoy's `tcp_proxy` `idle_timeout` on the server's listener did in App Mesh.
+//! TCP idle timeouts: a listener's `timeout.tcp.idle` at the receiving side, and a
+//! `tcpRoute.timeout.idle` at the calling side. The stream ends with an error when no byte has
+//! gone either way for that long, so whatever copies it (the caller's agent for a same-node
+//! call, the tunnel server for a call from another node) closes both sides, as Envoy's
+//! `tcp_proxy` `idle_timeout` did in App Mesh (on the server's listener, or the caller's
+//! route).
 //!
 //! The timer is inside the stream: a read that waits is woken when the idle time is up, and
 //! every byte read or written pushes the deadline back.

@@ -170,7 +170,7 @@ async fn forward(
         virtual_node: &source.virtual_node,
         service: &service.service,
     };
-    let (mut upstream, endpoint) =
+    let (upstream, endpoint) =
         match upstream::connect_target(ctx, &caller, &target, &endpoints).await {
             Ok(connected) => connected,
             Err(error) => {
@@ -210,6 +210,13 @@ async fn forward(
             }
         };
     let _ = client.set_nodelay(true);
+    // A tcpRoute's idle timeout, at the calling side (where App Mesh's caller Envoy had it).
+    let mut upstream: upstream::Stream = match &service.action {
+        Action::Weighted {
+            idle: Some(idle), ..
+        } => upstream::Stream::new(super::idle::IdleTimeout::new(upstream, *idle)),
+        _ => upstream,
+    };
     // `--telemetry off` skips the connection metrics and the access log line.
     let telemetry = ctx.telemetry.is_some();
     let active = telemetry.then(|| {
