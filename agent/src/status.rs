@@ -259,3 +259,45 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resilience_section_lists_ejected_endpoints_and_limits_reached() {
+        let resilience = serde_json::json!({
+            "ejected_endpoints": [
+                {"virtual_node": "shop/cart", "endpoint": "10.0.0.3:8080", "remaining_ms": 4200, "times": 2}
+            ],
+            "open_breakers": [{
+                "source_virtual_node": "shop/front",
+                "virtual_service": "shop/cart",
+                "target_virtual_node": "shop/cart",
+                "limits": [
+                    {"limit": "max_requests", "in_use": 10, "max": 10},
+                    {"limit": "max_retries", "in_use": 0, "max": 3}
+                ],
+                "open": ["max_requests"]
+            }],
+        });
+        let mut out = String::new();
+        render_resilience(&mut out, &resilience);
+        assert!(out.contains("10.0.0.3:8080"), "{out}");
+        assert!(out.contains("4.2s"), "{out}");
+        assert!(out.contains("2x base"), "{out}");
+        assert!(
+            out.contains("shop/front -> shop/cart -> shop/cart"),
+            "{out}"
+        );
+        assert!(out.contains("max_requests 10/10"), "{out}");
+        assert!(!out.contains("max_retries"), "only limits reached: {out}");
+
+        let mut out = String::new();
+        render_resilience(
+            &mut out,
+            &serde_json::json!({"ejected_endpoints": [], "open_breakers": []}),
+        );
+        assert_eq!(out.matches("none").count(), 2, "{out}");
+    }
+}

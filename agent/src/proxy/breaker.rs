@@ -414,4 +414,31 @@ mod tests {
         let b3 = breakers.get("m", &wider, &id("client"), &id("svc"), &id("server"));
         assert!(b3.request().is_err());
     }
+
+    #[test]
+    fn status_shows_each_limits_use_and_the_ones_reached() {
+        let (breakers, b) = breaker(CircuitBreaker {
+            max_requests: Some(1),
+            max_retries: Some(2),
+            ..CircuitBreaker::default()
+        });
+        let status = |breakers: &Breakers| breakers.status().remove(0);
+        let before = status(&breakers);
+        assert!(before.open.is_empty(), "{before:?}");
+        assert_eq!(
+            before.limits.len(),
+            2,
+            "only the limits configured: {before:?}"
+        );
+        let _permit = b.request().expect("one request fits");
+        let _retry = b.retry().expect("one retry fits");
+        let during = status(&breakers);
+        assert_eq!(during.open, vec!["max_requests"], "{during:?}");
+        assert_eq!(
+            (during.limits[0].in_use, during.limits[1].in_use),
+            (1, 1),
+            "{during:?}"
+        );
+        assert_eq!(during.source_virtual_node, "app/client");
+    }
 }
