@@ -44,7 +44,7 @@ spec:
         interval: {{unit: s, value: 30}}
         baseEjectionDuration: {{unit: s, value: {EJECTION_SECONDS}}}
         maxEjectionPercent: 50
-  serviceDiscovery: {{dns: {{hostname: shop-pods.store.svc.cluster.local}}}}
+  serviceDiscovery: {{dns: {{hostname: shop-pods.store.svc.cluster.local, responseType: ENDPOINTS}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualService
