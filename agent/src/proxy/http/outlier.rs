@@ -93,6 +93,27 @@ impl State {
         Some(self.gauge.take())
     }
 
+    /// The endpoint's ejection as `strait status` shows it, if it is ejected now.
+    pub fn describe(
+        &self,
+        node: &ResourceId,
+        endpoint: SocketAddr,
+        now: Instant,
+    ) -> Option<Ejected> {
+        let until = self.ejected_until(now)?;
+        Some(Ejected {
+            virtual_node: node.to_string(),
+            endpoint,
+            remaining_ms: u64::try_from(until.duration_since(now).as_millis()).unwrap_or(u64::MAX),
+            times: self.times,
+        })
+    }
+
+    /// Remembers the gauge labels an ejection raised, to lower them when it ends.
+    pub fn set_gauge(&mut self, labels: EndpointLabels) {
+        self.gauge = Some(labels);
+    }
+
     /// Forgets the gauge labels of an ejection (the endpoint is gone).
     pub fn take_gauge(&mut self) -> Option<EndpointLabels> {
         self.gauge.take()
@@ -209,27 +230,6 @@ pub struct Ejected {
     pub remaining_ms: u64,
     /// Its ejection multiplier (how long this ejection is, in `baseEjectionDuration`s).
     pub times: u32,
-}
-
-impl State {
-    pub fn describe(
-        &self,
-        node: &ResourceId,
-        endpoint: SocketAddr,
-        now: Instant,
-    ) -> Option<Ejected> {
-        let until = self.ejected_until(now)?;
-        Some(Ejected {
-            virtual_node: node.to_string(),
-            endpoint,
-            remaining_ms: u64::try_from(until.duration_since(now).as_millis()).unwrap_or(u64::MAX),
-            times: self.times,
-        })
-    }
-
-    pub fn set_gauge(&mut self, labels: EndpointLabels) {
-        self.gauge = Some(labels);
-    }
 }
 
 #[cfg(test)]
