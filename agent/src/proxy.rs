@@ -14,6 +14,7 @@ pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod outbound;
+pub mod received;
 pub mod upstream;
 
 use std::future::Future;

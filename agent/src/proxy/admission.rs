@@ -614,7 +614,15 @@ pub async fn deliver_local(
     };
     // A tcp listener's idle timeout, at the receiving side as App Mesh applied it.
     let idle = policy.limits.tcp_idle(&pod.virtual_node, endpoint.port());
-    let stream = |io| super::idle::stream(io, idle);
+    let stream = |io| {
+        super::received::wrap(
+            admission,
+            &pod.virtual_node,
+            endpoint,
+            None,
+            super::idle::stream(io, idle),
+        )
+    };
     match admitted {
         Admitted::Plain => Ok(stream(connect().await?)),
         Admitted::Tcp(guard) => Ok(Stream::new(Guarded {

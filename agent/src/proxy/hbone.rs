@@ -1159,7 +1159,13 @@ async fn stream(
     }
     // Connect before answering, so the caller sees a refused connection as a failure.
     let mut upstream = match pod.connect_loopback(target.ip(), target.port()).await {
-        Ok(s) => super::idle::stream(s, idle),
+        Ok(s) => super::received::wrap(
+            &transport.admission,
+            vn,
+            target,
+            Some(peer),
+            super::idle::stream(s, idle),
+        ),
         Err(error) => {
             tracing::warn!(target_pod = %pod.workload, %target, %error, "delivery to the pod failed");
             return refuse(
