@@ -1,5 +1,6 @@
 //! The admin HTTP API: readiness, metrics, the mesh in force, local workloads, eBPF counters,
-//! and a live page of the node's mesh (`/ui`, [`ui`]).
+//! ejected endpoints and circuit breakers (`/status/resilience`), and a live page of the
+//! node's mesh (`/ui`, [`ui`]).
 //!
 //! Plain HTTP/1.1 on the `--admin` address (default 127.0.0.1:15000, like Envoy's admin port
 //! in App Mesh). Every answer is computed from shared state on request; nothing here is on
@@ -106,6 +107,9 @@ pub struct State {
     pub redirect: Arc<Redirect>,
     pub workloads: ArcSwap<Vec<WorkloadStatus>>,
     pub config: ArcSwap<ConfigDump>,
+    /// Endpoints ejected by outlier detection and client circuit breakers now
+    /// (`/status/resilience`).
+    pub resilience: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 /// Binds the admin address now (so a conflict is a start-up error) and serves it until
@@ -224,9 +228,11 @@ fn answer<B>(request: &Request<B>, state: &State) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from_static(ui::PAGE.as_bytes())))
             .expect("static response parts are valid"),
         "/ui/graph.json" => json(&ui::graph_json(state)),
+        "/status/resilience" => json(&(state.resilience)()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /metrics /stats /workloads /config_dump /ui\n".into(),
+            "not found; try /ready /metrics /stats /workloads /config_dump /status/resilience /ui\n"
+                .into(),
         ),
     }
 }

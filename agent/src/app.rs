@@ -233,6 +233,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         telemetry,
     });
     proxy::http::start(&ctx);
+    if let Some(telemetry) = &ctx.telemetry {
+        let _ = transport.admission.telemetry.set(telemetry.clone());
+    }
+    ctx.http.endpoints.outliers.register(&mut registry);
     let log_writers = access_log::Writers::default();
     registry.register(
         "strait_access_log_dropped_lines",
@@ -245,6 +249,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         redirect: redirect.clone(),
         workloads: ArcSwap::from_pointee(Vec::new()),
         config: ArcSwap::from_pointee(config_dump(&loaded.config)),
+        resilience: {
+            let ctx = ctx.clone();
+            Box::new(move || proxy::resilience_status(&ctx))
+        },
     });
     let admin_addr = admin::serve(config.admin, admin_state.clone(), shutdown.clone()).await?;
     tracing::info!(%admin_addr, "admin API listening");
@@ -711,7 +719,10 @@ impl Node {
                 Some((id.clone(), writers.open(file, path)))
             })
             .collect();
-        self.ctx.access_logs.store(Arc::new(logs));
+        let logs = Arc::new(logs);
+        // The receiving side writes the server's lines (docs/resilience.md).
+        self.ctx.transport.admission.access_logs.store(logs.clone());
+        self.ctx.access_logs.store(logs);
     }
 
     fn apply_table(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {

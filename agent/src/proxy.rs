@@ -11,8 +11,10 @@ pub mod admission;
 pub mod breaker;
 pub mod hbone;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod outbound;
+pub mod received;
 pub mod upstream;
 
 use std::future::Future;
@@ -55,6 +57,17 @@ pub struct Context {
     /// Per-request and per-connection telemetry (request metrics, TCP connection metrics,
     /// access logs, traces); None under `--telemetry off`.
     pub telemetry: Option<Arc<Telemetry>>,
+}
+
+/// What `strait status` shows of resilience (`/status/resilience`): endpoints ejected by
+/// outlier detection, and the client circuit breakers with the limits they have reached.
+pub fn resilience_status(ctx: &Context) -> serde_json::Value {
+    let breakers = ctx.transport.admission.breakers.status();
+    serde_json::json!({
+        "ejected_endpoints": ctx.http.endpoints.ejected(),
+        "open_breakers": breakers.iter().filter(|b| !b.open.is_empty()).collect::<Vec<_>>(),
+        "breakers": breakers,
+    })
 }
 
 /// The drain signal of one connection: cancelled when its listener stops for good (the agent

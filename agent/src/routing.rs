@@ -41,7 +41,13 @@ pub enum Action {
     /// The provider is a virtual node: everything goes there.
     Node(Target),
     /// A router's TCP route: one target picked per connection by weight.
-    Weighted { route: String, targets: Vec<Target> },
+    Weighted {
+        route: String,
+        targets: Vec<Target>,
+        /// The route's `timeout.idle` (not 0): the calling agent closes the connection after
+        /// this long without a byte either way.
+        idle: Option<std::time::Duration>,
+    },
     /// The router has no TCP route for this port (an HTTP route needs the L7 proxy).
     NoRoute { reason: String },
 }
@@ -90,6 +96,8 @@ pub struct Table {
     pub endpoints: BTreeMap<ResourceId, Arc<Endpoints>>,
     /// Every listener `healthCheck` in the mesh.
     pub health_checks: Vec<Arc<http::HealthCheckSpec>>,
+    /// Listeners' `outlierDetection`, by virtual node and listener port.
+    pub outliers: BTreeMap<(ResourceId, u16), crate::mesh::OutlierDetection>,
     /// Addresses of virtual services that answer on no port (no provider, or a provider
     /// without listeners): every connect to them is refused in eBPF, as validation warns,
     /// rather than left to go out of the mesh.
@@ -143,6 +151,13 @@ impl Table {
             table
                 .endpoints
                 .insert(vn.id.clone(), Arc::new(Endpoints::new(addrs)));
+            for listener in &vn.spec.listeners {
+                if let Some(policy) = &listener.outlier_detection {
+                    table
+                        .outliers
+                        .insert((vn.id.clone(), listener.port_mapping.port), policy.clone());
+                }
+            }
         }
         for vs in &mesh.virtual_services {
             let hostname = vs.hostname();
@@ -230,6 +245,12 @@ fn router_ports(mesh: &MeshConfig, router: &VirtualRouter) -> Vec<(u16, Protocol
             let action = match tcp {
                 Some((route, tcp)) => Action::Weighted {
                     route: route.name.clone(),
+                    idle: tcp
+                        .timeout
+                        .as_ref()
+                        .and_then(|t| t.idle.as_ref())
+                        .map(|d| d.as_std())
+                        .filter(|d| !d.is_zero()),
                     targets: tcp
                         .action
                         .weighted_targets

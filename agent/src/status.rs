@@ -104,6 +104,66 @@ fn remaining(seconds: i64) -> String {
     }
 }
 
+/// Ejected endpoints (outlier detection) and circuit breakers at a limit.
+fn render_resilience(out: &mut String, resilience: &Value) {
+    let _ = writeln!(
+        out,
+        "\nEJECTED ENDPOINT (outlierDetection)  VIRTUAL NODE                BACK IN  EJECTION"
+    );
+    let ejected = resilience["ejected_endpoints"].as_array();
+    if ejected.is_none_or(|e| e.is_empty()) {
+        let _ = writeln!(out, "none");
+    }
+    for e in ejected.into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:<36} {:<27} {:<8} {}x base",
+            text(&e["endpoint"]),
+            text(&e["virtual_node"]),
+            format!(
+                "{:.1}s",
+                e["remaining_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+            ),
+            text(&e["times"])
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nOPEN CIRCUIT BREAKER (caller -> service -> target)           LIMITS REACHED (in use/max)"
+    );
+    let open = resilience["open_breakers"].as_array();
+    if open.is_none_or(|o| o.is_empty()) {
+        let _ = writeln!(out, "none");
+    }
+    for b in open.into_iter().flatten() {
+        let reached: Vec<String> = b["limits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["in_use"].as_u64() >= l["max"].as_u64())
+            .map(|l| {
+                format!(
+                    "{} {}/{}",
+                    text(&l["limit"]),
+                    text(&l["in_use"]),
+                    text(&l["max"])
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<60} {}",
+            format!(
+                "{} -> {} -> {}",
+                text(&b["source_virtual_node"]),
+                text(&b["virtual_service"]),
+                text(&b["target_virtual_node"])
+            ),
+            reached.join(", ")
+        );
+    }
+}
+
 /// Renders the agent's state: readiness, the mesh in force, local workloads, eBPF counters.
 pub fn render(addr: SocketAddr) -> Result<String, Error> {
     let (ready_code, _) = get(addr, "/ready")?;
@@ -187,6 +247,10 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
         let _ = writeln!(out, "{:<31} {expires:<43} {names}", text(&w["pod"]));
         let _ = writeln!(out, "{:<31} {:<43} SANs: {sans}", "", "");
     }
+    // An older agent has no resilience status: leave the section out rather than fail.
+    if let Ok(resilience) = get_json(addr, "/status/resilience") {
+        render_resilience(&mut out, &resilience);
+    }
     let _ = writeln!(out, "\nEBPF COUNTER     VALUE");
     if let Some(counters) = stats["redirect"].as_object() {
         for (reason, value) in counters {
@@ -194,4 +258,46 @@ pub fn render(addr: SocketAddr) -> Result<String, Error> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resilience_section_lists_ejected_endpoints_and_limits_reached() {
+        let resilience = serde_json::json!({
+            "ejected_endpoints": [
+                {"virtual_node": "shop/cart", "endpoint": "10.0.0.3:8080", "remaining_ms": 4200, "times": 2}
+            ],
+            "open_breakers": [{
+                "source_virtual_node": "shop/front",
+                "virtual_service": "shop/cart",
+                "target_virtual_node": "shop/cart",
+                "limits": [
+                    {"limit": "max_requests", "in_use": 10, "max": 10},
+                    {"limit": "max_retries", "in_use": 0, "max": 3}
+                ],
+                "open": ["max_requests"]
+            }],
+        });
+        let mut out = String::new();
+        render_resilience(&mut out, &resilience);
+        assert!(out.contains("10.0.0.3:8080"), "{out}");
+        assert!(out.contains("4.2s"), "{out}");
+        assert!(out.contains("2x base"), "{out}");
+        assert!(
+            out.contains("shop/front -> shop/cart -> shop/cart"),
+            "{out}"
+        );
+        assert!(out.contains("max_requests 10/10"), "{out}");
+        assert!(!out.contains("max_retries"), "only limits reached: {out}");
+
+        let mut out = String::new();
+        render_resilience(
+            &mut out,
+            &serde_json::json!({"ejected_endpoints": [], "open_breakers": []}),
+        );
+        assert_eq!(out.matches("none").count(), 2, "{out}");
+    }
 }

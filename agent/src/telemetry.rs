@@ -65,6 +65,10 @@ pub struct RequestLabels {
     pub route: String,
     /// `2xx`, `4xx`, ... for HTTP; for gRPC the status name (`OK`, `UNAVAILABLE`, ...).
     pub response_code_class: &'static str,
+    /// Which side counted it (Istio's `reporter`): `source`, the caller's agent, or
+    /// `destination`, the agent delivering to the server's pod (for listeners it serves
+    /// request by request: docs/resilience.md).
+    pub reporter: &'static str,
 }
 
 /// Labels of a request that entered the mesh through a VirtualGateway (`crate::gateway`).

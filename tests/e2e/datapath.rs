@@ -408,8 +408,8 @@ fn access_logs_go_where_the_virtual_node_says_in_its_format() -> anyhow::Result<
     let bed = bed("accesslog", &mesh_yaml("ALLOW_ALL", 100, 0))?;
     let text_log = bed.tb.temp_dir().join("client-access.log");
     let json_log = bed.tb.temp_dir().join("v1-access.log");
-    // The client logs in Envoy's default text format; color-v1 (a server, which makes no
-    // outbound calls here) in JSON, so its file stays empty.
+    // The client logs in Envoy's default text format; color-v1 (a server) in JSON: a line per
+    // connection it received, written by the agent that delivered it.
     let mesh = mesh_yaml("ALLOW_ALL", 100, 0)
         .replacen(
             "  backends:\n",
@@ -461,8 +461,31 @@ fn access_logs_go_where_the_virtual_node_says_in_its_format() -> anyhow::Result<
         let v6 = format!("\"[{}]:8080\"", bed.v1.ipv6());
         assert!(line.ends_with(&v4) || line.ends_with(&v6), "{line}");
     }
-    assert!(json_log.exists(), "the JSON log file is opened");
-    assert_eq!(std::fs::read_to_string(&json_log)?, "");
+    let mut received: Vec<Value> = Vec::new();
+    for _ in 0..50 {
+        received = std::fs::read_to_string(&json_log)
+            .unwrap_or_default()
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        if received.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        received.len(),
+        3,
+        "one line per connection received: {received:?}"
+    );
+    for line in &received {
+        let upstream = line["upstream"].as_str().unwrap_or_default();
+        assert!(
+            upstream == format!("{}:8080", bed.v1.ipv4())
+                || upstream == format!("[{}]:8080", bed.v1.ipv6()),
+            "the pod's address: {line}"
+        );
+    }
     Ok(())
 }
 

@@ -121,7 +121,16 @@ const GUARDED_TCP: Server = Server {
     limits: "",
     breaker: "{maxConnections: 1}",
 };
-const SERVERS: [&Server; 11] = [
+const IDLE: Server = Server {
+    name: "idle",
+    address: "10.96.1.12",
+    listener: "tcp",
+    port: TCP_PORT,
+    limits: "timeout: {tcp: {idle: {unit: ms, value: 1500}}}",
+    breaker: "",
+};
+const SERVERS: [&Server; 12] = [
+    &IDLE,
     &TCP_RATE,
     &SLOW,
     &H2,
@@ -726,6 +735,69 @@ c.close()
 print(json.dumps(out))
 "#;
 
+/// Keeps a connection busy (a line echoed every 0.5 s for 3 s), then quiet: how long until
+/// the server side closes it.
+const IDLE_PROBE: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=5)
+s.settimeout(5)
+out = {"banner": s.recv(100).decode(errors="replace"), "echoes": 0}
+for i in range(6):
+    time.sleep(0.5)
+    s.sendall(b"ping\n")
+    if s.recv(100):
+        out["echoes"] += 1
+quiet = time.monotonic()
+s.settimeout(10)
+try:
+    data = s.recv(100)
+    out["end"] = "closed" if not data else "data: " + data.decode(errors="replace")
+except ConnectionResetError:
+    out["end"] = "reset"
+except socket.timeout:
+    out["end"] = "still open after 10 s"
+out["quiet_s"] = time.monotonic() - quiet
+print(json.dumps(out))
+"#;
+
+#[test]
+fn tcp_idle_closes_an_idle_connection_at_the_receiving_side() -> anyhow::Result<()> {
+    let bed = bed("resilience-idle", &["client-a"], &[&IDLE])?;
+    let output = run(
+        bed.client("client-a").command("python3").args([
+            "-c",
+            IDLE_PROBE,
+            &host(&IDLE),
+            &TCP_PORT.to_string(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the probe printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert!(
+        seen["banner"].as_str().is_some_and(|b| b.contains("idle")),
+        "{seen}"
+    );
+    // 3 s of traffic every 0.5 s: longer than the 1.5 s idle timeout, and never cut.
+    assert_eq!(seen["echoes"], 6, "{seen}");
+    assert!(
+        seen["end"] == "closed" || seen["end"] == "reset",
+        "closed when idle: {seen}"
+    );
+    let quiet = seen["quiet_s"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        (1.3..3.5).contains(&quiet),
+        "closed about 1.5 s after the last byte: {seen}"
+    );
+    Ok(())
+}
+
 #[test]
 fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -> anyhow::Result<()>
 {
@@ -1034,5 +1106,535 @@ spec:
         )? >= 1.0
     );
     drop((agent1, agent2, http, tcp));
+    Ok(())
+}
+
+/// The outlier detection test's virtual node: three pods, one listener.
+const POOL: [&str; 3] = ["pool-1", "pool-2", "pool-3"];
+const EJECTION_BASE: Duration = Duration::from_secs(4);
+
+/// A `strait-http load` run in the pod; its JSON report.
+fn load(pod: &Pod, url: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = run(
+        pod.command(HTTP_BIN).args(["load", url]).args(args),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim())
+        .with_context(|| format!("strait-http load {url} printed no JSON report: {stdout:?}"))
+}
+
+fn served_by(report: &Value, server: &str) -> u64 {
+    report["by_server"][server].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn outlier_detection_ejects_after_max_server_errors_for_longer_each_time_within_the_percentage()
+-> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-outlier")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let mut servers = Vec::new();
+    let mut pods = Vec::new();
+    for name in POOL {
+        let pod = node.add_pod(&PodSpec::new(name, "app").label("app", "pool"))?;
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(HTTP_BIN)
+                .args(["serve", "--listen", "0.0.0.0:8080", "--name", name]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(20))?;
+        servers.push(server);
+        pods.push(pod);
+    }
+    tb.dns_record("pool.app.svc.cluster.local", &["10.96.3.1".parse()?])?;
+    // IPv4 only: each pod is one endpoint.
+    let ips: Vec<std::net::IpAddr> = pods.iter().map(|p| p.ipv4().into()).collect();
+    tb.dns_record("pool-pods.app.svc.cluster.local", &ips)?;
+    let base = EJECTION_BASE.as_secs();
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: pool}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: pool, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: pool}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      outlierDetection:
+        maxServerErrors: 5
+        interval: {{unit: s, value: 60}}
+        baseEjectionDuration: {{unit: s, value: {base}}}
+        maxEjectionPercent: 50
+  serviceDiscovery: {{dns: {{hostname: pool-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: pool, namespace: app}}
+spec:
+  awsName: pool.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: pool}}}}}}
+"#
+    );
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    for pod in pods.iter().chain([&client]) {
+        node.write_workload(pod)?;
+    }
+    let agent = Agent::start(&tb, &node, &mesh_path, &[])?;
+    for pod in pods.iter().chain([&client]) {
+        agent.wait_enrolled(
+            &format!("app/{}", pod.name()),
+            true,
+            Duration::from_secs(20),
+        )?;
+    }
+    let url = |fail_on: &str| format!("http://pool.app.svc.cluster.local:8080/?fail_on={fail_on}");
+    let ejections = |result: &str| {
+        metric(
+            &agent,
+            "strait_outlier_ejections_total",
+            &[
+                r#"virtual_node="app/pool""#,
+                &format!(r#"result="{result}""#),
+            ],
+        )
+    };
+
+    // One request at a time, pool-1 answering 500: exactly 5 reach it, then it is ejected.
+    let sequential = ["--count", "60", "--concurrency", "1"];
+    // When the agent says pool-1 comes back (from /status/resilience, `strait status`'s
+    // source): the windows below are timed from it, so a slow machine does not matter.
+    let ejection_left = || -> anyhow::Result<(Instant, Duration)> {
+        let asked = Instant::now();
+        let status: Value = serde_json::from_str(&agent.admin_get("/status/resilience")?)
+            .context("/status/resilience")?;
+        let ejected = status["ejected_endpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(ejected.len(), 1, "{status}");
+        assert_eq!(
+            ejected[0]["endpoint"],
+            format!("{}:8080", pods[0].ipv4()),
+            "{status}"
+        );
+        let left = Duration::from_millis(ejected[0]["remaining_ms"].as_u64().unwrap_or(0));
+        Ok((asked, left))
+    };
+    let quiet_run = |window: Duration| {
+        load(
+            &client,
+            &url("pool-1"),
+            &[
+                "--concurrency",
+                "1",
+                "--rate",
+                "20",
+                "--duration-ms",
+                &window.as_millis().to_string(),
+            ],
+        )
+    };
+    let outlier_log = || {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("outlier"))
+            })
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let margin = Duration::from_millis(500);
+
+    let first = load(&client, &url("pool-1"), &sequential)?;
+    assert_eq!(served_by(&first, "pool-1"), 5, "{first}");
+    assert_eq!(first["statuses"]["500"], 5, "{first}");
+    assert_eq!(ejections("enforced")?, 1.0);
+    let (asked, left) = ejection_left()?;
+    assert!(
+        left <= EJECTION_BASE,
+        "the first ejection lasts the base: {left:?}"
+    );
+    // No traffic to it for the rest of the ejection.
+    let during = quiet_run(left.saturating_sub(margin))?;
+    assert_eq!(served_by(&during, "pool-1"), 0, "ejected: {during}");
+    assert!(
+        served_by(&during, "pool-2") + served_by(&during, "pool-3") > 0,
+        "{during}"
+    );
+
+    // Back by itself when the time is up; still failing: ejected again after 5, for twice as
+    // long.
+    std::thread::sleep(
+        (asked + left + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    let second = load(&client, &url("pool-1"), &sequential)?;
+    assert_eq!(
+        served_by(&second, "pool-1"),
+        5,
+        "back after {base} s: {second}\n{}",
+        outlier_log()
+    );
+    assert_eq!(ejections("enforced")?, 2.0);
+    let (asked, left) = ejection_left()?;
+    // Still out for longer than a whole first ejection from now on, and it gets nothing.
+    assert!(
+        left > EJECTION_BASE + margin && left <= EJECTION_BASE * 2,
+        "the second ejection lasts 2 x {base} s: {left:?} left\n{}",
+        outlier_log()
+    );
+    let during = quiet_run(left.saturating_sub(margin))?;
+    assert_eq!(
+        served_by(&during, "pool-1"),
+        0,
+        "the second ejection lasts 2 x {base} s: {during}"
+    );
+    // And back after it.
+    std::thread::sleep(
+        (asked + left + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    let healthy = load(
+        &client,
+        &url("none"),
+        &["--count", "30", "--concurrency", "1"],
+    )?;
+    assert_eq!(healthy["ok"], true, "{healthy}");
+    assert!(
+        served_by(&healthy, "pool-1") > 0,
+        "back after 2 x {base} s: {healthy}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(
+        &agent,
+        "strait_outlier_ejected",
+        &[r#"virtual_node="app/pool""#],
+    )? != 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ejected gauge did not go back to 0"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Two of three failing under maxEjectionPercent 50: only one is ejected; the other keeps
+    // getting traffic (and failing), counted as an overflow.
+    let both = load(&client, &url("pool-1,pool-2"), &sequential)?;
+    let (one, two) = (served_by(&both, "pool-1"), served_by(&both, "pool-2"));
+    assert!(
+        (one == 5 && two > 5) || (two == 5 && one > 5),
+        "exactly one of the two ejected after 5 errors: {both}"
+    );
+    assert_eq!(ejections("enforced")?, 3.0);
+    assert!(ejections("overflow")? >= 1.0);
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_outlier_ejected",
+            &[r#"virtual_node="app/pool""#]
+        )?,
+        1.0
+    );
+    assert!(
+        !agent.process.stderr().contains("panicked"),
+        "{}",
+        agent.process.stderr()
+    );
+    drop(agent);
+    drop(servers);
+    Ok(())
+}
+
+/// The server's own `logging.accessLog` gets a line for each request it receives, written by
+/// the agent that delivers it: from a pod of its node, and from another node through the
+/// tunnel; the request metrics count it with `reporter="destination"`.
+#[test]
+fn the_receiving_agent_logs_what_the_server_receives_from_its_node_and_another()
+-> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-received")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let client = node1.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let near = node1.add_pod(&PodSpec::new("near", "app").label("app", "near"))?;
+    let far = node2.add_pod(&PodSpec::new("far", "app").label("app", "far"))?;
+    let mut servers = Vec::new();
+    for (pod, address) in [(&near, "10.96.4.1"), (&far, "10.96.4.2")] {
+        let name = pod.name().to_owned();
+        tb.dns_record(
+            &format!("{name}.app.svc.cluster.local"),
+            &[address.parse()?],
+        )?;
+        tb.dns_record(&format!("{name}-pods.app.svc.cluster.local"), &pod.ips())?;
+        let server = tb.spawn(
+            &format!("server-{name}"),
+            pod.command(HTTP_BIN).args([
+                "serve",
+                "--listen",
+                "0.0.0.0:8080,[::]:8080",
+                "--name",
+                &name,
+            ]),
+        )?;
+        server.wait_listening(8080, Duration::from_secs(20))?;
+        servers.push(server);
+    }
+    let certs = tb.temp_dir().join("certs");
+    let c = certs.display();
+    let server_node = |name: &str| {
+        format!(
+            r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: {name}, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: {name}}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/{name}.pem, privateKey: {c}/{name}-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+  serviceDiscovery: {{dns: {{hostname: {name}-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+  logging:
+    accessLog:
+      file:
+        path: received.log
+        format:
+          json:
+            - {{key: path, value: "%REQ(:PATH)%"}}
+            - {{key: code, value: "%RESPONSE_CODE%"}}
+            - {{key: reporter, value: "%STRAIT_REPORTER%"}}
+            - {{key: cluster, value: "%UPSTREAM_CLUSTER%"}}
+            - {{key: bytes_sent, value: "%BYTES_SENT%"}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: {name}, namespace: app}}
+spec:
+  awsName: {name}.app.svc.cluster.local
+  provider: {{virtualNode: {{virtualNodeRef: {{name: {name}}}}}}}
+"#
+        )
+    };
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends:
+    - virtualService: {{virtualServiceRef: {{name: near}}}}
+    - virtualService: {{virtualServiceRef: {{name: far}}}}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/client-a.pem, privateKey: {c}/client-a-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+{}{}"#,
+        server_node("near"),
+        server_node("far"),
+    );
+    let ca = tb.temp_dir().join("ca");
+    let mut meshes = Vec::new();
+    let mut log_dirs = Vec::new();
+    for node in ["node1", "node2"] {
+        let dir = tb.temp_dir().join(format!("{node}-mesh"));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, &mesh)?;
+        meshes.push(path);
+        log_dirs.push(tb.temp_dir().join(format!("{node}-logs")));
+    }
+    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    let (mesh1, ca_dir) = (meshes[0].display().to_string(), ca.display().to_string());
+    strait_ok(
+        &node1,
+        &["ca", "issue", "--mesh", &mesh1, "--ca-dir", &ca_dir],
+    )?;
+    node1.write_workload(&client)?;
+    node1.write_workload(&near)?;
+    node2.write_workload(&far)?;
+    let start = |node: &Node, other: &Node, mesh: &PathBuf, logs: &PathBuf| {
+        let mut args = peer_args(other);
+        args.extend(["--access-log-dir".into(), logs.display().to_string()]);
+        Agent::start(
+            &tb,
+            node,
+            mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1, &node2, &meshes[0], &log_dirs[0])?;
+    let agent2 = start(&node2, &node1, &meshes[1], &log_dirs[1])?;
+    for pod in ["app/client-a", "app/near"] {
+        agent1.wait_enrolled(pod, true, Duration::from_secs(20))?;
+    }
+    agent2.wait_enrolled("app/far", true, Duration::from_secs(20))?;
+
+    for name in ["near", "far"] {
+        let urls: Vec<String> = (0..3)
+            .map(|i| format!("http://{name}.app.svc.cluster.local:8080/{name}{i}"))
+            .collect();
+        let replies = curl(&client, &[], &urls)?;
+        assert_eq!(statuses(&replies, 200), 3, "{name}: {replies:?}");
+    }
+    // near: written by node1's agent (same node); far: by node2's (through the tunnel).
+    for (name, agent, dir) in [
+        ("near", &agent1, &log_dirs[0]),
+        ("far", &agent2, &log_dirs[1]),
+    ] {
+        let lines = access_log_lines(&dir.join("received.log"), 3)?;
+        assert_eq!(lines.len(), 3, "{name}: {lines:?}");
+        for (i, line) in lines.iter().enumerate() {
+            assert_eq!(line["path"], format!("/{name}{i}"), "{lines:?}");
+            assert_eq!(line["code"], 200, "{lines:?}");
+            assert_eq!(line["reporter"], "destination", "{lines:?}");
+            assert_eq!(line["cluster"], format!("app/{name}"), "{lines:?}");
+            assert!(line["bytes_sent"].as_u64() > Some(0), "{lines:?}");
+        }
+        assert_eq!(
+            metric(
+                agent,
+                "strait_requests_total",
+                &[
+                    r#"reporter="destination""#,
+                    &format!(r#"target_virtual_node="app/{name}""#),
+                    r#"source_virtual_node="app/client-a""#,
+                    r#"response_code_class="2xx""#,
+                ]
+            )?,
+            3.0,
+            "{name}"
+        );
+    }
+    // The caller's agent counted them too, as the source.
+    assert_eq!(
+        metric(
+            &agent1,
+            "strait_requests_total",
+            &[
+                r#"reporter="source""#,
+                r#"source_virtual_node="app/client-a""#
+            ]
+        )?,
+        6.0
+    );
+    drop((agent1, agent2, servers));
+    Ok(())
+}
+
+/// A virtual router's `tcpRoute.timeout.idle` closes an idle connection at the calling side.
+#[test]
+fn a_tcp_routes_idle_timeout_closes_an_idle_connection() -> anyhow::Result<()> {
+    let tb = Testbed::new("resilience-route-idle")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let server = node.add_pod(&PodSpec::new("echo", "app").label("app", "echo"))?;
+    tb.dns_record("echo.app.svc.cluster.local", &["10.96.5.1".parse()?])?;
+    tb.dns_record("echo-pods.app.svc.cluster.local", &server.ips())?;
+    let listen = format!("0.0.0.0:{TCP_PORT},[::]:{TCP_PORT}");
+    let process = tb.spawn(
+        "server-echo",
+        server
+            .command(peer_binary()?)
+            .args(["serve", "--listen", &listen, "--name", "echo-idle"]),
+    )?;
+    process.wait_listening(TCP_PORT, Duration::from_secs(20))?;
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends: [{{virtualService: {{virtualServiceRef: {{name: echo}}}}}}]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: echo, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: echo}}}}
+  listeners: [{{portMapping: {{port: {TCP_PORT}, protocol: tcp}}}}]
+  serviceDiscovery: {{dns: {{hostname: echo-pods.app.svc.cluster.local}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: echo, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: {TCP_PORT}, protocol: tcp}}}}]
+  routes:
+    - name: echo-route
+      tcpRoute:
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: echo}}, weight: 1}}]}}
+        timeout: {{idle: {{unit: ms, value: 1500}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: echo, namespace: app}}
+spec:
+  awsName: echo.app.svc.cluster.local
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: echo}}}}}}
+"#
+    );
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    node.write_workload(&client)?;
+    node.write_workload(&server)?;
+    let agent = Agent::start(&tb, &node, &mesh_path, &[])?;
+    agent.wait_enrolled("app/client-a", true, Duration::from_secs(20))?;
+    agent.wait_enrolled("app/echo", true, Duration::from_secs(20))?;
+    let output = run(
+        client.command("python3").args([
+            "-c",
+            IDLE_PROBE,
+            "echo.app.svc.cluster.local",
+            &TCP_PORT.to_string(),
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("the probe printed no JSON: {stdout:?}"))?;
+    assert!(
+        seen["banner"]
+            .as_str()
+            .is_some_and(|b| b.contains("echo-idle")),
+        "{seen}"
+    );
+    assert_eq!(seen["echoes"], 6, "traffic keeps it open: {seen}");
+    assert!(
+        seen["end"] == "closed" || seen["end"] == "reset",
+        "closed when idle: {seen}"
+    );
+    let quiet = seen["quiet_s"].as_f64().unwrap_or(f64::MAX);
+    assert!((1.3..3.5).contains(&quiet), "about 1.5 s: {seen}");
+    drop(agent);
+    drop(process);
     Ok(())
 }

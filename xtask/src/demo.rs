@@ -3,9 +3,10 @@
 //! Builds everything, starts a one-node testbed (a front pod, two HTTP color servers behind the
 //! `color` virtual service, a TCP echo server behind `echo`, and a pod outside the mesh), runs
 //! the agent on examples/demo/mesh.yaml, drives traffic (a 90/10 HTTP canary, a header match,
-//! HTTP/2 over IPv6, TCP at L4, the egress filter), prints what happened, and tears everything
-//! down. Then mutual TLS across two more nodes (`demo/mtls.rs`) and ingress through a
-//! VirtualGateway (`demo/ingress.rs`).
+//! HTTP/2 over IPv6, TCP at L4, the egress filter), prints what happened, then mutual TLS
+//! between two more nodes ([`mtls`]), ingress through a VirtualGateway ([`ingress`]) and
+//! resilience on another node (a spike rate limited, a failing canary ejected: [`resilience`]),
+//! and tears everything down.
 //! Ctrl-C tears down too.
 
 use std::net::IpAddr;
@@ -20,6 +21,7 @@ use crate::{ebpf, setup, workspace_root};
 
 mod ingress;
 mod mtls;
+mod resilience;
 
 const SERVICE: &str = "color.demo.svc.cluster.local";
 const ECHO: &str = "echo.demo.svc.cluster.local";
@@ -266,6 +268,7 @@ pub fn run_demo() -> Result<()> {
 
     mtls::section(&tb)?;
     ingress::section(&tb)?;
+    resilience::section(&tb)?;
 
     say("Stopping the agent and tearing the testbed down.");
     agent.stop()?;

@@ -162,6 +162,11 @@ fn parse_counts(text: &str) -> Snapshot {
         let Some((name, labels, value)) = parse_line(line) else {
             continue;
         };
+        // The caller's agent counts each request once; the receiving agent's count of the same
+        // request (`reporter="destination"`) would double the edge.
+        if labels.get("reporter").is_some_and(|r| *r != "source") {
+            continue;
+        }
         let key = || -> EdgeKey {
             let get = |k: &str| labels.get(k).copied().unwrap_or_default().to_owned();
             (

@@ -51,8 +51,12 @@ use super::http::{BoxFuture, headers};
 use super::upstream::{LocalPod, Stream};
 use crate::identity::policy::Policy;
 use crate::mesh::{
-    CircuitBreaker, ConnectionPool, MeshConfig, Protocol, RateLimit, RateLimitCaller, ResourceId,
+    CircuitBreaker, ConnectionPool, ListenerTimeout, MeshConfig, Protocol, RateLimit,
+    RateLimitCaller, ResourceId, TcpTimeout,
 };
+use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::request::Record;
 
 /// Per-caller buckets kept per listener before full (forgettable) ones are dropped.
 const MAX_CALLER_BUCKETS: usize = 10_000;
@@ -74,6 +78,10 @@ pub struct ListenerLimits {
     pub protocol: Protocol,
     pub pool: Option<ConnectionPool>,
     pub rate: Option<RateLimit>,
+    /// The virtual node has `logging.accessLog`: its http, http2 and grpc listeners are served
+    /// request by request at the receiving side, for the destination's access log lines and
+    /// request metrics (`reporter="destination"`).
+    pub logged: bool,
 }
 
 /// Every listener with a `connectionPool` or a `rateLimit`, and every backend's
@@ -83,12 +91,16 @@ pub struct Limits {
     listeners: BTreeMap<(ResourceId, u16), Arc<ListenerLimits>>,
     /// (calling virtual node, backend virtual service) -> its circuit breaker.
     breakers: BTreeMap<(ResourceId, ResourceId), CircuitBreaker>,
+    /// tcp listeners' `timeout.tcp.idle` (not 0), applied where the pod's stream is
+    /// delivered ([`super::idle`]).
+    tcp_idle: BTreeMap<(ResourceId, u16), Duration>,
 }
 
 impl Limits {
     pub fn compile(mesh: &MeshConfig) -> Limits {
         let mut listeners = BTreeMap::new();
         let mut breakers = BTreeMap::new();
+        let mut tcp_idle = BTreeMap::new();
         for vn in &mesh.virtual_nodes {
             // A backend's own circuitBreaker, else backendDefaults' (as for `tls`).
             let default = vn
@@ -110,7 +122,17 @@ impl Limits {
                 }
             }
             for l in &vn.spec.listeners {
-                if l.connection_pool.is_none() && l.rate_limit.is_none() {
+                if let Some(ListenerTimeout::Tcp(TcpTimeout { idle: Some(idle) })) = &l.timeout
+                    && !idle.as_std().is_zero()
+                {
+                    tcp_idle.insert((vn.id.clone(), l.port_mapping.port), idle.as_std());
+                }
+                let logged = vn
+                    .spec
+                    .logging
+                    .as_ref()
+                    .is_some_and(|l| l.access_log.is_some());
+                if l.connection_pool.is_none() && l.rate_limit.is_none() && !logged {
                     continue;
                 }
                 let port = l.port_mapping.port;
@@ -123,6 +145,7 @@ impl Limits {
                         protocol: l.port_mapping.protocol,
                         pool: l.connection_pool.clone(),
                         rate: l.rate_limit.clone(),
+                        logged,
                     }),
                 );
             }
@@ -131,7 +154,13 @@ impl Limits {
         Limits {
             listeners,
             breakers,
+            tcp_idle,
         }
+    }
+
+    /// The tcp listener's idle timeout, if it has one.
+    pub fn tcp_idle(&self, vn: &ResourceId, port: u16) -> Option<Duration> {
+        self.tcp_idle.get(&(vn.clone(), port)).copied()
     }
 
     /// The circuit breaker of `source`'s backend `service`, if it has one.
@@ -443,6 +472,10 @@ pub struct Admission {
     /// Connections to local pods for gated listeners without `http.maxConnections`.
     pool: Arc<Pool>,
     pub breakers: super::breaker::Breakers,
+    /// Access logs by virtual node (the same as the proxy's), for receiving-side lines.
+    pub access_logs: arc_swap::ArcSwap<BTreeMap<ResourceId, AccessLog>>,
+    /// Per-request telemetry; unset under `--telemetry off`.
+    pub telemetry: std::sync::OnceLock<Arc<Telemetry>>,
 }
 
 impl Default for Admission {
@@ -453,6 +486,8 @@ impl Default for Admission {
             breakers: super::breaker::Breakers::new(metrics.breaker_overflows.clone()),
             metrics,
             pool: Arc::default(),
+            access_logs: arc_swap::ArcSwap::default(),
+            telemetry: std::sync::OnceLock::new(),
         }
     }
 }
@@ -510,11 +545,17 @@ impl Admission {
         let state = self.state(policy, limits);
         let who = Who::resolve(policy, caller);
         if limits.protocol != Protocol::Tcp {
+            let telemetry = self.telemetry.get().cloned();
+            let log = telemetry
+                .as_ref()
+                .and_then(|_| self.access_logs.load().get(vn).cloned());
             return Ok(Admitted::Http(Gate(Arc::new(GateInner {
                 state,
                 who,
                 metrics: self.metrics.clone(),
                 pool: self.pool.clone(),
+                telemetry,
+                log,
             }))));
         }
         if let Some(rate) = &limits.rate
@@ -572,10 +613,21 @@ pub async fn deliver_local(
             .await
             .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))
     };
+    // A tcp listener's idle timeout, at the receiving side as App Mesh applied it.
+    let idle = policy.limits.tcp_idle(&pod.virtual_node, endpoint.port());
+    let stream = |io| {
+        super::received::wrap(
+            admission,
+            &pod.virtual_node,
+            endpoint,
+            None,
+            super::idle::stream(io, idle),
+        )
+    };
     match admitted {
-        Admitted::Plain => Ok(Stream::new(connect().await?)),
+        Admitted::Plain => Ok(stream(connect().await?)),
         Admitted::Tcp(guard) => Ok(Stream::new(Guarded {
-            io: connect().await?,
+            io: stream(connect().await?),
             _guard: guard,
         })),
         Admitted::Http(gate) => {
@@ -635,6 +687,10 @@ struct GateInner {
     who: Who,
     metrics: Metrics,
     pool: Arc<Pool>,
+    /// Receiving-side request telemetry (`reporter="destination"`), None when off.
+    telemetry: Option<Arc<Telemetry>>,
+    /// The listener's virtual node's access log, if it has one.
+    log: Option<AccessLog>,
 }
 
 /// What a request holds of the connection pool while it is in flight.
@@ -703,12 +759,69 @@ impl Gate {
 }
 
 impl GateInner {
+    /// One request, with its receiving-side record (metrics, the server's access log line).
     async fn handle(
+        &self,
+        request: Request<Incoming>,
+        pod: &Arc<LocalPod>,
+        target: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let Some(telemetry) = &self.telemetry else {
+            return self.admit_and_send(request, pod, target).await.0;
+        };
+        let limits = &self.state.limits;
+        let protocol = match request.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        let mut record = Box::new(Record::new(
+            telemetry.clone(),
+            limits.mesh.clone(),
+            self.who.source.clone(),
+            is_grpc(request.headers()),
+            protocol,
+        ));
+        record.reporter = "destination";
+        record.target_virtual_node = limits.virtual_node.to_string();
+        record.upstream_host = Some(target);
+        record.log = self.log.clone();
+        if record.log.is_some() {
+            record.method = request.method().to_string();
+            record.path = request
+                .uri()
+                .path_and_query()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            record.authority = request
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            record.request_headers(request.headers());
+        }
+        let (mut response, flag) = self.admit_and_send(request, pod, target).await;
+        record.flags.extend(flag);
+        record.response(response.status().as_u16(), response.headers());
+        response.body_mut().attach(record);
+        response
+    }
+
+    /// Admits one request under the listener's limits and delivers it to the pod; the answer,
+    /// and the Envoy response flag of a reply made here.
+    async fn admit_and_send(
         &self,
         mut request: Request<Incoming>,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
-    ) -> Response<ResponseBody> {
+    ) -> (Response<ResponseBody>, Option<&'static str>) {
         let limits = &self.state.limits;
         let grpc = is_grpc(request.headers());
         if let Some(rate) = &limits.rate
@@ -718,7 +831,10 @@ impl GateInner {
                 .limited(limits, &self.who, refusal.scope, rate.shadow);
             tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, caller = %self.who.key, scope = refusal.scope, shadow = rate.shadow, "request over the rate limit");
             if !rate.shadow {
-                return rate_limited(grpc, &limits.virtual_node, refusal);
+                return (
+                    rate_limited(grpc, &limits.virtual_node, refusal),
+                    Some("RL"),
+                );
             }
         }
         let permit = match self.permit().await {
@@ -726,7 +842,7 @@ impl GateInner {
             Err(reason) => {
                 self.metrics.overflow(limits, &self.who, reason);
                 tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, caller = %self.who.key, reason, "request over the connection pool refused");
-                return overloaded(grpc, &limits.virtual_node, reason);
+                return (overloaded(grpc, &limits.virtual_node, reason), Some("UO"));
             }
         };
         let proto = match limits.protocol {
@@ -738,11 +854,14 @@ impl GateInner {
         let request = match prepare(request, proto, target) {
             Ok(request) => request,
             Err(error) => {
-                return local(
-                    grpc,
-                    StatusCode::BAD_REQUEST,
-                    &format!("malformed request: {error}"),
-                    None,
+                return (
+                    local(
+                        grpc,
+                        StatusCode::BAD_REQUEST,
+                        &format!("malformed request: {error}"),
+                        None,
+                    ),
+                    Some("DPE"),
                 );
             }
         };
@@ -761,11 +880,14 @@ impl GateInner {
             Ok(sent) => sent,
             Err(error) => {
                 tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, %target, %error, "delivery to the pod failed");
-                return local(
-                    grpc,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("delivery to {} failed: {error}", pod.workload),
-                    None,
+                return (
+                    local(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("delivery to {} failed: {error}", pod.workload),
+                        None,
+                    ),
+                    Some("UF"),
                 );
             }
         };
@@ -785,7 +907,10 @@ impl GateInner {
         }
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, switching);
-        Response::from_parts(parts, ResponseBody::upstream(body, None, None, guards))
+        (
+            Response::from_parts(parts, ResponseBody::upstream(body, None, None, guards)),
+            None,
+        )
     }
 
     /// The connection pool's word on one more request.
@@ -1073,6 +1198,7 @@ mod tests {
             protocol: Protocol::Http,
             pool: None,
             rate: Some(rate),
+            logged: false,
         })
     }
 

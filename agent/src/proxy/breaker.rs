@@ -86,6 +86,47 @@ impl Breakers {
     }
 }
 
+/// One limit of a breaker as `strait status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LimitUse {
+    /// `max_requests`, `max_connections`, `max_pending_requests` or `max_retries`.
+    pub limit: &'static str,
+    pub in_use: u64,
+    pub max: u32,
+}
+
+/// A breaker as `strait status` shows it; `open` names the limits reached now (the next
+/// request, connection or retry overflows: Envoy's `*_open` gauges).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BreakerStatus {
+    pub source_virtual_node: String,
+    pub virtual_service: String,
+    pub target_virtual_node: String,
+    pub limits: Vec<LimitUse>,
+    pub open: Vec<&'static str>,
+}
+
+impl Breakers {
+    /// Every breaker's use now, sorted by caller, service and target.
+    pub fn status(&self) -> Vec<BreakerStatus> {
+        let states = lock(&self.states);
+        let mut out: Vec<BreakerStatus> = states.values().map(|b| b.status()).collect();
+        out.sort_by(|a, b| {
+            (
+                &a.source_virtual_node,
+                &a.virtual_service,
+                &a.target_virtual_node,
+            )
+                .cmp(&(
+                    &b.source_virtual_node,
+                    &b.virtual_service,
+                    &b.target_virtual_node,
+                ))
+        });
+        out
+    }
+}
+
 /// One breaker's live state.
 pub struct Breaker {
     mesh: String,
@@ -137,6 +178,58 @@ impl Breaker {
             labels: (key.0.to_string(), key.1.to_string(), key.2.to_string()),
             config,
             overflows,
+        }
+    }
+
+    fn status(&self) -> BreakerStatus {
+        let held = |semaphore: &Option<Arc<Semaphore>>, max: Option<u32>| {
+            let max = max?;
+            let free = semaphore.as_ref()?.available_permits() as u64;
+            Some(u64::from(max).saturating_sub(free))
+        };
+        let c = &self.config;
+        let limits: Vec<LimitUse> = [
+            (
+                "max_requests",
+                held(&self.requests, c.max_requests),
+                c.max_requests,
+            ),
+            (
+                "max_connections",
+                held(&self.connections, c.max_connections),
+                c.max_connections,
+            ),
+            (
+                "max_pending_requests",
+                Some(u64::from(self.pending.load(Ordering::Acquire))),
+                c.max_pending_requests
+                    .filter(|_| c.max_connections.is_some()),
+            ),
+            (
+                "max_retries",
+                Some(u64::from(self.retries.load(Ordering::Acquire))),
+                c.max_retries,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(limit, in_use, max)| {
+            Some(LimitUse {
+                limit,
+                in_use: in_use?,
+                max: max?,
+            })
+        })
+        .collect();
+        BreakerStatus {
+            source_virtual_node: self.labels.0.clone(),
+            virtual_service: self.labels.1.clone(),
+            target_virtual_node: self.labels.2.clone(),
+            open: limits
+                .iter()
+                .filter(|l| l.in_use >= u64::from(l.max))
+                .map(|l| l.limit)
+                .collect(),
+            limits,
         }
     }
 
@@ -320,5 +413,32 @@ mod tests {
         // The same config again: the same state.
         let b3 = breakers.get("m", &wider, &id("client"), &id("svc"), &id("server"));
         assert!(b3.request().is_err());
+    }
+
+    #[test]
+    fn status_shows_each_limits_use_and_the_ones_reached() {
+        let (breakers, b) = breaker(CircuitBreaker {
+            max_requests: Some(1),
+            max_retries: Some(2),
+            ..CircuitBreaker::default()
+        });
+        let status = |breakers: &Breakers| breakers.status().remove(0);
+        let before = status(&breakers);
+        assert!(before.open.is_empty(), "{before:?}");
+        assert_eq!(
+            before.limits.len(),
+            2,
+            "only the limits configured: {before:?}"
+        );
+        let _permit = b.request().expect("one request fits");
+        let _retry = b.retry().expect("one retry fits");
+        let during = status(&breakers);
+        assert_eq!(during.open, vec!["max_requests"], "{during:?}");
+        assert_eq!(
+            (during.limits[0].in_use, during.limits[1].in_use),
+            (1, 1),
+            "{during:?}"
+        );
+        assert_eq!(during.source_virtual_node, "app/client");
     }
 }

@@ -1140,6 +1140,8 @@ async fn stream(
         Ok(admitted) => admitted,
         Err(refused) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &refused.to_string()),
     };
+    // A tcp listener's idle timeout, applied here at the receiving side (`super::idle`).
+    let idle = policy.limits.tcp_idle(vn, port);
     drop(policy);
     if let admission::Admitted::Http(gate) = admitted {
         transport
@@ -1160,7 +1162,13 @@ async fn stream(
     }
     // Connect before answering, so the caller sees a refused connection as a failure.
     let mut upstream = match pod.connect_loopback(target.ip(), target.port()).await {
-        Ok(s) => s,
+        Ok(s) => super::received::wrap(
+            &transport.admission,
+            vn,
+            target,
+            Some(peer),
+            super::idle::stream(s, idle),
+        ),
         Err(error) => {
             tracing::warn!(target_pod = %pod.workload, %target, %error, "delivery to the pod failed");
             return refuse(

@@ -29,6 +29,7 @@ pub mod body;
 mod fuzz;
 pub mod headers;
 pub mod health;
+pub mod outlier;
 pub mod pool;
 
 use std::convert::Infallible;
@@ -350,6 +351,12 @@ struct Outcome<'a> {
     retries: Vec<&'static str>,
     /// Route timeouts that expired while waiting for response headers.
     timeouts: Vec<&'static str>,
+    /// A retry the policy asked for was not made: the circuit breaker's retry budget
+    /// (`maxRetries`) was spent (Envoy's flag `UO`).
+    retry_overflow: bool,
+    /// The answer is one the policy would have retried, but the attempts were used up
+    /// (Envoy's flag `URX`).
+    retries_exhausted: bool,
 }
 
 /// Envoy's response flag for a failure, as App Mesh's access logs showed it.
@@ -579,6 +586,8 @@ impl<E: Env> Downstream<E> {
             attempts: 0,
             retries: Vec::new(),
             timeouts: Vec::new(),
+            retry_overflow: false,
+            retries_exhausted: false,
         };
         let body = ReplayBody::new(body);
         if let Some(r) = record.as_mut()
@@ -612,12 +621,19 @@ impl<E: Env> Downstream<E> {
                 if let Some(flag) = super::admission::response_flag(upstream.response.headers()) {
                     r.flags.push(flag);
                 }
+                if outcome.retries_exhausted {
+                    r.flags.push("URX");
+                }
             } else if let Err(failure) = &result {
                 r.flags.push(failure_flag(failure));
                 if !r.retries.is_empty() {
                     // Envoy: the upstream retry limit was exceeded.
                     r.flags.push("URX");
                 }
+            }
+            if outcome.retry_overflow {
+                // Envoy: a retry refused by the circuit breaker is an upstream overflow.
+                r.flags.push("UO");
             }
         }
         let response = match result {
@@ -720,6 +736,14 @@ impl<E: Env> Downstream<E> {
             None => None,
         };
         let mut retry_guard = None;
+        // The target listener's outlierDetection judges every attempt's answer.
+        let outliers = table.outliers.get(&(node.clone(), target.target.port));
+        let judge = |state: &balance::EndpointState, server_error: bool| {
+            if let Some(policy) = outliers {
+                http.endpoints
+                    .observe(&table.mesh, node, &addrs, state, policy, server_error);
+            }
+        };
         for attempt in 1..=attempts {
             let retries_left = attempt < attempts;
             let Some(attempt_body) = body.replay() else {
@@ -733,7 +757,7 @@ impl<E: Env> Downstream<E> {
             tried.push(endpoint);
             outcome.attempts = attempt;
             outcome.endpoint = Some(endpoint);
-            let in_flight = InFlight::new(state);
+            let in_flight = InFlight::new(state.clone());
             let request = build_request(parts, authority, path_and_query, proto, attempt_body)
                 .map_err(|e| Failure::BadRequest(e.to_string()))?;
             let now = Instant::now();
@@ -772,6 +796,7 @@ impl<E: Env> Downstream<E> {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {
                     Ok(result) => result,
                     Err(_) => {
+                        judge(&state, true);
                         let overall = deadline.is_some_and(|d| Instant::now() >= d);
                         outcome.timeouts.push(if overall || Some(at) == deadline {
                             "per_request"
@@ -787,7 +812,11 @@ impl<E: Env> Downstream<E> {
                             && retries_left
                             && (policy.server_error || policy.gateway_error)
                             && body.replayable()
-                            && retry_budget(breaker.as_deref(), &mut retry_guard)
+                            && retry_budget(
+                                breaker.as_deref(),
+                                &mut retry_guard,
+                                &mut outcome.retry_overflow,
+                            )
                         {
                             outcome.retries.push("per_try_timeout");
                             backoff(attempt, deadline).await;
@@ -805,6 +834,7 @@ impl<E: Env> Downstream<E> {
                     )));
                 }
                 Err(error) => {
+                    judge(&state, true);
                     let (retry, reason) = if error.is_connect() {
                         (policy.connect_failure, "connect_failure")
                     } else if error.is_refused_stream() {
@@ -821,7 +851,11 @@ impl<E: Env> Downstream<E> {
                     if retry
                         && retries_left
                         && body.replayable()
-                        && retry_budget(breaker.as_deref(), &mut retry_guard)
+                        && retry_budget(
+                            breaker.as_deref(),
+                            &mut retry_guard,
+                            &mut outcome.retry_overflow,
+                        )
                     {
                         outcome.retries.push(reason);
                         backoff(attempt, deadline).await;
@@ -835,6 +869,10 @@ impl<E: Env> Downstream<E> {
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse().ok());
+                    judge(
+                        &state,
+                        outlier::server_error_status(response.status().as_u16(), grpc_status),
+                    );
                     // A destination agent's connectionPool or rateLimit refusal is not retried
                     // (Envoy does not retry `x-envoy-overloaded` either).
                     if retries_left
@@ -842,7 +880,11 @@ impl<E: Env> Downstream<E> {
                         && policy.retries_status(response.status().as_u16(), grpc_status)
                         && body.replayable()
                         && deadline.is_none_or(|d| Instant::now() < d)
-                        && retry_budget(breaker.as_deref(), &mut retry_guard)
+                        && retry_budget(
+                            breaker.as_deref(),
+                            &mut retry_guard,
+                            &mut outcome.retry_overflow,
+                        )
                     {
                         tracing::debug!(%endpoint, status = %response.status(), attempt, "retrying on the response status");
                         drop(response);
@@ -850,6 +892,10 @@ impl<E: Env> Downstream<E> {
                         backoff(attempt, deadline).await;
                         continue;
                     }
+                    outcome.retries_exhausted = !retries_left
+                        && attempts > 1
+                        && super::admission::response_flag(response.headers()).is_none()
+                        && policy.retries_status(response.status().as_u16(), grpc_status);
                     let mut guards: Vec<Guard> = vec![Box::new(in_flight)];
                     guards.extend(pool_guard);
                     guards.extend(slot.map(|p| Box::new(p) as Guard));
@@ -868,12 +914,17 @@ impl<E: Env> Downstream<E> {
 
 /// Whether the breaker's retry budget (`maxRetries`, retries in flight at once) allows one
 /// more retry; the guard of this request's previous retry is given back first.
-fn retry_budget(breaker: Option<&Breaker>, guard: &mut Option<RetryGuard>) -> bool {
+fn retry_budget(
+    breaker: Option<&Breaker>,
+    guard: &mut Option<RetryGuard>,
+    overflowed: &mut bool,
+) -> bool {
     let Some(breaker) = breaker else {
         return true;
     };
     *guard = None;
     *guard = breaker.retry();
+    *overflowed |= guard.is_none();
     guard.is_some()
 }
 

@@ -96,8 +96,14 @@ async fn handle(
         _ => {}
     }
     let started = Instant::now();
+    // The listener's tcp idle timeout applies here too (`super::idle`).
+    let idle = transport
+        .policy
+        .load()
+        .limits
+        .tcp_idle(&pod.virtual_node, local.port());
     let mut upstream = match pod.connect_loopback(local.ip(), local.port()).await {
-        Ok(s) => s,
+        Ok(s) => super::idle::stream(s, idle),
         Err(error) => {
             tracing::warn!(workload = %pod.workload, %local, %error, "delivery to the pod failed");
             return;

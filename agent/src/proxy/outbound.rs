@@ -170,7 +170,7 @@ async fn forward(
         virtual_node: &source.virtual_node,
         service: &service.service,
     };
-    let (mut upstream, endpoint) =
+    let (upstream, endpoint) =
         match upstream::connect_target(ctx, &caller, &target, &endpoints).await {
             Ok(connected) => connected,
             Err(error) => {
@@ -180,10 +180,43 @@ async fn forward(
                     virtual_service = %service.service,
                     "{error}; closing the client's connection"
                 );
+                // Envoy's flags: no endpoints (UH), the mesh's backend rule (UAEX), a failed
+                // connect (UF), after several endpoints were tried (URX, max connect attempts).
+                let flags = match &error {
+                    upstream::Error::NoEndpoints(_) => "UH",
+                    upstream::Error::NotABackend { .. } => "UAEX",
+                    upstream::Error::Unreachable { tried, .. } if *tried > 1 => "UF,URX",
+                    upstream::Error::Unreachable { .. } => "UF",
+                };
+                if let Some(log) = ctx
+                    .access_logs
+                    .load()
+                    .get(&source.virtual_node)
+                    .filter(|_| ctx.telemetry.is_some())
+                {
+                    log.log(&access_log::Entry {
+                        start: Some(started_at),
+                        duration: started.elapsed(),
+                        protocol: "TCP",
+                        upstream_cluster: target.virtual_node.to_string(),
+                        downstream_remote: Some(peer),
+                        downstream_local: Some(original.addr),
+                        route_name: route_name(&service.action),
+                        response_flags: flags.into(),
+                        ..access_log::Entry::default()
+                    });
+                }
                 return;
             }
         };
     let _ = client.set_nodelay(true);
+    // A tcpRoute's idle timeout, at the calling side (where App Mesh's caller Envoy had it).
+    let mut upstream: upstream::Stream = match &service.action {
+        Action::Weighted {
+            idle: Some(idle), ..
+        } => upstream::Stream::new(super::idle::IdleTimeout::new(upstream, *idle)),
+        _ => upstream,
+    };
     // `--telemetry off` skips the connection metrics and the access log line.
     let telemetry = ctx.telemetry.is_some();
     let active = telemetry.then(|| {

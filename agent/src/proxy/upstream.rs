@@ -412,13 +412,45 @@ pub async fn connect_target(
     authorize(transport, caller, &target.virtual_node)?;
     let mut tried = 0;
     let mut last = String::new();
-    for ip in endpoints.rotation().take(CONNECT_ATTEMPTS) {
-        let endpoint = SocketAddr::new(ip, target.port);
+    // Endpoints ejected by the listener's outlierDetection are tried last; connect failures
+    // are its server errors (proxy::http::outlier).
+    let table = ctx.table.load();
+    let outliers = table
+        .outliers
+        .get(&(target.virtual_node.clone(), target.port));
+    let order: Vec<SocketAddr> = endpoints
+        .rotation()
+        .map(|ip| SocketAddr::new(ip, target.port))
+        .collect();
+    let registry = &ctx.http.endpoints;
+    let judge = |endpoint: SocketAddr, failed: bool| {
+        if let Some(policy) = outliers {
+            let state = registry.state(&target.virtual_node, endpoint);
+            registry.observe(
+                &table.mesh,
+                &target.virtual_node,
+                &order,
+                &state,
+                policy,
+                failed,
+            );
+        }
+    };
+    let attempts = if outliers.is_some() {
+        registry.connect_order(&target.virtual_node, order.clone())
+    } else {
+        order.clone()
+    };
+    for endpoint in attempts.into_iter().take(CONNECT_ATTEMPTS) {
         tried += 1;
         match dial(transport, caller, &target.virtual_node, endpoint).await {
-            Ok(stream) => return Ok((stream, endpoint)),
+            Ok(stream) => {
+                judge(endpoint, false);
+                return Ok((stream, endpoint));
+            }
             Err(error) => {
                 tracing::warn!(virtual_node = %target.virtual_node, %endpoint, %error, "connect to endpoint failed");
+                judge(endpoint, true);
                 last = error;
             }
         }

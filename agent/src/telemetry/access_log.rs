@@ -11,7 +11,9 @@
 //! `PROTOCOL`, `RESPONSE_CODE`, `RESPONSE_FLAGS`, `GRPC_STATUS`, `BYTES_RECEIVED`, `BYTES_SENT`,
 //! `UPSTREAM_HOST`, `UPSTREAM_CLUSTER`, `DOWNSTREAM_REMOTE_ADDRESS`,
 //! `DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT`, `DOWNSTREAM_LOCAL_ADDRESS`, `ROUTE_NAME`,
-//! `HOSTNAME`, each with an optional `:N` length limit. Anything else renders as `-`.
+//! `HOSTNAME`, each with an optional `:N` length limit, and strait's `STRAIT_REPORTER`
+//! (`source`: written by the calling agent; `destination`: by the agent delivering to the
+//! server, in the server virtual node's log). Anything else renders as `-`.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -57,6 +59,8 @@ pub struct Entry {
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
     pub route_name: String,
+    /// `source` or `destination` (see `RequestLabels::reporter`); empty: `source`.
+    pub reporter: &'static str,
 }
 
 /// A piece of a format string.
@@ -199,6 +203,12 @@ fn value(name: &str, argument: Option<&str>, entry: &Entry) -> Option<String> {
         "DOWNSTREAM_LOCAL_ADDRESS" => entry.downstream_local.map(|a| a.to_string()),
         "ROUTE_NAME" => Some(entry.route_name.clone()).filter(|r| !r.is_empty()),
         "HOSTNAME" => hostname(),
+        // strait's own: which side wrote the line.
+        "STRAIT_REPORTER" => Some(if entry.reporter.is_empty() {
+            "source".to_owned()
+        } else {
+            entry.reporter.to_owned()
+        }),
         _ => None,
     }
 }

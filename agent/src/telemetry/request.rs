@@ -117,6 +117,8 @@ pub struct Record {
     pub path: String,
     pub authority: String,
     ended: bool,
+    /// `source` (the calling agent) or `destination` (the agent delivering to the server).
+    pub reporter: &'static str,
 }
 
 impl Record {
@@ -157,6 +159,7 @@ impl Record {
             path: String::new(),
             authority: String::new(),
             ended: false,
+            reporter: "source",
         }
     }
 
@@ -285,6 +288,7 @@ impl Record {
                 } else {
                     self.gateway_route.clone()
                 },
+                reporter: self.reporter,
             });
         }
         if self.recorded_span()
@@ -311,6 +315,7 @@ impl Record {
             target_virtual_node: std::mem::take(&mut self.target_virtual_node),
             route: std::mem::take(&mut self.route),
             response_code_class: class,
+            reporter: self.reporter,
         };
         metrics
             .request_duration

@@ -6,7 +6,8 @@
 //!   buffered); `/ws...` with a WebSocket upgrade echoes WebSocket messages; anything else
 //!   answers a JSON description of the request as the server saw it (name, method, path,
 //!   version, headers). Query parameters change any answer: `delay_ms=N` waits first,
-//!   `fail=P` answers 503 with probability P percent.
+//!   `fail=P` answers 503 with probability P percent, `fail_on=NAME[,NAME...]` answers 500 from
+//!   the servers named.
 //! - `strait-http load URL --count N [--concurrency C] [--http2] [-H 'name: value']`: N GETs
 //!   over C keep-alive connections (HTTP/1.1: one request at a time per connection; HTTP/2:
 //!   one connection, C streams), then one JSON report: counts by status and by `x-server`,
@@ -342,6 +343,12 @@ async fn handle(
     {
         let mut r = Response::new(full("injected failure\n"));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    } else if query_param(&query, "fail_on")
+        .is_some_and(|names| names.split(',').any(|n| n == &*name))
+    {
+        let mut r = Response::new(full("injected server error\n"));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         r
     } else {
         let path = req.uri().path().to_owned();

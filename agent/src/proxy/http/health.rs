@@ -72,6 +72,8 @@ pub fn spawn(ctx: Arc<Context>) {
                 _ = ctx.shutdown.cancelled() => return,
                 _ = poll.tick() => {}
             }
+            // Outlier ejections whose time is up (they take traffic again already).
+            ctx.http.endpoints.sweep();
             let table = ctx.table.load_full();
             if last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &table)) {
                 continue;
