@@ -42,7 +42,7 @@ use crate::mesh::{
 };
 use crate::netns;
 use crate::proxy::admission::bucket::TokenBucket;
-use crate::proxy::http::Ingress;
+use crate::proxy::http::{EdgeReply, Ingress};
 use crate::proxy::outbound::Source;
 use crate::proxy::{self, Context, Drain};
 use crate::routing::{ServicePort, Table};
@@ -533,12 +533,12 @@ impl Ingress for Edge {
         &self,
         table: &Table,
         parts: &mut Parts,
-    ) -> Result<(Arc<ServicePort>, String), (StatusCode, String)> {
+    ) -> Result<(Arc<ServicePort>, String), EdgeReply> {
         let gateways = self.table.load();
         let Some(routes): Option<&Arc<ListenerRoutes>> =
             gateways.listeners.get(&(self.gateway.clone(), self.port))
         else {
-            return Err((
+            return Err(EdgeReply::Refused(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "virtual gateway {} no longer has a listener on port {}",
@@ -546,16 +546,19 @@ impl Ingress for Edge {
                 ),
             ));
         };
+        // The load balancer's check is answered before the rate limit: a busy gateway is not
+        // an unhealthy one.
+        if routes.is_health_check(parts) {
+            return Err(EdgeReply::Healthy);
+        }
         if let Err(wait) = self.limits.admit(&self.gateway, self.port) {
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "virtual gateway {} port {}: rate limited (rateLimit; a token is back in {} ms)",
-                    self.gateway,
-                    self.port,
-                    wait.as_millis().max(1)
+            return Err(EdgeReply::RateLimited {
+                message: format!(
+                    "virtual gateway {} port {}: rate limited (rateLimit)",
+                    self.gateway, self.port
                 ),
-            ));
+                wait,
+            });
         }
         edge_headers(parts, self.tls);
         let routed = routes.route(table, parts)?;

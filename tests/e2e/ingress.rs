@@ -295,6 +295,28 @@ fn every_gateway_route_match_kind_selects_and_its_negative_does_not() -> anyhow:
         limited >= 3 && statuses.iter().all(|s| *s == 200 || *s == 429),
         "rate limit on 9088: {statuses:?}"
     );
+    // A refusal says when to come back, as the listeners' rate limits do.
+    let reply = curl(&bed.lb, &["--include", &bed.url(9088, "/port/a")])?;
+    let head = reply.body.to_ascii_lowercase();
+    ensure!(
+        reply.status == 429
+            && head.contains("retry-after: ")
+            && head.contains("x-envoy-ratelimited: true"),
+        "a rate-limited request at the gateway: {} {}",
+        reply.status,
+        reply.body
+    );
+    // The listeners' healthCheck is answered by the agent, on the limited listener too (a busy
+    // gateway is not an unhealthy one).
+    for port in [8088, 9088] {
+        let reply = curl(&bed.lb, &[&bed.url(port, "/healthz")])?;
+        ensure!(
+            reply.status == 200 && reply.body.contains("healthy"),
+            "health check on {port}: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
     // the target's port
     bed.expect("green-8081", "/alt", &[])?;
     // ordering: the longest prefix without priority; a lower priority number over a longer prefix

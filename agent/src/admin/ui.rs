@@ -68,6 +68,10 @@ pub struct Node {
     /// `strait_endpoints_ejected`); absent when none are.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ejected: Option<u64>,
+    /// A target virtual node whose circuit breaker (`clientPolicy.circuitBreaker`) is open for
+    /// some caller now: the limits reached (`maxRequests`, ...); absent when none is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_open: Option<Vec<String>>,
 }
 
 /// `/ui/graph.json`.
@@ -93,7 +97,8 @@ pub fn graph_json(state: &State) -> Value {
     };
     let config = state.config.load();
     let workloads = state.workloads.load();
-    let (nodes, edges) = build(
+    let resilience = (state.resilience)();
+    let (mut nodes, edges) = build(
         &config.mesh,
         &workloads,
         &parse_ejected(&text),
@@ -102,6 +107,7 @@ pub fn graph_json(state: &State) -> Value {
             .as_ref()
             .map(|(at, s)| (now.duration_since(*at).as_secs_f64(), s)),
     );
+    mark_open_breakers(&mut nodes, &resilience);
     let pods: Vec<Value> = workloads
         .iter()
         .map(|w| {
@@ -123,7 +129,36 @@ pub fn graph_json(state: &State) -> Value {
         "nodes": nodes,
         "edges": edges,
         "pods": pods,
+        "resilience": resilience,
     })
+}
+
+/// Marks the target virtual nodes of the open breakers in `/status/resilience`'s answer.
+fn mark_open_breakers(nodes: &mut [Node], resilience: &Value) {
+    let open = resilience["open_breakers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for breaker in &open {
+        let Some(target) = breaker["target_virtual_node"].as_str() else {
+            continue;
+        };
+        let limits = breaker["open"].as_array().into_iter().flatten();
+        let limits: Vec<String> = limits
+            .filter_map(|l| l.as_str().map(str::to_owned))
+            .collect();
+        for node in nodes
+            .iter_mut()
+            .filter(|n| n.kind == "virtual_node" && n.label == target)
+        {
+            let marked = node.breaker_open.get_or_insert_with(Vec::new);
+            for limit in &limits {
+                if !marked.contains(limit) {
+                    marked.push(limit.clone());
+                }
+            }
+        }
+    }
 }
 
 /// Labels of one sample line of the text format.
@@ -139,11 +174,12 @@ fn parse_line(line: &str) -> Option<(&str, BTreeMap<&str, &str>, f64)> {
     Some((name, map, value.trim().parse().ok()?))
 }
 
-/// `strait_endpoints_ejected` by virtual node.
+/// Endpoints out of load balancing by virtual node: failing health checks
+/// (`strait_endpoints_ejected`) or ejected by outlier detection (`strait_outlier_ejected`).
 fn parse_ejected(text: &str) -> BTreeMap<String, u64> {
     let mut ejected = BTreeMap::new();
     for (name, labels, value) in text.lines().filter_map(parse_line) {
-        if name == "strait_endpoints_ejected"
+        if (name == "strait_endpoints_ejected" || name == "strait_outlier_ejected")
             && let Some(vn) = labels.get("virtual_node")
         {
             *ejected.entry((*vn).to_owned()).or_default() += value.max(0.0) as u64;
@@ -323,6 +359,7 @@ fn build(
                 kind,
                 label,
                 ejected,
+                breaker_open: None,
             });
         }
     };
@@ -479,5 +516,47 @@ mod tests {
         assert_eq!(rps, Some(15.0));
         assert_eq!(err, Some(10.0 / 30.0));
         assert_eq!(live(&now, None, |_| true), (None, None, None));
+    }
+
+    #[test]
+    fn the_receiving_agents_counts_are_not_added_to_the_edge() {
+        let text = "strait_requests_total{mesh=\"m\",source_virtual_node=\"a/c\",target_virtual_service=\"a/s\",target_virtual_node=\"a/v1\",route=\"r\",response_code_class=\"2xx\",reporter=\"source\"} 30\n\
+                    strait_requests_total{mesh=\"m\",source_virtual_node=\"a/c\",target_virtual_service=\"a/s\",target_virtual_node=\"a/v1\",route=\"r\",response_code_class=\"2xx\",reporter=\"destination\"} 30\n";
+        let counts = parse_counts(text);
+        let total: f64 = counts.values().map(|c| c.requests).sum();
+        assert_eq!(total, 30.0);
+    }
+
+    #[test]
+    fn outlier_ejections_and_open_breakers_mark_their_virtual_node() {
+        let text = "strait_endpoints_ejected{mesh=\"m\",virtual_node=\"a/v1\"} 1\n\
+                    strait_outlier_ejected{mesh=\"m\",virtual_node=\"a/v1\"} 2\n\
+                    strait_outlier_ejected{mesh=\"m\",virtual_node=\"a/v2\"} 0\n";
+        let ejected = parse_ejected(text);
+        assert_eq!(ejected.get("a/v1"), Some(&3));
+        assert_eq!(ejected.get("a/v2"), Some(&0));
+        let node = |label: &str| Node {
+            id: format!("vn:{label}"),
+            kind: "virtual_node",
+            label: label.into(),
+            ejected: None,
+            breaker_open: None,
+        };
+        let mut nodes = vec![node("a/v1"), node("a/v2")];
+        let resilience = serde_json::json!({"open_breakers": [
+            {"source_virtual_node": "a/c", "virtual_service": "a/s", "target_virtual_node": "a/v2",
+             "open": ["maxRequests"]},
+            {"source_virtual_node": "a/d", "virtual_service": "a/s", "target_virtual_node": "a/v2",
+             "open": ["maxRequests", "maxPendingRequests"]},
+        ]});
+        mark_open_breakers(&mut nodes, &resilience);
+        assert_eq!(nodes[0].breaker_open, None);
+        assert_eq!(
+            nodes[1].breaker_open,
+            Some(vec![
+                "maxRequests".to_owned(),
+                "maxPendingRequests".to_owned()
+            ])
+        );
     }
 }

@@ -1125,13 +1125,22 @@ fn overloaded(grpc: bool, vn: &ResourceId, reason: &str) -> Response<ResponseBod
 
 /// 429 with `retry-after` and `x-envoy-ratelimited` (gRPC: RESOURCE_EXHAUSTED).
 fn rate_limited(grpc: bool, vn: &ResourceId, refusal: Refusal) -> Response<ResponseBody> {
-    let mut response = local(
+    rate_limited_reply(
         grpc,
-        StatusCode::TOO_MANY_REQUESTS,
         &format!("virtual node {vn}: rate limited ({})", refusal.scope),
-        Some(8),
-    );
-    let seconds = refusal.wait.as_secs() + u64::from(refusal.wait.subsec_nanos() > 0);
+        refusal.wait,
+    )
+}
+
+/// A rate limit's refusal: 429 with `retry-after` (whole seconds until a token is back, at
+/// least 1) and `x-envoy-ratelimited` (gRPC: RESOURCE_EXHAUSTED). Listeners and gateways.
+pub(crate) fn rate_limited_reply(
+    grpc: bool,
+    message: &str,
+    wait: Duration,
+) -> Response<ResponseBody> {
+    let mut response = local(grpc, StatusCode::TOO_MANY_REQUESTS, message, Some(8));
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let headers = response.headers_mut();
     headers.insert(RATE_LIMITED, HeaderValue::from_static("true"));
     headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));

@@ -215,12 +215,30 @@ pub async fn serve<E: Env, I>(
 /// outbound connection is to one virtual service, a gateway's requests each name theirs.
 pub trait Ingress: Send + Sync + 'static {
     /// Matches the request (rewriting it as its route says) and returns the virtual service
-    /// port it goes to and the route's name; or the status and message the client gets.
+    /// port it goes to and the route's name; or what the edge answers itself.
     fn route(
         &self,
         table: &Table,
         parts: &mut Parts,
-    ) -> Result<(Arc<ServicePort>, String), (StatusCode, String)>;
+    ) -> Result<(Arc<ServicePort>, String), EdgeReply>;
+}
+
+/// A gateway listener's own answer to a request it does not forward.
+#[derive(Debug)]
+pub enum EdgeReply {
+    /// No route, a malformed request, a listener gone: the status and message (flag `NR`).
+    Refused(StatusCode, String),
+    /// The listener's `rateLimit`: 429 with `retry-after` and `x-envoy-ratelimited` (gRPC:
+    /// RESOURCE_EXHAUSTED), flag `RL`.
+    RateLimited { message: String, wait: Duration },
+    /// The listener's own health check, answered while it serves.
+    Healthy,
+}
+
+impl From<(StatusCode, String)> for EdgeReply {
+    fn from((status, message): (StatusCode, String)) -> Self {
+        EdgeReply::Refused(status, message)
+    }
 }
 
 /// Serves HTTP on a gateway listener's connection as [`serve`] does, each request sent to the
@@ -441,9 +459,19 @@ impl<E: Env> Downstream<E> {
                         }
                         service
                     }
-                    Err((status, message)) => {
+                    Err(EdgeReply::Refused(status, message)) => {
                         flag(&mut record, "NR");
                         return local(grpc, status, &message);
+                    }
+                    Err(EdgeReply::RateLimited { message, wait }) => {
+                        flag(&mut record, "RL");
+                        return super::admission::rate_limited_reply(grpc, &message, wait);
+                    }
+                    Err(EdgeReply::Healthy) => {
+                        if let Some(r) = record.as_mut() {
+                            r.discarded = true;
+                        }
+                        return local(grpc, StatusCode::OK, "healthy");
                     }
                 }
             }

@@ -119,6 +119,8 @@ pub struct Record {
     ended: bool,
     /// `source` (the calling agent) or `destination` (the agent delivering to the server).
     pub reporter: &'static str,
+    /// Not a request of the mesh (a gateway listener's health check): nothing is recorded.
+    pub discarded: bool,
 }
 
 impl Record {
@@ -160,6 +162,7 @@ impl Record {
             authority: String::new(),
             ended: false,
             reporter: "source",
+            discarded: false,
         }
     }
 
@@ -245,6 +248,9 @@ impl Record {
     }
 
     fn finish(&mut self) {
+        if self.discarded {
+            return;
+        }
         let duration = self.started.elapsed();
         if !self.ended {
             // The client went away before the response's end (Envoy: downstream connection
