@@ -3,7 +3,9 @@
 //! node, scraping the agent's admin port every second, while pods send a known traffic mix (a
 //! 90/10 canary, a route whose only endpoint refuses connections and is health-checked, a route
 //! whose requests time out, TLS clients that
-//! name no server at the node's tunnel port, TCP connections held open). Then every PromQL expression
+//! name no server at the node's tunnel port, TCP connections held open, and for the resilience
+//! row a listener's rate limit, a connection pool and a caller's circuit breaker overflowing,
+//! and the dead endpoint ejected by outlier detection again each time it comes back). Then every PromQL expression
 //! of the dashboard and of the rules is evaluated through Prometheus' HTTP API and must return
 //! what the traffic implies; a query that returns nothing fails the test. `promtool check
 //! metrics` on the agent's /metrics and `promtool check rules` on the shipped rules must pass.
@@ -26,6 +28,8 @@ const COLOR: &str = "color.app.svc.cluster.local";
 const COLOR_V4: &str = "10.96.0.40";
 const ECHO: &str = "echo.app.svc.cluster.local";
 const ECHO_V4: &str = "10.96.0.41";
+const LIMITED: &str = "limited.app.svc.cluster.local";
+const LIMITED_V4: &str = "10.96.0.42";
 /// TCP connections held open through the echo virtual service while the dashboard is read.
 const HELD: u32 = 3;
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -56,6 +60,36 @@ spec:
   backends:
     - virtualService: {{virtualServiceRef: {{name: color}}}}
     - virtualService: {{virtualServiceRef: {{name: echo}}}}
+    - virtualService: {{virtualServiceRef: {{name: limited}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client2, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client2}}}}
+  backends:
+    - virtualService:
+        virtualServiceRef: {{name: limited}}
+        clientPolicy: {{circuitBreaker: {{maxRequests: 1}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: limited, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: limited}}}}
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+      rateLimit: {{requestsPerSecond: 2, burst: 2}}
+    - portMapping: {{port: 8081, protocol: http}}
+      connectionPool: {{http: {{maxConnections: 1, maxPendingRequests: 1}}}}
+  serviceDiscovery: {{dns: {{hostname: limited-v1.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: limited, namespace: app}}
+spec:
+  awsName: {LIMITED}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: limited}}}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
@@ -115,6 +149,11 @@ spec:
         unhealthyThreshold: 2
         intervalMillis: 5000
         timeoutMillis: 2000
+      outlierDetection:
+        maxServerErrors: 2
+        interval: {{unit: s, value: 10}}
+        baseEjectionDuration: {{unit: s, value: 2}}
+        maxEjectionPercent: 100
   serviceDiscovery: {{dns: {{hostname: dead.app.svc.cluster.local, responseType: ENDPOINTS}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
@@ -171,13 +210,17 @@ fn http_server(tb: &Testbed, pod: &Pod, name: &str) -> anyhow::Result<Process> {
 
 /// `strait-http load` for `TRAFFIC` at `rate` requests per second per worker (two workers).
 fn load(pod: &Pod, path: &str, rate: f64) -> anyhow::Result<Value> {
-    let url = format!("http://{COLOR}:8080{path}");
+    load_url(pod, &format!("http://{COLOR}:8080{path}"), rate, 2)
+}
+
+/// `strait-http load` of `url` for `TRAFFIC` at `rate` requests per second per worker.
+fn load_url(pod: &Pod, url: &str, rate: f64, workers: u32) -> anyhow::Result<Value> {
     let output = run(
         pod.command(HTTP_BIN).args([
             "load",
-            &url,
+            url,
             "--concurrency",
-            "2",
+            &workers.to_string(),
             "--rate",
             &rate.to_string(),
             "--duration-ms",
@@ -348,6 +391,10 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     // names no server (an IP address, so no SNI) at the node's tunnel port.
     let outside = node.add_pod(&PodSpec::new("nothing", "elsewhere"))?;
     let echo = node.add_pod(&PodSpec::new("echo", "app").label("app", "echo"))?;
+    let limited = node.add_pod(&PodSpec::new("limited", "app").label("app", "limited"))?;
+    let client2 = node.add_pod(&PodSpec::new("client2", "app").label("app", "client2"))?;
+    tb.dns_record(LIMITED, &[LIMITED_V4.parse()?])?;
+    tb.dns_record("limited-v1.app.svc.cluster.local", &[limited.ipv4().into()])?;
     tb.dns_record(ECHO, &[ECHO_V4.parse()?])?;
     tb.dns_record("echo-v1.app.svc.cluster.local", &[echo.ipv4().into()])?;
     let _echo_server = echo_server(&tb, &echo, 9000, "echo")?;
@@ -356,8 +403,23 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("slow.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let _servers = [http_server(&tb, &v1, "v1")?, http_server(&tb, &v2, "v2")?];
-    for pod in [&client, &v1, &v2, &echo] {
+    let limited_server = tb.spawn(
+        "http-limited",
+        limited.command(HTTP_BIN).args([
+            "serve",
+            "--listen",
+            "0.0.0.0:8080,[::]:8080,0.0.0.0:8081,[::]:8081",
+            "--name",
+            "limited",
+        ]),
+    )?;
+    limited_server.wait_listening(8081, Duration::from_secs(10))?;
+    let _servers = [
+        http_server(&tb, &v1, "v1")?,
+        http_server(&tb, &v2, "v2")?,
+        limited_server,
+    ];
+    for pod in [&client, &v1, &v2, &echo, &limited, &client2] {
         node.write_workload(pod)?;
     }
     let certs = tb.temp_dir().join("certs");
@@ -377,7 +439,14 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         ],
     )?;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
-    for pod in ["app/client", "app/color-v1", "app/color-v2", "app/echo"] {
+    for pod in [
+        "app/client",
+        "app/color-v1",
+        "app/color-v2",
+        "app/echo",
+        "app/limited",
+        "app/client2",
+    ] {
         agent.wait_enrolled(pod, true, Duration::from_secs(20))?;
     }
 
@@ -452,6 +521,26 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         let canary = s.spawn(|| load(&client, "/color", 15.0));
         let slow = s.spawn(|| load(&client, "/slow?delay_ms=1000", 1.0));
         let dead = s.spawn(|| load(&client, "/dead", 1.0));
+        // The resilience row: 8 a second against a rate limit of 2 (port 8080), four callers
+        // of slow answers against a connection pool of 1 + 1 pending (8081), and three of
+        // them from a caller whose circuit breaker allows 1 request at a time.
+        let limited = s.spawn(|| load_url(&client, &format!("http://{LIMITED}:8080/"), 2.0, 4));
+        let pooled = s.spawn(|| {
+            load_url(
+                &client,
+                &format!("http://{LIMITED}:8081/?delay_ms=300"),
+                2.0,
+                4,
+            )
+        });
+        let broken = s.spawn(|| {
+            load_url(
+                &client2,
+                &format!("http://{LIMITED}:8081/?delay_ms=300"),
+                2.0,
+                3,
+            )
+        });
         let tls = s.spawn(|| -> anyhow::Result<()> {
             for _ in 0..5 {
                 run(
@@ -474,6 +563,16 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         };
         tls.join()
             .map_err(|_| anyhow::anyhow!("the TLS thread panicked"))??;
+        for (what, report, status) in [
+            ("rate limited", join(limited)?, "429"),
+            ("connection pool", join(pooled)?, "503"),
+            ("circuit breaker", join(broken)?, "503"),
+        ] {
+            ensure!(
+                statuses(&report).contains_key(status),
+                "the {what} load got no {status}: {report}"
+            );
+        }
         anyhow::Ok((join(canary)?, join(slow)?, join(dead)?))
     })?;
     let canary_ok = statuses(&canary);
@@ -509,7 +608,12 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     let meshes = label_values(&node, "mesh", "strait_requests_total")?;
     ensure!(meshes == ["dash"], "label_values(mesh): {meshes:?}");
     let services = label_values(&node, "target_virtual_service", "strait_requests_total")?;
-    ensure!(services == ["app/color"], "virtual services: {services:?}");
+    ensure!(
+        services == ["app/color", "app/limited"],
+        "virtual services: {services:?}"
+    );
+    // The per-service panels are read for `color`, as a user picks it in the dashboard.
+    let services = vec!["app/color".to_owned()];
 
     let expected_error_ratio = (slow_count + dead_count) as f64 / total;
     let observed_share = v2_count as f64 / (v1_count + v2_count) as f64;
@@ -669,6 +773,44 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
                     f64::from(HELD),
                     0.0,
                 )?;
+            }
+            "Refused at the receiving side" if expr.contains("rate_limited") => {
+                ensure!(
+                    value_of(&series, "virtual_node", "app/limited")? > 0.0,
+                    "{}",
+                    context()
+                );
+            }
+            "Refused at the receiving side" => {
+                ensure!(
+                    value_of(&series, "virtual_node", "app/limited")? > 0.0,
+                    "{}",
+                    context()
+                );
+            }
+            "Circuit breakers (calling side)" => {
+                ensure!(
+                    value_of(&series, "target_virtual_node", "app/limited")? > 0.0,
+                    "{}",
+                    context()
+                );
+            }
+            "Outlier detection: endpoints ejected" if expr.contains("ejections_total") => {
+                let enforced = series
+                    .iter()
+                    .find(|(l, _)| {
+                        l.get("virtual_node").map(String::as_str) == Some("app/dead")
+                            && l.get("result").map(String::as_str) == Some("enforced")
+                    })
+                    .map(|(_, v)| *v)
+                    .with_context(context)?;
+                // Ejected again each time it comes back: several ejections in the window.
+                ensure!(enforced > 0.0, "{}", context());
+            }
+            "Outlier detection: endpoints ejected" => {
+                // Ejected after two failures for 2, 4, 6 ... s: in or out at this instant.
+                let ejected = value_of(&series, "virtual_node", "app/dead")?;
+                ensure!(ejected == 0.0 || ejected == 1.0, "{}", context());
             }
             other => bail!("the dashboard has a panel this test does not check: {other:?}"),
         }
