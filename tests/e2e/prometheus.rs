@@ -613,7 +613,7 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         "virtual services: {services:?}"
     );
     // The per-service panels are read for `color`, as a user picks it in the dashboard.
-    let services = vec!["app/color".to_owned()];
+    let services = ["app/color".to_owned()];
 
     let expected_error_ratio = (slow_count + dead_count) as f64 / total;
     let observed_share = v2_count as f64 / (v1_count + v2_count) as f64;
