@@ -229,3 +229,102 @@ impl Connector {
         Ok(stream)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    /// The inode of a namespace file descriptor (what tells two namespaces apart).
+    fn inode(fd: BorrowedFd<'_>) -> u64 {
+        File::from(fd.try_clone_to_owned().unwrap())
+            .metadata()
+            .unwrap()
+            .ino()
+    }
+
+    fn this_thread_netns() -> u64 {
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    /// A new, empty network namespace, from a thread that unshares and then ends.
+    fn new_netns() -> OwnedFd {
+        std::thread::spawn(|| {
+            // SAFETY: unshare changes only this short-lived thread's network namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                rc,
+                0,
+                "unshare(CLONE_NEWNET): {} (these tests need root)",
+                io::Error::last_os_error()
+            );
+            OwnedFd::from(File::open("/proc/thread-self/ns/net").unwrap())
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_socket_is_made_in_the_target_namespace_and_the_thread_returns() {
+        let target = new_netns();
+        let before = this_thread_netns();
+        assert_ne!(before, inode(target.as_fd()));
+        let socket = in_netns(target.as_fd(), || {
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(this_thread_netns(), before, "the thread is back home");
+        let made_in = socket_netns(socket.as_fd()).unwrap();
+        assert_eq!(inode(made_in.as_fd()), inode(target.as_fd()));
+    }
+
+    #[test]
+    fn a_failed_switch_leaves_the_thread_where_it_was() {
+        let before = this_thread_netns();
+        let not_a_namespace = File::open("/proc/self/status").unwrap();
+        let result = in_netns(not_a_namespace.as_fd(), || unreachable!("never runs"));
+        assert!(result.is_err());
+        assert_eq!(this_thread_netns(), before);
+    }
+
+    #[test]
+    fn a_panic_inside_still_returns_the_thread() {
+        let target = new_netns();
+        let before = this_thread_netns();
+        let caught = std::panic::catch_unwind(|| {
+            let _ = in_netns(target.as_fd(), || panic!("inside"));
+        });
+        assert!(caught.is_err());
+        assert_eq!(this_thread_netns(), before);
+    }
+
+    #[tokio::test]
+    async fn a_connector_connects_from_inside_the_namespace() {
+        let target = new_netns();
+        // A listener in the namespace, on its loopback (brought up first): the connector's
+        // anchor and its destination at once.
+        let listener = in_netns(target.as_fd(), || {
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+            bind("127.0.0.1:0".parse().unwrap()).unwrap()
+        })
+        .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let anchor = Arc::new(OwnedFd::from(listener.try_clone().unwrap()));
+        let connector = Connector::new(Path::new("test"), anchor);
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let (stream, accepted) = tokio::join!(
+            connector.connect(addr, std::time::Duration::from_secs(5)),
+            listener.accept()
+        );
+        let stream = stream.unwrap();
+        let (_, peer) = accepted.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        // The fast-path mark: the agent's end comes from the agent's loopback address.
+        let [a, b, c, d] = strait_ebpf::AGENT_LOOPBACK_V4;
+        assert_eq!(peer.ip(), std::net::IpAddr::from([a, b, c, d]));
+    }
+}
