@@ -159,8 +159,9 @@ pub fn run(strait: &Path, xtask: &Path, seconds: u64) -> anyhow::Result<Value> {
             WEB,
             "--per-second",
             "10",
+            // A little longer than the sampling, so it is still running when that ends.
             "--seconds",
-            &seconds.to_string(),
+            &(seconds + 5).to_string(),
         ]),
     )?;
     let started = Instant::now();
