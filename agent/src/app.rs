@@ -174,7 +174,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));
     let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
-    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
+    let mut answers =
+        discovery::keep_resolved(resolver, names_rx, discovery::FIRST_ROUND_WAIT).await;
 
     // Take over the running agent's listeners, if one runs, before binding anything. From
     // here until the first reconcile, connects wait in the listeners' backlogs.
@@ -648,7 +649,7 @@ struct PodInbound {
     /// Also registered in the transport (by address) until the pod is released.
     _local: Arc<LocalPod>,
     /// Listening sockets in the pod (IPv4, IPv6 if the pod has it), inserted into the map.
-    sockets: Vec<(SocketAddr, std::os::fd::OwnedFd)>,
+    sockets: Vec<(SocketAddr, Arc<std::os::fd::OwnedFd>)>,
     /// Listener ports captured (both families, every local address of the pod).
     captured: Vec<u16>,
     _accepting: proxy::Accepting,
@@ -975,7 +976,7 @@ impl Node {
         let port = self.free_port(netns, self.config.outbound_port, |e| e.outbound_port)?;
         let bound = self.listen(workload, "outbound", port)?;
         let (addrs_up, listeners): (Vec<SocketAddr>, Vec<std::net::TcpListener>) =
-            bound.into_iter().unzip();
+            bound.into_iter().map(|(addr, l, _)| (addr, l)).unzip();
         // The fast path needs the pod's netns cookie; the listener lives in that netns.
         if let Some(listener) = listeners.first() {
             let registered = redirect::socket_netns_cookie(listener.as_fd())
@@ -1053,13 +1054,14 @@ impl Node {
 
     /// Listeners on 127.0.0.1 and ::1 at `port` in the workload's network namespace: the ones
     /// the previous agent handed over, else new ones. Each is registered for the next hand-over
-    /// as `<kind>/<namespace>/<name>/<addr>`. A pod without IPv6 gets its IPv4 listener only.
+    /// as `<kind>/<namespace>/<name>/<addr>` by a duplicate, returned beside it. A pod without
+    /// IPv6 gets its IPv4 listener only.
     fn listen(
         &self,
         workload: &Workload,
         kind: &str,
         port: u16,
-    ) -> Result<Vec<(SocketAddr, std::net::TcpListener)>, String> {
+    ) -> Result<Vec<(SocketAddr, std::net::TcpListener, Arc<std::os::fd::OwnedFd>)>, String> {
         let addrs = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
@@ -1081,10 +1083,14 @@ impl Node {
         for (addr, result) in bound {
             match result {
                 Ok(listener) => {
-                    if let Err(error) = self.registry.add(&name(&addr), &listener) {
-                        tracing::warn!(%addr, %error, "listener cannot be handed over on upgrade");
-                    }
-                    listeners.push((addr, listener));
+                    // One duplicate per listener, shared by the hand-over registry and
+                    // whoever else needs the socket later (the inbound capture maps).
+                    let shared = std::os::fd::AsFd::as_fd(&listener)
+                        .try_clone_to_owned()
+                        .map(Arc::new)
+                        .map_err(|e| format!("cannot duplicate the {kind} socket {addr}: {e}"))?;
+                    self.registry.add_shared(&name(&addr), shared.clone());
+                    listeners.push((addr, listener, shared));
                 }
                 // A pod without IPv6 (no ::1) has no IPv6 to capture or to bypass with; its
                 // captured ports stay captured in IPv6 and are dropped there (see
@@ -1096,7 +1102,7 @@ impl Node {
                 Err(error) => return Err(error.to_string()),
             }
         }
-        listeners.sort_by_key(|(addr, _)| addr.is_ipv6());
+        listeners.sort_by_key(|(addr, _, _)| addr.is_ipv6());
         Ok(listeners)
     }
 
@@ -1110,25 +1116,24 @@ impl Node {
         cgroup_id: u64,
         netns: (u64, u64),
     ) -> Result<PodInbound, String> {
-        use std::os::fd::AsFd as _;
-        let connector = netns::Connector::start(&workload.netns).map_err(|e| e.to_string())?;
+        let port = self.free_port(netns, self.config.inbound_port, |e| e.inbound_port)?;
+        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
+        for (addr, listener, shared) in self.listen(workload, "inbound", port)? {
+            sockets.push((addr, shared));
+            listeners.push(listener);
+        }
+        // Delivery sockets are created in the namespace the inbound listener lives in.
+        let anchor = sockets
+            .first()
+            .map(|(_, fd)| fd.clone())
+            .ok_or_else(|| format!("BUG: no inbound listener for {}", workload.key()))?;
         let local = Arc::new(LocalPod {
             workload: workload.key(),
             virtual_node: vn.clone(),
             ips: workload.ips.clone(),
-            connector,
+            connector: netns::Connector::new(&workload.netns, anchor),
         });
-        let port = self.free_port(netns, self.config.inbound_port, |e| e.inbound_port)?;
-        let mut listeners = Vec::new();
-        let mut sockets = Vec::new();
-        for (addr, listener) in self.listen(workload, "inbound", port)? {
-            let fd = listener
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| format!("cannot duplicate the inbound socket: {e}"))?;
-            sockets.push((addr, fd));
-            listeners.push(listener);
-        }
         let accepting = proxy::inbound::serve(listeners, local.clone(), self.ctx.clone())
             .map_err(|e| format!("cannot register inbound sockets with the runtime: {e}"))?;
         self.ctx

@@ -142,15 +142,21 @@ fn write_token(path: &Path) -> io::Result<Vec<u8>> {
 /// Listening sockets this agent has, by name, ready to hand over.
 #[derive(Clone, Default)]
 pub struct Registry {
-    sockets: Arc<Mutex<BTreeMap<String, OwnedFd>>>,
+    sockets: Arc<Mutex<BTreeMap<String, Arc<OwnedFd>>>>,
 }
 
 impl Registry {
     /// Records a duplicate of a listening socket under `name`.
     pub fn add(&self, name: &str, listener: &TcpListener) -> io::Result<()> {
         let fd = listener.as_fd().try_clone_to_owned()?;
-        self.lock().insert(name.to_string(), fd);
+        self.lock().insert(name.to_string(), Arc::new(fd));
         Ok(())
+    }
+
+    /// Records a listening socket under `name` as a duplicate the caller shares (a pod's
+    /// inbound socket, which the capture maps need too: one descriptor for both).
+    pub fn add_shared(&self, name: &str, socket: Arc<OwnedFd>) {
+        self.lock().insert(name.to_string(), socket);
     }
 
     /// Forgets a socket (its pod was released).
@@ -158,7 +164,7 @@ impl Registry {
         self.lock().remove(name);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OwnedFd>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<OwnedFd>>> {
         self.sockets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -330,7 +336,7 @@ fn send(stream: &UnixStream, registry: &Registry) -> io::Result<usize> {
     (&*stream).write_all(&manifest)?;
     let mut ack = [0u8; 1];
     io::Read::read_exact(&mut &*stream, &mut ack)?;
-    let fds: Vec<RawFd> = sockets.values().map(AsRawFd::as_raw_fd).collect();
+    let fds: Vec<RawFd> = sockets.values().map(|fd| fd.as_raw_fd()).collect();
     for batch in fds.chunks(FDS_PER_MESSAGE) {
         let payload = [0u8; 1];
         let iov = [IoSlice::new(&payload)];

@@ -722,3 +722,86 @@ fn wait_for_connection_logs(agent: &Agent, count: usize) -> anyhow::Result<Vec<V
         agent.process.stderr()
     )
 }
+
+/// The time of day (seconds) of a JSON log line's `timestamp` (RFC 3339, UTC).
+fn log_seconds(line: &Value) -> Option<f64> {
+    let stamp = line["timestamp"].as_str()?;
+    let time = stamp.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Sends SIGCONT to a process stopped by the test, also when the test fails.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        // SAFETY: kill with a pid the testbed started (the node's dnsmasq) and a signal.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn a_silent_dns_server_delays_start_up_by_one_lookup_timeout_only() -> anyhow::Result<()> {
+    let bed = bed("dnssilent", &mesh_yaml("ALLOW_ALL", 100, 0))?;
+    // The node's DNS server stops answering (its queries wait, unanswered) before the agent
+    // starts: the agent's first round of lookups gets no answer at all.
+    let dns = bed.node.dns_pid().context("the node has no DNS server")?;
+    // SAFETY: kill with the pid of the node's dnsmasq, which the testbed started.
+    if unsafe { libc::kill(dns as i32, libc::SIGSTOP) } != 0 {
+        anyhow::bail!("cannot stop dnsmasq: {}", std::io::Error::last_os_error());
+    }
+    let resume = Resume(dns);
+    let agent = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let lines = agent.log_lines();
+    let at = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .and_then(log_seconds)
+            .with_context(|| format!("no log line {message:?}:\n{}", agent.process.stderr()))
+    };
+    // Between the programs being attached and readiness lie the DNS round and the first
+    // reconcile. Before, a silent server cost three lookup timeouts (about 6 s); now one (2 s).
+    let waited = at("agent ready")? - at("eBPF programs attached")?;
+    assert!(
+        (1.9..4.5).contains(&waited),
+        "start-up waited {waited:.2} s with a silent DNS server; wanted one lookup timeout \
+         (2 s) and the reconcile"
+    );
+    let warned = lines.iter().any(|l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("no DNS answer for these names at start"))
+            && l["missing"].as_str().is_some_and(|m| m.contains(SERVICE))
+    });
+    assert!(
+        warned,
+        "no warning naming the unanswered names:\n{}",
+        agent.process.stderr()
+    );
+
+    // The server answers again: the agent, asking again in the background, routes the
+    // service without a restart.
+    drop(resume);
+    let mut last = Value::Null;
+    for _ in 0..30 {
+        last = call(
+            &bed.client,
+            &format!("{SERVICE}:8080"),
+            &["-4", "--timeout", "5"],
+        )?;
+        if last["ok"] == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(
+        last["ok"], true,
+        "the service is not routed once DNS answers: {last}"
+    );
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! The agent for a node is started with [`Node::command`]; it finds the node's pods through
 //! the workload files and attaches its cgroup programs at [`Node::cgroup_root`].
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::netns::{self, ip_in};
 use crate::pod::{Pod, PodInner, PodSpec, validate_label};
 use crate::process::Process;
 use crate::shared::{Shared, lock};
+use crate::workload::WorkloadFile;
 
 /// The pods' bridge in a node's netns.
 pub const NODE_BRIDGE: &str = "br0";
@@ -463,6 +465,47 @@ impl Node {
         };
         pods.push(pod.clone());
         Ok(pod)
+    }
+
+    /// Adds a bare pod, for scale benchmarks that need more pods than a node's subnet holds: a
+    /// network namespace with its loopback only (no interface, no route) and a pod cgroup,
+    /// and the workload file to enroll it with ([`Node::write_workload_file`]), whose
+    /// addresses (`10.250.0.0/16`, `fd00:250::/64`, by `n`) exist nowhere, so nothing can reach
+    /// the pod from outside; the agent still sets it up in full (listeners in its namespace,
+    /// inbound capture, cgroup). `n` must be unique on the node. Like every pod, create it
+    /// before the agent starts (the agent does not see netns files mounted after it). Cleaned
+    /// up with the testbed.
+    pub fn add_bare_pod(
+        &self,
+        n: u16,
+        labels: &BTreeMap<String, String>,
+    ) -> anyhow::Result<WorkloadFile> {
+        let name = format!("bare{n}");
+        let pod_ns = format!("{}b{n}", self.inner.netns);
+        let ctx = || format!("create bare pod {name} on node {}", self.inner.name);
+        self.shared.create_netns(&pod_ns).with_context(ctx)?;
+        let cgroup = self.inner.cgroup_root.join(format!("bare_{name}"));
+        self.shared.create_cgroup(&cgroup).with_context(ctx)?;
+        let [hi, lo] = n.to_be_bytes();
+        let workload = WorkloadFile {
+            name,
+            namespace: "bare".to_owned(),
+            labels: labels.clone(),
+            ips: vec![
+                IpAddr::V4(Ipv4Addr::new(10, 250, hi, lo)),
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x250, 0, 0, 0, 0, 0, n)),
+            ],
+            netns: netns::path(&pod_ns),
+            cgroup,
+        };
+        Ok(workload)
+    }
+
+    /// Writes a workload file (atomically) into this node's workloads directory.
+    pub fn write_workload_file(&self, workload: &WorkloadFile) -> anyhow::Result<PathBuf> {
+        let path = self.inner.workloads_dir.join(workload.file_name());
+        dns::write_atomic(&path, &serde_json::to_string_pretty(workload)?)?;
+        Ok(path)
     }
 
     /// A veth from the node's bridge into the pod, the pod's addresses and its routes.

@@ -18,9 +18,12 @@
 //! docs/benchmarks.md, docs/benchmarks/latency.svg and docs/benchmarks/results.json (`--out`
 //! to put them elsewhere).
 
+mod hold;
 mod load;
 mod report;
+mod scale;
 mod scenario;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -67,9 +70,21 @@ pub struct BenchArgs {
     rounds: Option<u32>,
     /// Run only these scenarios (comma-separated ids, see xtask/src/bench/scenario.rs). Such a
     /// partial run writes its own page and raw results (docs/benchmarks-partial.md,
-    /// docs/benchmarks/partial.json) and leaves the full run's untouched.
+    /// docs/benchmarks/partial.json) and leaves the full run's untouched. `scale` names the
+    /// scale suite (xtask/src/bench/scale.rs), whose raw results always go to
+    /// docs/benchmarks/scale.json and make the "Scale" section of docs/benchmarks.md; `soak`
+    /// names the soak (xtask/src/bench/soak.rs: docs/benchmarks/soak.json and soak.svg, the
+    /// "Soak" section).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Use the debug build of the agent and of this xtask (`scale` and `soak` only): for their
+    /// countable figures where a release build is out of reach. The results and the page say
+    /// which build ran.
+    #[arg(long)]
+    debug_build: bool,
+    /// How long the soak runs, seconds (its target needs at least 600).
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
     /// Where to write benchmarks.md, benchmarks/latency.svg and benchmarks/results.json.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -86,6 +101,9 @@ enum Internal {
     /// (internal) the fixed-rate load generator, run inside the client pod.
     #[command(hide = true)]
     LoadGen(load::LoadArgs),
+    /// (internal) many idle connections, or their echo server, run inside a pod.
+    #[command(hide = true)]
+    HoldConns(hold::HoldArgs),
 }
 
 /// Durations and rates of one run.
@@ -112,8 +130,10 @@ struct AgentFlags {
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
-    if let Some(Internal::LoadGen(load)) = &args.internal {
-        return load::run(load);
+    match &args.internal {
+        Some(Internal::LoadGen(load)) => return load::run(load),
+        Some(Internal::HoldConns(hold)) => return hold::run(hold),
+        None => {}
     }
     if args.render {
         let out = args
@@ -124,6 +144,32 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if !crate::is_root() {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF): run it as root");
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("docs"));
+    let wants = |suite: &str| args.only.is_empty() || args.only.iter().any(|id| id == suite);
+    let run_suites = |binaries: &Binaries| -> anyhow::Result<()> {
+        if wants(SCALE) {
+            run_scale(binaries, &out, args.quick)?;
+        }
+        if wants(SOAK) {
+            run_soak(binaries, &out, args.soak_seconds)?;
+        }
+        Ok(())
+    };
+    if !args.only.is_empty() && args.only.iter().all(|id| id == SCALE || id == SOAK) {
+        let binaries = if args.debug_build {
+            debug_build()?
+        } else {
+            build()?
+        };
+        return run_suites(&binaries);
+    } else if args.debug_build {
+        bail!(
+            "--debug-build is for `--only scale,soak`; the other scenarios need the release build"
+        );
     }
     for tool in ["wrk", "iperf3", "nginx", "haproxy", "openssl"] {
         require_tool(tool)
@@ -155,6 +201,12 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             h2_streams: 16,
         }
     };
+    let only: Vec<String> = args
+        .only
+        .iter()
+        .filter(|id| *id != SCALE)
+        .cloned()
+        .collect();
     let binaries = build()?;
     let telemetry_switch = has_telemetry_switch(&binaries.strait);
     eprintln!(
@@ -165,15 +217,10 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             "is not available in this build: the telemetry scenarios are skipped"
         }
     );
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("docs"));
-
     let env = Env::start(&binaries, &python)?;
     let mut scenarios = scenario::all();
-    if !args.only.is_empty() {
-        scenarios.retain(|s| args.only.iter().any(|id| id == s.id));
+    if !only.is_empty() {
+        scenarios.retain(|s| only.iter().any(|id| id == s.id));
         if scenarios.is_empty() {
             bail!("--only {:?} names no scenario", args.only);
         }
@@ -239,7 +286,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let results = report::Results {
         plan,
         machine: machine(),
-        only: args.only.clone(),
+        only,
         scenarios,
         samples,
         demo_mesh_agent_rss_kib: demo_rss,
@@ -248,7 +295,69 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     report::write(&out, &results)?;
     println!("{}", report::summary(&results));
+    drop(env);
+    run_suites(&binaries)
+}
+
+/// The `--only` ids of the scale suite and of the soak.
+const SCALE: &str = "scale";
+const SOAK: &str = "soak";
+
+/// Runs the soak, writes its raw results and regenerates the pages and plots.
+fn run_soak(binaries: &Binaries, out: &Path, seconds: u64) -> anyhow::Result<()> {
+    let mut raw = soak::run(&binaries.strait, &binaries.xtask, seconds)?;
+    raw["agent_build"] = json!(binaries.profile);
+    write_raw(&out.join(soak::RAW), &raw)?;
+    report::render(out)
+}
+
+fn write_raw(path: &Path, raw: &Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(raw)? + "\n")
+        .with_context(|| format!("write {}", path.display()))?;
+    eprintln!("bench: wrote {}", path.display());
     Ok(())
+}
+
+/// Runs the scale suite, writes its raw results and regenerates the pages.
+fn run_scale(binaries: &Binaries, out: &Path, quick: bool) -> anyhow::Result<()> {
+    let mut raw = scale::run(&binaries.strait, &binaries.xtask, quick)?;
+    raw["agent_build"] = json!(binaries.profile);
+    write_raw(&out.join(scale::RAW), &raw)?;
+    report::render(out)
+}
+
+/// The testbeds to tear down on Ctrl-C (one handler for the process, for every testbed the
+/// run makes).
+static ON_INTERRUPT: std::sync::Mutex<Vec<testbed::CleanupHandle>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Tears `tb` down if the run is interrupted.
+fn on_interrupt_clean(tb: &Testbed) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    ON_INTERRUPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(tb.cleanup_handle());
+    INSTALLED.call_once(|| {
+        let installed = ctrlc::set_handler(|| {
+            eprintln!("\nInterrupted: tearing the testbed down.");
+            let handles = ON_INTERRUPT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for cleanup in handles.iter() {
+                if let Err(error) = cleanup.cleanup() {
+                    eprintln!("cleanup: {error:#}");
+                }
+            }
+            std::process::exit(130);
+        });
+        if let Err(error) = installed {
+            eprintln!("bench: no Ctrl-C handler ({error}); an interrupted run leaves its testbed");
+        }
+    });
 }
 
 /// The scenarios in the order of one round: [`scenario::all`]'s, except that the telemetry
@@ -279,6 +388,27 @@ fn round_order(scenarios: &[Scenario], round: u32) -> Vec<&Scenario> {
 struct Binaries {
     strait: PathBuf,
     xtask: PathBuf,
+    /// "release" or "debug", for the results.
+    profile: &'static str,
+}
+
+/// [`build`], debug.
+fn debug_build() -> anyhow::Result<Binaries> {
+    ebpf::build_ebpf()?;
+    let status = cargo()
+        .args(["build", "-p", "strait", "-p", "xtask"])
+        .current_dir(workspace_root())
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("the debug build failed");
+    }
+    let debug = ebpf::target_dir().join("debug");
+    Ok(Binaries {
+        strait: debug.join("strait"),
+        xtask: debug.join("xtask"),
+        profile: "debug",
+    })
 }
 
 fn build() -> anyhow::Result<Binaries> {
@@ -295,6 +425,7 @@ fn build() -> anyhow::Result<Binaries> {
     Ok(Binaries {
         strait: release.join("strait"),
         xtask: release.join("xtask"),
+        profile: "release",
     })
 }
 
@@ -358,15 +489,7 @@ impl Env {
         // STRAIT_BIN to find the agent binary.
         unsafe { std::env::set_var("STRAIT_BIN", &bin.strait) };
         let tb = Testbed::new("bench")?;
-        let cleanup = tb.cleanup_handle();
-        ctrlc::set_handler(move || {
-            eprintln!("\nInterrupted: tearing the testbed down.");
-            if let Err(error) = cleanup.cleanup() {
-                eprintln!("cleanup: {error:#}");
-            }
-            std::process::exit(130);
-        })
-        .context("cannot install the Ctrl-C handler")?;
+        on_interrupt_clean(&tb);
         let node1 = tb.add_node("node1")?;
         let node2 = tb.add_node("node2")?;
         // Pods must exist before the agents start: an agent lives in its own mount namespace

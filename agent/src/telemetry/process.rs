@@ -11,6 +11,8 @@ pub struct ProcessCollector {
     ticks_per_second: f64,
     page_size: f64,
     boot_time: f64,
+    /// The runtime the collector was made in, for its task count.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ProcessCollector {
@@ -31,6 +33,7 @@ impl ProcessCollector {
             ticks_per_second: if ticks > 0 { ticks as f64 } else { 100.0 },
             page_size: if page > 0 { page as f64 } else { 4096.0 },
             boot_time,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 }
@@ -101,6 +104,16 @@ impl Collector for ProcessCollector {
         ] {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        if let Some(runtime) = &self.runtime {
+            // Tasks that never end (a leak of connections or timers) show here first.
+            let gauge = ConstGauge::new(runtime.metrics().num_alive_tasks() as i64);
+            gauge.encode(encoder.encode_descriptor(
+                "strait_runtime_tasks",
+                "Tasks alive in the agent's async runtime",
+                None,
+                gauge.metric_type(),
+            )?)?;
         }
         Ok(())
     }

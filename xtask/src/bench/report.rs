@@ -351,6 +351,9 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
             raw_path.display()
         );
     }
+    if let Some(raw) = soak_raw(out)? {
+        std::fs::write(out.join(super::soak::PLOT), super::soak::svg(&raw))?;
+    }
     Ok(())
 }
 
@@ -363,6 +366,19 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
         serde_json::from_str(&text).with_context(|| format!("parse {}", raw_path.display()))?;
     let r = Results::from_json(&raw).with_context(|| format!("read {}", raw_path.display()))?;
     let mut page = markdown(&r);
+    let scale_raw = out.join(super::scale::RAW);
+    if !r.is_partial() && scale_raw.exists() {
+        let text = std::fs::read_to_string(&scale_raw)
+            .with_context(|| format!("read {}", scale_raw.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("parse {}", scale_raw.display()))?;
+        page.push_str(&super::scale::markdown(&raw));
+    }
+    if !r.is_partial()
+        && let Some(raw) = soak_raw(out)?
+    {
+        page.push_str(&super::soak::markdown(&raw));
+    }
     if !r.is_partial() && out.join(PARTIAL.raw).exists() {
         let _ = writeln!(
             page,
@@ -371,6 +387,18 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
         );
     }
     Ok((page, svg(&r)))
+}
+
+/// The soak's raw results, if there are any.
+fn soak_raw(out: &Path) -> anyhow::Result<Option<Value>> {
+    let path = out.join(super::soak::RAW);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let raw = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    Ok(Some(raw))
 }
 
 /// Checks that the committed pages and plots under `out` are exactly what their raw results
@@ -392,6 +420,12 @@ fn check_generated(out: &Path) -> anyhow::Result<Vec<String>> {
         }
         if std::fs::read_to_string(out.join(files.plot)).unwrap_or_default() != plot {
             differs.push(files.plot.to_owned());
+        }
+    }
+    if let Some(raw) = soak_raw(out)? {
+        let plot = out.join(super::soak::PLOT);
+        if std::fs::read_to_string(plot).unwrap_or_default() != super::soak::svg(&raw) {
+            differs.push(super::soak::PLOT.to_owned());
         }
     }
     Ok(differs)

@@ -1,0 +1,232 @@
+//! `xtask bench hold-conns` (internal): many idle TCP connections, for the scale bench, and a
+//! steady churn of new ones, for the soak. Run inside a pod: `serve` accepts and echoes,
+//! `connect` opens `--count` connections to an address (through the mesh when it is a virtual
+//! service), checks each with a one-byte echo, prints `ready <n>` on stdout and keeps them
+//! open, idle, until the bench stops it or `--hold-secs` pass. `churn` opens new connections
+//! every second for `--seconds`: L4 ones (one-byte echo, close) and HTTP/1.1 requests, each
+//! on a new connection, then prints one JSON line of counts.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HoldArgs {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+enum Mode {
+    /// Accept connections on `--listen` and echo what they send.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Open `--count` connections to `--to` and hold them.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        /// How many connects are in flight at once.
+        #[arg(long, default_value_t = 64)]
+        parallel: u32,
+        /// Give up opening after this long.
+        #[arg(long, default_value_t = 300)]
+        open_within_secs: u64,
+        /// Close everything after this long at the latest.
+        #[arg(long, default_value_t = 600)]
+        hold_secs: u64,
+    },
+    /// New connections every second: `--per-second` L4 echoes to `--l4` and as many HTTP/1.1
+    /// GETs (a connection each) to `--http`.
+    Churn {
+        #[arg(long)]
+        l4: SocketAddr,
+        #[arg(long)]
+        http: SocketAddr,
+        /// The Host header of the HTTP requests.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 10)]
+        per_second: u32,
+        #[arg(long)]
+        seconds: u64,
+    },
+}
+
+pub fn run(args: &HoldArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match args.mode.clone() {
+            Mode::Serve { listen } => serve(listen).await,
+            Mode::Connect {
+                to,
+                count,
+                parallel,
+                open_within_secs,
+                hold_secs,
+            } => {
+                connect(
+                    to,
+                    count,
+                    parallel,
+                    Duration::from_secs(open_within_secs),
+                    Duration::from_secs(hold_secs),
+                )
+                .await
+            }
+            Mode::Churn {
+                l4,
+                http,
+                host,
+                per_second,
+                seconds,
+            } => churn(l4, http, host, per_second, seconds).await,
+        }
+    })
+}
+
+/// Many sockets: the soft descriptor limit up to the hard one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn connect(
+    to: SocketAddr,
+    count: u32,
+    parallel: u32,
+    open_within: Duration,
+    hold: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + open_within;
+    let mut open = Vec::with_capacity(count as usize);
+    let mut pending = tokio::task::JoinSet::new();
+    let mut started = 0u32;
+    while open.len() < count as usize {
+        while started < count && pending.len() < parallel as usize {
+            started += 1;
+            pending.spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(to).await?;
+                stream.write_all(b"x").await?;
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await?;
+                anyhow::Ok(stream)
+            });
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, pending.join_next()).await {
+            Ok(Some(joined)) => open
+                .push(joined?.with_context(|| format!("connection {} to {to}", open.len() + 1))?),
+            Ok(None) => break,
+            Err(_) => bail!(
+                "only {} of {count} connections to {to} within {open_within:?}",
+                open.len()
+            ),
+        }
+    }
+    println!("ready {}", open.len());
+    // Idle until the bench stops this process or the hold time is over.
+    tokio::time::sleep(hold).await;
+    drop(open);
+    Ok(())
+}
+
+async fn churn(
+    l4: SocketAddr,
+    http: SocketAddr,
+    host: String,
+    per_second: u32,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    const EACH: Duration = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut rounds = tokio::task::JoinSet::new();
+    let mut totals = std::collections::BTreeMap::new();
+    for _ in 0..seconds {
+        tick.tick().await;
+        for _ in 0..per_second {
+            rounds.spawn(async move {
+                let echo = async {
+                    let mut stream = tokio::net::TcpStream::connect(l4).await?;
+                    stream.write_all(b"x").await?;
+                    let mut byte = [0u8; 1];
+                    stream.read_exact(&mut byte).await?;
+                    anyhow::Ok(())
+                };
+                (
+                    "l4",
+                    tokio::time::timeout(EACH, echo)
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                )
+            });
+            let host = host.clone();
+            rounds.spawn(async move {
+                let get = async {
+                    let mut stream = tokio::net::TcpStream::connect(http).await?;
+                    let request =
+                        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                    stream.write_all(request.as_bytes()).await?;
+                    let mut answer = Vec::new();
+                    stream.read_to_end(&mut answer).await?;
+                    anyhow::Ok(answer.starts_with(b"HTTP/1.1 200"))
+                };
+                (
+                    "http",
+                    tokio::time::timeout(EACH, get)
+                        .await
+                        .is_ok_and(|r| r.is_ok_and(|ok| ok)),
+                )
+            });
+        }
+        // Collect what finished, so the set stays small.
+        while let Some(done) = rounds.try_join_next() {
+            tally(&mut totals, done?);
+        }
+    }
+    while let Some(done) = rounds.join_next().await {
+        tally(&mut totals, done?);
+    }
+    println!("{}", serde_json::to_string(&totals)?);
+    Ok(())
+}
+
+/// Counts one outcome as `<kind>_ok` or `<kind>_failed`.
+fn tally(totals: &mut std::collections::BTreeMap<String, u64>, (kind, ok): (&str, bool)) {
+    let key = format!("{kind}_{}", if ok { "ok" } else { "failed" });
+    *totals.entry(key).or_default() += 1;
+}
