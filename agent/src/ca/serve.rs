@@ -142,7 +142,7 @@ pub fn issue_node(
 }
 
 /// A leaf's parameters: `sans` (URIs for `scheme://`, IP addresses, else DNS names), valid from
-/// a minute ago (clock skew) for `lifetime`.
+/// a little in the past (clock skew) for `lifetime`.
 fn leaf_params(sans: &[String], lifetime: Duration) -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -172,7 +172,10 @@ fn leaf_params(sans: &[String], lifetime: Duration) -> Result<CertificateParams,
     ];
     params.serial_number = Some(SerialNumber::from(rand::random::<u64>() >> 1));
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
+    // Back-dated for clock skew, by at most a tenth of the life, so a short-lived certificate
+    // is not three quarters through (the agent's expiry warning) when renewed at half-life.
+    let skew = (lifetime.as_secs() / 10).min(60) as i64;
+    params.not_before = now - time::Duration::seconds(skew);
     params.not_after = now + time::Duration::seconds(lifetime.as_secs() as i64);
     Ok(params)
 }
