@@ -567,6 +567,145 @@ async fn serve_metrics(listener: tokio::net::TcpListener, registry: Arc<Registry
 mod tests {
     use super::*;
 
+    fn service(dir: &Path) -> Service {
+        let ca = dir.join("ca");
+        super::super::init(&ca).unwrap();
+        let mesh = dir.join("mesh.yaml");
+        std::fs::write(
+            &mesh,
+            r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: test}
+spec: {}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: color, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: color}}
+  serviceDiscovery: {dns: {hostname: color.app.svc.cluster.local}}
+"#,
+        )
+        .unwrap();
+        let nodes = dir.join("nodes.json");
+        std::fs::write(
+            &nodes,
+            r#"{"node1": [{"name": "c", "namespace": "app", "labels": {"app": "client"}}],
+                "node2": [{"name": "s", "namespace": "app", "labels": {"app": "color"}}]}"#,
+        )
+        .unwrap();
+        let (issuer, issuer_key, ca_pem) = load_ca(&ca).unwrap();
+        Service {
+            options: ServeOptions {
+                ca_dir: ca,
+                mesh,
+                nodes,
+                listen: "127.0.0.1:0".parse().unwrap(),
+                metrics_listen: None,
+                lifetime: Duration::from_secs(3600),
+                server_names: vec![],
+            },
+            issuer,
+            issuer_key,
+            ca_pem,
+            metrics: Metrics::default(),
+        }
+    }
+
+    fn request(identity: &str) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        // The CSR asks for another identity: ignored, the service chooses the SANs.
+        let csr = CertificateParams::new(vec!["evil.example".to_string()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        serde_json::to_vec(&IssueRequest {
+            identity: identity.into(),
+            csr,
+        })
+        .unwrap()
+    }
+
+    fn refused(service: &Service, reason: &str) -> u64 {
+        service
+            .metrics
+            .refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn only_a_node_running_a_selected_pod_gets_the_identity_with_the_services_sans() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = service(dir.path());
+        let color = "spiffe://test/ns/app/vn/color";
+        let (status, body) = service.decide(Some("node2"), &request(color));
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let issued: IssueResponse = serde_json::from_slice(&body).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.certificate_chain.as_bytes()).unwrap();
+        let facts = identity::store::cert_facts(&der).unwrap();
+        assert_eq!(facts.sans, vec![color, "color.app.svc.cluster.local"]);
+        assert_eq!(facts.not_after - facts.not_before, 3600 + 60);
+
+        let (status, body) = service.decide(Some("node1"), &request(color));
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let refusal: Refusal = serde_json::from_slice(&body).unwrap();
+        assert_eq!(refusal.reason, "not_on_node");
+        assert!(
+            refusal
+                .message
+                .contains("node node1 runs no pod selected by app/color")
+        );
+        assert_eq!(refused(&service, "not_on_node"), 1);
+
+        let (status, _) = service.decide(None, &request(color));
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(refused(&service, "no_node"), 1);
+        let (status, _) = service.decide(Some("node2"), &request("spiffe://test/ns/app/vn/x"));
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = service.decide(
+            Some("node2"),
+            br#"{"identity": "spiffe://test/ns/app/vn/color", "csr": "x"}"#,
+        );
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused(&service, "bad_csr"), 1);
+        assert_eq!(service.metrics.issued.get(), 1);
+    }
+
+    #[test]
+    fn node_names_come_only_from_the_node_uri_san() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        super::super::init(&ca).unwrap();
+        let (issuer, issuer_key, _) = load_ca(&ca).unwrap();
+        let cert = |sans: &[&str]| {
+            let key = KeyPair::generate().unwrap();
+            let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+            leaf_params(&sans, Duration::from_secs(60))
+                .unwrap()
+                .signed_by(&key, &issuer, &issuer_key)
+                .unwrap()
+                .der()
+                .clone()
+        };
+        assert_eq!(
+            node_of("test", &cert(&["spiffe://test/node/node1"])).as_deref(),
+            Some("node1")
+        );
+        for sans in [
+            &["spiffe://test/ns/app/vn/color"][..],
+            &["spiffe://other/node/node1"],
+            &["spiffe://test/node/a/b"],
+            &["node1"],
+        ] {
+            assert_eq!(node_of("test", &cert(sans)), None, "{sans:?}");
+        }
+    }
+
     #[test]
     fn lifetimes_parse_with_units_and_bounds() {
         assert_eq!(parse_lifetime("24h").unwrap(), Duration::from_secs(86_400));
