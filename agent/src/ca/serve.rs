@@ -133,7 +133,7 @@ pub fn issue_node(
     let (issuer, issuer_key, ca_pem) = load_ca(ca_dir)?;
     let id = node_spiffe_id(&loaded.config.mesh.name, node);
     let key = KeyPair::generate()?;
-    let params = leaf_params(&[id.clone()], Duration::from_secs(u64::from(days) * 86_400))?;
+    let params = leaf_params(std::slice::from_ref(&id), Duration::from_secs(u64::from(days) * 86_400))?;
     let cert = params.signed_by(&key, &issuer, &issuer_key)?;
     write_atomic(&out.join(NODE_KEY), &key.serialize_pem(), true)?;
     write_atomic(&out.join(NODE_CERT), &cert.pem(), false)?;
