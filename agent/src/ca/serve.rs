@@ -133,7 +133,10 @@ pub fn issue_node(
     let (issuer, issuer_key, ca_pem) = load_ca(ca_dir)?;
     let id = node_spiffe_id(&loaded.config.mesh.name, node);
     let key = KeyPair::generate()?;
-    let params = leaf_params(std::slice::from_ref(&id), Duration::from_secs(u64::from(days) * 86_400))?;
+    let params = leaf_params(
+        std::slice::from_ref(&id),
+        Duration::from_secs(u64::from(days) * 86_400),
+    )?;
     let cert = params.signed_by(&key, &issuer, &issuer_key)?;
     write_atomic(&out.join(NODE_KEY), &key.serialize_pem(), true)?;
     write_atomic(&out.join(NODE_CERT), &cert.pem(), false)?;
@@ -397,6 +400,8 @@ pub enum ServeError {
     },
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Registry(String),
 }
 
 /// Runs the identity service until the process ends.
@@ -408,7 +413,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         .mesh
         .name
         .to_ascii_lowercase();
-    read_registry(&options.nodes).map_err(ServeError::Tls)?;
+    read_registry(&options.nodes).map_err(ServeError::Registry)?;
     // The service's own certificate: its DNS names and the listen address, for as long as it
     // runs (a restart makes a new one).
     let mut names = options.server_names.clone();

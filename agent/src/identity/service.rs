@@ -174,9 +174,15 @@ impl Client {
                         tracing::info!(identity = %secret, renew_in_s = half.as_secs(), "identity certificate issued by the identity service");
                         half
                     }
-                    Err(message) => {
+                    Err(Failure::Unreachable(message)) => {
                         tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({message}); the current one stays in use until it expires, retrying");
                         Duration::from_secs(3)
+                    }
+                    // A refusal stands until the operator changes the registry or the mesh:
+                    // asked again less often, so it is not logged every few seconds.
+                    Err(Failure::Refused(message)) => {
+                        tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({message}); the current one stays in use until it expires, asking again in 30 s");
+                        Duration::from_secs(30)
                     }
                 };
                 due.insert(secret, Instant::now() + next);
@@ -186,7 +192,7 @@ impl Client {
     }
 
     /// Asks for `secret` with a new key; writes key and certificate. Returns notAfter.
-    async fn renew(&self, secret: &str) -> Result<i64, String> {
+    async fn renew(&self, secret: &str) -> Result<i64, Failure> {
         let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())
             .and_then(|p| p.serialize_request(&key))
@@ -203,13 +209,17 @@ impl Client {
         if status != hyper::StatusCode::OK {
             let refusal: Option<Refusal> = serde_json::from_slice(&body).ok();
             return Err(match refusal {
-                Some(r) => format!("refused ({status}, {}): {}", r.reason, r.message),
-                None => format!("answered {status}"),
+                Some(r) if status.is_client_error() => {
+                    Failure::Refused(format!("refused ({status}, {}): {}", r.reason, r.message))
+                }
+                Some(r) => format!("answered {status}, {}: {}", r.reason, r.message).into(),
+                None => format!("answered {status}").into(),
             });
         }
         let issued: IssueResponse =
             serde_json::from_slice(&body).map_err(|e| format!("bad answer: {e}"))?;
-        let (chain, key_path) = sds_certificate(secret).ok_or("no identity folder")?;
+        let (chain, key_path) = sds_certificate(secret)
+            .ok_or_else(|| Failure::from("no identity folder".to_string()))?;
         // Key first: a handshake that reads the new key with the old chain keeps the old pair
         // (store) and retries.
         crate::ca::write_atomic(&key_path, &key.serialize_pem(), true)
@@ -253,6 +263,20 @@ impl Client {
             .map_err(|e| e.to_string())?
             .to_bytes();
         Ok((status, body))
+    }
+}
+
+/// Why a renewal failed.
+enum Failure {
+    /// No answer, or not one to act on: retried soon.
+    Unreachable(String),
+    /// The service said no (4xx).
+    Refused(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Unreachable(message)
     }
 }
 
