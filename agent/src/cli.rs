@@ -117,9 +117,19 @@ pub enum CaCommand {
         /// The mesh file (which virtual node selects which pod).
         #[arg(long)]
         mesh: PathBuf,
-        /// The node registry: JSON mapping each node name to the pods it runs.
+        /// The node registry: JSON mapping each node name to the pods it runs (plain hosts).
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        nodes: Option<PathBuf>,
+        /// Take each node's pods from the Kubernetes API (Pods by spec.nodeName) instead.
         #[arg(long)]
-        nodes: PathBuf,
+        kubernetes: bool,
+        /// The kubeconfig for --kubernetes (default: in-cluster, then ~/.kube/config).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: std::net::SocketAddr,
         /// Plain HTTP Prometheus metrics (`/metrics`).
@@ -413,16 +423,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             ca_dir,
             mesh,
             nodes,
+            kubernetes: _,
+            kubeconfig,
             listen,
             metrics_listen,
             lifetime,
             server_names,
         }) => {
+            let pods = match nodes {
+                Some(path) => ca::serve::PodSourceOptions::Registry(path),
+                None => ca::serve::PodSourceOptions::Kubernetes { kubeconfig },
+            };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(ca::serve::serve(ca::serve::ServeOptions {
                 ca_dir,
                 mesh,
-                nodes,
+                pods,
                 listen,
                 metrics_listen,
                 lifetime,

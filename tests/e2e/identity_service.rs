@@ -177,7 +177,7 @@ fn bed(test: &str, lifetime: &str, impostor: bool) -> anyhow::Result<Bed> {
         &ca_node,
         &ca_dir,
         &mesh,
-        &nodes_file.display().to_string(),
+        &["--nodes", &nodes_file.display().to_string()],
         lifetime,
     )?);
     if impostor {
@@ -223,29 +223,30 @@ fn start_service(
     ca_node: &Node,
     ca_dir: &str,
     mesh: &str,
-    nodes_file: &str,
+    source: &[&str],
     lifetime: &str,
 ) -> anyhow::Result<Process> {
     let listen = format!("{}:{CA_PORT}", ca_node.underlay_ip());
     let metrics = format!("{}:{CA_METRICS_PORT}", ca_node.underlay_ip());
     let service = tb.spawn(
         "identity-service",
-        ca_node.command(testbed::agent::strait_binary()?).args([
-            "ca",
-            "serve",
-            "--ca-dir",
-            ca_dir,
-            "--mesh",
-            mesh,
-            "--nodes",
-            nodes_file,
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            &metrics,
-            "--lifetime",
-            lifetime,
-        ]),
+        ca_node
+            .command(testbed::agent::strait_binary()?)
+            .args([
+                "ca",
+                "serve",
+                "--ca-dir",
+                ca_dir,
+                "--mesh",
+                mesh,
+                "--listen",
+                &listen,
+                "--metrics-listen",
+                &metrics,
+                "--lifetime",
+                lifetime,
+            ])
+            .args(source),
     )?;
     service.wait_listening(CA_PORT, Duration::from_secs(10))?;
     Ok(service)
@@ -287,9 +288,19 @@ fn issued(agent: &Agent) -> usize {
 /// Posts an identity request to the service with `node`'s credentials (or none) using curl;
 /// returns curl's success, the HTTP status and the body.
 fn post_as(bed: &Bed, node: Option<&str>, identity: &str) -> anyhow::Result<(bool, u16, String)> {
-    let dir = bed.tb.temp_dir();
+    post(&bed.tb, &bed.ca_node, node, identity)
+}
+
+/// [`post_as`] to the service in `ca_node`.
+fn post(
+    tb: &Testbed,
+    ca_node: &Node,
+    node: Option<&str>,
+    identity: &str,
+) -> anyhow::Result<(bool, u16, String)> {
+    let dir = tb.temp_dir();
     let body = json!({"identity": identity, "csr": "not read before the node is checked"});
-    let mut command = bed.ca_node.command("curl");
+    let mut command = ca_node.command("curl");
     command.args([
         "-sS",
         "--http2",
@@ -315,7 +326,7 @@ fn post_as(bed: &Bed, node: Option<&str>, identity: &str) -> anyhow::Result<(boo
     }
     command.arg(format!(
         "https://{}:{CA_PORT}/v1/identities",
-        bed.ca_node.underlay_ip()
+        ca_node.underlay_ip()
     ));
     let output = run(&mut command, Duration::from_secs(10))?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -477,6 +488,91 @@ fn short_lived_certificates_renew_under_load_and_an_outage_keeps_traffic_flowing
     ensure!(
         report["completed"].as_u64().unwrap_or(0) > 10_000,
         "too few requests: {report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_the_kubernetes_api_a_node_is_given_only_the_identities_of_its_pods() -> anyhow::Result<()> {
+    use testbed::kubeapi::{Kind, KubeApi, namespace_object, pod_object};
+    let tb = Testbed::new("identity-service-kubernetes")?;
+    require_tool("curl")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let ca_node = tb.add_node("ca")?;
+    let client = node1.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let server = node2.add_pod(&PodSpec::new("server", "app").label("app", "color"))?;
+    let api = KubeApi::new()?;
+    api.apply(namespace_object("app", &[]))?;
+    api.apply(pod_object(&client))?;
+    api.apply(pod_object(&server))?;
+    let dir = tb.temp_dir().to_path_buf();
+    let kubeconfig = api.kubeconfig(api.serve_in(&ca_node)?, &dir)?;
+    let ca_dir = dir.join("ca").display().to_string();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, mesh_yaml())?;
+    let mesh = mesh.display().to_string();
+    strait_ok(&ca_node, &["ca", "init", "--dir", &ca_dir])?;
+    for node in [&node1, &node2] {
+        let out = dir
+            .join(format!("{}-cert", node.name()))
+            .display()
+            .to_string();
+        strait_ok(
+            &ca_node,
+            &[
+                "ca",
+                "issue-node",
+                "--mesh",
+                &mesh,
+                "--ca-dir",
+                &ca_dir,
+                "--node",
+                node.name(),
+                "--out",
+                &out,
+            ],
+        )?;
+    }
+    let _service = start_service(
+        &tb,
+        &ca_node,
+        &ca_dir,
+        &mesh,
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+        ],
+        "24h",
+    )?;
+    let color = "spiffe://test/ns/app/vn/color";
+    // node1 runs no color pod per the API: refused, naming the source.
+    let (_, status, body) = post(&tb, &ca_node, Some(node1.name()), color)?;
+    ensure!(status == 403, "node1 asking for color: {status} {body}");
+    let refusal: Value = serde_json::from_str(&body)?;
+    ensure!(
+        refusal["reason"] == "not_on_node"
+            && refusal["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("per the Kubernetes API")),
+        "{refusal}"
+    );
+    // node2 runs one: it passes the node check and reaches the CSR (this one is no CSR).
+    let (_, status, body) = post(&tb, &ca_node, Some(node2.name()), color)?;
+    let answer: Value = serde_json::from_str(&body)?;
+    ensure!(
+        status == 400 && answer["reason"] == "bad_csr",
+        "node2 asking for color: {status} {body}"
+    );
+    // Once the pod is gone from the API, node2 is refused too.
+    api.delete(Kind::Pod, "app", "server")?;
+    let (_, status, body) = post(&tb, &ca_node, Some(node2.name()), color)?;
+    ensure!(status == 403, "node2 without its pod: {status} {body}");
+    let requests = api.requests();
+    ensure!(
+        requests.iter().any(|r| r.contains("spec.nodeName")),
+        "the service did not ask the API for a node's pods: {requests:?}"
     );
     Ok(())
 }

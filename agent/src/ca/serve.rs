@@ -5,9 +5,10 @@
 //! - A node authenticates with a node certificate from [`issue_node`]: its URI SAN is
 //!   `spiffe://<mesh>/node/<node>` (the trust domain is the mesh's name, as in the workload
 //!   SPIFFE IDs of `identity`).
-//! - Which pods run on which node comes from a registry file the operator writes (`--nodes`),
-//!   never from what agents report: a compromised node could report any pod. The file is read
-//!   again for every request, so an edit applies at once. A pod is selected by a virtual node
+//! - Which pods run on which node comes from the Kubernetes API (`--kubernetes`: Pods whose
+//!   `spec.nodeName` is the node, and Namespaces' labels) or from a registry file the operator
+//!   writes (`--nodes`), never from what agents report: a compromised node could report any
+//!   pod. Both are read again for every request, so a change applies at once. A pod is selected by a virtual node
 //!   under the same App Mesh rules the agent applies (`Workload::virtual_node`,
 //!   `gateway::routes::gateway_of`).
 //! - The CSR only carries the public key: the subject and SANs are the service's choice (the
@@ -207,13 +208,110 @@ pub fn parse_lifetime(s: &str) -> Result<Duration, String> {
 pub struct ServeOptions {
     pub ca_dir: PathBuf,
     pub mesh: PathBuf,
-    pub nodes: PathBuf,
+    pub pods: PodSourceOptions,
     pub listen: SocketAddr,
     /// Plain HTTP `/metrics` (Prometheus).
     pub metrics_listen: Option<SocketAddr>,
     pub lifetime: Duration,
     /// DNS names of the service's own certificate (besides the listen address).
     pub server_names: Vec<String>,
+}
+
+/// Where the service learns which pods run on which node.
+#[derive(Debug, Clone)]
+pub enum PodSourceOptions {
+    /// The registry file (`--nodes`).
+    Registry(PathBuf),
+    /// The Kubernetes API (`--kubernetes`), with this kubeconfig or the in-cluster one.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+enum PodSource {
+    Registry(PathBuf),
+    Kubernetes(kube::Client),
+}
+
+impl PodSource {
+    async fn open(options: &PodSourceOptions) -> Result<Self, String> {
+        match options {
+            PodSourceOptions::Registry(path) => {
+                read_registry(path)?;
+                Ok(Self::Registry(path.clone()))
+            }
+            PodSourceOptions::Kubernetes { kubeconfig } => {
+                let config = match kubeconfig {
+                    Some(path) => {
+                        let file = kube::config::Kubeconfig::read_from(path)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        kube::Config::from_custom_kubeconfig(file, &Default::default())
+                            .await
+                            .map_err(|e| format!("{}: {e}", path.display()))?
+                    }
+                    None => kube::Config::infer().await.map_err(|e| {
+                        format!("no Kubernetes configuration (in-cluster or ~/.kube/config): {e}")
+                    })?,
+                };
+                tracing::info!(api = %config.cluster_url, "pods per node from the Kubernetes API");
+                Ok(Self::Kubernetes(
+                    kube::Client::try_from(config).map_err(|e| e.to_string())?,
+                ))
+            }
+        }
+    }
+
+    /// What names the source in a refusal.
+    fn describe(&self) -> String {
+        match self {
+            Self::Registry(path) => path.display().to_string(),
+            Self::Kubernetes(_) => "the Kubernetes API".into(),
+        }
+    }
+
+    /// The pods running on `node`.
+    async fn pods_of(&self, node: &str) -> Result<Vec<RegisteredPod>, String> {
+        match self {
+            Self::Registry(path) => Ok(read_registry(path)?.remove(node).unwrap_or_default()),
+            Self::Kubernetes(client) => {
+                use k8s_openapi::api::core::v1::{Namespace, Pod};
+                use kube::api::{Api, ListParams};
+                let pods = Api::<Pod>::all(client.clone())
+                    .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+                    .await
+                    .map_err(|e| format!("cannot list the pods of node {node}: {e}"))?;
+                let namespaces: BTreeMap<String, BTreeMap<String, String>> =
+                    Api::<Namespace>::all(client.clone())
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(|e| format!("cannot list namespaces: {e}"))?
+                        .items
+                        .into_iter()
+                        .filter_map(|ns| {
+                            Some((ns.metadata.name?, ns.metadata.labels.unwrap_or_default()))
+                        })
+                        .collect();
+                Ok(pods
+                    .items
+                    .into_iter()
+                    // A finished pod runs nothing that needs an identity.
+                    .filter(|pod| {
+                        !pod.status
+                            .as_ref()
+                            .and_then(|s| s.phase.as_deref())
+                            .is_some_and(|p| p == "Succeeded" || p == "Failed")
+                    })
+                    .filter_map(|pod| {
+                        let namespace = pod.metadata.namespace?;
+                        Some(RegisteredPod {
+                            name: pod.metadata.name?,
+                            namespace_labels: namespaces.get(&namespace).cloned(),
+                            namespace,
+                            labels: pod.metadata.labels.unwrap_or_default(),
+                        })
+                    })
+                    .collect())
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,6 +327,7 @@ struct Metrics {
 
 struct Service {
     options: ServeOptions,
+    pods: PodSource,
     issuer: rcgen::Certificate,
     issuer_key: KeyPair,
     ca_pem: String,
@@ -246,8 +345,22 @@ fn refuse(status: StatusCode, reason: &str, message: String) -> (StatusCode, Vec
 
 impl Service {
     /// Decides one request from the node `node` (from its verified certificate, if any).
-    fn decide(&self, node: Option<&str>, body: &[u8]) -> (StatusCode, Vec<u8>) {
-        let result = self.decide_inner(node, body);
+    async fn answer(&self, node: Option<&str>, body: &[u8]) -> (StatusCode, Vec<u8>) {
+        let pods = match node {
+            Some(node) => self.pods.pods_of(node).await,
+            None => Ok(Vec::new()),
+        };
+        self.decide(node, body, pods)
+    }
+
+    /// [`Service::answer`], given the pods the source lists on the node.
+    fn decide(
+        &self,
+        node: Option<&str>,
+        body: &[u8],
+        pods: Result<Vec<RegisteredPod>, String>,
+    ) -> (StatusCode, Vec<u8>) {
+        let result = self.decide_inner(node, body, pods);
         match &result {
             Ok(_) => {
                 self.metrics.issued.inc();
@@ -272,6 +385,7 @@ impl Service {
         &self,
         node: Option<&str>,
         body: &[u8],
+        pods: Result<Vec<RegisteredPod>, String>,
     ) -> Result<Vec<u8>, (StatusCode, &'static str, String)> {
         let Some(node) = node else {
             return Err((
@@ -293,7 +407,7 @@ impl Service {
         let loaded = mesh::load_file(&self.options.mesh)
             .map_err(|e| internal(format!("cannot load the mesh file: {e}")))?;
         let mesh = &loaded.config;
-        let registry = read_registry(&self.options.nodes).map_err(internal)?;
+        let pods = pods.map_err(internal)?;
         let Some((id, sans)) = identity_of(mesh, &request.identity) else {
             return Err((
                 StatusCode::NOT_FOUND,
@@ -304,7 +418,6 @@ impl Service {
                 ),
             ));
         };
-        let pods = registry.get(node).map(Vec::as_slice).unwrap_or_default();
         if !pods.iter().any(|pod| selects(mesh, &id, pod)) {
             return Err((
                 StatusCode::FORBIDDEN,
@@ -312,7 +425,7 @@ impl Service {
                 format!(
                     "node {node} runs no pod selected by {id} (per {}): a node is given only \
                      the identities of its own pods",
-                    self.options.nodes.display()
+                    self.pods.describe()
                 ),
             ));
         }
@@ -401,7 +514,7 @@ pub enum ServeError {
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
     #[error("{0}")]
-    Registry(String),
+    Pods(String),
 }
 
 /// Runs the identity service until the process ends.
@@ -413,7 +526,9 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         .mesh
         .name
         .to_ascii_lowercase();
-    read_registry(&options.nodes).map_err(ServeError::Registry)?;
+    let pods = PodSource::open(&options.pods)
+        .await
+        .map_err(ServeError::Pods)?;
     // The service's own certificate: its DNS names and the listen address, for as long as it
     // runs (a restart makes a new one).
     let mut names = options.server_names.clone();
@@ -455,6 +570,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         })?;
     let service = Arc::new(Service {
         options: options.clone(),
+        pods,
         issuer,
         issuer_key,
         ca_pem,
@@ -522,7 +638,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                             )
                         } else {
                             match Limited::new(req.into_body(), 64 * 1024).collect().await {
-                                Ok(body) => service.decide(node.as_deref(), &body.to_bytes()),
+                                Ok(body) => service.answer(node.as_deref(), &body.to_bytes()).await,
                                 Err(e) => refuse(
                                     StatusCode::BAD_REQUEST,
                                     "bad_request",
@@ -601,10 +717,11 @@ spec:
         .unwrap();
         let (issuer, issuer_key, ca_pem) = load_ca(&ca).unwrap();
         Service {
+            pods: PodSource::Registry(nodes.clone()),
             options: ServeOptions {
                 ca_dir: ca,
                 mesh,
-                nodes,
+                pods: PodSourceOptions::Registry(nodes),
                 listen: "127.0.0.1:0".parse().unwrap(),
                 metrics_listen: None,
                 lifetime: Duration::from_secs(3600),
@@ -633,6 +750,18 @@ spec:
         .unwrap()
     }
 
+    /// [`Service::decide`] with the registry's pods of `node`.
+    fn ask(service: &Service, node: Option<&str>, body: &[u8]) -> (StatusCode, Vec<u8>) {
+        let PodSource::Registry(path) = &service.pods else {
+            unreachable!("the tests use a registry")
+        };
+        let pods = match node {
+            Some(node) => read_registry(path).map(|mut r| r.remove(node).unwrap_or_default()),
+            None => Ok(Vec::new()),
+        };
+        service.decide(node, body, pods)
+    }
+
     fn refused(service: &Service, reason: &str) -> u64 {
         service
             .metrics
@@ -648,7 +777,7 @@ spec:
         let dir = tempfile::tempdir().unwrap();
         let service = service(dir.path());
         let color = "spiffe://test/ns/app/vn/color";
-        let (status, body) = service.decide(Some("node2"), &request(color));
+        let (status, body) = ask(&service, Some("node2"), &request(color));
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let issued: IssueResponse = serde_json::from_slice(&body).unwrap();
         let der = CertificateDer::from_pem_slice(issued.certificate_chain.as_bytes()).unwrap();
@@ -656,7 +785,7 @@ spec:
         assert_eq!(facts.sans, vec![color, "color.app.svc.cluster.local"]);
         assert_eq!(facts.not_after - facts.not_before, 3600 + 60);
 
-        let (status, body) = service.decide(Some("node1"), &request(color));
+        let (status, body) = ask(&service, Some("node1"), &request(color));
         assert_eq!(status, StatusCode::FORBIDDEN);
         let refusal: Refusal = serde_json::from_slice(&body).unwrap();
         assert_eq!(refusal.reason, "not_on_node");
@@ -667,12 +796,17 @@ spec:
         );
         assert_eq!(refused(&service, "not_on_node"), 1);
 
-        let (status, _) = service.decide(None, &request(color));
+        let (status, _) = ask(&service, None, &request(color));
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert_eq!(refused(&service, "no_node"), 1);
-        let (status, _) = service.decide(Some("node2"), &request("spiffe://test/ns/app/vn/x"));
+        let (status, _) = ask(
+            &service,
+            Some("node2"),
+            &request("spiffe://test/ns/app/vn/x"),
+        );
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, _) = service.decide(
+        let (status, _) = ask(
+            &service,
             Some("node2"),
             br#"{"identity": "spiffe://test/ns/app/vn/color", "csr": "x"}"#,
         );
