@@ -1,6 +1,7 @@
 //! End-to-end tests of the identity service (`strait ca serve`, docs/identity.md): agents get
 //! the certificates of their `sds` sources from it over HTTP/2 and mutual TLS, each node only
-//! those of the virtual nodes it runs a pod of per the operator's node registry.
+//! those of the virtual nodes it runs a pod of per the operator's node registry (or, in the
+//! last test, per the test Kubernetes API server, tests/src/kubeapi.rs).
 //!
 //! Three testbed netns: node1 runs `client` (and, in the refusal test, `impostor`, a pod the
 //! agent enrolls as `color` but the registry does not place on node1), node2 runs `color`, and
