@@ -9,6 +9,8 @@
 //!   path. A virtual gateway gets the same for its listeners and `backendDefaults`, with its
 //!   SPIFFE ID (`.../vg/<name>`) and the host names its routes match. Files are replaced by rename, so a running agent picks them up whole (rotation).
 
+pub mod serve;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -80,7 +82,10 @@ pub struct Issued {
     pub sans: Vec<String>,
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
         what,
         path: path.to_owned(),
@@ -89,7 +94,7 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 }
 
 /// Writes `text` to `path` through a temp file and a rename, so readers see old or new.
-fn write_atomic(path: &Path, text: &str, private: bool) -> Result<(), Error> {
+pub(crate) fn write_atomic(path: &Path, text: &str, private: bool) -> Result<(), Error> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -153,7 +158,7 @@ pub fn init(dir: &Path) -> Result<PathBuf, Error> {
     Ok(cert_path)
 }
 
-fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair, String), Error> {
+pub(crate) fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair, String), Error> {
     let key_path = dir.join(CA_KEY);
     let cert_path = dir.join(CA_CERT);
     if key_path.exists() {

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::proxy::upstream::PeerNode;
 use crate::workloads::PodSource;
-use crate::{app, ca, check, kubernetes, mesh, proxy, redirect, status};
+use crate::{app, ca, check, identity, kubernetes, mesh, proxy, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -90,6 +90,57 @@ pub enum CaCommand {
         /// Use these SANs instead of the virtual node's identities (to test SAN mismatch).
         #[arg(long = "san")]
         sans: Vec<String>,
+    },
+    /// Write a node certificate (URI SAN `spiffe://<mesh>/node/<name>`) with which a node's
+    /// agent authenticates to the identity service: node.pem, node-key.pem, ca.pem.
+    IssueNode {
+        /// The mesh file (its mesh name is the trust domain).
+        #[arg(long)]
+        mesh: PathBuf,
+        #[arg(long, default_value = "strait-ca")]
+        ca_dir: PathBuf,
+        /// The node's name.
+        #[arg(long)]
+        node: String,
+        /// The folder to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Run the identity service: sign virtual node certificates for the nodes that run their
+    /// pods (docs/identity.md).
+    Serve {
+        #[arg(long, default_value = "strait-ca")]
+        ca_dir: PathBuf,
+        /// The mesh file (which virtual node selects which pod).
+        #[arg(long)]
+        mesh: PathBuf,
+        /// The node registry: JSON mapping each node name to the pods it runs (plain hosts).
+        #[arg(
+            long,
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        nodes: Option<PathBuf>,
+        /// Take each node's pods from the Kubernetes API (Pods by spec.nodeName) instead.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The kubeconfig for --kubernetes (default: in-cluster, then ~/.kube/config).
+        #[arg(long, requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// Plain HTTP Prometheus metrics (`/metrics`).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// Lifetime of the certificates it signs (`60s`, `30m`, `24h`, `7d`).
+        #[arg(long, default_value = "24h", value_parser = ca::serve::parse_lifetime)]
+        lifetime: Duration,
+        /// DNS names of the service's own certificate, which agents check; repeatable.
+        #[arg(long = "server-name", default_value = "strait-ca")]
+        server_names: Vec<String>,
     },
 }
 
@@ -207,6 +258,16 @@ pub struct RunArgs {
     /// not followed. `/dev/stdout` and `/dev/stderr` are always allowed.
     #[arg(long, default_value = "/var/log/strait")]
     pub access_log_dir: PathBuf,
+    /// The identity service (`strait ca serve`), e.g. https://10.0.0.5:15012: the agent asks
+    /// it for the certificates App Mesh `sds` sources name (docs/identity.md).
+    #[arg(long, requires = "node_cert")]
+    pub identity_service: Option<String>,
+    /// This node's certificate folder (`strait ca issue-node`).
+    #[arg(long)]
+    pub node_cert: Option<PathBuf>,
+    /// Where the agent keeps the keys and certificates the identity service issued it.
+    #[arg(long, default_value = "/run/strait/identities")]
+    pub identity_dir: PathBuf,
 }
 
 fn parse_sampling(s: &str) -> Result<f64, String> {
@@ -293,6 +354,18 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
+            if let Some(url) = args.identity_service {
+                let client = identity::service::Client::new(
+                    &url,
+                    &args.node_cert.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--identity-service needs --node-cert (`strait ca issue-node`)"
+                        )
+                    })?,
+                    &args.identity_dir,
+                )?;
+                runtime.spawn(client.run());
+            }
             runtime.block_on(app::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -333,6 +406,44 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{} does not exist: nothing to remove", bpffs.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::IssueNode {
+            mesh,
+            ca_dir,
+            node,
+            out,
+            days,
+        }) => {
+            let id = ca::serve::issue_node(&mesh, &ca_dir, &node, &out, days)?;
+            println!("{id}: {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca(CaCommand::Serve {
+            ca_dir,
+            mesh,
+            nodes,
+            kubernetes: _,
+            kubeconfig,
+            listen,
+            metrics_listen,
+            lifetime,
+            server_names,
+        }) => {
+            let pods = match nodes {
+                Some(path) => ca::serve::PodSourceOptions::Registry(path),
+                None => ca::serve::PodSourceOptions::Kubernetes { kubeconfig },
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(ca::serve::serve(ca::serve::ServeOptions {
+                ca_dir,
+                mesh,
+                pods,
+                listen,
+                metrics_listen,
+                lifetime,
+                server_names,
+            }))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca(CaCommand::Init { dir }) => {

@@ -20,6 +20,7 @@
 
 pub mod local;
 pub mod policy;
+pub mod service;
 pub mod store;
 pub mod verify;
 

@@ -266,10 +266,11 @@ pub fn certificate_files(cert: &TlsCertificate, field: &str) -> Result<(PathBuf,
             field: field.to_owned(),
             source_kind: "an ACM certificate (AWS only)",
         }),
-        TlsCertificate::Sds { .. } => Err(Error::Unsupported {
-            field: field.to_owned(),
-            source_kind: "SDS",
-        }),
+        TlsCertificate::Sds { secret_name } => super::service::sds_certificate(secret_name)
+            .ok_or_else(|| Error::Unsupported {
+                field: field.to_owned(),
+                source_kind: "SDS without an identity service (`strait run --identity-service`)",
+            }),
     }
 }
 
@@ -281,9 +282,9 @@ pub fn trust_file(validation: &TlsValidation, field: &str) -> Result<PathBuf, Er
             field: field.to_owned(),
             source_kind: "ACM private CA trust (AWS only)",
         }),
-        TlsTrust::Sds { .. } => Err(Error::Unsupported {
+        TlsTrust::Sds { .. } => super::service::sds_trust().ok_or_else(|| Error::Unsupported {
             field: field.to_owned(),
-            source_kind: "SDS",
+            source_kind: "SDS without an identity service (`strait run --identity-service`)",
         }),
     }
 }

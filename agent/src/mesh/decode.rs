@@ -1202,8 +1202,9 @@ impl Cx<'_> {
         self.warn(
             pos,
             path,
-            "SDS (an Envoy secret discovery socket, e.g. SPIRE) is not read by strait yet: this \
-             certificate or trust is not loaded; use `file`",
+            "SDS is served by the strait identity service (`strait run --identity-service`, \
+             docs/identity.md; the secret name is the SPIFFE ID asked for): an agent started \
+             without one refuses this certificate or trust; otherwise use `file`",
         );
     }
 
