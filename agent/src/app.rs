@@ -174,8 +174,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .policy
         .store(Arc::new(Policy::compile(&loaded.config)));
     let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
-    let mut answers =
-        discovery::keep_resolved(resolver, names_rx, discovery::FIRST_ROUND_WAIT).await;
+    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
 
     // Take over the running agent's listeners, if one runs, before binding anything. From
     // here until the first reconcile, connects wait in the listeners' backlogs.

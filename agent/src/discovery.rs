@@ -24,10 +24,6 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 const MAX_REFRESH: Duration = Duration::from_secs(300);
 /// After a failed lookup, try again this soon.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
-/// How long start-up waits for the first answers: one lookup timeout ([`Resolver::new`]). A
-/// server that answers at all answers within it; the resolver's retries after that only make
-/// a silent server cost more (2 s three times), so they go on in the background instead.
-pub const FIRST_ROUND_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -100,36 +96,16 @@ impl Resolver {
 }
 
 /// Keeps a set of names resolved. The wanted names come in on `names`; the answers go out on
-/// the returned channel whenever one changes. Returns once every name has been answered once
-/// (addresses, or that it does not exist), so the first routing table is complete: a
-/// restarting agent must not start by telling the kernel that no service exists. But it waits
-/// at most `first_round_wait` ([`FIRST_ROUND_WAIT`]): a DNS server that does not answer would
-/// hold start-up for nothing, as waiting longer does not make it answer. Names without an
-/// answer by then are asked again at once in the background, and their addresses are routed
-/// when they come (the channel changes).
+/// the returned channel whenever one changes. Returns once every name has been asked once,
+/// so the first routing table is complete: a restarting agent must not start by telling the
+/// kernel that no service exists.
 pub async fn keep_resolved(
     resolver: Resolver,
     mut names: watch::Receiver<BTreeSet<String>>,
-    first_round_wait: Duration,
 ) -> watch::Receiver<Answers> {
     let mut state = State::default();
     let wanted = names.borrow_and_update().clone();
-    // Cancelling the round keeps what it got: each answer is stored as it arrives, and the
-    // names still unanswered stay due now.
-    if tokio::time::timeout(first_round_wait, state.refresh(&resolver, &wanted))
-        .await
-        .is_err()
-    {
-        let missing: Vec<&String> = wanted
-            .iter()
-            .filter(|name| !state.answers.contains_key(*name))
-            .collect();
-        tracing::warn!(
-            ?missing,
-            wait = ?first_round_wait,
-            "no DNS answer for these names at start; starting without their addresses, which are routed as soon as they resolve"
-        );
-    }
+    state.refresh(&resolver, &wanted).await;
     let (tx, rx) = watch::channel(Arc::new(state.answers.clone()));
     tokio::spawn(async move {
         loop {
