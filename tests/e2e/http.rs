@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
-use testbed::agent::Agent;
+use testbed::agent::{Agent, http_server};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -240,21 +240,6 @@ struct Bed {
     servers: Vec<Process>,
 }
 
-fn http_server(tb: &Testbed, pod: &Pod, name: &str) -> anyhow::Result<Process> {
-    let server = tb.spawn(
-        &format!("http-{name}"),
-        pod.command(HTTP_BIN).args([
-            "serve",
-            "--listen",
-            "0.0.0.0:8080,[::]:8080",
-            "--name",
-            name,
-        ]),
-    )?;
-    server.wait_listening(8080, Duration::from_secs(10))?;
-    Ok(server)
-}
-
 /// The Python interpreter that has grpcio, or a clear failure.
 fn python_with_grpcio() -> anyhow::Result<String> {
     let output = std::process::Command::new("python3")
@@ -311,9 +296,12 @@ fn bed(test: &str, options: Options) -> anyhow::Result<Bed> {
     tb.dns_record("color-v1.app.svc.cluster.local", &v1_ips)?;
     tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let mut servers = vec![http_server(&tb, &v1, "v1")?, http_server(&tb, &v2, "v2")?];
+    let mut servers = vec![
+        http_server(&tb, &v1, 8080, "v1")?,
+        http_server(&tb, &v2, 8080, "v2")?,
+    ];
     if let Some(v1b) = &v1b {
-        servers.push(http_server(&tb, v1b, "v1b")?);
+        servers.push(http_server(&tb, v1b, 8080, "v1b")?);
     }
     if let Some(python) = python {
         for (pod, name) in [(&v1, "v1"), (&v2, "v2")] {
@@ -763,7 +751,7 @@ fn a_health_check_ejects_a_dead_endpoint_and_readmits_it() -> anyhow::Result<()>
     assert_eq!(report["by_server"]["v1"], 200, "{report}");
 
     // Bring it back: readmitted after `healthyThreshold` good probes.
-    let _server = http_server(&bed.tb, &v1b, "v1b")?;
+    let _server = http_server(&bed.tb, &v1b, 8080, "v1b")?;
     let limit = HEALTH_INTERVAL * HEALTHY_THRESHOLD + HEALTH_TIMEOUT;
     let took = wait_for_health_log(
         &agent,

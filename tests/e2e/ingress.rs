@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, metric, strait_binary, strait_ok};
+use testbed::agent::{Agent, http_server, metric, strait_binary, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -25,21 +25,6 @@ const GATEWAY: &str = "ingress/ingress-gw-1";
 /// The walkthrough's manifests: mesh, gateway, routes.
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/ingress")
-}
-
-fn http_server(tb: &Testbed, pod: &Pod, name: &str, port: u16) -> anyhow::Result<Process> {
-    let server = tb.spawn(
-        &format!("http-{name}"),
-        pod.command(HTTP_BIN).args([
-            "serve",
-            "--listen",
-            &format!("0.0.0.0:{port},[::]:{port}"),
-            "--name",
-            name,
-        ]),
-    )?;
-    server.wait_listening(port, Duration::from_secs(10))?;
-    Ok(server)
 }
 
 struct Reply {
@@ -101,9 +86,9 @@ fn backends(tb: &Testbed, node: &Node) -> anyhow::Result<(Backends, Vec<Pod>)> {
             &format!("{name}-v1.{namespace}.svc.cluster.local"),
             &[pod.ipv4().into()],
         )?;
-        servers.push(http_server(tb, &pod, name, 8080)?);
+        servers.push(http_server(tb, &pod, 8080, name)?);
         if name == "green" {
-            servers.push(http_server(tb, &pod, "green-8081", 8081)?);
+            servers.push(http_server(tb, &pod, 8081, "green-8081")?);
         }
         node.write_workload(&pod)?;
         pods.push(pod);
@@ -665,7 +650,7 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
     let rpc = node2.add_pod(&PodSpec::new("rpc", "ingress").label("app", "rpc"))?;
     tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
     tb.dns_record("rpc-v1.ingress.svc.cluster.local", &[rpc.ipv4().into()])?;
-    let _red_server = http_server(&tb, &red, "red", 8080)?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
     let _rpc_server = tb.spawn(
         "grpc-rpc",
         rpc.command(&python)

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, echo_server, peer_binary, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::agent::{Agent, echo_server, http_server, peer_binary, strait_ok};
+use testbed::{Node, Pod, PodSpec, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const COLOR_V4: &str = "10.96.0.40";
@@ -191,21 +191,6 @@ spec:
   provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
 "#
     )
-}
-
-fn http_server(tb: &Testbed, pod: &Pod, name: &str) -> anyhow::Result<Process> {
-    let server = tb.spawn(
-        &format!("http-{name}"),
-        pod.command(HTTP_BIN).args([
-            "serve",
-            "--listen",
-            "0.0.0.0:8080,[::]:8080",
-            "--name",
-            name,
-        ]),
-    )?;
-    server.wait_listening(8080, Duration::from_secs(10))?;
-    Ok(server)
 }
 
 /// `strait-http load` for `TRAFFIC` at `rate` requests per second per worker (two workers).
@@ -415,8 +400,8 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     )?;
     limited_server.wait_listening(8081, Duration::from_secs(10))?;
     let _servers = [
-        http_server(&tb, &v1, "v1")?,
-        http_server(&tb, &v2, "v2")?,
+        http_server(&tb, &v1, 8080, "v1")?,
+        http_server(&tb, &v2, 8080, "v2")?,
         limited_server,
     ];
     for pod in [&client, &v1, &v2, &echo, &limited, &client2] {

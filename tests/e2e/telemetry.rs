@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, strait_ok};
+use testbed::agent::{Agent, http_server, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -129,21 +129,6 @@ struct Bed {
     _servers: Vec<Process>,
 }
 
-fn http_server(tb: &Testbed, pod: &Pod, name: &str) -> anyhow::Result<Process> {
-    let server = tb.spawn(
-        &format!("http-{name}"),
-        pod.command(HTTP_BIN).args([
-            "serve",
-            "--listen",
-            "0.0.0.0:8080,[::]:8080",
-            "--name",
-            name,
-        ]),
-    )?;
-    server.wait_listening(8080, Duration::from_secs(10))?;
-    Ok(server)
-}
-
 fn bed(test: &str) -> anyhow::Result<Bed> {
     let tb = Testbed::new(test)?;
     let node = tb.add_node("node1")?;
@@ -164,7 +149,10 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     tb.dns_record("color-v1.app.svc.cluster.local", &[v1.ipv4().into()])?;
     tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let servers = vec![http_server(&tb, &v1, "v1")?, http_server(&tb, &v2, "v2")?];
+    let servers = vec![
+        http_server(&tb, &v1, 8080, "v1")?,
+        http_server(&tb, &v2, 8080, "v2")?,
+    ];
     for pod in [&client, &v1, &v2] {
         node.write_workload(pod)?;
     }

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use testbed::agent::{ADMIN, Agent, strait_ok};
+use testbed::agent::{ADMIN, Agent, http_server, strait_ok};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -98,21 +98,6 @@ spec:
   provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
 "#
     )
-}
-
-fn http_server(tb: &Testbed, pod: &Pod, name: &str) -> anyhow::Result<Process> {
-    let server = tb.spawn(
-        &format!("http-{name}"),
-        pod.command(HTTP_BIN).args([
-            "serve",
-            "--listen",
-            "0.0.0.0:8080,[::]:8080",
-            "--name",
-            name,
-        ]),
-    )?;
-    server.wait_listening(8080, Duration::from_secs(10))?;
-    Ok(server)
 }
 
 /// Background load for up to a minute (the testbed stops it when the test ends).
@@ -228,7 +213,10 @@ fn admin_page_shows_the_mesh_graph_with_live_rates_in_a_real_browser() -> anyhow
     tb.dns_record("color-v1.app.svc.cluster.local", &[v1.ipv4().into()])?;
     tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let _servers = [http_server(&tb, &v1, "v1")?, http_server(&tb, &v2, "v2")?];
+    let _servers = [
+        http_server(&tb, &v1, 8080, "v1")?,
+        http_server(&tb, &v2, 8080, "v2")?,
+    ];
     for pod in [&client, &v1, &v2] {
         node.write_workload(pod)?;
     }

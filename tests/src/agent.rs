@@ -393,3 +393,25 @@ pub fn echo_server(
     server.wait_listening(port, Duration::from_secs(10))?;
     Ok(server)
 }
+
+/// Starts `strait-http serve` named `name` in `pod` on `port` (IPv4 and IPv6) and waits until
+/// it listens.
+pub fn http_server(
+    tb: &Testbed,
+    pod: &crate::Pod,
+    port: u16,
+    name: &str,
+) -> anyhow::Result<Process> {
+    let server = tb.spawn(
+        &format!("http-{name}"),
+        pod.command(http_binary()?).args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port},[::]:{port}"),
+            "--name",
+            name,
+        ]),
+    )?;
+    server.wait_listening(port, Duration::from_secs(10))?;
+    Ok(server)
+}
