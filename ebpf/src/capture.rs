@@ -26,7 +26,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
     },
     helpers::generated::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
@@ -395,20 +395,13 @@ pub fn strait_sockops(ctx: SockOpsContext) -> u32 {
     }
 }
 
-fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
-    let ops = ctx.ops;
+/// A sock_ops socket's family (`AF_INET`/`AF_INET6`), its local address words and whether its
+/// peer is on loopback; None for another family.
+#[inline(always)]
+fn ends(ops: *const bpf_sock_ops) -> Option<(u32, [u32; 4], bool)> {
     // SAFETY: context fields, 4-byte reads as the verifier requires.
-    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
-    if op == BPF_SOCK_OPS_STATE_CB {
-        return closed(ctx);
-    }
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(());
-    }
-    // SAFETY: as above.
     let family = unsafe { read_volatile(addr_of!((*ops).family)) };
-    // Captured connects always go to loopback: filter before the map lookup.
-    let (loopback, local) = if family == AF_INET {
+    if family == AF_INET {
         // SAFETY: as above.
         let (remote, local) = unsafe {
             (
@@ -416,7 +409,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                 read_volatile(addr_of!((*ops).local_ip4)),
             )
         };
-        (ipv4_is_loopback(remote), [local, 0, 0, 0])
+        Some((family, [local, 0, 0, 0], ipv4_is_loopback(remote)))
     } else if family == AF_INET6 {
         // SAFETY: as above.
         let (remote, local) = unsafe {
@@ -435,8 +428,45 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
                 ],
             )
         };
-        (ipv6_is_loopback(remote), local)
+        Some((family, local, ipv6_is_loopback(remote)))
     } else {
+        None
+    }
+}
+
+/// The key the agent computes for this client socket (see `ConnKey`).
+#[inline(always)]
+fn conn_key(ops: *const bpf_sock_ops, netns: u64, family: u32, local: [u32; 4]) -> ConnKey {
+    // SAFETY: context field, 4-byte read; local_port is host order.
+    let local_port = unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16;
+    if family == AF_INET {
+        ConnKey::v4(netns, local[0], local_port)
+    } else {
+        ConnKey::v6(netns, local, local_port)
+    }
+}
+
+/// The peer's port, host order.
+#[inline(always)]
+fn remote_port(ops: *const bpf_sock_ops) -> u16 {
+    // SAFETY: context field, 4-byte read; remote_port is the big-endian port shifted left by
+    // 16 (docs/architecture.md, "Platform facts").
+    let port = unsafe { read_volatile(addr_of!((*ops).remote_port)) };
+    u16::from_be((port >> 16) as u16)
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
+    let ops = ctx.ops;
+    // SAFETY: context fields, 4-byte reads as the verifier requires.
+    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        return closed(ctx);
+    }
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return Ok(());
+    }
+    // Captured connects always go to loopback: filter before the map lookup.
+    let Some((family, local, loopback)) = ends(ops) else {
         return Ok(());
     };
     if !loopback {
@@ -446,25 +476,15 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: Copy value read at once; the entry is ours (one socket).
     let Some(dst) = (unsafe { COOKIE_ORIG_DST.get(cookie).copied() }) else {
-        // SAFETY: context field, 4-byte read; remote_port is the big-endian
-        // port shifted left by 16 (docs/architecture.md, "Platform facts").
-        let remote_port = unsafe { read_volatile(addr_of!((*ops).remote_port)) };
-        let remote_port = u16::from_be((remote_port >> 16) as u16);
         // SAFETY: plain u32 read.
-        if unsafe { OUTBOUND_PORTS.get(remote_port).is_some() } {
+        if unsafe { OUTBOUND_PORTS.get(remote_port(ops)).is_some() } {
             count(COUNTER_LOOKUP_MISS);
         }
         return Ok(());
     };
     // SAFETY: the context pointer is valid for the program's run.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: context field, 4-byte read; local_port is host order.
-    let local_port = unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16;
-    let key = if family == AF_INET {
-        ConnKey::v4(netns, local[0], local_port)
-    } else {
-        ConnKey::v6(netns, local, local_port)
-    };
+    let key = conn_key(ops, netns, family, local);
     let stored = CONN_ORIG_DST.insert(key, dst, 0);
     let _ = COOKIE_ORIG_DST.remove(cookie);
     if stored.is_ok() {
@@ -496,40 +516,15 @@ fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     add_pod_connections(netns, -1);
     let ops = ctx.ops;
-    // SAFETY: context fields, 4-byte reads as the verifier requires.
-    let (family, local_port, remote_port) = unsafe {
-        (
-            read_volatile(addr_of!((*ops).family)),
-            read_volatile(addr_of!((*ops).local_port)) as u16,
-            u16::from_be((read_volatile(addr_of!((*ops).remote_port)) >> 16) as u16),
-        )
-    };
-    let key = if family == AF_INET {
-        // SAFETY: as above.
-        ConnKey::v4(
-            netns,
-            unsafe { read_volatile(addr_of!((*ops).local_ip4)) },
-            local_port,
-        )
-    } else if family == AF_INET6 {
-        // SAFETY: as above.
-        let local = unsafe {
-            [
-                read_volatile(addr_of!((*ops).local_ip6[0])),
-                read_volatile(addr_of!((*ops).local_ip6[1])),
-                read_volatile(addr_of!((*ops).local_ip6[2])),
-                read_volatile(addr_of!((*ops).local_ip6[3])),
-            ]
-        };
-        ConnKey::v6(netns, local, local_port)
-    } else {
+    let Some((family, local, _)) = ends(ops) else {
         return Ok(());
     };
+    let key = conn_key(ops, netns, family, local);
     // Only this socket's entry: on a shared network namespace another socket may use the
     // same local port towards another workload's listener.
     // SAFETY: Copy value read at once.
     if let Some(dst) = unsafe { CONN_ORIG_DST.get(key).copied() }
-        && dst.listener_port == remote_port
+        && dst.listener_port == remote_port(ops)
     {
         let _ = CONN_ORIG_DST.remove(key);
     }
