@@ -1317,10 +1317,15 @@ fn a_pod_flooding_connects_cannot_make_another_pods_connections_fail() -> anyhow
         agent.counters()
     );
     // Nothing was closed before the filled reports: what was open then is what the pod held.
-    assert_eq!(
-        sum(&filled, "open"),
-        LIMIT,
-        "the flooding pod held more (or fewer) pending connects than its share: {filled:?}"
+    // connect4 checks the count and sock_ops adds to it later in the same connect, so each of
+    // the other processes connecting at that moment can pass the check once more: the share
+    // is the limit, plus at most one connect per other process of the pod.
+    let held = sum(&filled, "open");
+    assert!(
+        (LIMIT..LIMIT + PROCESSES as u64).contains(&held),
+        "the flooding pod held {held} pending connects, its share is {LIMIT} (+ at most {} \
+         racing): {filled:?}",
+        PROCESSES - 1
     );
     assert_eq!(sum(&filled, "other"), 0, "{filled:?}");
     let done = reports("done")?;
