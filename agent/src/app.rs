@@ -684,6 +684,17 @@ struct Node {
 /// new ones (see `Node::retiring`).
 const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
+/// A listener bound in a pod: its address, the socket, and the duplicate registered for the
+/// next hand-over.
+type Bound = (SocketAddr, std::net::TcpListener, Arc<std::os::fd::OwnedFd>);
+
+/// Why [`Node::listen`] could not bind a pod's listeners.
+enum Listen {
+    /// Another socket in the namespace holds the port: another port will do.
+    InUse(String),
+    Failed(String),
+}
+
 impl Node {
     /// Opens the access logs the virtual nodes ask for (`logging.accessLog.file`).
     fn apply_access_logs(&self, writers: &access_log::Writers) {
@@ -972,8 +983,13 @@ impl Node {
         // Pods have a network namespace each; services on a plain host share the host's. Each
         // workload in a shared namespace gets its own ports, so the listener (and not
         // anything the workload could forge) still tells the agent who is calling.
-        let port = self.free_port(netns, self.config.outbound_port, |e| e.outbound_port)?;
-        let bound = self.listen(workload, "outbound", port)?;
+        let (port, bound) = self.listen_at_free_port(
+            workload,
+            "outbound",
+            netns,
+            self.config.outbound_port,
+            |e| e.outbound_port,
+        )?;
         let (addrs_up, listeners): (Vec<SocketAddr>, Vec<std::net::TcpListener>) =
             bound.into_iter().map(|(addr, l, _)| (addr, l)).unzip();
         // The fast path needs the pod's netns cookie; the listener lives in that netns.
@@ -1051,16 +1067,45 @@ impl Node {
             .ok_or_else(|| format!("no free port from {first} up in this network namespace"))
     }
 
+    /// [`Node::listen`] at the first port from `first` that no enrollment in the namespace
+    /// uses and nothing else holds. A port can be held without an enrollment knowing it: a
+    /// retired listener whose accept task has not yet run to close it, or the pod's own
+    /// program; such a port is passed over (a bounded number of times) instead of failing
+    /// the enrollment on every retry.
+    fn listen_at_free_port(
+        &self,
+        workload: &Workload,
+        kind: &str,
+        netns: (u64, u64),
+        first: u16,
+        used: impl Fn(&Enrolled) -> u16,
+    ) -> Result<(u16, Vec<Bound>), String> {
+        const PORTS_HELD_ELSEWHERE: usize = 1024;
+        let mut from = first;
+        for _ in 0..PORTS_HELD_ELSEWHERE {
+            let port = self.free_port(netns, from, &used)?;
+            match self.listen(workload, kind, port) {
+                Ok(bound) => return Ok((port, bound)),
+                Err(Listen::InUse(error)) => {
+                    tracing::info!(pod = %workload.key(), %error, "port held by another socket in the pod's network namespace; trying the next one");
+                    from = port
+                        .checked_add(1)
+                        .ok_or_else(|| format!("no free {kind} port from {first} up"))?;
+                }
+                Err(Listen::Failed(error)) => return Err(error),
+            }
+        }
+        Err(format!(
+            "{PORTS_HELD_ELSEWHERE} {kind} ports from {first} up are held by other sockets in {}",
+            workload.netns.display()
+        ))
+    }
+
     /// Listeners on 127.0.0.1 and ::1 at `port` in the workload's network namespace: the ones
     /// the previous agent handed over, else new ones. Each is registered for the next hand-over
     /// as `<kind>/<namespace>/<name>/<addr>` by a duplicate, returned beside it. A pod without
     /// IPv6 gets its IPv4 listener only.
-    fn listen(
-        &self,
-        workload: &Workload,
-        kind: &str,
-        port: u16,
-    ) -> Result<Vec<(SocketAddr, std::net::TcpListener, Arc<std::os::fd::OwnedFd>)>, String> {
+    fn listen(&self, workload: &Workload, kind: &str, port: u16) -> Result<Vec<Bound>, Listen> {
         let addrs = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
@@ -1075,7 +1120,8 @@ impl Node {
             }
         }
         if !missing.is_empty() {
-            let fresh = netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?;
+            let fresh = netns::listen_in(&workload.netns, &missing)
+                .map_err(|e| Listen::Failed(e.to_string()))?;
             bound.extend(missing.into_iter().zip(fresh));
         }
         let mut listeners = Vec::new();
@@ -1087,8 +1133,11 @@ impl Node {
                     let shared = std::os::fd::AsFd::as_fd(&listener)
                         .try_clone_to_owned()
                         .map(Arc::new)
-                        .map_err(|e| format!("cannot duplicate the {kind} socket {addr}: {e}"))?;
-                    self.registry.add_shared(&name(&addr), shared.clone());
+                        .map_err(|e| {
+                            Listen::Failed(format!(
+                                "cannot duplicate the {kind} socket {addr}: {e}"
+                            ))
+                        })?;
                     listeners.push((addr, listener, shared));
                 }
                 // A pod without IPv6 (no ::1) has no IPv6 to capture or to bypass with; its
@@ -1098,8 +1147,16 @@ impl Node {
                 Err(error) if addr.is_ipv6() && error.is_address_not_available() => {
                     tracing::info!(pod = %workload.key(), %error, "the pod has no IPv6 loopback: no IPv6 {kind} listener")
                 }
-                Err(error) => return Err(error.to_string()),
+                Err(error) if error.is_address_in_use() => {
+                    return Err(Listen::InUse(error.to_string()));
+                }
+                Err(error) => return Err(Listen::Failed(error.to_string())),
             }
+        }
+        // Registered only once every family is bound: a failed attempt must not leave a
+        // duplicate in the registry holding its port open.
+        for (addr, _, shared) in &listeners {
+            self.registry.add_shared(&name(addr), shared.clone());
         }
         listeners.sort_by_key(|(addr, _, _)| addr.is_ipv6());
         Ok(listeners)
@@ -1115,10 +1172,13 @@ impl Node {
         cgroup_id: u64,
         netns: (u64, u64),
     ) -> Result<PodInbound, String> {
-        let port = self.free_port(netns, self.config.inbound_port, |e| e.inbound_port)?;
+        let (port, bound) =
+            self.listen_at_free_port(workload, "inbound", netns, self.config.inbound_port, |e| {
+                e.inbound_port
+            })?;
         let mut listeners = Vec::new();
         let mut sockets = Vec::new();
-        for (addr, listener, shared) in self.listen(workload, "inbound", port)? {
+        for (addr, listener, shared) in bound {
             sockets.push((addr, shared));
             listeners.push(listener);
         }

@@ -38,6 +38,11 @@ impl Error {
     pub fn is_address_not_available(&self) -> bool {
         matches!(self, Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrNotAvailable)
     }
+
+    /// Another socket holds the port in the namespace (`EADDRINUSE`).
+    pub fn is_address_in_use(&self) -> bool {
+        matches!(self, Error::Bind { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
 }
 
 /// The agent's own network namespace, opened once: what [`in_netns`] returns to.

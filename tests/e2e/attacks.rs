@@ -18,6 +18,8 @@
 //!   workload's outbound listener (SO_REUSEADDR) and be proxied as that workload.
 //! - A pod flooding connects that never reach the agent cannot push other pods' pending
 //!   connections out of the node-wide map.
+//! - A pod whose own program holds the ports the agent would give it is enrolled on others,
+//!   so holding ports keeps no pod out of its egress policy.
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
@@ -959,6 +961,110 @@ fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
     let report = call(&client, &format!("{COLOR}:9090"), &["-4", "--count", "5"])?;
     assert_eq!(report["succeeded"], 5, "after the changes: {report}");
     drop(servers);
+    Ok(())
+}
+
+/// Holds the agent's first outbound and inbound ports (both families) inside the pod, then
+/// sleeps: a pod's own program on the ports the agent would pick for it.
+const HOLD_PORTS_SCRIPT: &str = r#"
+import socket, sys, time
+held = []
+for port in range(int(sys.argv[1]), int(sys.argv[2]) + 1):
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.bind((addr, port))
+        s.listen(8)
+        held.append(s)
+print("held", len(held), flush=True)
+time.sleep(600)
+"#;
+
+/// A pod whose own program already listens on the ports the agent would give it (on loopback,
+/// in both families) is still enrolled, on other ports, and held to its egress policy: holding
+/// ports is no way for a pod to stay out of the mesh. Before the fix, its enrollment failed
+/// with EADDRINUSE on every retry and the DROP_ALL pod's connects went out.
+#[test]
+fn a_pod_holding_the_agents_ports_is_still_enrolled_and_held_to_its_policy() -> anyhow::Result<()> {
+    let tb = Testbed::new("attack-ports")?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
+    let color = node.add_pod(&PodSpec::new("color", "app").label("app", "color"))?;
+    let outside = node.add_pod(&PodSpec::new("stranger", "outside").label("app", "stranger"))?;
+    tb.dns_record(COLOR, &["10.96.0.10".parse()?])?;
+    tb.dns_record("color-v1.app.svc.cluster.local", &color.ips())?;
+    let servers = [
+        echo_server(&tb, &color, 9090, "color")?,
+        echo_server(&tb, &outside, 8080, "outside")?,
+    ];
+    // The agent's defaults: outbound 15001, inbound 15006; hold three of each.
+    let script = tb.temp_dir().join("hold.py");
+    std::fs::write(&script, HOLD_PORTS_SCRIPT)?;
+    let holders = [("15001", "15003"), ("15006", "15008")]
+        .iter()
+        .map(|(first, last)| {
+            tb.spawn(
+                &format!("holder-{first}"),
+                client
+                    .command("/usr/bin/python3")
+                    .arg(&script)
+                    .args([first, last]),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for holder in &holders {
+        eventually(Duration::from_secs(10), "the pod holds its ports", || {
+            if let Some(status) = holder.try_wait()? {
+                bail!("the port holder exited ({status}): {}", holder.stderr());
+            }
+            Ok(holder.stdout().contains("held 6"))
+        })?;
+    }
+    let certs = tb.temp_dir().join("certs");
+    let ca = tb.temp_dir().join("ca");
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, changing_mesh_yaml(&certs))?;
+    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
+    strait_ok(
+        &node,
+        &[
+            "ca",
+            "issue",
+            "--mesh",
+            &mesh.display().to_string(),
+            "--ca-dir",
+            &ca.display().to_string(),
+        ],
+    )?;
+    write_changed_workload(&node, &client, "a", None)?;
+    write_changed_workload(&node, &color, "a", None)?;
+    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    for pod in ["app/client", "app/color"] {
+        agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
+    }
+    // Enrolled, so DROP_ALL holds and the mesh works for it.
+    let report = call(&client, &format!("{}:8080", outside.ipv4()), &["-4"])?;
+    assert_eq!(
+        report["succeeded"], 0,
+        "DROP_ALL with its ports held: {report}"
+    );
+    let report = call(&client, &format!("{COLOR}:9090"), &["-4", "--count", "3"])?;
+    assert_eq!(
+        report["succeeded"], 3,
+        "the mesh with its ports held: {report}"
+    );
+    // And a change to it (a new enrollment beside the old) passes over the held ports too.
+    write_changed_workload(&node, &client, "b", None)?;
+    eventually(Duration::from_secs(30), "the change is applied", || {
+        Ok(agent.workloads()?.iter().any(|w| {
+            w["pod"] == "app/client" && w["enrolled"] == true && w["virtual_node"] == "app/client-b"
+        }))
+    })?;
+    let report = call(&client, &format!("{}:8080", outside.ipv4()), &["-4"])?;
+    assert_eq!(
+        report["succeeded"], 0,
+        "DROP_ALL after the change: {report}"
+    );
+    drop((holders, servers));
     Ok(())
 }
 
