@@ -11,12 +11,9 @@
 mod ebpf;
 mod net;
 
-use std::ffi::CString;
 use std::fmt::Write as _;
 use std::io::Read as _;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -264,16 +261,9 @@ fn check_kernel() -> Outcome {
 }
 
 fn kernel_release() -> String {
-    let mut uts = MaybeUninit::<libc::utsname>::zeroed();
-    // SAFETY: uname fills the struct it is given; it was zeroed, so the strings end in NUL.
-    let uts = unsafe {
-        libc::uname(uts.as_mut_ptr());
-        uts.assume_init()
-    };
-    // SAFETY: `release` is a NUL-terminated array inside `uts`.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    nix::sys::utsname::uname()
+        .map(|uts| uts.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn parse_version(release: &str) -> Option<(u32, u32)> {
@@ -397,20 +387,12 @@ fn check_mesh(path: Option<&Path>) -> Outcome {
 
 /// `f_type` of the filesystem holding `path`.
 fn fs_magic(path: &Path) -> std::io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut stat = MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `c_path` is NUL-terminated and `stat` is valid for writes of a `statfs`.
-    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded, so it filled `stat`.
-    let stat = unsafe { stat.assume_init() };
+    let stat = nix::sys::statfs::statfs(path).map_err(std::io::Error::from)?;
     #[expect(
         clippy::unnecessary_cast,
         reason = "f_type's integer type differs between libcs"
     )]
-    Ok(stat.f_type as i64)
+    Ok(stat.filesystem_type().0 as i64)
 }
 
 #[cfg(test)]

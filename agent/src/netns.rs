@@ -82,15 +82,9 @@ pub fn in_netns<T>(target: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Result<
     Ok(f())
 }
 
+/// Moves the calling thread (only it, for a network namespace) into `target`.
 fn setns(target: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: setns takes an open file descriptor (borrowed, alive for the call) and a
-    // namespace type; for a network namespace it changes only the calling thread.
-    let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nix::sched::setns(target, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 /// The network namespace a socket was created in, as a new namespace file descriptor

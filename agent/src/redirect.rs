@@ -32,14 +32,12 @@ mod keys;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
-    ffi::CString,
     fs::{self, File},
     io,
-    mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     os::{
         fd::{AsRawFd as _, BorrowedFd},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+        unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
     sync::{
@@ -1087,22 +1085,12 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 
 /// `f_type` of the filesystem holding `path`.
 fn fs_magic(path: &Path) -> io::Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut stat = MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `c_path` is NUL-terminated and `stat` is valid for writes of a
-    // `statfs`.
-    let r = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statfs succeeded, so it filled `stat` (which was zeroed anyway).
-    let stat = unsafe { stat.assume_init() };
+    let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
     #[expect(
         clippy::unnecessary_cast,
         reason = "f_type's integer type differs between libcs"
     )]
-    Ok(stat.f_type as i64)
+    Ok(stat.filesystem_type().0 as i64)
 }
 
 /// One counter of a per-CPU counters map, summed over CPUs.

@@ -1,10 +1,12 @@
 //! `strait status`: what a running agent's admin API says, as tables for a person.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,33 +26,54 @@ pub enum Error {
     },
 }
 
-/// One HTTP/1.0 GET; returns the status code and body.
+/// How long the admin API may take to accept, and then to answer one request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One GET to the admin API (HTTP/1.1, on a runtime of its own: `strait status` is a short
+/// command with nothing else to run); returns the status code and body.
 fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), Error> {
     let fail = |message: String| Error::Request {
         addr,
         path: path.to_string(),
         message,
     };
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|source| Error::Connect { addr, source })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| fail(e.to_string()))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
-        .map_err(|e| fail(e.to_string()))?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| fail(e.to_string()))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| fail("malformed HTTP response".into()))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| fail("malformed status line".into()))?;
-    Ok((code, body.to_string()))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start a runtime: {e}")))?;
+    runtime.block_on(async {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .map_err(|source| Error::Connect { addr, source })?;
+        let answer = async {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+            tokio::spawn(connection);
+            let request = http::Request::get(path)
+                .header(http::header::HOST, addr.to_string())
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| fail(e.to_string()))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let code = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .to_bytes();
+            Ok((code, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(ANSWER_TIMEOUT, answer)
+            .await
+            .map_err(|_| fail(format!("no answer within {ANSWER_TIMEOUT:?}")))?
+    })
 }
 
 fn get_json(addr: SocketAddr, path: &str) -> Result<Value, Error> {

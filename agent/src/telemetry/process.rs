@@ -17,10 +17,10 @@ pub struct ProcessCollector {
 
 impl ProcessCollector {
     pub fn new() -> ProcessCollector {
-        // SAFETY: sysconf only reads a system constant.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        // SAFETY: as above.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        use nix::unistd::{SysconfVar, sysconf};
+        let constant = |var| sysconf(var).ok().flatten().unwrap_or(0);
+        let ticks = constant(SysconfVar::CLK_TCK);
+        let page = constant(SysconfVar::PAGE_SIZE);
         let boot_time = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|stat| {
