@@ -388,11 +388,7 @@ fn check_mesh(path: Option<&Path>) -> Outcome {
 /// `f_type` of the filesystem holding `path`.
 fn fs_magic(path: &Path) -> std::io::Result<i64> {
     let stat = nix::sys::statfs::statfs(path).map_err(std::io::Error::from)?;
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type's integer type differs between libcs"
-    )]
-    Ok(stat.filesystem_type().0 as i64)
+    Ok(stat.filesystem_type().0)
 }
 
 #[cfg(test)]

@@ -1086,11 +1086,7 @@ pub fn socket_netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// `f_type` of the filesystem holding `path`.
 fn fs_magic(path: &Path) -> io::Result<i64> {
     let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type's integer type differs between libcs"
-    )]
-    Ok(stat.filesystem_type().0 as i64)
+    Ok(stat.filesystem_type().0)
 }
 
 /// One counter of a per-CPU counters map, summed over CPUs.
