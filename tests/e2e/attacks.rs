@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, issue_mesh_certs, metric, peer_binary, strait_binary};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -124,18 +124,7 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh.yaml");
     std::fs::write(&mesh, mesh_yaml(&certs, None, None))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node, &mesh, &ca)?;
     for pod in [&client, &color] {
         node.write_workload(pod)?;
     }
@@ -827,18 +816,7 @@ fn a_pod_changed_50_times_is_never_less_protected() -> anyhow::Result<()> {
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh.yaml");
     std::fs::write(&mesh, changing_mesh_yaml(&certs))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node, &mesh, &ca)?;
     write_changed_workload(&node, &client, "a", None)?;
     write_changed_workload(&node, &color, "a", None)?;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
@@ -1023,18 +1001,7 @@ fn a_pod_holding_the_agents_ports_is_still_enrolled_and_held_to_its_policy() -> 
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh.yaml");
     std::fs::write(&mesh, changing_mesh_yaml(&certs))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node, &mesh, &ca)?;
     write_changed_workload(&node, &client, "a", None)?;
     write_changed_workload(&node, &color, "a", None)?;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, echo_server, http_server, peer_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, http_server, issue_mesh_certs, peer_binary};
 use testbed::{Node, Pod, PodSpec, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -411,18 +411,7 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh.yaml");
     std::fs::write(&mesh, mesh_yaml(&certs))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node, &mesh, &ca)?;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
     for pod in [
         "app/client",

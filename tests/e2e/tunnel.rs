@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, issue_mesh_certs, metric, peer_binary};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -183,18 +183,7 @@ fn bed(test: &str, agent_args: &[&str]) -> anyhow::Result<Bed> {
     let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
     std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
     std::fs::write(&mesh, mesh_yaml(&certs))?;
-    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node1,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node1, &mesh, &ca)?;
     for pod in [&caller, &denied] {
         node1.write_workload(pod)?;
     }

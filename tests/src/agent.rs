@@ -362,6 +362,19 @@ pub fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// A new CA in `ca_dir` (`strait ca init`) and the certificates `mesh` names, issued by it
+/// (`strait ca issue`): what a test with mTLS needs before its agents start.
+pub fn issue_mesh_certs(
+    node: &Node,
+    mesh: &std::path::Path,
+    ca_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let (mesh, ca_dir) = (mesh.display().to_string(), ca_dir.display().to_string());
+    strait_ok(node, &["ca", "init", "--dir", &ca_dir])?;
+    strait_ok(node, &["ca", "issue", "--mesh", &mesh, "--ca-dir", &ca_dir])?;
+    Ok(())
+}
+
 /// The sum of the samples of an agent's metric whose labels include every `labels` fragment.
 pub fn metric(agent: &Agent, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
     let text = agent.admin_get("/metrics")?;
