@@ -4,7 +4,9 @@
 //!
 //! - A node authenticates with a node certificate from [`issue_node`]: its URI SAN is
 //!   `spiffe://<mesh>/node/<node>` (the trust domain is the mesh's name, as in the workload
-//!   SPIFFE IDs of `identity`).
+//!   SPIFFE IDs of `identity`). With `--kubernetes` an agent may instead send its pod's
+//!   projected ServiceAccount token as a bearer token ([`super::token`]); the listener then
+//!   lets clients without a certificate through the handshake.
 //! - Which pods run on which node comes from the Kubernetes API (`--kubernetes`: Pods whose
 //!   `spec.nodeName` is the node, and Namespaces' labels) or from a registry file the operator
 //!   writes (`--nodes`), never from what agents report: a compromised node could report any
