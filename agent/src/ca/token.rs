@@ -17,7 +17,7 @@
 //! one it chooses. docs/identity.md describes the protocol.
 
 use hyper::StatusCode;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
@@ -87,7 +87,34 @@ pub async fn node_of(
                 ),
             )
         })?;
-    let status = reviewed.status.unwrap_or_default();
+    let bound = check_review(reviewed.status.unwrap_or_default(), agents)?;
+    let pod = Api::<Pod>::namespaced(client.clone(), &bound.namespace)
+        .get_opt(&bound.pod_name)
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "cannot read the agent pod {}/{}: {e}",
+                    bound.namespace, bound.pod_name
+                ),
+            )
+        })?;
+    check_pod(&bound, pod, agents)
+}
+
+/// What a review says the token is bound to.
+#[derive(Debug, PartialEq, Eq)]
+struct Bound {
+    namespace: String,
+    account: String,
+    pod_name: String,
+    pod_uid: String,
+}
+
+/// Steps 1 and 2 of the module docs, on the review's status.
+fn check_review(status: TokenReviewStatus, agents: &AgentPods) -> Result<Bound, Refused> {
     if status.authenticated != Some(true) {
         return Err(bad_token(format!(
             "the Kubernetes API did not authenticate the token ({}): an agent sends the \
@@ -120,24 +147,31 @@ pub async fn node_of(
                 .into(),
         ));
     };
-    let pod = Api::<Pod>::namespaced(client.clone(), namespace)
-        .get_opt(&pod_name)
-        .await
-        .map_err(|e| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("cannot read the agent pod {namespace}/{pod_name}: {e}"),
-            )
-        })?
-        .ok_or_else(|| not_agent(format!("the token's pod {namespace}/{pod_name} is gone")))?;
+    Ok(Bound {
+        namespace: namespace.to_owned(),
+        account: account.to_owned(),
+        pod_name,
+        pod_uid,
+    })
+}
+
+/// Step 3 of the module docs: the node of the token's pod, as read from the API (None: gone).
+fn check_pod(bound: &Bound, pod: Option<Pod>, agents: &AgentPods) -> Result<String, Refused> {
+    let Bound {
+        namespace,
+        account,
+        pod_name,
+        pod_uid,
+    } = bound;
+    let pod =
+        pod.ok_or_else(|| not_agent(format!("the token's pod {namespace}/{pod_name} is gone")))?;
     if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
         return Err(not_agent(format!(
             "the token's pod {namespace}/{pod_name} was replaced (UID {pod_uid} is gone)"
         )));
     }
     let spec = pod.spec.unwrap_or_default();
-    if spec.service_account_name.as_deref() != Some(account) {
+    if spec.service_account_name.as_deref() != Some(account.as_str()) {
         return Err(not_agent(format!(
             "pod {namespace}/{pod_name} does not run as {}",
             agents.service_account
@@ -165,6 +199,102 @@ pub async fn node_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn agents() -> AgentPods {
+        AgentPods {
+            service_account: "strait-system/strait".into(),
+            labels: crate::kubernetes::endpoints::DEFAULT_AGENT_LABELS
+                .parse()
+                .unwrap(),
+        }
+    }
+
+    /// A review of a token of the agent pod `strait-x` (UID `u1`), as kube-apiserver answers.
+    fn review() -> TokenReviewStatus {
+        serde_json::from_value(serde_json::json!({
+            "authenticated": true,
+            "audiences": ["strait-ca"],
+            "user": {
+                "username": "system:serviceaccount:strait-system:strait",
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": ["strait-x"],
+                    "authentication.kubernetes.io/pod-uid": ["u1"],
+                },
+            },
+        }))
+        .unwrap()
+    }
+
+    fn pod() -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "strait-x", "namespace": "strait-system", "uid": "u1",
+                         "labels": {"app.kubernetes.io/name": "strait"}},
+            "spec": {"nodeName": "node1", "serviceAccountName": "strait",
+                     "containers": [{"name": "agent"}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap()
+    }
+
+    fn reason(result: Result<impl std::fmt::Debug, Refused>) -> &'static str {
+        result.unwrap_err().1
+    }
+
+    #[test]
+    fn a_bound_agent_token_names_its_pods_node() {
+        let bound = check_review(review(), &agents()).unwrap();
+        assert_eq!(bound.pod_name, "strait-x");
+        assert_eq!(check_pod(&bound, Some(pod()), &agents()).unwrap(), "node1");
+    }
+
+    #[test]
+    fn reviews_that_do_not_prove_an_agent_are_refused() {
+        let mut r = review();
+        r.authenticated = None;
+        r.error = Some("invalid bearer token".into());
+        assert_eq!(reason(check_review(r, &agents())), "bad_token");
+        // No audience back means the API server's own: a token for the API, not for us.
+        for audiences in [
+            None,
+            Some(vec![]),
+            Some(vec!["https://kubernetes.default.svc".into()]),
+        ] {
+            let mut r = review();
+            r.audiences = audiences;
+            assert_eq!(reason(check_review(r, &agents())), "bad_token");
+        }
+        let mut r = review();
+        r.user.as_mut().unwrap().username = Some("system:serviceaccount:app:default".into());
+        assert_eq!(reason(check_review(r, &agents())), "not_agent");
+        let mut r = review();
+        r.user.as_mut().unwrap().extra = None;
+        assert_eq!(reason(check_review(r, &agents())), "not_agent");
+    }
+
+    #[test]
+    fn the_tokens_pod_must_still_be_that_agent_pod() {
+        let bound = check_review(review(), &agents()).unwrap();
+        let check = |change: fn(&mut Pod)| {
+            let mut p = pod();
+            change(&mut p);
+            reason(check_pod(&bound, Some(p), &agents()))
+        };
+        assert_eq!(reason(check_pod(&bound, None, &agents())), "not_agent");
+        assert_eq!(check(|p| p.metadata.uid = Some("u2".into())), "not_agent");
+        assert_eq!(
+            check(|p| p.spec.as_mut().unwrap().service_account_name = Some("default".into())),
+            "not_agent"
+        );
+        assert_eq!(check(|p| p.metadata.labels = None), "not_agent");
+        assert_eq!(
+            check(|p| p.status.as_mut().unwrap().phase = Some("Failed".into())),
+            "not_agent"
+        );
+        assert_eq!(
+            check(|p| p.spec.as_mut().unwrap().node_name = None),
+            "not_agent"
+        );
+    }
 
     #[test]
     fn the_service_account_flag_is_namespace_and_name() {
