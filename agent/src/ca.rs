@@ -10,6 +10,7 @@
 //!   SPIFFE ID (`.../vg/<name>`) and the host names its routes match. Files are replaced by rename, so a running agent picks them up whole (rotation).
 
 pub mod serve;
+pub mod token;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -141,6 +141,13 @@ pub enum CaCommand {
         /// DNS names of the service's own certificate, which agents check; repeatable.
         #[arg(long = "server-name", default_value = "strait-ca")]
         server_names: Vec<String>,
+        /// With --kubernetes: the ServiceAccount (NAMESPACE/NAME) of the agent pods whose
+        /// tokens prove a node.
+        #[arg(long, default_value = "strait-system/strait", value_parser = ca::token::parse_service_account)]
+        agent_service_account: String,
+        /// With --kubernetes: the labels of the agent pods whose tokens prove a node.
+        #[arg(long, default_value = crate::kubernetes::endpoints::DEFAULT_AGENT_LABELS)]
+        agent_pod_labels: crate::kubernetes::endpoints::AgentLabels,
     },
 }
 
@@ -260,11 +267,19 @@ pub struct RunArgs {
     pub access_log_dir: PathBuf,
     /// The identity service (`strait ca serve`), e.g. https://10.0.0.5:15012: the agent asks
     /// it for the certificates App Mesh `sds` sources name (docs/identity.md).
-    #[arg(long, requires = "node_cert")]
-    pub identity_service: Option<String>,
-    /// This node's certificate folder (`strait ca issue-node`).
     #[arg(long)]
+    pub identity_service: Option<String>,
+    /// This node's certificate folder (`strait ca issue-node`), to prove the node to the
+    /// identity service (plain hosts).
+    #[arg(long, conflicts_with = "node_token")]
     pub node_cert: Option<PathBuf>,
+    /// Instead of --node-cert, on Kubernetes: the projected ServiceAccount token of the
+    /// agent's pod (audience strait-ca), re-read for every request.
+    #[arg(long, requires = "identity_ca")]
+    pub node_token: Option<PathBuf>,
+    /// With --node-token: the CA certificate the identity service's certificate chains to.
+    #[arg(long, requires = "node_token")]
+    pub identity_ca: Option<PathBuf>,
     /// Where the agent keeps the keys and certificates the identity service issued it.
     #[arg(long, default_value = "/run/strait/identities")]
     pub identity_dir: PathBuf,
@@ -355,15 +370,17 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
             if let Some(url) = args.identity_service {
-                let client = identity::service::Client::new(
-                    &url,
-                    &args.node_cert.ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "--identity-service needs --node-cert (`strait ca issue-node`)"
-                        )
-                    })?,
-                    &args.identity_dir,
-                )?;
+                let proof = match (args.node_cert, args.node_token, args.identity_ca) {
+                    (Some(dir), _, _) => identity::service::NodeProof::Certificate(dir),
+                    (None, Some(token), Some(ca)) => {
+                        identity::service::NodeProof::Token { token, ca }
+                    }
+                    _ => anyhow::bail!(
+                        "--identity-service needs --node-cert (`strait ca issue-node`) or, on \
+                         Kubernetes, --node-token and --identity-ca"
+                    ),
+                };
+                let client = identity::service::Client::new(&url, &proof, &args.identity_dir)?;
                 runtime.spawn(client.run());
             }
             runtime.block_on(app::run(config))?;
@@ -429,6 +446,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_listen,
             lifetime,
             server_names,
+            agent_service_account,
+            agent_pod_labels,
         }) => {
             let pods = match nodes {
                 Some(path) => ca::serve::PodSourceOptions::Registry(path),
@@ -443,6 +462,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_listen,
                 lifetime,
                 server_names,
+                agents: ca::token::AgentPods {
+                    service_account: agent_service_account,
+                    labels: agent_pod_labels,
+                },
             }))?;
             Ok(ExitCode::SUCCESS)
         }

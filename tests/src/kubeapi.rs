@@ -19,9 +19,17 @@
 //!   object that stops matching a watch's selectors is sent as DELETED, one that starts as
 //!   ADDED, as kube-apiserver's watch cache does.
 //!
-//! Not implemented: writes over HTTP (tests change objects with [`KubeApi::apply`] and
-//! [`KubeApi::delete`]), authentication, TLS (the kubeconfig names an `http://` server),
-//! other resources, `sendInitialEvents`, protobuf, server-side apply, table output.
+//! - `GET /api/v1/namespaces/<ns>/pods/<name>` (and a Namespace or Node by name): the object,
+//!   or 404 with a `Status` (reason `NotFound`).
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: the TokenReview of a ServiceAccount
+//!   token the test registered with [`KubeApi::register_token`] (a stand-in for one kubelet
+//!   projected into a pod's volume), answered as kube-apiserver's ServiceAccount token
+//!   authenticator does (see [`BoundToken`]).
+//!
+//! Not implemented: other writes over HTTP (tests change objects with [`KubeApi::apply`] and
+//! [`KubeApi::delete`]), authentication of the API's own clients, TLS (the kubeconfig names an
+//! `http://` server), other resources, `sendInitialEvents`, protobuf, server-side apply, table
+//! output, token signatures and expiry (a token is an opaque string the test registered).
 //!
 //! Reaching it: the agent runs in a node's network namespace, so [`KubeApi::serve_in`] binds a
 //! listener on 127.0.0.1 inside that namespace (one per node; all share the objects) and
@@ -109,6 +117,52 @@ struct State {
     max_watch: Option<Duration>,
     /// `METHOD path?query` of every request, in order.
     requests: Vec<String>,
+    /// ServiceAccount tokens TokenReview knows.
+    tokens: HashMap<String, BoundToken>,
+}
+
+/// The audience kube-apiserver gives a token reviewed without `spec.audiences` (its
+/// `--api-audiences`, as kubeadm sets them).
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A ServiceAccount token bound to a pod, as kubelet gets one for a projected
+/// `serviceAccountToken` volume (TokenRequest with a `boundObjectRef` to the pod). A review:
+///
+/// - unknown token: not authenticated, `error` `[invalid bearer token, ...]`;
+/// - none of the token's audiences among the review's (`spec.audiences`, else
+///   [`API_AUDIENCE`]): not authenticated, `token audiences [..] is invalid for the target
+///   audiences [..]`;
+/// - the bound pod gone, or replaced by one with another UID: not authenticated;
+/// - else `authenticated: true`, `audiences`: the intersection, `user`: username
+///   `system:serviceaccount:<ns>:<name>`, the ServiceAccount groups, and `extra` with the
+///   pod's name and UID (`authentication.kubernetes.io/pod-name`, `pod-uid`), its node's
+///   name (`node-name`, and `node-uid` when the Node object exists), and a `credential-id`.
+#[derive(Debug, Clone)]
+pub struct BoundToken {
+    pub namespace: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_uid: String,
+    pub audiences: Vec<String>,
+}
+
+impl BoundToken {
+    /// A token of `pod` (a Pod object: its namespace, name, UID and `spec.serviceAccountName`,
+    /// `default` when unset) for `audiences`.
+    pub fn for_pod(pod: &Value, audiences: &[&str]) -> BoundToken {
+        let meta = &pod["metadata"];
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        BoundToken {
+            namespace: text(&meta["namespace"]),
+            service_account: pod["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned(),
+            pod_name: text(&meta["name"]),
+            pod_uid: text(&meta["uid"]),
+            audiences: audiences.iter().map(|a| a.to_string()).collect(),
+        }
+    }
 }
 
 impl State {
@@ -227,6 +281,7 @@ impl KubeApi {
                     bookmark_every: Duration::from_secs(1),
                     max_watch: None,
                     requests: Vec::new(),
+                    tokens: HashMap::new(),
                 }),
                 changed,
             }),
@@ -266,10 +321,28 @@ impl KubeApi {
                 };
                 let shared = shared.clone();
                 let handle = tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let shared = shared.clone();
-                        async move { Ok::<_, Infallible>(answer(&shared, &request)) }
-                    });
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let shared = shared.clone();
+                            async move {
+                                if request.method() == hyper::Method::POST
+                                    && request.uri().path() == TOKEN_REVIEWS
+                                {
+                                    lock(&shared)
+                                        .requests
+                                        .push(format!("POST {TOKEN_REVIEWS}?"));
+                                    let body =
+                                        http_body_util::Limited::new(request.into_body(), 1 << 20)
+                                            .collect()
+                                            .await
+                                            .map(|b| b.to_bytes())
+                                            .unwrap_or_default();
+                                    return Ok::<_, Infallible>(token_review(&shared, &body));
+                                }
+                                Ok::<_, Infallible>(answer(&shared, &request))
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -420,6 +493,16 @@ impl KubeApi {
     /// `METHOD path?query` of every request so far.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared).requests.clone()
+    }
+
+    /// Makes `token` a valid ServiceAccount token bound as `bound` says, for TokenReview.
+    pub fn register_token(&self, token: &str, bound: BoundToken) {
+        lock(&self.shared).tokens.insert(token.to_owned(), bound);
+    }
+
+    /// Makes `token` invalid, as when it expired: TokenReview no longer knows it.
+    pub fn revoke_token(&self, token: &str) {
+        lock(&self.shared).tokens.remove(token);
     }
 
     /// The current resourceVersion.
@@ -749,6 +832,134 @@ fn list_item(object: &Value) -> Value {
     item
 }
 
+/// Where TokenReviews are posted.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// Answers a TokenReview as kube-apiserver does (see [`BoundToken`]): 201 with the review and
+/// its `status`; 400 for a body that is not a TokenReview or has no token.
+fn token_review(shared: &Shared, body: &[u8]) -> Response<ResponseBody> {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return failure(400, "BadRequest", "the body is not a TokenReview object");
+    };
+    if review["kind"] != "TokenReview" || review["apiVersion"] != "authentication.k8s.io/v1" {
+        return failure(
+            400,
+            "BadRequest",
+            &format!(
+                "the body is a {} {}, not a TokenReview authentication.k8s.io/v1",
+                review["kind"], review["apiVersion"]
+            ),
+        );
+    }
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    if token.is_empty() {
+        return failure(
+            400,
+            "BadRequest",
+            "token is required for TokenReview in authentication",
+        );
+    }
+    let wanted: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect(),
+        _ => vec![API_AUDIENCE.to_owned()],
+    };
+    let state = lock(shared);
+    let status = match state.tokens.get(token) {
+        None => json!({"user": {}, "error": "[invalid bearer token, token lookup failed]"}),
+        Some(bound) => {
+            let common: Vec<&String> = bound
+                .audiences
+                .iter()
+                .filter(|a| wanted.contains(a))
+                .collect();
+            let pod =
+                state
+                    .objects
+                    .get(&(Kind::Pod, bound.namespace.clone(), bound.pod_name.clone()));
+            if common.is_empty() {
+                json!({"user": {}, "error": format!(
+                    "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                    bound.audiences, wanted
+                )})
+            } else if pod.is_none_or(|p| p["metadata"]["uid"] != bound.pod_uid.as_str()) {
+                json!({"user": {}, "error": format!(
+                    "[invalid bearer token, pod \"{}\" (uid {}) is not found, token has been invalidated]",
+                    bound.pod_name, bound.pod_uid
+                )})
+            } else {
+                let node = pod
+                    .and_then(|p| p["spec"]["nodeName"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut extra = json!({
+                    "authentication.kubernetes.io/credential-id": [format!("JTI={}", token.len())],
+                    "authentication.kubernetes.io/pod-name": [bound.pod_name],
+                    "authentication.kubernetes.io/pod-uid": [bound.pod_uid],
+                });
+                if !node.is_empty() {
+                    extra["authentication.kubernetes.io/node-name"] = json!([node]);
+                    if let Some(n) = state
+                        .objects
+                        .get(&(Kind::Node, String::new(), node.clone()))
+                    {
+                        extra["authentication.kubernetes.io/node-uid"] =
+                            json!([n["metadata"]["uid"].as_str().unwrap_or_default()]);
+                    }
+                }
+                json!({
+                    "authenticated": true,
+                    "user": {
+                        "username": format!("system:serviceaccount:{}:{}", bound.namespace, bound.service_account),
+                        "uid": format!("00000000-0000-4000-9000-{:012x}", bound.service_account.len()),
+                        "groups": [
+                            "system:serviceaccounts",
+                            format!("system:serviceaccounts:{}", bound.namespace),
+                            "system:authenticated",
+                        ],
+                        "extra": extra,
+                    },
+                    "audiences": common,
+                })
+            }
+        }
+    };
+    drop(state);
+    respond(
+        StatusCode::CREATED,
+        &json!({
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "spec": review["spec"],
+            "status": status,
+        }),
+    )
+}
+
+/// One object by name: `GET /api/v1/namespaces/<ns>/pods/<name>`, `/api/v1/namespaces/<name>`,
+/// `/api/v1/nodes/<name>`.
+fn get_one(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Response<ResponseBody> {
+    match lock(shared)
+        .objects
+        .get(&(kind, namespace.to_owned(), name.to_owned()))
+    {
+        Some(object) => respond(StatusCode::OK, object),
+        None => {
+            let plural = match kind {
+                Kind::Pod => "pods",
+                Kind::Namespace => "namespaces",
+                Kind::Node => "nodes",
+            };
+            let mut body = status(404, "NotFound", &format!("{plural} \"{name}\" not found"));
+            body["details"] = json!({"name": name, "kind": plural});
+            respond(StatusCode::NOT_FOUND, &body)
+        }
+    }
+}
+
 fn answer<B>(shared: &Arc<Shared>, request: &Request<B>) -> Response<ResponseBody> {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
@@ -759,6 +970,14 @@ fn answer<B>(shared: &Arc<Shared>, request: &Request<B>) -> Response<ResponseBod
         return failure(405, "MethodNotAllowed", "the test API server only reads");
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["api", "v1", "namespaces", ns, "pods", name] => {
+            return get_one(shared, Kind::Pod, ns, name);
+        }
+        ["api", "v1", "namespaces", name] => return get_one(shared, Kind::Namespace, "", name),
+        ["api", "v1", "nodes", name] => return get_one(shared, Kind::Node, "", name),
+        _ => {}
+    }
     let (kind, namespace) = match segments.as_slice() {
         ["api", "v1", "pods"] => (Kind::Pod, None),
         ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some((*ns).to_owned())),

@@ -1,14 +1,17 @@
 //! The manifests in deploy/ are what `kubectl apply` accepts: every document parses into the
 //! Kubernetes API type of its kind (k8s-openapi) and serializes back to exactly what it was, so
 //! a misspelled or unknown field fails here instead of being dropped by the API server. The
-//! RBAC rules grant only get/list/watch and no secrets; the DaemonSet keeps the promises
-//! deploy/README.md makes (surge upgrades, readiness, capabilities, grace period).
+//! agent's RBAC rules grant only get/list/watch and no secrets; the DaemonSet keeps the promises
+//! deploy/README.md makes (surge upgrades, readiness, capabilities, grace period); the identity
+//! service (identity-service.yaml) runs two replicas, is the only one to mount the CA key, may
+//! only review tokens and read pods and namespaces, and is reached by the agents with their
+//! pod's token for audience strait-ca.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -86,6 +89,8 @@ fn round_trip<T: DeserializeOwned + Serialize>(file: &Path, doc: &Value) -> T {
 #[derive(Default)]
 struct Parsed {
     daemonsets: Vec<(PathBuf, DaemonSet)>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
     cluster_roles: Vec<ClusterRole>,
     kinds: BTreeSet<String>,
 }
@@ -111,6 +116,8 @@ fn parse_all() -> Parsed {
                 "DaemonSet" => parsed
                     .daemonsets
                     .push((file.clone(), round_trip::<DaemonSet>(file, doc))),
+                "Deployment" => parsed.deployments.push(round_trip::<Deployment>(file, doc)),
+                "Service" => parsed.services.push(round_trip::<Service>(file, doc)),
                 other => panic!(
                     "{}: kind {other:?} has no check here; add it to parse_all",
                     file.display()
@@ -130,7 +137,9 @@ fn every_manifest_parses_into_its_api_type_with_no_unknown_field() {
         "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "Deployment",
         "Namespace",
+        "Service",
         "ServiceAccount",
     ];
     assert_eq!(parsed.kinds, want.iter().map(|k| k.to_string()).collect());
@@ -152,8 +161,12 @@ fn the_round_trip_catches_a_misspelled_field() {
 #[test]
 fn the_cluster_role_reads_pods_namespaces_and_nodes_and_nothing_else() {
     let parsed = parse_all();
-    assert_eq!(parsed.cluster_roles.len(), 1);
-    let rules = parsed.cluster_roles[0].rules.clone().unwrap_or_default();
+    let role = parsed
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("strait"))
+        .unwrap();
+    let rules = role.rules.clone().unwrap_or_default();
     let mut resources = BTreeSet::new();
     for rule in &rules {
         for verb in &rule.verbs {
@@ -328,6 +341,182 @@ fn the_agent_flags_are_documented() {
             .any(|doc| doc.contains(&format!("| `{name}`")));
         assert!(documented, "{name} is in no flag table of docs/");
     }
+    // `strait ca serve`'s flags: docs/identity.md.
+    let identity = std::fs::read_to_string(root.join("docs/identity.md")).unwrap();
+    for arg in identity_service(&parsed).args.iter().flatten().skip(2) {
+        let name = arg.split('=').next().unwrap();
+        assert!(name.starts_with("--"), "{arg}: use --flag=value");
+        assert!(
+            identity.contains(&format!("| `{name}`"))
+                || operations.contains(&format!("| `{name}`")),
+            "{name} is in no flag table of docs/identity.md"
+        );
+    }
+}
+
+fn identity_service(parsed: &Parsed) -> &Container {
+    let deployment = parsed
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("strait-ca"))
+        .unwrap();
+    let spec = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    spec.containers
+        .iter()
+        .find(|c| c.name == "identity-service")
+        .unwrap()
+}
+
+#[test]
+fn the_identity_service_keeps_its_promises() {
+    let parsed = parse_all();
+    assert_eq!(parsed.deployments.len(), 1);
+    let deployment = &parsed.deployments[0];
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2), "two replicas");
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("strait-ca"));
+    let c = identity_service(&parsed);
+    assert_eq!(c.args.as_ref().unwrap()[..2], ["ca", "serve"]);
+    assert!(c.args.iter().flatten().any(|a| a == "--kubernetes"));
+
+    // The CA key: a Secret, mounted by this Deployment and by nothing else.
+    let ca_dir = flag(c, "--ca-dir").unwrap();
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == ca_dir)
+        .unwrap();
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!(secret.secret_name.as_deref(), Some("strait-ca"));
+    assert_eq!(
+        secret.default_mode,
+        Some(0o400),
+        "the key readable by its owner only"
+    );
+    for (file, ds) in &parsed.daemonsets {
+        let volumes = ds
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter();
+        for v in volumes.flatten() {
+            assert!(v.secret.is_none(), "{}: mounts a Secret", file.display());
+        }
+    }
+    let text = std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap();
+    let k: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(k["secretGenerator"][0]["name"], "strait-ca");
+    let bundle = &k["configMapGenerator"][0];
+    assert_eq!(bundle["name"], "strait-ca-bundle");
+    assert_eq!(
+        bundle["files"],
+        serde_json::json!(["ca/ca.pem"]),
+        "no key for agents"
+    );
+
+    // It may review tokens and read pods and namespaces: nothing else.
+    let role = parsed
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("strait-ca"))
+        .unwrap();
+    let mut grants = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none());
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    grants.insert(format!("{group}/{resource}:{verb}"));
+                }
+            }
+        }
+    }
+    let want: BTreeSet<String> = [
+        "authentication.k8s.io/tokenreviews:create",
+        "/pods:get",
+        "/pods:list",
+        "/namespaces:list",
+    ]
+    .iter()
+    .map(|g| g.to_string())
+    .collect();
+    assert_eq!(grants, want);
+
+    // The agents reach it by its Service's name, which its certificate carries, and prove
+    // their node with their own pod's token for audience strait-ca.
+    let service = parsed
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("strait-ca"))
+        .unwrap();
+    let port = service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    let host = format!(
+        "strait-ca.{}.svc",
+        service.metadata.namespace.as_deref().unwrap()
+    );
+    assert_eq!(flag(c, "--server-name"), Some(host.as_str()));
+    assert_eq!(
+        flag(c, "--listen").map(|l| l.rsplit(':').next().unwrap().to_string()),
+        Some(port.to_string())
+    );
+    let (_, ds) = parsed
+        .daemonsets
+        .iter()
+        .find(|(f, _)| f.ends_with("daemonset.yaml"))
+        .unwrap();
+    let a = agent(ds);
+    assert_eq!(
+        flag(a, "--identity-service"),
+        Some(format!("https://{host}:{port}").as_str())
+    );
+    let ds_pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        flag(c, "--agent-service-account"),
+        Some(
+            format!(
+                "strait-system/{}",
+                ds_pod.service_account_name.as_deref().unwrap()
+            )
+            .as_str()
+        )
+    );
+    let token = flag(a, "--node-token").unwrap();
+    let mount = a
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| token.starts_with(&format!("{}/", m.mount_path)))
+        .unwrap_or_else(|| panic!("nothing mounted at --node-token={token}"));
+    let volume = ds_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let sources = volume.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    let sa_token = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(sa_token.audience.as_deref(), Some("strait-ca"));
+    assert_eq!(format!("{}/{}", mount.mount_path, sa_token.path), token);
 }
 
 #[test]

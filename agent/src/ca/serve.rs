@@ -4,7 +4,9 @@
 //!
 //! - A node authenticates with a node certificate from [`issue_node`]: its URI SAN is
 //!   `spiffe://<mesh>/node/<node>` (the trust domain is the mesh's name, as in the workload
-//!   SPIFFE IDs of `identity`).
+//!   SPIFFE IDs of `identity`). With `--kubernetes` an agent may instead send its pod's
+//!   projected ServiceAccount token as a bearer token ([`super::token`]); the listener then
+//!   lets clients without a certificate through the handshake.
 //! - Which pods run on which node comes from the Kubernetes API (`--kubernetes`: Pods whose
 //!   `spec.nodeName` is the node, and Namespaces' labels) or from a registry file the operator
 //!   writes (`--nodes`), never from what agents report: a compromised node could report any
@@ -215,6 +217,8 @@ pub struct ServeOptions {
     pub lifetime: Duration,
     /// DNS names of the service's own certificate (besides the listen address).
     pub server_names: Vec<String>,
+    /// With the Kubernetes API: which pods' tokens prove a node ([`super::token`]).
+    pub agents: super::token::AgentPods,
 }
 
 /// Where the service learns which pods run on which node.
@@ -344,13 +348,29 @@ fn refuse(status: StatusCode, reason: &str, message: String) -> (StatusCode, Vec
 }
 
 impl Service {
-    /// Decides one request from the node `node` (from its verified certificate, if any).
-    async fn answer(&self, node: Option<&str>, body: &[u8]) -> (StatusCode, Vec<u8>) {
-        let pods = match node {
+    /// Decides one request. The node is the one the verified client certificate names, else,
+    /// with the Kubernetes API, the node of the agent pod the bearer token is bound to.
+    async fn answer(
+        &self,
+        cert_node: Option<&str>,
+        token: Option<&str>,
+        body: &[u8],
+    ) -> (StatusCode, Vec<u8>) {
+        let node = match (cert_node, token, &self.pods) {
+            (Some(node), _, _) => Some(node.to_owned()),
+            (None, Some(token), PodSource::Kubernetes(client)) => {
+                match super::token::node_of(client, token, &self.options.agents).await {
+                    Ok(node) => Some(node),
+                    Err(refused) => return self.finish(None, Err(refused)),
+                }
+            }
+            _ => None,
+        };
+        let pods = match &node {
             Some(node) => self.pods.pods_of(node).await,
             None => Ok(Vec::new()),
         };
-        self.decide(node, body, pods)
+        self.decide(node.as_deref(), body, pods)
     }
 
     /// [`Service::answer`], given the pods the source lists on the node.
@@ -360,7 +380,15 @@ impl Service {
         body: &[u8],
         pods: Result<Vec<RegisteredPod>, String>,
     ) -> (StatusCode, Vec<u8>) {
-        let result = self.decide_inner(node, body, pods);
+        self.finish(node, self.decide_inner(node, body, pods))
+    }
+
+    /// Counts and logs the outcome, and makes the answer.
+    fn finish(
+        &self,
+        node: Option<&str>,
+        result: Result<Vec<u8>, (StatusCode, &'static str, String)>,
+    ) -> (StatusCode, Vec<u8>) {
         match &result {
             Ok(_) => {
                 self.metrics.issued.inc();
@@ -391,8 +419,9 @@ impl Service {
             return Err((
                 StatusCode::FORBIDDEN,
                 "no_node",
-                "the client certificate names no node of this mesh (expected a URI SAN \
-                 spiffe://<mesh>/node/<name>, from `strait ca issue-node`)"
+                "the client proved no node: no client certificate naming a node of this mesh \
+                 (a URI SAN spiffe://<mesh>/node/<name>, from `strait ca issue-node`), and, \
+                 with --kubernetes, no bearer token"
                     .into(),
             ));
         };
@@ -549,7 +578,14 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         roots.into(),
         identity::provider(),
-    )
+    );
+    // On Kubernetes agents have no node certificate: they prove their node with a token in
+    // the request, so the handshake lets a client without a certificate through (one that
+    // presents a certificate must still chain to the CA). Elsewhere no certificate, no answer.
+    let verifier = match pods {
+        PodSource::Kubernetes(_) => verifier.allow_unauthenticated(),
+        PodSource::Registry(_) => verifier,
+    }
     .build()
     .map_err(|e| ServeError::Tls(e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(server_key.serialize_pem().as_bytes())
@@ -585,7 +621,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
         );
         registry.register(
             "strait_ca_refused",
-            "Identity requests the identity service refused, by reason (not_on_node, no_node, unknown_identity, bad_csr, ...)",
+            "Identity requests the identity service refused, by reason (not_on_node, no_node, bad_token, not_agent, unknown_identity, bad_csr, ...)",
             service.metrics.refused.clone(),
         );
         let listener = tokio::net::TcpListener::bind(addr)
@@ -628,6 +664,13 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
             let handler = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let service = service.clone();
                 let node = node.clone();
+                let token = req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty());
                 async move {
                     let (status, body) =
                         if req.method() != hyper::Method::POST || req.uri().path() != ISSUE_PATH {
@@ -638,7 +681,11 @@ pub async fn serve(options: ServeOptions) -> Result<(), ServeError> {
                             )
                         } else {
                             match Limited::new(req.into_body(), 64 * 1024).collect().await {
-                                Ok(body) => service.answer(node.as_deref(), &body.to_bytes()).await,
+                                Ok(body) => {
+                                    service
+                                        .answer(node.as_deref(), token.as_deref(), &body.to_bytes())
+                                        .await
+                                }
                                 Err(e) => refuse(
                                     StatusCode::BAD_REQUEST,
                                     "bad_request",
@@ -726,6 +773,12 @@ spec:
                 metrics_listen: None,
                 lifetime: Duration::from_secs(3600),
                 server_names: vec![],
+                agents: super::super::token::AgentPods {
+                    service_account: "strait-system/strait".into(),
+                    labels: crate::kubernetes::endpoints::DEFAULT_AGENT_LABELS
+                        .parse()
+                        .unwrap(),
+                },
             },
             issuer,
             issuer_key,

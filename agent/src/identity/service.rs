@@ -1,4 +1,5 @@
-//! The identity service's client (`strait run --identity-service URL --node-cert DIR`): App
+//! The identity service's client (`strait run --identity-service URL`, with `--node-cert DIR`
+//! on a plain host or `--node-token FILE --identity-ca FILE` on Kubernetes): App
 //! Mesh `sds` certificate sources are served by the identity service (`strait ca serve`,
 //! docs/identity.md), the secret name being the SPIFFE ID asked for.
 //!
@@ -14,7 +15,11 @@
 //!   service cannot be reached, it keeps the current pair, warns, and retries every few
 //!   seconds; the pair is used until it expires (`strait_identity_expires_in_seconds`).
 //! - A `sds` trust bundle is the CA bundle the service returns (first the node folder's
-//!   `ca.pem`, the same CA).
+//!   `ca.pem`, or `--identity-ca`: the same CA).
+//! - The node is proven by the TLS client certificate (`--node-cert`) or, on Kubernetes, by
+//!   the projected ServiceAccount token of the agent's pod (audience `strait-ca`) sent as
+//!   `authorization: Bearer`, over TLS without a client certificate. kubelet rewrites the
+//!   token before it expires, so it is read again for every request.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -40,6 +45,11 @@ pub enum Error {
     Url(String),
     #[error("cannot read the node certificate folder {path} (`strait ca issue-node`): {detail}")]
     NodeCert { path: PathBuf, detail: String },
+    #[error(
+        "cannot use --identity-ca {path} (the CA certificate of the identity service, \
+         `ca.pem` of `strait ca init`): {detail}"
+    )]
+    IdentityCa { path: PathBuf, detail: String },
     #[error(transparent)]
     Write(#[from] crate::ca::Error),
 }
@@ -82,18 +92,42 @@ pub fn sds_trust() -> Option<PathBuf> {
     SDS.get().map(|s| s.dir.join("trust.pem"))
 }
 
+/// How the agent proves its node to the service.
+#[derive(Debug, Clone)]
+pub enum NodeProof {
+    /// The folder of `strait ca issue-node` (node.pem, node-key.pem, ca.pem).
+    Certificate(PathBuf),
+    /// A projected ServiceAccount token file (audience `strait-ca`), and the CA certificate.
+    Token { token: PathBuf, ca: PathBuf },
+}
+
 /// The client.
 pub struct Client {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
     tls: Arc<rustls::ClientConfig>,
+    /// The token file, with [`NodeProof::Token`].
+    token: Option<PathBuf>,
     shared: Arc<Shared>,
 }
 
+fn roots_of(ca_pem: &str) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(roots)
+}
+
 impl Client {
-    /// Reads the node certificate, prepares `dir` and makes `sds` sources resolve into it.
-    pub fn new(url: &str, node_cert: &Path, dir: &Path) -> Result<Self, Error> {
+    /// Reads the node's proof, prepares `dir` and makes `sds` sources resolve into it.
+    pub fn new(url: &str, proof: &NodeProof, dir: &Path) -> Result<Self, Error> {
         let uri: http::Uri = url.parse().map_err(|_| Error::Url(url.into()))?;
         if uri.scheme_str() != Some("https") {
             return Err(Error::Url(url.into()));
@@ -105,32 +139,48 @@ impl Client {
             .to_owned();
         let port = uri.port_u16().unwrap_or(443);
         let server_name = ServerName::try_from(host.clone()).map_err(|_| Error::Url(url.into()))?;
-        let bad = |detail: String| Error::NodeCert {
-            path: node_cert.to_owned(),
-            detail,
+        let builder = |roots| {
+            rustls::ClientConfig::builder_with_provider(super::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map(|b| b.with_root_certificates(roots))
         };
-        let ca_path = node_cert.join(NODE_CA);
-        let ca_pem = std::fs::read_to_string(&ca_path)
-            .map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-            let cert = cert.map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
-            roots.add(cert).map_err(|e| bad(e.to_string()))?;
-        }
-        let key_path = node_cert.join(NODE_KEY);
-        super::store::check_key_mode(&key_path).map_err(|e| bad(e.to_string()))?;
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(node_cert.join(NODE_CERT))
-                .and_then(|i| i.collect())
-                .map_err(|e| bad(format!("{NODE_CERT}: {e}")))?;
-        let key =
-            PrivateKeyDer::from_pem_file(&key_path).map_err(|e| bad(format!("{NODE_KEY}: {e}")))?;
-        let mut tls = rustls::ClientConfig::builder_with_provider(super::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| bad(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| bad(e.to_string()))?;
+        let (mut tls, ca_pem, token) = match proof {
+            NodeProof::Certificate(node_cert) => {
+                let bad = |detail: String| Error::NodeCert {
+                    path: node_cert.to_owned(),
+                    detail,
+                };
+                let ca_path = node_cert.join(NODE_CA);
+                let ca_pem = std::fs::read_to_string(&ca_path)
+                    .map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
+                let roots =
+                    roots_of(&ca_pem).map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
+                let key_path = node_cert.join(NODE_KEY);
+                super::store::check_key_mode(&key_path).map_err(|e| bad(e.to_string()))?;
+                let chain: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_file_iter(node_cert.join(NODE_CERT))
+                        .and_then(|i| i.collect())
+                        .map_err(|e| bad(format!("{NODE_CERT}: {e}")))?;
+                let key = PrivateKeyDer::from_pem_file(&key_path)
+                    .map_err(|e| bad(format!("{NODE_KEY}: {e}")))?;
+                let tls = builder(roots)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(e.to_string()))?;
+                (tls, ca_pem, None)
+            }
+            NodeProof::Token { token, ca } => {
+                let bad = |detail: String| Error::IdentityCa {
+                    path: ca.to_owned(),
+                    detail,
+                };
+                let ca_pem = std::fs::read_to_string(ca).map_err(|e| bad(e.to_string()))?;
+                let tls = builder(roots_of(&ca_pem).map_err(bad)?)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_no_client_auth();
+                (tls, ca_pem, Some(token.clone()))
+            }
+        };
         tls.alpn_protocols = vec![super::ALPN_H2.to_vec()];
         crate::ca::write_atomic(&dir.join("trust.pem"), &ca_pem, false)?;
         let shared = SDS
@@ -147,6 +197,7 @@ impl Client {
             port,
             server_name,
             tls: Arc::new(tls),
+            token,
             shared,
         })
     }
@@ -234,6 +285,16 @@ impl Client {
     }
 
     async fn post(&self, body: Vec<u8>) -> Result<(hyper::StatusCode, Bytes), String> {
+        // Read for every request: kubelet replaces the token well before it expires.
+        let token = match &self.token {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read the node token {}: {e}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| format!("cannot connect to {}:{}: {e}", self.host, self.port))?;
@@ -246,11 +307,15 @@ impl Client {
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
-        let request =
+        let mut request =
             hyper::Request::post(format!("https://{}:{}{ISSUE_PATH}", self.host, self.port))
-                .header("content-type", "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .map_err(|e| e.to_string())?;
+                .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
         let response = sender
             .send_request(request)
             .await

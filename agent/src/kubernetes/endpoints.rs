@@ -144,7 +144,7 @@ impl std::str::FromStr for AgentLabels {
 }
 
 impl AgentLabels {
-    fn select(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn select(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }
