@@ -1639,15 +1639,22 @@ spec:
     Ok(())
 }
 
-/// One node with `client-a` and HTTP servers (`strait-http`, named as their pods) behind the
-/// given mesh documents (after the Mesh and `client-a`, whose access log is `client.log` in
-/// the returned directory). Each server `name` answers `name.app.svc.cluster.local` at
-/// `address`, its pods at `name-pods.app.svc.cluster.local`.
+/// One node with `client-a` and servers named as their pods (`strait-http` on 8080, or with
+/// `grpc` the gRPC server on [`GRPC_PORT`]) behind the given mesh documents (after the Mesh
+/// and `client-a`, whose access log is `client.log` in the returned directory). Each server
+/// `name` answers `name.app.svc.cluster.local` at `address`, its pods at
+/// `name-pods.app.svc.cluster.local`.
 fn routed_bed(
     test: &str,
     servers: &[(&str, &str)],
+    grpc: bool,
     documents: &str,
 ) -> anyhow::Result<(Agent, Pod, PathBuf, Vec<Process>, Node, Testbed)> {
+    let python = if grpc {
+        Some(python_with_grpcio()?)
+    } else {
+        None
+    };
     let tb = Testbed::new(test)?;
     let node = tb.add_node("node1")?;
     let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
@@ -1662,17 +1669,36 @@ fn routed_bed(
         // One endpoint (its IPv4 address): the calling agent keeps one connection to it.
         let ipv4: Vec<_> = pod.ips().into_iter().filter(|ip| ip.is_ipv4()).collect();
         tb.dns_record(&format!("{name}-pods.app.svc.cluster.local"), &ipv4)?;
-        let process = tb.spawn(
-            &format!("server-{name}"),
-            pod.command(HTTP_BIN).args([
-                "serve",
-                "--listen",
-                "0.0.0.0:8080,[::]:8080",
-                "--name",
-                name,
-            ]),
-        )?;
-        process.wait_listening(8080, Duration::from_secs(20))?;
+        let (process, port) = match &python {
+            Some(python) => (
+                tb.spawn(
+                    &format!("server-{name}"),
+                    pod.command(python).args([
+                        GRPC_SCRIPT,
+                        "serve",
+                        "--port",
+                        &GRPC_PORT.to_string(),
+                        "--name",
+                        name,
+                    ]),
+                )?,
+                GRPC_PORT,
+            ),
+            None => (
+                tb.spawn(
+                    &format!("server-{name}"),
+                    pod.command(HTTP_BIN).args([
+                        "serve",
+                        "--listen",
+                        "0.0.0.0:8080,[::]:8080",
+                        "--name",
+                        name,
+                    ]),
+                )?,
+                8080,
+            ),
+        };
+        process.wait_listening(port, Duration::from_secs(20))?;
         processes.push(process);
         pods.push(pod);
     }
@@ -1770,6 +1796,7 @@ spec:
     let (agent, client, logs, servers, _node, _tb) = routed_bed(
         "resilience-route-rate",
         &[("routed", "10.96.6.1")],
+        false,
         documents,
     )?;
     let burst = |prefix: &str| -> Vec<String> {
@@ -1897,6 +1924,7 @@ spec:
     let (agent, client, logs, servers, _node, _tb) = routed_bed(
         "resilience-received-timeouts",
         &[("timed", "10.96.6.2")],
+        false,
         documents,
     )?;
     let url = |path: &str| format!("http://timed.app.svc.cluster.local:8080{path}");
@@ -1980,6 +2008,87 @@ spec:
         .with_context(|| format!("no caller line for the slow request: {client_lines:?}"))?;
     assert_eq!(caller_slow["code"], 504, "{client_lines:?}");
     assert_eq!(caller_slow["flags"], "-", "{client_lines:?}");
+    drop(agent);
+    drop(servers);
+    Ok(())
+}
+
+/// A grpcRoute's `rateLimit`: calls over it get `RESOURCE_EXHAUSTED` from the calling agent.
+#[test]
+fn grpc_calls_over_a_routes_rate_limit_get_resource_exhausted() -> anyhow::Result<()> {
+    let documents = format!(
+        r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: rgrpc}}}}
+  listeners: [{{portMapping: {{port: {GRPC_PORT}, protocol: grpc}}}}]
+  serviceDiscovery: {{dns: {{hostname: rgrpc-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: {GRPC_PORT}, protocol: grpc}}}}]
+  routes:
+    - name: colors
+      grpcRoute:
+        match: {{serviceName: color.Color}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: rgrpc}}, weight: 1}}]}}
+        rateLimit: {{requestsPerSecond: 1, burst: 2}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  awsName: rgrpc.app.svc.cluster.local
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: rgrpc}}}}}}
+"#
+    );
+    let (agent, client, _logs, servers, _node, _tb) = routed_bed(
+        "resilience-route-grpc",
+        &[("rgrpc", "10.96.6.3")],
+        true,
+        &documents,
+    )?;
+    let output = run(
+        client.command(python_with_grpcio()?).args([
+            GRPC_SCRIPT,
+            "call",
+            "--target",
+            &format!("rgrpc.app.svc.cluster.local:{GRPC_PORT}"),
+            "--unary",
+            "4",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    // Burst 2 at 1 per second: two calls answered, the next two (within the second) refused.
+    assert_eq!(report["unary"]["rgrpc"], 2, "{report}");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
+        "{report}"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_route_rate_limited_total",
+            &[r#"route="colors""#, r#"mode="enforced""#]
+        )?,
+        2.0
+    );
     drop(agent);
     drop(servers);
     Ok(())
