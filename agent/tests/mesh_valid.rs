@@ -224,6 +224,28 @@ fn http_routes() {
             .as_std(),
         std::time::Duration::from_millis(2500)
     );
+    // strait extension: the route's rate limit, the listener rateLimit's shape.
+    assert_eq!(
+        by_path.rate_limit,
+        Some(RateLimit {
+            total: Some(Bucket {
+                requests_per_second: 50,
+                burst: None
+            }),
+            per_caller: Some(Bucket {
+                requests_per_second: 5,
+                burst: Some(10)
+            }),
+            overrides: vec![RateLimitOverride {
+                callers: vec![RateLimitCaller::VirtualNode(id("shop", "cart-v1"))],
+                limit: Bucket {
+                    requests_per_second: 20,
+                    burst: None
+                },
+            }],
+            shadow: true,
+        })
+    );
 
     let RouteKind::Http(default) = &r.spec.routes[3].kind else {
         panic!()

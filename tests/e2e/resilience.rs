@@ -1638,3 +1638,458 @@ spec:
     drop(process);
     Ok(())
 }
+
+/// One node with `client-a` and servers named as their pods (`strait-http` on 8080, or with
+/// `grpc` the gRPC server on [`GRPC_PORT`]) behind the given mesh documents (after the Mesh
+/// and `client-a`, whose access log is `client.log` in the returned directory). Each server
+/// `name` answers `name.app.svc.cluster.local` at `address`, its pods at
+/// `name-pods.app.svc.cluster.local`.
+fn routed_bed(
+    test: &str,
+    servers: &[(&str, &str)],
+    grpc: bool,
+    documents: &str,
+) -> anyhow::Result<(Agent, Pod, PathBuf, Vec<Process>, Node, Testbed)> {
+    let python = if grpc {
+        Some(python_with_grpcio()?)
+    } else {
+        None
+    };
+    let tb = Testbed::new(test)?;
+    let node = tb.add_node("node1")?;
+    let client = node.add_pod(&PodSpec::new("client-a", "app").label("app", "client-a"))?;
+    let mut processes = Vec::new();
+    let mut pods = Vec::new();
+    for (name, address) in servers {
+        let pod = node.add_pod(&PodSpec::new(name, "app").label("app", name))?;
+        tb.dns_record(
+            &format!("{name}.app.svc.cluster.local"),
+            &[address.parse()?],
+        )?;
+        // One endpoint (its IPv4 address): the calling agent keeps one connection to it.
+        let ipv4: Vec<_> = pod.ips().into_iter().filter(|ip| ip.is_ipv4()).collect();
+        tb.dns_record(&format!("{name}-pods.app.svc.cluster.local"), &ipv4)?;
+        let (process, port) = match &python {
+            Some(python) => (
+                tb.spawn(
+                    &format!("server-{name}"),
+                    pod.command(python).args([
+                        GRPC_SCRIPT,
+                        "serve",
+                        "--port",
+                        &GRPC_PORT.to_string(),
+                        "--name",
+                        name,
+                    ]),
+                )?,
+                GRPC_PORT,
+            ),
+            None => (
+                tb.spawn(
+                    &format!("server-{name}"),
+                    pod.command(HTTP_BIN).args([
+                        "serve",
+                        "--listen",
+                        "0.0.0.0:8080,[::]:8080",
+                        "--name",
+                        name,
+                    ]),
+                )?,
+                8080,
+            ),
+        };
+        process.wait_listening(port, Duration::from_secs(20))?;
+        processes.push(process);
+        pods.push(pod);
+    }
+    let backends: String = servers
+        .iter()
+        .map(|(name, _)| format!("    - virtualService: {{virtualServiceRef: {{name: {name}}}}}\n"))
+        .collect();
+    let mesh = format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {{name: test}}
+spec: {{egressFilter: {{type: DROP_ALL}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: client-a, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: client-a}}}}
+  backends:
+{backends}  logging:
+    accessLog:
+      file:
+        path: client.log
+        format:
+          json:
+            - {{key: path, value: "%REQ(:PATH)%"}}
+            - {{key: code, value: "%RESPONSE_CODE%"}}
+            - {{key: flags, value: "%RESPONSE_FLAGS%"}}
+            - {{key: route, value: "%ROUTE_NAME%"}}
+{documents}"#
+    );
+    let mesh_path = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    let logs = tb.temp_dir().join("logs");
+    node.write_workload(&client)?;
+    for pod in &pods {
+        node.write_workload(pod)?;
+    }
+    let agent = Agent::start(
+        &tb,
+        &node,
+        &mesh_path,
+        &["--access-log-dir", &logs.display().to_string()],
+    )?;
+    agent.wait_enrolled("app/client-a", true, Duration::from_secs(20))?;
+    for (name, _) in servers {
+        agent.wait_enrolled(&format!("app/{name}"), true, Duration::from_secs(20))?;
+    }
+    drop(pods);
+    Ok((agent, client, logs, processes, node, tb))
+}
+
+/// A virtual router route's `rateLimit`, applied by the calling agent: a burst of 15 against
+/// 10 a second with a burst of 10 serves exactly 10 and answers 5 with 429, counted with the
+/// route; another route's limit in shadow mode refuses nothing and counts.
+#[test]
+fn a_routes_rate_limit_serves_10_of_15_and_its_shadow_mode_refuses_none() -> anyhow::Result<()> {
+    let documents = r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: routed, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: routed}}
+  listeners: [{portMapping: {port: 8080, protocol: http}}]
+  serviceDiscovery: {dns: {hostname: routed-pods.app.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {name: routed, namespace: app}
+spec:
+  listeners: [{portMapping: {port: 8080, protocol: http}}]
+  routes:
+    - name: limited
+      httpRoute:
+        match: {prefix: /limited}
+        action: {weightedTargets: [{virtualNodeRef: {name: routed}, weight: 1}]}
+        rateLimit: {requestsPerSecond: 10, burst: 10}
+    - name: shadowed
+      httpRoute:
+        match: {prefix: /shadowed}
+        action: {weightedTargets: [{virtualNodeRef: {name: routed}, weight: 1}]}
+        rateLimit: {requestsPerSecond: 10, burst: 10, shadow: true}
+    - name: open
+      httpRoute:
+        match: {prefix: /}
+        action: {weightedTargets: [{virtualNodeRef: {name: routed}, weight: 1}]}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: routed, namespace: app}
+spec:
+  awsName: routed.app.svc.cluster.local
+  provider: {virtualRouter: {virtualRouterRef: {name: routed}}}
+"#;
+    let (agent, client, logs, servers, _node, _tb) = routed_bed(
+        "resilience-route-rate",
+        &[("routed", "10.96.6.1")],
+        false,
+        documents,
+    )?;
+    let burst = |prefix: &str| -> Vec<String> {
+        (0..15)
+            .map(|i| format!("http://routed.app.svc.cluster.local:8080/{prefix}/b{i}"))
+            .collect()
+    };
+    let parallel = ["--parallel", "--parallel-immediate", "--parallel-max", "15"];
+    let replies = curl(&client, &parallel, &burst("limited"))?;
+    assert_eq!(statuses(&replies, 200), 10, "{replies:?}");
+    assert_eq!(statuses(&replies, 429), 5, "{replies:?}");
+    for r in replies.iter().filter(|r| r.status == 429) {
+        assert_eq!(r.retry_after, "1", "{replies:?}");
+    }
+    let route_metric = |route: &str, mode: &str| {
+        metric(
+            &agent,
+            "strait_route_rate_limited_total",
+            &[
+                &format!(r#"route="{route}""#),
+                r#"virtual_router="app/routed""#,
+                r#"virtual_service="app/routed""#,
+                r#"source_virtual_node="app/client-a""#,
+                r#"scope="total""#,
+                &format!(r#"mode="{mode}""#),
+            ],
+        )
+    };
+    assert_eq!(route_metric("limited", "enforced")?, 5.0);
+    // The request metrics say which route answered 429 (the calling agent is the reporter).
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_requests_total",
+            &[
+                r#"route="limited""#,
+                r#"reporter="source""#,
+                r#"response_code_class="4xx""#
+            ]
+        )?,
+        5.0
+    );
+    let lines = access_log_lines(&logs.join("client.log"), 15)?;
+    let limited = lines
+        .iter()
+        .filter(|l| l["code"] == 429 && l["flags"] == "RL" && l["route"] == "limited")
+        .count();
+    assert_eq!(limited, 5, "{lines:?}");
+    // Other routes are not limited by it, and a second later the bucket has refilled.
+    let open = curl(
+        &client,
+        &parallel,
+        &burst("open").into_iter().take(12).collect::<Vec<_>>(),
+    )?;
+    assert_eq!(statuses(&open, 200), 12, "{open:?}");
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = curl(
+        &client,
+        &[],
+        &["http://routed.app.svc.cluster.local:8080/limited/again".to_owned()],
+    )?;
+    assert_eq!(again[0].status, 200, "{again:?}");
+
+    // Shadow mode: all 15 served, the 5 that would have been refused counted.
+    let replies = curl(&client, &parallel, &burst("shadowed"))?;
+    assert_eq!(statuses(&replies, 200), 15, "{replies:?}");
+    assert_eq!(route_metric("shadowed", "shadow")?, 5.0);
+    assert_eq!(route_metric("shadowed", "enforced")?, 0.0);
+    assert!(
+        !agent.process.stderr().contains("panicked"),
+        "{}",
+        agent.process.stderr()
+    );
+    drop(agent);
+    drop(servers);
+    Ok(())
+}
+
+/// A server virtual node's listener `timeout.http` at the receiving side: `perRequest` 1 s
+/// answers a 3 s request 504 (flag `UT` in the server's access log, written by the receiving
+/// agent as `destination`) although the caller's route allows 10 s; `idle` 1.5 s closes the
+/// connection into the receiving side once no request has been in flight for that long.
+#[test]
+fn a_listeners_timeouts_apply_at_the_receiving_side() -> anyhow::Result<()> {
+    let documents = r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: timed, namespace: app}
+spec:
+  podSelector: {matchLabels: {app: timed}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+      timeout: {http: {perRequest: {unit: s, value: 1}, idle: {unit: ms, value: 1500}}}
+  serviceDiscovery: {dns: {hostname: timed-pods.app.svc.cluster.local, responseType: ENDPOINTS}}
+  logging:
+    accessLog:
+      file:
+        path: received.log
+        format:
+          json:
+            - {key: path, value: "%REQ(:PATH)%"}
+            - {key: code, value: "%RESPONSE_CODE%"}
+            - {key: flags, value: "%RESPONSE_FLAGS%"}
+            - {key: reporter, value: "%STRAIT_REPORTER%"}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {name: timed, namespace: app}
+spec:
+  listeners: [{portMapping: {port: 8080, protocol: http}}]
+  routes:
+    - name: patient
+      httpRoute:
+        match: {prefix: /}
+        action: {weightedTargets: [{virtualNodeRef: {name: timed}, weight: 1}]}
+        timeout: {perRequest: {unit: s, value: 10}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: timed, namespace: app}
+spec:
+  awsName: timed.app.svc.cluster.local
+  provider: {virtualRouter: {virtualRouterRef: {name: timed}}}
+"#;
+    let (agent, client, logs, servers, _node, _tb) = routed_bed(
+        "resilience-received-timeouts",
+        &[("timed", "10.96.6.2")],
+        false,
+        documents,
+    )?;
+    let url = |path: &str| format!("http://timed.app.svc.cluster.local:8080{path}");
+    let idle_closed = || {
+        metric(
+            &agent,
+            "strait_idle_connections_closed_total",
+            &[r#"virtual_node="app/timed""#],
+        )
+    };
+
+    // idle: two requests 0.7 s apart share the calling agent's connection into the receiving
+    // side; 1.7 s after the first (1 s after the second) it is still open, 1.5 s after the
+    // second it is closed; the next request simply gets a new one.
+    let start = Instant::now();
+    assert_eq!(curl(&client, &[], &[url("/a")])?[0].status, 200);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(curl(&client, &[], &[url("/b")])?[0].status, 200);
+    let second = Instant::now();
+    std::thread::sleep(Duration::from_millis(1700).saturating_sub(start.elapsed()));
+    assert!(
+        second.elapsed() < Duration::from_millis(1300),
+        "the test machine is too slow for this timing"
+    );
+    assert_eq!(idle_closed()?, 0.0, "idle counts from the last request");
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(second.elapsed()));
+    assert_eq!(idle_closed()?, 1.0, "closed 1.5 s after the last request");
+    assert_eq!(curl(&client, &[], &[url("/c")])?[0].status, 200);
+
+    // perRequest: the server takes 3 s, the receiving agent answers 504 after 1 s.
+    let slow = curl(&client, &[], &[url("/slow?delay_ms=3000")])?;
+    assert_eq!(slow[0].status, 504, "{slow:?}");
+    assert!((0.9..2.5).contains(&slow[0].seconds), "about 1 s: {slow:?}");
+    let quick = curl(&client, &[], &[url("/quick?delay_ms=200")])?;
+    assert_eq!(quick[0].status, 200, "{quick:?}");
+
+    let received = access_log_lines(&logs.join("received.log"), 5)?;
+    assert_eq!(received.len(), 5, "{received:?}");
+    let slow_line = received
+        .iter()
+        .find(|l| l["path"] == "/slow?delay_ms=3000")
+        .with_context(|| format!("no line for the slow request: {received:?}"))?;
+    assert_eq!(slow_line["code"], 504, "{received:?}");
+    assert_eq!(slow_line["flags"], "UT", "{received:?}");
+    assert_eq!(slow_line["reporter"], "destination", "{received:?}");
+    assert!(
+        received
+            .iter()
+            .filter(|l| l["path"] != "/slow?delay_ms=3000")
+            .all(|l| l["code"] == 200 && l["flags"] == "-"),
+        "{received:?}"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_requests_total",
+            &[
+                r#"reporter="destination""#,
+                r#"target_virtual_node="app/timed""#,
+                r#"response_code_class="5xx""#
+            ]
+        )?,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_request_timeouts_total",
+            &[
+                r#"target_virtual_node="app/timed""#,
+                r#"reason="per_request""#
+            ]
+        )?,
+        1.0
+    );
+    // The caller's agent got the 504 from the receiving side: not its own timeout.
+    let client_lines = access_log_lines(&logs.join("client.log"), 5)?;
+    let caller_slow = client_lines
+        .iter()
+        .find(|l| l["path"] == "/slow?delay_ms=3000")
+        .with_context(|| format!("no caller line for the slow request: {client_lines:?}"))?;
+    assert_eq!(caller_slow["code"], 504, "{client_lines:?}");
+    assert_eq!(caller_slow["flags"], "-", "{client_lines:?}");
+    drop(agent);
+    drop(servers);
+    Ok(())
+}
+
+/// A grpcRoute's `rateLimit`: calls over it get `RESOURCE_EXHAUSTED` from the calling agent.
+#[test]
+fn grpc_calls_over_a_routes_rate_limit_get_resource_exhausted() -> anyhow::Result<()> {
+    let documents = format!(
+        r#"---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: rgrpc}}}}
+  listeners: [{{portMapping: {{port: {GRPC_PORT}, protocol: grpc}}}}]
+  serviceDiscovery: {{dns: {{hostname: rgrpc-pods.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  listeners: [{{portMapping: {{port: {GRPC_PORT}, protocol: grpc}}}}]
+  routes:
+    - name: colors
+      grpcRoute:
+        match: {{serviceName: color.Color}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: rgrpc}}, weight: 1}}]}}
+        rateLimit: {{requestsPerSecond: 1, burst: 2}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: rgrpc, namespace: app}}
+spec:
+  awsName: rgrpc.app.svc.cluster.local
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: rgrpc}}}}}}
+"#
+    );
+    let (agent, client, _logs, servers, _node, _tb) = routed_bed(
+        "resilience-route-grpc",
+        &[("rgrpc", "10.96.6.3")],
+        true,
+        &documents,
+    )?;
+    let output = run(
+        client.command(python_with_grpcio()?).args([
+            GRPC_SCRIPT,
+            "call",
+            "--target",
+            &format!("rgrpc.app.svc.cluster.local:{GRPC_PORT}"),
+            "--unary",
+            "4",
+        ]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    // Burst 2 at 1 per second: two calls answered, the next two (within the second) refused.
+    assert_eq!(report["unary"]["rgrpc"], 2, "{report}");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
+        "{report}"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "strait_route_rate_limited_total",
+            &[r#"route="colors""#, r#"mode="enforced""#]
+        )?,
+        2.0
+    );
+    drop(agent);
+    drop(servers);
+    Ok(())
+}

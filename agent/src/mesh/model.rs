@@ -355,9 +355,10 @@ pub struct TcpTimeout {
     pub idle: Option<Duration>,
 }
 
-/// strait extension `listeners[].rateLimit`: token buckets enforced by the agent that delivers
-/// to the local pod (see docs/resilience.md). At least one of `total`, `per_caller`,
-/// `overrides` is set.
+/// strait extension `listeners[].rateLimit` (token buckets enforced by the agent that delivers
+/// to the local pod) and `httpRoute`/`http2Route`/`grpcRoute` `rateLimit` (enforced by each
+/// calling agent); see docs/resilience.md. At least one of `total`, `per_caller`, `overrides`
+/// is set.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
@@ -619,6 +620,9 @@ pub struct HttpRoute {
     pub action: RouteAction,
     pub retry_policy: Option<RetryPolicy>,
     pub timeout: Option<HttpTimeout>,
+    /// strait extension: the route's token buckets, enforced by each calling agent (per
+    /// node; see docs/resilience.md).
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -754,6 +758,8 @@ pub struct GrpcRoute {
     pub action: RouteAction,
     pub retry_policy: Option<RetryPolicy>,
     pub timeout: Option<GrpcTimeout>,
+    /// strait extension, as on [`HttpRoute`].
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -21,6 +21,7 @@
 //! listener's limits as they were, and starts afresh when they change.
 
 pub mod bucket;
+pub mod routes;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -82,6 +83,20 @@ pub struct ListenerLimits {
     /// request by request at the receiving side, for the destination's access log lines and
     /// request metrics (`reporter="destination"`).
     pub logged: bool,
+    /// The listener's own `timeout.http`/`http2`/`grpc`, applied at the receiving side when it
+    /// gives one ([`ReceivingTimeouts`]).
+    pub timeouts: Option<ReceivingTimeouts>,
+}
+
+/// A listener's http, http2 or grpc `timeout` as the receiving agent applies it (App Mesh's
+/// defaults filled in, 0 disables; see docs/resilience.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivingTimeouts {
+    /// `perRequest`: until the pod's response has ended; over it, 504 (flag `UT`).
+    pub per_request: Option<Duration>,
+    /// `idle`: a connection into the agent with no request in flight for this long is closed;
+    /// a response that stalls this long is cut (flag `SI`).
+    pub idle: Option<Duration>,
 }
 
 /// Every listener with a `connectionPool` or a `rateLimit`, and every backend's
@@ -132,7 +147,12 @@ impl Limits {
                     .logging
                     .as_ref()
                     .is_some_and(|l| l.access_log.is_some());
-                if l.connection_pool.is_none() && l.rate_limit.is_none() && !logged {
+                let timeouts = l.timeout.as_ref().and_then(receiving_timeouts);
+                if l.connection_pool.is_none()
+                    && l.rate_limit.is_none()
+                    && !logged
+                    && timeouts.is_none()
+                {
                     continue;
                 }
                 let port = l.port_mapping.port;
@@ -146,6 +166,7 @@ impl Limits {
                         pool: l.connection_pool.clone(),
                         rate: l.rate_limit.clone(),
                         logged,
+                        timeouts,
                     }),
                 );
             }
@@ -177,6 +198,18 @@ impl Limits {
     }
 }
 
+/// A listener's http, http2 or grpc `timeout`, as the receiving side applies it; None for a tcp
+/// one (applied by [`super::idle`]).
+fn receiving_timeouts(timeout: &ListenerTimeout) -> Option<ReceivingTimeouts> {
+    match timeout {
+        ListenerTimeout::Http(t) | ListenerTimeout::Http2(t) | ListenerTimeout::Grpc(t) => {
+            let (per_request, idle) = crate::routing::http::timeouts(Some(t));
+            Some(ReceivingTimeouts { per_request, idle })
+        }
+        ListenerTimeout::Tcp(_) => None,
+    }
+}
+
 /// Who is calling a local pod's listener.
 #[derive(Debug, Clone)]
 pub enum Caller {
@@ -189,7 +222,7 @@ pub enum Caller {
 
 /// A caller as the limits see it.
 #[derive(Debug, Clone)]
-struct Who {
+pub(crate) struct Who {
     /// The key of its own bucket: its SPIFFE ID (a tunnel caller's certificate; for a
     /// same-node caller the one its virtual node has in this mesh); empty for a tunnel caller
     /// without a certificate (they share one bucket).
@@ -201,7 +234,7 @@ struct Who {
 }
 
 impl Who {
-    fn resolve(policy: &Policy, caller: &Caller) -> Who {
+    pub(crate) fn resolve(policy: &Policy, caller: &Caller) -> Who {
         match caller {
             Caller::Local(vn) => {
                 let identities = policy
@@ -279,6 +312,19 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitLabels, Counter>,
     /// Client-side circuit breaker overflows ([`super::breaker`]).
     pub breaker_overflows: Family<super::breaker::BreakerLabels, Counter>,
+    /// Requests over a route's `rateLimit` ([`routes`]), counted by the calling agent.
+    pub route_rate_limited: Family<routes::RouteRateLimitLabels, Counter>,
+    /// Connections into a local pod's listener closed by its `idle` timeout at the receiving
+    /// side.
+    pub idle_closed: Family<IdleLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleLabels {
+    pub mesh: String,
+    /// The local pod's virtual node (the listener's).
+    pub virtual_node: String,
+    pub source_virtual_node: String,
 }
 
 impl Metrics {
@@ -292,6 +338,16 @@ impl Metrics {
             "strait_rate_limited",
             "Requests (or tcp connections) over a listener's rateLimit: refused (enforced) or only counted (shadow)",
             self.rate_limited.clone(),
+        );
+        registry.register(
+            "strait_route_rate_limited",
+            "Requests over a virtual router route's rateLimit, counted by the calling agent: refused (enforced) or only counted (shadow)",
+            self.route_rate_limited.clone(),
+        );
+        registry.register(
+            "strait_idle_connections_closed",
+            "Connections into a local pod's http, http2 or grpc listener closed by the receiving agent after the listener's timeout idle with no request in flight",
+            self.idle_closed.clone(),
         );
         registry.register(
             "strait_circuit_breaker_overflows",
@@ -354,9 +410,11 @@ pub enum Refused {
 }
 
 /// A bucket was empty.
-struct Refusal {
-    scope: &'static str,
-    wait: Duration,
+pub(crate) struct Refusal {
+    /// Which: `total`, `caller` or `override`.
+    pub scope: &'static str,
+    /// Until its next token.
+    pub wait: Duration,
 }
 
 #[derive(Default)]
@@ -365,52 +423,15 @@ struct RateState {
     callers: HashMap<String, TokenBucket>,
 }
 
-/// The live state of one listener's limits.
-struct State {
-    limits: Arc<ListenerLimits>,
-    /// tcp: connections open to the pod.
-    connections: AtomicU32,
-    /// http: one permit per connection to the pod (each carries one request at a time).
-    slots: Arc<Semaphore>,
-    /// http: requests waiting for a connection.
-    pending: AtomicU32,
-    /// http: idle connections to the pod; with the ones in use, never more than the permits.
-    idle: Mutex<Vec<http1::SendRequest<ReplayBody>>>,
-    /// http2, grpc: requests in flight.
-    requests: Arc<Semaphore>,
-    rate: Mutex<RateState>,
-}
+/// The token buckets of one `rateLimit` (a listener's or a route's): the total one and one per
+/// caller.
+#[derive(Default)]
+pub(crate) struct Buckets(Mutex<RateState>);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl State {
-    fn new(limits: Arc<ListenerLimits>) -> State {
-        let permits = |n: u32| Arc::new(Semaphore::new(n as usize));
-        let (slots, requests) = match limits.pool {
-            Some(ConnectionPool::Http {
-                max_connections, ..
-            }) => (permits(max_connections), permits(0)),
-            Some(
-                ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests },
-            ) => (permits(0), permits(max_requests)),
-            _ => (permits(0), permits(0)),
-        };
-        State {
-            limits,
-            connections: AtomicU32::new(0),
-            slots,
-            pending: AtomicU32::new(0),
-            idle: Mutex::new(Vec::new()),
-            requests,
-            rate: Mutex::new(RateState::default()),
-        }
-    }
-
+impl Buckets {
     /// Takes a token from the caller's bucket and the total one, or neither.
-    fn rate(&self, rate: &RateLimit, who: &Who, now: Instant) -> Result<(), Refusal> {
-        let mut state = lock(&self.rate);
+    pub(crate) fn take(&self, rate: &RateLimit, who: &Who, now: Instant) -> Result<(), Refusal> {
+        let mut state = lock(&self.0);
         let RateState { total, callers } = &mut *state;
         let (scope, limit) = match rate
             .overrides
@@ -445,6 +466,55 @@ impl State {
     }
 }
 
+/// The live state of one listener's limits.
+struct State {
+    limits: Arc<ListenerLimits>,
+    /// tcp: connections open to the pod.
+    connections: AtomicU32,
+    /// http: one permit per connection to the pod (each carries one request at a time).
+    slots: Arc<Semaphore>,
+    /// http: requests waiting for a connection.
+    pending: AtomicU32,
+    /// http: idle connections to the pod; with the ones in use, never more than the permits.
+    idle: Mutex<Vec<http1::SendRequest<ReplayBody>>>,
+    /// http2, grpc: requests in flight.
+    requests: Arc<Semaphore>,
+    rate: Buckets,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl State {
+    fn new(limits: Arc<ListenerLimits>) -> State {
+        let permits = |n: u32| Arc::new(Semaphore::new(n as usize));
+        let (slots, requests) = match limits.pool {
+            Some(ConnectionPool::Http {
+                max_connections, ..
+            }) => (permits(max_connections), permits(0)),
+            Some(
+                ConnectionPool::Http2 { max_requests } | ConnectionPool::Grpc { max_requests },
+            ) => (permits(0), permits(max_requests)),
+            _ => (permits(0), permits(0)),
+        };
+        State {
+            limits,
+            connections: AtomicU32::new(0),
+            slots,
+            pending: AtomicU32::new(0),
+            idle: Mutex::new(Vec::new()),
+            requests,
+            rate: Buckets::default(),
+        }
+    }
+
+    /// Takes a token from the caller's bucket and the total one, or neither.
+    fn rate(&self, rate: &RateLimit, who: &Who, now: Instant) -> Result<(), Refusal> {
+        self.rate.take(rate, who, now)
+    }
+}
+
 /// What [`Admission::admit`] decided for a new connection.
 pub enum Admitted {
     /// No limits: splice as usual.
@@ -472,6 +542,8 @@ pub struct Admission {
     /// Connections to local pods for gated listeners without `http.maxConnections`.
     pool: Arc<Pool>,
     pub breakers: super::breaker::Breakers,
+    /// Routes' `rateLimit`, applied by this (calling) agent.
+    pub routes: routes::RouteLimits,
     /// Access logs by virtual node (the same as the proxy's), for receiving-side lines.
     pub access_logs: arc_swap::ArcSwap<BTreeMap<ResourceId, AccessLog>>,
     /// Per-request telemetry; unset under `--telemetry off`.
@@ -484,6 +556,7 @@ impl Default for Admission {
         Admission {
             states: Mutex::default(),
             breakers: super::breaker::Breakers::new(metrics.breaker_overflows.clone()),
+            routes: routes::RouteLimits::new(metrics.route_rate_limited.clone()),
             metrics,
             pool: Arc::default(),
             access_logs: arc_swap::ArcSwap::default(),
@@ -693,6 +766,54 @@ struct GateInner {
     log: Option<AccessLog>,
 }
 
+/// The requests in flight on one connection into the gate, for its idle timeout.
+#[derive(Default)]
+struct Activity {
+    active: AtomicU32,
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    /// Resolves once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            // A request that starts or ends wakes this up; one that starts and ends while it
+            // sleeps leaves a wake-up behind, so the wait starts over from then.
+            let changed = self.changed.notified();
+            if self.active.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(idle) => {
+                    if self.active.load(Ordering::Acquire) == 0 {
+                        return;
+                    }
+                }
+                () = changed => {}
+            }
+        }
+    }
+}
+
+/// One request in flight on a gated connection.
+struct Active(Arc<Activity>);
+
+impl Active {
+    fn start(activity: &Arc<Activity>) -> Active {
+        activity.active.fetch_add(1, Ordering::AcqRel);
+        activity.changed.notify_one();
+        Active(activity.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
 /// What a request holds of the connection pool while it is in flight.
 enum Permit {
     /// No `connectionPool`.
@@ -713,27 +834,69 @@ impl Drop for Pending<'_> {
 }
 
 impl Gate {
-    /// Serves HTTP on `io` (a tunnel stream or the same-node pipe) until the caller closes it
-    /// or, for a tunnel stream, the drain timeout runs out.
+    /// Serves HTTP on `io` (a tunnel stream or the same-node pipe) until the caller closes it,
+    /// the listener's `idle` timeout closes it, or, for a tunnel stream, the drain timeout runs
+    /// out.
     pub async fn serve<I>(self, io: I, pod: Arc<LocalPod>, target: SocketAddr, drain: Option<Drain>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let gate = self.0;
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (gate, pod) = (gate.clone(), pod.clone());
-            async move { Ok::<_, Infallible>(gate.handle(request, &pod, target).await) }
-        });
+        let idle = gate.state.limits.timeouts.and_then(|t| t.idle);
+        let activity = Arc::new(Activity::default());
+        let service = {
+            let (gate, activity) = (gate.clone(), activity.clone());
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (gate, pod) = (gate.clone(), pod.clone());
+                // In flight until its response has gone out (or was dropped).
+                let active = Active::start(&activity);
+                async move {
+                    let mut response = gate.handle(request, &pod, target).await;
+                    response.body_mut().hold(Box::new(active));
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new()).half_close(true);
         builder.http2().timer(TokioTimer::new());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        let result = match drain {
-            Some(drain) => tokio::select! {
-                result = connection => result,
-                () = drain.expired() => Ok(()),
-            },
-            None => connection.await,
+        tokio::pin!(connection);
+        let expired = async {
+            match &drain {
+                Some(drain) => drain.expired().await,
+                None => std::future::pending().await,
+            }
+        };
+        let idle_out = async {
+            match idle {
+                Some(idle) => activity.idle_for(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired, idle_out);
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                () = &mut expired => break Ok(()),
+                () = &mut idle_out, if !closing => {
+                    // Envoy's connection idle timeout: no request in flight for that long.
+                    // HTTP/1.1 closes at once (nothing is in flight), HTTP/2 says GOAWAY.
+                    closing = true;
+                    let limits = &gate.state.limits;
+                    gate.metrics
+                        .idle_closed
+                        .get_or_create(&IdleLabels {
+                            mesh: limits.mesh.clone(),
+                            virtual_node: limits.virtual_node.to_string(),
+                            source_virtual_node: gate.who.source.clone(),
+                        })
+                        .inc();
+                    tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, caller = %gate.who.key, ?idle, "idle connection closed (listener timeout idle)");
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
         };
         if let Err(error) = result {
             tracing::debug!(target: "strait::admission", %target, %error, "gated connection ended with an error");
@@ -808,22 +971,77 @@ impl GateInner {
             record.request_headers(request.headers());
         }
         let (mut response, flag) = self.admit_and_send(request, pod, target).await;
+        if flag == Some("UT") {
+            record.timeouts.push(
+                if limits.timeouts.is_some_and(|t| t.per_request.is_some()) {
+                    "per_request"
+                } else {
+                    "idle"
+                },
+            );
+        }
         record.flags.extend(flag);
         record.response(response.status().as_u16(), response.headers());
         response.body_mut().attach(record);
         response
     }
 
-    /// Admits one request under the listener's limits and delivers it to the pod; the answer,
-    /// and the Envoy response flag of a reply made here.
+    /// Admits one request under the listener's limits and delivers it to the pod within the
+    /// listener's timeouts; the answer, and the Envoy response flag of a reply made here.
     async fn admit_and_send(
         &self,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
     ) -> (Response<ResponseBody>, Option<&'static str>) {
         let limits = &self.state.limits;
         let grpc = is_grpc(request.headers());
+        let timeouts = limits.timeouts.unwrap_or(ReceivingTimeouts {
+            per_request: None,
+            idle: None,
+        });
+        let now = tokio::time::Instant::now();
+        // Checked: a deadline past what the clock can hold is no deadline.
+        let deadline = timeouts
+            .per_request
+            .and_then(|d| Some((d, now.checked_add(d)?)));
+        // Without a per-request timeout, the idle timeout bounds the wait for the response's
+        // head (as the calling side does).
+        let bound = deadline.or_else(|| timeouts.idle.and_then(|d| Some((d, now.checked_add(d)?))));
+        let sent = self.admit_and_send_within(request, pod, target, grpc, deadline, timeouts.idle);
+        let Some((limit, at)) = bound else {
+            return sent.await;
+        };
+        match tokio::time::timeout_at(at, sent).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, %target, ?limit, "the pod did not answer within the listener's timeout");
+                (
+                    local(
+                        grpc,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "virtual node {}: upstream request timeout after {limit:?} (listener timeout)",
+                            limits.virtual_node
+                        ),
+                        None,
+                    ),
+                    Some("UT"),
+                )
+            }
+        }
+    }
+
+    async fn admit_and_send_within(
+        &self,
+        mut request: Request<Incoming>,
+        pod: &Arc<LocalPod>,
+        target: SocketAddr,
+        grpc: bool,
+        deadline: Option<(Duration, tokio::time::Instant)>,
+        idle: Option<Duration>,
+    ) -> (Response<ResponseBody>, Option<&'static str>) {
+        let limits = &self.state.limits;
         if let Some(rate) = &limits.rate
             && let Err(refusal) = self.state.rate(rate, &self.who, Instant::now())
         {
@@ -908,7 +1126,7 @@ impl GateInner {
         let (mut parts, body) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, switching);
         (
-            Response::from_parts(parts, ResponseBody::upstream(body, None, None, guards)),
+            Response::from_parts(parts, ResponseBody::upstream(body, deadline, idle, guards)),
             None,
         )
     }
@@ -1208,6 +1426,7 @@ mod tests {
             pool: None,
             rate: Some(rate),
             logged: false,
+            timeouts: None,
         })
     }
 

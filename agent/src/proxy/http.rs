@@ -59,7 +59,7 @@ use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
 use crate::mesh::Protocol;
-use crate::routing::http::{HttpRoute, HttpTarget, RequestView, normalize_path};
+use crate::routing::http::{HttpRoute, HttpTarget, RequestView, RouteRateLimit, normalize_path};
 use crate::routing::{ServicePort, Table};
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::AccessLog;
@@ -114,6 +114,17 @@ pub trait Env: Send + Sync + 'static {
         _target_node: &ResourceId,
     ) -> Option<Arc<Breaker>> {
         None
+    }
+    /// One request of `source` through a route with a `rateLimit` (see
+    /// [`super::admission::routes`]).
+    fn route_rate_limit(
+        &self,
+        _service: &ResourceId,
+        _route: &str,
+        _limit: &RouteRateLimit,
+        _source: &ResourceId,
+    ) -> Result<(), super::admission::routes::Limited> {
+        Ok(())
     }
 }
 
@@ -180,6 +191,20 @@ impl Env for Context {
         self.transport
             .admission
             .breaker(&policy, source, service, target_node)
+    }
+
+    fn route_rate_limit(
+        &self,
+        service: &ResourceId,
+        route: &str,
+        limit: &RouteRateLimit,
+        source: &ResourceId,
+    ) -> Result<(), super::admission::routes::Limited> {
+        let policy = self.transport.policy.load();
+        self.transport
+            .admission
+            .routes
+            .check(&policy, service, route, limit, source)
     }
 }
 
@@ -549,6 +574,22 @@ impl<E: Env> Downstream<E> {
         };
         if let Some(r) = record.as_mut() {
             r.route = route.name.clone();
+        }
+        // The route's own rateLimit, applied here where the route is known (per calling node).
+        if let Some(limit) = &route.rate_limit
+            && let Err(limited) = self.env.route_rate_limit(
+                &service.service,
+                &route.name,
+                limit,
+                &self.source.virtual_node,
+            )
+        {
+            flag(&mut record, "RL");
+            return super::admission::rate_limited_reply(
+                grpc,
+                &format!("virtual service {vs}: {limited}"),
+                limited.wait,
+            );
         }
         let Some(target) = pick_target(&route.targets).cloned() else {
             flag(&mut record, "NR");

@@ -62,6 +62,16 @@ pub struct HttpRoute {
     pub per_request: Option<Duration>,
     /// None: disabled (`idle: 0`).
     pub idle: Option<Duration>,
+    /// The route's `rateLimit` (strait extension), applied by the calling agent.
+    pub rate_limit: Option<RouteRateLimit>,
+}
+
+/// A virtual router route's `rateLimit` and the router it belongs to: its token buckets are
+/// kept per (router, route name) by each calling agent (docs/resilience.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRateLimit {
+    pub virtual_router: ResourceId,
+    pub limit: mesh::RateLimit,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +287,7 @@ pub fn compile(
                 retry: RetryPolicy::app_mesh_default(),
                 per_request,
                 idle,
+                rate_limit: None,
             }));
         }
         Some(Provider::VirtualRouter(id)) => {
@@ -289,7 +300,7 @@ pub fn compile(
                     {
                         continue;
                     }
-                    if let Some(compiled) = compile_route(mesh, route) {
+                    if let Some(compiled) = compile_route(mesh, id, route) {
                         routes.push(Arc::new(compiled));
                     }
                 }
@@ -315,7 +326,7 @@ fn listener_http_timeout(timeout: &ListenerTimeout) -> Option<HttpTimeout> {
 }
 
 /// App Mesh defaults (15 s, 300 s); a value of 0 disables.
-fn timeouts(timeout: Option<&HttpTimeout>) -> (Option<Duration>, Option<Duration>) {
+pub(crate) fn timeouts(timeout: Option<&HttpTimeout>) -> (Option<Duration>, Option<Duration>) {
     let pick = |d: Option<&mesh::Duration>, default: Duration| match d {
         Some(d) if d.value == 0 => None,
         Some(d) => Some(d.as_std()),
@@ -351,13 +362,14 @@ fn http_target(mesh: &MeshConfig, node: &ResourceId, weight: u32, port: Option<u
     }
 }
 
-fn compile_route(mesh: &MeshConfig, route: &mesh::Route) -> Option<HttpRoute> {
-    let (matcher, action, retry, timeout) = match &route.kind {
+fn compile_route(mesh: &MeshConfig, router: &ResourceId, route: &mesh::Route) -> Option<HttpRoute> {
+    let (matcher, action, retry, timeout, rate_limit) = match &route.kind {
         RouteKind::Http(r) | RouteKind::Http2(r) => (
             RouteMatch::Http(compile_http_match(&r.r#match)?),
             &r.action,
             r.retry_policy.as_ref(),
             r.timeout.as_ref(),
+            r.rate_limit.as_ref(),
         ),
         RouteKind::Grpc(r) => (
             RouteMatch::Grpc(GrpcMatch {
@@ -368,6 +380,7 @@ fn compile_route(mesh: &MeshConfig, route: &mesh::Route) -> Option<HttpRoute> {
             &r.action,
             r.retry_policy.as_ref(),
             r.timeout.as_ref(),
+            r.rate_limit.as_ref(),
         ),
         RouteKind::Tcp(_) => return None,
     };
@@ -383,6 +396,10 @@ fn compile_route(mesh: &MeshConfig, route: &mesh::Route) -> Option<HttpRoute> {
         retry: retry.map_or_else(RetryPolicy::app_mesh_default, RetryPolicy::from_model),
         per_request,
         idle,
+        rate_limit: rate_limit.map(|limit| RouteRateLimit {
+            virtual_router: router.clone(),
+            limit: limit.clone(),
+        }),
     })
 }
 

@@ -323,7 +323,11 @@ impl Cx<'_> {
     }
 
     pub(super) fn http_route(&mut self, n: &Node, path: &str) -> Option<HttpRoute> {
-        let o = self.obj(n, path, &["match", "action", "retryPolicy", "timeout"])?;
+        let o = self.obj(
+            n,
+            path,
+            &["match", "action", "retryPolicy", "timeout", "rateLimit"],
+        )?;
         let m = self.req(&o, "match", |cx, n, p| {
             let o = cx.obj(
                 n,
@@ -379,8 +383,10 @@ impl Cx<'_> {
         let action = self.req(&o, "action", Cx::route_action);
         let retry = self.opt(&o, "retryPolicy", |cx, n, p| cx.retry_policy(n, p, false));
         let timeout = self.opt(&o, "timeout", Cx::http_timeout);
+        let rate_limit = self.opt(&o, "rateLimit", Cx::rate_limit);
         if (o.get("retryPolicy").is_some() && retry.is_none())
             || (o.get("timeout").is_some() && timeout.is_none())
+            || (o.get("rateLimit").is_some() && rate_limit.is_none())
         {
             return None;
         }
@@ -389,6 +395,7 @@ impl Cx<'_> {
             action: action?,
             retry_policy: retry,
             timeout,
+            rate_limit,
         })
     }
 
@@ -487,7 +494,11 @@ impl Cx<'_> {
     }
 
     pub(super) fn grpc_route(&mut self, n: &Node, path: &str) -> Option<GrpcRoute> {
-        let o = self.obj(n, path, &["match", "action", "retryPolicy", "timeout"])?;
+        let o = self.obj(
+            n,
+            path,
+            &["match", "action", "retryPolicy", "timeout", "rateLimit"],
+        )?;
         let m = self.req(&o, "match", |cx, n, p| {
             let o = cx.obj(n, p, &["serviceName", "methodName", "metadata", "port"])?;
             let service_name = cx.opt(&o, "serviceName", Cx::nonempty);
@@ -522,8 +533,10 @@ impl Cx<'_> {
         let action = self.req(&o, "action", Cx::route_action);
         let retry = self.opt(&o, "retryPolicy", |cx, n, p| cx.retry_policy(n, p, true));
         let timeout = self.opt(&o, "timeout", Cx::http_timeout);
+        let rate_limit = self.opt(&o, "rateLimit", Cx::rate_limit);
         if (o.get("retryPolicy").is_some() && retry.is_none())
             || (o.get("timeout").is_some() && timeout.is_none())
+            || (o.get("rateLimit").is_some() && rate_limit.is_none())
         {
             return None;
         }
@@ -532,11 +545,22 @@ impl Cx<'_> {
             action: action?,
             retry_policy: retry,
             timeout,
+            rate_limit,
         })
     }
 
     pub(super) fn tcp_route(&mut self, n: &Node, path: &str) -> Option<TcpRoute> {
-        let o = self.obj(n, path, &["match", "action", "timeout"])?;
+        let o = self.obj(n, path, &["match", "action", "timeout", "rateLimit"])?;
+        if o.get("rateLimit").is_some() {
+            self.err(
+                o.key_pos("rateLimit"),
+                &o.at("rateLimit"),
+                "`rateLimit` is not supported on a tcpRoute (it limits requests of httpRoute, \
+                 http2Route and grpcRoute); for a connection rate, put `rateLimit` on the tcp \
+                 listener of the target virtual node",
+            );
+            return None;
+        }
         let m = self.opt(&o, "match", |cx, n, p| {
             let o = cx.obj(n, p, &["port"])?;
             let port = cx.opt(&o, "port", Cx::port);

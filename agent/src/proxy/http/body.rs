@@ -279,6 +279,11 @@ impl ResponseBody {
         self.record = Some(record);
     }
 
+    /// Keeps `guard` until the response is done.
+    pub fn hold(&mut self, guard: Guard) {
+        self.guards.push(guard);
+    }
+
     /// A reply the agent makes itself.
     pub fn local(bytes: Bytes) -> ResponseBody {
         ResponseBody {
