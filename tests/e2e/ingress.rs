@@ -217,6 +217,29 @@ fn the_walkthrough_manifests_validate_as_one_mesh() -> anyhow::Result<()> {
         text.contains("reserved.yaml:6") && text.contains("spec.httpRoute.match.prefix"),
         "the error does not say where: {text}"
     );
+    // Rate limit overrides name clients by their certificate: on a listener that asks for none
+    // they could never apply, and are refused where they are written.
+    std::fs::remove_file(dir.join("reserved.yaml"))?;
+    std::fs::write(
+        dir.join("overrides.yaml"),
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualGateway\nmetadata: {name: plain-gw, namespace: ingress}\nspec:\n  listeners:\n    - portMapping: {port: 7088, protocol: http}\n      rateLimit:\n        perCaller: {requestsPerSecond: 5}\n        overrides:\n          - callers: [{identity: \"spiffe://ingress-demo/ns/ingress/vn/red\"}]\n            requestsPerSecond: 50\n",
+    )?;
+    let output = std::process::Command::new(strait_binary()?)
+        .arg("validate")
+        .arg(&dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success(),
+        "overrides without client certificates were accepted: {text}"
+    );
+    ensure!(
+        text.contains("overrides.yaml:9")
+            && text.contains("rateLimit.overrides")
+            && text.contains("validation"),
+        "the error does not say where or what to do: {text}"
+    );
     Ok(())
 }
 
@@ -526,6 +549,16 @@ spec:
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: edge-other, namespace: ingress}}
+spec:
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/edge-other.pem, privateKey: {c}/edge-other-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualService
 metadata: {{name: red, namespace: ingress}}
 spec:
@@ -562,6 +595,19 @@ spec:
         mode: STRICT
         {edge_cert}
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+    # Clients with certificates, limited each by its own (strait extension): edge-client may
+    # send 4 at once, any other client 1.
+    - portMapping: {{port: 8446, protocol: http}}
+      tls:
+        mode: STRICT
+        {edge_cert}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+      rateLimit:
+        perCaller: {{requestsPerSecond: 1, burst: 1}}
+        overrides:
+          - callers: [{{virtualNodeRef: {{name: edge-client}}}}]
+            requestsPerSecond: 1
+            burst: 4
     - portMapping: {{port: 9090, protocol: grpc}}
     - portMapping: {{port: 8090, protocol: http2}}
       connectionPool: {{http2: {{maxRequests: 1}}}}
@@ -820,6 +866,29 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
             == 5)
     })?;
 
+    // The rate limit of a listener that validates client certificates: each certificate is a
+    // client, and edge-client's override (burst 4) is its own; edge-other has perCaller's
+    // (burst 1). One a second refills at most one more within each run.
+    let limited = |name: &str, n: usize| -> anyhow::Result<Vec<u16>> {
+        let cert = certs.join(format!("{name}.pem")).display().to_string();
+        let key = certs.join(format!("{name}-key.pem")).display().to_string();
+        (0..n)
+            .map(|_| Ok(https(8446, "/red/x", &["--cert", &cert, "--key", &key])?.status))
+            .collect()
+    };
+    let vip = limited("edge-client", 6)?;
+    let other = limited("edge-other", 3)?;
+    let count = |got: &[u16], status: u16| got.iter().filter(|s| **s == status).count();
+    ensure!(
+        (4..=5).contains(&count(&vip, 200)) && count(&vip, 200) + count(&vip, 429) == 6,
+        "edge-client's override (burst 4): {vip:?}; gateway agent:\n{}",
+        agent1.process.stderr()
+    );
+    ensure!(
+        (1..=2).contains(&count(&other, 200)) && count(&other, 200) + count(&other, 429) == 3,
+        "edge-other's own bucket (burst 1), apart from edge-client's: {other:?}"
+    );
+
     // An http2 listener serves http2Routes (the httpRoute above is not its), to an http
     // service: HTTP/2 from the client, HTTP/1.1 to red.
     let h2 = curl(
@@ -945,5 +1014,230 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
             .is_some_and(|d| d.contains("no gateway route")),
         "{report}"
     );
+    Ok(())
+}
+
+/// A gateway with a listener for each `healthCheck` form (`http`, `http2`, `grpc`; App Mesh
+/// has no `tcp` check on gateways) on its own port, another listener's and a health port, and
+/// a listener limited per client.
+const HEALTH_MESH: &str = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: ingress-health}
+spec: {egressFilter: {type: DROP_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: red, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: red}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+  serviceDiscovery: {dns: {hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: red, namespace: ingress}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: red}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {name: ingress-gw, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: ingress-gw}}
+  listeners:
+    - portMapping: {port: 8088, protocol: http}
+      healthCheck: {protocol: http, port: 8089, path: /ready, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8090, protocol: http2}
+      healthCheck: {protocol: http2, port: 8091, path: /h2ready, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8092, protocol: http}
+      # Checked on another listener's port: that listener answers it.
+      healthCheck: {protocol: http, port: 8088, path: /ready-8092, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 9090, protocol: grpc}
+      healthCheck: {protocol: grpc, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 9092, protocol: grpc}
+      healthCheck: {protocol: grpc, port: 9093, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8094, protocol: http}
+      healthCheck: {protocol: http, path: /live, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+      # strait extension: each client address 2 requests at once, then 1 a second.
+      rateLimit: {perCaller: {requestsPerSecond: 1, burst: 2}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: red, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /red}
+    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}
+"#;
+
+/// Does a TCP connect from `pod` to `addr:port` succeed (what a load balancer's tcp check
+/// does)? Python's socket module: a real connect, nothing sent.
+fn tcp_connects(pod: &Pod, addr: &str, port: u16) -> anyhow::Result<bool> {
+    let script = format!(
+        "import socket\ntry:\n    socket.create_connection(('{addr}', {port}), timeout=5).close()\n    print('open')\nexcept OSError as e:\n    print('closed', e)\n"
+    );
+    let output = run(
+        pod.command("python3").args(["-c", &script]),
+        Duration::from_secs(20),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        stdout.starts_with("open") || stdout.starts_with("closed"),
+        "tcp check of {addr}:{port}: {stdout:?} {:?}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout.starts_with("open"))
+}
+
+#[test]
+fn every_health_check_form_is_answered_and_clients_are_limited_each_by_its_address()
+-> anyhow::Result<()> {
+    let python = python_with_grpcio()?;
+    let tb = Testbed::new("ingress-health")?;
+    let node = tb.add_node("node1")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    let lb2 = node.add_pod(&PodSpec::new("lb2", "outside"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
+    std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
+    std::fs::write(&mesh, HEALTH_MESH)?;
+    node.write_workload(&gateway)?;
+    node.write_workload(&red)?;
+    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    let gw = gateway.ipv4().to_string();
+    let url = |port: u16, path: &str| format!("http://{gw}:{port}{path}");
+    let healthy = |reply: &Reply, what: &str| -> anyhow::Result<()> {
+        ensure!(
+            reply.status == 200 && reply.body.trim() == "healthy",
+            "{what}: {} {:?}; agent log:\n{}",
+            reply.status,
+            reply.body,
+            agent.process.stderr()
+        );
+        Ok(())
+    };
+
+    // http on a health port: GET and HEAD of the path; nothing else is answered there.
+    healthy(&curl(&lb, &[&url(8089, "/ready")])?, "http check on 8089")?;
+    let head = curl(&lb, &["--head", &url(8089, "/ready")])?;
+    ensure!(head.status == 200, "HEAD /ready: {}", head.status);
+    let other = curl(&lb, &[&url(8089, "/red")])?;
+    ensure!(
+        other.status == 404,
+        "a health port routes nothing: {} {}",
+        other.status,
+        other.body
+    );
+    // ...while the listener itself routes (and does not answer the check's path).
+    let routed = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        routed.status == 200 && routed.seen()?["name"] == "red",
+        "the listener beside its health port: {} {}",
+        routed.status,
+        routed.body
+    );
+    // http2 on a health port, HTTP/2 with prior knowledge as a load balancer's h2 check.
+    healthy(
+        &curl(&lb, &["--http2-prior-knowledge", &url(8091, "/h2ready")])?,
+        "http2 check on 8091",
+    )?;
+    // A check on another listener's port is answered by that listener.
+    healthy(
+        &curl(&lb, &[&url(8088, "/ready-8092")])?,
+        "8092's check on 8088",
+    )?;
+    // The health ports are the checks' only: a port with neither a listener nor a check
+    // refuses connections.
+    ensure!(tcp_connects(&lb, &gw, 8089)?, "health port 8089");
+    ensure!(
+        !tcp_connects(&lb, &gw, 8095)?,
+        "a port with no listener and no check accepted a connection"
+    );
+    // grpc: grpc.health.v1.Health/Check on the listener's port and on a health port: SERVING
+    // for the server ("" service); another service name is unknown to the gateway.
+    let grpc_health = |port: u16, service: &str| -> anyhow::Result<Value> {
+        let output = run(
+            lb.command(&python).args([
+                GRPC_SCRIPT,
+                "health",
+                "--target",
+                &format!("{gw}:{port}"),
+                "--service",
+                service,
+            ]),
+            Duration::from_secs(30),
+        )?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "gRPC health client printed no report: {stdout:?}, stderr {:?}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    };
+    for port in [9090, 9093] {
+        let report = grpc_health(port, "")?;
+        ensure!(
+            report["code"] == "OK" && report["status"] == "SERVING",
+            "grpc check on {port}: {report}; agent log:\n{}",
+            agent.process.stderr()
+        );
+        let report = grpc_health(port, "color.Color")?;
+        ensure!(
+            report["code"] == "NOT_FOUND",
+            "grpc check of a named service on {port}: {report}"
+        );
+    }
+    // A grpc listener with no grpc check of its own (9092's is on 9093) routes the call: no
+    // gateway route for it.
+    let report = grpc_health(9092, "")?;
+    ensure!(
+        report["code"] == "UNIMPLEMENTED",
+        "grpc check on 9092 (its check is on 9093): {report}"
+    );
+
+    // perCaller at the edge: each client address has its own bucket (burst 2).
+    let statuses = |pod: &Pod, n: usize| -> anyhow::Result<Vec<u16>> {
+        (0..n)
+            .map(|_| Ok(curl(pod, &[&url(8094, "/red/x")])?.status))
+            .collect()
+    };
+    let first = statuses(&lb, 4)?;
+    let second = statuses(&lb2, 4)?;
+    for (who, got) in [("lb", &first), ("lb2", &second)] {
+        let ok = got.iter().filter(|s| **s == 200).count();
+        let limited = got.iter().filter(|s| **s == 429).count();
+        // 1 a second refills at most one more within the run.
+        ensure!(
+            (2..=3).contains(&ok) && ok + limited == 4,
+            "client {who} on the per-client limited listener: {got:?} (lb: {first:?})"
+        );
+    }
+    let reply = curl(&lb, &["--include", &url(8094, "/red/x")])?;
+    ensure!(
+        reply.status == 429 && reply.body.contains("rateLimit, caller"),
+        "a client over its own bucket: {} {}",
+        reply.status,
+        reply.body
+    );
+    // The limited listener's own check is still answered: a busy gateway is not unhealthy.
+    healthy(&curl(&lb, &[&url(8094, "/live")])?, "8094's check")?;
+
+    // Checks are answered while the agent serves the gateway pod: a pod that is no longer the
+    // gateway's has none, so the load balancer takes it out.
+    node.remove_workload(&gateway)?;
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the released gateway pod's health ports close",
+        || Ok(!tcp_connects(&lb, &gw, 8089)? && curl(&lb, &[&url(9090, "/")])?.status == 0),
+    )?;
     Ok(())
 }

@@ -17,7 +17,8 @@
 //!   probes ask by default); any other name gets `NOT_FOUND`, as the protocol says of a service
 //!   the server does not know (the services behind the gateway are checked in the mesh, not
 //!   through it). `Watch` is not answered.
-//! - `tcp`: the port accepts connections (a listener port does anyway; a health port too).
+//! - `tcp` is no gateway check in App Mesh (validation refuses it, as App Mesh did); a load
+//!   balancer's own TCP check of a listener or health port sees it accept while it is served.
 //!
 //! Several checks on one port are all answered there (the union of their paths). Checks are
 //! answered while the agent serves the gateway pod: a pod whose listeners cannot be opened, or
@@ -64,8 +65,7 @@ pub struct Answers {
 /// Health answers by (gateway, port), replaced with the mesh.
 pub type HealthTable = BTreeMap<(ResourceId, u16), Answers>;
 
-/// The ports a gateway's checks are made on, with what each asks for. A `tcp` check's port is
-/// there with nothing to answer (accepting is the answer).
+/// The ports a gateway's checks are made on, with what each asks for.
 pub fn answers(gateway: &VirtualGateway) -> BTreeMap<u16, Answers> {
     let mut ports: BTreeMap<u16, Answers> = BTreeMap::new();
     for listener in &gateway.spec.listeners {
@@ -81,6 +81,7 @@ pub fn answers(gateway: &VirtualGateway) -> BTreeMap<u16, Answers> {
                     .insert(check.path.clone().unwrap_or_else(|| "/".to_owned()));
             }
             Protocol::Grpc => answers.grpc = true,
+            // Not a gateway check (validation refuses it); its port still accepts.
             Protocol::Tcp => {}
         }
     }
