@@ -1241,3 +1241,73 @@ fn every_health_check_form_is_answered_and_clients_are_limited_each_by_its_addre
     )?;
     Ok(())
 }
+
+/// On Kubernetes the gateway pods come from the API server like any pod (`strait run
+/// --kubernetes`; here the test API server, `testbed::kubeapi`, the one test double): a pod
+/// the VirtualGateway's `podSelector` selects gets the gateway's listeners and health port
+/// once the API lists it on this node, and loses them when it is deleted.
+#[test]
+fn a_gateway_pod_from_the_kubernetes_api_is_served_and_released_when_deleted() -> anyhow::Result<()>
+{
+    let tb = Testbed::new("ingress-k8s")?;
+    let node = tb.add_node("node1")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    // The sandboxes first: each pod's oldest process, as on a real node.
+    let _sandboxes = [&gateway, &red]
+        .into_iter()
+        .map(|pod| tb.start_sandbox(pod))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let api = testbed::kubeapi::KubeApi::new()?;
+    let addr = api.serve_in(&node)?;
+    let kubeconfig = api.kubeconfig(addr, tb.temp_dir())?;
+    api.apply(testbed::kubeapi::node_object(&node))?;
+    api.apply(testbed::kubeapi::namespace_object("ingress", &[]))?;
+    api.apply(testbed::kubeapi::pod_object(&red))?;
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, HEALTH_MESH)?;
+    let agent = Agent::start_kubernetes(&tb, &node, &mesh, &kubeconfig, &[])?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    let gw = gateway.ipv4().to_string();
+    let url = |port: u16, path: &str| format!("http://{gw}:{port}{path}");
+
+    // Not in the API yet: nothing listens in the gateway pod.
+    let before = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        before.status == 0,
+        "a gateway pod the API does not list was served: {} {}",
+        before.status,
+        before.body
+    );
+
+    api.apply(testbed::kubeapi::pod_object(&gateway))?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    let reply = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        reply.status == 200 && reply.seen()?["name"] == "red",
+        "the gateway pod from the API: {} {}; agent log:\n{}",
+        reply.status,
+        reply.body,
+        agent.process.stderr()
+    );
+    let health = curl(&lb, &[&url(8089, "/ready")])?;
+    ensure!(
+        health.status == 200,
+        "its health port: {} {}",
+        health.status,
+        health.body
+    );
+
+    api.delete(testbed::kubeapi::Kind::Pod, "ingress", "ingress-gw-1")?;
+    agent.wait_enrolled(GATEWAY, false, Duration::from_secs(20))?;
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the deleted gateway pod's listeners close",
+        || Ok(curl(&lb, &[&url(8088, "/red/x")])?.status == 0),
+    )?;
+    Ok(())
+}
