@@ -13,6 +13,8 @@
 //! to other nodes, backend rules (a gateway may reach the virtual services its routes target)
 //! and telemetry, with the gateway as the source. The listener's `tls` (STRICT, PERMISSIVE,
 //! DISABLED; a `file` certificate; `validation` for client certificates) is terminated here.
+//! A listener's `healthCheck` is answered on its port or on a health port bound beside the
+//! listeners ([`health`]); its `rateLimit` counts per listener and per client ([`limit`]).
 //!
 //! What it leaves to others: pods and their labels (`workloads`), the eBPF side (a gateway pod
 //! is not enrolled as a VirtualNode; its own connects are not captured), the request path
