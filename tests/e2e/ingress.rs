@@ -1311,3 +1311,174 @@ fn a_gateway_pod_from_the_kubernetes_api_is_served_and_released_when_deleted() -
     )?;
     Ok(())
 }
+
+const SDS_MESH: &str = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: ingress-sds}
+spec: {egressFilter: {type: DROP_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: red, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: red}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+  serviceDiscovery: {dns: {hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: red, namespace: ingress}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: red}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {name: ingress-gw, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: ingress-gw}}
+  listeners:
+    - portMapping: {port: 8443, protocol: http}
+      tls:
+        mode: STRICT
+        certificate: {sds: {secretName: "spiffe://ingress-sds/ns/ingress/vg/ingress-gw"}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: red, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /red, hostname: {exact: www.example.com}}
+    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}
+"#;
+
+/// A gateway listener's `sds` certificate comes from the identity service (`strait ca serve`,
+/// docs/identity.md), issued to the node because the operator's registry places the gateway
+/// pod there, with the gateway's SPIFFE ID and the host names its routes match: curl checks
+/// it against the CA and the host it asked for.
+#[test]
+fn an_sds_certificate_at_the_edge_comes_from_the_identity_service() -> anyhow::Result<()> {
+    const CA_PORT: u16 = 15012;
+    let tb = Testbed::new("ingress-sds")?;
+    let node = tb.add_node("node1")?;
+    let ca_node = tb.add_node("ca")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let dir = tb.temp_dir().to_path_buf();
+    let ca_dir = dir.join("ca").display().to_string();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, SDS_MESH)?;
+    let mesh_arg = mesh.display().to_string();
+    // The operator's registry: which pods run where.
+    let nodes_file = dir.join("nodes.json");
+    std::fs::write(
+        &nodes_file,
+        serde_json::json!({"node1": [
+            {"name": "ingress-gw-1", "namespace": "ingress", "labels": {"app": "ingress-gw"}},
+            {"name": "red", "namespace": "ingress", "labels": {"app": "red"}},
+        ]})
+        .to_string(),
+    )?;
+    strait_ok(&ca_node, &["ca", "init", "--dir", &ca_dir])?;
+    let node_cert = dir.join("node1-cert").display().to_string();
+    strait_ok(
+        &ca_node,
+        &[
+            "ca",
+            "issue-node",
+            "--mesh",
+            &mesh_arg,
+            "--ca-dir",
+            &ca_dir,
+            "--node",
+            "node1",
+            "--out",
+            &node_cert,
+        ],
+    )?;
+    let listen = format!("{}:{CA_PORT}", ca_node.underlay_ip());
+    let service = tb.spawn(
+        "identity-service",
+        ca_node.command(strait_binary()?).args([
+            "ca",
+            "serve",
+            "--ca-dir",
+            &ca_dir,
+            "--mesh",
+            &mesh_arg,
+            "--listen",
+            &listen,
+            "--nodes",
+            &nodes_file.display().to_string(),
+        ]),
+    )?;
+    service.wait_listening(CA_PORT, Duration::from_secs(10))?;
+    node.write_workload(&gateway)?;
+    node.write_workload(&red)?;
+    let ca_url = format!("https://{listen}");
+    let ids = dir.join("node1-ids").display().to_string();
+    let agent = Agent::start(
+        &tb,
+        &node,
+        &mesh,
+        &[
+            "--identity-service",
+            &ca_url,
+            "--node-cert",
+            &node_cert,
+            "--identity-dir",
+            &ids,
+        ],
+    )?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+
+    let gw = gateway.ipv4().to_string();
+    let ca_pem = Path::new(&ca_dir).join("ca.pem").display().to_string();
+    let https = |host: &str| -> anyhow::Result<Reply> {
+        curl(
+            &lb,
+            &[
+                "--cacert",
+                &ca_pem,
+                "--resolve",
+                &format!("{host}:8443:{gw}"),
+                &format!("https://{host}:8443/red/x"),
+            ],
+        )
+    };
+    // The first connection asks for the certificate; it is there within moments.
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the gateway presents its sds certificate",
+        || Ok(https("www.example.com")?.status == 200),
+    )
+    .with_context(|| {
+        format!(
+            "gateway agent:\n{}\nidentity service:\n{}",
+            agent.process.stderr(),
+            service.stderr()
+        )
+    })?;
+    let reply = https("www.example.com")?;
+    ensure!(
+        reply.status == 200 && reply.seen()?["name"] == "red",
+        "{} {}",
+        reply.status,
+        reply.body
+    );
+    // A host the gateway's routes do not match is not in the certificate: curl refuses it.
+    let other = https("api.example.com")?;
+    ensure!(
+        other.status == 0,
+        "a host the certificate does not name: {} {}",
+        other.status,
+        other.body
+    );
+    Ok(())
+}
