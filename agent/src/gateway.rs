@@ -35,6 +35,8 @@ use arc_swap::ArcSwap;
 use http::StatusCode;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpStream;
 
 use crate::admin::WorkloadStatus;
@@ -44,6 +46,7 @@ use crate::identity::store::cert_facts;
 use crate::identity::{self, verify};
 use crate::mesh::{CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, ResourceId, TlsMode};
 use crate::netns;
+use crate::proxy::admission::RateLimitLabels;
 use crate::proxy::http::{EdgeReply, Ingress};
 use crate::proxy::outbound::Source;
 use crate::proxy::{self, Context, Drain};
@@ -443,6 +446,7 @@ impl Listener {
             limits: self.limits.clone(),
             health: self.health.clone(),
             client,
+            rate_limited: self.ctx.transport.admission.metrics.rate_limited.clone(),
             tls,
         })
     }
@@ -528,6 +532,8 @@ struct Edge {
     health: Arc<ArcSwap<HealthTable>>,
     /// Who is calling, for the rate limit.
     client: Client,
+    /// `strait_rate_limited` (shared with the listeners' rate limits).
+    rate_limited: Family<RateLimitLabels, Counter>,
     tls: bool,
 }
 
@@ -560,7 +566,11 @@ impl Ingress for Edge {
                 Box::pin(health::answer(request))
             })));
         }
-        if let Err(refusal) = self.limits.admit(&self.gateway, self.port, &self.client) {
+        let admitted = self.limits.admit(&self.gateway, self.port, &self.client);
+        if let Err(refusal) | Ok(Some(refusal)) = &admitted {
+            self.count_limited(table, refusal, admitted.is_ok());
+        }
+        if let Err(refusal) = admitted {
             return Err(EdgeReply::RateLimited {
                 message: format!(
                     "virtual gateway {} port {}: rate limited (rateLimit, {})",
@@ -572,6 +582,28 @@ impl Ingress for Edge {
         edge_headers(parts, self.tls);
         let routed = routes.route(table, parts)?;
         Ok((routed.service, routed.route))
+    }
+}
+
+impl Edge {
+    /// Counts a refusal (or, in shadow mode, what would have been one) in
+    /// `strait_rate_limited`, with the gateway as the listener's `virtual_node` and the
+    /// client's virtual node, when its certificate names one, as the source.
+    fn count_limited(&self, table: &Table, refusal: &limit::Refusal, shadow: bool) {
+        let labels = RateLimitLabels {
+            mesh: table.mesh.clone(),
+            virtual_node: self.gateway.to_string(),
+            source_virtual_node: self
+                .client
+                .virtual_nodes
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            scope: refusal.scope,
+            mode: if shadow { "shadow" } else { "enforced" },
+            unit: "request",
+        };
+        self.rate_limited.get_or_create(&labels).inc();
     }
 }
 

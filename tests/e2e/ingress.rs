@@ -888,6 +888,25 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
         (1..=2).contains(&count(&other, 200)) && count(&other, 200) + count(&other, 429) == 3,
         "edge-other's own bucket (burst 1), apart from edge-client's: {other:?}"
     );
+    // Counted by the client's virtual node (its certificate's) and the bucket it ran out of.
+    for (source, scope, seen) in [
+        ("ingress/edge-client", "override", count(&vip, 429)),
+        ("ingress/edge-other", "caller", count(&other, 429)),
+    ] {
+        let counted = metric(
+            &agent1,
+            "strait_rate_limited_total",
+            &[
+                "virtual_node=\"ingress/ingress-gw\"",
+                &format!("source_virtual_node=\"{source}\""),
+                &format!("scope=\"{scope}\""),
+            ],
+        )?;
+        ensure!(
+            counted == seen as f64,
+            "{source}: strait_rate_limited counted {counted}, the client saw {seen} refusals"
+        );
+    }
 
     // An http2 listener serves http2Routes (the httpRoute above is not its), to an http
     // service: HTTP/2 from the client, HTTP/1.1 to red.
@@ -1230,6 +1249,21 @@ fn every_health_check_form_is_answered_and_clients_are_limited_each_by_its_addre
     );
     // The limited listener's own check is still answered: a busy gateway is not unhealthy.
     healthy(&curl(&lb, &[&url(8094, "/live")])?, "8094's check")?;
+    // Each refusal is counted, with the gateway as the limited listener's owner.
+    let refused = first.iter().chain(&second).filter(|s| **s == 429).count() + 1;
+    let counted = metric(
+        &agent,
+        "strait_rate_limited_total",
+        &[
+            "virtual_node=\"ingress/ingress-gw\"",
+            "scope=\"caller\"",
+            "mode=\"enforced\"",
+        ],
+    )?;
+    ensure!(
+        counted == refused as f64,
+        "strait_rate_limited counted {counted} refusals at the gateway, the clients saw {refused}"
+    );
 
     // Checks are answered while the agent serves the gateway pod: a pod that is no longer the
     // gateway's has none, so the load balancer takes it out.

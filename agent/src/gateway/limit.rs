@@ -15,7 +15,9 @@
 //!   Without `tls.validation` no client has a certificate, so validation refuses `overrides`
 //!   on such a listener.
 //!
-//! A client refused by its own bucket takes nothing from the total. `shadow: true` only logs.
+//! A client refused by its own bucket takes nothing from the total. `shadow: true` refuses
+//! nothing and counts what it would have refused. Refusals are counted in
+//! `strait_rate_limited` with the gateway as `virtual_node` (`gateway.rs`).
 //!
 //! Client buckets are bounded: at most [`MAX_CLIENTS`] per listener per node (about 3 MiB).
 //! When a new client would pass that, the buckets that are full again are forgotten (they say
@@ -130,8 +132,13 @@ impl Limits {
     }
 
     /// Takes a token from the client's bucket and the total one, or neither. A `shadow`
-    /// limit logs what it would refuse and refuses nothing.
-    pub fn admit(&self, gateway: &ResourceId, port: u16, client: &Client) -> Result<(), Refusal> {
+    /// limit refuses nothing: `Ok(Some(_))` says what it would have refused.
+    pub fn admit(
+        &self,
+        gateway: &ResourceId,
+        port: u16,
+        client: &Client,
+    ) -> Result<Option<Refusal>, Refusal> {
         self.admit_at(gateway, port, client, Instant::now())
     }
 
@@ -141,18 +148,18 @@ impl Limits {
         port: u16,
         client: &Client,
         now: Instant,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<Refusal>, Refusal> {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let Some(state) = listeners.get_mut(&(gateway.clone(), port)) else {
-            return Ok(());
+            return Ok(None);
         };
-        let result = state.take(client, now);
-        match result {
+        match state.take(client, now) {
+            Ok(()) => Ok(None),
             Err(refusal) if state.rate.shadow => {
                 tracing::debug!(%gateway, port, scope = refusal.scope, wait = ?refusal.wait, "rate limit (shadow) would refuse a request");
-                Ok(())
+                Ok(Some(refusal))
             }
-            result => result,
+            Err(refusal) => Err(refusal),
         }
     }
 
@@ -264,7 +271,11 @@ mod tests {
 
     fn passed(limits: &Limits, client: &Client, n: usize, now: Instant) -> usize {
         (0..n)
-            .filter(|_| limits.admit_at(&id(), 8088, client, now).is_ok())
+            .filter(|_| {
+                limits
+                    .admit_at(&id(), 8088, client, now)
+                    .is_ok_and(|r| r.is_none())
+            })
             .count()
     }
 
@@ -360,6 +371,16 @@ mod tests {
             overrides: Vec::new(),
             shadow: true,
         });
-        assert_eq!(passed(&shadow, &from("10.0.0.1"), 5, now), 5);
+        let shadowed = (0..5)
+            .filter(|_| {
+                shadow
+                    .admit_at(&id(), 8088, &from("10.0.0.1"), now)
+                    .is_ok_and(|r| r.is_some())
+            })
+            .count();
+        assert_eq!(
+            shadowed, 4,
+            "one passes, four would be refused but are let through"
+        );
     }
 }
