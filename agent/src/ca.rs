@@ -391,24 +391,7 @@ pub fn issue(
             continue;
         }
         let sans = if options.sans.is_empty() {
-            let mut sans = vec![identity::gateway_spiffe_id(&mesh.mesh.name, &gateway.id)];
-            for route in mesh.gateway_routes_for(gateway) {
-                let host = match &route.spec.kind {
-                    mesh::GatewayRouteKind::Http(r) | mesh::GatewayRouteKind::Http2(r) => {
-                        r.r#match.hostname.as_ref()
-                    }
-                    mesh::GatewayRouteKind::Grpc(r) => r.r#match.hostname.as_ref(),
-                };
-                let name = match host {
-                    Some(mesh::HostnameMatch::Exact(name)) => name.clone(),
-                    Some(mesh::HostnameMatch::Suffix(s)) if s.starts_with('.') => format!("*{s}"),
-                    _ => continue,
-                };
-                if !sans.contains(&name) {
-                    sans.push(name);
-                }
-            }
-            sans
+            gateway_sans(mesh, gateway)
         } else {
             options.sans.clone()
         };
@@ -438,6 +421,31 @@ pub fn describe(chain: &Path) -> Option<identity::store::CertFacts> {
     use rustls::pki_types::pem::PemObject as _;
     let cert = CertificateDer::pem_file_iter(chain).ok()?.next()?.ok()?;
     identity::store::cert_facts(&cert).ok()
+}
+
+/// A virtual gateway's certificate names: its SPIFFE ID and the host names its routes match
+/// (an exact name, `*.example.com` for a suffix `.example.com`), so clients at the edge can
+/// check the certificate against the host they asked for. Used by `ca issue` and the identity
+/// service alike.
+pub fn gateway_sans(mesh: &mesh::MeshConfig, gateway: &mesh::VirtualGateway) -> Vec<String> {
+    let mut sans = vec![identity::gateway_spiffe_id(&mesh.mesh.name, &gateway.id)];
+    for route in mesh.gateway_routes_for(gateway) {
+        let host = match &route.spec.kind {
+            mesh::GatewayRouteKind::Http(r) | mesh::GatewayRouteKind::Http2(r) => {
+                r.r#match.hostname.as_ref()
+            }
+            mesh::GatewayRouteKind::Grpc(r) => r.r#match.hostname.as_ref(),
+        };
+        let name = match host {
+            Some(mesh::HostnameMatch::Exact(name)) => name.clone(),
+            Some(mesh::HostnameMatch::Suffix(s)) if s.starts_with('.') => format!("*{s}"),
+            _ => continue,
+        };
+        if !sans.contains(&name) {
+            sans.push(name);
+        }
+    }
+    sans
 }
 
 #[cfg(test)]

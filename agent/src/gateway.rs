@@ -13,41 +13,48 @@
 //! to other nodes, backend rules (a gateway may reach the virtual services its routes target)
 //! and telemetry, with the gateway as the source. The listener's `tls` (STRICT, PERMISSIVE,
 //! DISABLED; a `file` certificate; `validation` for client certificates) is terminated here.
+//! A listener's `healthCheck` is answered on its port or on a health port bound beside the
+//! listeners ([`health`]); its `rateLimit` counts per listener and per client ([`limit`]).
 //!
 //! What it leaves to others: pods and their labels (`workloads`), the eBPF side (a gateway pod
 //! is not enrolled as a VirtualNode; its own connects are not captured), the request path
 //! (`proxy::http`), listener hand-over on upgrade (`handover`, under the names
 //! `gateway/<pod>/<addr>`).
 
+pub mod health;
+pub mod limit;
 pub mod routes;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt as _;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::TcpStream;
 
 use crate::admin::WorkloadStatus;
 use crate::handover;
 use crate::identity::policy::{certificate_files, trust_file};
+use crate::identity::store::cert_facts;
 use crate::identity::{self, verify};
-use crate::mesh::{
-    CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, RateLimit, ResourceId, TlsMode,
-};
+use crate::mesh::{CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, ResourceId, TlsMode};
 use crate::netns;
-use crate::proxy::admission::bucket::TokenBucket;
+use crate::proxy::admission::RateLimitLabels;
 use crate::proxy::http::{EdgeReply, Ingress};
 use crate::proxy::outbound::Source;
 use crate::proxy::{self, Context, Drain};
 use crate::routing::{ServicePort, Table};
 use crate::workloads::Workload;
 
+use self::health::HealthTable;
+use self::limit::{Client, Limits};
 use self::routes::{GatewayTable, ListenerRoutes};
 
 /// How long a client at the edge may take to start its TLS handshake.
@@ -62,59 +69,18 @@ pub struct Gateways {
     pods: BTreeMap<ResourceId, GatewayPod>,
     /// Pods a gateway selects whose listeners could not be opened, with why.
     failed: BTreeMap<ResourceId, String>,
-    /// Listener `rateLimit` buckets (the `total` limit), by (gateway, port).
+    /// Listener `rateLimit` buckets, by (gateway, port).
     limits: Arc<Limits>,
-}
-
-/// The gateway listeners' rate limits on this node: one bucket per listener, shared by the
-/// gateway's pods here, kept across mesh reloads that leave the limit as it was.
-#[derive(Default)]
-struct Limits {
-    buckets: Mutex<BTreeMap<(ResourceId, u16), (RateLimit, TokenBucket)>>,
-}
-
-impl Limits {
-    fn update(&self, mesh: &MeshConfig) {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = BTreeMap::new();
-        for gw in &mesh.virtual_gateways {
-            for l in &gw.spec.listeners {
-                let Some(rate) = &l.rate_limit else { continue };
-                let Some(total) = rate.total else { continue };
-                let key = (gw.id.clone(), l.port_mapping.port);
-                let entry = match buckets.remove(&key) {
-                    Some((old, bucket)) if old == *rate => (old, bucket),
-                    _ => (rate.clone(), TokenBucket::new(total, now)),
-                };
-                next.insert(key, entry);
-            }
-        }
-        *buckets = next;
-    }
-
-    /// Takes a token of the listener's `total` bucket; Err: how long until one is there. A
-    /// `shadow` limit only logs what it would refuse.
-    fn admit(&self, gateway: &ResourceId, port: u16) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((rate, bucket)) = buckets.get_mut(&(gateway.clone(), port)) else {
-            return Ok(());
-        };
-        match bucket.try_take(Instant::now()) {
-            Err(wait) if rate.shadow => {
-                tracing::debug!(%gateway, port, ?wait, "rate limit (shadow) would refuse a request");
-                Ok(())
-            }
-            result => result,
-        }
-    }
+    /// What the listeners' `healthCheck`s ask for, by (gateway, port).
+    health: Arc<ArcSwap<HealthTable>>,
 }
 
 /// A gateway pod whose listeners the agent serves.
 struct GatewayPod {
     workload: Workload,
     gateway: ResourceId,
-    ports: Vec<u16>,
+    /// Its listener ports, then its health ports (checks on ports no listener has).
+    ports: (Vec<u16>, Vec<u16>),
     addrs: Vec<SocketAddr>,
     /// Inode of the network namespace the listeners live in (the CNI hand-off compares it).
     netns_inode: Option<u64>,
@@ -191,6 +157,7 @@ impl Gateways {
     ) {
         self.table.store(Arc::new(GatewayTable::compile(mesh)));
         self.limits.update(mesh);
+        self.health.store(Arc::new(health::table(mesh)));
         self.tls.store(Arc::new(
             mesh.virtual_gateways
                 .iter()
@@ -208,12 +175,13 @@ impl Gateways {
                 continue;
             }
             if let Some(gw) = routes::gateway_of(mesh, &workload.namespace, &workload.labels) {
-                let ports: Vec<u16> = gw
+                let listeners: Vec<u16> = gw
                     .spec
                     .listeners
                     .iter()
                     .map(|l| l.port_mapping.port)
                     .collect();
+                let ports = (listeners, health::health_ports(gw));
                 desired.insert(key.clone(), (workload, gw.id.clone(), ports));
             }
         }
@@ -265,7 +233,7 @@ impl Gateways {
         &self,
         workload: &Workload,
         gateway: &ResourceId,
-        ports: &[u16],
+        ports: &(Vec<u16>, Vec<u16>),
         ctx: &Arc<Context>,
         inherited: &handover::Inherited,
         registry: &handover::Registry,
@@ -273,7 +241,7 @@ impl Gateways {
         let mut bound: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
         let mut names = Vec::new();
         let name = |addr: &SocketAddr| format!("gateway/{}/{addr}", workload.key());
-        for &port in ports {
+        for &port in ports.0.iter().chain(&ports.1) {
             let addrs = [
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
@@ -312,6 +280,18 @@ impl Gateways {
         }
         let mut accepting = Vec::new();
         for (port, listeners) in by_port {
+            if ports.1.contains(&port) {
+                let (gateway, health) = (gateway.clone(), self.health.clone());
+                let handle = move |stream: TcpStream, _peer: SocketAddr, drain: Drain| {
+                    let (gateway, health) = (gateway.clone(), health.clone());
+                    health::serve_port(stream, gateway, port, health, drain)
+                };
+                accepting.push(
+                    proxy::accept(listeners, ctx, &workload.key(), handle)
+                        .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?,
+                );
+                continue;
+            }
             let listener = Arc::new(Listener {
                 workload: workload.key(),
                 gateway: gateway.clone(),
@@ -319,6 +299,7 @@ impl Gateways {
                 table: self.table.clone(),
                 tls: self.tls.clone(),
                 limits: self.limits.clone(),
+                health: self.health.clone(),
                 ctx: ctx.clone(),
             });
             let handle = move |stream: TcpStream, peer: SocketAddr, drain: Drain| {
@@ -335,7 +316,7 @@ impl Gateways {
             netns_inode,
             workload: workload.clone(),
             gateway: gateway.clone(),
-            ports: ports.to_vec(),
+            ports: ports.clone(),
             addrs,
             names,
             _accepting: accepting,
@@ -381,6 +362,7 @@ struct Listener {
     table: Arc<ArcSwap<GatewayTable>>,
     tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
     limits: Arc<Limits>,
+    health: Arc<ArcSwap<HealthTable>>,
     ctx: Arc<Context>,
 }
 
@@ -402,14 +384,18 @@ impl Listener {
             .get(&(self.gateway.clone(), self.port))
             .filter(|t| t.mode != TlsMode::Disabled)
             .cloned();
+        let client = Client {
+            ip: Some(peer.ip()),
+            ..Client::default()
+        };
         let Some(tls) = tls else {
-            let ingress = self.ingress(false);
+            let ingress = self.ingress(false, client);
             proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress)
                 .await;
             return;
         };
         if tls.mode == TlsMode::Permissive && !starts_with_tls(&stream).await {
-            let ingress = self.ingress(false);
+            let ingress = self.ingress(false, client);
             proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress)
                 .await;
             return;
@@ -433,16 +419,34 @@ impl Listener {
                 return;
             }
         };
-        let ingress = self.ingress(true);
+        // A verified client certificate names the client for the rate limit.
+        let sans = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| cert_facts(c).ok())
+            .map(|f| f.sans)
+            .unwrap_or_default();
+        let virtual_nodes = self.ctx.transport.policy.load().peer_nodes(&sans);
+        let client = Client {
+            sans,
+            virtual_nodes,
+            ..client
+        };
+        let ingress = self.ingress(true, client);
         proxy::http::serve_ingress(stream, local, source, self.ctx.clone(), drain, ingress).await;
     }
 
-    fn ingress(&self, tls: bool) -> Arc<dyn Ingress> {
+    fn ingress(&self, tls: bool, client: Client) -> Arc<dyn Ingress> {
         Arc::new(Edge {
             gateway: self.gateway.clone(),
             port: self.port,
             table: self.table.clone(),
             limits: self.limits.clone(),
+            health: self.health.clone(),
+            client,
+            rate_limited: self.ctx.transport.admission.metrics.rate_limited.clone(),
             tls,
         })
     }
@@ -525,6 +529,11 @@ struct Edge {
     port: u16,
     table: Arc<ArcSwap<GatewayTable>>,
     limits: Arc<Limits>,
+    health: Arc<ArcSwap<HealthTable>>,
+    /// Who is calling, for the rate limit.
+    client: Client,
+    /// `strait_rate_limited` (shared with the listeners' rate limits).
+    rate_limited: Family<RateLimitLabels, Counter>,
     tls: bool,
 }
 
@@ -548,21 +557,53 @@ impl Ingress for Edge {
         };
         // The load balancer's check is answered before the rate limit: a busy gateway is not
         // an unhealthy one.
-        if routes.is_health_check(parts) {
-            return Err(EdgeReply::Healthy);
+        let health = self.health.load();
+        if health
+            .get(&(self.gateway.clone(), self.port))
+            .is_some_and(|answers| answers.wants(parts))
+        {
+            return Err(EdgeReply::Answer(Box::new(|request| {
+                Box::pin(health::answer(request))
+            })));
         }
-        if let Err(wait) = self.limits.admit(&self.gateway, self.port) {
+        let admitted = self.limits.admit(&self.gateway, self.port, &self.client);
+        if let Err(refusal) | Ok(Some(refusal)) = &admitted {
+            self.count_limited(table, refusal, admitted.is_ok());
+        }
+        if let Err(refusal) = admitted {
             return Err(EdgeReply::RateLimited {
                 message: format!(
-                    "virtual gateway {} port {}: rate limited (rateLimit)",
-                    self.gateway, self.port
+                    "virtual gateway {} port {}: rate limited (rateLimit, {})",
+                    self.gateway, self.port, refusal.scope
                 ),
-                wait,
+                wait: refusal.wait,
             });
         }
         edge_headers(parts, self.tls);
         let routed = routes.route(table, parts)?;
         Ok((routed.service, routed.route))
+    }
+}
+
+impl Edge {
+    /// Counts a refusal (or, in shadow mode, what would have been one) in
+    /// `strait_rate_limited`, with the gateway as the listener's `virtual_node` and the
+    /// client's virtual node, when its certificate names one, as the source.
+    fn count_limited(&self, table: &Table, refusal: &limit::Refusal, shadow: bool) {
+        let labels = RateLimitLabels {
+            mesh: table.mesh.clone(),
+            virtual_node: self.gateway.to_string(),
+            source_virtual_node: self
+                .client
+                .virtual_nodes
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            scope: refusal.scope,
+            mode: if shadow { "shadow" } else { "enforced" },
+            unit: "request",
+        };
+        self.rate_limited.get_or_create(&labels).inc();
     }
 }
 

@@ -217,6 +217,29 @@ fn the_walkthrough_manifests_validate_as_one_mesh() -> anyhow::Result<()> {
         text.contains("reserved.yaml:6") && text.contains("spec.httpRoute.match.prefix"),
         "the error does not say where: {text}"
     );
+    // Rate limit overrides name clients by their certificate: on a listener that asks for none
+    // they could never apply, and are refused where they are written.
+    std::fs::remove_file(dir.join("reserved.yaml"))?;
+    std::fs::write(
+        dir.join("overrides.yaml"),
+        "apiVersion: appmesh.k8s.aws/v1beta2\nkind: VirtualGateway\nmetadata: {name: plain-gw, namespace: ingress}\nspec:\n  listeners:\n    - portMapping: {port: 7088, protocol: http}\n      rateLimit:\n        perCaller: {requestsPerSecond: 5}\n        overrides:\n          - callers: [{identity: \"spiffe://ingress-demo/ns/ingress/vn/red\"}]\n            requestsPerSecond: 50\n",
+    )?;
+    let output = std::process::Command::new(strait_binary()?)
+        .arg("validate")
+        .arg(&dir)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success(),
+        "overrides without client certificates were accepted: {text}"
+    );
+    ensure!(
+        text.contains("overrides.yaml:9")
+            && text.contains("rateLimit.overrides")
+            && text.contains("validation"),
+        "the error does not say where or what to do: {text}"
+    );
     Ok(())
 }
 
@@ -526,6 +549,16 @@ spec:
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: edge-other, namespace: ingress}}
+spec:
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {{file: {{certificateChain: {c}/edge-other.pem, privateKey: {c}/edge-other-key.pem}}}}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualService
 metadata: {{name: red, namespace: ingress}}
 spec:
@@ -562,6 +595,19 @@ spec:
         mode: STRICT
         {edge_cert}
         validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+    # Clients with certificates, limited each by its own (strait extension): edge-client may
+    # send 4 at once, any other client 1.
+    - portMapping: {{port: 8446, protocol: http}}
+      tls:
+        mode: STRICT
+        {edge_cert}
+        validation: {{trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}}}
+      rateLimit:
+        perCaller: {{requestsPerSecond: 1, burst: 1}}
+        overrides:
+          - callers: [{{virtualNodeRef: {{name: edge-client}}}}]
+            requestsPerSecond: 1
+            burst: 4
     - portMapping: {{port: 9090, protocol: grpc}}
     - portMapping: {{port: 8090, protocol: http2}}
       connectionPool: {{http2: {{maxRequests: 1}}}}
@@ -820,6 +866,48 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
             == 5)
     })?;
 
+    // The rate limit of a listener that validates client certificates: each certificate is a
+    // client, and edge-client's override (burst 4) is its own; edge-other has perCaller's
+    // (burst 1). One a second refills at most one more within each run.
+    let limited = |name: &str, n: usize| -> anyhow::Result<Vec<u16>> {
+        let cert = certs.join(format!("{name}.pem")).display().to_string();
+        let key = certs.join(format!("{name}-key.pem")).display().to_string();
+        (0..n)
+            .map(|_| Ok(https(8446, "/red/x", &["--cert", &cert, "--key", &key])?.status))
+            .collect()
+    };
+    let vip = limited("edge-client", 6)?;
+    let other = limited("edge-other", 3)?;
+    let count = |got: &[u16], status: u16| got.iter().filter(|s| **s == status).count();
+    ensure!(
+        (4..=5).contains(&count(&vip, 200)) && count(&vip, 200) + count(&vip, 429) == 6,
+        "edge-client's override (burst 4): {vip:?}; gateway agent:\n{}",
+        agent1.process.stderr()
+    );
+    ensure!(
+        (1..=2).contains(&count(&other, 200)) && count(&other, 200) + count(&other, 429) == 3,
+        "edge-other's own bucket (burst 1), apart from edge-client's: {other:?}"
+    );
+    // Counted by the client's virtual node (its certificate's) and the bucket it ran out of.
+    for (source, scope, seen) in [
+        ("ingress/edge-client", "override", count(&vip, 429)),
+        ("ingress/edge-other", "caller", count(&other, 429)),
+    ] {
+        let counted = metric(
+            &agent1,
+            "strait_rate_limited_total",
+            &[
+                "virtual_node=\"ingress/ingress-gw\"",
+                &format!("source_virtual_node=\"{source}\""),
+                &format!("scope=\"{scope}\""),
+            ],
+        )?;
+        ensure!(
+            counted == seen as f64,
+            "{source}: strait_rate_limited counted {counted}, the client saw {seen} refusals"
+        );
+    }
+
     // An http2 listener serves http2Routes (the httpRoute above is not its), to an http
     // service: HTTP/2 from the client, HTTP/1.1 to red.
     let h2 = curl(
@@ -944,6 +1032,487 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
             .as_str()
             .is_some_and(|d| d.contains("no gateway route")),
         "{report}"
+    );
+    Ok(())
+}
+
+/// A gateway with a listener for each `healthCheck` form (`http`, `http2`, `grpc`; App Mesh
+/// has no `tcp` check on gateways) on its own port, another listener's and a health port, and
+/// a listener limited per client.
+const HEALTH_MESH: &str = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: ingress-health}
+spec: {egressFilter: {type: DROP_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: red, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: red}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+  serviceDiscovery: {dns: {hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: red, namespace: ingress}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: red}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {name: ingress-gw, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: ingress-gw}}
+  listeners:
+    - portMapping: {port: 8088, protocol: http}
+      healthCheck: {protocol: http, port: 8089, path: /ready, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8090, protocol: http2}
+      healthCheck: {protocol: http2, port: 8091, path: /h2ready, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8092, protocol: http}
+      # Checked on another listener's port: that listener answers it.
+      healthCheck: {protocol: http, port: 8088, path: /ready-8092, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 9090, protocol: grpc}
+      healthCheck: {protocol: grpc, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 9092, protocol: grpc}
+      healthCheck: {protocol: grpc, port: 9093, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+    - portMapping: {port: 8094, protocol: http}
+      healthCheck: {protocol: http, path: /live, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}
+      # strait extension: each client address 2 requests at once, then 1 a second.
+      rateLimit: {perCaller: {requestsPerSecond: 1, burst: 2}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: red, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /red}
+    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}
+"#;
+
+/// Does a TCP connect from `pod` to `addr:port` succeed (what a load balancer's tcp check
+/// does)? Python's socket module: a real connect, nothing sent.
+fn tcp_connects(pod: &Pod, addr: &str, port: u16) -> anyhow::Result<bool> {
+    let script = format!(
+        "import socket\ntry:\n    socket.create_connection(('{addr}', {port}), timeout=5).close()\n    print('open')\nexcept OSError as e:\n    print('closed', e)\n"
+    );
+    let output = run(
+        pod.command("python3").args(["-c", &script]),
+        Duration::from_secs(20),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        stdout.starts_with("open") || stdout.starts_with("closed"),
+        "tcp check of {addr}:{port}: {stdout:?} {:?}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout.starts_with("open"))
+}
+
+#[test]
+fn every_health_check_form_is_answered_and_clients_are_limited_each_by_its_address()
+-> anyhow::Result<()> {
+    let python = python_with_grpcio()?;
+    let tb = Testbed::new("ingress-health")?;
+    let node = tb.add_node("node1")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    let lb2 = node.add_pod(&PodSpec::new("lb2", "outside"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
+    std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
+    std::fs::write(&mesh, HEALTH_MESH)?;
+    node.write_workload(&gateway)?;
+    node.write_workload(&red)?;
+    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    let gw = gateway.ipv4().to_string();
+    let url = |port: u16, path: &str| format!("http://{gw}:{port}{path}");
+    let healthy = |reply: &Reply, what: &str| -> anyhow::Result<()> {
+        ensure!(
+            reply.status == 200 && reply.body.trim() == "healthy",
+            "{what}: {} {:?}; agent log:\n{}",
+            reply.status,
+            reply.body,
+            agent.process.stderr()
+        );
+        Ok(())
+    };
+
+    // http on a health port: GET and HEAD of the path; nothing else is answered there.
+    healthy(&curl(&lb, &[&url(8089, "/ready")])?, "http check on 8089")?;
+    let head = curl(&lb, &["--head", &url(8089, "/ready")])?;
+    ensure!(head.status == 200, "HEAD /ready: {}", head.status);
+    let other = curl(&lb, &[&url(8089, "/red")])?;
+    ensure!(
+        other.status == 404,
+        "a health port routes nothing: {} {}",
+        other.status,
+        other.body
+    );
+    // ...while the listener itself routes (and does not answer the check's path).
+    let routed = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        routed.status == 200 && routed.seen()?["name"] == "red",
+        "the listener beside its health port: {} {}",
+        routed.status,
+        routed.body
+    );
+    // http2 on a health port, HTTP/2 with prior knowledge as a load balancer's h2 check.
+    healthy(
+        &curl(&lb, &["--http2-prior-knowledge", &url(8091, "/h2ready")])?,
+        "http2 check on 8091",
+    )?;
+    // A check on another listener's port is answered by that listener.
+    healthy(
+        &curl(&lb, &[&url(8088, "/ready-8092")])?,
+        "8092's check on 8088",
+    )?;
+    // The health ports are the checks' only: a port with neither a listener nor a check
+    // refuses connections.
+    ensure!(tcp_connects(&lb, &gw, 8089)?, "health port 8089");
+    ensure!(
+        !tcp_connects(&lb, &gw, 8095)?,
+        "a port with no listener and no check accepted a connection"
+    );
+    // grpc: grpc.health.v1.Health/Check on the listener's port and on a health port: SERVING
+    // for the server ("" service); another service name is unknown to the gateway.
+    let grpc_health = |port: u16, service: &str| -> anyhow::Result<Value> {
+        let output = run(
+            lb.command(&python).args([
+                GRPC_SCRIPT,
+                "health",
+                "--target",
+                &format!("{gw}:{port}"),
+                "--service",
+                service,
+            ]),
+            Duration::from_secs(30),
+        )?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "gRPC health client printed no report: {stdout:?}, stderr {:?}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+    };
+    for port in [9090, 9093] {
+        let report = grpc_health(port, "")?;
+        ensure!(
+            report["code"] == "OK" && report["status"] == "SERVING",
+            "grpc check on {port}: {report}; agent log:\n{}",
+            agent.process.stderr()
+        );
+        let report = grpc_health(port, "color.Color")?;
+        ensure!(
+            report["code"] == "NOT_FOUND",
+            "grpc check of a named service on {port}: {report}"
+        );
+    }
+    // A grpc listener with no grpc check of its own (9092's is on 9093) routes the call: no
+    // gateway route for it.
+    let report = grpc_health(9092, "")?;
+    ensure!(
+        report["code"] == "UNIMPLEMENTED",
+        "grpc check on 9092 (its check is on 9093): {report}"
+    );
+
+    // perCaller at the edge: each client address has its own bucket (burst 2).
+    let statuses = |pod: &Pod, n: usize| -> anyhow::Result<Vec<u16>> {
+        (0..n)
+            .map(|_| Ok(curl(pod, &[&url(8094, "/red/x")])?.status))
+            .collect()
+    };
+    let first = statuses(&lb, 4)?;
+    let second = statuses(&lb2, 4)?;
+    for (who, got) in [("lb", &first), ("lb2", &second)] {
+        let ok = got.iter().filter(|s| **s == 200).count();
+        let limited = got.iter().filter(|s| **s == 429).count();
+        // 1 a second refills at most one more within the run.
+        ensure!(
+            (2..=3).contains(&ok) && ok + limited == 4,
+            "client {who} on the per-client limited listener: {got:?} (lb: {first:?})"
+        );
+    }
+    let reply = curl(&lb, &["--include", &url(8094, "/red/x")])?;
+    ensure!(
+        reply.status == 429 && reply.body.contains("rateLimit, caller"),
+        "a client over its own bucket: {} {}",
+        reply.status,
+        reply.body
+    );
+    // The limited listener's own check is still answered: a busy gateway is not unhealthy.
+    healthy(&curl(&lb, &[&url(8094, "/live")])?, "8094's check")?;
+    // Each refusal is counted, with the gateway as the limited listener's owner.
+    let refused = first.iter().chain(&second).filter(|s| **s == 429).count() + 1;
+    let counted = metric(
+        &agent,
+        "strait_rate_limited_total",
+        &[
+            "virtual_node=\"ingress/ingress-gw\"",
+            "scope=\"caller\"",
+            "mode=\"enforced\"",
+        ],
+    )?;
+    ensure!(
+        counted == refused as f64,
+        "strait_rate_limited counted {counted} refusals at the gateway, the clients saw {refused}"
+    );
+
+    // Checks are answered while the agent serves the gateway pod: a pod that is no longer the
+    // gateway's has none, so the load balancer takes it out.
+    node.remove_workload(&gateway)?;
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the released gateway pod's health ports close",
+        || Ok(!tcp_connects(&lb, &gw, 8089)? && curl(&lb, &[&url(9090, "/")])?.status == 0),
+    )?;
+    Ok(())
+}
+
+/// On Kubernetes the gateway pods come from the API server like any pod (`strait run
+/// --kubernetes`; here the test API server, `testbed::kubeapi`, the one test double): a pod
+/// the VirtualGateway's `podSelector` selects gets the gateway's listeners and health port
+/// once the API lists it on this node, and loses them when it is deleted.
+#[test]
+fn a_gateway_pod_from_the_kubernetes_api_is_served_and_released_when_deleted() -> anyhow::Result<()>
+{
+    let tb = Testbed::new("ingress-k8s")?;
+    let node = tb.add_node("node1")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    // The sandboxes first: each pod's oldest process, as on a real node.
+    let _sandboxes = [&gateway, &red]
+        .into_iter()
+        .map(|pod| tb.start_sandbox(pod))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let api = testbed::kubeapi::KubeApi::new()?;
+    let addr = api.serve_in(&node)?;
+    let kubeconfig = api.kubeconfig(addr, tb.temp_dir())?;
+    api.apply(testbed::kubeapi::node_object(&node))?;
+    api.apply(testbed::kubeapi::namespace_object("ingress", &[]))?;
+    api.apply(testbed::kubeapi::pod_object(&red))?;
+    let mesh = tb.temp_dir().join("mesh.yaml");
+    std::fs::write(&mesh, HEALTH_MESH)?;
+    let agent = Agent::start_kubernetes(&tb, &node, &mesh, &kubeconfig, &[])?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    let gw = gateway.ipv4().to_string();
+    let url = |port: u16, path: &str| format!("http://{gw}:{port}{path}");
+
+    // Not in the API yet: nothing listens in the gateway pod.
+    let before = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        before.status == 0,
+        "a gateway pod the API does not list was served: {} {}",
+        before.status,
+        before.body
+    );
+
+    api.apply(testbed::kubeapi::pod_object(&gateway))?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    let reply = curl(&lb, &[&url(8088, "/red/x")])?;
+    ensure!(
+        reply.status == 200 && reply.seen()?["name"] == "red",
+        "the gateway pod from the API: {} {}; agent log:\n{}",
+        reply.status,
+        reply.body,
+        agent.process.stderr()
+    );
+    let health = curl(&lb, &[&url(8089, "/ready")])?;
+    ensure!(
+        health.status == 200,
+        "its health port: {} {}",
+        health.status,
+        health.body
+    );
+
+    api.delete(testbed::kubeapi::Kind::Pod, "ingress", "ingress-gw-1")?;
+    agent.wait_enrolled(GATEWAY, false, Duration::from_secs(20))?;
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the deleted gateway pod's listeners close",
+        || Ok(curl(&lb, &[&url(8088, "/red/x")])?.status == 0),
+    )?;
+    Ok(())
+}
+
+const SDS_MESH: &str = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: ingress-sds}
+spec: {egressFilter: {type: DROP_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: red, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: red}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+  serviceDiscovery: {dns: {hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: red, namespace: ingress}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: red}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {name: ingress-gw, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: ingress-gw}}
+  listeners:
+    - portMapping: {port: 8443, protocol: http}
+      tls:
+        mode: STRICT
+        certificate: {sds: {secretName: "spiffe://ingress-sds/ns/ingress/vg/ingress-gw"}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: red, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /red, hostname: {exact: www.example.com}}
+    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}
+"#;
+
+/// A gateway listener's `sds` certificate comes from the identity service (`strait ca serve`,
+/// docs/identity.md), issued to the node because the operator's registry places the gateway
+/// pod there, with the gateway's SPIFFE ID and the host names its routes match: curl checks
+/// it against the CA and the host it asked for.
+#[test]
+fn an_sds_certificate_at_the_edge_comes_from_the_identity_service() -> anyhow::Result<()> {
+    const CA_PORT: u16 = 15012;
+    let tb = Testbed::new("ingress-sds")?;
+    let node = tb.add_node("node1")?;
+    let ca_node = tb.add_node("ca")?;
+    let gateway =
+        node.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let red = node.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let lb = node.add_pod(&PodSpec::new("lb", "outside"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let dir = tb.temp_dir().to_path_buf();
+    let ca_dir = dir.join("ca").display().to_string();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, SDS_MESH)?;
+    let mesh_arg = mesh.display().to_string();
+    // The operator's registry: which pods run where.
+    let nodes_file = dir.join("nodes.json");
+    std::fs::write(
+        &nodes_file,
+        serde_json::json!({"node1": [
+            {"name": "ingress-gw-1", "namespace": "ingress", "labels": {"app": "ingress-gw"}},
+            {"name": "red", "namespace": "ingress", "labels": {"app": "red"}},
+        ]})
+        .to_string(),
+    )?;
+    strait_ok(&ca_node, &["ca", "init", "--dir", &ca_dir])?;
+    let node_cert = dir.join("node1-cert").display().to_string();
+    strait_ok(
+        &ca_node,
+        &[
+            "ca",
+            "issue-node",
+            "--mesh",
+            &mesh_arg,
+            "--ca-dir",
+            &ca_dir,
+            "--node",
+            "node1",
+            "--out",
+            &node_cert,
+        ],
+    )?;
+    let listen = format!("{}:{CA_PORT}", ca_node.underlay_ip());
+    let service = tb.spawn(
+        "identity-service",
+        ca_node.command(strait_binary()?).args([
+            "ca",
+            "serve",
+            "--ca-dir",
+            &ca_dir,
+            "--mesh",
+            &mesh_arg,
+            "--listen",
+            &listen,
+            "--nodes",
+            &nodes_file.display().to_string(),
+        ]),
+    )?;
+    service.wait_listening(CA_PORT, Duration::from_secs(10))?;
+    node.write_workload(&gateway)?;
+    node.write_workload(&red)?;
+    let ca_url = format!("https://{listen}");
+    let ids = dir.join("node1-ids").display().to_string();
+    let agent = Agent::start(
+        &tb,
+        &node,
+        &mesh,
+        &[
+            "--identity-service",
+            &ca_url,
+            "--node-cert",
+            &node_cert,
+            "--identity-dir",
+            &ids,
+        ],
+    )?;
+    agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+
+    let gw = gateway.ipv4().to_string();
+    let ca_pem = Path::new(&ca_dir).join("ca.pem").display().to_string();
+    let https = |host: &str| -> anyhow::Result<Reply> {
+        curl(
+            &lb,
+            &[
+                "--cacert",
+                &ca_pem,
+                "--resolve",
+                &format!("{host}:8443:{gw}"),
+                &format!("https://{host}:8443/red/x"),
+            ],
+        )
+    };
+    // The first connection asks for the certificate; it is there within moments.
+    testbed::eventually(
+        Duration::from_secs(20),
+        "the gateway presents its sds certificate",
+        || Ok(https("www.example.com")?.status == 200),
+    )
+    .with_context(|| {
+        format!(
+            "gateway agent:\n{}\nidentity service:\n{}",
+            agent.process.stderr(),
+            service.stderr()
+        )
+    })?;
+    let reply = https("www.example.com")?;
+    ensure!(
+        reply.status == 200 && reply.seen()?["name"] == "red",
+        "{} {}",
+        reply.status,
+        reply.body
+    );
+    // A host the gateway's routes do not match is not in the certificate: curl refuses it.
+    let other = https("api.example.com")?;
+    ensure!(
+        other.status == 0,
+        "a host the certificate does not name: {} {}",
+        other.status,
+        other.body
     );
     Ok(())
 }

@@ -10,7 +10,11 @@ The server also implements `grpc.health.v1.Health/Check`, answering SERVING.
   python3 color_grpc.py call --target HOST:PORT --unary 20 --bidi 10 [--metadata k=v] [--method /x.Y/Z]
       [--authority NAME]
   python3 color_grpc.py load --target HOST:PORT --workers 4 --rate 50 --duration 60 [--stop-file F]
+  python3 color_grpc.py health --target HOST:PORT [--service NAME]
 
+`health` calls the gRPC Health Checking Protocol's `grpc.health.v1.Health/Check` as a load
+balancer or a Kubernetes gRPC probe does and prints one JSON line with the gRPC code and the
+serving status (SERVING, NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN).
 `call` prints one JSON line and exits 0 only when every call succeeded. `load` runs unary Gets
 from several threads over one channel, each thread paced to `--rate` calls per second, until
 `--duration` seconds passed or the stop file exists; it counts every call that did not end OK
@@ -128,6 +132,29 @@ def call(args):
     return 0 if report["ok"] else 1
 
 
+def health(args):
+    report = {}
+    service = args.service.encode()
+    # HealthCheckRequest{service}: field 1, length-delimited (names here are under 128 bytes).
+    request = b"\x0a" + bytes([len(service)]) + service if service else b""
+    with grpc.insecure_channel(args.target) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=identity, response_deserializer=identity
+        )
+        try:
+            answer = check(request, timeout=args.timeout)
+            report["code"] = "OK"
+            # HealthCheckResponse{status}: field 1, varint.
+            status = 0 if answer == b"" else answer[1] if len(answer) == 2 and answer[0] == 0x08 else None
+            names = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+            report["status"] = names.get(status, f"unreadable {answer!r}")
+        except grpc.RpcError as e:
+            report["code"] = e.code().name
+            report["details"] = e.details()
+    print(json.dumps(report))
+    return 0
+
+
 def load(args):
     import threading
 
@@ -209,7 +236,13 @@ def main():
     ld.add_argument("--duration", type=float, default=60.0)
     ld.add_argument("--stop-file")
     ld.add_argument("--timeout", type=float, default=10.0)
+    h = sub.add_parser("health")
+    h.add_argument("--target", required=True)
+    h.add_argument("--service", default="")
+    h.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
+    if args.command == "health":
+        return health(args)
     if args.command == "load":
         return load(args)
     if args.command == "serve":

@@ -493,10 +493,12 @@ fn identity_of(mesh: &MeshConfig, wanted: &str) -> Option<(ResourceId, Vec<Strin
             return Some((vn.id.clone(), sans));
         }
     }
+    // A gateway's certificate also names the hosts its routes match: it is presented to
+    // clients at the edge (`sds` on a gateway listener), which check the host they asked for.
     mesh.virtual_gateways
         .iter()
         .find(|gw| gateway_spiffe_id(&mesh.mesh.name, &gw.id) == wanted)
-        .map(|gw| (gw.id.clone(), vec![wanted.to_owned()]))
+        .map(|gw| (gw.id.clone(), super::gateway_sans(mesh, gw)))
 }
 
 /// Whether `pod` is selected by the virtual node or gateway `id`, under the agent's rules.

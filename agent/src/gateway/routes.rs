@@ -26,8 +26,8 @@ use http::request::Parts;
 use http::{Method, StatusCode, Uri};
 
 use crate::mesh::{
-    GatewayRoute, GatewayRouteKind, HealthCheck, HostnameMatch, MeshConfig, PathMatch, Protocol,
-    ResourceId, Toggle, VirtualGateway,
+    GatewayRoute, GatewayRouteKind, HostnameMatch, MeshConfig, PathMatch, Protocol, ResourceId,
+    Toggle, VirtualGateway,
 };
 use crate::routing::http::{
     GrpcMatch, HttpMatch, PathRule, RequestView, RouteMatch, compile_headers, full_regex,
@@ -51,9 +51,6 @@ pub struct ListenerRoutes {
     pub port: u16,
     pub protocol: Protocol,
     pub routes: Vec<CompiledRoute>,
-    /// The listener's `healthCheck.path` when its health check is HTTP on this port: the edge
-    /// answers it itself (200 while the agent serves the listener) for the load balancer.
-    pub health_path: Option<String>,
 }
 
 /// One GatewayRoute, ready to match.
@@ -118,7 +115,6 @@ impl GatewayTable {
                         port,
                         protocol,
                         routes: compiled,
-                        health_path: health_path(listener.health_check.as_ref(), port),
                     }),
                 );
             }
@@ -253,24 +249,7 @@ pub struct Routed {
     pub route: String,
 }
 
-/// The path a listener's health check asks for, when the agent can answer it on the listener:
-/// an `http` or `http2` check on the listener's own port (or none given).
-fn health_path(check: Option<&HealthCheck>, port: u16) -> Option<String> {
-    let check = check?;
-    let on_listener = check.port.is_none_or(|p| p == port);
-    let http = matches!(check.protocol, Protocol::Http | Protocol::Http2);
-    (on_listener && http).then(|| check.path.clone().unwrap_or_else(|| "/".to_owned()))
-}
-
 impl ListenerRoutes {
-    /// Is this request the listener's health check (answered by the edge, never routed)?
-    pub fn is_health_check(&self, parts: &Parts) -> bool {
-        self.health_path
-            .as_deref()
-            .is_some_and(|path| parts.uri.path() == path)
-            && (parts.method == http::Method::GET || parts.method == http::Method::HEAD)
-    }
-
     /// Matches the request, rewrites it as the route says (path, host) and finds the target
     /// virtual service's port in `table`. The error is the status and message the client gets.
     pub fn route(&self, table: &Table, parts: &mut Parts) -> Result<Routed, (StatusCode, String)> {

@@ -249,15 +249,31 @@ pub trait Ingress: Send + Sync + 'static {
 }
 
 /// A gateway listener's own answer to a request it does not forward.
-#[derive(Debug)]
 pub enum EdgeReply {
     /// No route, a malformed request, a listener gone: the status and message (flag `NR`).
     Refused(StatusCode, String),
     /// The listener's `rateLimit`: 429 with `retry-after` and `x-envoy-ratelimited` (gRPC:
     /// RESOURCE_EXHAUSTED), flag `RL`.
     RateLimited { message: String, wait: Duration },
-    /// The listener's own health check, answered while it serves.
-    Healthy,
+    /// The edge answers the request itself (the listener's health check), out of the
+    /// request metrics and access logs.
+    Answer(EdgeAnswer),
+}
+
+/// How the edge answers a request it serves itself; it may read the request's body.
+pub type EdgeAnswer =
+    Box<dyn FnOnce(Request<Incoming>) -> BoxFuture<'static, Response<ResponseBody>> + Send>;
+
+impl std::fmt::Debug for EdgeReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EdgeReply::Refused(status, message) => write!(f, "Refused({status}, {message:?})"),
+            EdgeReply::RateLimited { message, wait } => {
+                write!(f, "RateLimited({message:?}, {wait:?})")
+            }
+            EdgeReply::Answer(_) => f.write_str("Answer"),
+        }
+    }
 }
 
 impl From<(StatusCode, String)> for EdgeReply {
@@ -492,11 +508,11 @@ impl<E: Env> Downstream<E> {
                         flag(&mut record, "RL");
                         return super::admission::rate_limited_reply(grpc, &message, wait);
                     }
-                    Err(EdgeReply::Healthy) => {
+                    Err(EdgeReply::Answer(answer)) => {
                         if let Some(r) = record.as_mut() {
                             r.discarded = true;
                         }
-                        return local(grpc, StatusCode::OK, "healthy");
+                        return answer(request).await;
                     }
                 }
             }

@@ -67,6 +67,34 @@ impl Cx<'_> {
                 {
                     return None;
                 }
+                // At the edge `overrides` name clients by their verified certificate
+                // (gateway/limit.rs): a listener that asks for none could never apply them.
+                if let Some(rate) = &rate_limit
+                    && !rate.overrides.is_empty()
+                    && tls
+                        .as_ref()
+                        .is_none_or(|t| t.validation.is_none() || t.mode == TlsMode::Disabled)
+                {
+                    let (pos, path) = match o.get("rateLimit").map(|n| &n.value) {
+                        Some(Value::Map(entries)) => {
+                            let rl = Obj {
+                                pos: o.key_pos("rateLimit"),
+                                path: o.at("rateLimit"),
+                                entries,
+                            };
+                            (rl.key_pos("overrides"), rl.at("overrides"))
+                        }
+                        _ => (o.key_pos("rateLimit"), o.at("rateLimit")),
+                    };
+                    cx.err(
+                        pos,
+                        &path,
+                        "a gateway listener's rate limit overrides name clients by their \
+                         certificate: give the listener `tls` with `validation` (client \
+                         certificates), or use `perCaller` (per client address) alone",
+                    );
+                    return None;
+                }
                 Some(GatewayListener {
                     port_mapping: port_mapping?,
                     health_check,

@@ -296,6 +296,20 @@ impl ResponseBody {
             record: None,
         }
     }
+
+    /// A reply the agent makes itself that ends with trailers (a gRPC answer's `grpc-status`).
+    pub fn local_with_trailers(bytes: Bytes, trailers: HeaderMap) -> ResponseBody {
+        let body = http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .with_trailers(async move { Some(Ok(trailers)) });
+        ResponseBody {
+            inner: body.boxed_unsync(),
+            deadline: None,
+            idle: None,
+            guards: Vec::new(),
+            record: None,
+        }
+    }
 }
 
 impl Drop for ResponseBody {
