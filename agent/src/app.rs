@@ -32,7 +32,7 @@ use crate::proxy::upstream::{LocalPod, PeerNode, Transport};
 use crate::proxy::{self, outbound};
 use crate::redirect::{self, EnrolledPod, Redirect, RedirectConfig};
 use crate::routing::Table;
-use crate::service_ids::ServiceIds;
+use crate::state::{AccessLogs, Published, State};
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::workloads::{self, Selection, Workload};
 use crate::{discovery, gateway, handover, netns};
@@ -164,15 +164,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let security = identity::Metrics::default();
     security.register(&mut registry);
     registry.register_collector(Box::new(identity::InPodCollector(redirect.clone())));
+    // Empty until the node's first reconcile publishes the mesh (nothing is captured before).
+    let state = Arc::new(Published::default());
     let transport = Arc::new(
-        Transport::new(config.peer_nodes.clone(), security)
+        Transport::new(config.peer_nodes.clone(), security, state.clone())
             .with_tunnel(config.tunnel)
             .with_endpoints(workload_source.endpoints.clone()),
     );
     transport.admission.metrics.register(&mut registry);
-    transport
-        .policy
-        .store(Arc::new(Policy::compile(&loaded.config)));
     let (names_tx, names_rx) = watch::channel(Table::dns_names(&loaded.config));
     let mut answers = discovery::keep_resolved(resolver, names_rx).await;
 
@@ -222,12 +221,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
     let ctx = Arc::new(proxy::Context {
         redirect: redirect.clone(),
-        table: ArcSwap::from_pointee(Table::default()),
+        state,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         drain_timeout: config.drain_timeout,
         connections: TaskTracker::new(),
-        access_logs: ArcSwap::from_pointee(BTreeMap::new()),
         transport: transport.clone(),
         http: proxy::http::Http::default(),
         telemetry,
@@ -274,18 +272,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
         config: config.clone(),
         inherited,
         registry: handover_registry.clone(),
-        mesh: Arc::new(loaded.config),
+        state: Arc::new(State::default()),
         enrolled: BTreeMap::new(),
         failed: BTreeMap::new(),
         retiring: Vec::new(),
-        service_ids: ServiceIds::default(),
         skipped: BTreeMap::new(),
         ctx: ctx.clone(),
         metrics: metrics.clone(),
         gateways: gateway::Gateways::default(),
     };
-    node.apply_access_logs(&log_writers);
-    node.apply_table(&answers.borrow_and_update());
+    node.apply_mesh(
+        Arc::new(loaded.config),
+        &answers.borrow_and_update(),
+        &log_writers,
+    );
     node.reconcile(&workload_snapshots.borrow_and_update());
     node.release_strays();
     // Tunnels from other nodes deliver to local pods: accept them only once the pods are
@@ -312,12 +312,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
         cni.serve(admin_state.clone())
             .map_err(|e| workloads::Error::from(crate::kubernetes::Error::from(e)))?;
     }
-    tracing::info!(mesh = %node.mesh.mesh.name, "agent ready");
+    tracing::info!(mesh = %node.state.mesh.mesh.name, "agent ready");
 
     let mut mesh_updates = mesh_updates;
     let mut retry = tokio::time::interval(Duration::from_secs(5));
     let mut successor_took_over = false;
-    let mut last_seen = Some(node.mesh.source.sha256.clone());
+    let mut last_seen = Some(node.state.mesh.source.sha256.clone());
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -333,7 +333,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
             changed = answers.changed() => {
                 if changed.is_err() { break }
-                node.apply_table(&answers.borrow_and_update());
+                node.apply_answers(&answers.borrow_and_update());
             }
             Some(()) = mesh_updates.recv() => {
                 // The same bytes as last time (a touch, an unrelated event): nothing to do,
@@ -345,7 +345,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 last_seen = digest;
                 match reload(&config.mesh_file, &config.access_log_dir) {
                     Ok(new_mesh) => {
-                        if new_mesh.source.sha256 == node.mesh.source.sha256 {
+                        if new_mesh.source.sha256 == node.state.mesh.source.sha256 {
                             continue;
                         }
                         reloads.get_or_create(&ReloadLabels { result: "applied" }).inc();
@@ -356,10 +356,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
                             ..config_dump(&new_mesh)
                         }));
                         names_tx.send_replace(Table::dns_names(&new_mesh));
-                        ctx.transport.policy.store(Arc::new(Policy::compile(&new_mesh)));
-                        node.mesh = Arc::new(new_mesh);
-                        node.apply_access_logs(&log_writers);
-                        node.apply_table(&answers.borrow());
+                        // The new mesh's table, policy and access logs, in force at once.
+                        node.apply_mesh(Arc::new(new_mesh), &answers.borrow(), &log_writers);
                         node.reconcile(&workload_snapshots.borrow());
                     }
                     Err(error) => {
@@ -661,7 +659,9 @@ struct Node {
     inherited: handover::Inherited,
     /// Every listener this agent has, for handing over to the next one.
     registry: handover::Registry,
-    mesh: Arc<MeshConfig>,
+    /// The state this node last published (`ctx.state` holds the same): the mesh the pods
+    /// are reconciled against, its policy and its service ids.
+    state: Arc<State>,
     enrolled: BTreeMap<ResourceId, Enrolled>,
     /// Pods that should be enrolled but could not be, with why; retried periodically.
     failed: BTreeMap<ResourceId, (Workload, Option<ResourceId>, String)>,
@@ -669,8 +669,6 @@ struct Node {
     /// the kernel steered to them just before the switch waits in their backlog and must be
     /// served, not reset.
     retiring: Vec<(Instant, Enrolled)>,
-    /// The eBPF id of each virtual service, stable across reloads.
-    service_ids: ServiceIds,
     /// Pods that are not to be enrolled (no or several VirtualNodes, not in the mesh, host
     /// network, no IP yet), with why: `/workloads` shows them.
     skipped: BTreeMap<ResourceId, (Option<ResourceId>, String)>,
@@ -685,17 +683,33 @@ struct Node {
 const RETIRE_AFTER: Duration = Duration::from_secs(2);
 
 impl Node {
+    /// Compiles a new mesh (with the DNS answers and its access logs) into one state and
+    /// publishes it, then brings the eBPF service map in line.
+    fn apply_mesh(
+        &mut self,
+        mesh: Arc<MeshConfig>,
+        answers: &BTreeMap<String, Vec<IpAddr>>,
+        writers: &access_log::Writers,
+    ) {
+        let logs = self.open_access_logs(&mesh, writers);
+        let state = State::compile(&self.state, mesh, answers, logs);
+        self.publish_state(state);
+    }
+
+    /// New DNS answers: the same mesh with a new table.
+    fn apply_answers(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {
+        let state = self.state.with_answers(answers);
+        self.publish_state(state);
+    }
+
     /// Opens the access logs the virtual nodes ask for (`logging.accessLog.file`).
-    fn apply_access_logs(&self, writers: &access_log::Writers) {
-        let logs: BTreeMap<ResourceId, access_log::AccessLog> = self
-            .mesh
-            .virtual_nodes
+    fn open_access_logs(&self, mesh: &MeshConfig, writers: &access_log::Writers) -> AccessLogs {
+        mesh.virtual_nodes
             .iter()
             .map(|vn| (&vn.id, &vn.spec.logging))
             // A gateway's requests carry its id as their source (crate::gateway).
             .chain(
-                self.mesh
-                    .virtual_gateways
+                mesh.virtual_gateways
                     .iter()
                     .map(|gw| (&gw.id, &gw.spec.logging)),
             )
@@ -718,21 +732,20 @@ impl Node {
                 }
                 Some((id.clone(), writers.open(file, path)))
             })
-            .collect();
-        let logs = Arc::new(logs);
-        // The receiving side writes the server's lines (docs/resilience.md).
-        self.ctx.transport.admission.access_logs.store(logs.clone());
-        self.ctx.access_logs.store(logs);
+            .collect()
     }
 
-    fn apply_table(&mut self, answers: &BTreeMap<String, Vec<IpAddr>>) {
-        let table = Table::compile(&self.mesh, answers);
-        self.service_ids
-            .update(self.mesh.virtual_services.iter().map(|vs| &vs.id));
+    /// Puts `state` in force for the proxy (one store), then the kernel's maps: the proxy
+    /// must know a service before the kernel starts capturing it.
+    fn publish_state(&mut self, state: State) {
+        let state = Arc::new(state);
+        self.state = state.clone();
+        self.ctx.state.publish(state);
+        let table = &self.state.table;
         let services: Vec<(SocketAddr, u32)> = table
             .services
             .iter()
-            .filter_map(|(addr, port)| Some((*addr, self.service_ids.get(&port.service)?)))
+            .filter_map(|(addr, port)| Some((*addr, self.state.service_ids.get(&port.service)?)))
             .chain(table.refused.keys().map(|ip| {
                 (
                     SocketAddr::new(*ip, strait_ebpf::SERVICE_ANY_PORT),
@@ -740,8 +753,6 @@ impl Node {
                 )
             }))
             .collect();
-        // The proxy must know a service before the kernel starts capturing it.
-        self.ctx.table.store(Arc::new(table));
         // A new service's backend pairs go in before its addresses; a service that stays keeps
         // its id, so its entries in both maps stay as they are.
         self.sync_backends();
@@ -753,11 +764,12 @@ impl Node {
     }
 
     fn reconcile(&mut self, pods: &BTreeMap<ResourceId, Workload>) {
-        let drop_all = self.mesh.mesh.spec.egress_filter == EgressFilter::DropAll;
+        let mesh = self.state.mesh.clone();
+        let drop_all = mesh.mesh.spec.egress_filter == EgressFilter::DropAll;
         let mut desired: BTreeMap<ResourceId, (Workload, ResourceId)> = BTreeMap::new();
         let mut skipped = BTreeMap::new();
         for (key, workload) in pods {
-            let selection = workload.virtual_node(&self.mesh);
+            let selection = workload.virtual_node(&mesh);
             match (selection.chosen(), &workload.unavailable) {
                 (Some(vn), None) => {
                     desired.insert(key.clone(), (workload.clone(), vn.clone()));
@@ -766,9 +778,9 @@ impl Node {
                     skipped.insert(key.clone(), (Some(vn.clone()), reason.clone()));
                 }
                 // A gateway's pod: its listeners are `gateway`'s (reconciled below).
-                (None, _) if gateway::selects(&self.mesh, workload) => {}
+                (None, _) if gateway::selects(&mesh, workload) => {}
                 (None, _) => {
-                    let reason = selection.reason(workload, &self.mesh).unwrap_or_default();
+                    let reason = selection.reason(workload, &mesh).unwrap_or_default();
                     if let Selection::Ambiguous { .. } = selection
                         && self.skipped.get(key).is_none_or(|(_, r)| *r != reason)
                     {
@@ -839,7 +851,7 @@ impl Node {
         self.retire_expired();
         self.sync_inbound();
         self.sync_backends();
-        let (mesh, ctx) = (self.mesh.clone(), self.ctx.clone());
+        let ctx = self.ctx.clone();
         self.gateways
             .reconcile(pods, &mesh, &ctx, &self.inherited, &self.registry);
         self.metrics
@@ -912,7 +924,7 @@ impl Node {
 
     /// Makes each pod's captured ports match its listeners' tls (a mesh reload can change them).
     fn sync_inbound(&mut self) {
-        let policy = self.ctx.transport.policy.load_full();
+        let policy = self.state.policy.clone();
         for (key, enrolled) in &mut self.enrolled {
             capture_inbound(&self.ctx, &policy, key, enrolled);
         }
@@ -927,15 +939,7 @@ impl Node {
     /// [`Node::sync_backends`], with a pod about to be enrolled (`extra`: its cgroup and
     /// virtual node), so its rules are in force before its connects are captured.
     fn sync_backends_with(&self, extra: Option<(u64, &ResourceId)>) {
-        let policy = self.ctx.transport.policy.load_full();
-        let backends_of = |vn: &ResourceId| -> std::collections::BTreeSet<u32> {
-            self.mesh
-                .virtual_services
-                .iter()
-                .filter(|vs| policy.is_backend(vn, &vs.id))
-                .filter_map(|vs| self.service_ids.get(&vs.id))
-                .collect()
-        };
+        let backends_of = |vn: &ResourceId| self.state.backend_ids(vn);
         let result = match extra {
             // One pod about to be enrolled: only its own pairs change. Pods a previous agent
             // enrolled and this one has not reached yet keep theirs (during an upgrade their
@@ -1014,8 +1018,12 @@ impl Node {
         // in force, then the cgroup (whose connects are captured from that moment on). For a
         // pod changed in place this switches its inbound ports and outbound listener to the
         // new sockets, each by one map update.
-        let policy = self.ctx.transport.policy.load_full();
-        capture_inbound(&self.ctx, &policy, &workload.key(), &mut enrolled);
+        capture_inbound(
+            &self.ctx,
+            &self.state.policy,
+            &workload.key(),
+            &mut enrolled,
+        );
         self.sync_backends_with(Some((cgroup_id, vn)));
         self.ctx
             .redirect
@@ -1188,7 +1196,7 @@ impl Node {
     /// else a client policy's, read through the certificate store (so a rotated file shows).
     fn identity_status(&self, vn: &ResourceId) -> admin::IdentityStatus {
         use crate::identity::policy::certificate_files;
-        let policy = self.ctx.transport.policy.load();
+        let policy = &self.state.policy;
         let Some(node) = policy.nodes.get(vn) else {
             return admin::IdentityStatus {
                 identities: Vec::new(),
@@ -1210,7 +1218,7 @@ impl Node {
         let certificate = listener_cert.or_else(client_cert).map(|cert| {
             let field = format!("VirtualNode {vn} tls.certificate");
             let loaded = certificate_files(cert, &field).and_then(|(chain, _)| {
-                let loaded = self.ctx.transport.certificate(vn, cert, &field);
+                let loaded = self.ctx.transport.certificate(policy, vn, cert, &field);
                 loaded.map(|l| (chain, l))
             });
             match loaded {

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod routing;
 pub mod service_ids;
+pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod workloads;
