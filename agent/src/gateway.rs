@@ -428,7 +428,7 @@ impl Listener {
             .and_then(|c| cert_facts(c).ok())
             .map(|f| f.sans)
             .unwrap_or_default();
-        let virtual_nodes = self.ctx.transport.policy.load().peer_nodes(&sans);
+        let virtual_nodes = self.ctx.transport.state.snapshot().policy.peer_nodes(&sans);
         let client = Client {
             sans,
             virtual_nodes,

@@ -22,24 +22,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::collections::BTreeMap;
-
 use crate::mesh::ResourceId;
 use crate::redirect::Redirect;
-use crate::routing::Table;
-use crate::telemetry::access_log::AccessLog;
+use crate::state::Published;
 use crate::telemetry::{Metrics, Telemetry};
 
 /// What every connection handler needs.
 pub struct Context {
     pub redirect: Arc<Redirect>,
-    /// The routing table in force; replaced whole on every mesh or DNS change.
-    pub table: ArcSwap<Table>,
+    /// The state in force (table, policy, access logs), replaced whole on every mesh or DNS
+    /// change: a connection or request takes one snapshot and reads only that.
+    pub state: Arc<Published>,
     pub metrics: Metrics,
     /// Cancelled when the agent shuts down (SIGTERM, or a new agent took the listeners over):
     /// listeners stop accepting and every connection drains (see [`Drain`]).
@@ -48,8 +45,6 @@ pub struct Context {
     pub drain_timeout: Duration,
     /// Every connection in flight, so shutdown can wait for them to drain.
     pub connections: TaskTracker,
-    /// Access logs by source virtual node (`logging.accessLog`); replaced on mesh reload.
-    pub access_logs: ArcSwap<BTreeMap<ResourceId, AccessLog>>,
     /// Local pods, peer nodes, identities and the mTLS tunnel pool (see `upstream`).
     pub transport: Arc<upstream::Transport>,
     /// The HTTP proxy's pools and endpoint states.

@@ -16,7 +16,7 @@ const FIRST: u32 = 1;
 /// `strait_ebpf::SERVICE_ID_REFUSED` and above are never handed out.
 const LAST: u32 = strait_ebpf::SERVICE_ID_REFUSED - 1;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServiceIds {
     ids: BTreeMap<ResourceId, u32>,
     next: u32,

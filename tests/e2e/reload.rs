@@ -345,3 +345,119 @@ spec:
     );
     Ok(())
 }
+
+/// `mesh_yaml` with the router's route to `color` leading to `keep` only (`color-v1` or
+/// `color-v2`): the other node is not a target at all, so the client's backend rule does
+/// not let it reach that node either. `padding` more virtual services (static addresses,
+/// nobody's backend) make the routing table slower to compile, as a large mesh's is.
+fn one_target_mesh(keep: &str, padding: usize) -> String {
+    let (weights, drop) = match keep {
+        "color-v1" => ((100, 0), "color-v2"),
+        _ => ((0, 100), "color-v1"),
+    };
+    let full = mesh_yaml("ALLOW_ALL", weights.0, weights.1);
+    let weight = if drop == "color-v1" {
+        weights.0
+    } else {
+        weights.1
+    };
+    let target = format!(
+        "            - virtualNodeRef:\n                name: {drop}\n              weight: {weight}\n"
+    );
+    assert!(full.contains(&target), "mesh_yaml's router changed shape");
+    let mut text = full.replace(&target, "");
+    for i in 0..padding {
+        text.push_str(&format!(
+            "---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata:
+  name: pad-{i}
+  namespace: app
+spec:
+  addresses: [10.97.{}.{}]
+  provider:
+    virtualNode:
+      virtualNodeRef:
+        name: color-v1
+",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    text
+}
+
+/// One mesh version at a time: two versions swap both the route of `color` (to color-v1 or
+/// to color-v2) and, with it, the node the client's backend rule lets it reach. A connection
+/// that paired one version's route with the other's rule would be refused (`not reachable
+/// through the backends`). The agent compiles each version into one state and swaps it once,
+/// and every connection reads one snapshot, so while the two versions alternate 30 times
+/// under two clients' traffic no connection is refused, and both versions served.
+#[test]
+fn a_reload_never_pairs_one_versions_route_with_the_others_policy() -> anyhow::Result<()> {
+    const PADDING: usize = 1500;
+    let to_v1 = one_target_mesh("color-v1", PADDING);
+    let to_v2 = one_target_mesh("color-v2", PADDING);
+    let bed = bed("reload-state", &to_v1)?;
+    let volume = bed.tb.temp_dir().join("configmap");
+    std::fs::create_dir(&volume)?;
+    publish(&volume, 0, &to_v1)?;
+    symlink("..data/mesh.yaml", volume.join("mesh.yaml"))?;
+    let agent = Agent::start(&bed.tb, &bed.node, &volume.join("mesh.yaml"), &[])?;
+    const COUNT: u32 = 8000;
+    let clients = (0..2)
+        .map(|i| {
+            bed.tb.spawn(
+                &format!("client-state-{i}"),
+                bed.client.command(peer_binary()?).args([
+                    "call",
+                    &format!("{SERVICE}:8080"),
+                    "-4",
+                    "--count",
+                    &COUNT.to_string(),
+                    "--bytes",
+                    "16",
+                    "--interval-ms",
+                    "1",
+                ]),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut still_running_at_end = true;
+    for generation in 1..=30 {
+        let text = if generation % 2 == 1 { &to_v2 } else { &to_v1 };
+        publish(&volume, generation, text)?;
+        std::thread::sleep(Duration::from_millis(400));
+        for client in &clients {
+            if client.try_wait()?.is_some() {
+                still_running_at_end = false;
+            }
+        }
+    }
+    let mut served = std::collections::BTreeMap::<String, u64>::new();
+    for client in &clients {
+        let status = client.wait_timeout(Duration::from_secs(180))?;
+        let report: Value = serde_json::from_str(client.stdout().trim())?;
+        assert!(status.success(), "{report}");
+        assert_eq!(
+            report["succeeded"], COUNT,
+            "no connection may see one version's route with the other's backend rule: {report}"
+        );
+        for server in ["v1", "v2"] {
+            *served.entry(server.to_owned()).or_default() +=
+                report["by_server"][server].as_u64().unwrap_or(0);
+        }
+    }
+    assert!(
+        still_running_at_end,
+        "the clients finished before the reloads did, so this run proved less than it should; \
+         raise COUNT"
+    );
+    // Both versions were in force while the clients ran.
+    assert!(served["v1"] > 0 && served["v2"] > 0, "{served:?}");
+    let metrics = agent.admin_get("/metrics")?;
+    let applied = metric(&metrics, "strait_mesh_reloads_total{result=\"applied\"}");
+    assert!(applied >= 10, "30 versions published, applied {applied}");
+    Ok(())
+}

@@ -55,6 +55,7 @@ use crate::mesh::{
     CircuitBreaker, ConnectionPool, ListenerTimeout, MeshConfig, Protocol, RateLimit,
     RateLimitCaller, ResourceId, TcpTimeout,
 };
+use crate::state::State as Snapshot;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::request::Record;
@@ -544,8 +545,6 @@ pub struct Admission {
     pub breakers: super::breaker::Breakers,
     /// Routes' `rateLimit`, applied by this (calling) agent.
     pub routes: routes::RouteLimits,
-    /// Access logs by virtual node (the same as the proxy's), for receiving-side lines.
-    pub access_logs: arc_swap::ArcSwap<BTreeMap<ResourceId, AccessLog>>,
     /// Per-request telemetry; unset under `--telemetry off`.
     pub telemetry: std::sync::OnceLock<Arc<Telemetry>>,
 }
@@ -559,7 +558,6 @@ impl Default for Admission {
             routes: routes::RouteLimits::new(metrics.route_rate_limited.clone()),
             metrics,
             pool: Arc::default(),
-            access_logs: arc_swap::ArcSwap::default(),
             telemetry: std::sync::OnceLock::new(),
         }
     }
@@ -607,11 +605,12 @@ impl Admission {
     /// `port`.
     pub fn admit(
         &self,
-        policy: &Policy,
+        snapshot: &Snapshot,
         vn: &ResourceId,
         port: u16,
         caller: &Caller,
     ) -> Result<Admitted, Refused> {
+        let policy = &snapshot.policy;
         let Some(limits) = policy.limits.get(vn, port) else {
             return Ok(Admitted::Plain);
         };
@@ -621,7 +620,7 @@ impl Admission {
             let telemetry = self.telemetry.get().cloned();
             let log = telemetry
                 .as_ref()
-                .and_then(|_| self.access_logs.load().get(vn).cloned());
+                .and_then(|_| snapshot.access_logs.get(vn).cloned());
             return Ok(Admitted::Http(Gate(Arc::new(GateInner {
                 state,
                 who,
@@ -668,14 +667,14 @@ impl Admission {
 /// node `source`, through the listener's limits.
 pub async fn deliver_local(
     admission: &Admission,
-    policy: &Policy,
+    snapshot: &Snapshot,
     source: &ResourceId,
     pod: Arc<LocalPod>,
     endpoint: SocketAddr,
 ) -> Result<Stream, String> {
     let admitted = admission
         .admit(
-            policy,
+            snapshot,
             &pod.virtual_node,
             endpoint.port(),
             &Caller::Local(source.clone()),
@@ -687,10 +686,14 @@ pub async fn deliver_local(
             .map_err(|e| format!("same-node delivery to {} failed: {e}", pod.workload))
     };
     // A tcp listener's idle timeout, at the receiving side as App Mesh applied it.
-    let idle = policy.limits.tcp_idle(&pod.virtual_node, endpoint.port());
+    let idle = snapshot
+        .policy
+        .limits
+        .tcp_idle(&pod.virtual_node, endpoint.port());
     let stream = |io| {
         super::received::wrap(
             admission,
+            &snapshot.access_logs,
             &pod.virtual_node,
             endpoint,
             None,

@@ -50,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::pool;
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
 use super::{Context, Drain, admission};
-use crate::identity::policy::trust_file;
+use crate::identity::policy::{Policy, trust_file};
 use crate::identity::store::cert_facts;
 use crate::identity::verify::{ClientVerifier, Report, ServerVerifier};
 use crate::identity::{self, ALPN_H2, AuthzLabels, TunnelLabels, parse_tunnel_sni, tunnel_sni};
@@ -497,6 +497,7 @@ impl ResolvesServerCert for Presents {
 /// of `caller`, with `client_tls` (the caller's client policy for this backend, if any).
 pub async fn open(
     transport: &Transport,
+    policy: &Policy,
     caller: &Caller<'_>,
     target_node: &ResourceId,
     endpoint: SocketAddr,
@@ -505,9 +506,12 @@ pub async fn open(
 ) -> Result<(TunnelStream, GoingAway), Error> {
     let field = format!("VirtualNode {} clientPolicy.tls", caller.virtual_node);
     let cert = match client_tls.and_then(|t| t.certificate.as_ref()) {
-        Some(c) => {
-            Some(transport.certificate(caller.virtual_node, c, &format!("{field}.certificate"))?)
-        }
+        Some(c) => Some(transport.certificate(
+            policy,
+            caller.virtual_node,
+            c,
+            &format!("{field}.certificate"),
+        )?),
         None => None,
     };
     let trust = match client_tls {
@@ -885,11 +889,11 @@ pub fn serve(listener: TcpListener, ctx: Arc<Context>) {
 /// The server config for one destination listener, from the certificates on disk now.
 fn server_config(
     transport: &Transport,
+    policy: &Policy,
     vn: &ResourceId,
     port: u16,
     peer: SocketAddr,
 ) -> Result<(Arc<rustls::ServerConfig>, bool), String> {
-    let policy = transport.policy.load();
     let tls = policy.listener_tls(vn, port).ok_or_else(|| {
         format!("virtual node {vn} has no listener with tls on port {port} in this agent's mesh")
     })?;
@@ -902,7 +906,12 @@ fn server_config(
     }
     let field = format!("VirtualNode {vn} listener {port} tls");
     let cert = transport
-        .certificate(vn, &tls.certificate, &format!("{field}.certificate"))
+        .certificate(
+            policy,
+            vn,
+            &tls.certificate,
+            &format!("{field}.certificate"),
+        )
         .map_err(|e| e.to_string())?;
     let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -961,10 +970,12 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
+    // The handshake reads one snapshot; each stream in the tunnel takes its own.
+    let state = transport.state.snapshot();
     let Some((vn, port)) = sni
         .as_deref()
         .and_then(parse_tunnel_sni)
-        .and_then(|(target, port)| Some((transport.policy.load().tunnel_target(target)?, port)))
+        .and_then(|(target, port)| Some((state.policy.tunnel_target(target)?, port)))
     else {
         tracing::warn!(%peer, ?sni, "tunnel client sent no strait server name; closed");
         transport
@@ -972,7 +983,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             .handshake_failure("server", "no_server_name");
         return;
     };
-    let (config, mutual) = match server_config(transport, &vn, port, peer) {
+    let (config, mutual) = match server_config(transport, &state.policy, &vn, port, peer) {
         Ok(config) => config,
         Err(error) => {
             tracing::warn!(%peer, virtual_node = %vn, port, "cannot serve this tunnel: {error}");
@@ -1111,8 +1122,10 @@ async fn stream(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    // The receiving half of the backend rule, from the verified certificate only.
-    let policy = transport.policy.load();
+    // The receiving half of the backend rule, from the verified certificate only. One
+    // snapshot for the whole stream: the rule, the limits and the access log agree.
+    let state = transport.state.snapshot();
+    let policy = &state.policy;
     let peer_nodes = policy.peer_nodes(peer_sans);
     if mutual && !peer_nodes.iter().any(|p| policy.may_reach(p, vn)) {
         transport
@@ -1136,13 +1149,12 @@ async fn stream(
     // Destination-side limits (connectionPool, rateLimit), keyed by the verified identity: see
     // `super::admission`.
     let caller = admission::Caller::Tunnel(peer_sans.to_vec());
-    let admitted = match transport.admission.admit(&policy, vn, port, &caller) {
+    let admitted = match transport.admission.admit(&state, vn, port, &caller) {
         Ok(admitted) => admitted,
         Err(refused) => return refuse(StatusCode::SERVICE_UNAVAILABLE, &refused.to_string()),
     };
     // A tcp listener's idle timeout, applied here at the receiving side (`super::idle`).
     let idle = policy.limits.tcp_idle(vn, port);
-    drop(policy);
     if let admission::Admitted::Http(gate) = admitted {
         transport
             .metrics
@@ -1164,6 +1176,7 @@ async fn stream(
     let mut upstream = match pod.connect_loopback(target.ip(), target.port()).await {
         Ok(s) => super::received::wrap(
             &transport.admission,
+            &state.access_logs,
             vn,
             target,
             Some(peer),

@@ -61,8 +61,8 @@ use super::{Context, Drain};
 use crate::mesh::Protocol;
 use crate::routing::http::{HttpRoute, HttpTarget, RequestView, RouteRateLimit, normalize_path};
 use crate::routing::{ServicePort, Table};
+use crate::state::State as Snapshot;
 use crate::telemetry::Telemetry;
-use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::request::Record;
 use crate::telemetry::trace;
 
@@ -80,11 +80,14 @@ pub struct Http {
 /// What request handling needs from the agent; the agent's [`Context`] in production, a small
 /// stand-in in the request-path fuzz tests (which run without eBPF).
 pub trait Env: Send + Sync + 'static {
-    fn table(&self) -> Arc<Table>;
+    /// The state in force: a request takes it once and passes it to the calls below, so all
+    /// it reads (route, backend rule, breaker, access log) is of one mesh version.
+    fn snapshot(&self) -> Arc<Snapshot>;
     fn http(&self) -> &Http;
     /// The mesh's backend rule for this request (see `upstream::authorize`).
     fn authorize(
         &self,
+        snapshot: &Snapshot,
         source: &Source,
         service: &ResourceId,
         target_node: &ResourceId,
@@ -93,6 +96,7 @@ pub trait Env: Send + Sync + 'static {
     /// or through the mTLS tunnel to the endpoint's node.
     fn dial<'a>(
         &'a self,
+        snapshot: &'a Snapshot,
         source: &'a Source,
         service: &'a ResourceId,
         target_node: &'a ResourceId,
@@ -102,13 +106,10 @@ pub trait Env: Send + Sync + 'static {
     fn telemetry(&self) -> Option<&Arc<Telemetry>> {
         None
     }
-    /// The access log of a source virtual node (its `logging.accessLog`), if it has one.
-    fn access_log(&self, _virtual_node: &ResourceId) -> Option<AccessLog> {
-        None
-    }
     /// The circuit breaker of `source`'s backend `service` towards `target_node`, if any.
     fn breaker(
         &self,
+        _snapshot: &Snapshot,
         _source: &ResourceId,
         _service: &ResourceId,
         _target_node: &ResourceId,
@@ -119,6 +120,7 @@ pub trait Env: Send + Sync + 'static {
     /// [`super::admission::routes`]).
     fn route_rate_limit(
         &self,
+        _snapshot: &Snapshot,
         _service: &ResourceId,
         _route: &str,
         _limit: &RouteRateLimit,
@@ -132,8 +134,8 @@ pub trait Env: Send + Sync + 'static {
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 impl Env for Context {
-    fn table(&self) -> Arc<Table> {
-        self.table.load_full()
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.snapshot()
     }
 
     fn http(&self) -> &Http {
@@ -142,6 +144,7 @@ impl Env for Context {
 
     fn authorize(
         &self,
+        snapshot: &Snapshot,
         source: &Source,
         service: &ResourceId,
         target_node: &ResourceId,
@@ -151,11 +154,13 @@ impl Env for Context {
             virtual_node: &source.virtual_node,
             service,
         };
-        upstream::authorize(&self.transport, &caller, target_node).map_err(|e| e.to_string())
+        upstream::authorize(&self.transport, &snapshot.policy, &caller, target_node)
+            .map_err(|e| e.to_string())
     }
 
     fn dial<'a>(
         &'a self,
+        snapshot: &'a Snapshot,
         source: &'a Source,
         service: &'a ResourceId,
         target_node: &'a ResourceId,
@@ -167,7 +172,7 @@ impl Env for Context {
                 virtual_node: &source.virtual_node,
                 service,
             };
-            upstream::dial(&self.transport, &caller, target_node, endpoint)
+            upstream::dial(&self.transport, snapshot, &caller, target_node, endpoint)
                 .await
                 .map_err(std::io::Error::other)
         })
@@ -177,34 +182,30 @@ impl Env for Context {
         self.telemetry.as_ref()
     }
 
-    fn access_log(&self, virtual_node: &ResourceId) -> Option<AccessLog> {
-        self.access_logs.load().get(virtual_node).cloned()
-    }
-
     fn breaker(
         &self,
+        snapshot: &Snapshot,
         source: &ResourceId,
         service: &ResourceId,
         target_node: &ResourceId,
     ) -> Option<Arc<Breaker>> {
-        let policy = self.transport.policy.load();
         self.transport
             .admission
-            .breaker(&policy, source, service, target_node)
+            .breaker(&snapshot.policy, source, service, target_node)
     }
 
     fn route_rate_limit(
         &self,
+        snapshot: &Snapshot,
         service: &ResourceId,
         route: &str,
         limit: &RouteRateLimit,
         source: &ResourceId,
     ) -> Result<(), super::admission::routes::Limited> {
-        let policy = self.transport.policy.load();
         self.transport
             .admission
             .routes
-            .check(&policy, service, route, limit, source)
+            .check(&snapshot.policy, service, route, limit, source)
     }
 }
 
@@ -441,8 +442,10 @@ fn protocol_name(version: Version) -> &'static str {
 
 impl<E: Env> Downstream<E> {
     async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        // One snapshot per request (a connection outlives mesh reloads).
+        let snapshot = self.env.snapshot();
         let Some(telemetry) = self.env.telemetry() else {
-            return self.proxy(request, None).await;
+            return self.proxy(&snapshot, request, None).await;
         };
         let mut record = Box::new(Record::new(
             telemetry.clone(),
@@ -451,8 +454,8 @@ impl<E: Env> Downstream<E> {
             is_grpc(request.headers()),
             protocol_name(request.version()),
         ));
-        record.log = self.env.access_log(&self.source.virtual_node);
-        let mut response = self.proxy(request, Some(&mut record)).await;
+        record.log = snapshot.access_logs.get(&self.source.virtual_node).cloned();
+        let mut response = self.proxy(&snapshot, request, Some(&mut record)).await;
         record.response(response.status().as_u16(), response.headers());
         response.body_mut().attach(record);
         response
@@ -460,11 +463,12 @@ impl<E: Env> Downstream<E> {
 
     async fn proxy(
         &self,
+        snapshot: &Snapshot,
         mut request: Request<Incoming>,
         mut record: Option<&mut Record>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        let table = self.env.table();
+        let table = &snapshot.table;
         let grpc = is_grpc(request.headers());
         let flag = |record: &mut Option<&mut Record>, flag: &'static str| {
             if let Some(r) = record.as_mut() {
@@ -491,7 +495,7 @@ impl<E: Env> Downstream<E> {
         let service = match &self.ingress {
             Some(ingress) => {
                 let (mut parts, body) = request.into_parts();
-                let routed = ingress.route(&table, &mut parts);
+                let routed = ingress.route(table, &mut parts);
                 request = Request::from_parts(parts, body);
                 match routed {
                     Ok((service, route)) => {
@@ -594,6 +598,7 @@ impl<E: Env> Downstream<E> {
         // The route's own rateLimit, applied here where the route is known (per calling node).
         if let Some(limit) = &route.rate_limit
             && let Err(limited) = self.env.route_rate_limit(
+                snapshot,
                 &service.service,
                 &route.name,
                 limit,
@@ -682,7 +687,7 @@ impl<E: Env> Downstream<E> {
         }
         let result = self
             .forward(
-                &table,
+                snapshot,
                 &service.service,
                 &route,
                 &target,
@@ -774,7 +779,7 @@ impl<E: Env> Downstream<E> {
     )]
     async fn forward(
         &self,
-        table: &Table,
+        snapshot: &Snapshot,
         service: &ResourceId,
         route: &HttpRoute,
         target: &HttpTarget,
@@ -787,9 +792,10 @@ impl<E: Env> Downstream<E> {
         outcome: &mut Outcome<'_>,
     ) -> Result<Upstream, Failure> {
         let http = self.env.http();
+        let table = &snapshot.table;
         let node = &target.target.virtual_node;
         self.env
-            .authorize(&self.source, service, node)
+            .authorize(snapshot, &self.source, service, node)
             .map_err(Failure::Forbidden)?;
         let addrs: Vec<SocketAddr> = table
             .endpoints
@@ -815,7 +821,9 @@ impl<E: Env> Downstream<E> {
         let mut tried = Vec::new();
         let mut last = Failure::NoEndpoints;
         // The backend's circuit breaker, if it has one (docs/resilience.md).
-        let breaker = self.env.breaker(&self.source.virtual_node, service, node);
+        let breaker = self
+            .env
+            .breaker(snapshot, &self.source.virtual_node, service, node);
         let mut request_permit = match &breaker {
             Some(b) => b.request().map_err(|o| Failure::Overflow(o.0))?,
             None => None,
@@ -875,7 +883,7 @@ impl<E: Env> Downstream<E> {
             };
             let env = &self.env;
             let (source, service_ref) = (&self.source, service);
-            let dial = move || env.dial(source, service_ref, node, endpoint);
+            let dial = move || env.dial(snapshot, source, service_ref, node, endpoint);
             let sent = http.pool.send(&key, &dial, proto, request);
             let result = match bound {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {

@@ -56,9 +56,9 @@ async fn handle(
         return;
     };
     let transport = &ctx.transport;
-    let mode = transport
+    let state = ctx.state.snapshot();
+    let mode = state
         .policy
-        .load()
         .listener_tls(&pod.virtual_node, local.port())
         .map(|t| t.mode);
     let count = |mode: &'static str, result: &'static str| {
@@ -97,9 +97,8 @@ async fn handle(
     }
     let started = Instant::now();
     // The listener's tcp idle timeout applies here too (`super::idle`).
-    let idle = transport
+    let idle = state
         .policy
-        .load()
         .limits
         .tcp_idle(&pod.virtual_node, local.port());
     let mut upstream = match pod.connect_loopback(local.ip(), local.port()).await {

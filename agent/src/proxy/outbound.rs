@@ -58,7 +58,10 @@ async fn forward(
 ) {
     let started = Instant::now();
     let started_at = SystemTime::now();
-    let table = ctx.table.load_full();
+    // One snapshot for the whole connection: its route, backend rule, breaker and access
+    // log all come from one mesh version.
+    let state = ctx.state.snapshot();
+    let table = &state.table;
     let fail = |reason: &'static str| {
         ctx.metrics
             .tcp_failures
@@ -123,9 +126,8 @@ async fn forward(
     };
     // The backend's circuit breaker: maxConnections bounds the connections open to the target.
     let breaker = {
-        let policy = ctx.transport.policy.load();
         ctx.transport.admission.breaker(
-            &policy,
+            &state.policy,
             &source.virtual_node,
             &service.service,
             &target.virtual_node,
@@ -141,9 +143,8 @@ async fn forward(
                 reason = overflow.0,
                 "circuit breaker overflow (clientPolicy.circuitBreaker); closing the client's connection"
             );
-            if let Some(log) = ctx
+            if let Some(log) = state
                 .access_logs
-                .load()
                 .get(&source.virtual_node)
                 .filter(|_| ctx.telemetry.is_some())
             {
@@ -171,7 +172,7 @@ async fn forward(
         service: &service.service,
     };
     let (upstream, endpoint) =
-        match upstream::connect_target(ctx, &caller, &target, &endpoints).await {
+        match upstream::connect_target(ctx, &state, &caller, &target, &endpoints).await {
             Ok(connected) => connected,
             Err(error) => {
                 fail("upstream_connect");
@@ -188,9 +189,8 @@ async fn forward(
                     upstream::Error::Unreachable { tried, .. } if *tried > 1 => "UF,URX",
                     upstream::Error::Unreachable { .. } => "UF",
                 };
-                if let Some(log) = ctx
+                if let Some(log) = state
                     .access_logs
-                    .load()
                     .get(&source.virtual_node)
                     .filter(|_| ctx.telemetry.is_some())
                 {
@@ -259,9 +259,8 @@ async fn forward(
             })
             .inc_by(bytes);
     }
-    if let Some(log) = ctx
+    if let Some(log) = state
         .access_logs
-        .load()
         .get(&source.virtual_node)
         .filter(|_| telemetry)
     {

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::admission::Admission;
 use super::upstream::Stream;
 use crate::mesh::ResourceId;
+use crate::state::AccessLogs;
 use crate::telemetry::access_log::{AccessLog, Entry};
 
 /// A stream to a pod that writes its access log line when dropped.
@@ -28,6 +29,7 @@ struct Logged {
 /// (and telemetry is on); `caller` is the peer's address when known.
 pub fn wrap(
     admission: &Admission,
+    logs: &AccessLogs,
     vn: &ResourceId,
     target: SocketAddr,
     caller: Option<SocketAddr>,
@@ -36,7 +38,7 @@ pub fn wrap(
     if admission.telemetry.get().is_none() {
         return stream;
     }
-    let Some(log) = admission.access_logs.load().get(vn).cloned() else {
+    let Some(log) = logs.get(vn).cloned() else {
         return stream;
     };
     Stream::new(Logged {

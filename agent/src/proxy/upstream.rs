@@ -32,7 +32,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -42,6 +41,7 @@ use crate::identity::{self, AuthzLabels};
 use crate::mesh::{ResourceId, TlsMode};
 use crate::netns;
 use crate::routing::{Endpoints, Target};
+use crate::state::{Published, State};
 
 /// How long a connect to one endpoint may take before the next endpoint is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -235,7 +235,8 @@ impl std::str::FromStr for PeerNode {
 /// The node-wide transport state: local pods, peer nodes, the security policy, certificates
 /// and the tunnel pool.
 pub struct Transport {
-    pub policy: ArcSwap<Policy>,
+    /// The state in force (policy, table, access logs): readers take one snapshot each.
+    pub state: Arc<Published>,
     pub store: identity::store::Store,
     pub metrics: identity::Metrics,
     pub pool: hbone::Pool,
@@ -261,9 +262,13 @@ pub enum Remote {
 }
 
 impl Transport {
-    pub fn new(peers: Vec<PeerNode>, metrics: identity::Metrics) -> Transport {
+    pub fn new(
+        peers: Vec<PeerNode>,
+        metrics: identity::Metrics,
+        state: Arc<Published>,
+    ) -> Transport {
         Transport {
-            policy: ArcSwap::from_pointee(Policy::default()),
+            state,
             store: identity::store::Store::new(metrics.clone()),
             metrics,
             pool: hbone::Pool::default(),
@@ -335,12 +340,12 @@ impl Transport {
     /// and counted once per cause ([`identity::local`]).
     pub fn certificate(
         &self,
+        policy: &Policy,
         vn: &ResourceId,
         cert: &crate::mesh::TlsCertificate,
         field: &str,
     ) -> Result<Arc<identity::store::LoadedCert>, identity::Error> {
-        let policy = self.policy.load();
-        let result = identity::local::certificate(&self.store, &policy, vn, cert, field);
+        let result = identity::local::certificate(&self.store, policy, vn, cert, field);
         self.refusals.note(&self.metrics, vn, &result);
         result
     }
@@ -404,17 +409,18 @@ pub async fn connect(endpoint: SocketAddr) -> std::io::Result<TcpStream> {
 /// through the mTLS tunnel when TLS is configured (see the module docs).
 pub async fn connect_target(
     ctx: &Context,
+    state: &State,
     caller: &Caller<'_>,
     target: &Target,
     endpoints: &Endpoints,
 ) -> Result<(Stream, SocketAddr), Error> {
     let transport = &ctx.transport;
-    authorize(transport, caller, &target.virtual_node)?;
+    authorize(transport, &state.policy, caller, &target.virtual_node)?;
     let mut tried = 0;
     let mut last = String::new();
     // Endpoints ejected by the listener's outlierDetection are tried last; connect failures
     // are its server errors (proxy::http::outlier).
-    let table = ctx.table.load();
+    let table = &state.table;
     let outliers = table
         .outliers
         .get(&(target.virtual_node.clone(), target.port));
@@ -443,7 +449,7 @@ pub async fn connect_target(
     };
     for endpoint in attempts.into_iter().take(CONNECT_ATTEMPTS) {
         tried += 1;
-        match dial(transport, caller, &target.virtual_node, endpoint).await {
+        match dial(transport, state, caller, &target.virtual_node, endpoint).await {
             Ok(stream) => {
                 judge(endpoint, false);
                 return Ok((stream, endpoint));
@@ -470,10 +476,10 @@ pub async fn connect_target(
 /// services that are not backends; this also covers the virtual node a route picked.)
 pub fn authorize(
     transport: &Transport,
+    policy: &Policy,
     caller: &Caller<'_>,
     target_node: &ResourceId,
 ) -> Result<(), Error> {
-    let policy = transport.policy.load();
     if policy.is_backend(caller.virtual_node, caller.service)
         && policy.may_reach(caller.virtual_node, target_node)
     {
@@ -499,17 +505,16 @@ pub fn authorize(
 /// reason="san_mismatch"}`.
 fn admit_same_node(
     transport: &Transport,
+    policy: &Policy,
     caller: &Caller<'_>,
     pod: &LocalPod,
     port: u16,
 ) -> Result<(), String> {
-    let policy = transport.policy.load();
     let Err((presented, expected)) =
         policy.listener_admits(caller.virtual_node, &pod.virtual_node, port)
     else {
         return Ok(());
     };
-    drop(policy);
     let context = format!(
         "same-node call from {} ({}) to {} port {port}",
         caller.workload, caller.virtual_node, pod.virtual_node
@@ -530,24 +535,24 @@ fn admit_same_node(
 /// when TLS applies. Authorization is the caller's business ([`authorize`]).
 pub async fn dial(
     transport: &Transport,
+    state: &State,
     caller: &Caller<'_>,
     target_node: &ResourceId,
     endpoint: SocketAddr,
 ) -> Result<Stream, String> {
+    let policy = &state.policy;
     if let Some(pod) = transport.local_pod(endpoint.ip()) {
-        admit_same_node(transport, caller, &pod, endpoint.port())?;
+        admit_same_node(transport, policy, caller, &pod, endpoint.port())?;
         // Through the listener's connectionPool and rateLimit, if it has any.
-        let policy = transport.policy.load_full();
         return admission::deliver_local(
             &transport.admission,
-            &policy,
+            state,
             caller.virtual_node,
             pod,
             endpoint,
         )
         .await;
     }
-    let policy = transport.policy.load_full();
     let listener_tls = policy.listener_tls(target_node, endpoint.port());
     let client_tls = policy.client_tls(caller.virtual_node, caller.service, endpoint.port());
     let tls = listener_tls.is_some() || client_tls.is_some_and(|t| t.enforce);
@@ -593,10 +598,17 @@ pub async fn dial(
             target_node
         ));
     }
-    let (stream, going_away) =
-        hbone::open(transport, caller, target_node, endpoint, node, client_tls)
-            .await
-            .map_err(|e| e.to_string())?;
+    let (stream, going_away) = hbone::open(
+        transport,
+        policy,
+        caller,
+        target_node,
+        endpoint,
+        node,
+        client_tls,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(Stream {
         io: Box::new(stream),
         going_away: Some(going_away),

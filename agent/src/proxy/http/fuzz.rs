@@ -29,6 +29,7 @@ use crate::mesh::ResourceId;
 use crate::proxy::outbound::Source;
 use crate::proxy::upstream;
 use crate::routing::Table;
+use crate::state::State;
 
 const SERVICE: &str = "10.96.0.1:80";
 
@@ -38,8 +39,11 @@ struct TestEnv {
 }
 
 impl Env for TestEnv {
-    fn table(&self) -> Arc<Table> {
-        self.table.clone()
+    fn snapshot(&self) -> Arc<State> {
+        Arc::new(State {
+            table: self.table.clone(),
+            ..State::default()
+        })
     }
 
     fn http(&self) -> &Http {
@@ -48,6 +52,7 @@ impl Env for TestEnv {
 
     fn authorize(
         &self,
+        _snapshot: &State,
         _source: &Source,
         _service: &ResourceId,
         _target_node: &ResourceId,
@@ -57,6 +62,7 @@ impl Env for TestEnv {
 
     fn dial<'a>(
         &'a self,
+        _snapshot: &'a State,
         _source: &'a Source,
         _service: &'a ResourceId,
         _target_node: &'a ResourceId,

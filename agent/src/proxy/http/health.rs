@@ -74,13 +74,13 @@ pub fn spawn(ctx: Arc<Context>) {
             }
             // Outlier ejections whose time is up (they take traffic again already).
             ctx.http.endpoints.sweep();
-            let table = ctx.table.load_full();
-            if last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &table)) {
+            let state = ctx.state.snapshot();
+            let (table, policy) = (&state.table, &state.policy);
+            if last.as_ref().is_some_and(|l| Arc::ptr_eq(l, table)) {
                 continue;
             }
             last = Some(table.clone());
             let mut desired: HashMap<Key, Arc<HealthCheckSpec>> = HashMap::new();
-            let policy = ctx.transport.policy.load_full();
             for spec in &table.health_checks {
                 if let Some(endpoints) = table.endpoints.get(&spec.virtual_node) {
                     for ip in &endpoints.addrs {
@@ -146,7 +146,7 @@ async fn check_loop(
     let metrics = &ctx.metrics;
     // Taken once, so an ejection and its readmission move the same gauge.
     let labels = EndpointLabels {
-        mesh: ctx.table.load().mesh.clone(),
+        mesh: ctx.state.snapshot().table.mesh.clone(),
         virtual_node: spec.virtual_node.to_string(),
     };
     let node_labels = || labels.clone();
