@@ -8,7 +8,7 @@
 //! wiring: check the inputs, build, bind, run until shutdown. Shutdown: stop accepting, drain,
 //! exit; the pins stay so a restarted agent adopts them.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,50 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::node::{self, Node};
-use crate::proxy::upstream::{PeerNode, Transport};
-use crate::redirect::{self, Redirect, RedirectConfig};
+use crate::proxy::upstream::Transport;
+use crate::redirect::{self, Redirect};
 use crate::routing::Table;
 use crate::state::Published;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
 use crate::{admin, discovery, handover, identity, proxy, reload, workloads};
 
-/// How `strait run` was asked to run.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// A mesh file, or a directory of them (`mesh::load_file`).
-    pub mesh_file: PathBuf,
-    /// Where the local pods come from: a workloads directory or the Kubernetes API.
-    pub pod_source: workloads::PodSource,
-    pub cgroup_root: PathBuf,
-    pub bpffs: PathBuf,
-    pub admin: SocketAddr,
-    pub dns_server: Option<IpAddr>,
-    pub outbound_port: u16,
-    pub drain_timeout: Duration,
-    pub cleanup_on_exit: bool,
-    /// Unix socket for handing listeners over to the next agent (see `handover`).
-    pub handover_socket: PathBuf,
-    /// Where other nodes' agents open mTLS tunnels to this one.
-    pub tunnel_listen: SocketAddr,
-    /// Tunnel keepalives (`--tunnel-keepalive-interval`, `--tunnel-keepalive-timeout`).
-    pub tunnel: proxy::hbone::Settings,
-    /// Other nodes: pod CIDR -> agent tunnel address.
-    pub peer_nodes: Vec<PeerNode>,
-    /// Port of the in-pod inbound socket (loopback) for plaintext from outside the mesh.
-    pub inbound_port: u16,
-    /// Sockmap fast path for the agent's local legs (see `redirect/fastpath.rs`).
-    pub fast_path: bool,
-    /// Open captured connections allowed per pod (see `RedirectConfig`).
-    pub max_pod_connections: u32,
-    /// Per-request telemetry (`--telemetry`).
-    pub telemetry: bool,
-    /// Probability of sampling a new trace (`--trace-sampling`).
-    pub trace_sampling: f64,
-    /// OTLP/HTTP receiver for spans (`--otlp-endpoint`).
-    pub otlp_endpoint: Option<String>,
-    /// The only folder access log files from the mesh may be written in (`--access-log-dir`).
-    pub access_log_dir: PathBuf,
-}
+pub use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -86,8 +50,6 @@ pub enum Error {
     Signals(std::io::Error),
     #[error(transparent)]
     Handover(#[from] handover::Error),
-    #[error(transparent)]
-    Otlp(#[from] otlp::Error),
     #[error(
         "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
     )]
@@ -101,26 +63,16 @@ pub enum Error {
 pub async fn run(config: Config) -> Result<(), Error> {
     // Check every input before touching the kernel, so a bad input leaves nothing behind.
     let mesh = reload::load(&config.mesh_file, &config.access_log_dir)?;
-    if !config.cgroup_root.join("cgroup.procs").exists() {
-        return Err(Error::CgroupRoot(config.cgroup_root.clone()));
+    if !config.redirect.cgroup_root.join("cgroup.procs").exists() {
+        return Err(Error::CgroupRoot(config.redirect.cgroup_root.clone()));
     }
-    let traces_url = config
-        .otlp_endpoint
-        .as_deref()
-        .map(otlp::traces_url)
-        .transpose()?;
     let workload_source = workloads::start(&config.pod_source).await?;
     let resolver = discovery::Resolver::new(config.dns_server)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::Signals)?;
 
-    let redirect = Arc::new(Redirect::install(&RedirectConfig {
-        cgroup_root: config.cgroup_root.clone(),
-        bpffs: config.bpffs.clone(),
-        fast_path: config.fast_path,
-        max_pod_connections: config.max_pod_connections,
-    })?);
-    tracing::info!(cgroup_root = %config.cgroup_root.display(), bpffs = %config.bpffs.display(), fast_path = config.fast_path, "eBPF programs attached");
+    let redirect = Arc::new(Redirect::install(&config.redirect)?);
+    tracing::info!(cgroup_root = %config.redirect.cgroup_root.display(), bpffs = %config.redirect.bpffs.display(), fast_path = config.redirect.fast_path, "eBPF programs attached");
 
     let metrics = Metrics::default();
     let reloads = reload::Metrics::default();
@@ -173,18 +125,24 @@ pub async fn run(config: Config) -> Result<(), Error> {
     })?;
 
     let shutdown = CancellationToken::new();
-    let telemetry = config.telemetry.then(|| {
-        Arc::new(Telemetry {
-            metrics: metrics.clone(),
-            sampling: config.trace_sampling,
-            exporter: traces_url
-                .map(|url| otlp::start(url, metrics.spans.clone(), shutdown.clone())),
-        })
-    });
+    let telemetry =
+        config.telemetry.enabled.then(|| {
+            Arc::new(Telemetry {
+                metrics: metrics.clone(),
+                sampling: config.telemetry.trace_sampling,
+                exporter: config.telemetry.otlp.as_ref().map(|(_, url)| {
+                    otlp::start(url.clone(), metrics.spans.clone(), shutdown.clone())
+                }),
+            })
+        });
     tracing::info!(
-        telemetry = config.telemetry,
-        trace_sampling = config.trace_sampling,
-        otlp_endpoint = config.otlp_endpoint.as_deref().unwrap_or(""),
+        telemetry = config.telemetry.enabled,
+        trace_sampling = config.telemetry.trace_sampling,
+        otlp_endpoint = config
+            .telemetry
+            .otlp
+            .as_ref()
+            .map_or("", |(e, _)| e.as_str()),
         "telemetry"
     );
     let ctx = Arc::new(proxy::Context {
@@ -236,7 +194,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         shutdown.cancel();
         drop(ctx);
         if config.cleanup_on_exit {
-            redirect::uninstall(&config.bpffs)?;
+            redirect::uninstall(&config.redirect.bpffs)?;
         }
         return Ok(());
     }
@@ -343,10 +301,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     drop(node);
     drop(ctx);
     if config.cleanup_on_exit && !successor_took_over {
-        let report = redirect::uninstall(&config.bpffs)?;
+        let report = redirect::uninstall(&config.redirect.bpffs)?;
         tracing::info!(?report, "removed every pin and attachment");
     } else {
-        tracing::info!(bpffs = %config.bpffs.display(), "pins kept: a restarted agent adopts them");
+        tracing::info!(bpffs = %config.redirect.bpffs.display(), "pins kept: a restarted agent adopts them");
     }
     Ok(())
 }

@@ -287,7 +287,7 @@ fn check_btf() -> Outcome {
 
 /// The cgroup v2 directory the agent would use: `root`, or `root/unified` on hybrid hosts.
 fn check_cgroup(requested: &Path) -> Result<PathBuf, Outcome> {
-    let root = crate::cli::default_cgroup_root(requested.to_owned());
+    let root = crate::config::default_cgroup_root(requested.to_owned());
     let fix_v2 = "pass --cgroup-root the cgroup2 mount (`findmnt -t cgroup2`), or boot with \
                   systemd.unified_cgroup_hierarchy=1";
     match fs_magic(&root) {

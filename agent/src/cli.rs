@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::Config;
 use crate::proxy::upstream::PeerNode;
-use crate::workloads::PodSource;
-use crate::{app, ca, check, identity, kubernetes, mesh, proxy, redirect, status};
+use crate::{app, ca, check, identity, mesh, redirect, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -326,61 +326,12 @@ pub enum Switch {
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
-            let cgroup_root = default_cgroup_root(args.cgroup_root);
-            let pod_source = match args.workloads {
-                Some(dir) => PodSource::Directory(dir),
-                None => PodSource::Kubernetes(kubernetes::Options {
-                    node_name: args
-                        .node_name
-                        .or_else(|| std::env::var("NODE_NAME").ok())
-                        .filter(|name| !name.trim().is_empty())
-                        .ok_or(kubernetes::Error::MissingNodeName)?,
-                    kubeconfig: args.kubeconfig,
-                    cgroup_root: cgroup_root.clone(),
-                    cni_socket: Some(args.cni_socket).filter(|p| p.as_os_str() != "none"),
-                    tunnel_port: args.tunnel_listen.port(),
-                    agent_labels: args.agent_pod_labels,
-                }),
-            };
-            let config = app::Config {
-                mesh_file: args.mesh,
-                pod_source,
-                cgroup_root,
-                bpffs: args.bpffs,
-                admin: args.admin,
-                dns_server: args.dns_server,
-                outbound_port: args.outbound_port,
-                drain_timeout: Duration::from_secs(args.drain_timeout),
-                cleanup_on_exit: args.cleanup_on_exit,
-                handover_socket: args.handover_socket,
-                tunnel_listen: args.tunnel_listen,
-                tunnel: proxy::hbone::Settings {
-                    keepalive_interval: Duration::from_secs(args.tunnel_keepalive_interval),
-                    keepalive_timeout: Duration::from_secs(args.tunnel_keepalive_timeout),
-                },
-                peer_nodes: args.peer_nodes,
-                inbound_port: args.inbound_port,
-                fast_path: args.fast_path == Switch::On,
-                max_pod_connections: args.max_pod_connections,
-                telemetry: args.telemetry == Switch::On,
-                trace_sampling: args.trace_sampling,
-                otlp_endpoint: args.otlp_endpoint,
-                access_log_dir: args.access_log_dir,
-            };
+            let config = Config::try_from(args)?;
             raise_open_files_limit();
             let runtime = tokio::runtime::Runtime::new()?;
-            if let Some(url) = args.identity_service {
-                let proof = match (args.node_cert, args.node_token, args.identity_ca) {
-                    (Some(dir), _, _) => identity::service::NodeProof::Certificate(dir),
-                    (None, Some(token), Some(ca)) => {
-                        identity::service::NodeProof::Token { token, ca }
-                    }
-                    _ => anyhow::bail!(
-                        "--identity-service needs --node-cert (`strait ca issue-node`) or, on \
-                         Kubernetes, --node-token and --identity-ca"
-                    ),
-                };
-                let client = identity::service::Client::new(&url, &proof, &args.identity_dir)?;
+            if let Some(service) = &config.identity_service {
+                let client =
+                    identity::service::Client::new(&service.url, &service.proof, &service.dir)?;
                 runtime.spawn(client.run());
             }
             runtime.block_on(app::run(config))?;
@@ -503,19 +454,5 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// On hybrid-cgroup hosts (cgroup v1 controllers at /sys/fs/cgroup, v2 at
-/// /sys/fs/cgroup/unified) the default root is the v2 mount below it.
-pub(crate) fn default_cgroup_root(requested: PathBuf) -> PathBuf {
-    let unified = requested.join("unified");
-    if requested == std::path::Path::new("/sys/fs/cgroup")
-        && !requested.join("cgroup.procs").exists()
-        && unified.join("cgroup.procs").exists()
-    {
-        unified
-    } else {
-        requested
     }
 }

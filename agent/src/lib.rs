@@ -9,6 +9,7 @@ pub mod app;
 pub mod ca;
 pub mod check;
 pub mod cli;
+pub mod config;
 pub mod discovery;
 pub mod gateway;
 pub mod handover;
