@@ -201,6 +201,16 @@ pub async fn keep_resolved(
 
 /// The answers a previous agent saved; none if there is no file or it cannot be read.
 fn read_saved(path: &Path) -> BTreeMap<String, Vec<IpAddr>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // Addresses decide what pods may reach: only from a folder no one else can write to (the
+    // hand-over socket's, 0700).
+    if let Some(dir) = path.parent()
+        && let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o022 != 0
+    {
+        tracing::warn!(dir = %dir.display(), "ignoring the saved DNS answers: their folder is writable by group or others");
+        return BTreeMap::new();
+    }
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
             tracing::warn!(path = %path.display(), %error, "ignoring the saved DNS answers: not valid JSON");
@@ -215,6 +225,17 @@ fn save(path: &Path, answers: &BTreeMap<String, Vec<IpAddr>>) {
     let mut aside = path.as_os_str().to_owned();
     aside.push(".new");
     let aside = PathBuf::from(aside);
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        // The hand-over socket's folder, made as the hand-over makes it (later in start-up).
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
     let written = serde_json::to_vec(answers)
         .map_err(std::io::Error::other)
         .and_then(|bytes| std::fs::write(&aside, bytes))
