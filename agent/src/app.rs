@@ -93,7 +93,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     );
     transport.admission.metrics.register(&mut registry);
     let (names_tx, names_rx) = watch::channel(Table::dns_names(&mesh));
-    let mut answers = discovery::keep_resolved(resolver, names_rx).await;
+    let mut saved_answers = config.handover_socket.clone().into_os_string();
+    saved_answers.push(".dns-answers.json");
+    let mut answers = discovery::keep_resolved(resolver, names_rx, saved_answers.into()).await;
 
     // Take over the running agent's listeners, if one runs, before binding anything. From
     // here until the first reconcile, connects wait in the listeners' backlogs.

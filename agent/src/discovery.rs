@@ -8,7 +8,8 @@
 //! Static addresses (the `addresses` extensions) never reach this module.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,11 +58,22 @@ pub enum Lookup {
 impl Resolver {
     /// `server`: the DNS server to ask; `None` reads /etc/resolv.conf.
     pub fn new(server: Option<IpAddr>) -> Result<Resolver, Error> {
+        Resolver::at(server.map(|ip| SocketAddr::new(ip, 53)))
+    }
+
+    /// [`Resolver::new`] with the server's port too.
+    fn at(server: Option<SocketAddr>) -> Result<Resolver, Error> {
         let mut builder = match server {
-            Some(ip) => TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], vec![NameServerConfig::udp_and_tcp(ip)]),
-                TokioRuntimeProvider::default(),
-            ),
+            Some(addr) => {
+                let mut config = NameServerConfig::udp_and_tcp(addr.ip());
+                for connection in &mut config.connections {
+                    connection.port = addr.port();
+                }
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_parts(None, vec![], vec![config]),
+                    TokioRuntimeProvider::default(),
+                )
+            }
             None => {
                 TokioResolver::builder_tokio().map_err(|e| Error::SystemConfig(e.to_string()))?
             }
@@ -95,19 +107,82 @@ impl Resolver {
     }
 }
 
+/// How long start-up waits for the first DNS round before it goes on with the names answered
+/// so far (docs/operations.md, "What start-up waits for").
+pub const FIRST_ROUND_BOUND: Duration = Duration::from_secs(2);
+
 /// Keeps a set of names resolved. The wanted names come in on `names`; the answers go out on
-/// the returned channel whenever one changes. Returns once every name has been asked once,
-/// so the first routing table is complete: a restarting agent must not start by telling the
-/// kernel that no service exists.
+/// the returned channel whenever one changes, and are saved to `saved` (a small JSON file).
+///
+/// Returns once every name has been answered, or after [`FIRST_ROUND_BOUND`]. A name still
+/// unanswered then gets the addresses the previous agent had for it (read from `saved`) until
+/// its own answer comes: a new agent taking over (an upgrade, a restart) must not start by
+/// telling the kernel that a service it cannot resolve yet does not exist, or DROP_ALL pods'
+/// connects to it would fail. A name the previous agent did not have either waits for its
+/// answer. The file stands in for the pinned service map, whose entries carry the previous
+/// agent's service ids, which mean nothing to this one.
 pub async fn keep_resolved(
     resolver: Resolver,
     mut names: watch::Receiver<BTreeSet<String>>,
+    saved: PathBuf,
 ) -> watch::Receiver<Answers> {
     let mut state = State::default();
     let wanted = names.borrow_and_update().clone();
-    state.refresh(&resolver, &wanted).await;
+    let mut lookups = state.start(&resolver, &wanted);
+    let bound = tokio::time::sleep(FIRST_ROUND_BOUND);
+    tokio::pin!(bound);
+    loop {
+        tokio::select! {
+            joined = lookups.join_next() => match joined {
+                Some(Ok((name, lookup))) => state.apply(name, lookup),
+                Some(Err(_)) => {}
+                None => break,
+            },
+            () = &mut bound => break,
+        }
+    }
+    let unanswered: Vec<&String> = wanted
+        .iter()
+        .filter(|name| !state.answers.contains_key(*name))
+        .collect();
+    if !unanswered.is_empty() {
+        let previous = read_saved(&saved);
+        for name in unanswered {
+            match previous.get(name) {
+                Some(addrs) => {
+                    tracing::warn!(%name, ?addrs, "no DNS answer yet; keeping the previous agent's addresses until one comes");
+                    state.answers.insert(name.clone(), addrs.clone());
+                }
+                None => {
+                    tracing::warn!(%name, "no DNS answer yet, and no previous agent's addresses; the name's services start once it resolves");
+                }
+            }
+        }
+    }
+    save(&saved, &state.answers);
     let (tx, rx) = watch::channel(Arc::new(state.answers.clone()));
+    let publish = move |state: &State| {
+        let changed = tx.send_if_modified(|current| {
+            if **current == state.answers {
+                false
+            } else {
+                *current = Arc::new(state.answers.clone());
+                true
+            }
+        });
+        if changed {
+            save(&saved, &state.answers);
+        }
+        !tx.is_closed()
+    };
     tokio::spawn(async move {
+        // The first round's lookups still under way.
+        while let Some(joined) = lookups.join_next().await {
+            if let Ok((name, lookup)) = joined {
+                state.apply(name, lookup);
+                publish(&state);
+            }
+        }
         loop {
             let wake = state.next_due();
             tokio::select! {
@@ -116,17 +191,58 @@ pub async fn keep_resolved(
             }
             let wanted = names.borrow_and_update().clone();
             state.refresh(&resolver, &wanted).await;
-            tx.send_if_modified(|current| {
-                if **current == state.answers {
-                    false
-                } else {
-                    *current = Arc::new(state.answers.clone());
-                    true
-                }
-            });
+            if !publish(&state) {
+                return;
+            }
         }
     });
     rx
+}
+
+/// The answers a previous agent saved; none if there is no file or it cannot be read.
+fn read_saved(path: &Path) -> BTreeMap<String, Vec<IpAddr>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // Addresses decide what pods may reach: only from a folder no one else can write to (the
+    // hand-over socket's, 0700).
+    if let Some(dir) = path.parent()
+        && let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o022 != 0
+    {
+        tracing::warn!(dir = %dir.display(), "ignoring the saved DNS answers: their folder is writable by group or others");
+        return BTreeMap::new();
+    }
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            tracing::warn!(path = %path.display(), %error, "ignoring the saved DNS answers: not valid JSON");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// Saves `answers` for the next agent (written aside, then renamed over: never half a file).
+fn save(path: &Path, answers: &BTreeMap<String, Vec<IpAddr>>) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".new");
+    let aside = PathBuf::from(aside);
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        // The hand-over socket's folder, made as the hand-over makes it (later in start-up).
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    let written = serde_json::to_vec(answers)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&aside, bytes))
+        .and_then(|()| std::fs::rename(&aside, path));
+    if let Err(error) = written {
+        tracing::warn!(path = %path.display(), %error, "cannot save the DNS answers for the next agent (an upgrade would wait for DNS instead)");
+    }
 }
 
 #[derive(Default)]
@@ -138,6 +254,20 @@ struct State {
 impl State {
     /// Drops names no longer wanted and resolves every wanted name that is due.
     async fn refresh(&mut self, resolver: &Resolver, wanted: &BTreeSet<String>) {
+        let mut lookups = self.start(resolver, wanted);
+        while let Some(joined) = lookups.join_next().await {
+            if let Ok((name, lookup)) = joined {
+                self.apply(name, lookup);
+            }
+        }
+    }
+
+    /// Drops names no longer wanted and starts a lookup of every wanted name that is due.
+    fn start(
+        &mut self,
+        resolver: &Resolver,
+        wanted: &BTreeSet<String>,
+    ) -> tokio::task::JoinSet<(String, Lookup)> {
         self.answers.retain(|name, _| wanted.contains(name));
         self.due.retain(|name, _| wanted.contains(name));
         let now = Instant::now();
@@ -152,30 +282,33 @@ impl State {
                 (name, lookup)
             });
         }
-        while let Some(Ok((name, lookup))) = lookups.join_next().await {
-            let now = Instant::now();
-            let next = match lookup {
-                Lookup::Found { addrs, valid_until } => {
-                    if self.answers.get(&name) != Some(&addrs) {
-                        tracing::info!(%name, ?addrs, "DNS answer changed");
-                    }
-                    self.answers.insert(name.clone(), addrs);
-                    valid_until.clamp(now + MIN_REFRESH, now + MAX_REFRESH)
+        lookups
+    }
+
+    /// Takes in one lookup's result and when the name is due again.
+    fn apply(&mut self, name: String, lookup: Lookup) {
+        let now = Instant::now();
+        let next = match lookup {
+            Lookup::Found { addrs, valid_until } => {
+                if self.answers.get(&name) != Some(&addrs) {
+                    tracing::info!(%name, ?addrs, "DNS answer changed");
                 }
-                Lookup::NotFound => {
-                    if self.answers.get(&name).is_some_and(|a| !a.is_empty()) {
-                        tracing::warn!(%name, "DNS name no longer resolves; removing its addresses");
-                    }
-                    self.answers.insert(name.clone(), Vec::new());
-                    now + RETRY_AFTER_FAILURE
+                self.answers.insert(name.clone(), addrs);
+                valid_until.clamp(now + MIN_REFRESH, now + MAX_REFRESH)
+            }
+            Lookup::NotFound => {
+                if self.answers.get(&name).is_some_and(|a| !a.is_empty()) {
+                    tracing::warn!(%name, "DNS name no longer resolves; removing its addresses");
                 }
-                Lookup::Failed(reason) => {
-                    tracing::warn!(%name, %reason, "DNS lookup failed; keeping the last answer");
-                    now + RETRY_AFTER_FAILURE
-                }
-            };
-            self.due.insert(name, next);
-        }
+                self.answers.insert(name.clone(), Vec::new());
+                now + RETRY_AFTER_FAILURE
+            }
+            Lookup::Failed(reason) => {
+                tracing::warn!(%name, %reason, "DNS lookup failed; keeping the last answer");
+                now + RETRY_AFTER_FAILURE
+            }
+        };
+        self.due.insert(name, next);
     }
 
     fn next_due(&self) -> Instant {
@@ -184,5 +317,52 @@ impl State {
             .min()
             .copied()
             .unwrap_or_else(|| Instant::now() + MAX_REFRESH)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DNS server that never answers: start-up goes on after the bound, with the previous
+    /// agent's addresses for a name it had, and without a name it did not have.
+    #[tokio::test]
+    async fn start_up_waits_at_most_the_bound_and_keeps_the_previous_answers() {
+        let silent_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = silent_udp.local_addr().unwrap();
+        // TCP too (the resolver falls back to it): connects are accepted by the kernel and
+        // never answered.
+        let _silent_tcp = std::net::TcpListener::bind(server).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let saved = dir.path().join("answers.json");
+        let kept: IpAddr = "10.0.0.7".parse().unwrap();
+        std::fs::write(&saved, format!(r#"{{"kept.example.": ["{kept}"]}}"#)).unwrap();
+        let names = BTreeSet::from(["kept.example.".to_owned(), "new.example.".to_owned()]);
+        let (_names_tx, names_rx) = watch::channel(names);
+        let started = std::time::Instant::now();
+        let answers =
+            keep_resolved(Resolver::at(Some(server)).unwrap(), names_rx, saved.clone()).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= FIRST_ROUND_BOUND && waited < FIRST_ROUND_BOUND + Duration::from_secs(2),
+            "start-up waited {waited:?}"
+        );
+        let answers = answers.borrow().clone();
+        assert_eq!(answers.get("kept.example."), Some(&vec![kept]));
+        assert_eq!(answers.get("new.example."), None);
+        // Saved again for the agent after this one.
+        assert_eq!(read_saved(&saved), *answers);
+    }
+
+    #[test]
+    fn unreadable_saved_answers_are_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers.json");
+        assert!(read_saved(&path).is_empty());
+        std::fs::write(&path, "not json").unwrap();
+        assert!(read_saved(&path).is_empty());
+        let answers = BTreeMap::from([("a.example.".to_owned(), vec!["::1".parse().unwrap()])]);
+        save(&path, &answers);
+        assert_eq!(read_saved(&path), answers);
     }
 }

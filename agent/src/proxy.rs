@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod breaker;
+pub mod copy;
 pub mod hbone;
 pub mod http;
 pub mod idle;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::{self, ConfigDump, Rejected};
 use crate::mesh::{self, MeshConfig};
+use crate::workloads;
 
 /// Why a mesh was refused.
 #[derive(Debug, thiserror::Error)]
@@ -209,17 +210,18 @@ fn watch_mesh_file(path: &Path) -> mpsc::Receiver<()> {
         // Only the mesh file (or, for a directory, its mesh files) and Kubernetes' `..data` /
         // `..<timestamp>` entries matter; other files come and go without a reload.
         let relevant = event.is_ok_and(|event| {
-            event.paths.iter().any(|p| {
-                let mesh_file = if is_dir {
-                    p.extension()
-                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-                } else {
-                    p.file_name() == file_name.as_deref()
-                };
-                mesh_file
-                    || p.file_name()
-                        .is_some_and(|name| name.to_string_lossy().starts_with(".."))
-            })
+            workloads::is_change(&event)
+                && event.paths.iter().any(|p| {
+                    let mesh_file = if is_dir {
+                        p.extension()
+                            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                    } else {
+                        p.file_name() == file_name.as_deref()
+                    };
+                    mesh_file
+                        || p.file_name()
+                            .is_some_and(|name| name.to_string_lossy().starts_with(".."))
+                })
         });
         if relevant {
             let _ = kick_tx.send(());

@@ -271,6 +271,19 @@ pub struct DirectorySource {
     pub snapshots: watch::Receiver<Snapshot>,
 }
 
+/// Whether a watched file's event can mean new content: everything but opening or reading it.
+/// The watcher reports opens (inotify's IN_OPEN) too, and the rescan that follows an event
+/// opens every file: counted as changes, one rescan would call the next, forever, at a cost
+/// that grows with the number of pods (it was most of an idle agent's CPU with 1,000 pods).
+pub fn is_change(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 impl DirectorySource {
     /// Reads the directory once (an unreadable directory is an error) and keeps watching it.
     pub fn start(dir: &Path) -> Result<DirectorySource, Error> {
@@ -279,7 +292,7 @@ impl DirectorySource {
         let (kick_tx, mut kick_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                if event.is_ok_and(|event| is_change(&event)) {
                     let _ = kick_tx.send(());
                 }
             })
@@ -324,6 +337,39 @@ impl DirectorySource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With a real watcher: reading the files (as a rescan does) is no change; writing one is.
+    #[test]
+    fn reading_a_watched_file_is_not_a_change() {
+        use notify::Watcher as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pod.json"), "{}").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let event = event.unwrap();
+                let _ = tx.send((is_change(&event), event.kind));
+            })
+            .unwrap();
+        watcher
+            .watch(dir.path(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        std::fs::read(dir.path().join("pod.json")).unwrap();
+        let mut seen = Vec::new();
+        while let Ok((change, kind)) = rx.recv_timeout(Duration::from_millis(300)) {
+            assert!(!change, "reading the file counted as a change: {kind:?}");
+            seen.push(kind);
+        }
+        assert!(
+            !seen.is_empty(),
+            "the watcher reported no open: the test proves nothing"
+        );
+        std::fs::write(dir.path().join("pod.json"), "{\"a\": 1}").unwrap();
+        let change = (0..50)
+            .filter_map(|_| rx.recv_timeout(Duration::from_millis(100)).ok())
+            .any(|(change, _)| change);
+        assert!(change, "writing the file was not a change");
+    }
 
     fn write(dir: &Path, name: &str, text: &str) {
         std::fs::write(dir.join(name), text).unwrap();

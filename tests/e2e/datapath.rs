@@ -557,6 +557,83 @@ fn an_upgrade_hands_the_listeners_over_and_refuses_no_connect() -> anyhow::Resul
     Ok(())
 }
 
+/// An upgrade while DNS does not answer: the new agent starts after its 2 s bound on the first
+/// DNS round and keeps the old agent's addresses for the names it has no answer for, so a
+/// DROP_ALL pod's connects to the service keep working (a service missing from the map would
+/// make them fail with EPERM).
+#[test]
+fn an_upgrade_without_dns_answers_keeps_the_previous_addresses() -> anyhow::Result<()> {
+    let bed = bed("upgradedns", &mesh_yaml("DROP_ALL", 100, 0))?;
+    let old = Agent::start(&bed.tb, &bed.node, &bed.mesh, &[])?;
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    // A DNS server in the node's namespace that takes queries (UDP and TCP) and never answers.
+    let silent = "127.0.0.53";
+    let dns = bed.tb.spawn(
+        "silent-dns",
+        bed.node.command("/usr/bin/python3").args([
+            "-c",
+            &format!(
+                "import socket,time\n\
+                 u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); u.bind(('{silent}',53))\n\
+                 t=socket.socket(); t.bind(('{silent}',53)); t.listen(64)\n\
+                 print('listening', flush=True)\n\
+                 time.sleep(300)\n"
+            ),
+        ]),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dns.stdout().contains("listening") {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the silent DNS server did not start: {}",
+            dns.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = bed.tb.spawn(
+        "client-steady",
+        bed.client.command(testbed::agent::peer_binary()?).args([
+            "call",
+            &format!("{SERVICE}:8080"),
+            "-4",
+            "--count",
+            "600",
+            "--interval-ms",
+            "10",
+        ]),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let new = Agent::start(&bed.tb, &bed.node, &bed.mesh, &["--dns-server", silent])?;
+    let took = started.elapsed();
+    let status = old.process.wait_timeout(Duration::from_secs(15))?;
+    assert!(status.success(), "the old agent drains and exits: {status}");
+    assert!(
+        new.process
+            .stderr()
+            .contains("no DNS answer yet; keeping the previous agent's addresses"),
+        "{}",
+        new.process.stderr()
+    );
+    assert!(
+        client.try_wait()?.is_none(),
+        "the client finished before the upgrade did; raise --count"
+    );
+    client.wait_timeout(Duration::from_secs(60))?;
+    let report: Value = serde_json::from_str(client.stdout().trim())?;
+    assert_eq!(
+        report["succeeded"], 600,
+        "no connect refused during the upgrade (ready after {took:?}): {report}"
+    );
+    // The new agent serves on its own, with the kept addresses.
+    let report = call(&bed.client, &format!("{SERVICE}:8080"), &["-4"])?;
+    assert_eq!(report["ok"], true, "{report}");
+    assert!(!new.connection_logs().is_empty());
+    dns.kill()?;
+    Ok(())
+}
+
 #[test]
 fn uninstall_removes_every_pin_and_attachment() -> anyhow::Result<()> {
     let bed = bed("uninstall", &mesh_yaml("ALLOW_ALL", 100, 0))?;

@@ -1121,7 +1121,7 @@ impl GateInner {
             tokio::spawn(async move {
                 if let Ok((client, server)) = tokio::try_join!(client, server) {
                     let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let _ = super::copy::bidirectional(&mut client, &mut server).await;
                 }
                 drop(held);
             });

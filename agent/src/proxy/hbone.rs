@@ -63,8 +63,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 flow-control windows: large enough that one stream can fill a fast link.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Copy buffer per direction on the receiving side.
-const COPY_BUFFER: usize = 64 * 1024;
 /// Streams one pooled tunnel connection carries at most; past it a key gets another
 /// connection (ztunnel opens a new one past 100 streams too). Well under [`SERVER_MAX_STREAMS`]
 /// and hyper's own default of 200, so a stream never waits for the peer to grant a slot.
@@ -1216,12 +1214,7 @@ async fn stream(
             }
         };
         let copied = tokio::select! {
-            copied = tokio::io::copy_bidirectional_with_sizes(
-                &mut tunnel,
-                &mut upstream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            ) => copied,
+            copied = super::copy::bidirectional(&mut tunnel, &mut upstream) => copied,
             () = drain.expired() => Err(std::io::Error::other("closed at the drain timeout")),
         };
         let (received, sent, error) = match copied {

@@ -1082,7 +1082,7 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, 
             Ok((client, server)) => {
                 let mut client = TokioIo::new(client);
                 let mut server = TokioIo::new(server);
-                match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                match super::copy::bidirectional(&mut client, &mut server).await {
                     Ok((sent, received)) => {
                         tracing::debug!(virtual_service = %vs, sent, received, "upgraded connection closed")
                     }

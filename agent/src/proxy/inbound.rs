@@ -25,8 +25,6 @@ use super::{Context, Drain};
 use crate::identity::PlaintextLabels;
 use crate::mesh::TlsMode;
 
-const COPY_BUFFER: usize = 64 * 1024;
-
 /// Starts accepting on `listeners` (bound inside the pod's network namespace).
 pub fn serve(
     listeners: Vec<std::net::TcpListener>,
@@ -110,12 +108,7 @@ async fn handle(
     };
     // Plain TCP: kept until it ends, or until the drain timeout once the agent or pod goes.
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        ) => copied.ok(),
+        copied = super::copy::bidirectional(&mut client, &mut upstream) => copied.ok(),
         () = drain.expired() => None,
     };
     let (received, sent) = copied.unwrap_or_default();

@@ -19,9 +19,6 @@ use crate::routing::{Action, pick_weighted};
 use crate::telemetry::access_log;
 use crate::telemetry::{BytesLabels, FailureLabels, TcpLabels};
 
-/// Copy buffer per direction; large enough for bulk transfers to stay cheap.
-const COPY_BUFFER: usize = 64 * 1024;
-
 /// The workload a listener accepts connections for.
 #[derive(Debug)]
 pub struct Source {
@@ -228,12 +225,7 @@ async fn forward(
     // An L4 connection has no way to be told to end: it goes on until one side closes it, or
     // until the drain timeout once the agent (or the pod) is going away.
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        ) => copied,
+        copied = super::copy::bidirectional(&mut client, &mut upstream) => copied,
         () = drain.expired() => Err(std::io::Error::other("closed at the drain timeout")),
     };
     let (sent, received, error) = match copied {

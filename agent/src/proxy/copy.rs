@@ -1,0 +1,329 @@
+//! Copying an L4 connection both ways (a `tcp` listener's connection, a plaintext inbound
+//! connection, a tunnel stream) through buffers that start small and grow while traffic fills
+//! them.
+//!
+//! A fixed 64 KiB buffer per direction made every idle connection cost about 30 KiB of
+//! resident memory (docs/benchmarks.md, "Scale"). Here each direction reads into
+//! [`SIZES`]`[0]` bytes first; a read that fills its buffer moves the buffer one step up
+//! (16 KiB, then 64 KiB, the size every direction had before), so a bulk transfer reaches the
+//! large buffer after two full reads and a chatty connection keeps the small one. A buffer
+//! only changes size when it is empty, so no byte is moved between buffers.
+//!
+//! A direction waiting for bytes holds no buffer when its buffer is the small one, or when its
+//! last read was smaller than that (a burst ended): an idle connection costs its task and its
+//! sockets only. The small buffer is taken again on the next read (one allocation per wait,
+//! far cheaper than the read itself); a bulk transfer, whose reads are large, keeps its buffer.
+//!
+//! Behaviour is [`tokio::io::copy_bidirectional`]'s: a direction that reads end of stream
+//! shuts down the other side's writing half (half-close) and the other direction goes on; the
+//! copy returns the byte counts of both directions once both have ended, or the first error of
+//! either (an idle timeout inside a stream ends it that way). Written bytes are flushed before
+//! a direction waits for more to read.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// A direction's buffer sizes, smallest first: the first is what an idle connection holds.
+pub const SIZES: [usize; 3] = [1024, 16 * 1024, 64 * 1024];
+
+/// Copies `a` to `b` and `b` to `a` until both directions have ended; returns the bytes copied
+/// from `a` to `b` and from `b` to `a`.
+pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Transfer::Running(Direction::new());
+    let mut b_to_a = Transfer::Running(Direction::new());
+    std::future::poll_fn(|cx| {
+        let forth = a_to_b.poll(cx, &mut *a, &mut *b)?;
+        let back = b_to_a.poll(cx, &mut *b, &mut *a)?;
+        let forth = ready!(forth);
+        let back = ready!(back);
+        Poll::Ready(Ok((forth, back)))
+    })
+    .await
+}
+
+/// One direction's progress.
+enum Transfer {
+    Running(Direction),
+    /// The reader ended; the writer's shutdown is under way.
+    ShuttingDown(u64),
+    Done(u64),
+}
+
+impl Transfer {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self {
+                Transfer::Running(direction) => {
+                    let copied = ready!(direction.poll_copy(cx, r, w))?;
+                    // The buffer goes now: a half-closed connection holds nothing for it.
+                    *self = Transfer::ShuttingDown(copied);
+                }
+                Transfer::ShuttingDown(copied) => {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                    *self = Transfer::Done(*copied);
+                }
+                Transfer::Done(copied) => return Poll::Ready(Ok(*copied)),
+            }
+        }
+    }
+}
+
+/// A direction's buffer and counters.
+struct Direction {
+    /// Empty while the direction waits with nothing to hold (see the module's doc).
+    buf: Box<[u8]>,
+    /// Index into [`SIZES`] of the buffer's size.
+    step: usize,
+    /// `buf[pos..cap]` is read and not yet written.
+    pos: usize,
+    cap: usize,
+    /// The last read filled the buffer: the next one gets a larger buffer.
+    grow: bool,
+    /// Bytes of the last read.
+    last_read: usize,
+    read_done: bool,
+    need_flush: bool,
+    copied: u64,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        Direction {
+            buf: Box::default(),
+            step: 0,
+            pos: 0,
+            cap: 0,
+            grow: false,
+            last_read: 0,
+            read_done: false,
+            need_flush: false,
+            copied: 0,
+        }
+    }
+
+    /// Copies until `r` ends and everything read is written and flushed; returns the count.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.read_done {
+                if self.grow {
+                    self.grow = false;
+                    self.step += 1;
+                    self.buf = Box::default();
+                }
+                if self.buf.is_empty() {
+                    self.buf = vec![0; SIZES[self.step]].into_boxed_slice();
+                }
+                let mut read = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {
+                        // Nothing more to read for now: what was written must not wait in
+                        // the writer (a TLS stream's record, for one) until more comes.
+                        if self.step == 0 || self.last_read < SIZES[0] {
+                            self.step = 0;
+                            self.buf = Box::default();
+                        }
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+                let n = read.filled().len();
+                self.last_read = n;
+                if n == 0 {
+                    self.read_done = true;
+                } else {
+                    self.pos = 0;
+                    self.cap = n;
+                    self.grow = n == self.buf.len() && self.step + 1 < SIZES.len();
+                }
+            }
+            while self.pos < self.cap {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the other side accepted no more bytes",
+                    )));
+                }
+                self.pos += n;
+                self.copied += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                return Poll::Ready(Ok(self.copied));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// Both directions, with a half-close each way: the counts are the bytes sent.
+    #[tokio::test]
+    async fn copies_both_ways_and_half_closes() {
+        let (mut client, mut near) = tokio::io::duplex(8 * 1024);
+        let (mut far, mut server) = tokio::io::duplex(8 * 1024);
+        let copy = tokio::spawn(async move { bidirectional(&mut near, &mut far).await });
+        let up: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let down: Vec<u8> = (0..70_001u32).map(|i| (i * 7) as u8).collect();
+        let down2 = down.clone();
+        let server_side = tokio::spawn(async move {
+            let mut got = Vec::new();
+            // The client's shutdown reaches the server as end of stream (half-close) ...
+            server.read_to_end(&mut got).await.unwrap();
+            // ... and the server can still answer.
+            server.write_all(&down2).await.unwrap();
+            server.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(&up).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(server_side.await.unwrap(), up);
+        assert_eq!(answer, down);
+        let counts = copy.await.unwrap().unwrap();
+        assert_eq!(counts, (up.len() as u64, down.len() as u64));
+    }
+
+    /// An error on either side ends the copy with it.
+    #[tokio::test]
+    async fn an_error_ends_the_copy() {
+        let (_client, mut near) = tokio::io::duplex(1024);
+        let (far, _server) = tokio::io::duplex(1024);
+        let mut far = Failing(far);
+        let error = bidirectional(&mut near, &mut far).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// A stream whose reads fail.
+    struct Failing(tokio::io::DuplexStream);
+
+    impl AsyncRead for Failing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Failing {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// Reads of at most `max` bytes, each followed by a `Pending` (so that the test sees the
+    /// buffer between reads); end of stream once `data` is empty.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        max: usize,
+        pause: bool,
+    }
+
+    impl AsyncRead for Chunked<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if std::mem::take(&mut self.pause) {
+                return Poll::Pending;
+            }
+            let n = self.data.len().min(self.max).min(buf.remaining());
+            buf.put_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            self.pause = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Copies `data` in reads of at most `max` bytes; returns the buffer sizes seen between
+    /// reads (0: no buffer held while waiting).
+    fn sizes_while_copying(data: &[u8], max: usize) -> Vec<usize> {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut direction = Direction::new();
+        let mut reader = Chunked {
+            data,
+            max,
+            pause: false,
+        };
+        let mut sink = Vec::new();
+        let mut sizes = vec![];
+        for _ in 0..100_000 {
+            match direction.poll_copy(&mut cx, &mut reader, &mut sink) {
+                Poll::Pending if sizes.last() != Some(&direction.buf.len()) => {
+                    sizes.push(direction.buf.len());
+                }
+                Poll::Pending => {}
+                Poll::Ready(copied) => {
+                    assert_eq!(copied.unwrap(), data.len() as u64);
+                    assert_eq!(sink, data);
+                    return sizes;
+                }
+            }
+        }
+        panic!("the copy did not end");
+    }
+
+    /// Small reads keep the small buffer, and none is held while waiting; reads that fill it
+    /// grow it step by step to the largest size and no further, and a bulk transfer keeps its
+    /// buffer while it waits.
+    #[test]
+    fn the_buffer_grows_only_when_reads_fill_it() {
+        let chatty = vec![1u8; 10_000];
+        assert_eq!(sizes_while_copying(&chatty, 100), vec![0]);
+        assert_eq!(sizes_while_copying(&chatty, SIZES[0] - 1), vec![0]);
+        let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(sizes_while_copying(&bulk, usize::MAX), SIZES[1..].to_vec());
+        // A burst that ends with a short read: the large buffer goes while the reader waits.
+        let burst = vec![3u8; SIZES[0] + SIZES[1] + SIZES[2] + 10];
+        assert_eq!(
+            sizes_while_copying(&burst, usize::MAX),
+            vec![SIZES[1], SIZES[2], 0]
+        );
+    }
+}
