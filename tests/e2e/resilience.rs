@@ -240,6 +240,38 @@ impl Bed {
     }
 }
 
+/// Four unary gRPC calls in a row from `client` (the gRPC client script under a Python with
+/// grpcio) to `target`: the first two answered by the `service` server, the last two
+/// RESOURCE_EXHAUSTED (a limit of burst 2 at 1 per second).
+fn four_calls_two_exhausted(
+    mut client: std::process::Command,
+    target: &str,
+    service: &str,
+) -> anyhow::Result<()> {
+    let output = run(
+        client.args([GRPC_SCRIPT, "call", "--target", target, "--unary", "4"]),
+        Duration::from_secs(60),
+    )?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    assert_eq!(report["unary"][service], 2, "{report}");
+    let errors: Vec<&str> = report["errors"]
+        .as_array()
+        .map(|e| e.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(errors.len(), 2, "{report}");
+    assert!(
+        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
+        "{report}"
+    );
+    Ok(())
+}
+
 /// The Python interpreter that has grpcio, or a clear failure.
 fn python_with_grpcio() -> anyhow::Result<String> {
     let output = std::process::Command::new("python3")
@@ -853,36 +885,13 @@ fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -
 fn grpc_callers_over_the_rate_limit_get_resource_exhausted() -> anyhow::Result<()> {
     let python = python_with_grpcio()?;
     let bed = bed("resilience-grpc", &["client-a"], &[&GRPC])?;
-    let output = run(
-        bed.client("client-a").command(&python).args([
-            GRPC_SCRIPT,
-            "call",
-            "--target",
-            &format!("{}:{GRPC_PORT}", host(&GRPC)),
-            "--unary",
-            "4",
-        ]),
-        Duration::from_secs(60),
-    )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
     // Burst 2 at 1 per second: the first two calls are answered, the next two (within the
     // same second) get RESOURCE_EXHAUSTED.
-    assert_eq!(report["unary"]["grpc"], 2, "{report}");
-    let errors: Vec<&str> = report["errors"]
-        .as_array()
-        .map(|e| e.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    assert_eq!(errors.len(), 2, "{report}");
-    assert!(
-        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
-        "{report}"
-    );
+    four_calls_two_exhausted(
+        bed.client("client-a").command(&python),
+        &format!("{}:{GRPC_PORT}", host(&GRPC)),
+        "grpc",
+    )?;
     assert_eq!(
         metric(
             &bed.agent,
@@ -2052,35 +2061,12 @@ spec:
         true,
         &documents,
     )?;
-    let output = run(
-        client.command(python_with_grpcio()?).args([
-            GRPC_SCRIPT,
-            "call",
-            "--target",
-            &format!("rgrpc.app.svc.cluster.local:{GRPC_PORT}"),
-            "--unary",
-            "4",
-        ]),
-        Duration::from_secs(60),
-    )?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-        format!(
-            "the gRPC client printed no JSON: {stdout:?}, stderr {:?}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })?;
     // Burst 2 at 1 per second: two calls answered, the next two (within the second) refused.
-    assert_eq!(report["unary"]["rgrpc"], 2, "{report}");
-    let errors: Vec<&str> = report["errors"]
-        .as_array()
-        .map(|e| e.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    assert_eq!(errors.len(), 2, "{report}");
-    assert!(
-        errors.iter().all(|e| e.starts_with("RESOURCE_EXHAUSTED")),
-        "{report}"
-    );
+    four_calls_two_exhausted(
+        client.command(python_with_grpcio()?),
+        &format!("rgrpc.app.svc.cluster.local:{GRPC_PORT}"),
+        "rgrpc",
+    )?;
     assert_eq!(
         metric(
             &agent,
