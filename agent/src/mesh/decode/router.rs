@@ -381,15 +381,7 @@ impl Cx<'_> {
             })
         });
         let action = self.req(&o, "action", Cx::route_action);
-        let retry = self.opt(&o, "retryPolicy", |cx, n, p| cx.retry_policy(n, p, false));
-        let timeout = self.opt(&o, "timeout", Cx::http_timeout);
-        let rate_limit = self.opt(&o, "rateLimit", Cx::rate_limit);
-        if (o.get("retryPolicy").is_some() && retry.is_none())
-            || (o.get("timeout").is_some() && timeout.is_none())
-            || (o.get("rateLimit").is_some() && rate_limit.is_none())
-        {
-            return None;
-        }
+        let (retry, timeout, rate_limit) = self.request_route_policies(&o, false)?;
         Some(HttpRoute {
             r#match: m?,
             action: action?,
@@ -531,15 +523,7 @@ impl Cx<'_> {
             })
         });
         let action = self.req(&o, "action", Cx::route_action);
-        let retry = self.opt(&o, "retryPolicy", |cx, n, p| cx.retry_policy(n, p, true));
-        let timeout = self.opt(&o, "timeout", Cx::http_timeout);
-        let rate_limit = self.opt(&o, "rateLimit", Cx::rate_limit);
-        if (o.get("retryPolicy").is_some() && retry.is_none())
-            || (o.get("timeout").is_some() && timeout.is_none())
-            || (o.get("rateLimit").is_some() && rate_limit.is_none())
-        {
-            return None;
-        }
+        let (retry, timeout, rate_limit) = self.request_route_policies(&o, true)?;
         Some(GrpcRoute {
             r#match: m?,
             action: action?,
@@ -547,6 +531,25 @@ impl Cx<'_> {
             timeout,
             rate_limit,
         })
+    }
+
+    /// The `retryPolicy`, `timeout` and `rateLimit` an httpRoute, http2Route or grpcRoute may
+    /// carry; `None` when one is present but invalid (its diagnostic is recorded).
+    fn request_route_policies(
+        &mut self,
+        o: &Obj<'_>,
+        grpc: bool,
+    ) -> Option<(Option<RetryPolicy>, Option<HttpTimeout>, Option<RateLimit>)> {
+        let retry = self.opt(o, "retryPolicy", |cx, n, p| cx.retry_policy(n, p, grpc));
+        let timeout = self.opt(o, "timeout", Cx::http_timeout);
+        let rate_limit = self.opt(o, "rateLimit", Cx::rate_limit);
+        if (o.get("retryPolicy").is_some() && retry.is_none())
+            || (o.get("timeout").is_some() && timeout.is_none())
+            || (o.get("rateLimit").is_some() && rate_limit.is_none())
+        {
+            return None;
+        }
+        Some((retry, timeout, rate_limit))
     }
 
     pub(super) fn tcp_route(&mut self, n: &Node, path: &str) -> Option<TcpRoute> {
