@@ -27,9 +27,10 @@ pub mod ui;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on admin address {addr}: {source}; pick another with --admin")]
+    #[error("cannot listen on admin address {addr} (pick another with --admin)")]
     Bind {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
 }

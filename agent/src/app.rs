@@ -51,10 +51,11 @@ pub enum Error {
     #[error(transparent)]
     Handover(#[from] handover::Error),
     #[error(
-        "cannot listen for mTLS tunnels on {addr}: {source} (choose another --tunnel-listen, or stop what holds the port)"
+        "cannot listen for mTLS tunnels on {addr} (choose another --tunnel-listen, or stop what holds the port)"
     )]
     TunnelListen {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
 }

@@ -29,10 +29,11 @@ const CA_KEY: &str = "ca-key.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error(

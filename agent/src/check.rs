@@ -379,7 +379,11 @@ fn check_mesh(path: Option<&Path>) -> Outcome {
         ),
         Err(e) => Outcome::fail(
             "mesh",
-            format!("{}: {}", path.display(), e.to_string().replace('\n', "; ")),
+            format!(
+                "{}: {}",
+                path.display(),
+                crate::logging::Chain(&e).to_string().replace('\n', "; ")
+            ),
             "fix the mesh (`strait validate` shows every error with its line)",
         ),
     }

@@ -354,7 +354,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Err(error) => {
-                eprintln!("{error}");
+                eprintln!("{}", crate::logging::Chain(&error));
                 Ok(ExitCode::from(1))
             }
         },

@@ -44,6 +44,7 @@ use crate::handover;
 use crate::identity::policy::{certificate_files, trust_file};
 use crate::identity::store::cert_facts;
 use crate::identity::{self, verify};
+use crate::logging::Chain;
 use crate::mesh::{CircuitBreaker, ConnectionPool, ListenerTls, MeshConfig, ResourceId, TlsMode};
 use crate::netns;
 use crate::proxy::admission::RateLimitLabels;
@@ -256,15 +257,16 @@ impl Gateways {
             if missing.is_empty() {
                 continue;
             }
-            let fresh = netns::listen_in(&workload.netns, &missing).map_err(|e| e.to_string())?;
+            let fresh =
+                netns::listen_in(&workload.netns, &missing).map_err(|e| Chain(&e).to_string())?;
             for (addr, result) in missing.into_iter().zip(fresh) {
                 match result {
                     Ok(listener) => bound.push((addr, listener)),
                     // A pod without IPv6 has no [::] to listen on; IPv4 clients still reach it.
                     Err(error) if addr.is_ipv6() => {
-                        tracing::info!(pod = %workload.key(), %error, "no IPv6 gateway listener")
+                        tracing::info!(pod = %workload.key(), error = %Chain(&error), "no IPv6 gateway listener")
                     }
-                    Err(error) => return Err(error.to_string()),
+                    Err(error) => return Err(Chain(&error).to_string()),
                 }
             }
         }

@@ -36,8 +36,12 @@ const TOKEN_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot serve the hand-over socket {path}: {source}")]
-    Serve { path: PathBuf, source: io::Error },
+    #[error("cannot serve the hand-over socket {path}")]
+    Serve {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "the hand-over socket's folder {dir} is writable by group or others (mode {mode:03o}): \
          anyone could replace the socket; use a folder only root may write to (`chmod 700`)"

@@ -42,10 +42,11 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Errors loading certificates, keys and trust bundles, or building TLS configurations.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     Read {
         what: &'static str,
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{path} holds no PEM certificate (expected `-----BEGIN CERTIFICATE-----` blocks)")]

@@ -74,7 +74,7 @@ pub struct Loaded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read mesh file {}: {source}", path.display())]
+    #[error("cannot read mesh file {}", path.display())]
     Io {
         path: PathBuf,
         #[source]

@@ -20,14 +20,23 @@ use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open network namespace {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("cannot enter network namespace {path}: {source} (the agent needs CAP_SYS_ADMIN)")]
-    Enter { path: PathBuf, source: io::Error },
-    #[error("cannot listen on {addr} in network namespace {path}: {source}")]
+    #[error("cannot open network namespace {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {path} (the agent needs CAP_SYS_ADMIN)")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr} in network namespace {path}")]
     Bind {
         path: PathBuf,
         addr: SocketAddr,
+        #[source]
         source: io::Error,
     },
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::admin::{self, WorkloadStatus};
 use crate::identity::policy::Policy;
+use crate::logging::Chain;
 use crate::mesh::{EgressFilter, MeshConfig, ResourceId};
 use crate::proxy::upstream::LocalPod;
 use crate::proxy::{self, outbound};
@@ -79,21 +80,6 @@ pub enum EnrollError {
     },
     #[error("BUG: no inbound listener for {0}")]
     NoInboundListener(ResourceId),
-}
-
-/// An error with its causes, as one line: each cause after a colon, unless the message
-/// already says it (some errors of other modules still print their source themselves).
-fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        let more = error.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = error.source();
-    }
-    text
 }
 
 /// What a new enrollment of a pod shares with the one it replaces, which releasing the old one
@@ -443,11 +429,11 @@ impl Node {
                     }
                 }
                 Err(error) => {
-                    let text = describe(&error);
+                    let text = Chain(&error).to_string();
                     if self
                         .failed
                         .get(&key)
-                        .is_none_or(|(_, _, e)| describe(e) != text)
+                        .is_none_or(|(_, _, e)| Chain(e).to_string() != text)
                     {
                         tracing::error!(pod = %key, virtual_node = %vn, "cannot enroll pod: {text}");
                     }
@@ -697,7 +683,7 @@ impl Node {
             match self.listen(workload, kind, port) {
                 Ok(bound) => return Ok((port, bound)),
                 Err(EnrollError::Listen(error)) if error.is_address_in_use() => {
-                    tracing::info!(pod = %workload.key(), %error, "port held by another socket in the pod's network namespace; trying the next one");
+                    tracing::info!(pod = %workload.key(), error = %Chain(&error), "port held by another socket in the pod's network namespace; trying the next one");
                     from = port
                         .checked_add(1)
                         .ok_or(EnrollError::NoFreePort { first })?;
@@ -761,7 +747,7 @@ impl Node {
                 // redirect/inpod.rs). Any other failure is an enrollment failure, not a
                 // warning: a missing listener would leave a family uncovered.
                 Err(error) if addr.is_ipv6() && error.is_address_not_available() => {
-                    tracing::info!(pod = %workload.key(), %error, "the pod has no IPv6 loopback: no IPv6 {kind} listener")
+                    tracing::info!(pod = %workload.key(), error = %Chain(&error), "the pod has no IPv6 loopback: no IPv6 {kind} listener")
                 }
                 Err(error) => return Err(error.into()),
             }
@@ -917,7 +903,7 @@ impl Node {
                     not_after_unix: 0,
                     not_after: String::new(),
                     expires_in_seconds: 0,
-                    error: Some(error.to_string()),
+                    error: Some(Chain(&error).to_string()),
                 },
             }
         });
@@ -953,7 +939,7 @@ impl Node {
                     cgroup_id: None,
                     netns_inode: None,
                     listeners: Vec::new(),
-                    error: Some(describe(error)),
+                    error: Some(Chain(error).to_string()),
                     reason: None,
                     identity: None,
                 }),

@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 
 use crate::admin::{self, ConfigDump, Rejected};
+use crate::logging::Chain;
 use crate::mesh::{self, MeshConfig};
 use crate::workloads;
 
@@ -133,11 +134,12 @@ impl Watch {
             }
             Err(error) => {
                 self.metrics.count("rejected");
+                let error = Chain(&error).to_string();
                 tracing::error!("mesh file rejected; the previous mesh stays in force:\n{error}");
                 let mut dump = (**admin.config.load()).clone();
                 dump.last_rejected = Some(Rejected {
                     at_unix: unix_now(),
-                    errors: error.to_string().lines().map(str::to_owned).collect(),
+                    errors: error.lines().map(str::to_owned).collect(),
                 });
                 admin.config.store(Arc::new(dump));
                 Reloaded::Rejected

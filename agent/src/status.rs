@@ -12,10 +12,11 @@ use serde_json::Value;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot reach the agent's admin API at {addr}: {source}; is `strait run` running, and with --admin {addr}?"
+        "cannot reach the agent's admin API at {addr} (is `strait run` running, and with --admin {addr}?)"
     )]
     Connect {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
     #[error("GET {path} from {addr}: {message}")]

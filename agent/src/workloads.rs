@@ -18,21 +18,24 @@ use notify::Watcher;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::logging::Chain;
 use crate::mesh::{MeshConfig, ResourceId};
 
 /// Errors of the workload source.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "workloads directory {path} does not exist or is not readable: {source}; create it, or point --workloads at the directory your CNI plugin writes pod files to"
+        "workloads directory {path} does not exist or is not readable (create it, or point --workloads at the directory your CNI plugin writes pod files to)"
     )]
     Directory {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot watch workloads directory {path}: {source}")]
+    #[error("cannot watch workloads directory {path}")]
     Watch {
         path: PathBuf,
+        #[source]
         source: notify::Error,
     },
     #[error(transparent)]
@@ -323,7 +326,7 @@ impl DirectorySource {
                             }
                         });
                     }
-                    Err(error) => tracing::error!("{error}"),
+                    Err(error) => tracing::error!("{}", Chain(&error)),
                 }
             }
         });

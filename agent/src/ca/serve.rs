@@ -44,6 +44,7 @@ use time::OffsetDateTime;
 
 use super::{Error, load_ca, write_atomic};
 use crate::identity::{self, gateway_spiffe_id, spiffe_id};
+use crate::logging::Chain;
 use crate::mesh::{self, MeshConfig, ResourceId, ServiceDiscovery};
 use crate::workloads::{Selection, Workload};
 
@@ -434,7 +435,7 @@ impl Service {
         })?;
         let internal = |e: String| (StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
         let loaded = mesh::load_file(&self.options.mesh)
-            .map_err(|e| internal(format!("cannot load the mesh file: {e}")))?;
+            .map_err(|e| internal(format!("cannot load the mesh file: {}", Chain(&e))))?;
         let mesh = &loaded.config;
         let pods = pods.map_err(internal)?;
         let Some((id, sans)) = identity_of(mesh, &request.identity) else {
@@ -537,9 +538,10 @@ fn node_of(trust_domain: &str, cert: &CertificateDer<'_>) -> Option<String> {
 pub enum ServeError {
     #[error(transparent)]
     Ca(#[from] Error),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
     #[error("cannot build the TLS configuration: {0}")]

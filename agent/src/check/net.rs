@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::Outcome;
+use crate::logging::Chain;
 use crate::netns;
 
 /// How long the resolver may take per try, and how many tries it gets.
@@ -101,7 +102,7 @@ pub(super) fn check_ports(pod_netns: Option<&Path>, ports: &[u16]) -> Outcome {
         .collect();
     let results = match netns::listen_in(&path, &addrs) {
         Ok(results) => results,
-        Err(e) => return Outcome::fail(NAME, e.to_string(), fix_enter),
+        Err(e) => return Outcome::fail(NAME, Chain(&e).to_string(), fix_enter),
     };
     let list = ports
         .iter()
@@ -123,7 +124,7 @@ pub(super) fn check_ports(pod_netns: Option<&Path>, ports: &[u16]) -> Outcome {
                      (--outbound-port, --inbound-port) and `strait check` the same (--ports)",
                 );
             }
-            Err(e) => return Outcome::fail(NAME, e.to_string(), fix_enter),
+            Err(e) => return Outcome::fail(NAME, Chain(&e).to_string(), fix_enter),
         }
     }
     Outcome::ok(NAME, format!("{list} free on loopback in {shown}"))

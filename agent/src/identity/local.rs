@@ -108,7 +108,7 @@ impl Refusals {
                 self.note_expiry(metrics, vn, cert);
             }
             Err(error) => {
-                let text = error.to_string();
+                let text = crate::logging::Chain(&error).to_string();
                 if last.get(vn) == Some(&text) {
                     return;
                 }

@@ -156,7 +156,8 @@ impl Client {
                 let roots =
                     roots_of(&ca_pem).map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
                 let key_path = node_cert.join(NODE_KEY);
-                super::store::check_key_mode(&key_path).map_err(|e| bad(e.to_string()))?;
+                super::store::check_key_mode(&key_path)
+                    .map_err(|e| bad(crate::logging::Chain(&e).to_string()))?;
                 let chain: Vec<CertificateDer<'static>> =
                     CertificateDer::pem_file_iter(node_cert.join(NODE_CERT))
                         .and_then(|i| i.collect())

@@ -283,7 +283,7 @@ impl Store {
             }
             Err(error) => match previous {
                 Some(previous) => {
-                    tracing::warn!(chain = %chain.display(), %error, "the changed certificate cannot be used yet; the previous one stays in service");
+                    tracing::warn!(chain = %chain.display(), error = %crate::logging::Chain(&error), "the changed certificate cannot be used yet; the previous one stays in service");
                     Ok(previous)
                 }
                 None => Err(error),
@@ -317,7 +317,7 @@ impl Store {
             }
             Err(error) => match previous {
                 Some(previous) => {
-                    tracing::warn!(path = %path.display(), %error, "the changed trust bundle cannot be used yet; the previous one stays in service");
+                    tracing::warn!(path = %path.display(), error = %crate::logging::Chain(&error), "the changed trust bundle cannot be used yet; the previous one stays in service");
                     Ok(previous)
                 }
                 None => Err(error),
