@@ -31,7 +31,6 @@ use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::StatusCode;
 use http::header::{HeaderName, HeaderValue};
 use http::request::Parts;
@@ -52,6 +51,7 @@ use crate::proxy::http::{EdgeReply, Ingress};
 use crate::proxy::outbound::Source;
 use crate::proxy::{self, Context, Drain};
 use crate::routing::{ServicePort, Table};
+use crate::state::State;
 use crate::workloads::Workload;
 
 use self::health::HealthTable;
@@ -61,19 +61,52 @@ use self::routes::{GatewayTable, ListenerRoutes};
 /// How long a client at the edge may take to start its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The gateway pods of this node and the compiled routes of every gateway listener.
+/// What one mesh asks of every gateway listener, compiled with the rest of the mesh into
+/// the one published [`State`]: a connection and each request read the gateway's routes,
+/// tls and health checks from the same version as the services those routes lead to.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    /// The routes of each listener, by (gateway, port).
+    table: GatewayTable,
+    /// Listener `tls` by (gateway, port).
+    tls: BTreeMap<(ResourceId, u16), ListenerTls>,
+    /// What the listeners' `healthCheck`s ask for, by (gateway, port).
+    health: HealthTable,
+}
+
+impl Compiled {
+    /// The routes of `gateway`'s listener on `port`, if the mesh has that listener.
+    pub fn routes(&self, gateway: &ResourceId, port: u16) -> Option<&Arc<ListenerRoutes>> {
+        self.table.listeners.get(&(gateway.clone(), port))
+    }
+
+    pub fn compile(mesh: &MeshConfig) -> Compiled {
+        Compiled {
+            table: GatewayTable::compile(mesh),
+            tls: mesh
+                .virtual_gateways
+                .iter()
+                .flat_map(|gw| {
+                    gw.spec.listeners.iter().filter_map(|l| {
+                        let tls = l.tls.clone()?;
+                        Some(((gw.id.clone(), l.port_mapping.port), tls))
+                    })
+                })
+                .collect(),
+            health: health::table(mesh),
+        }
+    }
+}
+
+/// The gateway pods of this node and their listeners.
 #[derive(Default)]
 pub struct Gateways {
-    table: Arc<ArcSwap<GatewayTable>>,
-    /// Listener `tls` by (gateway, port), replaced with the mesh.
-    tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
     pods: BTreeMap<ResourceId, GatewayPod>,
     /// Pods a gateway selects whose listeners could not be opened, with why.
     failed: BTreeMap<ResourceId, String>,
-    /// Listener `rateLimit` buckets, by (gateway, port).
+    /// Listener `rateLimit` buckets, by (gateway, port): state that outlives a mesh version
+    /// (a reload must not refill every bucket), updated in place.
     limits: Arc<Limits>,
-    /// What the listeners' `healthCheck`s ask for, by (gateway, port).
-    health: Arc<ArcSwap<HealthTable>>,
 }
 
 /// A gateway pod whose listeners the agent serves.
@@ -146,8 +179,9 @@ pub fn selects(mesh: &MeshConfig, workload: &Workload) -> bool {
 
 impl Gateways {
     /// Brings the gateway pods' listeners in line with the pods and the mesh: new gateway pods
-    /// get theirs, gone ones lose them, changed routes and tls apply to the next request and
-    /// connection. A pod whose ports change is closed and opened again.
+    /// get theirs, gone ones lose them. Changed routes and tls apply to the next request and
+    /// connection through the published state ([`Compiled`]). A pod whose ports change is
+    /// closed and opened again.
     pub fn reconcile(
         &mut self,
         pods: &BTreeMap<ResourceId, Workload>,
@@ -156,20 +190,7 @@ impl Gateways {
         inherited: &handover::Inherited,
         registry: &handover::Registry,
     ) {
-        self.table.store(Arc::new(GatewayTable::compile(mesh)));
         self.limits.update(mesh);
-        self.health.store(Arc::new(health::table(mesh)));
-        self.tls.store(Arc::new(
-            mesh.virtual_gateways
-                .iter()
-                .flat_map(|gw| {
-                    gw.spec.listeners.iter().filter_map(|l| {
-                        let tls = l.tls.clone()?;
-                        Some(((gw.id.clone(), l.port_mapping.port), tls))
-                    })
-                })
-                .collect(),
-        ));
         let mut desired = BTreeMap::new();
         for (key, workload) in pods {
             if workload.unavailable.is_some() || !workload.in_mesh(mesh) {
@@ -283,10 +304,10 @@ impl Gateways {
         let mut accepting = Vec::new();
         for (port, listeners) in by_port {
             if ports.1.contains(&port) {
-                let (gateway, health) = (gateway.clone(), self.health.clone());
+                let (gateway, state) = (gateway.clone(), ctx.state.clone());
                 let handle = move |stream: TcpStream, _peer: SocketAddr, drain: Drain| {
-                    let (gateway, health) = (gateway.clone(), health.clone());
-                    health::serve_port(stream, gateway, port, health, drain)
+                    let (gateway, state) = (gateway.clone(), state.clone());
+                    health::serve_port(stream, gateway, port, state, drain)
                 };
                 accepting.push(
                     proxy::accept(listeners, ctx, &workload.key(), handle)
@@ -298,10 +319,7 @@ impl Gateways {
                 workload: workload.key(),
                 gateway: gateway.clone(),
                 port,
-                table: self.table.clone(),
-                tls: self.tls.clone(),
                 limits: self.limits.clone(),
-                health: self.health.clone(),
                 ctx: ctx.clone(),
             });
             let handle = move |stream: TcpStream, peer: SocketAddr, drain: Drain| {
@@ -361,10 +379,7 @@ struct Listener {
     workload: ResourceId,
     gateway: ResourceId,
     port: u16,
-    table: Arc<ArcSwap<GatewayTable>>,
-    tls: Arc<ArcSwap<BTreeMap<(ResourceId, u16), ListenerTls>>>,
     limits: Arc<Limits>,
-    health: Arc<ArcSwap<HealthTable>>,
     ctx: Arc<Context>,
 }
 
@@ -381,8 +396,11 @@ impl Listener {
             ips: vec![peer.ip().to_canonical()],
         });
         let tls = self
+            .ctx
+            .state
+            .snapshot()
+            .gateways
             .tls
-            .load()
             .get(&(self.gateway.clone(), self.port))
             .filter(|t| t.mode != TlsMode::Disabled)
             .cloned();
@@ -444,9 +462,7 @@ impl Listener {
         Arc::new(Edge {
             gateway: self.gateway.clone(),
             port: self.port,
-            table: self.table.clone(),
             limits: self.limits.clone(),
-            health: self.health.clone(),
             client,
             rate_limited: self.ctx.transport.admission.metrics.rate_limited.clone(),
             tls,
@@ -529,9 +545,7 @@ async fn starts_with_tls(stream: &TcpStream) -> bool {
 struct Edge {
     gateway: ResourceId,
     port: u16,
-    table: Arc<ArcSwap<GatewayTable>>,
     limits: Arc<Limits>,
-    health: Arc<ArcSwap<HealthTable>>,
     /// Who is calling, for the rate limit.
     client: Client,
     /// `strait_rate_limited` (shared with the listeners' rate limits).
@@ -542,13 +556,11 @@ struct Edge {
 impl Ingress for Edge {
     fn route(
         &self,
-        table: &Table,
+        state: &State,
         parts: &mut Parts,
     ) -> Result<(Arc<ServicePort>, String), EdgeReply> {
-        let gateways = self.table.load();
-        let Some(routes): Option<&Arc<ListenerRoutes>> =
-            gateways.listeners.get(&(self.gateway.clone(), self.port))
-        else {
+        let table = &state.table;
+        let Some(routes) = state.gateways.routes(&self.gateway, self.port) else {
             return Err(EdgeReply::Refused(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -559,8 +571,9 @@ impl Ingress for Edge {
         };
         // The load balancer's check is answered before the rate limit: a busy gateway is not
         // an unhealthy one.
-        let health = self.health.load();
-        if health
+        if state
+            .gateways
+            .health
             .get(&(self.gateway.clone(), self.port))
             .is_some_and(|answers| answers.wants(parts))
         {

@@ -1,8 +1,8 @@
 //! The agent's compiled view of its inputs, published whole.
 //!
 //! Every input change (a mesh reload, new DNS answers) compiles one immutable [`State`]: the
-//! mesh, the routing table, the identity policy, the access logs and the eBPF service ids,
-//! all from the same mesh version. [`Published::publish`] swaps it in with one store, and
+//! mesh, the routing table, the identity policy, the access logs, the gateway listeners'
+//! routes and the eBPF service ids, all from the same mesh version. [`Published::publish`] swaps it in with one store, and
 //! every reader (a captured connection, an HTTP request, a tunnel stream) takes one
 //! [`Published::snapshot`] and reads only that. So a request never pairs the new policy with
 //! the old table: it sees one mesh version from start to end.
@@ -15,6 +15,7 @@ use std::time::UNIX_EPOCH;
 
 use arc_swap::ArcSwap;
 
+use crate::gateway;
 use crate::identity::policy::Policy;
 use crate::mesh::{Mesh, MeshConfig, MeshSpec, ResourceId, Source};
 use crate::routing::Table;
@@ -37,6 +38,8 @@ pub struct State {
     pub access_logs: Arc<AccessLogs>,
     /// The eBPF id of each virtual service, stable across versions (see `service_ids`).
     pub service_ids: ServiceIds,
+    /// The gateway listeners' routes, tls and health checks of the same mesh.
+    pub gateways: Arc<gateway::Compiled>,
 }
 
 impl Default for State {
@@ -67,6 +70,7 @@ impl Default for State {
             policy: Arc::default(),
             access_logs: Arc::default(),
             service_ids: ServiceIds::default(),
+            gateways: Arc::default(),
         }
     }
 }
@@ -86,6 +90,7 @@ impl State {
             version: previous.version + 1,
             table: Arc::new(Table::compile(&mesh, answers)),
             policy: Arc::new(Policy::compile(&mesh)),
+            gateways: Arc::new(gateway::Compiled::compile(&mesh)),
             access_logs: Arc::new(access_logs),
             mesh,
             service_ids,
@@ -101,6 +106,7 @@ impl State {
             policy: self.policy.clone(),
             access_logs: self.access_logs.clone(),
             service_ids: self.service_ids.clone(),
+            gateways: self.gateways.clone(),
         }
     }
 
@@ -201,6 +207,64 @@ spec:
             second.service_ids.get(&ResourceId::new("app", "a")),
             Some(a)
         );
+    }
+
+    /// The gateway's routes are part of the version: a route that moves from `a` to `b` in
+    /// the next mesh leads to `a` in every reader of the first version, and new DNS answers
+    /// keep them.
+    #[test]
+    fn a_version_holds_the_gateway_routes_of_its_mesh() {
+        let gateway_mesh = |target: &str| {
+            let text = format!(
+                r#"{MESH}---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: app, labels: {{gateway: "yes"}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {{name: gw, namespace: app}}
+spec:
+  podSelector: {{matchLabels: {{app: gw}}}}
+  namespaceSelector: {{matchLabels: {{gateway: "yes"}}}}
+  listeners: [{{portMapping: {{port: 8088, protocol: http}}}}]
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {{name: r, namespace: app}}
+spec:
+  httpRoute:
+    match: {{prefix: /}}
+    action: {{target: {{virtualService: {{virtualServiceRef: {{name: {target}}}}}}}}}
+"#
+            );
+            Arc::new(
+                crate::mesh::parse_str(&text, std::path::Path::new("mesh.yaml"))
+                    .expect("test mesh")
+                    .config,
+            )
+        };
+        let gw = ResourceId::new("app", "gw");
+        let target = |state: &State| {
+            let routes = state.gateways.routes(&gw, 8088).expect("listener");
+            routes.routes[0].target.clone()
+        };
+        let first = State::compile(
+            &State::default(),
+            gateway_mesh("a"),
+            &BTreeMap::new(),
+            AccessLogs::new(),
+        );
+        let second = State::compile(
+            &first,
+            gateway_mesh("b"),
+            &BTreeMap::new(),
+            AccessLogs::new(),
+        );
+        assert_eq!(target(&first), ResourceId::new("app", "a"));
+        assert_eq!(target(&second), ResourceId::new("app", "b"));
+        let answered = second.with_answers(&BTreeMap::new());
+        assert!(Arc::ptr_eq(&second.gateways, &answered.gateways));
     }
 
     #[test]

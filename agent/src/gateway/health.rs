@@ -30,7 +30,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::{Buf as _, Bytes};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
@@ -45,6 +44,7 @@ use tokio::net::TcpStream;
 use crate::mesh::{MeshConfig, Protocol, ResourceId, VirtualGateway};
 use crate::proxy::Drain;
 use crate::proxy::http::body::ResponseBody;
+use crate::state::Published;
 
 /// The gRPC Health Checking Protocol's method.
 pub const GRPC_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -264,18 +264,21 @@ fn text(status: StatusCode, message: &str) -> Response<ResponseBody> {
 }
 
 /// Serves one connection to a health port: its checks, nothing else. The answers are read
-/// per request, so a mesh reload that changes a path applies at once.
+/// from the published state per request, so a mesh reload that changes a path applies at
+/// once.
 pub async fn serve_port(
     stream: TcpStream,
     gateway: ResourceId,
     port: u16,
-    health: Arc<ArcSwap<HealthTable>>,
+    state: Arc<Published>,
     drain: Drain,
 ) {
     let _ = stream.set_nodelay(true);
     let service = service_fn(move |request: Request<Incoming>| {
-        let answers = health
-            .load()
+        let answers = state
+            .snapshot()
+            .gateways
+            .health
             .get(&(gateway.clone(), port))
             .cloned()
             .unwrap_or_default();

@@ -59,8 +59,8 @@ use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
 use crate::mesh::Protocol;
+use crate::routing::ServicePort;
 use crate::routing::http::{HttpRoute, HttpTarget, RequestView, RouteRateLimit, normalize_path};
-use crate::routing::{ServicePort, Table};
 use crate::state::State as Snapshot;
 use crate::telemetry::Telemetry;
 use crate::telemetry::request::Record;
@@ -244,7 +244,7 @@ pub trait Ingress: Send + Sync + 'static {
     /// port it goes to and the route's name; or what the edge answers itself.
     fn route(
         &self,
-        table: &Table,
+        state: &Snapshot,
         parts: &mut Parts,
     ) -> Result<(Arc<ServicePort>, String), EdgeReply>;
 }
@@ -495,7 +495,7 @@ impl<E: Env> Downstream<E> {
         let service = match &self.ingress {
             Some(ingress) => {
                 let (mut parts, body) = request.into_parts();
-                let routed = ingress.route(table, &mut parts);
+                let routed = ingress.route(snapshot, &mut parts);
                 request = Request::from_parts(parts, body);
                 match routed {
                     Ok((service, route)) => {
