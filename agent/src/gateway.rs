@@ -61,6 +61,15 @@ use self::routes::{GatewayTable, ListenerRoutes};
 /// How long a client at the edge may take to start its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a gateway pod's listeners could not be opened (the agent retries on the next change).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Listen(#[from] netns::Error),
+    #[error("cannot register the gateway's listeners with the runtime")]
+    Register(#[source] std::io::Error),
+}
+
 /// What one mesh asks of every gateway listener, compiled with the rest of the mesh into
 /// the one published [`State`]: a connection and each request read the gateway's routes,
 /// tls and health checks from the same version as the services those routes lead to.
@@ -102,7 +111,8 @@ impl Compiled {
 #[derive(Default)]
 pub struct Gateways {
     pods: BTreeMap<ResourceId, GatewayPod>,
-    /// Pods a gateway selects whose listeners could not be opened, with why.
+    /// Pods a gateway selects whose listeners could not be opened, with why (the error with
+    /// its causes, as logged and shown in the status).
     failed: BTreeMap<ResourceId, String>,
     /// Listener `rateLimit` buckets, by (gateway, port): state that outlives a mesh version
     /// (a reload must not refill every bucket), updated in place.
@@ -237,6 +247,7 @@ impl Gateways {
                     self.pods.insert(key, pod);
                 }
                 Err(error) => {
+                    let error = Chain(&error).to_string();
                     if self.failed.get(&key) != Some(&error) {
                         tracing::error!(pod = %key, %gateway, "cannot open the gateway's listeners in the pod: {error}");
                     }
@@ -259,7 +270,7 @@ impl Gateways {
         ctx: &Arc<Context>,
         inherited: &handover::Inherited,
         registry: &handover::Registry,
-    ) -> Result<GatewayPod, String> {
+    ) -> Result<GatewayPod, OpenError> {
         let mut bound: Vec<(SocketAddr, std::net::TcpListener)> = Vec::new();
         let mut names = Vec::new();
         let name = |addr: &SocketAddr| format!("gateway/{}/{addr}", workload.key());
@@ -278,8 +289,7 @@ impl Gateways {
             if missing.is_empty() {
                 continue;
             }
-            let fresh =
-                netns::listen_in(&workload.netns, &missing).map_err(|e| Chain(&e).to_string())?;
+            let fresh = netns::listen_in(&workload.netns, &missing)?;
             for (addr, result) in missing.into_iter().zip(fresh) {
                 match result {
                     Ok(listener) => bound.push((addr, listener)),
@@ -287,7 +297,7 @@ impl Gateways {
                     Err(error) if addr.is_ipv6() => {
                         tracing::info!(pod = %workload.key(), error = %Chain(&error), "no IPv6 gateway listener")
                     }
-                    Err(error) => return Err(Chain(&error).to_string()),
+                    Err(error) => return Err(error.into()),
                 }
             }
         }
@@ -311,7 +321,7 @@ impl Gateways {
                 };
                 accepting.push(
                     proxy::accept(listeners, ctx, &workload.key(), handle)
-                        .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?,
+                        .map_err(OpenError::Register)?,
                 );
                 continue;
             }
@@ -328,7 +338,7 @@ impl Gateways {
             };
             accepting.push(
                 proxy::accept(listeners, ctx, &workload.key(), handle)
-                    .map_err(|e| format!("cannot register listeners with the runtime: {e}"))?,
+                    .map_err(OpenError::Register)?,
             );
         }
         let netns_inode = std::fs::metadata(&workload.netns).ok().map(|m| m.ino());
