@@ -35,6 +35,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use crate::ca::serve::{
     ISSUE_PATH, IssueRequest, IssueResponse, NODE_CA, NODE_CERT, NODE_KEY, Refusal,
 };
+use crate::logging::Chain;
 
 /// The errors of setting the client up.
 #[derive(Debug, thiserror::Error)]
@@ -226,15 +227,17 @@ impl Client {
                         tracing::info!(identity = %secret, renew_in_s = half.as_secs(), "identity certificate issued by the identity service");
                         half
                     }
-                    Err(Failure::Unreachable(message)) => {
-                        tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({message}); the current one stays in use until it expires, retrying");
-                        Duration::from_secs(3)
-                    }
                     // A refusal stands until the operator changes the registry or the mesh:
                     // asked again less often, so it is not logged every few seconds.
-                    Err(Failure::Refused(message)) => {
-                        tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({message}); the current one stays in use until it expires, asking again in 30 s");
+                    Err(failure @ Failure::Refused { .. }) => {
+                        let failure = Chain(&failure);
+                        tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({failure}); the current one stays in use until it expires, asking again in 30 s");
                         Duration::from_secs(30)
+                    }
+                    Err(failure) => {
+                        let failure = Chain(&failure);
+                        tracing::warn!(identity = %secret, "cannot renew the certificate from the identity service ({failure}); the current one stays in use until it expires, retrying");
+                        Duration::from_secs(3)
                     }
                 };
                 due.insert(secret, Instant::now() + next);
@@ -245,52 +248,56 @@ impl Client {
 
     /// Asks for `secret` with a new key; writes key and certificate. Returns notAfter.
     async fn renew(&self, secret: &str) -> Result<i64, Failure> {
-        let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+        let key = rcgen::KeyPair::generate().map_err(Failure::Request)?;
         let csr = rcgen::CertificateParams::new(Vec::<String>::new())
             .and_then(|p| p.serialize_request(&key))
             .and_then(|r| r.pem())
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::Request)?;
         let body = serde_json::to_vec(&IssueRequest {
             identity: secret.to_owned(),
             csr,
         })
-        .map_err(|e| e.to_string())?;
-        let (status, body) = tokio::time::timeout(Duration::from_secs(10), self.post(body))
+        .map_err(Failure::Encode)?;
+        let (status, body) = tokio::time::timeout(ANSWER_TIMEOUT, self.post(body))
             .await
-            .map_err(|_| "no answer within 10 s".to_string())??;
+            .map_err(|_| Failure::NoAnswer)??;
         if status != hyper::StatusCode::OK {
             let refusal: Option<Refusal> = serde_json::from_slice(&body).ok();
             return Err(match refusal {
-                Some(r) if status.is_client_error() => {
-                    Failure::Refused(format!("refused ({status}, {}): {}", r.reason, r.message))
-                }
-                Some(r) => format!("answered {status}, {}: {}", r.reason, r.message).into(),
-                None => format!("answered {status}").into(),
+                Some(r) if status.is_client_error() => Failure::Refused {
+                    status,
+                    reason: r.reason,
+                    message: r.message,
+                },
+                Some(r) => Failure::Answered {
+                    status,
+                    reason: r.reason,
+                    message: r.message,
+                },
+                None => Failure::Status(status),
             });
         }
-        let issued: IssueResponse =
-            serde_json::from_slice(&body).map_err(|e| format!("bad answer: {e}"))?;
-        let (chain, key_path) = sds_certificate(secret)
-            .ok_or_else(|| Failure::from("no identity folder".to_string()))?;
+        let issued: IssueResponse = serde_json::from_slice(&body).map_err(Failure::BadAnswer)?;
+        let (chain, key_path) = sds_certificate(secret).ok_or(Failure::NoFolder)?;
         // Key first: a handshake that reads the new key with the old chain keeps the old pair
         // (store) and retries.
-        crate::ca::write_atomic(&key_path, &key.serialize_pem(), true)
-            .map_err(|e| e.to_string())?;
-        crate::ca::write_atomic(&chain, &issued.certificate_chain, false)
-            .map_err(|e| e.to_string())?;
+        crate::ca::write_atomic(&key_path, &key.serialize_pem(), true)?;
+        crate::ca::write_atomic(&chain, &issued.certificate_chain, false)?;
         if let Some(trust) = sds_trust() {
-            crate::ca::write_atomic(&trust, &issued.trust_bundle, false)
-                .map_err(|e| e.to_string())?;
+            crate::ca::write_atomic(&trust, &issued.trust_bundle, false)?;
         }
         Ok(issued.not_after)
     }
 
-    async fn post(&self, body: Vec<u8>) -> Result<(hyper::StatusCode, Bytes), String> {
+    async fn post(&self, body: Vec<u8>) -> Result<(hyper::StatusCode, Bytes), Failure> {
         // Read for every request: kubelet replaces the token well before it expires.
         let token = match &self.token {
             Some(path) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read the node token {}: {e}", path.display()))?
+                    .map_err(|source| Failure::Token {
+                        path: path.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_owned(),
             ),
@@ -298,15 +305,19 @@ impl Client {
         };
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", self.host, self.port))?;
+            .map_err(|source| Failure::Connect {
+                host: self.host.clone(),
+                port: self.port,
+                source,
+            })?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(self.server_name.clone(), tcp)
             .await
-            .map_err(|e| format!("TLS with the identity service failed: {e}"))?;
+            .map_err(Failure::Tls)?;
         let (mut sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Failure::Http)?;
         tokio::spawn(connection);
         let mut request =
             hyper::Request::post(format!("https://{}:{}{ISSUE_PATH}", self.host, self.port))
@@ -316,34 +327,71 @@ impl Client {
         }
         let request = request
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::Build)?;
+        let response = sender.send_request(request).await.map_err(Failure::Http)?;
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(Failure::Http)?
             .to_bytes();
         Ok((status, body))
     }
 }
 
-/// Why a renewal failed.
-enum Failure {
-    /// No answer, or not one to act on: retried soon.
-    Unreachable(String),
-    /// The service said no (4xx).
-    Refused(String),
-}
+/// How long a renewal waits for the identity service's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Failure::Unreachable(message)
-    }
+/// Why a renewal failed. A refusal is asked again less often; anything else soon.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The service said no (4xx): the registry or the mesh has to change first.
+    #[error("refused ({status}, {reason}): {message}")]
+    Refused {
+        status: hyper::StatusCode,
+        reason: String,
+        message: String,
+    },
+    #[error("answered {status}, {reason}: {message}")]
+    Answered {
+        status: hyper::StatusCode,
+        reason: String,
+        message: String,
+    },
+    #[error("answered {0}")]
+    Status(hyper::StatusCode),
+    #[error("no answer within {} s", ANSWER_TIMEOUT.as_secs())]
+    NoAnswer,
+    #[error("cannot read the node token {path}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {host}:{port}")]
+    Connect {
+        host: String,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with the identity service failed")]
+    Tls(#[source] std::io::Error),
+    #[error("HTTP/2 with the identity service failed")]
+    Http(#[source] hyper::Error),
+    #[error("cannot build the request")]
+    Build(#[source] http::Error),
+    #[error("cannot make the key or the certificate request")]
+    Request(#[source] rcgen::Error),
+    #[error("cannot encode the request")]
+    Encode(#[source] serde_json::Error),
+    #[error("bad answer")]
+    BadAnswer(#[source] serde_json::Error),
+    #[error("no identity folder")]
+    NoFolder,
+    #[error(transparent)]
+    Write(#[from] crate::ca::Error),
 }
 
 fn unix_now() -> i64 {
