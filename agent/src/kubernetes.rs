@@ -449,7 +449,7 @@ fn workload(
                 workload.netns = netns;
                 None
             }
-            Err(reason) => Some(reason),
+            Err(reason) => Some(crate::logging::Chain(&reason).to_string()),
         }
     };
     workload.unavailable = reason;
@@ -475,9 +475,30 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// Why a pod's cgroup or network namespace is not found (yet): the pod's reason for not
+/// being enrolled.
+#[derive(Debug, thiserror::Error)]
+enum Unresolved {
+    #[error("the pod has no metadata.uid")]
+    NoUid,
+    #[error(
+        "no pod cgroup for UID {uid} below {} (looked for kubelet's systemd and cgroupfs \
+         layouts{}); is --cgroup-root the node's cgroup v2 mount?",
+        root.display(),
+        qos.as_ref().map(|q| format!(", QoS class {q}")).unwrap_or_default()
+    )]
+    NoPodCgroup {
+        uid: String,
+        root: PathBuf,
+        qos: Option<String>,
+    },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::OpenError),
+}
+
 /// Finds a pod's cgroup and network namespace on this node.
 trait Resolve {
-    fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), String>;
+    fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), Unresolved>;
 
     /// What the CNI plugin handed over for the pod.
     fn cni_view(&self, _pod: &Pod) -> cni::View<'_> {
@@ -544,22 +565,20 @@ impl Resolve for Resolver {
         }
     }
 
-    fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), String> {
-        let uid = pod
-            .meta()
-            .uid
-            .clone()
-            .ok_or_else(|| "the pod has no metadata.uid".to_string())?;
+    fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), Unresolved> {
+        let uid = pod.meta().uid.clone().ok_or(Unresolved::NoUid)?;
         let qos = pod.status.as_ref().and_then(|s| s.qos_class.as_deref());
         // Handed over by the plugin: its namespace, and the pod cgroup kubelet made before
         // asking the runtime for the sandbox (no sandbox process needed).
         if let cni::View::Registered(registration) = self.cni_view(pod) {
-            let cgroup = sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
-                format!(
-                    "no pod cgroup for UID {uid} below {}; is --cgroup-root the node's cgroup v2 mount?",
-                    self.cgroup_root.display()
-                )
-            })?;
+            let cgroup =
+                sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
+                    Unresolved::NoPodCgroup {
+                        uid: uid.clone(),
+                        root: self.cgroup_root.clone(),
+                        qos: qos.map(str::to_owned),
+                    }
+                })?;
             return Ok((cgroup, registration.netns_path()));
         }
         let mut previous = None;
@@ -571,11 +590,11 @@ impl Resolve for Resolver {
             previous = self.found.remove(&uid).map(|(_, sandbox)| sandbox);
         }
         let cgroup = sandbox::find_pod_cgroup(&self.cgroup_root, &uid, qos).ok_or_else(|| {
-            format!(
-                "no pod cgroup for UID {uid} below {} (looked for kubelet's systemd and cgroupfs layouts{}); is --cgroup-root the node's cgroup v2 mount?",
-                self.cgroup_root.display(),
-                qos.map(|q| format!(", QoS class {q}")).unwrap_or_default()
-            )
+            Unresolved::NoPodCgroup {
+                uid: uid.clone(),
+                root: self.cgroup_root.clone(),
+                qos: qos.map(str::to_owned),
+            }
         })?;
         let opened = Sandbox::open(&cgroup);
         let sandbox = match (previous, opened) {
@@ -590,7 +609,7 @@ impl Resolve for Resolver {
             },
             (Some(previous), Err(reason)) => {
                 self.retired.push((Instant::now(), previous));
-                return Err(reason);
+                return Err(reason.into());
             }
             (None, opened) => opened?,
         };
@@ -608,7 +627,7 @@ mod tests {
     struct Found;
 
     impl Resolve for Found {
-        fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), String> {
+        fn resolve(&mut self, pod: &Pod) -> Result<(PathBuf, PathBuf), Unresolved> {
             Ok((
                 PathBuf::from(format!("/cg/{}", pod.name_any())),
                 PathBuf::from("/proc/self/fd/9"),

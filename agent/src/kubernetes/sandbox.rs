@@ -103,6 +103,21 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Why a pod's sandbox cannot be opened yet (the pod waits, with this as its reason).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no process in pod cgroup {cgroup} yet (waiting for the pod's sandbox)")]
+    NoProcess { cgroup: PathBuf },
+    #[error("cannot open the network namespace of the pod's sandbox process {pid}")]
+    Netns {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the pod's sandbox process {pid} exited while its network namespace was opened")]
+    Exited { pid: u32 },
+}
+
 /// The pod's network namespace, held open.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -116,28 +131,24 @@ pub struct Sandbox {
 impl Sandbox {
     /// Opens the network namespace of the pod's oldest process. `Err` says why not (no
     /// process yet, the process went away).
-    pub fn open(pod_cgroup: &Path) -> Result<Sandbox, String> {
+    pub fn open(pod_cgroup: &Path) -> Result<Sandbox, OpenError> {
         let mut processes: Vec<(u64, u32, PathBuf)> = pod_processes(pod_cgroup)
             .into_iter()
             .filter_map(|(pid, cgroup)| Some((start_time(pid)?, pid, cgroup)))
             .collect();
         processes.sort();
         let Some((_, pid, cgroup)) = processes.into_iter().next() else {
-            return Err(format!(
-                "no process in pod cgroup {} yet (waiting for the pod's sandbox)",
-                pod_cgroup.display()
-            ));
+            return Err(OpenError::NoProcess {
+                cgroup: pod_cgroup.to_owned(),
+            });
         };
-        let netns = File::open(format!("/proc/{pid}/ns/net")).map_err(|e| {
-            format!("cannot open the network namespace of the pod's sandbox process {pid}: {e}")
-        })?;
+        let netns = File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(|source| OpenError::Netns { pid, source })?;
         // The pid could have exited and been reused between listing and opening: it must
         // still be in the pod's cgroup.
         let sandbox = Sandbox { pid, cgroup, netns };
         if !sandbox.alive() {
-            return Err(format!(
-                "the pod's sandbox process {pid} exited while its network namespace was opened"
-            ));
+            return Err(OpenError::Exited { pid });
         }
         Ok(sandbox)
     }
@@ -231,7 +242,10 @@ mod tests {
         std::fs::create_dir_all(&pause).unwrap();
         std::fs::create_dir_all(&app).unwrap();
         std::fs::write(pod.join("cgroup.procs"), "").unwrap();
-        assert!(Sandbox::open(&pod).unwrap_err().contains("no process"));
+        assert!(matches!(
+            Sandbox::open(&pod).unwrap_err(),
+            OpenError::NoProcess { .. }
+        ));
         // This test process is older than a child it starts: it plays the sandbox.
         let me = std::process::id();
         let mut child = std::process::Command::new("sleep")
