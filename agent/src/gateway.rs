@@ -489,22 +489,22 @@ impl Listener {
         let transport = &self.ctx.transport;
         let field = format!("VirtualGateway {} listener {} tls", self.gateway, self.port);
         let (chain, key) = certificate_files(&tls.certificate, &format!("{field}.certificate"))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Chain(&e).to_string())?;
         let cert = transport
             .store
             .cert(&chain, &key)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Chain(&e).to_string())?;
         let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Chain(&e).to_string())?;
         let builder = match &tls.validation {
             Some(validation) => {
                 let trust_path = trust_file(validation, &format!("{field}.validation"))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Chain(&e).to_string())?;
                 let trust = transport
                     .store
                     .trust(&trust_path)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Chain(&e).to_string())?;
                 let report = verify::Report {
                     metrics: transport.metrics.clone(),
                     context: format!(
@@ -517,7 +517,7 @@ impl Listener {
                     validation.subject_alternative_names.clone(),
                     report,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Chain(&e).to_string())?;
                 builder.with_client_cert_verifier(Arc::new(verifier))
             }
             None => builder.with_no_client_auth(),

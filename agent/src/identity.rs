@@ -51,15 +51,23 @@ pub enum Error {
     },
     #[error("{path} holds no PEM certificate (expected `-----BEGIN CERTIFICATE-----` blocks)")]
     NoCertificate { path: PathBuf },
-    #[error("{path} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {detail}")]
-    BadKey { path: PathBuf, detail: String },
+    #[error("{path} is not a PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "the private key {key} does not belong to the certificate {chain} (if both were just \
          replaced, the next handshake retries)"
     )]
     KeyMismatch { chain: PathBuf, key: PathBuf },
-    #[error("{path}: {detail}")]
-    BadCertificate { path: PathBuf, detail: String },
+    #[error("{path} is not a usable PEM certificate chain")]
+    BadCertificate {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("trust bundle {path} has no usable CA certificate: {detail}")]
     BadTrust { path: PathBuf, detail: String },
     #[error(

@@ -99,10 +99,15 @@ pub struct CertFacts {
     pub not_after: i64,
 }
 
+/// A certificate that is not valid X.509 DER.
+#[derive(Debug, thiserror::Error)]
+#[error("not a valid X.509 certificate")]
+pub struct NotX509(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>);
+
 /// Reads the SANs (URI and DNS), serial and validity of a DER certificate.
-pub fn cert_facts(der: &[u8]) -> Result<CertFacts, String> {
+pub fn cert_facts(der: &[u8]) -> Result<CertFacts, NotX509> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(NotX509)?;
     let mut sans = Vec::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
@@ -133,38 +138,32 @@ fn now_unix() -> i64 {
 }
 
 fn load_cert(chain_path: &Path, key_path: &Path) -> Result<LoadedCert, Error> {
+    let bad_certificate =
+        |source: Box<dyn std::error::Error + Send + Sync>| Error::BadCertificate {
+            path: chain_path.to_owned(),
+            source,
+        };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(chain_path)
-        .map_err(|e| Error::BadCertificate {
-            path: chain_path.to_owned(),
-            detail: e.to_string(),
-        })?
+        .map_err(|e| bad_certificate(e.into()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::BadCertificate {
-            path: chain_path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| bad_certificate(e.into()))?;
     let Some(leaf) = chain.first() else {
         return Err(Error::NoCertificate {
             path: chain_path.to_owned(),
         });
     };
-    let facts = cert_facts(leaf).map_err(|detail| Error::BadCertificate {
-        path: chain_path.to_owned(),
-        detail,
-    })?;
+    let facts = cert_facts(leaf).map_err(|e| bad_certificate(e.into()))?;
     let fingerprint = hex(&Sha256::digest(leaf));
     check_key_mode(key_path)?;
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| Error::BadKey {
+    let bad_key = |source: Box<dyn std::error::Error + Send + Sync>| Error::BadKey {
         path: key_path.to_owned(),
-        detail: e.to_string(),
-    })?;
+        source,
+    };
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| bad_key(e.into()))?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| Error::BadKey {
-            path: key_path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| bad_key(e.into()))?;
     let certified = CertifiedKey::new(chain, signing);
     if certified.keys_match().is_err() {
         return Err(Error::KeyMismatch {
