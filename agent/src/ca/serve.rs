@@ -111,16 +111,56 @@ pub struct RegisteredPod {
 /// The registry file: node name to the pods it runs.
 pub type NodeRegistry = BTreeMap<String, Vec<RegisteredPod>>;
 
-fn read_registry(path: &Path) -> Result<NodeRegistry, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the node registry {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "{}:{}:{}: {e} (expected {{\"<node>\": [{{\"name\", \"namespace\", \"labels\"}}]}})",
-            path.display(),
-            e.line(),
-            e.column()
-        )
+/// Why the pods of a node cannot be listed (the service answers 503, or does not start).
+#[derive(Debug, thiserror::Error)]
+pub enum PodsError {
+    #[error("cannot read the node registry {path}")]
+    ReadRegistry {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}:{line}:{column}: not a node registry (expected \
+         {{\"<node>\": [{{\"name\", \"namespace\", \"labels\"}}]}})"
+    )]
+    ParseRegistry {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot read the kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes configuration (in-cluster or ~/.kube/config)")]
+    NoKubernetes(#[source] kube::config::InferConfigError),
+    #[error("cannot make a Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("cannot list the pods of node {node}")]
+    ListPods {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot list namespaces")]
+    ListNamespaces(#[source] kube::Error),
+}
+
+fn read_registry(path: &Path) -> Result<NodeRegistry, PodsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PodsError::ReadRegistry {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| PodsError::ParseRegistry {
+        path: path.to_owned(),
+        line: source.line(),
+        column: source.column(),
+        source,
     })
 }
 
@@ -237,7 +277,7 @@ enum PodSource {
 }
 
 impl PodSource {
-    async fn open(options: &PodSourceOptions) -> Result<Self, String> {
+    async fn open(options: &PodSourceOptions) -> Result<Self, PodsError> {
         match options {
             PodSourceOptions::Registry(path) => {
                 read_registry(path)?;
@@ -246,19 +286,22 @@ impl PodSource {
             PodSourceOptions::Kubernetes { kubeconfig } => {
                 let config = match kubeconfig {
                     Some(path) => {
-                        let file = kube::config::Kubeconfig::read_from(path)
-                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        let kubeconfig = |source| PodsError::Kubeconfig {
+                            path: path.clone(),
+                            source,
+                        };
+                        let file = kube::config::Kubeconfig::read_from(path).map_err(kubeconfig)?;
                         kube::Config::from_custom_kubeconfig(file, &Default::default())
                             .await
-                            .map_err(|e| format!("{}: {e}", path.display()))?
+                            .map_err(kubeconfig)?
                     }
-                    None => kube::Config::infer().await.map_err(|e| {
-                        format!("no Kubernetes configuration (in-cluster or ~/.kube/config): {e}")
-                    })?,
+                    None => kube::Config::infer()
+                        .await
+                        .map_err(PodsError::NoKubernetes)?,
                 };
                 tracing::info!(api = %config.cluster_url, "pods per node from the Kubernetes API");
                 Ok(Self::Kubernetes(
-                    kube::Client::try_from(config).map_err(|e| e.to_string())?,
+                    kube::Client::try_from(config).map_err(PodsError::Client)?,
                 ))
             }
         }
@@ -273,7 +316,7 @@ impl PodSource {
     }
 
     /// The pods running on `node`.
-    async fn pods_of(&self, node: &str) -> Result<Vec<RegisteredPod>, String> {
+    async fn pods_of(&self, node: &str) -> Result<Vec<RegisteredPod>, PodsError> {
         match self {
             Self::Registry(path) => Ok(read_registry(path)?.remove(node).unwrap_or_default()),
             Self::Kubernetes(client) => {
@@ -282,12 +325,15 @@ impl PodSource {
                 let pods = Api::<Pod>::all(client.clone())
                     .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
                     .await
-                    .map_err(|e| format!("cannot list the pods of node {node}: {e}"))?;
+                    .map_err(|source| PodsError::ListPods {
+                        node: node.to_owned(),
+                        source,
+                    })?;
                 let namespaces: BTreeMap<String, BTreeMap<String, String>> =
                     Api::<Namespace>::all(client.clone())
                         .list(&ListParams::default())
                         .await
-                        .map_err(|e| format!("cannot list namespaces: {e}"))?
+                        .map_err(PodsError::ListNamespaces)?
                         .items
                         .into_iter()
                         .filter_map(|ns| {
@@ -379,7 +425,7 @@ impl Service {
         &self,
         node: Option<&str>,
         body: &[u8],
-        pods: Result<Vec<RegisteredPod>, String>,
+        pods: Result<Vec<RegisteredPod>, PodsError>,
     ) -> (StatusCode, Vec<u8>) {
         self.finish(node, self.decide_inner(node, body, pods))
     }
@@ -414,7 +460,7 @@ impl Service {
         &self,
         node: Option<&str>,
         body: &[u8],
-        pods: Result<Vec<RegisteredPod>, String>,
+        pods: Result<Vec<RegisteredPod>, PodsError>,
     ) -> Result<Vec<u8>, (StatusCode, &'static str, String)> {
         let Some(node) = node else {
             return Err((
@@ -437,7 +483,7 @@ impl Service {
         let loaded = mesh::load_file(&self.options.mesh)
             .map_err(|e| internal(format!("cannot load the mesh file: {}", Chain(&e))))?;
         let mesh = &loaded.config;
-        let pods = pods.map_err(internal)?;
+        let pods = pods.map_err(|e| internal(Chain(&e).to_string()))?;
         let Some((id, sans)) = identity_of(mesh, &request.identity) else {
             return Err((
                 StatusCode::NOT_FOUND,
@@ -546,8 +592,8 @@ pub enum ServeError {
     },
     #[error("cannot build the TLS configuration: {0}")]
     Tls(String),
-    #[error("{0}")]
-    Pods(String),
+    #[error(transparent)]
+    Pods(PodsError),
 }
 
 /// Runs the identity service until the process ends.
