@@ -1,6 +1,6 @@
 //! What the end-to-end test files share: a one-node bed with a client, two color servers
 //! and a pod outside the mesh, the mesh those tests use, and a client call.
-#![allow(dead_code, reason = "each test file uses a different part")]
+#![allow(dead_code, reason = "the test modules use different parts")]
 
 use std::net::IpAddr;
 use std::path::PathBuf;
