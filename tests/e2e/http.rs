@@ -240,24 +240,9 @@ struct Bed {
     servers: Vec<Process>,
 }
 
-/// The Python interpreter that has grpcio, or a clear failure.
-fn python_with_grpcio() -> anyhow::Result<String> {
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import grpc, sys; print(sys.executable)"])
-        .output()
-        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
-    if !output.status.success() {
-        bail!(
-            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 fn bed(test: &str, options: Options) -> anyhow::Result<Bed> {
     let python = if options.grpc {
-        Some(python_with_grpcio()?)
+        Some(testbed::python_with_grpcio()?)
     } else {
         None
     };
@@ -610,7 +595,7 @@ fn retries_and_timeouts_follow_the_route() -> anyhow::Result<()> {
 #[test]
 fn grpc_unary_and_bidirectional_streaming_are_routed_by_service_method_and_metadata()
 -> anyhow::Result<()> {
-    let python = python_with_grpcio()?;
+    let python = testbed::python_with_grpcio()?;
     let bed = bed(
         "http-grpc",
         Options {

@@ -72,7 +72,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 
 pub use fixture::fixture;
-pub use host::require_tool;
+pub use host::{python_with_grpcio, require_tool};
 pub use node::{NODE_BRIDGE, NODE_UNDERLAY_IF, Node, POD_IF};
 pub use pod::{Pod, PodSpec};
 pub use process::{Process, run, run_ok};

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 use crate::agent::{echo_server, http_server, strait_ok};
 use crate::kubelet::CgroupDriver;
-use crate::{Node, Pod, PodSpec, Process, Testbed};
+use crate::{Node, Pod, PodSpec, Process, Testbed, addr};
 
 /// The server the color pods (and, if asked, the outside pod) run on port 8080, both families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,4 +214,27 @@ impl ScenarioBuilder {
         }
         Ok(scenario)
     }
+}
+
+/// The `--peer-node` arguments that tell an agent where the pods of each of `others` are: its
+/// IPv4 pod range (and with `ipv6` its IPv6 range) at its underlay address.
+pub fn peer_node_args<'a>(others: impl IntoIterator<Item = &'a Node>, ipv6: bool) -> Vec<String> {
+    let mut args = Vec::new();
+    for other in others {
+        args.push("--peer-node".into());
+        args.push(format!(
+            "{}/24={}",
+            addr::pod_subnet_v4(other.index()),
+            other.underlay_ip()
+        ));
+        if ipv6 {
+            args.push("--peer-node".into());
+            args.push(format!(
+                "{}/64={}",
+                addr::pod_subnet_v6(other.index()),
+                other.underlay_ip()
+            ));
+        }
+    }
+    args
 }
