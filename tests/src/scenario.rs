@@ -5,14 +5,15 @@
 //! outside pod is not.
 //!
 //! ```text
-//! client (app: client)                      10.244.1.2   enrolled
-//! color-v1 (app: color, version: v1)        10.244.1.3   enrolled, server "v1" on 8080
-//! color-v2 (app: color, version: v2)        10.244.1.4   enrolled, server "v2" on 8080
-//! outside pod (by default nothing/elsewhere) 10.244.1.5  not enrolled
+//! client (app: client)                  10.244.1.2   enrolled
+//! color-v1 (app: color, version: v1)    10.244.1.3   enrolled, server "v1" on 8080
+//! color-v2 (app: color, version: v2)    10.244.1.4   enrolled, server "v2" on 8080
+//! outside (default: nothing/elsewhere)  10.244.1.5   not enrolled
 //! ```
 //!
 //! Pods are made in that order, so their addresses are always the same. A test adds what is
 //! particular to it (more pods, more servers, certificates) to the [`Scenario`] it gets back.
+//! Tests with agents on several nodes give each agent [`peer_node_args`].
 
 use std::net::IpAddr;
 use std::path::PathBuf;
