@@ -7,8 +7,6 @@
 //!
 //! Needs root; without it these tests fail with the reason.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -87,7 +85,7 @@ fn check_passes_on_the_testbed() -> anyhow::Result<()> {
     let node = tb.add_node("node1")?;
     let pod = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
     let mesh = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh, common::mesh_yaml("DROP_ALL", 50, 50))?;
+    std::fs::write(&mesh, crate::common::mesh_yaml("DROP_ALL", 50, 50))?;
     let netns = pod.netns_path().display().to_string();
     let mesh_arg = mesh.display().to_string();
     let output = check(&node, &["--mesh", &mesh_arg, "--pod-netns", &netns])?;
@@ -215,7 +213,7 @@ fn check_names_each_missing_requirement() -> anyhow::Result<()> {
     let node = tb.add_node("node1")?;
     let pod = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
     let mesh = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh, common::mesh_yaml("DROP_ALL", 50, 50))?;
+    std::fs::write(&mesh, crate::common::mesh_yaml("DROP_ALL", 50, 50))?;
     let mesh_arg = mesh.display().to_string();
 
     // bpffs: a folder on the temp dir's filesystem, not on bpffs.

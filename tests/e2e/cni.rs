@@ -12,14 +12,12 @@
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
-mod common;
-
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use anyhow::{Context as _, bail};
-use common::*;
 use serde_json::{Value, json};
 use testbed::agent::{Agent, cni_binary, peer_binary};
 use testbed::cni::{Attachment, PLUGIN_DIR, PluginOutput, Runtime};

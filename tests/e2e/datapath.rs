@@ -5,12 +5,10 @@
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use anyhow::Context as _;
-use common::*;
 use serde_json::Value;
 use testbed::PodSpec;
 use testbed::agent::{Agent, strait};

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 use testbed::agent::Agent;
+use testbed::scenario::peer_node_args;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
@@ -117,25 +118,10 @@ struct Bed {
     _servers: Vec<Process>,
 }
 
-/// The Python interpreter that has grpcio, or a clear failure.
-fn python_with_grpcio() -> anyhow::Result<String> {
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import grpc, sys; print(sys.executable)"])
-        .output()
-        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
-    if !output.status.success() {
-        bail!(
-            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 /// One node: a client pod and a server pod (`strait-http` on 8080, HTTP/1.1 and HTTP/2; with
 /// `grpc`, grpcio on 50051).
 fn bed(test: &str, grpc: bool) -> anyhow::Result<Bed> {
-    let python = grpc.then(python_with_grpcio).transpose()?;
+    let python = grpc.then(testbed::python_with_grpcio).transpose()?;
     let tb = Testbed::new(test)?;
     let node = tb.add_node("node1")?;
     let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
@@ -224,7 +210,7 @@ fn start_load(bed: &Bed, load: Load, stop: &Path) -> anyhow::Result<Process> {
             command
         }
         Load::Grpc => {
-            let mut command = bed.client.command(python_with_grpcio()?);
+            let mut command = bed.client.command(testbed::python_with_grpcio()?);
             command.args([
                 GRPC_SCRIPT,
                 "load",
@@ -601,13 +587,7 @@ spec:
 /// `--peer-node` arguments naming `other`, and the drain timeout.
 fn node_args(other: &Node) -> Vec<String> {
     let mut args = drain_args();
-    for (subnet, bits) in [
-        (testbed::addr::pod_subnet_v4(other.index()).to_string(), 24),
-        (testbed::addr::pod_subnet_v6(other.index()).to_string(), 64),
-    ] {
-        args.push("--peer-node".into());
-        args.push(format!("{subnet}/{bits}={}", other.underlay_ip()));
-    }
+    args.extend(peer_node_args([other], true));
     args
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 use testbed::agent::{Agent, http_server};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::{Node, Pod, PodSpec, Process, Scenario, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const COLOR_V4: &str = "10.96.0.20";
@@ -240,69 +240,46 @@ struct Bed {
     servers: Vec<Process>,
 }
 
-/// The Python interpreter that has grpcio, or a clear failure.
-fn python_with_grpcio() -> anyhow::Result<String> {
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import grpc, sys; print(sys.executable)"])
-        .output()
-        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
-    if !output.status.success() {
-        bail!(
-            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 fn bed(test: &str, options: Options) -> anyhow::Result<Bed> {
     let python = if options.grpc {
-        Some(python_with_grpcio()?)
+        Some(testbed::python_with_grpcio()?)
     } else {
         None
     };
-    let tb = Testbed::new(test)?;
-    let node = tb.add_node("node1")?;
-    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "app")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "app")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    let outside = node.add_pod(&PodSpec::new("nothing", "elsewhere"))?;
+    // `dead` names the outside pod, where nothing listens: connects to it are refused.
+    let Scenario {
+        tb,
+        node,
+        client,
+        v1,
+        v2,
+        mesh,
+        mut servers,
+        ..
+    } = Scenario::builder(test)
+        .service(COLOR, &[COLOR_V4.parse()?])
+        .service(COLOR_H2, &[COLOR_H2_V4.parse()?])
+        .service(GRPC, &[GRPC_V4.parse()?])
+        .refused("dead.app.svc.cluster.local")
+        .mesh(mesh_yaml(options.health_check))
+        .build()?;
     let v1b = if options.health_check {
-        Some(
-            node.add_pod(
-                &PodSpec::new("color-v1b", "app")
-                    .label("app", "color")
-                    .label("version", "v1"),
-            )?,
-        )
+        // A second endpoint of color-v1, reached at its address; no workload file, so the
+        // agent does not enroll it.
+        let v1b = node.add_pod(
+            &PodSpec::new("color-v1b", "app")
+                .label("app", "color")
+                .label("version", "v1"),
+        )?;
+        tb.dns_record(
+            "color-v1.app.svc.cluster.local",
+            &[v1.ipv4().into(), v1b.ipv4().into()],
+        )?;
+        servers.push(http_server(&tb, &v1b, 8080, "v1b")?);
+        Some(v1b)
     } else {
         None
     };
-    tb.dns_record(COLOR, &[COLOR_V4.parse()?])?;
-    tb.dns_record(COLOR_H2, &[COLOR_H2_V4.parse()?])?;
-    tb.dns_record(GRPC, &[GRPC_V4.parse()?])?;
-    let mut v1_ips = vec![v1.ipv4().into()];
-    if let Some(v1b) = &v1b {
-        v1_ips.push(v1b.ipv4().into());
-    }
-    tb.dns_record("color-v1.app.svc.cluster.local", &v1_ips)?;
-    tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
-    tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let mut servers = vec![
-        http_server(&tb, &v1, 8080, "v1")?,
-        http_server(&tb, &v2, 8080, "v2")?,
-    ];
-    if let Some(v1b) = &v1b {
-        servers.push(http_server(&tb, v1b, 8080, "v1b")?);
-    }
     if let Some(python) = python {
         for (pod, name) in [(&v1, "v1"), (&v2, "v2")] {
             let server = tb.spawn(
@@ -320,11 +297,6 @@ fn bed(test: &str, options: Options) -> anyhow::Result<Bed> {
             servers.push(server);
         }
     }
-    for pod in [&client, &v1, &v2] {
-        node.write_workload(pod)?;
-    }
-    let mesh = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh, mesh_yaml(options.health_check))?;
     Ok(Bed {
         tb,
         node,
@@ -623,7 +595,7 @@ fn retries_and_timeouts_follow_the_route() -> anyhow::Result<()> {
 #[test]
 fn grpc_unary_and_bidirectional_streaming_are_routed_by_service_method_and_metadata()
 -> anyhow::Result<()> {
-    let python = python_with_grpcio()?;
+    let python = testbed::python_with_grpcio()?;
     let bed = bed(
         "http-grpc",
         Options {

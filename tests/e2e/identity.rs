@@ -15,7 +15,8 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, require_tool, run};
+use testbed::scenario::peer_node_args;
+use testbed::{Node, Pod, PodSpec, Process, Testbed, require_tool, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 
@@ -104,17 +105,6 @@ spec:
     )
 }
 
-fn peer_args(other: &Node) -> Vec<String> {
-    vec![
-        "--peer-node".into(),
-        format!(
-            "{}/24={}",
-            addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ),
-    ]
-}
-
 struct Bed {
     tb: Testbed,
     ca: PathBuf,
@@ -168,8 +158,8 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     node1.write_workload(&client)?;
     node1.write_workload(&thief)?;
     node2.write_workload(&color)?;
-    let args1 = peer_args(&node2);
-    let args2 = peer_args(&node1);
+    let args1 = peer_node_args([&node2], false);
+    let args2 = peer_node_args([&node1], false);
     let agent1 = Agent::start(
         &tb,
         &node1,

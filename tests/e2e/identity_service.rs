@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 use testbed::agent::{Agent, metric, strait_ok};
+use testbed::scenario::peer_node_args;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, require_tool, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -86,18 +87,6 @@ spec:
   provider: {{virtualNode: {{virtualNodeRef: {{name: color}}}}}}
 "#
     )
-}
-
-fn peer_args(other: &Node) -> Vec<String> {
-    let mut args = Vec::new();
-    for (subnet, bits) in [
-        (testbed::addr::pod_subnet_v4(other.index()).to_string(), 24),
-        (testbed::addr::pod_subnet_v6(other.index()).to_string(), 64),
-    ] {
-        args.push("--peer-node".into());
-        args.push(format!("{subnet}/{bits}={}", other.underlay_ip()));
-    }
-    args
 }
 
 struct Bed {
@@ -220,7 +209,7 @@ fn bed(test: &str, lifetime: &str, impostor: bool, third: bool) -> anyhow::Resul
     node1.write_workload(&client)?;
     node2.write_workload(&server)?;
     let start = |node: &Node, other: &Node| -> anyhow::Result<Agent> {
-        let mut args = peer_args(other);
+        let mut args = peer_node_args([other], true);
         args.extend([
             "--identity-service".to_string(),
             ca_url.clone(),
@@ -866,7 +855,7 @@ fn on_kubernetes_an_agent_proves_its_node_with_its_pods_token() -> anyhow::Resul
     let ca_url = format!("https://{}:{CA_PORT}", ca_node.underlay_ip());
     let ca_pem = ca_dir.join("ca.pem").display().to_string();
     let start = |node: &Node, other: &Node, token: &str| -> anyhow::Result<Agent> {
-        let mut args = peer_args(other);
+        let mut args = peer_node_args([other], true);
         args.extend([
             "--identity-service".to_string(),
             ca_url.clone(),

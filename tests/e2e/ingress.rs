@@ -17,7 +17,8 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 use testbed::agent::{Agent, http_server, metric, strait_binary, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run};
+use testbed::scenario::peer_node_args;
+use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
 const GATEWAY: &str = "ingress/ingress-gw-1";
@@ -477,20 +478,6 @@ fn gateway_listeners_lose_no_request_across_agent_upgrades() -> anyhow::Result<(
 
 const GRPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/grpc/color_grpc.py");
 
-/// The Python interpreter that has grpcio, or a clear failure.
-fn python_with_grpcio() -> anyhow::Result<String> {
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import grpc, sys; print(sys.executable)"])
-        .output()
-        .context("cannot run python3 (the gRPC check needs Python 3 with grpcio)")?;
-    ensure!(
-        output.status.success(),
-        "the gRPC check needs Python's grpcio (`cargo xtask setup` installs it): {}",
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 /// A gateway whose listeners terminate TLS at the edge (STRICT, PERMISSIVE, STRICT with client
 /// certificates), speak http2 and gRPC, and log each request, in front of services on another
 /// node whose listeners take only mutual TLS from the gateway's identity.
@@ -669,23 +656,9 @@ spec:
     )
 }
 
-/// `--peer-node` arguments for every node but `me`.
-fn peer_args(me: &Node, nodes: &[&Node]) -> Vec<String> {
-    let mut args = Vec::new();
-    for other in nodes.iter().filter(|n| n.index() != me.index()) {
-        args.push("--peer-node".into());
-        args.push(format!(
-            "{}/24={}",
-            addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ));
-    }
-    args
-}
-
 #[test]
 fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> anyhow::Result<()> {
-    let python = python_with_grpcio()?;
+    let python = testbed::python_with_grpcio()?;
     let tb = Testbed::new("ingress-tls")?;
     let node1 = tb.add_node("node1")?;
     let node2 = tb.add_node("node2")?;
@@ -731,7 +704,10 @@ fn tls_at_the_edge_and_grpc_reach_services_on_another_node_over_mutual_tls() -> 
     node2.write_workload(&rpc)?;
     let nodes = [&node1, &node2];
     let start = |node: &Node| -> anyhow::Result<Agent> {
-        let mut args = peer_args(node, &nodes);
+        let mut args = peer_node_args(
+            nodes.iter().copied().filter(|n| n.index() != node.index()),
+            false,
+        );
         args.push("--access-log-dir".into());
         args.push(logs.display().to_string());
         Agent::start(
@@ -1113,7 +1089,7 @@ fn tcp_connects(pod: &Pod, addr: &str, port: u16) -> anyhow::Result<bool> {
 #[test]
 fn every_health_check_form_is_answered_and_clients_are_limited_each_by_its_address()
 -> anyhow::Result<()> {
-    let python = python_with_grpcio()?;
+    let python = testbed::python_with_grpcio()?;
     let tb = Testbed::new("ingress-health")?;
     let node = tb.add_node("node1")?;
     let gateway =

@@ -8,14 +8,12 @@
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
-mod common;
-
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use anyhow::{Context as _, bail};
-use common::*;
 use serde_json::{Value, json};
 use testbed::agent::{Agent, peer_binary, strait, strait_binary};
 use testbed::kubeapi::{self, Kind, KubeApi};

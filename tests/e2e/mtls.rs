@@ -14,7 +14,8 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, require_tool, run};
+use testbed::scenario::peer_node_args;
+use testbed::{Node, Pod, PodSpec, Process, Testbed, eventually, require_tool, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const WEB: &str = "web.app.svc.cluster.local";
@@ -134,23 +135,6 @@ struct Bed {
     _servers: Vec<Process>,
 }
 
-fn peer_args(other: &Node) -> Vec<String> {
-    vec![
-        "--peer-node".into(),
-        format!(
-            "{}/24={}",
-            addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ),
-        "--peer-node".into(),
-        format!(
-            "{}/64={}",
-            addr::pod_subnet_v6(other.index()),
-            other.underlay_ip()
-        ),
-    ]
-}
-
 fn bed(test: &str) -> anyhow::Result<Bed> {
     let tb = Testbed::new(test)?;
     require_tool("tcpdump")?;
@@ -213,8 +197,8 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     for pod in [&color, &web, &local_client] {
         node2.write_workload(pod)?;
     }
-    let args1 = peer_args(&node2);
-    let args2 = peer_args(&node1);
+    let args1 = peer_node_args([&node2], true);
+    let args2 = peer_node_args([&node1], true);
     let agent1 = Agent::start(
         &tb,
         &node1,
@@ -807,8 +791,8 @@ spec:
     node1.write_workload(&client)?;
     node2.write_workload(&dotted)?;
     node2.write_workload(&longpod)?;
-    let args1 = peer_args(&node2);
-    let args2 = peer_args(&node1);
+    let args1 = peer_node_args([&node2], true);
+    let args2 = peer_node_args([&node1], true);
     let agent1 = Agent::start(
         &tb,
         &node1,

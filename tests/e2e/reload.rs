@@ -7,13 +7,11 @@
 //!
 //! Needs root; without it these tests fail (never skip) with the reason.
 
-mod common;
-
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use testbed::agent::{Agent, peer_binary};

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 use testbed::agent::{Agent, peer_binary};
+use testbed::scenario::peer_node_args;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -272,26 +273,11 @@ fn four_calls_two_exhausted(
     Ok(())
 }
 
-/// The Python interpreter that has grpcio, or a clear failure.
-fn python_with_grpcio() -> anyhow::Result<String> {
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import grpc, sys; print(sys.executable)"])
-        .output()
-        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
-    if !output.status.success() {
-        bail!(
-            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
 /// One node: the given client pods and server pods, each server running its real server, and
 /// an agent with the mesh of these tests.
 fn bed(test: &str, clients: &[&str], servers: &[&Server]) -> anyhow::Result<Bed> {
     let python = if servers.iter().any(|s| s.listener == "grpc") {
-        Some(python_with_grpcio()?)
+        Some(testbed::python_with_grpcio()?)
     } else {
         None
     };
@@ -883,7 +869,7 @@ fn tcp_max_connections_and_connection_rate_refuse_connections_over_the_limit() -
 
 #[test]
 fn grpc_callers_over_the_rate_limit_get_resource_exhausted() -> anyhow::Result<()> {
-    let python = python_with_grpcio()?;
+    let python = testbed::python_with_grpcio()?;
     let bed = bed("resilience-grpc", &["client-a"], &[&GRPC])?;
     // Burst 2 at 1 per second: the first two calls are answered, the next two (within the
     // same second) get RESOURCE_EXHAUSTED.
@@ -901,24 +887,6 @@ fn grpc_callers_over_the_rate_limit_get_resource_exhausted() -> anyhow::Result<(
         2.0
     );
     Ok(())
-}
-
-/// Node addresses of `other` for `--peer-node`, both families.
-fn peer_args(other: &Node) -> Vec<String> {
-    vec![
-        "--peer-node".into(),
-        format!(
-            "{}/24={}",
-            testbed::addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ),
-        "--peer-node".into(),
-        format!(
-            "{}/64={}",
-            testbed::addr::pod_subnet_v6(other.index()),
-            other.underlay_ip()
-        ),
-    ]
 }
 
 fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
@@ -1046,7 +1014,7 @@ spec:
     }
     node2.write_workload(&server)?;
     let start = |node: &Node, other: &Node, mesh: &PathBuf| {
-        let args = peer_args(other);
+        let args = peer_node_args([other], true);
         Agent::start(
             &tb,
             node,
@@ -1486,7 +1454,7 @@ spec:
     node1.write_workload(&near)?;
     node2.write_workload(&far)?;
     let start = |node: &Node, other: &Node, mesh: &PathBuf, logs: &PathBuf| {
-        let mut args = peer_args(other);
+        let mut args = peer_node_args([other], true);
         args.extend(["--access-log-dir".into(), logs.display().to_string()]);
         Agent::start(
             &tb,
@@ -1660,7 +1628,7 @@ fn routed_bed(
     documents: &str,
 ) -> anyhow::Result<(Agent, Pod, PathBuf, Vec<Process>, Node, Testbed)> {
     let python = if grpc {
-        Some(python_with_grpcio()?)
+        Some(testbed::python_with_grpcio()?)
     } else {
         None
     };
@@ -2063,7 +2031,7 @@ spec:
     )?;
     // Burst 2 at 1 per second: two calls answered, the next two (within the second) refused.
     four_calls_two_exhausted(
-        client.command(python_with_grpcio()?),
+        client.command(testbed::python_with_grpcio()?),
         &format!("rgrpc.app.svc.cluster.local:{GRPC_PORT}"),
         "rgrpc",
     )?;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, http_server, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::agent::{Agent, strait_ok};
+use testbed::{Node, Pod, Process, Scenario, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const COLOR_V4: &str = "10.96.0.30";
@@ -27,26 +27,13 @@ const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
 const COLLECTOR: &str = "127.0.0.1:4318";
 const CERT_DAYS: i64 = 30;
 
+/// The canary mesh (tests/fixtures/color-canary.yaml) with `client`'s access log.
 fn mesh_yaml(log: &Path, certs: &Path) -> String {
-    let (log, c) = (log.display(), certs.display());
-    format!(
-        r#"apiVersion: appmesh.k8s.aws/v1beta2
-kind: Mesh
-metadata: {{name: telemetry}}
-spec:
-  egressFilter: {{type: DROP_ALL}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: client, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: client}}}}
-  backends:
-    - virtualService: {{virtualServiceRef: {{name: color}}}}
-  logging:
+    let logging = format!(
+        r#"  logging:
     accessLog:
       file:
-        path: {log}
+        path: {}
         format:
           json:
             - {{key: method, value: "%REQ(:METHOD)%"}}
@@ -58,66 +45,20 @@ spec:
             - {{key: upstream, value: "%UPSTREAM_HOST%"}}
             - {{key: duration, value: "%DURATION%"}}
             - {{key: request_id, value: "%REQ(X-REQUEST-ID)%"}}
-            - {{key: protocol, value: "%PROTOCOL%"}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: color-v1, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: color, version: v1}}}}
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-      tls:
-        mode: PERMISSIVE
-        certificate: {{file: {{certificateChain: {c}/color-v1.pem, privateKey: {c}/color-v1-key.pem}}}}
-  serviceDiscovery: {{dns: {{hostname: color-v1.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: color-v2, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: color, version: v2}}}}
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-  serviceDiscovery: {{dns: {{hostname: color-v2.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: dead, namespace: app}}
-spec:
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-  serviceDiscovery: {{dns: {{hostname: dead.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualRouter
-metadata: {{name: color, namespace: app}}
-spec:
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-  routes:
-    - name: split
-      priority: 100
-      httpRoute:
-        match: {{prefix: /color}}
-        action:
-          weightedTargets:
-            - {{virtualNodeRef: {{name: color-v1}}, weight: 90}}
-            - {{virtualNodeRef: {{name: color-v2}}, weight: 10}}
-    - name: dead
-      priority: 10
-      httpRoute:
-        match: {{prefix: /dead}}
-        action: {{weightedTargets: [{{virtualNodeRef: {{name: dead}}, weight: 1}}]}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualService
-metadata: {{name: color, namespace: app}}
-spec:
-  awsName: {COLOR}
-  provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
-"#
+            - {{key: protocol, value: "%PROTOCOL%"}}"#,
+        log.display()
+    );
+    testbed::fixture(
+        "color-canary.yaml",
+        &[
+            ("mesh", "telemetry"),
+            ("client_logging", &logging),
+            ("certs", &certs.display().to_string()),
+            ("dead_health_check", ""),
+            ("service", COLOR),
+        ],
     )
+    .expect("BUG: the fixture and its values disagree")
 }
 
 struct Bed {
@@ -130,51 +71,22 @@ struct Bed {
 }
 
 fn bed(test: &str) -> anyhow::Result<Bed> {
-    let tb = Testbed::new(test)?;
-    let node = tb.add_node("node1")?;
-    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "app")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "app")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    // Not enrolled, nothing listening: connects to it are refused.
-    let outside = node.add_pod(&PodSpec::new("nothing", "elsewhere"))?;
-    tb.dns_record(COLOR, &[COLOR_V4.parse()?])?;
-    tb.dns_record("color-v1.app.svc.cluster.local", &[v1.ipv4().into()])?;
-    tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
-    tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let servers = vec![
-        http_server(&tb, &v1, 8080, "v1")?,
-        http_server(&tb, &v2, 8080, "v2")?,
-    ];
-    for pod in [&client, &v1, &v2] {
-        node.write_workload(pod)?;
-    }
-    let certs = tb.temp_dir().join("certs");
-    let ca = tb.temp_dir().join("ca");
-    let access_log = tb.temp_dir().join("access.log");
-    let mesh = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh, mesh_yaml(&access_log, &certs))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-            "--days",
-            &CERT_DAYS.to_string(),
-        ],
-    )?;
+    // `dead` names the outside pod, where nothing listens: connects to it are refused.
+    let scenario = Scenario::builder(test)
+        .service(COLOR, &[COLOR_V4.parse()?])
+        .refused("dead.app.svc.cluster.local")
+        .build()?;
+    let access_log = scenario.tb.temp_dir().join("access.log");
+    scenario.write_mesh(&mesh_yaml(&access_log, &scenario.certs()))?;
+    scenario.issue_certs(CERT_DAYS)?;
+    let Scenario {
+        tb,
+        node,
+        client,
+        mesh,
+        servers,
+        ..
+    } = scenario;
     Ok(Bed {
         tb,
         node,

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 use testbed::agent::{Agent, echo_server, issue_mesh_certs, metric, peer_binary};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, eventually, run};
+use testbed::scenario::peer_node_args;
+use testbed::{Node, Pod, PodSpec, Process, Testbed, eventually, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const ECHO: &str = "echo.app.svc.cluster.local";
@@ -127,26 +128,6 @@ struct Bed {
     _servers: Vec<Process>,
 }
 
-/// `--peer-node` arguments for every node but `me`.
-fn peer_args(me: &Node, nodes: &[&Node]) -> Vec<String> {
-    let mut args = Vec::new();
-    for other in nodes.iter().filter(|n| n.index() != me.index()) {
-        args.push("--peer-node".into());
-        args.push(format!(
-            "{}/24={}",
-            addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ));
-        args.push("--peer-node".into());
-        args.push(format!(
-            "{}/64={}",
-            addr::pod_subnet_v6(other.index()),
-            other.underlay_ip()
-        ));
-    }
-    args
-}
-
 fn bed(test: &str, agent_args: &[&str]) -> anyhow::Result<Bed> {
     let tb = Testbed::new(test)?;
     let node1 = tb.add_node("node1")?;
@@ -193,7 +174,10 @@ fn bed(test: &str, agent_args: &[&str]) -> anyhow::Result<Bed> {
     node3.write_workload(&echo_b)?;
     let nodes = [&node1, &node2, &node3];
     let start = |node: &Node, pods: &[&str]| -> anyhow::Result<Agent> {
-        let mut args = peer_args(node, &nodes);
+        let mut args = peer_node_args(
+            nodes.iter().copied().filter(|n| n.index() != node.index()),
+            true,
+        );
         args.extend(agent_args.iter().map(|a| a.to_string()));
         let agent = Agent::start(
             &tb,

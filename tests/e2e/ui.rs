@@ -15,89 +15,31 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use testbed::agent::{ADMIN, Agent, http_server, strait_ok};
-use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
+use testbed::agent::{ADMIN, Agent};
+use testbed::{Node, Pod, Process, Scenario, Testbed, run};
 
 const COLOR: &str = "color.app.svc.cluster.local";
 const COLOR_V4: &str = "10.96.0.50";
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
 
+/// The canary mesh (tests/fixtures/color-canary.yaml) with a health check on `dead`, so the
+/// page marks its endpoint ejected.
 fn mesh_yaml(certs: &Path) -> String {
-    let c = certs.display();
-    format!(
-        r#"apiVersion: appmesh.k8s.aws/v1beta2
-kind: Mesh
-metadata: {{name: live}}
-spec:
-  egressFilter: {{type: DROP_ALL}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: client, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: client}}}}
-  backends:
-    - virtualService: {{virtualServiceRef: {{name: color}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: color-v1, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: color, version: v1}}}}
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-      tls:
-        mode: PERMISSIVE
-        certificate: {{file: {{certificateChain: {c}/color-v1.pem, privateKey: {c}/color-v1-key.pem}}}}
-  serviceDiscovery: {{dns: {{hostname: color-v1.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: color-v2, namespace: app}}
-spec:
-  podSelector: {{matchLabels: {{app: color, version: v2}}}}
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-  serviceDiscovery: {{dns: {{hostname: color-v2.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: dead, namespace: app}}
-spec:
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-      healthCheck: {{protocol: tcp, healthyThreshold: 2, unhealthyThreshold: 2, intervalMillis: 5000, timeoutMillis: 2000}}
-  serviceDiscovery: {{dns: {{hostname: dead.app.svc.cluster.local, responseType: ENDPOINTS}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualRouter
-metadata: {{name: color, namespace: app}}
-spec:
-  listeners:
-    - portMapping: {{port: 8080, protocol: http}}
-  routes:
-    - name: split
-      priority: 100
-      httpRoute:
-        match: {{prefix: /color}}
-        action:
-          weightedTargets:
-            - {{virtualNodeRef: {{name: color-v1}}, weight: 90}}
-            - {{virtualNodeRef: {{name: color-v2}}, weight: 10}}
-    - name: dead
-      priority: 10
-      httpRoute:
-        match: {{prefix: /dead}}
-        action: {{weightedTargets: [{{virtualNodeRef: {{name: dead}}, weight: 1}}]}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualService
-metadata: {{name: color, namespace: app}}
-spec:
-  awsName: {COLOR}
-  provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
-"#
+    testbed::fixture(
+        "color-canary.yaml",
+        &[
+            ("mesh", "live"),
+            ("client_logging", ""),
+            ("certs", &certs.display().to_string()),
+            (
+                "dead_health_check",
+                "      healthCheck: {protocol: tcp, healthyThreshold: 2, unhealthyThreshold: 2, \
+                 intervalMillis: 5000, timeoutMillis: 2000}",
+            ),
+            ("service", COLOR),
+        ],
     )
+    .expect("BUG: the fixture and its values disagree")
 }
 
 /// Background load for up to a minute (the testbed stops it when the test ends).
@@ -195,49 +137,21 @@ fn admin_page_shows_the_mesh_graph_with_live_rates_in_a_real_browser() -> anyhow
             .is_ok_and(|o| o.status.success()),
         "chromium is missing: `cargo xtask setup` installs Debian's chromium"
     );
-    let tb = Testbed::new("ui")?;
-    let node = tb.add_node("node1")?;
-    let client = node.add_pod(&PodSpec::new("client", "app").label("app", "client"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "app")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "app")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    let outside = node.add_pod(&PodSpec::new("nothing", "elsewhere"))?;
-    tb.dns_record(COLOR, &[COLOR_V4.parse()?])?;
-    tb.dns_record("color-v1.app.svc.cluster.local", &[v1.ipv4().into()])?;
-    tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
-    tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
-    let _servers = [
-        http_server(&tb, &v1, 8080, "v1")?,
-        http_server(&tb, &v2, 8080, "v2")?,
-    ];
-    for pod in [&client, &v1, &v2] {
-        node.write_workload(pod)?;
-    }
-    let certs = tb.temp_dir().join("certs");
-    let ca = tb.temp_dir().join("ca");
-    let mesh = tb.temp_dir().join("mesh.yaml");
-    std::fs::write(&mesh, mesh_yaml(&certs))?;
-    strait_ok(&node, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-            "--days",
-            "30",
-        ],
-    )?;
+    // `dead` names the outside pod, where nothing listens: connects to it are refused.
+    let scenario = Scenario::builder("ui")
+        .service(COLOR, &[COLOR_V4.parse()?])
+        .refused("dead.app.svc.cluster.local")
+        .build()?;
+    scenario.write_mesh(&mesh_yaml(&scenario.certs()))?;
+    scenario.issue_certs(30)?;
+    let Scenario {
+        tb,
+        node,
+        client,
+        mesh,
+        servers: _servers,
+        ..
+    } = scenario;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
     for pod in ["app/client", "app/color-v1", "app/color-v2"] {
         agent.wait_enrolled(pod, true, Duration::from_secs(20))?;

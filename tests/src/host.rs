@@ -149,6 +149,22 @@ pub fn require_tool(program: impl AsRef<OsStr>) -> anyhow::Result<()> {
     }
 }
 
+/// The Python interpreter that has grpcio (the gRPC tests' client and server), or a clear
+/// failure.
+pub fn python_with_grpcio() -> anyhow::Result<String> {
+    let output = Command::new("python3")
+        .args(["-c", "import grpc, sys; print(sys.executable)"])
+        .output()
+        .context("cannot run python3 (the gRPC test needs Python 3 with grpcio)")?;
+    if !output.status.success() {
+        bail!(
+            "the gRPC test needs Python's grpcio (`cargo xtask setup` installs it): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

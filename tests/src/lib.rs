@@ -35,6 +35,10 @@
 //!   namespaces, links, cgroups, bpffs folders and temp dir; [`Testbed::cleanup_handle`] does
 //!   the same from a Ctrl-C handler. Only what the testbed recorded is touched.
 //!
+//! - [`Scenario::builder`] makes the one-node shape most tests start from (a client pod, two
+//!   color backends with servers, a pod outside the mesh, their DNS records, the mesh file);
+//!   [`fixture()`] fills the mesh files several tests share (`tests/fixtures/`).
+//!
 //! Addresses are in [`addr`]; traffic stays inside the testbed's namespaces (docs/architecture.md, "Testbed rules").
 //! What the testbed leaves to others: loading eBPF and running the agent (tests start it with
 //! [`Node::command`]), and reading the workload files.
@@ -44,6 +48,7 @@ pub mod agent;
 pub mod cni;
 mod dns;
 mod enter;
+pub mod fixture;
 mod host;
 pub mod kubeapi;
 pub mod kubelet;
@@ -51,6 +56,7 @@ mod netns;
 mod node;
 mod pod;
 mod process;
+pub mod scenario;
 mod shared;
 mod workload;
 
@@ -65,10 +71,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 
-pub use host::require_tool;
+pub use fixture::fixture;
+pub use host::{python_with_grpcio, require_tool};
 pub use node::{NODE_BRIDGE, NODE_UNDERLAY_IF, Node, POD_IF};
 pub use pod::{Pod, PodSpec};
 pub use process::{Process, run, run_ok};
+pub use scenario::{Scenario, Servers};
 pub use shared::CleanupHandle;
 pub use workload::WorkloadFile;
 
