@@ -244,25 +244,43 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<ResourceId, Workload>, Error> {
                     );
                 }
             }
-            Err(message) => {
-                tracing::error!(file = %path.display(), "skipping workload file: {message}")
+            Err(error) => {
+                let error = Chain(&error);
+                tracing::error!(file = %path.display(), "skipping workload file: {error}")
             }
         }
     }
     Ok(pods)
 }
 
-fn read_file(path: &Path) -> Result<Workload, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read it: {e}"))?;
-    let workload: Workload = serde_json::from_str(&text).map_err(|e| {
-        format!(
-            "line {}, column {}: {e} (expected an object with name, namespace, labels, ips, netns, cgroup)",
-            e.line(),
-            e.column()
-        )
+/// Why one workload file is skipped (the others still count).
+#[derive(Debug, thiserror::Error)]
+enum FileError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error(
+        "line {line}, column {column}: not a workload (an object with name, namespace, labels, \
+         ips, netns, cgroup)"
+    )]
+    Parse {
+        line: usize,
+        column: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("name and namespace must not be empty")]
+    Unnamed,
+}
+
+fn read_file(path: &Path) -> Result<Workload, FileError> {
+    let text = std::fs::read_to_string(path).map_err(FileError::Read)?;
+    let workload: Workload = serde_json::from_str(&text).map_err(|source| FileError::Parse {
+        line: source.line(),
+        column: source.column(),
+        source,
     })?;
     if workload.name.is_empty() || workload.namespace.is_empty() {
-        return Err("name and namespace must not be empty".to_string());
+        return Err(FileError::Unnamed);
     }
     Ok(workload)
 }
@@ -476,7 +494,7 @@ spec:
             r#"{"name":"a","namespace":"app","netns":"/n","cgroup":"/c","label":{}}"#,
         )
         .unwrap();
-        let err = read_file(&path).unwrap_err();
+        let err = Chain(&read_file(&path).unwrap_err()).to_string();
         assert!(err.contains("unknown field `label`"), "{err}");
     }
 }

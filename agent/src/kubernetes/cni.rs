@@ -522,19 +522,27 @@ impl Handle {
     }
 }
 
+/// Why a peer of the CNI socket is refused.
+#[derive(Debug, thiserror::Error)]
+enum PeerRefused {
+    #[error("cannot read the peer's credentials")]
+    Credentials(#[source] nix::Error),
+    #[error("the peer (pid {pid}) runs as uid {uid}, not as uid {ours}")]
+    OtherUser { pid: i32, uid: u32, ours: u32 },
+}
+
 /// Only root (the runtime runs CNI plugins as root) may hand pods over.
-fn check_peer(stream: &UnixStream) -> Result<(), String> {
+fn check_peer(stream: &UnixStream) -> Result<(), PeerRefused> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = getsockopt(stream, PeerCredentials)
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let cred = getsockopt(stream, PeerCredentials).map_err(PeerRefused::Credentials)?;
     // SAFETY: geteuid has no arguments and cannot fail.
     let ours = unsafe { libc::geteuid() };
     if cred.uid() != ours {
-        return Err(format!(
-            "the peer (pid {}) runs as uid {}, not as uid {ours}",
-            cred.pid(),
-            cred.uid()
-        ));
+        return Err(PeerRefused::OtherUser {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            ours,
+        });
     }
     Ok(())
 }
@@ -548,6 +556,7 @@ fn serve_one(
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let reply = match check_peer(stream) {
         Err(reason) => {
+            let reason = crate::logging::Chain(&reason).to_string();
             tracing::warn!("CNI socket: refused: {reason}");
             Reply::new(Outcome::Refused, reason)
         }
@@ -909,7 +918,7 @@ mod tests {
 
     /// Connects to `socket` as `uid` (a real process through setpriv), waits for the agent's
     /// side to be accepted, and returns what the peer check says about it.
-    fn peer_check_for(uid: u32) -> Result<(), String> {
+    fn peer_check_for(uid: u32) -> Result<(), PeerRefused> {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         // Open to everyone only for this test: the peer check is the layer under test.
@@ -950,7 +959,7 @@ mod tests {
     #[test]
     fn only_root_may_hand_pods_over() {
         let refused = peer_check_for(65534).unwrap_err();
-        assert!(refused.contains("uid 65534"), "{refused}");
+        assert!(refused.to_string().contains("uid 65534"), "{refused}");
         peer_check_for(0).unwrap();
     }
 
