@@ -44,13 +44,21 @@ pub enum Error {
         "--identity-service {0}: expected https://HOST:PORT (the address of `strait ca serve`)"
     )]
     Url(String),
-    #[error("cannot read the node certificate folder {path} (`strait ca issue-node`): {detail}")]
-    NodeCert { path: PathBuf, detail: String },
+    #[error("cannot use {file} of the node certificate folder (`strait ca issue-node`)")]
+    NodeCert {
+        file: PathBuf,
+        #[source]
+        source: BoxError,
+    },
     #[error(
         "cannot use --identity-ca {path} (the CA certificate of the identity service, \
-         `ca.pem` of `strait ca init`): {detail}"
+         `ca.pem` of `strait ca init`)"
     )]
-    IdentityCa { path: PathBuf, detail: String },
+    IdentityCa {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
     #[error(transparent)]
     Write(#[from] crate::ca::Error),
 }
@@ -113,12 +121,12 @@ pub struct Client {
     shared: Arc<Shared>,
 }
 
-fn roots_of(ca_pem: &str) -> Result<rustls::RootCertStore, String> {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn roots_of(ca_pem: &str) -> Result<rustls::RootCertStore, BoxError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        roots.add(cert?)?;
     }
     if roots.is_empty() {
         return Err("no PEM certificate in it".into());
@@ -147,38 +155,35 @@ impl Client {
         };
         let (mut tls, ca_pem, token) = match proof {
             NodeProof::Certificate(node_cert) => {
-                let bad = |detail: String| Error::NodeCert {
-                    path: node_cert.to_owned(),
-                    detail,
+                let bad = |file: &str, source: BoxError| Error::NodeCert {
+                    file: node_cert.join(file),
+                    source,
                 };
-                let ca_path = node_cert.join(NODE_CA);
-                let ca_pem = std::fs::read_to_string(&ca_path)
-                    .map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
-                let roots =
-                    roots_of(&ca_pem).map_err(|e| bad(format!("{}: {e}", ca_path.display())))?;
+                let ca_pem = std::fs::read_to_string(node_cert.join(NODE_CA))
+                    .map_err(|e| bad(NODE_CA, e.into()))?;
+                let roots = roots_of(&ca_pem).map_err(|e| bad(NODE_CA, e))?;
                 let key_path = node_cert.join(NODE_KEY);
-                super::store::check_key_mode(&key_path)
-                    .map_err(|e| bad(crate::logging::Chain(&e).to_string()))?;
+                super::store::check_key_mode(&key_path).map_err(|e| bad(NODE_KEY, e.into()))?;
                 let chain: Vec<CertificateDer<'static>> =
                     CertificateDer::pem_file_iter(node_cert.join(NODE_CERT))
                         .and_then(|i| i.collect())
-                        .map_err(|e| bad(format!("{NODE_CERT}: {e}")))?;
-                let key = PrivateKeyDer::from_pem_file(&key_path)
-                    .map_err(|e| bad(format!("{NODE_KEY}: {e}")))?;
+                        .map_err(|e| bad(NODE_CERT, e.into()))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(&key_path).map_err(|e| bad(NODE_KEY, e.into()))?;
                 let tls = builder(roots)
-                    .map_err(|e| bad(e.to_string()))?
+                    .map_err(|e| bad(NODE_CERT, e.into()))?
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| bad(e.to_string()))?;
+                    .map_err(|e| bad(NODE_CERT, e.into()))?;
                 (tls, ca_pem, None)
             }
             NodeProof::Token { token, ca } => {
-                let bad = |detail: String| Error::IdentityCa {
+                let bad = |source: BoxError| Error::IdentityCa {
                     path: ca.to_owned(),
-                    detail,
+                    source,
                 };
-                let ca_pem = std::fs::read_to_string(ca).map_err(|e| bad(e.to_string()))?;
+                let ca_pem = std::fs::read_to_string(ca).map_err(|e| bad(e.into()))?;
                 let tls = builder(roots_of(&ca_pem).map_err(bad)?)
-                    .map_err(|e| bad(e.to_string()))?
+                    .map_err(|e| bad(e.into()))?
                     .with_no_client_auth();
                 (tls, ca_pem, Some(token.clone()))
             }
