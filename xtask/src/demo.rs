@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use testbed::agent::{Agent, http_binary, peer_binary};
+use testbed::agent::{Agent, echo_server, http_binary, peer_binary};
+use testbed::scenario::{Scenario, Servers};
 use testbed::{Pod, PodSpec, Testbed, run};
 
 use crate::{ebpf, setup, workspace_root};
@@ -52,64 +53,51 @@ pub fn run_demo() -> Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
 
-    let node = tb.add_node("node1")?;
-    let front = node.add_pod(&PodSpec::new("front", "demo").label("app", "front"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "demo")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "demo")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    let echo = node.add_pod(&PodSpec::new("echo", "demo").label("app", "echo"))?;
-    let outside = node.add_pod(&PodSpec::new("web", "elsewhere").label("app", "web"))?;
+    // The testbed's one-node scenario under the demo's names: front, color-v1 and color-v2 in
+    // namespace demo (HTTP servers answering with their pod's name), then the echo pod, then
+    // web outside the mesh (a TCP echo server).
     let service_addrs: [IpAddr; 2] = ["10.96.0.10".parse()?, "fd00:96::10".parse()?];
-    tb.dns_record(SERVICE, &service_addrs)?;
-    tb.dns_record(ECHO, &["10.96.0.11".parse()?])?;
-    tb.dns_record("color-v1.demo.svc.cluster.local", &v1.ips())?;
-    tb.dns_record("color-v2.demo.svc.cluster.local", &v2.ips())?;
+    let Scenario {
+        tb,
+        node,
+        client: front,
+        v1,
+        v2,
+        pods,
+        outside,
+        ..
+    } = Scenario::builder("demo")
+        .namespace("demo")
+        .client("front")
+        .server_names("color-v1", "color-v2")
+        .every_address()
+        .pod(PodSpec::new("echo", "demo").label("app", "echo"))
+        .outside(
+            PodSpec::new("web", "elsewhere").label("app", "web"),
+            Some("web"),
+        )
+        .outside_servers(Servers::Peer)
+        .service(SERVICE, &service_addrs)
+        .service(ECHO, &["10.96.0.11".parse()?])
+        .build_in(tb)?;
+    let [echo] = pods.as_slice() else {
+        bail!(
+            "BUG: the scenario made {} extra pods, not one (echo)",
+            pods.len()
+        );
+    };
     tb.dns_record("echo-v1.demo.svc.cluster.local", &echo.ips())?;
+    echo_server(&tb, echo, 9000, "echo")?;
+    node.write_workload(echo)?;
     let peer = peer_binary()?;
     let http = http_binary()?;
-    for (pod, name) in [(&v1, "color-v1"), (&v2, "color-v2")] {
-        let server = tb.spawn(
-            name,
-            pod.command(&http).args([
-                "serve",
-                "--listen",
-                "0.0.0.0:8080,[::]:8080",
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(8080, Duration::from_secs(10))?;
-    }
-    for (pod, name, port) in [(&echo, "echo", 9000), (&outside, "web", 8080)] {
-        let server = tb.spawn(
-            name,
-            pod.command(&peer).args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port},[::]:{port}"),
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(port, Duration::from_secs(10))?;
-    }
-    for pod in [&front, &v1, &v2, &echo] {
-        node.write_workload(pod)?;
-    }
     println!();
     println!("  pod            namespace   address        in the mesh as                serves");
     for (pod, vn, serves) in [
         (&front, "VirtualNode front", "(calls color and echo)"),
         (&v1, "VirtualNode color-v1", "HTTP on 8080"),
         (&v2, "VirtualNode color-v2", "HTTP on 8080"),
-        (&echo, "VirtualNode echo", "TCP echo on 9000"),
+        (echo, "VirtualNode echo", "TCP echo on 9000"),
         (&outside, "(not in the mesh)", "TCP echo on 8080"),
     ] {
         println!(

@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use testbed::agent::{Agent, http_binary};
-use testbed::{PodSpec, Testbed, run};
+use testbed::run;
+use testbed::scenario::Scenario;
 
 use crate::{ebpf, workspace_root};
 
@@ -30,46 +31,26 @@ pub fn run_plot() -> Result<()> {
     }
     ebpf::build_ebpf()?;
     crate::build_testbed_binaries()?;
-    let tb = Testbed::new("metrics-plot")?;
-    let node = tb.add_node("node1")?;
-    let front = node.add_pod(&PodSpec::new("front", "demo").label("app", "front"))?;
-    let v1 = node.add_pod(
-        &PodSpec::new("color-v1", "demo")
-            .label("app", "color")
-            .label("version", "v1"),
-    )?;
-    let v2 = node.add_pod(
-        &PodSpec::new("color-v2", "demo")
-            .label("app", "color")
-            .label("version", "v2"),
-    )?;
-    tb.dns_record(SERVICE, &["10.96.0.10".parse()?])?;
-    tb.dns_record("echo.demo.svc.cluster.local", &["10.96.0.11".parse()?])?;
-    tb.dns_record("color-v1.demo.svc.cluster.local", &v1.ips())?;
-    tb.dns_record("color-v2.demo.svc.cluster.local", &v2.ips())?;
-    let http = http_binary()?;
-    let mut servers = Vec::new();
-    for (pod, name) in [(&v1, "color-v1"), (&v2, "color-v2")] {
-        let server = tb.spawn(
-            name,
-            pod.command(&http).args([
-                "serve",
-                "--listen",
-                "0.0.0.0:8080,[::]:8080",
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(8080, Duration::from_secs(10))?;
-        servers.push(server);
-    }
-    for pod in [&front, &v1, &v2] {
-        node.write_workload(pod)?;
-    }
+    // The testbed's one-node scenario under the demo's names (front, color-v1 and color-v2 in
+    // namespace demo, HTTP servers answering with their pod's name) on the demo's mesh.
     let source = std::fs::read_to_string(workspace_root().join("examples/demo/mesh.yaml"))?;
-    let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
-    std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
-    std::fs::write(&mesh, &source)?;
+    let Scenario {
+        tb,
+        node,
+        client: front,
+        mesh,
+        servers,
+        ..
+    } = Scenario::builder("metrics-plot")
+        .namespace("demo")
+        .client("front")
+        .server_names("color-v1", "color-v2")
+        .every_address()
+        .service(SERVICE, &["10.96.0.10".parse()?])
+        .service("echo.demo.svc.cluster.local", &["10.96.0.11".parse()?])
+        .mesh(source.as_str())
+        .build()?;
+    let http = http_binary()?;
     let agent = Agent::start(&tb, &node, &mesh, &[])?;
     agent.wait_enrolled("demo/front", true, Duration::from_secs(20))?;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, http_binary, metric};
+use testbed::agent::{Agent, http_server, metric};
 use testbed::{Pod, PodSpec, Testbed, run};
 
 use super::{s, say};
@@ -50,24 +50,13 @@ pub fn section(tb: &Testbed) -> Result<()> {
             .label("version", "blue"),
     )?;
     let lb = node.add_pod(&PodSpec::new("load-balancer", "outside"))?;
-    let http = http_binary()?;
     let mut servers = Vec::new();
     for (pod, name) in [(&red, "red"), (&blue, "blue")] {
         tb.dns_record(
             &format!("{name}.howto-ingress.svc.cluster.local"),
             &pod.ips(),
         )?;
-        let server = tb.spawn(
-            &format!("ingress-{name}"),
-            pod.command(&http).args([
-                "serve",
-                "--listen",
-                "0.0.0.0:8080,[::]:8080",
-                "--name",
-                name,
-            ]),
-        )?;
-        server.wait_listening(8080, Duration::from_secs(10))?;
+        let server = http_server(tb, pod, 8080, name)?;
         servers.push(server);
     }
     for pod in [&gateway, &red, &blue] {

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use serde_json::Value;
-use testbed::agent::{Agent, peer_binary, strait};
-use testbed::{Node, Pod, PodSpec, Testbed, addr, run};
+use testbed::agent::{Agent, peer_binary, strait, strait_ok};
+use testbed::scenario::peer_node_args;
+use testbed::{Pod, PodSpec, Testbed, run};
 
 use super::{s, say};
 
@@ -62,17 +63,6 @@ spec:
     )
 }
 
-fn peer_args(other: &Node) -> [String; 2] {
-    [
-        "--peer-node".into(),
-        format!(
-            "{}/24={}",
-            addr::pod_subnet_v4(other.index()),
-            other.underlay_ip()
-        ),
-    ]
-}
-
 /// `strait-peer call TARGET ARGS` from a pod; its JSON report.
 fn call(pod: &Pod, args: &[&str]) -> Result<Value> {
     let output = run(
@@ -82,10 +72,6 @@ fn call(pod: &Pod, args: &[&str]) -> Result<Value> {
     Ok(serde_json::from_str(
         String::from_utf8_lossy(&output.stdout).trim(),
     )?)
-}
-
-fn text(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 pub fn section(tb: &Testbed) -> Result<()> {
@@ -120,31 +106,31 @@ pub fn section(tb: &Testbed) -> Result<()> {
     let ca_s = ca.display().to_string();
     let mesh_s = mesh_path.display().to_string();
     say("`strait ca init`, then `strait ca issue --mesh FILE`: a certificate per virtual node.");
-    let out = strait(&node_a, &["ca", "init", "--dir", &ca_s])?;
-    ensure!(
-        out.status.success(),
-        "strait ca init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = strait(
+    strait_ok(&node_a, &["ca", "init", "--dir", &ca_s])?;
+    let issued = strait_ok(
         &node_a,
         &["ca", "issue", "--mesh", &mesh_s, "--ca-dir", &ca_s],
     )?;
-    ensure!(
-        out.status.success(),
-        "strait ca issue: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in text(&out).lines() {
+    for line in issued.lines() {
         println!("  {line}");
     }
 
     node_a.write_workload(&client)?;
     node_b.write_workload(&color)?;
-    let args_a = peer_args(&node_b);
-    let args_b = peer_args(&node_a);
-    let agent_a = Agent::start(tb, &node_a, &mesh_path, &[&args_a[0], &args_a[1]])?;
-    let agent_b = Agent::start(tb, &node_b, &mesh_path, &[&args_b[0], &args_b[1]])?;
+    let args_a = peer_node_args([&node_b], false);
+    let args_b = peer_node_args([&node_a], false);
+    let agent_a = Agent::start(
+        tb,
+        &node_a,
+        &mesh_path,
+        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let agent_b = Agent::start(
+        tb,
+        &node_b,
+        &mesh_path,
+        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
     agent_a.wait_enrolled("secure/client", true, Duration::from_secs(20))?;
     agent_b.wait_enrolled("secure/color", true, Duration::from_secs(20))?;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, http_binary};
+use testbed::agent::{Agent, http_binary, metric};
 use testbed::{Pod, PodSpec, Testbed, run};
 
 use super::{s, say};
@@ -80,15 +80,6 @@ fn by_server(report: &Value) -> String {
         .join(", ")
 }
 
-fn metric(agent: &Agent, name: &str) -> Result<f64> {
-    Ok(agent
-        .admin_get("/metrics")?
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 pub fn section(tb: &Testbed) -> Result<()> {
     say(
         "Resilience: one more node. The buyer pod calls shop, three pods behind one listener with \
@@ -135,7 +126,7 @@ pub fn section(tb: &Testbed) -> Result<()> {
     );
     println!(
         "  strait_rate_limited_total at shop's agent: {}",
-        metric(&agent, "strait_rate_limited_total")?
+        metric(&agent, "strait_rate_limited_total", &[])?
     );
     // Let the bucket fill up again.
     std::thread::sleep(Duration::from_secs(1));
@@ -182,7 +173,7 @@ pub fn section(tb: &Testbed) -> Result<()> {
     println!("  answered by {}", by_server(&report));
     println!(
         "  strait_outlier_ejections_total: {}",
-        metric(&agent, "strait_outlier_ejections_total")?
+        metric(&agent, "strait_outlier_ejections_total", &[])?
     );
     agent.stop()?;
     Ok(())
