@@ -4,8 +4,8 @@
 //! 90/10 canary, a route whose only endpoint refuses connections and is health-checked, a route
 //! whose requests time out, TLS clients that
 //! name no server at the node's tunnel port, TCP connections held open, and for the resilience
-//! row a listener's rate limit, a connection pool and a caller's circuit breaker overflowing,
-//! and the dead endpoint ejected by outlier detection again each time it comes back). Then every PromQL expression
+//! row a listener's rate limit, a route's rate limit, a connection pool and a caller's circuit
+//! breaker overflowing, and the dead endpoint ejected by outlier detection again each time it comes back). Then every PromQL expression
 //! of the dashboard and of the rules is evaluated through Prometheus' HTTP API and must return
 //! what the traffic implies; a query that returns nothing fails the test. `promtool check
 //! metrics` on the agent's /metrics and `promtool check rules` on the shipped rules must pass.
@@ -30,6 +30,9 @@ const ECHO: &str = "echo.app.svc.cluster.local";
 const ECHO_V4: &str = "10.96.0.41";
 const LIMITED: &str = "limited.app.svc.cluster.local";
 const LIMITED_V4: &str = "10.96.0.42";
+/// A virtual service whose router's one route has a `rateLimit` of 1 a second.
+const ROUTED: &str = "routed.app.svc.cluster.local";
+const ROUTED_V4: &str = "10.96.0.43";
 /// TCP connections held open through the echo virtual service while the dashboard is read.
 const HELD: u32 = 3;
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -61,6 +64,7 @@ spec:
     - virtualService: {{virtualServiceRef: {{name: color}}}}
     - virtualService: {{virtualServiceRef: {{name: echo}}}}
     - virtualService: {{virtualServiceRef: {{name: limited}}}}
+    - virtualService: {{virtualServiceRef: {{name: routed}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
@@ -189,6 +193,34 @@ metadata: {{name: color, namespace: app}}
 spec:
   awsName: {COLOR}
   provider: {{virtualRouter: {{virtualRouterRef: {{name: color}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: routed-v1, namespace: app}}
+spec:
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+  serviceDiscovery: {{dns: {{hostname: routed-v1.app.svc.cluster.local, responseType: ENDPOINTS}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualRouter
+metadata: {{name: routed, namespace: app}}
+spec:
+  listeners:
+    - portMapping: {{port: 8080, protocol: http}}
+  routes:
+    - name: capped
+      httpRoute:
+        match: {{prefix: /}}
+        action: {{weightedTargets: [{{virtualNodeRef: {{name: routed-v1}}, weight: 1}}]}}
+        rateLimit: {{requestsPerSecond: 1, burst: 1}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: routed, namespace: app}}
+spec:
+  awsName: {ROUTED}
+  provider: {{virtualRouter: {{virtualRouterRef: {{name: routed}}}}}}
 "#
     )
 }
@@ -388,6 +420,10 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     tb.dns_record("color-v2.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("slow.app.svc.cluster.local", &[v2.ipv4().into()])?;
     tb.dns_record("dead.app.svc.cluster.local", &[outside.ipv4().into()])?;
+    // The rate-limited route's target is served by color-v2's server, under a virtual node of
+    // its own so that the canary's series stay the canary's.
+    tb.dns_record(ROUTED, &[ROUTED_V4.parse()?])?;
+    tb.dns_record("routed-v1.app.svc.cluster.local", &[v2.ipv4().into()])?;
     let limited_server = tb.spawn(
         "http-limited",
         limited.command(HTTP_BIN).args([
@@ -491,7 +527,7 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
             "60",
         ]),
     )?;
-    let (canary, slow, dead) = std::thread::scope(|s| {
+    let (canary, slow, dead, routed) = std::thread::scope(|s| {
         let canary = s.spawn(|| load(&client, "/color", 15.0));
         let slow = s.spawn(|| load(&client, "/slow?delay_ms=1000", 1.0));
         let dead = s.spawn(|| load(&client, "/dead", 1.0));
@@ -499,6 +535,9 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         // of slow answers against a connection pool of 1 + 1 pending (8081), and three of
         // them from a caller whose circuit breaker allows 1 request at a time.
         let limited = s.spawn(|| load_url(&client, &format!("http://{LIMITED}:8080/"), 2.0, 4));
+        // 3 a second against a route's rate limit of 1 (burst 1): about 2 of 3 refused by
+        // the calling agent.
+        let routed = s.spawn(|| load_url(&client, &format!("http://{ROUTED}:8080/"), 3.0, 1));
         let pooled = s.spawn(|| {
             load_url(
                 &client,
@@ -547,8 +586,18 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
                 "the {what} load got no {status}: {report}"
             );
         }
-        anyhow::Ok((join(canary)?, join(slow)?, join(dead)?))
+        anyhow::Ok((join(canary)?, join(slow)?, join(dead)?, join(routed)?))
     })?;
+    // The route's limit lets about one request a second through and refuses the rest.
+    let route_refused = statuses(&routed).get("429").copied().unwrap_or(0);
+    let route_served = statuses(&routed).get("200").copied().unwrap_or(0);
+    ensure!(
+        route_refused > 0
+            && route_served > 0
+            && route_served as f64 <= TRAFFIC.as_secs_f64() + 2.0
+            && statuses(&routed).len() == 2,
+        "the rate-limited route: {routed}"
+    );
     let canary_ok = statuses(&canary);
     let (v1_count, v2_count) = (
         canary["by_server"]["v1"].as_u64().unwrap_or(0),
@@ -583,7 +632,7 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
     ensure!(meshes == ["dash"], "label_values(mesh): {meshes:?}");
     let services = label_values(&node, "target_virtual_service", "strait_requests_total")?;
     ensure!(
-        services == ["app/color", "app/limited"],
+        services == ["app/color", "app/limited", "app/routed"],
         "virtual services: {services:?}"
     );
     // The per-service panels are read for `color`, as a user picks it in the dashboard.
@@ -762,6 +811,25 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
                     context()
                 );
             }
+            "Rate limited by route (calling side)" => {
+                let enforced = series
+                    .iter()
+                    .find(|(l, _)| {
+                        l.get("virtual_router").map(String::as_str) == Some("app/routed")
+                            && l.get("route").map(String::as_str) == Some("capped")
+                            && l.get("mode").map(String::as_str) == Some("enforced")
+                    })
+                    .map(|(_, v)| *v)
+                    .with_context(context)?;
+                near(
+                    &context(),
+                    enforced * window,
+                    route_refused as f64,
+                    route_refused as f64 * 0.25 + 1.0,
+                )?;
+                // Only this route has a limit, and it is enforced.
+                ensure!(series.len() == 1, "{}", context());
+            }
             "Circuit breakers (calling side)" => {
                 ensure!(
                     value_of(&series, "target_virtual_node", "app/limited")? > 0.0,
@@ -790,7 +858,7 @@ fn dashboard_and_rules_show_the_traffic_in_a_real_prometheus() -> anyhow::Result
         }
         checked += 1;
     }
-    ensure!(checked >= 15, "only {checked} dashboard queries checked");
+    ensure!(checked >= 16, "only {checked} dashboard queries checked");
 
     check_rules_in_prometheus(&node, at, expected_error_ratio, observed_share)?;
     drop(prometheus);
