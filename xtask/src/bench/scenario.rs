@@ -1,9 +1,9 @@
 //! The benchmark's scenarios: what traffic (a [`Workload`]) takes which way (a [`Way`]) between
 //! which pods (a [`Topology`]).
 //!
-//! Adding a scenario is one entry in [`all`]; the testbed in [`super::Env`] builds what the
+//! Adding a scenario is one entry in [`all`]; the testbed in [`super::environment::Env`] builds what the
 //! scenarios need once (both nodes, every server, both agents, the certificates), and
-//! [`super::Env::target`] says where each scenario's client connects.
+//! [`super::environment::Env::target`] says where each scenario's client connects.
 
 /// What the client does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -318,7 +318,7 @@ pub fn all() -> Vec<Scenario> {
 ///
 /// Certificates and trust bundles are under `certs` (`strait ca issue` writes them).
 pub fn mesh_yaml(certs: &std::path::Path) -> String {
-    use super::{
+    use super::environment::{
         BULK_PORT, GRPC_PORT, H2_PORT, HTTP_L7_PORT, HTTP_PORT, SERVICE, SERVICE2, SERVICE2_TLS,
     };
     let c = certs.display();

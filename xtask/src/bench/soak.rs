@@ -95,7 +95,7 @@ pub fn run(strait: &Path, xtask: &Path, seconds: u64) -> anyhow::Result<Value> {
     // SAFETY (of the environment): single-threaded here; testbed::agent reads STRAIT_BIN.
     unsafe { std::env::set_var("STRAIT_BIN", strait) };
     let tb = Testbed::new("soak")?;
-    super::on_interrupt_clean(&tb);
+    super::environment::on_interrupt_clean(&tb);
     let node = tb.add_node("node1")?;
     let client = node.add_pod(&PodSpec::new("client", "soak").label("app", "client"))?;
     let web_a = node.add_pod(&PodSpec::new("web-a", "soak").label("app", "web"))?;
@@ -206,9 +206,9 @@ pub fn run(strait: &Path, xtask: &Path, seconds: u64) -> anyhow::Result<Value> {
     agent.stop()?;
     Ok(json!({
         "seconds": seconds,
-        "machine": super::machine(),
+        "machine": super::tools::machine(),
         "date": super::scale::today(),
-        "loadavg_1m": super::loadavg(),
+        "loadavg_1m": super::procfs::loadavg(),
         "per_second": {"l4": 10, "http": 10},
         "reloads_written": reloads,
         "reloads_applied": applied,
