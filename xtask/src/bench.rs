@@ -2,9 +2,9 @@
 //! a testbed on this machine, in one command.
 //!
 //! Two testbed nodes. node1 has a client pod and a server pod (nginx for HTTP/1.1 and HTTP/2,
-//! iperf3 for bulk, a Python grpcio server, an HAProxy sidecar in each pod with TLS between
-//! them); node2 has two server pods (nginx; one behind a STRICT mTLS listener, one with an
-//! HAProxy sidecar). Both nodes run an agent (`--peer-node` for each other, certificates from
+//! iperf3 for bulk, a Python grpcio server, an HAProxy sidecar in each pod, with TLS between
+//! them and without); node2 has two server pods (nginx; one behind STRICT mTLS `http` and
+//! `tcp` listeners, one with an HAProxy sidecar). Both nodes run an agent (`--peer-node` for each other, certificates from
 //! `strait ca`). Every scenario of [`scenario::all`] runs once per round and the rounds are
 //! interleaved (A, B, C, A, B, C, ...), so that noise from other work on the machine spreads
 //! over all of them; the tables report medians over rounds and ratios of medians from this one
@@ -22,6 +22,7 @@
 //! This file is the orchestration (arguments, plan, rounds, the samples of one scenario); the
 //! testbed is [`environment`], the outside tools [`tools`], the /proc readings [`procfs`].
 
+mod allocator;
 mod environment;
 mod hold;
 mod load;
@@ -63,7 +64,8 @@ pub struct BenchArgs {
     /// scale suite (xtask/src/bench/scale.rs), whose raw results always go to
     /// docs/benchmarks/scale.json and make the "Scale" section of docs/benchmarks.md; `soak`
     /// names the soak (xtask/src/bench/soak.rs: docs/benchmarks/soak.json and soak.svg, the
-    /// "Soak" section).
+    /// "Soak" section); `allocator` the system allocator against jemalloc
+    /// (xtask/src/bench/allocator.rs: docs/benchmarks/allocator.json, the "Allocator" section).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Use the debug build of the agent and of this xtask (`scale` and `soak` only): for their
@@ -114,8 +116,8 @@ pub struct Plan {
 /// How node1's agent runs; it restarts when the next scenario wants another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AgentFlags {
-    pub(super) fast_path: bool,
-    pub(super) telemetry: Option<bool>,
+    fast_path: bool,
+    telemetry: Option<bool>,
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
@@ -139,29 +141,6 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| workspace_root().join("docs"));
     let wants = |suite: &str| args.only.is_empty() || args.only.iter().any(|id| id == suite);
-    let run_suites = |binaries: &Binaries| -> anyhow::Result<()> {
-        if wants(SCALE) {
-            run_scale(binaries, &out, args.quick)?;
-        }
-        if wants(SOAK) {
-            run_soak(binaries, &out, args.soak_seconds)?;
-        }
-        Ok(())
-    };
-    if !args.only.is_empty() && args.only.iter().all(|id| id == SCALE || id == SOAK) {
-        let binaries = if args.debug_build {
-            debug_build()?
-        } else {
-            build()?
-        };
-        return run_suites(&binaries);
-    } else if args.debug_build {
-        bail!(
-            "--debug-build is for `--only scale,soak`; the other scenarios need the release build"
-        );
-    }
-    tools::require_all()?;
-    let python = python_with_grpcio()?;
     let plan = if args.quick {
         Plan {
             rounds: args.rounds.unwrap_or(1),
@@ -185,10 +164,42 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             h2_streams: 16,
         }
     };
+    let run_suites = |binaries: &Binaries| -> anyhow::Result<()> {
+        if wants(SCALE) {
+            run_scale(binaries, &out, args.quick)?;
+        }
+        if wants(SOAK) {
+            run_soak(binaries, &out, args.soak_seconds)?;
+        }
+        if wants(ALLOCATOR) {
+            run_allocator(binaries, &out, &plan, args.soak_seconds)?;
+        }
+        Ok(())
+    };
+    if !args.only.is_empty() && args.only.iter().all(|id| SUITES.contains(&id.as_str())) {
+        if args.debug_build && wants(ALLOCATOR) {
+            bail!(
+                "--debug-build is for `--only scale,soak`; the allocator comparison needs the \
+                 release build"
+            );
+        }
+        let binaries = if args.debug_build {
+            debug_build()?
+        } else {
+            build()?
+        };
+        return run_suites(&binaries);
+    } else if args.debug_build {
+        bail!(
+            "--debug-build is for `--only scale,soak`; the other scenarios need the release build"
+        );
+    }
+    tools::require_all()?;
+    let python = python_with_grpcio()?;
     let only: Vec<String> = args
         .only
         .iter()
-        .filter(|id| *id != SCALE)
+        .filter(|id| !SUITES.contains(&id.as_str()))
         .cloned()
         .collect();
     let binaries = build()?;
@@ -240,7 +251,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 if s.topology == Topology::CrossNode {
                     proxy_pids.push(env.agent2.process.pid());
                 }
-            } else if s.way == Way::SidecarPair {
+            } else if matches!(s.way, Way::SidecarPair { .. }) {
                 proxy_pids = env.sidecar_pids(s.topology);
             }
             eprintln!(
@@ -268,7 +279,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let demo_rss = env.demo_mesh_rss()?;
     let results = report::Results {
-        plan,
+        plan: plan.clone(),
         machine: machine(),
         only,
         scenarios,
@@ -283,14 +294,17 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     run_suites(&binaries)
 }
 
-/// The `--only` ids of the scale suite and of the soak.
+/// The `--only` ids of the scale suite, of the soak and of the allocator comparison.
 const SCALE: &str = "scale";
 const SOAK: &str = "soak";
+const ALLOCATOR: &str = "allocator";
+const SUITES: [&str; 3] = [SCALE, SOAK, ALLOCATOR];
 
 /// Runs the soak, writes its raw results and regenerates the pages and plots.
 fn run_soak(binaries: &Binaries, out: &Path, seconds: u64) -> anyhow::Result<()> {
     let mut raw = soak::run(&binaries.strait, &binaries.xtask, seconds)?;
     raw["agent_build"] = json!(binaries.profile);
+    raw["allocator"] = json!("system");
     write_raw(&out.join(soak::RAW), &raw)?;
     report::render(out)
 }
@@ -303,6 +317,21 @@ fn write_raw(path: &Path, raw: &Value) -> anyhow::Result<()> {
         .with_context(|| format!("write {}", path.display()))?;
     eprintln!("bench: wrote {}", path.display());
     Ok(())
+}
+
+/// Runs the allocator comparison (its soak as long as the soak), writes its raw results and
+/// regenerates the pages.
+fn run_allocator(
+    binaries: &Binaries,
+    out: &Path,
+    plan: &Plan,
+    soak_seconds: u64,
+) -> anyhow::Result<()> {
+    tools::require_all()?;
+    let python = python_with_grpcio()?;
+    let raw = allocator::run(binaries, &python, plan, soak_seconds)?;
+    write_raw(&out.join(allocator::RAW), &raw)?;
+    report::render(out)
 }
 
 /// Runs the scale suite, writes its raw results and regenerates the pages.
@@ -341,7 +370,7 @@ fn round_order(scenarios: &[Scenario], round: u32) -> Vec<&Scenario> {
 /// generator inside the client pod).
 struct Binaries {
     strait: PathBuf,
-    pub(super) xtask: PathBuf,
+    xtask: PathBuf,
     /// "release" or "debug", for the results.
     profile: &'static str,
 }
@@ -391,8 +420,6 @@ fn has_telemetry_switch(strait: &Path) -> bool {
     )
     .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--telemetry"))
 }
-
-
 
 /// Runs one scenario once; returns its sample (a JSON object of numbers).
 fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::Result<Value> {
@@ -483,4 +510,3 @@ fn throughput_sample(
         "proxy_rss_kib": rss_sum(proxy_pids)?,
     }))
 }
-

@@ -38,6 +38,10 @@ pub(super) const SIDECAR_OUT_PORT: u16 = 15100;
 /// The client's sidecar: to node2's server's sidecar.
 pub(super) const SIDECAR_OUT_XNODE_PORT: u16 = 15101;
 pub(super) const SIDECAR_IN_PORT: u16 = 8443;
+/// The client's sidecar: to the same-node server's sidecar, without TLS.
+pub(super) const SIDECAR_OUT_PLAIN_PORT: u16 = 15102;
+/// The same-node server's sidecar, without TLS.
+pub(super) const SIDECAR_IN_PLAIN_PORT: u16 = 8444;
 
 /// The testbed and the long-running servers, sidecars and node2's agent.
 pub(super) struct Env {
@@ -89,7 +93,7 @@ impl Env {
         for (pod, ports, h2) in [
             (&server, &[HTTP_PORT, HTTP_L7_PORT][..], Some(H2_PORT)),
             (&web2, &[HTTP_L7_PORT][..], None),
-            (&web2_tls, &[HTTP_L7_PORT][..], None),
+            (&web2_tls, &[HTTP_L7_PORT, HTTP_PORT][..], None),
         ] {
             let nginx_dir = dir.join(format!("nginx-{}", pod.name()));
             std::fs::create_dir_all(&nginx_dir)?;
@@ -258,17 +262,33 @@ impl Env {
                 };
                 SocketAddr::new(vip(SERVICE_V4), port)
             }
-            (Topology::SameNode, Way::SidecarPair) => {
-                SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUT_PORT))
-            }
+            (Topology::SameNode, Way::SidecarPair { tls }) => SocketAddr::from((
+                [127, 0, 0, 1],
+                if tls {
+                    SIDECAR_OUT_PORT
+                } else {
+                    SIDECAR_OUT_PLAIN_PORT
+                },
+            )),
             (Topology::CrossNode, Way::Direct) => {
                 SocketAddr::new(self.web2.ipv4().into(), HTTP_L7_PORT)
             }
-            (Topology::CrossNode, Way::Strait { mtls, .. }) => SocketAddr::new(
+            (
+                Topology::CrossNode,
+                Way::Strait {
+                    mtls,
+                    listener_protocol,
+                    ..
+                },
+            ) => SocketAddr::new(
                 vip(if mtls { SERVICE2_TLS_V4 } else { SERVICE2_V4 }),
-                HTTP_L7_PORT,
+                if listener_protocol == "tcp" {
+                    HTTP_PORT
+                } else {
+                    HTTP_L7_PORT
+                },
             ),
-            (Topology::CrossNode, Way::SidecarPair) => {
+            (Topology::CrossNode, Way::SidecarPair { .. }) => {
                 SocketAddr::from(([127, 0, 0, 1], SIDECAR_OUT_XNODE_PORT))
             }
         }
@@ -347,4 +367,3 @@ pub(super) fn on_interrupt_clean(tb: &Testbed) {
         }
     });
 }
-

@@ -11,7 +11,10 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use testbed::{Pod, require_tool, run, run_ok};
 
-use super::environment::{SIDECAR_IN_PORT, SIDECAR_OUT_PORT, SIDECAR_OUT_XNODE_PORT};
+use super::environment::{
+    SIDECAR_IN_PLAIN_PORT, SIDECAR_IN_PORT, SIDECAR_OUT_PLAIN_PORT, SIDECAR_OUT_PORT,
+    SIDECAR_OUT_XNODE_PORT,
+};
 
 /// Fails with what to install if a tool the full benchmark runs is missing.
 pub(super) fn require_all() -> anyhow::Result<()> {
@@ -154,7 +157,6 @@ fn parse_wrk(text: &str) -> anyhow::Result<(f64, u64)> {
     Ok((rps, requests))
 }
 
-
 pub(super) fn nginx_conf_text(dir: &Path, http1_ports: &[u16], h2_port: Option<u16>) -> String {
     let d = dir.display();
     let mut listen: String = http1_ports
@@ -200,20 +202,25 @@ defaults
     timeout server 120s
 "#;
 
+/// The server pod's sidecar: TLS on [`SIDECAR_IN_PORT`], plaintext on
+/// [`SIDECAR_IN_PLAIN_PORT`], both to the app on `app_port`.
 pub(super) fn haproxy_inbound(pem: &Path, app_port: u16) -> String {
     format!(
-        "{HAPROXY_COMMON}frontend inbound\n    bind :{SIDECAR_IN_PORT} ssl crt {}\n    default_backend app\nbackend app\n    http-reuse always\n    server app 127.0.0.1:{app_port}\n",
+        "{HAPROXY_COMMON}frontend inbound\n    bind :{SIDECAR_IN_PORT} ssl crt {}\n    default_backend app\nbackend app\n    http-reuse always\n    server app 127.0.0.1:{app_port}\n\
+         frontend inbound-plain\n    bind :{SIDECAR_IN_PLAIN_PORT}\n    default_backend app\n",
         pem.display()
     )
 }
 
+/// The client pod's sidecar: to the same-node server's sidecar with TLS and without, and to
+/// node2's server's sidecar with TLS.
 pub(super) fn haproxy_outbound(server: IpAddr, xnode_server: IpAddr) -> String {
     format!(
         "{HAPROXY_COMMON}frontend outbound\n    bind 127.0.0.1:{SIDECAR_OUT_PORT}\n    default_backend peer\nbackend peer\n    http-reuse always\n    server peer {server}:{SIDECAR_IN_PORT} ssl verify none\n\
-         frontend outbound-xnode\n    bind 127.0.0.1:{SIDECAR_OUT_XNODE_PORT}\n    default_backend peer-xnode\nbackend peer-xnode\n    http-reuse always\n    server peer {xnode_server}:{SIDECAR_IN_PORT} ssl verify none\n"
+         frontend outbound-xnode\n    bind 127.0.0.1:{SIDECAR_OUT_XNODE_PORT}\n    default_backend peer-xnode\nbackend peer-xnode\n    http-reuse always\n    server peer {xnode_server}:{SIDECAR_IN_PORT} ssl verify none\n\
+         frontend outbound-plain\n    bind 127.0.0.1:{SIDECAR_OUT_PLAIN_PORT}\n    default_backend peer-plain\nbackend peer-plain\n    http-reuse always\n    server peer {server}:{SIDECAR_IN_PLAIN_PORT}\n"
     )
 }
-
 
 pub(super) fn machine() -> Value {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -264,4 +271,3 @@ mod tests {
         assert_eq!(parse_wrk(text).unwrap(), (10000.5, 50000));
     }
 }
-
