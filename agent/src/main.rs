@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// `--features jemalloc`: jemalloc instead of the system allocator (docs/benchmarks.md,
+/// "Allocator", compares the two).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = strait::cli::Cli::parse();
     strait::logging::init(&cli.log_format);

@@ -189,6 +189,7 @@ const TELEMETRY_UNAVAILABLE: &str = "not available in this build";
 fn targets(r: &Results) -> Vec<Target> {
     let rps = |id: &str| median(r, id, "/rps");
     let p99 = |id: &str| median(r, id, "/latency/1000/p99_us");
+    let p50 = |id: &str| median(r, id, "/latency/1000/p50_us");
     let mut t = Vec::new();
     for (id, name) in [
         ("http_strait", "HTTP throughput, strait L4 / sidecar pair"),
@@ -212,24 +213,137 @@ fn targets(r: &Results) -> Vec<Target> {
             unavailable: None,
         });
     }
-    for (id, name) in [
-        ("http_strait", "p99 at 1,000 rps, strait L4 / direct"),
+    // Targets added after the first runs: listed when the run has any of their scenarios, so
+    // that an older run's page renders as it was.
+    let ran = |ids: &[&str]| ids.iter().any(|id| r.samples.contains_key(*id));
+    if ran(&["http_sidecars_plain"]) {
+        for (id, name) in [
+            (
+                "http_strait_l7",
+                "HTTP throughput, strait L7 / sidecar pair without TLS",
+            ),
+            (
+                "http_strait_l7_fast",
+                "HTTP throughput, strait L7 + fast path / sidecar pair without TLS",
+            ),
+        ] {
+            t.push(Target {
+                name,
+                value: ratio(rps(id), rps("http_sidecars_plain")),
+                goal: Goal::AtLeast(1.5),
+                unavailable: None,
+            });
+        }
+    }
+    for (id, name, goal) in [
+        (
+            "xnode_strait_mtls_tcp",
+            "x-node HTTP throughput, strait L4 (tcp listener) mTLS / direct",
+            0.75,
+        ),
+        (
+            "xnode_strait_mtls",
+            "x-node HTTP throughput, strait L7 (http listener) mTLS / direct",
+            0.55,
+        ),
+    ] {
+        if ran(&[id]) {
+            t.push(Target {
+                name,
+                value: ratio(rps(id), rps("xnode_direct")),
+                goal: Goal::AtLeast(goal),
+                unavailable: None,
+            });
+        }
+    }
+    // p99 at 1,000 rps: tcp listeners within 1.3x direct, http, http2 and grpc listeners
+    // within 1.5x.
+    for (id, direct, name, goal) in [
+        (
+            "http_strait",
+            "http_direct",
+            "p99 at 1,000 rps, strait L4 / direct",
+            1.3,
+        ),
         (
             "http_strait_fast",
+            "http_direct",
             "p99 at 1,000 rps, strait L4 + fast path / direct",
+            1.3,
         ),
-        ("http_strait_l7", "p99 at 1,000 rps, strait L7 / direct"),
+        (
+            "http_strait_l7",
+            "http_direct",
+            "p99 at 1,000 rps, strait L7 / direct",
+            1.5,
+        ),
         (
             "http_strait_l7_fast",
+            "http_direct",
             "p99 at 1,000 rps, strait L7 + fast path / direct",
+            1.5,
         ),
     ] {
         t.push(Target {
             name,
-            value: ratio(p99(id), p99("http_direct")),
-            goal: Goal::AtMost(1.5),
+            value: ratio(p99(id), p99(direct)),
+            goal: Goal::AtMost(goal),
             unavailable: None,
         });
+    }
+    for (id, direct, name, goal) in [
+        (
+            "h2_strait",
+            "h2_direct",
+            "p99 at 1,000 rps, HTTP/2, strait (http2 listener) / direct",
+            1.5,
+        ),
+        (
+            "grpc_strait",
+            "grpc_direct",
+            "p99 at 1,000 rps, gRPC, strait (grpc listener) / direct",
+            1.5,
+        ),
+        (
+            "xnode_strait_mtls_tcp",
+            "xnode_direct",
+            "x-node p99 at 1,000 rps, strait L4 mTLS / direct",
+            1.3,
+        ),
+        (
+            "xnode_strait_mtls",
+            "xnode_direct",
+            "x-node p99 at 1,000 rps, strait L7 mTLS / direct",
+            1.5,
+        ),
+    ] {
+        if ran(&[id]) {
+            t.push(Target {
+                name,
+                value: ratio(p99(id), p99(direct)),
+                goal: Goal::AtMost(goal),
+                unavailable: None,
+            });
+        }
+    }
+    for (id, name) in [
+        (
+            "xnode_strait_mtls_tcp",
+            "x-node p50 at 1,000 rps added by strait L4 mTLS, µs",
+        ),
+        (
+            "xnode_strait_mtls",
+            "x-node p50 at 1,000 rps added by strait L7 mTLS, µs",
+        ),
+    ] {
+        if ran(&[id]) {
+            t.push(Target {
+                name,
+                value: p50(id).zip(p50("xnode_direct")).map(|(a, b)| a - b),
+                goal: Goal::AtMost(100.0),
+                unavailable: None,
+            });
+        }
     }
     t.push(Target {
         name: "TCP bulk, strait + fast path / strait",
@@ -379,6 +493,14 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
     {
         page.push_str(&super::soak::markdown(&raw));
     }
+    let allocator_raw = out.join(super::allocator::RAW);
+    if !r.is_partial() && allocator_raw.exists() {
+        let text = std::fs::read_to_string(&allocator_raw)
+            .with_context(|| format!("read {}", allocator_raw.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("parse {}", allocator_raw.display()))?;
+        page.push_str(&super::allocator::markdown(&raw, soak_raw(out)?.as_ref()));
+    }
     if !r.is_partial() && out.join(PARTIAL.raw).exists() {
         let _ = writeln!(
             page,
@@ -481,7 +603,7 @@ fn markdown(r: &Results) -> String {
          proxy: requests parsed, routed, sent on pooled connections). *fast path*: the agent \
          runs with `--fast-path on` (sockmap redirect of its delivery leg). *sidecar pair*: \
          HAProxy {} in the client pod and in the server pod (`mode http`, one thread each), TLS \
-         between them, standing in for per-pod sidecars.\n",
+         between them, standing in for per-pod sidecars{}.\n",
         m["nginx"]
             .as_str()
             .unwrap_or("")
@@ -492,6 +614,12 @@ fn markdown(r: &Results) -> String {
             .split_whitespace()
             .nth(2)
             .unwrap_or(""),
+        if r.samples.contains_key("http_sidecars_plain") {
+            "; the same pair without TLS is the fair comparator for same-node traffic, which \
+             strait does not encrypt"
+        } else {
+            ""
+        },
     );
     let _ = writeln!(
         s,

@@ -117,7 +117,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     // SAFETY (of the environment): single-threaded here; testbed::agent reads STRAIT_BIN.
     unsafe { std::env::set_var("STRAIT_BIN", strait) };
     let tb = Testbed::new("scale")?;
-    super::on_interrupt_clean(&tb);
+    super::environment::on_interrupt_clean(&tb);
     let node = tb.add_node("node1")?;
     let client = node.add_pod(&PodSpec::new("client", "scale").label("app", "client"))?;
     let echo = node.add_pod(&PodSpec::new("echo", "scale").label("app", "echo"))?;
@@ -188,10 +188,11 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     }
 
     // 2. Idle CPU with every pod enrolled.
-    let ticks = super::cpu_ticks(&[pid])?;
+    let ticks = super::procfs::cpu_ticks(&[pid])?;
     let idle_started = Instant::now();
     std::thread::sleep(Duration::from_secs(plan.idle_seconds));
-    let cpu_seconds = (super::cpu_ticks(&[pid])? - ticks) as f64 / super::clock_ticks();
+    let cpu_seconds =
+        (super::procfs::cpu_ticks(&[pid])? - ticks) as f64 / super::procfs::clock_ticks();
     let idle = json!({
         "pods": plan.pods.iter().max(),
         "seconds": idle_started.elapsed().as_secs_f64(),
@@ -270,9 +271,9 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     agent.stop()?;
     Ok(json!({
         "plan": plan,
-        "machine": super::machine(),
+        "machine": super::tools::machine(),
         "date": today(),
-        "loadavg_1m": super::loadavg(),
+        "loadavg_1m": super::procfs::loadavg(),
         "connections": connections,
         "steps": steps,
         "idle": idle,
@@ -291,8 +292,8 @@ pub(super) fn today() -> String {
 
 /// The agent's resident memory, descriptors (by kind) and threads.
 pub(super) fn figures(pid: u32) -> anyhow::Result<Value> {
-    let rss = super::proc_status_kib(pid, "VmRSS")?;
-    let threads = super::proc_status_kib(pid, "Threads")?;
+    let rss = super::procfs::proc_status_kib(pid, "VmRSS")?;
+    let threads = super::procfs::proc_status_kib(pid, "Threads")?;
     let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
     let dir = format!("/proc/{pid}/fd");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {

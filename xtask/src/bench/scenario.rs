@@ -1,9 +1,9 @@
 //! The benchmark's scenarios: what traffic (a [`Workload`]) takes which way (a [`Way`]) between
 //! which pods (a [`Topology`]).
 //!
-//! Adding a scenario is one entry in [`all`]; the testbed in [`super::Env`] builds what the
+//! Adding a scenario is one entry in [`all`]; the testbed in [`super::environment::Env`] builds what the
 //! scenarios need once (both nodes, every server, both agents, the certificates), and
-//! [`super::Env::target`] says where each scenario's client connects.
+//! [`super::environment::Env::target`] says where each scenario's client connects.
 
 /// What the client does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -44,8 +44,12 @@ pub enum Way {
         /// passed, the build's default).
         telemetry: Option<bool>,
     },
-    /// Through two HAProxy processes, one per pod, TLS between them: per-pod sidecars.
-    SidecarPair,
+    /// Through two HAProxy processes, one per pod: per-pod sidecars.
+    SidecarPair {
+        /// TLS between the two sidecars. Without it, the pair is the fair comparator for
+        /// same-node traffic, which strait does not encrypt.
+        tls: bool,
+    },
 }
 
 /// Where the client and server pods are.
@@ -103,7 +107,7 @@ impl Scenario {
                 1 + u8::from(listener_protocol != "tcp") * 2 + u8::from(fast_path) - u8::from(mtls)
                     + u8::from(telemetry == Some(false))
             }
-            Way::SidecarPair => 9,
+            Way::SidecarPair { tls } => 10 - u8::from(tls),
         };
         (section, way)
     }
@@ -178,7 +182,14 @@ pub fn all() -> Vec<Scenario> {
             "http_sidecars",
             "sidecar pair (HAProxy, TLS)",
             Http1,
-            Way::SidecarPair,
+            Way::SidecarPair { tls: true },
+            SameNode,
+        ),
+        scenario(
+            "http_sidecars_plain",
+            "sidecar pair (HAProxy, no TLS)",
+            Http1,
+            Way::SidecarPair { tls: false },
             SameNode,
         ),
         scenario(
@@ -244,10 +255,22 @@ pub fn all() -> Vec<Scenario> {
             CrossNode,
         ),
         scenario(
+            "xnode_strait_mtls_tcp",
+            "strait L4 (tcp listener), mTLS tunnel",
+            Http1,
+            Way::Strait {
+                fast_path: true,
+                listener_protocol: "tcp",
+                mtls: true,
+                telemetry: None,
+            },
+            CrossNode,
+        ),
+        scenario(
             "xnode_sidecars",
             "sidecar pair (HAProxy, TLS)",
             Http1,
-            Way::SidecarPair,
+            Way::SidecarPair { tls: true },
             CrossNode,
         ),
         scenario(
@@ -313,12 +336,12 @@ pub fn all() -> Vec<Scenario> {
 /// - `web` (node1, same node): one listener per way through the agent: L4 `tcp` and bulk,
 ///   `http`, `http2`, `grpc`.
 /// - `web2` (node2): an `http` listener without tls: plaintext between the nodes.
-/// - `web2-tls` (node2): an `http` listener with `tls` STRICT and client validation: mutual
-///   TLS in the agents' tunnel, plaintext from outside the mesh refused.
+/// - `web2-tls` (node2): an `http` and a `tcp` listener with `tls` STRICT and client
+///   validation: mutual TLS in the agents' tunnel, plaintext from outside the mesh refused.
 ///
 /// Certificates and trust bundles are under `certs` (`strait ca issue` writes them).
 pub fn mesh_yaml(certs: &std::path::Path) -> String {
-    use super::{
+    use super::environment::{
         BULK_PORT, GRPC_PORT, H2_PORT, HTTP_L7_PORT, HTTP_PORT, SERVICE, SERVICE2, SERVICE2_TLS,
     };
     let c = certs.display();
@@ -375,6 +398,13 @@ spec:
   podSelector: {{matchLabels: {{app: web2-tls}}}}
   listeners:
     - portMapping: {{port: {HTTP_L7_PORT}, protocol: http}}
+      tls:
+        mode: STRICT
+        certificate: {{file: {{certificateChain: {c}/web2-tls.pem, privateKey: {c}/web2-tls-key.pem}}}}
+        validation:
+          trust: {{file: {{certificateChain: {c}/ca-bundle.pem}}}}
+          subjectAlternativeNames: {{match: {{exact: [spiffe://bench/ns/bench/vn/client]}}}}
+    - portMapping: {{port: {HTTP_PORT}, protocol: tcp}}
       tls:
         mode: STRICT
         certificate: {{file: {{certificateChain: {c}/web2-tls.pem, privateKey: {c}/web2-tls-key.pem}}}}
