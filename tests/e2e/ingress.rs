@@ -1817,15 +1817,17 @@ fn the_gateways_sds_client_certificate_toward_the_mesh_comes_from_the_identity_s
         "node2 logged no san_mismatch naming the gateway's identity\n{}",
         logs()
     );
-    let to_blue = metric(
+    // No stream reached blue: the handshake failed before any.
+    let streams_after = metric(
         &agent2,
-        "strait_requests_total",
-        &[
-            "reporter=\"destination\"",
-            "target_virtual_node=\"ingress/blue\"",
-        ],
+        "strait_tunnel_streams_total",
+        &["direction=\"inbound\""],
     )?;
-    ensure!(to_blue == 0.0, "node2 delivered {to_blue} requests to blue");
+    ensure!(
+        streams_after == streams,
+        "node2 delivered {} streams while blue refused the gateway",
+        streams_after - streams
+    );
     // red still takes the gateway's calls.
     ensure!(get("/red/x")?.status == 200, "red lost the gateway");
     Ok(())
