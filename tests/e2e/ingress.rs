@@ -1492,3 +1492,343 @@ fn an_sds_certificate_at_the_edge_comes_from_the_identity_service() -> anyhow::R
     );
     Ok(())
 }
+
+/// The gateway's client certificate toward the mesh from the identity service: red's listener
+/// (on another node) admits only the gateway's SPIFFE ID, blue's only red's. Every certificate
+/// and trust bundle is `sds`: nothing is issued to the nodes by hand.
+const SDS_CLIENT_MESH: &str = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: ingress-gwsds}
+spec: {egressFilter: {type: DROP_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: red, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: red}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+      tls:
+        mode: STRICT
+        certificate: {sds: {secretName: "spiffe://ingress-gwsds/ns/ingress/vn/red"}}
+        validation:
+          trust: {sds: {secretName: "spiffe://ingress-gwsds"}}
+          subjectAlternativeNames: {match: {exact: ["spiffe://ingress-gwsds/ns/ingress/vg/ingress-gw"]}}
+  serviceDiscovery: {dns: {hostname: red-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: blue, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: blue}}
+  listeners:
+    - portMapping: {port: 8080, protocol: http}
+      tls:
+        mode: STRICT
+        certificate: {sds: {secretName: "spiffe://ingress-gwsds/ns/ingress/vn/blue"}}
+        validation:
+          trust: {sds: {secretName: "spiffe://ingress-gwsds"}}
+          # Not the gateway: its calls are refused at the handshake.
+          subjectAlternativeNames: {match: {exact: ["spiffe://ingress-gwsds/ns/ingress/vn/red"]}}
+  serviceDiscovery: {dns: {hostname: blue-v1.ingress.svc.cluster.local, responseType: ENDPOINTS}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: red, namespace: ingress}
+spec:
+  awsName: red.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: red}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {name: blue, namespace: ingress}
+spec:
+  awsName: blue.ingress.svc.cluster.local
+  provider: {virtualNode: {virtualNodeRef: {name: blue}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualGateway
+metadata: {name: ingress-gw, namespace: ingress}
+spec:
+  podSelector: {matchLabels: {app: ingress-gw}}
+  listeners:
+    - portMapping: {port: 8088, protocol: http}
+  backendDefaults:
+    clientPolicy:
+      tls:
+        certificate: {sds: {secretName: "spiffe://ingress-gwsds/ns/ingress/vg/ingress-gw"}}
+        validation: {trust: {sds: {secretName: "spiffe://ingress-gwsds"}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: red, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /red}
+    action: {target: {virtualService: {virtualServiceRef: {name: red}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: GatewayRoute
+metadata: {name: blue, namespace: ingress}
+spec:
+  httpRoute:
+    match: {prefix: /blue}
+    action: {target: {virtualService: {virtualServiceRef: {name: blue}}}}
+"#;
+
+/// The gateway's client certificate toward the mesh (`backendDefaults.clientPolicy.tls`, `sds`)
+/// comes from the identity service (`strait ca serve`), issued to node1 because the registry
+/// places the gateway pod there. Through the gateway, curl reaches red on node2 over mutual
+/// TLS, and node2's agent admits and records the gateway's identity from the certificate it
+/// verified; blue on node2, whose listener admits only red's SPIFFE ID, refuses the gateway at
+/// the handshake, and node2 counts the refusal (`strait_tls_failures`, `san_mismatch`).
+#[test]
+fn the_gateways_sds_client_certificate_toward_the_mesh_comes_from_the_identity_service()
+-> anyhow::Result<()> {
+    const CA_PORT: u16 = 15012;
+    const CA_METRICS_PORT: u16 = 15013;
+    const GW_ID: &str = "spiffe://ingress-gwsds/ns/ingress/vg/ingress-gw";
+    let tb = Testbed::new("ingress-gwsds")?;
+    let node1 = tb.add_node("node1")?;
+    let node2 = tb.add_node("node2")?;
+    let ca_node = tb.add_node("ca")?;
+    let gateway =
+        node1.add_pod(&PodSpec::new("ingress-gw-1", "ingress").label("app", "ingress-gw"))?;
+    let lb = node1.add_pod(&PodSpec::new("lb", "outside"))?;
+    let red = node2.add_pod(&PodSpec::new("red", "ingress").label("app", "red"))?;
+    let blue = node2.add_pod(&PodSpec::new("blue", "ingress").label("app", "blue"))?;
+    tb.dns_record("red-v1.ingress.svc.cluster.local", &[red.ipv4().into()])?;
+    tb.dns_record("blue-v1.ingress.svc.cluster.local", &[blue.ipv4().into()])?;
+    let _red_server = http_server(&tb, &red, 8080, "red")?;
+    let _blue_server = http_server(&tb, &blue, 8080, "blue")?;
+    let dir = tb.temp_dir().to_path_buf();
+    let ca_dir = dir.join("ca").display().to_string();
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, SDS_CLIENT_MESH)?;
+    let mesh_arg = mesh.display().to_string();
+    // The operator's registry: which pods run where.
+    let nodes_file = dir.join("nodes.json");
+    std::fs::write(
+        &nodes_file,
+        serde_json::json!({
+            "node1": [{"name": "ingress-gw-1", "namespace": "ingress", "labels": {"app": "ingress-gw"}}],
+            "node2": [
+                {"name": "red", "namespace": "ingress", "labels": {"app": "red"}},
+                {"name": "blue", "namespace": "ingress", "labels": {"app": "blue"}},
+            ],
+        })
+        .to_string(),
+    )?;
+    strait_ok(&ca_node, &["ca", "init", "--dir", &ca_dir])?;
+    for name in ["node1", "node2"] {
+        let out = dir.join(format!("{name}-cert")).display().to_string();
+        strait_ok(
+            &ca_node,
+            &[
+                "ca",
+                "issue-node",
+                "--mesh",
+                &mesh_arg,
+                "--ca-dir",
+                &ca_dir,
+                "--node",
+                name,
+                "--out",
+                &out,
+            ],
+        )?;
+    }
+    let listen = format!("{}:{CA_PORT}", ca_node.underlay_ip());
+    let metrics_listen = format!("{}:{CA_METRICS_PORT}", ca_node.underlay_ip());
+    // One hour: a certificate of that life can only be the service's.
+    let service = tb.spawn(
+        "identity-service",
+        ca_node.command(strait_binary()?).args([
+            "ca",
+            "serve",
+            "--ca-dir",
+            &ca_dir,
+            "--mesh",
+            &mesh_arg,
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics_listen,
+            "--lifetime",
+            "1h",
+            "--nodes",
+            &nodes_file.display().to_string(),
+        ]),
+    )?;
+    service.wait_listening(CA_PORT, Duration::from_secs(10))?;
+    node1.write_workload(&gateway)?;
+    node2.write_workload(&red)?;
+    node2.write_workload(&blue)?;
+    let ca_url = format!("https://{listen}");
+    let nodes = [&node1, &node2];
+    let start = |node: &Node| -> anyhow::Result<Agent> {
+        let mut args = peer_node_args(
+            nodes.iter().copied().filter(|n| n.index() != node.index()),
+            false,
+        );
+        args.extend([
+            "--identity-service".to_string(),
+            ca_url.clone(),
+            "--node-cert".into(),
+            dir.join(format!("{}-cert", node.name()))
+                .display()
+                .to_string(),
+            "--identity-dir".into(),
+            dir.join(format!("{}-ids", node.name()))
+                .display()
+                .to_string(),
+        ]);
+        Agent::start(
+            &tb,
+            node,
+            &mesh,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let agent1 = start(&node1)?;
+    let agent2 = start(&node2)?;
+    agent1.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
+    agent2.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
+    agent2.wait_enrolled("ingress/blue", true, Duration::from_secs(20))?;
+    let logs = || {
+        format!(
+            "gateway agent:\n{}\nservice agent:\n{}\nidentity service:\n{}",
+            agent1.process.stderr(),
+            agent2.process.stderr(),
+            service.stderr()
+        )
+    };
+
+    let gw = gateway.ipv4().to_string();
+    let get = |path: &str| curl(&lb, &[&format!("http://{gw}:8088{path}")]);
+    // The first call through the gateway asks for its certificate (and the first to red for
+    // red's); they are there within moments.
+    testbed::eventually(
+        Duration::from_secs(30),
+        "the gateway reaches red with its sds client certificate",
+        || Ok(get("/red/x")?.status == 200),
+    )
+    .with_context(logs)?;
+    let reply = get("/red/x")?;
+    ensure!(
+        reply.status == 200 && reply.seen()?["name"] == "red" && reply.seen()?["path"] == "/x",
+        "{} {}",
+        reply.status,
+        reply.body
+    );
+    // The gateway's certificate is the service's (its one-hour life), used for the gateway.
+    let expires = metric(
+        &agent1,
+        "strait_identity_expires_in_seconds",
+        &["virtual_node=\"ingress/ingress-gw\""],
+    )?;
+    ensure!(
+        expires > 3000.0 && expires <= 3600.0,
+        "the gateway's certificate expires in {expires} s, not within the service's hour\n{}",
+        logs()
+    );
+    let output = run(
+        ca_node.command("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{metrics_listen}/metrics"),
+        ]),
+        Duration::from_secs(10),
+    )?;
+    let issued: f64 = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("strait_ca_issued"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // The gateway's, red's and blue's (blue's is asked for when node2 serves its listener).
+    ensure!(
+        issued >= 3.0,
+        "the identity service issued {issued} certificates\n{}",
+        logs()
+    );
+    // node2 verified the gateway's certificate: its tunnel carries the gateway's SPIFFE ID,
+    // and the requests it delivered to red are the gateway's.
+    let accepted: Vec<Value> = agent2
+        .log_lines()
+        .into_iter()
+        .filter(|l| {
+            l["target"] == "strait::tunnel"
+                && l["message"] == "mTLS tunnel accepted"
+                && l["virtual_node"] == "ingress/red"
+        })
+        .collect();
+    ensure!(
+        !accepted.is_empty()
+            && accepted.iter().all(|l| l["peer_identity"]
+                .as_str()
+                .is_some_and(|p| p.contains(GW_ID))),
+        "node2's tunnels to red are not the gateway's identity: {accepted:?}"
+    );
+    // ...and it admitted the gateway's virtual node by that identity (the receiving half of
+    // the backend rule): the streams were delivered to red, none refused.
+    let streams = metric(
+        &agent2,
+        "strait_tunnel_streams_total",
+        &["direction=\"inbound\""],
+    )?;
+    ensure!(
+        streams >= 1.0,
+        "node2 delivered {streams} tunnel streams\n{}",
+        logs()
+    );
+    let denied = metric(&agent2, "strait_authz_denied_total", &[])?;
+    ensure!(denied == 0.0, "node2 refused {denied} streams\n{}", logs());
+
+    // blue admits only red's identity: the gateway's certificate is refused at the handshake,
+    // blue's server sees nothing, and node2 counts the refusal.
+    let san_mismatch = || {
+        metric(
+            &agent2,
+            "strait_tls_failures_total",
+            &["side=\"server\"", "reason=\"san_mismatch\""],
+        )
+    };
+    let before = san_mismatch()?;
+    for _ in 0..3 {
+        let refused = get("/blue/x")?;
+        ensure!(
+            refused.status != 200 && refused.seen().is_err(),
+            "blue answered the gateway: {} {}",
+            refused.status,
+            refused.body
+        );
+    }
+    testbed::eventually(Duration::from_secs(10), "node2 counts the refusal", || {
+        Ok(san_mismatch()? > before)
+    })
+    .with_context(logs)?;
+    ensure!(
+        agent2
+            .log_lines()
+            .iter()
+            .any(|l| l["reason"] == "san_mismatch"
+                && l["message"].as_str().is_some_and(|m| m.contains(GW_ID))),
+        "node2 logged no san_mismatch naming the gateway's identity\n{}",
+        logs()
+    );
+    // No stream reached blue: the handshake failed before any.
+    let streams_after = metric(
+        &agent2,
+        "strait_tunnel_streams_total",
+        &["direction=\"inbound\""],
+    )?;
+    ensure!(
+        streams_after == streams,
+        "node2 delivered {} streams while blue refused the gateway",
+        streams_after - streams
+    );
+    // red still takes the gateway's calls.
+    ensure!(get("/red/x")?.status == 200, "red lost the gateway");
+    Ok(())
+}
