@@ -512,12 +512,11 @@ impl<E: Env> Downstream<E> {
             if let Some(route) = &way.route {
                 r.route = route.name.clone();
             }
-            match &routed {
-                Err(reject) => match reject.flag() {
+            if let Err(reject) = &routed {
+                match reject.flag() {
                     Some(flag) => r.flags.push(flag),
                     None => r.discarded = true,
-                },
-                Ok(_) => {}
+                }
             }
         }
         let routed: Routed = match routed {

@@ -81,7 +81,7 @@ impl Reject {
     /// Envoy's response flag; None for a request the telemetry does not count.
     pub fn flag(&self) -> Option<&'static str> {
         match self {
-            Reject::Local { flag, .. } => Some(flag),
+            Reject::Local { flag, .. } => Some(*flag),
             Reject::RateLimited { .. } => Some("RL"),
             Reject::Answer(_) => None,
         }
