@@ -1230,7 +1230,7 @@ impl GateInner {
         request: Request<ReplayBody>,
     ) -> Result<(Response<Incoming>, Option<Guard>), String> {
         let key = pool::Key {
-            source: self.state.limits.virtual_node.clone(),
+            source: Arc::new(self.state.limits.virtual_node.clone()),
             endpoint: target,
         };
         let dial = || -> BoxFuture<'_, std::io::Result<Stream>> {

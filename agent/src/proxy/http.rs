@@ -31,6 +31,7 @@ pub mod headers;
 pub mod health;
 pub mod outlier;
 pub mod pool;
+mod route;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -40,7 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -55,16 +56,21 @@ use crate::proxy::upstream;
 use self::balance::InFlight;
 use self::body::{Guard, ReplayBody, ResponseBody};
 use self::pool::{Pool, Proto};
+use self::route::{Routed, Way};
 use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
 use crate::mesh::Protocol;
 use crate::routing::ServicePort;
-use crate::routing::http::{HttpRoute, HttpTarget, RequestView, RouteRateLimit, normalize_path};
+use crate::routing::http::{HttpRoute, HttpTarget, RouteRateLimit};
 use crate::state::State as Snapshot;
 use crate::telemetry::Telemetry;
 use crate::telemetry::request::Record;
 use crate::telemetry::trace;
+
+/// Responses up to this length (`content-length`) are sent with their first bytes read ahead
+/// ([`ResponseBody::prefetch`]); longer or open-ended ones (streams, gRPC) stream as they come.
+const PREFETCH_LIMIT: u64 = 64 * 1024;
 
 /// First retry backoff (Envoy's default base interval); doubles per retry, with full jitter.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
@@ -311,6 +317,8 @@ async fn serve_with<E: Env, I>(
     let downstream = Arc::new(Downstream {
         env,
         orig_dst,
+        pool_source: Arc::new(source.virtual_node.clone()),
+        source_name: source.virtual_node.to_string(),
         source,
         ingress,
     });
@@ -376,6 +384,10 @@ struct Downstream<E> {
     env: Arc<E>,
     orig_dst: SocketAddr,
     source: Arc<Source>,
+    /// `source`'s virtual node as the pool's keys hold it (made once per connection).
+    pool_source: Arc<ResourceId>,
+    /// `source`'s virtual node as telemetry names it (formatted once per connection).
+    source_name: String,
     /// A gateway listener's routes; None for a pod's outbound connection.
     ingress: Option<Arc<dyn Ingress>>,
 }
@@ -404,7 +416,7 @@ struct Upstream {
 /// One request's facts, for the request log and telemetry.
 struct Outcome<'a> {
     route: &'a str,
-    virtual_node: String,
+    virtual_node: &'a ResourceId,
     endpoint: Option<SocketAddr>,
     attempts: u32,
     /// What each retry retried (`connect_failure`, `status`, ...).
@@ -450,7 +462,7 @@ impl<E: Env> Downstream<E> {
         let mut record = Box::new(Record::new(
             telemetry.clone(),
             String::new(),
-            self.source.virtual_node.to_string(),
+            self.source_name.clone(),
             is_grpc(request.headers()),
             protocol_name(request.version()),
         ));
@@ -464,19 +476,13 @@ impl<E: Env> Downstream<E> {
     async fn proxy(
         &self,
         snapshot: &Snapshot,
-        mut request: Request<Incoming>,
+        request: Request<Incoming>,
         mut record: Option<&mut Record>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        let table = &snapshot.table;
         let grpc = is_grpc(request.headers());
-        let flag = |record: &mut Option<&mut Record>, flag: &'static str| {
-            if let Some(r) = record.as_mut() {
-                r.flags.push(flag);
-            }
-        };
         if let Some(r) = record.as_mut() {
-            r.mesh = table.mesh.clone();
+            r.mesh = snapshot.table.mesh.clone();
             if r.log.is_some() {
                 r.method = request.method().to_string();
                 r.path = request
@@ -492,153 +498,55 @@ impl<E: Env> Downstream<E> {
                 r.request_headers(request.headers());
             }
         }
-        let service = match &self.ingress {
-            Some(ingress) => {
-                let (mut parts, body) = request.into_parts();
-                let routed = ingress.route(snapshot, &mut parts);
-                request = Request::from_parts(parts, body);
-                match routed {
-                    Ok((service, route)) => {
-                        if let Some(r) = record.as_mut() {
-                            r.gateway_route = route;
-                        }
-                        service
-                    }
-                    Err(EdgeReply::Refused(status, message)) => {
-                        flag(&mut record, "NR");
-                        return local(grpc, status, &message);
-                    }
-                    Err(EdgeReply::RateLimited { message, wait }) => {
-                        flag(&mut record, "RL");
-                        return super::admission::rate_limited_reply(grpc, &message, wait);
-                    }
-                    Err(EdgeReply::Answer(answer)) => {
-                        if let Some(r) = record.as_mut() {
-                            r.discarded = true;
-                        }
-                        return answer(request).await;
-                    }
-                }
-            }
-            None => match table.services.get(&self.orig_dst).cloned() {
-                Some(service) => service,
-                None => {
-                    flag(&mut record, "NR");
-                    return local(
-                        grpc,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("{} is no longer a mesh service", self.orig_dst),
-                    );
-                }
-            },
-        };
-        let vs = service.service.to_string();
+        let (mut parts, body) = request.into_parts();
+        let mut way = Way::default();
+        let routed = self.route(snapshot, &mut parts, &mut way);
+        // What routing learned goes into the record here, once, whichever way it ended.
         if let Some(r) = record.as_mut() {
-            r.target_virtual_service = vs.clone();
-        }
-        let Some(routes) = service.http.clone() else {
-            flag(&mut record, "NR");
-            return local(
-                grpc,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("virtual service {vs} no longer speaks HTTP on this port"),
-            );
-        };
-        if request.method() == Method::CONNECT {
-            flag(&mut record, "DPE");
-            return local(
-                grpc,
-                StatusCode::BAD_REQUEST,
-                &format!("virtual service {vs}: CONNECT is not supported"),
-            );
-        }
-        let raw_path = request.uri().path();
-        let path = if routes.protocol == Protocol::Grpc {
-            if !raw_path.starts_with('/') {
-                flag(&mut record, "DPE");
-                return local(grpc, StatusCode::BAD_REQUEST, "malformed request path");
+            if let Some(gateway_route) = way.gateway_route {
+                r.gateway_route = gateway_route;
             }
-            raw_path.to_owned()
-        } else {
-            match normalize_path(raw_path, true) {
-                Ok(path) => path,
-                Err(error) => {
-                    flag(&mut record, "DPE");
-                    return local(
-                        grpc,
-                        StatusCode::BAD_REQUEST,
-                        &format!("malformed request path: {error}"),
-                    );
+            if let Some(service) = &way.service {
+                r.target_virtual_service = service.service.to_string();
+            }
+            if let Some(route) = &way.route {
+                r.route = route.name.clone();
+            }
+            if let Err(reject) = &routed {
+                match reject.flag() {
+                    Some(flag) => r.flags.push(flag),
+                    None => r.discarded = true,
                 }
             }
-        };
-        let query = request.uri().query().map(str::to_owned);
-        let scheme = request.uri().scheme_str().unwrap_or("http").to_owned();
-        let route = routes
-            .select(&RequestView {
-                method: request.method(),
-                path: &path,
-                query: query.as_deref(),
-                scheme: &scheme,
-                headers: request.headers(),
-            })
-            .cloned();
-        let Some(route) = route else {
-            tracing::debug!(target: "strait::request", source_workload = %self.source.workload, virtual_service = %vs, method = %request.method(), path = %path, status = 404u16, "no route matched");
-            flag(&mut record, "NR");
-            return local(
-                grpc,
-                StatusCode::NOT_FOUND,
-                &format!("virtual service {vs}: no route matches {path}"),
-            );
-        };
-        if let Some(r) = record.as_mut() {
-            r.route = route.name.clone();
         }
-        // The route's own rateLimit, applied here where the route is known (per calling node).
-        if let Some(limit) = &route.rate_limit
-            && let Err(limited) = self.env.route_rate_limit(
-                snapshot,
-                &service.service,
-                &route.name,
-                limit,
-                &self.source.virtual_node,
-            )
-        {
-            flag(&mut record, "RL");
-            return super::admission::rate_limited_reply(
-                grpc,
-                &format!("virtual service {vs}: {limited}"),
-                limited.wait,
-            );
-        }
-        let Some(target) = pick_target(&route.targets).cloned() else {
-            flag(&mut record, "NR");
-            return local(
-                grpc,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "virtual service {vs} route {}: every weighted target has weight 0",
-                    route.name
-                ),
-            );
+        let routed: Routed = match routed {
+            Ok(routed) => routed,
+            Err(reject) => return reject.reply(grpc, Request::from_parts(parts, body)).await,
         };
-        let authority = request
-            .uri()
+        let (service, route, target) = (&routed.service, &routed.route, routed.target());
+        let (path, query) = (&routed.path, &routed.query);
+        let authority = parts
+            .uri
             .authority()
             .map(|a| a.to_string())
             .or_else(|| {
-                request
-                    .headers()
+                parts
+                    .headers
                     .get(header::HOST)
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| format!("{}:{}", service.hostname, service.port));
-        let version = request.version();
-        let upgrade = version <= Version::HTTP_11 && headers::is_upgrade(request.headers());
-        let on_client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let (mut parts, body) = request.into_parts();
+        let version = parts.version;
+        let upgrade = version <= Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+        let (mut parts, body, on_client_upgrade) = if upgrade {
+            let mut request = Request::from_parts(parts, body);
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            let (parts, body) = request.into_parts();
+            (parts, body, Some(on_upgrade))
+        } else {
+            (parts, body, None)
+        };
         // The pod's address of the family it called with, as a sidecar would have seen it.
         let client_ip = self
             .source
@@ -647,14 +555,14 @@ impl<E: Env> Downstream<E> {
             .find(|ip| ip.is_ipv4() == self.orig_dst.is_ipv4())
             .or(self.source.ips.first())
             .copied();
-        let request_id = headers::prepare_request(&mut parts.headers, client_ip, upgrade);
-        let path_and_query = match &query {
+        headers::prepare_request(&mut parts.headers, client_ip, upgrade);
+        let path_and_query = match query {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
         };
-        let virtual_node = target.target.virtual_node.to_string();
+        let virtual_node = &target.target.virtual_node;
         if let Some(r) = record.as_mut() {
-            r.target_virtual_node = virtual_node.clone();
+            r.target_virtual_node = virtual_node.to_string();
             let sampling = r.telemetry().sampling;
             r.span = trace::start(&mut parts.headers, sampling, &mut rand::rng());
             if r.wants_details() {
@@ -689,8 +597,8 @@ impl<E: Env> Downstream<E> {
             .forward(
                 snapshot,
                 &service.service,
-                &route,
-                &target,
+                route,
+                target,
                 &parts,
                 &authority,
                 &path_and_query,
@@ -735,7 +643,7 @@ impl<E: Env> Downstream<E> {
                     && let Some(client) = on_client_upgrade
                 {
                     let server = hyper::upgrade::on(&mut response);
-                    tunnel(client, server, vs.clone());
+                    tunnel(client, server, service.service.to_string());
                 }
                 let (mut rparts, rbody) = response.into_parts();
                 headers::remove_hop_by_hop(
@@ -743,12 +651,20 @@ impl<E: Env> Downstream<E> {
                     status == StatusCode::SWITCHING_PROTOCOLS,
                 );
                 rparts.version = version;
-                Response::from_parts(
-                    rparts,
-                    ResponseBody::upstream(rbody, deadline, route.idle, upstream.guards),
-                )
+                // A small body of known length: its first bytes go out with the head.
+                let small = rparts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|len| len <= PREFETCH_LIMIT);
+                let mut body = ResponseBody::upstream(rbody, deadline, route.idle, upstream.guards);
+                if small && status != StatusCode::SWITCHING_PROTOCOLS {
+                    body.prefetch().await;
+                }
+                Response::from_parts(rparts, body)
             }
-            Err(failure) => failure_reply(grpc, &vs, &route.name, failure),
+            Err(failure) => failure_reply(grpc, &service.service, &route.name, failure),
         };
         // DEBUG, not INFO: a synchronous log line per request cost about 4 % of the box in the
         // benchmark; the access log (`logging.accessLog`) is the per-request record in
@@ -756,7 +672,7 @@ impl<E: Env> Downstream<E> {
         tracing::debug!(
             target: "strait::request",
             source_workload = %self.source.workload,
-            virtual_service = %vs,
+            virtual_service = %service.service,
             route = %outcome.route,
             virtual_node = %outcome.virtual_node,
             endpoint = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
@@ -765,7 +681,7 @@ impl<E: Env> Downstream<E> {
             status = response.status().as_u16(),
             grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
             attempts = outcome.attempts,
-            request_id = %request_id,
+            request_id = %headers::request_id(&parts.headers),
             duration_ms = started.elapsed().as_millis() as u64,
             "request"
         );
@@ -830,7 +746,12 @@ impl<E: Env> Downstream<E> {
         };
         let mut retry_guard = None;
         // The target listener's outlierDetection judges every attempt's answer.
-        let outliers = table.outliers.get(&(node.clone(), target.target.port));
+        // (Most meshes have none: no key is built then.)
+        let outliers = if table.outliers.is_empty() {
+            None
+        } else {
+            table.outliers.get(&(node.clone(), target.target.port))
+        };
         let judge = |state: &balance::EndpointState, server_error: bool| {
             if let Some(policy) = outliers {
                 http.endpoints
@@ -878,7 +799,7 @@ impl<E: Env> Downstream<E> {
                 _ => None,
             };
             let key = pool::Key {
-                source: self.source.virtual_node.clone(),
+                source: self.pool_source.clone(),
                 endpoint,
             };
             let env = &self.env;
@@ -1030,13 +951,14 @@ async fn backoff(attempt: u32, deadline: Option<Instant>) {
     tokio::time::sleep_until(deadline.map_or(until, |d| d.min(until))).await;
 }
 
-fn pick_target(targets: &[HttpTarget]) -> Option<&HttpTarget> {
+/// The index of a target picked by weight.
+fn pick_target(targets: &[HttpTarget]) -> Option<usize> {
     let total: u64 = targets.iter().map(|t| u64::from(t.weight())).sum();
     if total == 0 {
         return None;
     }
     let mut ticket = rand::rng().random_range(0..total);
-    targets.iter().find(|t| {
+    targets.iter().position(|t| {
         let weight = u64::from(t.weight());
         if ticket < weight {
             return true;
@@ -1103,7 +1025,12 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn failure_reply(grpc: bool, vs: &str, route: &str, failure: Failure) -> Response<ResponseBody> {
+fn failure_reply(
+    grpc: bool,
+    vs: &ResourceId,
+    route: &str,
+    failure: Failure,
+) -> Response<ResponseBody> {
     if let Failure::Overflow(reason) = failure {
         let mut response = local(
             grpc,

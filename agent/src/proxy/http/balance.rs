@@ -29,6 +29,10 @@ pub struct EndpointState {
     pub addr: SocketAddr,
     outstanding: AtomicUsize,
     healthy: AtomicBool,
+    /// Set when outlier detection ejects the endpoint, cleared when the ejection is over: a
+    /// pick looks at the ejection (behind `outlier`'s lock) only when this is set, so the
+    /// usual pick takes no lock per endpoint.
+    maybe_ejected: AtomicBool,
     outlier: Mutex<outlier::State>,
 }
 
@@ -56,7 +60,7 @@ impl EndpointState {
 
     /// Takes traffic: passes its health checks and is not ejected.
     fn usable(&self, now: Instant) -> bool {
-        self.healthy() && !self.ejected(now)
+        self.healthy() && !(self.maybe_ejected.load(Ordering::Acquire) && self.ejected(now))
     }
 }
 
@@ -76,11 +80,36 @@ impl Drop for InFlight {
     }
 }
 
-type Key = (ResourceId, SocketAddr);
+/// Endpoint states by virtual node, then address (looked up by a borrowed node name: no key is
+/// built per request).
+type States = HashMap<ResourceId, HashMap<SocketAddr, Arc<EndpointState>>>;
+
+fn new_state(addr: SocketAddr) -> Arc<EndpointState> {
+    Arc::new(EndpointState {
+        addr,
+        outstanding: AtomicUsize::new(0),
+        healthy: AtomicBool::new(true),
+        maybe_ejected: AtomicBool::new(false),
+        outlier: Mutex::default(),
+    })
+}
+
+/// The state of `node`'s endpoint `addr`, made on first use.
+fn state_in(states: &mut States, node: &ResourceId, addr: SocketAddr) -> Arc<EndpointState> {
+    if let Some(state) = states.get(node).and_then(|by_addr| by_addr.get(&addr)) {
+        return state.clone();
+    }
+    states
+        .entry(node.clone())
+        .or_default()
+        .entry(addr)
+        .or_insert_with(|| new_state(addr))
+        .clone()
+}
 
 #[derive(Default)]
 pub struct Registry {
-    states: Mutex<HashMap<Key, Arc<EndpointState>>>,
+    states: Mutex<States>,
     /// Held while an ejection is decided, so two endpoints cannot both take the last place
     /// under `maxEjectionPercent`.
     ejecting: Mutex<()>,
@@ -88,30 +117,26 @@ pub struct Registry {
 }
 
 impl Registry {
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, States> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn state(&self, node: &ResourceId, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states
-            .entry((node.clone(), addr))
-            .or_insert_with(|| {
-                Arc::new(EndpointState {
-                    addr,
-                    outstanding: AtomicUsize::new(0),
-                    healthy: AtomicBool::new(true),
-                    outlier: Mutex::default(),
-                })
-            })
-            .clone()
+        state_in(&mut self.lock_states(), node, addr)
     }
 
     /// Drops the state of endpoints no longer in the mesh.
     pub fn retain(&self, keep: impl Fn(&ResourceId, &SocketAddr) -> bool) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.retain(|(node, addr), state| {
-            let kept = keep(node, addr);
-            if !kept && let Some(labels) = state.outlier().take_gauge() {
-                self.outliers.ejected.get_or_create(&labels).dec();
-            }
-            kept
+        let mut states = self.lock_states();
+        states.retain(|node, by_addr| {
+            by_addr.retain(|addr, state| {
+                let kept = keep(node, addr);
+                if !kept && let Some(labels) = state.outlier().take_gauge() {
+                    self.outliers.ejected.get_or_create(&labels).dec();
+                }
+                kept
+            });
+            !by_addr.is_empty()
         });
     }
 
@@ -159,6 +184,7 @@ impl Registry {
         let result = match verdict {
             Verdict::Counted => return verdict,
             Verdict::Ejected { duration, times } => {
+                state.maybe_ejected.store(true, Ordering::Release);
                 let labels = EndpointLabels {
                     mesh: mesh.to_owned(),
                     virtual_node: node.to_string(),
@@ -202,10 +228,10 @@ impl Registry {
     pub fn sweep(&self) {
         let now = Instant::now();
         let states: Vec<(ResourceId, Arc<EndpointState>)> = {
-            let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+            let states = self.lock_states();
             states
                 .iter()
-                .map(|((node, _), s)| (node.clone(), s.clone()))
+                .flat_map(|(node, by_addr)| by_addr.values().map(|s| (node.clone(), s.clone())))
                 .collect()
         };
         for (node, state) in states {
@@ -224,6 +250,7 @@ impl Registry {
         let Some(gauge) = own.end_if_due(now) else {
             return;
         };
+        state.maybe_ejected.store(false, Ordering::Release);
         if let Some(labels) = gauge {
             self.outliers.ejected.get_or_create(&labels).dec();
         }
@@ -233,10 +260,11 @@ impl Registry {
     /// The endpoints ejected now, for `strait status`.
     pub fn ejected(&self) -> Vec<outlier::Ejected> {
         let now = Instant::now();
-        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let states = self.lock_states();
         let mut out: Vec<outlier::Ejected> = states
             .iter()
-            .filter_map(|((node, addr), s)| s.outlier().describe(node, *addr, now))
+            .flat_map(|(node, by_addr)| by_addr.iter().map(move |(addr, s)| (node, addr, s)))
+            .filter_map(|(node, addr, s)| s.outlier().describe(node, *addr, now))
             .collect();
         out.sort_by(|a, b| (&a.virtual_node, a.endpoint).cmp(&(&b.virtual_node, b.endpoint)));
         out
@@ -261,7 +289,13 @@ impl Registry {
         tried: &[SocketAddr],
     ) -> Option<Arc<EndpointState>> {
         let now = Instant::now();
-        let all: Vec<Arc<EndpointState>> = addrs.iter().map(|a| self.state(node, *a)).collect();
+        let all: Vec<Arc<EndpointState>> = {
+            let mut states = self.lock_states();
+            addrs
+                .iter()
+                .map(|a| state_in(&mut states, node, *a))
+                .collect()
+        };
         let healthy: Vec<Arc<EndpointState>> =
             all.iter().filter(|s| s.usable(now)).cloned().collect();
         let mut candidates = if healthy.len() * 100 < all.len() * PANIC_THRESHOLD_PERCENT {

@@ -248,9 +248,14 @@ impl Body for ReplayBody {
 /// Something that must live until the response is done (dropped when it ends).
 pub type Guard = Box<dyn Send>;
 
+/// A frame read ahead by [`ResponseBody::prefetch`], not yet given out.
+type Stashed = Option<Result<Frame<Bytes>, BoxError>>;
+
 /// A response on its way to the client (see the module docs).
 pub struct ResponseBody {
     inner: UnsyncBoxBody<Bytes, BoxError>,
+    /// What [`ResponseBody::prefetch`] read; given out (and counted) by the next poll.
+    stash: Option<Stashed>,
     deadline: Option<(Duration, Pin<Box<Sleep>>)>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     guards: Vec<Guard>,
@@ -270,7 +275,33 @@ impl ResponseBody {
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             guards,
             record: None,
+            stash: None,
         }
+    }
+
+    /// Reads the body's first frame ahead, so the response's head and its first bytes are
+    /// written to the client together: hyper flushes the head alone when the body has no
+    /// frame ready yet, which costs a write (and a wake-up of the client) per response. The
+    /// frame is only kept: it is given out, counted and timed by the next poll like any
+    /// other. The read ahead stops, keeping nothing, when the route's deadline or idle
+    /// timeout is due (the next poll reports it).
+    pub async fn prefetch(&mut self) {
+        if self.stash.is_some() || self.inner.is_end_stream() {
+            return;
+        }
+        let polled = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+                return Poll::Ready(Some(frame));
+            }
+            for (_, sleep) in [&mut self.deadline, &mut self.idle].into_iter().flatten() {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        self.stash = polled;
     }
 
     /// Hands the request's telemetry record to the body: it is recorded when the body ends or
@@ -294,6 +325,7 @@ impl ResponseBody {
             idle: None,
             guards: Vec::new(),
             record: None,
+            stash: None,
         }
     }
 
@@ -308,6 +340,7 @@ impl ResponseBody {
             idle: None,
             guards: Vec::new(),
             record: None,
+            stash: None,
         }
     }
 }
@@ -316,8 +349,9 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // hyper may drop a body it knows is complete without polling it to the end (a
         // content-length reached, an empty reply): that is an end, not a client going away.
+        let ended = self.is_end_stream();
         if let Some(record) = self.record.as_mut()
-            && self.inner.is_end_stream()
+            && ended
         {
             record.end();
         }
@@ -333,7 +367,11 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match this.stash.take() {
+            Some(stashed) => Poll::Ready(stashed),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match polled {
             Poll::Ready(None) => {
                 this.guards.clear();
                 if let Some(mut record) = this.record.take() {
@@ -391,10 +429,24 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.stash {
+            Some(stashed) => stashed.is_none(),
+            None => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        // A stashed frame's bytes are still to come.
+        if let Some(Some(Ok(frame))) = &self.stash
+            && let Some(data) = frame.data_ref()
+        {
+            let len = data.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(len));
+            }
+            hint.set_lower(hint.lower().saturating_add(len));
+        }
+        hint
     }
 }

@@ -67,8 +67,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Prepares a request's headers for the upstream; returns its request id.
-pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade: bool) -> String {
+/// Prepares a request's headers for the upstream: hop-by-hop headers out, `x-forwarded-for`,
+/// `x-forwarded-proto` and `x-request-id` in (see the module docs).
+pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade: bool) {
     remove_hop_by_hop(headers, upgrade);
     if let Some(client) = client {
         let joined = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -83,33 +84,43 @@ pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade:
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    match headers.get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() => id.to_owned(),
-        _ => {
-            let id = uuid_v4();
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                headers.insert(X_REQUEST_ID, value);
-            }
-            id
-        }
+    let has_id = headers
+        .get(&X_REQUEST_ID)
+        .is_some_and(|v| v.to_str().is_ok_and(|id| !id.is_empty()));
+    if !has_id {
+        headers.insert(X_REQUEST_ID, uuid_v4());
     }
 }
 
-/// A random (version 4) UUID, RFC 9562.
-fn uuid_v4() -> String {
+/// The request's id (`x-request-id`) as [`prepare_request`] left it.
+pub fn request_id(headers: &HeaderMap) -> &str {
+    headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// A random (version 4) UUID, RFC 9562, in its text form (written in place: this runs for
+/// every request without an id).
+fn uuid_v4() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    let mut text = [0u8; 36];
+    let mut at = 0;
+    for (i, byte) in b.iter().enumerate() {
+        // 8-4-4-4-12 hex digits.
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text[at] = b'-';
+            at += 1;
+        }
+        text[at] = HEX[usize::from(byte >> 4)];
+        text[at + 1] = HEX[usize::from(byte & 0x0f)];
+        at += 2;
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
 #[cfg(test)]
@@ -158,14 +169,21 @@ mod tests {
     #[test]
     fn forwarding_headers_and_request_id() {
         let mut h = map(&[("x-forwarded-for", "192.0.2.9")]);
-        let id = prepare_request(&mut h, Some("10.244.1.2".parse().unwrap()), false);
+        prepare_request(&mut h, Some("10.244.1.2".parse().unwrap()), false);
         assert_eq!(h["x-forwarded-for"], "192.0.2.9, 10.244.1.2");
         assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-request-id"], id.as_str());
+        let id = request_id(&h);
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert!(id.bytes().all(|c| c == b'-' || c.is_ascii_hexdigit()));
+        assert!(!id.bytes().any(|c| c.is_ascii_uppercase()));
+        let variant = u8::from_str_radix(&id[19..20], 16).unwrap();
+        assert!((8..=11).contains(&variant), "RFC 9562 variant bits 10xx");
         let mut h = map(&[("x-request-id", "abc"), ("x-forwarded-proto", "https")]);
-        assert_eq!(prepare_request(&mut h, None, false), "abc");
+        prepare_request(&mut h, None, false);
+        assert_eq!(request_id(&h), "abc");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert!(!h.contains_key("x-forwarded-for"));
     }

@@ -128,7 +128,8 @@ type Idle = (Instant, Http1);
 /// another virtual node's requests.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
-    pub source: ResourceId,
+    /// Shared: the key is cloned for every request and every connection given back.
+    pub source: Arc<ResourceId>,
     pub endpoint: SocketAddr,
 }
 
