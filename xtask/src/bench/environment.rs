@@ -187,7 +187,7 @@ impl Env {
         node1.write_workload(&server)?;
         node2.write_workload(&web2)?;
         node2.write_workload(&web2_tls)?;
-        let agent2 = Agent::start(&tb, &node2, &mesh, &as_strs(&peer_args(&node1)))?;
+        let agent2 = start_agent_as_deployed(&tb, &node2, &mesh, &as_strs(&peer_args(&node1)))?;
         for pod in ["bench/web2", "bench/web2-tls"] {
             agent2.wait_enrolled(pod, true, Duration::from_secs(20))?;
         }
@@ -220,7 +220,7 @@ impl Env {
             ]);
         }
         args.extend(peer_args(&self.node2));
-        let agent = Agent::start(&self.tb, &self.node1, &self.mesh, &as_strs(&args))?;
+        let agent = start_agent_as_deployed(&self.tb, &self.node1, &self.mesh, &as_strs(&args))?;
         for pod in ["bench/client", "bench/web"] {
             agent.wait_enrolled(pod, true, Duration::from_secs(10))?;
         }
@@ -297,7 +297,7 @@ impl Env {
     /// RSS of an agent running the demo mesh (examples/demo/mesh.yaml), once ready and idle.
     pub(super) fn demo_mesh_rss(&self) -> anyhow::Result<u64> {
         let demo = workspace_root().join("examples/demo/mesh.yaml");
-        let agent = Agent::start(&self.tb, &self.node1, &demo, &[])?;
+        let agent = start_agent_as_deployed(&self.tb, &self.node1, &demo, &[])?;
         std::thread::sleep(Duration::from_secs(2));
         let rss = proc_status_kib(agent.process.pid(), "VmRSS")?;
         agent.stop()?;
@@ -366,4 +366,18 @@ pub(super) fn on_interrupt_clean(tb: &Testbed) {
             eprintln!("bench: no Ctrl-C handler ({error}); an interrupted run leaves its testbed");
         }
     });
+}
+
+/// Starts an agent logging as a deployed agent does (`RUST_LOG=info`). The testbed's agents
+/// also write the per-request DEBUG line the tests read, a cost of its own on every request
+/// that a benchmark must not count against the proxy.
+pub(super) fn start_agent_as_deployed(
+    tb: &Testbed,
+    node: &Node,
+    mesh: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Agent> {
+    Agent::start_with(tb, node, mesh, extra, |command| {
+        command.env("RUST_LOG", "info");
+    })
 }

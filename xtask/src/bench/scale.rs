@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
-use testbed::agent::Agent;
 use testbed::{PodSpec, Testbed};
 
 /// The raw results' file, under the output folder.
@@ -142,7 +141,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     std::fs::write(&mesh, mesh_yaml())?;
     node.write_workload(&client)?;
     node.write_workload(&echo)?;
-    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
     for pod in ["scale/client", "scale/echo"] {
         agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
     }
@@ -203,7 +202,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     for workload in &bare {
         std::fs::remove_file(node.workloads_dir().join(workload.file_name()))?;
     }
-    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
     for pod in ["scale/client", "scale/echo"] {
         agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
     }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde_json::{Value, json};
-use testbed::agent::{Agent, http_binary, metric};
+use testbed::agent::{http_binary, metric};
 use testbed::{PodSpec, Testbed};
 
 pub const RAW: &str = "benchmarks/soak.json";
@@ -142,7 +142,7 @@ pub fn run(strait: &Path, xtask: &Path, seconds: u64) -> anyhow::Result<Value> {
     for pod in [&client, &web_a, &web_b, &echo] {
         node.write_workload(pod)?;
     }
-    let agent = Agent::start(&tb, &node, &mesh, &[])?;
+    let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
     for pod in ["soak/client", "soak/web-a", "soak/web-b", "soak/echo"] {
         agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
     }
