@@ -305,7 +305,7 @@ impl Gateways {
         let mut addrs = Vec::new();
         for (addr, listener) in bound {
             if let Err(error) = registry.add(&name(&addr), &listener) {
-                tracing::warn!(%addr, %error, "gateway listener cannot be handed over on upgrade");
+                tracing::warn!(%addr, error = %Chain(&error), "gateway listener cannot be handed over on upgrade");
             }
             names.push(name(&addr));
             addrs.push(addr);
@@ -441,7 +441,7 @@ impl Listener {
         let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
-                tracing::info!(gateway = %self.gateway, port = self.port, %peer, %error, "TLS handshake with a client failed");
+                tracing::info!(gateway = %self.gateway, port = self.port, %peer, error = %Chain(&error), "TLS handshake with a client failed");
                 return;
             }
             Err(_) => {

@@ -135,7 +135,7 @@ where
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%workload, %error, "accept failed");
+                        tracing::warn!(%workload, error = %crate::logging::Chain(&error), "accept failed");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }

@@ -902,7 +902,7 @@ impl Gate {
             }
         };
         if let Err(error) = result {
-            tracing::debug!(target: "strait::admission", %target, %error, "gated connection ended with an error");
+            tracing::debug!(target: "strait::admission", %target, error = %crate::logging::Chain(&*error), "gated connection ended with an error");
         }
     }
 
@@ -919,7 +919,9 @@ impl Gate {
                 self.serve(TokioIo::new(upgraded), pod, target, Some(drain))
                     .await
             }
-            Err(error) => tracing::debug!(%error, "tunnel stream ended before it was established"),
+            Err(error) => {
+                tracing::debug!(error = %crate::logging::Chain(&error), "tunnel stream ended before it was established")
+            }
         }
     }
 }

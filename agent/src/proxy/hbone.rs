@@ -116,7 +116,7 @@ impl Settings {
         if let Err(error) = socket.set_tcp_keepalive(&keepalive).and_then(|()| {
             socket.set_tcp_user_timeout(Some(self.keepalive_interval + self.keepalive_timeout))
         }) {
-            tracing::debug!(%error, "cannot set TCP keepalive on a tunnel socket");
+            tracing::debug!(error = %crate::logging::Chain(&error), "cannot set TCP keepalive on a tunnel socket");
         }
     }
 }
@@ -127,11 +127,12 @@ pub enum Error {
     #[error(transparent)]
     Identity(#[from] identity::Error),
     #[error(
-        "cannot reach the agent of node {node} on its tunnel port: {source} (is strait running \
-         there with --tunnel-listen, and does a firewall let port {PORT} through?)"
+        "cannot reach the agent of node {node} on its tunnel port (is strait running there with \
+         --tunnel-listen, and does a firewall let port {PORT} through?)"
     )]
     Connect {
         node: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
     #[error(
@@ -620,7 +621,7 @@ pub async fn open(
                 return Ok((stream, going_away));
             }
             Ok(Err(Opening::Unsent(e))) if !redialled => {
-                tracing::debug!(%node, %sni, error = %e, "tunnel connection going away; the stream goes on a new one");
+                tracing::debug!(%node, %sni, error = %crate::logging::Chain(&e), "tunnel connection going away; the stream goes on a new one");
                 redialled = true;
                 broken.store(true, Ordering::Release);
             }
@@ -832,13 +833,13 @@ async fn dial(
                     %node,
                     sni = %sni_owned,
                     streams = streams2.load(Ordering::Acquire),
-                    %error,
+                    error = %crate::logging::Chain(&error),
                     "tunnel connection closed: the peer agent stopped answering (keepalive); its streams are closed"
                 );
                 held_down2.hold(node, "keepalive timed out");
             }
             Err(error) => {
-                tracing::debug!(%node, sni = %sni_owned, %error, "tunnel connection ended");
+                tracing::debug!(%node, sni = %sni_owned, error = %crate::logging::Chain(&error), "tunnel connection ended");
             }
             Ok(()) => {}
         }
@@ -876,7 +877,7 @@ pub fn serve(listener: TcpListener, ctx: Arc<Context>) {
                         .spawn(async move { accept(tcp, peer, ctx2).await });
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "tunnel accept failed");
+                    tracing::warn!(error = %crate::logging::Chain(&error), "tunnel accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
@@ -910,19 +911,19 @@ fn server_config(
             &tls.certificate,
             &format!("{field}.certificate"),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::logging::Chain(&e).to_string())?;
     let builder = rustls::ServerConfig::builder_with_provider(identity::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::logging::Chain(&e).to_string())?;
     let mutual = tls.validation.is_some();
     let builder = match &tls.validation {
         Some(validation) => {
             let trust_path = trust_file(validation, &format!("{field}.validation"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::logging::Chain(&e).to_string())?;
             let trust = transport
                 .store
                 .trust(&trust_path)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::logging::Chain(&e).to_string())?;
             let report = Report {
                 metrics: transport.metrics.clone(),
                 context: format!("tunnel from {peer} to {vn} port {port}"),
@@ -932,7 +933,7 @@ fn server_config(
                 validation.subject_alternative_names.clone(),
                 report,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::logging::Chain(&e).to_string())?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         }
         None => builder.with_no_client_auth(),
@@ -955,7 +956,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
             return;
         }
         Ok(Err(error)) => {
-            tracing::warn!(%peer, %error, "not a TLS client on the tunnel port; closed");
+            tracing::warn!(%peer, error = %crate::logging::Chain(&error), "not a TLS client on the tunnel port; closed");
             transport.metrics.handshake_failure("server", "not_tls");
             return;
         }
@@ -992,7 +993,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             // Certificate rejections were logged and counted by the verifier with the reason.
-            tracing::info!(%peer, virtual_node = %vn, port, %error, "tunnel TLS handshake failed");
+            tracing::info!(%peer, virtual_node = %vn, port, error = %crate::logging::Chain(&error), "tunnel TLS handshake failed");
             transport.metrics.handshake_failed("server", &error);
             return;
         }
@@ -1062,7 +1063,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         }
     };
     if let Err(error) = served {
-        tracing::debug!(%peer, %error, "tunnel connection ended");
+        tracing::debug!(%peer, error = %crate::logging::Chain(&error), "tunnel connection ended");
     }
 }
 
@@ -1181,7 +1182,7 @@ async fn stream(
             super::idle::stream(s, idle),
         ),
         Err(error) => {
-            tracing::warn!(target_pod = %pod.workload, %target, %error, "delivery to the pod failed");
+            tracing::warn!(target_pod = %pod.workload, %target, error = %crate::logging::Chain(&error), "delivery to the pod failed");
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the pod refused the connection",
@@ -1209,7 +1210,7 @@ async fn stream(
         let mut tunnel = match on_upgrade.await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(error) => {
-                tracing::debug!(%error, "tunnel stream ended before it was established");
+                tracing::debug!(error = %crate::logging::Chain(&error), "tunnel stream ended before it was established");
                 return;
             }
         };

@@ -60,6 +60,7 @@ use self::route::{Routed, Way};
 use super::breaker::{Breaker, RetryGuard};
 use super::outbound::Source;
 use super::{Context, Drain};
+use crate::logging::Chain;
 use crate::mesh::Protocol;
 use crate::routing::ServicePort;
 use crate::routing::http::{HttpRoute, HttpTarget, RouteRateLimit};
@@ -376,7 +377,7 @@ async fn serve_with<E: Env, I>(
         }
     };
     if let Err(error) = result {
-        tracing::debug!(%orig_dst, %error, "client HTTP connection ended with an error");
+        tracing::debug!(%orig_dst, error = %crate::logging::Chain(&*error), "client HTTP connection ended with an error");
     }
 }
 
@@ -856,11 +857,11 @@ impl<E: Env> Downstream<E> {
                     } else {
                         (policy.reset, "reset")
                     };
-                    tracing::debug!(%endpoint, %error, attempt, retry, "upstream attempt failed");
+                    tracing::debug!(%endpoint, error = %Chain(&error), attempt, retry, "upstream attempt failed");
                     last = if error.is_connect() {
-                        Failure::Connect(error.to_string())
+                        Failure::Connect(Chain(&error).to_string())
                     } else {
-                        Failure::Reset(error.to_string())
+                        Failure::Reset(Chain(&error).to_string())
                     };
                     if retry
                         && retries_left
@@ -1009,11 +1010,13 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, 
                         tracing::debug!(virtual_service = %vs, sent, received, "upgraded connection closed")
                     }
                     Err(error) => {
-                        tracing::debug!(virtual_service = %vs, %error, "upgraded connection ended with an error")
+                        tracing::debug!(virtual_service = %vs, error = %crate::logging::Chain(&error), "upgraded connection ended with an error")
                     }
                 }
             }
-            Err(error) => tracing::warn!(virtual_service = %vs, %error, "protocol upgrade failed"),
+            Err(error) => {
+                tracing::warn!(virtual_service = %vs, error = %crate::logging::Chain(&error), "protocol upgrade failed")
+            }
         }
     });
 }

@@ -102,7 +102,7 @@ async fn handle(
     let mut upstream = match pod.connect_loopback(local.ip(), local.port()).await {
         Ok(s) => super::idle::stream(s, idle),
         Err(error) => {
-            tracing::warn!(workload = %pod.workload, %local, %error, "delivery to the pod failed");
+            tracing::warn!(workload = %pod.workload, %local, error = %crate::logging::Chain(&error), "delivery to the pod failed");
             return;
         }
     };

@@ -608,7 +608,7 @@ pub async fn dial(
         client_tls,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| crate::logging::Chain(&e).to_string())?;
     Ok(Stream {
         io: Box::new(stream),
         going_away: Some(going_away),

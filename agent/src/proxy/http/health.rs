@@ -186,7 +186,7 @@ async fn check_loop(
                 count("failure");
                 failures += 1;
                 successes = 0;
-                tracing::debug!(virtual_node = %spec.virtual_node, %endpoint, %error, "health check failed");
+                tracing::debug!(virtual_node = %spec.virtual_node, %endpoint, error = %crate::logging::Chain(&error), "health check failed");
                 if state.healthy() && (first || failures >= policy.unhealthy_threshold) {
                     state.set_healthy(false);
                     metrics.ejections.get_or_create(&node_labels()).inc();
@@ -195,7 +195,7 @@ async fn check_loop(
                         virtual_node = %spec.virtual_node,
                         endpoint = %endpoint,
                         failures,
-                        %error,
+                        error = %crate::logging::Chain(&error),
                         "health check: endpoint ejected"
                     );
                 }

@@ -46,19 +46,22 @@ pub enum Proto {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connect to {endpoint} failed: {source}")]
+    #[error("connect to {endpoint} failed")]
     Connect {
         endpoint: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
-    #[error("HTTP handshake with {endpoint} failed: {source}")]
+    #[error("HTTP handshake with {endpoint} failed")]
     Handshake {
         endpoint: SocketAddr,
+        #[source]
         source: hyper::Error,
     },
-    #[error("{endpoint} did not answer: {source}")]
+    #[error("{endpoint} did not answer")]
     Request {
         endpoint: SocketAddr,
+        #[source]
         source: hyper::Error,
     },
 }
@@ -272,7 +275,7 @@ impl Pool {
             .map_err(|source| Error::Handshake { endpoint, source })?;
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(%endpoint, %error, "upstream HTTP/1.1 connection ended");
+                tracing::debug!(%endpoint, error = %crate::logging::Chain(&error), "upstream HTTP/1.1 connection ended");
             }
         });
         Ok(Http1 { sender, going_away })
@@ -291,7 +294,7 @@ impl Pool {
             .map_err(|source| Error::Handshake { endpoint, source })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(%endpoint, %error, "upstream HTTP/2 connection ended");
+                tracing::debug!(%endpoint, error = %crate::logging::Chain(&error), "upstream HTTP/2 connection ended");
             }
         });
         Ok(Http2 { sender, going_away })
