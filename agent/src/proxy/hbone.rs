@@ -136,16 +136,21 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "TLS handshake with the agent of node {node} for {sni} failed: {detail} (the log of \
-         either agent says which certificate was rejected and why)"
+        "TLS handshake with the agent of node {node} for {sni} failed (the log of either agent \
+         says which certificate was rejected and why)"
     )]
     Handshake {
         node: SocketAddr,
         sni: String,
-        detail: String,
+        #[source]
+        source: std::io::Error,
     },
-    #[error("HTTP/2 on the tunnel to {node} failed: {detail}")]
-    Http2 { node: SocketAddr, detail: String },
+    #[error("HTTP/2 on the tunnel to {node} failed")]
+    Http2 {
+        node: SocketAddr,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "the agent of node {node} stopped answering {ago:?} ago ({why}); streams to it fail at \
          once for up to {NODE_HOLD_DOWN:?} or until it answers again (is the node up, and its \
@@ -628,7 +633,7 @@ pub async fn open(
             Ok(Err(Opening::Unsent(e))) => {
                 return Err(Error::Http2 {
                     node,
-                    detail: e.to_string(),
+                    source: e.into(),
                 });
             }
             Ok(Err(Opening::Failed(error))) => return Err(error),
@@ -669,7 +674,7 @@ async fn open_stream(
         .map_err(|e| {
             Opening::Failed(Error::Http2 {
                 node,
-                detail: e.to_string(),
+                source: e.into(),
             })
         })?;
     let response = match sender.try_send_request(request).await {
@@ -682,7 +687,7 @@ async fn open_stream(
             }
             return Err(Opening::Failed(Error::Http2 {
                 node,
-                detail: e.to_string(),
+                source: e.into(),
             }));
         }
     };
@@ -703,7 +708,7 @@ async fn open_stream(
     let upgraded = hyper::upgrade::on(response).await.map_err(|e| {
         Opening::Failed(Error::Http2 {
             node,
-            detail: e.to_string(),
+            source: e.into(),
         })
     })?;
     Ok(TokioIo::new(upgraded))
@@ -760,10 +765,10 @@ async fn dial(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     let name = ServerName::try_from(sni.to_owned())
         .map_err(|e| identity::Error::Config(format!("server name {sni}: {e}")))?;
-    let handshake_error = |detail: String| Error::Handshake {
+    let handshake_error = |source: std::io::Error| Error::Handshake {
         node,
         sni: sni.to_owned(),
-        detail,
+        source,
     };
     let tls = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -775,11 +780,14 @@ async fn dial(
             .metrics
             .handshake_failure("client", "handshake_timeout");
         held_down.hold(node, "TLS handshake timed out");
-        handshake_error("timed out".into())
+        handshake_error(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+        ))
     })?
     .map_err(|e| {
         transport.metrics.handshake_failed("client", &e);
-        handshake_error(e.to_string())
+        handshake_error(e)
     })?;
     let (_, session) = tls.get_ref();
     let server_sans = session
@@ -812,7 +820,7 @@ async fn dial(
         .await
         .map_err(|e| Error::Http2 {
             node,
-            detail: e.to_string(),
+            source: e.into(),
         })?;
     held_down.clear(node);
     let broken = Arc::new(AtomicBool::new(false));
