@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
-use testbed::agent::{Agent, echo_server, metric, peer_binary, strait_ok};
+use testbed::agent::{Agent, echo_server, issue_mesh_certs, metric, peer_binary, strait_ok};
 use testbed::scenario::peer_node_args;
 use testbed::{Node, Pod, PodSpec, Process, Testbed, require_tool, run};
 
@@ -137,18 +137,7 @@ fn bed(test: &str) -> anyhow::Result<Bed> {
     let mesh = tb.temp_dir().join("mesh").join("mesh.yaml");
     std::fs::create_dir_all(mesh.parent().context("mesh folder")?)?;
     std::fs::write(&mesh, mesh_yaml(&certs, &ghost, "thief"))?;
-    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node1,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node1, &mesh, &ca)?;
     // The ghost's pods run on no node: its files exist on none either.
     std::fs::remove_dir_all(&ghost)?;
     // The mesh file then points thief at color's certificate and key (`strait ca issue`

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::{Value, json};
 use testbed::agent::{Agent, metric, strait_ok};
-use testbed::scenario::peer_node_args;
+use testbed::scenario::{identity_service_args, peer_node_args};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, require_tool, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -210,18 +210,11 @@ fn bed(test: &str, lifetime: &str, impostor: bool, third: bool) -> anyhow::Resul
     node2.write_workload(&server)?;
     let start = |node: &Node, other: &Node| -> anyhow::Result<Agent> {
         let mut args = peer_node_args([other], true);
-        args.extend([
-            "--identity-service".to_string(),
-            ca_url.clone(),
-            "--node-cert".into(),
-            dir.join(format!("{}-cert", node.name()))
-                .display()
-                .to_string(),
-            "--identity-dir".into(),
-            dir.join(format!("{}-ids", node.name()))
-                .display()
-                .to_string(),
-        ]);
+        args.extend(identity_service_args(
+            &ca_url,
+            &dir.join(format!("{}-cert", node.name())),
+            &dir.join(format!("{}-ids", node.name())),
+        ));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Agent::start(&tb, node, Path::new(&mesh), &args)
     };

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 use testbed::agent::{Agent, http_server, metric, strait_binary, strait_ok};
-use testbed::scenario::peer_node_args;
+use testbed::scenario::{identity_service_args, peer_node_args};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, run};
 
 const HTTP_BIN: &str = env!("CARGO_BIN_EXE_strait-http");
@@ -1431,19 +1431,12 @@ fn an_sds_certificate_at_the_edge_comes_from_the_identity_service() -> anyhow::R
     node.write_workload(&gateway)?;
     node.write_workload(&red)?;
     let ca_url = format!("https://{listen}");
-    let ids = dir.join("node1-ids").display().to_string();
+    let args = identity_service_args(&ca_url, Path::new(&node_cert), &dir.join("node1-ids"));
     let agent = Agent::start(
         &tb,
         &node,
         &mesh,
-        &[
-            "--identity-service",
-            &ca_url,
-            "--node-cert",
-            &node_cert,
-            "--identity-dir",
-            &ids,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     agent.wait_enrolled(GATEWAY, true, Duration::from_secs(20))?;
     agent.wait_enrolled("ingress/red", true, Duration::from_secs(20))?;
@@ -1671,18 +1664,11 @@ fn the_gateways_sds_client_certificate_toward_the_mesh_comes_from_the_identity_s
             nodes.iter().copied().filter(|n| n.index() != node.index()),
             false,
         );
-        args.extend([
-            "--identity-service".to_string(),
-            ca_url.clone(),
-            "--node-cert".into(),
-            dir.join(format!("{}-cert", node.name()))
-                .display()
-                .to_string(),
-            "--identity-dir".into(),
-            dir.join(format!("{}-ids", node.name()))
-                .display()
-                .to_string(),
-        ]);
+        args.extend(identity_service_args(
+            &ca_url,
+            &dir.join(format!("{}-cert", node.name())),
+            &dir.join(format!("{}-ids", node.name())),
+        ));
         Agent::start(
             &tb,
             node,

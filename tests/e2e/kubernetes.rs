@@ -611,7 +611,7 @@ fn tunnel_streams(agent: &Agent, direction: &str) -> anyhow::Result<f64> {
 #[test]
 fn pods_of_one_flat_range_are_reached_through_the_agent_of_the_node_the_api_names()
 -> anyhow::Result<()> {
-    use testbed::agent::{echo_server, strait_ok};
+    use testbed::agent::{echo_server, issue_mesh_certs};
     let tb = Testbed::new("k8s-flat")?;
     let node1 = tb.add_node("node1")?;
     let node2 = tb.add_node("node2")?;
@@ -645,18 +645,7 @@ fn pods_of_one_flat_range_are_reached_through_the_agent_of_the_node_the_api_name
     let ca = tb.temp_dir().join("ca");
     let mesh = tb.temp_dir().join("mesh.yaml");
     std::fs::write(&mesh, flat_mesh_yaml(&certs))?;
-    strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
-    strait_ok(
-        &node1,
-        &[
-            "ca",
-            "issue",
-            "--mesh",
-            &mesh.display().to_string(),
-            "--ca-dir",
-            &ca.display().to_string(),
-        ],
-    )?;
+    issue_mesh_certs(&node1, &mesh, &ca)?;
 
     let api = KubeApi::new()?;
     let kubeconfig = |node: &Node| -> anyhow::Result<PathBuf> {

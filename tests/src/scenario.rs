@@ -325,6 +325,24 @@ pub fn peer_node_args<'a>(others: impl IntoIterator<Item = &'a Node>, ipv6: bool
     args
 }
 
+/// The arguments that make an agent take its identities from the identity service at `url`
+/// (`strait ca serve`), proving its node with the node certificate folder `node_cert` and
+/// keeping what it is issued in `identity_dir`.
+pub fn identity_service_args(
+    url: &str,
+    node_cert: &std::path::Path,
+    identity_dir: &std::path::Path,
+) -> Vec<String> {
+    vec![
+        "--identity-service".to_string(),
+        url.to_string(),
+        "--node-cert".to_string(),
+        node_cert.display().to_string(),
+        "--identity-dir".to_string(),
+        identity_dir.display().to_string(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Scenario, Servers};

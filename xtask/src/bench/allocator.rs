@@ -136,23 +136,10 @@ pub fn run(
     }))
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    Some(if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    })
-}
-
 /// Median over rounds of a figure of one build's L7 samples.
 fn l7_median(raw: &Value, build: &str, pointer: &str) -> Option<f64> {
     let samples = raw["l7"][build].as_array()?;
-    median(
+    super::report::median_of(
         samples
             .iter()
             .filter_map(|s| s.pointer(pointer)?.as_f64())

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::bail;
-use testbed::agent::{Agent, strait};
+use testbed::agent::{Agent, issue_mesh_certs};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run_ok};
 
 use super::procfs::proc_status_kib;
@@ -171,18 +170,7 @@ impl Env {
         std::fs::create_dir_all(&mesh_dir)?;
         let mesh = mesh_dir.join("mesh.yaml");
         std::fs::write(&mesh, scenario::mesh_yaml(&certs))?;
-        strait_ok(&node1, &["ca", "init", "--dir", &ca.display().to_string()])?;
-        strait_ok(
-            &node1,
-            &[
-                "ca",
-                "issue",
-                "--mesh",
-                &mesh.display().to_string(),
-                "--ca-dir",
-                &ca.display().to_string(),
-            ],
-        )?;
+        issue_mesh_certs(&node1, &mesh, &ca)?;
         node1.write_workload(&client)?;
         node1.write_workload(&server)?;
         node2.write_workload(&web2)?;
@@ -325,17 +313,6 @@ fn peer_args(other: &Node) -> Vec<String> {
 
 fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
-}
-
-fn strait_ok(node: &Node, args: &[&str]) -> anyhow::Result<()> {
-    let output = strait(node, args)?;
-    if !output.status.success() {
-        bail!(
-            "strait {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// run makes).

@@ -100,12 +100,17 @@ fn files(r: &Results) -> &'static Files {
 
 /// Median of the values at `pointer` in a scenario's samples.
 fn median(results: &Results, id: &str, pointer: &str) -> Option<f64> {
-    let mut values: Vec<f64> = results
+    let values: Vec<f64> = results
         .samples
         .get(id)?
         .iter()
         .filter_map(|s| s.pointer(pointer)?.as_f64())
         .collect();
+    median_of(values)
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` if empty.
+pub(super) fn median_of(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
         return None;
     }
