@@ -215,6 +215,9 @@ pub struct Node {
     metrics: Metrics,
     /// Gateway pods and the VirtualGateway listeners served in them.
     gateways: gateway::Gateways,
+    /// Whether a reconcile has run: until then `enrolled` is empty while the pinned maps
+    /// still hold the previous agent's pods, whose rules must stay (see `publish_state`).
+    reconciled: bool,
 }
 
 /// How long a changed pod's previous listeners keep accepting after the eBPF maps point at the
@@ -242,6 +245,7 @@ impl Node {
             registry,
             state: Arc::new(State::default()),
             enrolled: BTreeMap::new(),
+            reconciled: false,
             failed: BTreeMap::new(),
             retiring: Vec::new(),
             skipped: BTreeMap::new(),
@@ -344,8 +348,13 @@ impl Node {
             }))
             .collect();
         // A new service's backend pairs go in before its addresses; a service that stays keeps
-        // its id, so its entries in both maps stay as they are.
-        self.sync_backends();
+        // its id, so its entries in both maps stay as they are. Before this agent's first
+        // reconcile it has enrolled nothing, and a full sync would remove the rules of every
+        // pod the previous agent enrolled: during an upgrade their connects would be refused
+        // (EPERM under DROP_ALL) until each is enrolled again. The first reconcile syncs.
+        if self.reconciled {
+            self.sync_backends();
+        }
         if let Err(error) = self.ctx.redirect.set_services(&services) {
             tracing::error!(%error, "cannot update the service addresses in the eBPF map");
         } else {
@@ -445,6 +454,7 @@ impl Node {
         }
         self.retire_expired();
         self.sync_inbound();
+        self.reconciled = true;
         self.sync_backends();
         let ctx = self.ctx.clone();
         self.gateways
