@@ -1244,7 +1244,7 @@ impl GateInner {
             })
         };
         self.pool
-            .send(&key, &dial, proto, request)
+            .send(&key, &dial, proto, None, request)
             .await
             .map_err(|e| e.to_string())
     }

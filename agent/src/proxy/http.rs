@@ -322,7 +322,10 @@ async fn serve_with<E: Env, I>(
         source_name: source.virtual_node.to_string(),
         source,
         ingress,
+        upstreams: Arc::default(),
     });
+    let upstreams = downstream.upstreams.clone();
+    let pool = downstream.env.http().pool.clone();
     // Which HTTP the connection speaks is known from its first request.
     let http2_seen = Arc::new(tokio::sync::Notify::new());
     let service = {
@@ -361,9 +364,19 @@ async fn serve_with<E: Env, I>(
     let expired = drain.expired();
     tokio::pin!(expired);
     let (mut draining, mut http2, mut goaway) = (false, false, false);
+    // The connection's own upstream connections are driven here, on its task (see `pool`).
+    let shut_down = std::sync::atomic::AtomicBool::new(false);
+    let mut serving = std::future::poll_fn(|cx| {
+        if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            connection.as_mut().graceful_shutdown();
+        }
+        let result = connection.as_mut().poll(cx);
+        upstreams.poll_connections(cx);
+        result
+    });
     let result = loop {
         tokio::select! {
-            result = connection.as_mut() => break result,
+            result = &mut serving => break result,
             () = drain.signal.cancelled(), if !draining => draining = true,
             () = http2_seen.notified(), if !http2 => http2 = true,
             () = &mut expired => {
@@ -372,10 +385,11 @@ async fn serve_with<E: Env, I>(
             }
         }
         if draining && http2 && !goaway {
-            connection.as_mut().graceful_shutdown();
+            shut_down.store(true, std::sync::atomic::Ordering::Relaxed);
             goaway = true;
         }
     };
+    upstreams.hand_over(&pool);
     if let Err(error) = result {
         tracing::debug!(%orig_dst, error = %crate::logging::Chain(&*error), "client HTTP connection ended with an error");
     }
@@ -391,6 +405,8 @@ struct Downstream<E> {
     source_name: String,
     /// A gateway listener's routes; None for a pod's outbound connection.
     ingress: Option<Arc<dyn Ingress>>,
+    /// The HTTP/1.1 upstream connections this connection's task drives (see `pool`).
+    upstreams: Arc<pool::Local>,
 }
 
 /// Why no upstream response came back.
@@ -806,7 +822,10 @@ impl<E: Env> Downstream<E> {
             let env = &self.env;
             let (source, service_ref) = (&self.source, service);
             let dial = move || env.dial(snapshot, source, service_ref, node, endpoint);
-            let sent = http.pool.send(&key, &dial, proto, request);
+            // HTTP/2 clients' requests run on tasks of their own (hyper spawns them): they use
+            // the shared pool's connections.
+            let local = (parts.version < Version::HTTP_2).then_some(&self.upstreams);
+            let sent = http.pool.send(&key, &dial, proto, local, request);
             let result = match bound {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {
                     Ok(result) => result,

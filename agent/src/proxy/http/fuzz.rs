@@ -7,7 +7,7 @@
 //!
 //! The same harness checks how one client connection drains (`mod drain`): HTTP/1.1 answers
 //! the next request with `Connection: close`, an idle connection is closed only at the drain
-//! timeout, HTTP/2 gets GOAWAY.
+//! timeout, HTTP/2 gets GOAWAY; and how its upstream connections are kept (`mod upstreams`).
 //!
 //! `cargo test -p strait fuzz` runs a few hundred cases; set `PROPTEST_CASES` for a long run
 //! (docs/http.md says how the pre-release run is done).
@@ -628,6 +628,147 @@ mod drain {
                 .await
                 .expect("the server's connection ended")
                 .unwrap();
+        });
+    }
+}
+
+/// The upstream connections of one HTTP/1.1 client connection (`pool::Local`): reused by its
+/// requests, handed to the shared pool when it closes, and never a lost request when the
+/// upstream closes them.
+mod upstreams {
+    use super::*;
+    use crate::proxy::Drain;
+    use http_body_util::{BodyExt as _, Empty};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An upstream on 127.0.0.1 that counts the connections it accepted; with `keep_alive`
+    /// false it closes each after one response.
+    async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let path = req.uri().path().to_owned();
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// An env of its own (an empty shared pool) whose mesh sends to `upstream`.
+    fn env_for(upstream: SocketAddr) -> Arc<TestEnv> {
+        let mesh = crate::mesh::parse_str(
+            &mesh(upstream.port()),
+            std::path::Path::new("upstreams.yaml"),
+        )
+        .unwrap()
+        .config;
+        Arc::new(TestEnv {
+            table: Arc::new(Table::compile(&mesh, &BTreeMap::new())),
+            http: Http::default(),
+        })
+    }
+
+    /// Serves one client connection with `env` and sends `requests` GETs on it, one after the
+    /// other, waiting `pause` before each; returns the bodies and waits for the connection's
+    /// task to end after the client closes.
+    async fn client_connection(
+        h: &Harness,
+        env: &Arc<TestEnv>,
+        requests: usize,
+        pause: Duration,
+    ) -> Vec<String> {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(serve(
+            server,
+            SERVICE.parse().unwrap(),
+            h.source.clone(),
+            env.clone(),
+            Drain {
+                signal: CancellationToken::new(),
+                timeout: Duration::from_secs(10),
+            },
+        ));
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let mut bodies = Vec::new();
+        for i in 0..requests {
+            tokio::time::sleep(pause).await;
+            sender.ready().await.unwrap();
+            let request = hyper::Request::get(format!("/a/{i}"))
+                .header("host", "color")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200, "request {i}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            bodies.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        drop(sender);
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the client connection's task ended after the client closed")
+            .unwrap();
+        bodies
+    }
+
+    #[test]
+    fn a_client_connection_reuses_its_upstream_connection_and_the_next_one_inherits_it() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (upstream, accepted) = counting_upstream(true).await;
+            let env = env_for(upstream);
+            let first = client_connection(h, &env, 5, Duration::ZERO).await;
+            assert_eq!(first, ["/a/0", "/a/1", "/a/2", "/a/3", "/a/4"]);
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "one client connection's requests share one upstream connection"
+            );
+            // The closed client connection handed its upstream connection to the shared pool.
+            let second = client_connection(h, &env, 3, Duration::ZERO).await;
+            assert_eq!(second, ["/a/0", "/a/1", "/a/2"]);
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "the next client connection reused the handed-over upstream connection"
+            );
+        });
+    }
+
+    #[test]
+    fn an_upstream_that_closes_after_each_response_loses_no_request() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (upstream, accepted) = counting_upstream(false).await;
+            let env = env_for(upstream);
+            // Back to back, and with pauses in which the closed connection's end is seen.
+            let quick = client_connection(h, &env, 20, Duration::ZERO).await;
+            assert_eq!(quick.len(), 20);
+            let paused = client_connection(h, &env, 5, Duration::from_millis(50)).await;
+            assert_eq!(paused.len(), 5);
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                25,
+                "a connection the upstream closed is never used again"
+            );
         });
     }
 }

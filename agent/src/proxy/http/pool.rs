@@ -12,10 +12,19 @@
 //!
 //! A request that a pooled connection could not even start to send (the upstream had closed the
 //! idle connection) is sent again on a new connection; that is not a retry in App Mesh's sense.
+//!
+//! An HTTP/1.1 client connection keeps its own upstream connections ([`Local`]) and drives them
+//! on its own task: the request, the upstream's answer and the response body then never cross
+//! to another task, whose wake-up would often be on the other core (docs/benchmarks.md,
+//! "Where an L7 request's time goes"). They are reused by that client connection's next
+//! requests, and join the shared pool when it closes.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -27,7 +36,7 @@ use super::body::{Guard, ReplayBody};
 use crate::mesh::ResourceId;
 use crate::proxy::upstream;
 
-type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An idle HTTP/1.1 connection older than this is closed rather than reused (upstreams commonly
 /// close theirs after 60-120 s; reusing one they are closing costs a failed send).
@@ -153,26 +162,47 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pool {
     /// Sends `request` (URI in origin form for HTTP/1.1, absolute for HTTP/2) to `endpoint`.
     /// The guard returned must live until the response body is done (it gives an HTTP/1.1
-    /// connection back to the pool).
+    /// connection back to the pool). An HTTP/1.1 request of a client connection that has
+    /// `local` connections uses one of those first, then one of the shared pool's; a new
+    /// connection joins `local`.
     pub async fn send(
         self: &Arc<Self>,
         key: &Key,
         dial: Dial<'_>,
         proto: Proto,
+        local: Option<&Arc<Local>>,
         mut request: Request<ReplayBody>,
     ) -> Result<(Response<Incoming>, Option<Guard>), Error> {
         let endpoint = key.endpoint;
         for _ in 0..STALE_RETRIES {
             match proto {
                 Proto::Http1 => {
-                    let (mut connection, reused) = match self.take_idle(key) {
-                        Some(connection) => (connection, true),
-                        None => (self.connect_http1(endpoint, dial).await?, false),
+                    let local = local.filter(|local| !local.handed_over());
+                    let taken = match local.and_then(|local| local.take_idle(key)) {
+                        Some(connection) => Some((connection, local.cloned())),
+                        None => self.take_idle(key).map(|connection| (connection, None)),
+                    };
+                    let (mut connection, owner, reused) = match taken {
+                        Some((connection, owner)) => (connection, owner, true),
+                        None => {
+                            let (connection, driver) = self.connect_http1(endpoint, dial).await?;
+                            match local {
+                                Some(local) => {
+                                    local.drive(driver);
+                                    (connection, Some(local.clone()), false)
+                                }
+                                None => {
+                                    tokio::spawn(driver);
+                                    (connection, None, false)
+                                }
+                            }
+                        }
                     };
                     match connection.sender.try_send_request(request).await {
                         Ok(response) => {
                             let back = PoolReturn {
                                 pool: self.clone(),
+                                local: owner,
                                 key: key.clone(),
                                 connection: Some(connection),
                             };
@@ -264,7 +294,13 @@ impl Pool {
         lock(&self.multiplexed).retain(|key, _| keep(&key.endpoint));
     }
 
-    async fn connect_http1(&self, endpoint: SocketAddr, dial: Dial<'_>) -> Result<Http1, Error> {
+    /// Opens an HTTP/1.1 connection; the future returned drives it, and must be polled by a
+    /// task (its own, or a [`Local`]'s client connection's).
+    async fn connect_http1(
+        &self,
+        endpoint: SocketAddr,
+        dial: Dial<'_>,
+    ) -> Result<(Http1, Driver), Error> {
         let stream = dial()
             .await
             .map_err(|source| Error::Connect { endpoint, source })?;
@@ -273,12 +309,12 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| Error::Handshake { endpoint, source })?;
-        tokio::spawn(async move {
+        let driver = Box::pin(async move {
             if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%endpoint, error = %crate::logging::Chain(&error), "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok(Http1 { sender, going_away })
+        Ok((Http1 { sender, going_away }, driver))
     }
 
     async fn connect_http2(&self, endpoint: SocketAddr, dial: Dial<'_>) -> Result<Http2, Error> {
@@ -301,9 +337,108 @@ impl Pool {
     }
 }
 
-/// Gives an HTTP/1.1 connection back to the pool once its response is done.
+/// The future that drives one upstream HTTP/1.1 connection until it closes.
+type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One HTTP/1.1 client connection's own upstream connections (see the module's doc): the
+/// client connection's task polls them ([`Local::poll_connections`]) beside its own, and hands
+/// them to the shared pool when it ends ([`Local::hand_over`]).
+#[derive(Default)]
+pub struct Local {
+    state: Mutex<LocalState>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    /// Connections whose response is done; one may still be finishing it (not yet ready).
+    idle: Vec<(Key, Http1)>,
+    driving: Vec<Driver>,
+    handed_over: bool,
+}
+
+impl Local {
+    /// Polls the connections with the client connection task's context, so their I/O wakes
+    /// that task; the ones that ended are dropped.
+    pub fn poll_connections(&self, cx: &mut Context<'_>) {
+        let mut driving = std::mem::take(&mut lock(&self.state).driving);
+        if driving.is_empty() {
+            return;
+        }
+        // Polled outside the lock: a connection's poll may end a response, whose guard gives
+        // a connection back here.
+        driving.retain_mut(|driver| driver.as_mut().poll(cx).is_pending());
+        let mut state = lock(&self.state);
+        driving.append(&mut state.driving);
+        state.driving = driving;
+    }
+
+    /// Spawns the connections onto tasks of their own, and gives the idle ones to `pool`: the
+    /// client connection has ended.
+    pub fn hand_over(&self, pool: &Pool) {
+        let state = {
+            let mut state = lock(&self.state);
+            state.handed_over = true;
+            std::mem::take(&mut *state)
+        };
+        for driver in state.driving {
+            tokio::spawn(driver);
+        }
+        for (key, connection) in state.idle {
+            if connection.sender.is_ready() {
+                pool.give_back(key, connection);
+            }
+        }
+    }
+
+    fn handed_over(&self) -> bool {
+        lock(&self.state).handed_over
+    }
+
+    fn drive(&self, driver: Driver) {
+        let mut state = lock(&self.state);
+        if state.handed_over {
+            drop(state);
+            tokio::spawn(driver);
+        } else {
+            state.driving.push(driver);
+        }
+    }
+
+    /// A ready connection to `key`'s endpoint; closed and old ones are dropped, one still
+    /// finishing its last response is left.
+    fn take_idle(&self, key: &Key) -> Option<Http1> {
+        let mut state = lock(&self.state);
+        state.idle.retain(|(_, connection)| {
+            !connection.sender.is_closed()
+                && connection.going_away.as_ref().is_none_or(|gone| !gone())
+        });
+        let at = state
+            .idle
+            .iter()
+            .position(|(k, connection)| k == key && connection.sender.is_ready())?;
+        Some(state.idle.swap_remove(at).1)
+    }
+
+    /// Keeps `connection` for the client connection's next request, or gives it to the
+    /// shared pool if the client connection has ended.
+    fn give_back(&self, pool: &Pool, key: Key, connection: Http1) {
+        let mut state = lock(&self.state);
+        if state.handed_over {
+            drop(state);
+            if connection.sender.is_ready() {
+                pool.give_back(key, connection);
+            }
+        } else if state.idle.len() < IDLE_MAX_PER_ENDPOINT {
+            state.idle.push((key, connection));
+        }
+    }
+}
+
+/// Gives an HTTP/1.1 connection back to the pool once its response is done: to the client
+/// connection's own ([`Local`]) if it came from there.
 struct PoolReturn {
     pool: Arc<Pool>,
+    local: Option<Arc<Local>>,
     key: Key,
     connection: Option<Http1>,
 }
@@ -313,6 +448,15 @@ impl Drop for PoolReturn {
         let Some(mut connection) = self.connection.take() else {
             return;
         };
+        if connection.going_away.as_ref().is_some_and(|gone| gone()) {
+            return;
+        }
+        if let Some(local) = &self.local {
+            // Driven by the client connection's task, it turns ready at that task's next poll
+            // of it; a closed one is dropped when the next request looks.
+            local.give_back(&self.pool, self.key.clone(), connection);
+            return;
+        }
         if connection.sender.is_ready() {
             self.pool.give_back(self.key.clone(), connection);
             return;
