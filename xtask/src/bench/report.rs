@@ -506,6 +506,16 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
             .with_context(|| format!("parse {}", allocator_raw.display()))?;
         page.push_str(&super::allocator::markdown(&raw, soak_raw(out)?.as_ref()));
     }
+    let before_raw = out.join(BEFORE_RAW);
+    if r.is_partial() && before_raw.exists() {
+        let text = std::fs::read_to_string(&before_raw)
+            .with_context(|| format!("read {}", before_raw.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("parse {}", before_raw.display()))?;
+        let before =
+            Results::from_json(&raw).with_context(|| format!("read {}", before_raw.display()))?;
+        before_and_after(&mut page, &before, &r);
+    }
     if !r.is_partial() && out.join(PARTIAL.raw).exists() {
         let _ = writeln!(
             page,
@@ -515,6 +525,79 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
         );
     }
     Ok((page, svg(&r)))
+}
+
+/// Raw results of the same partial run on the code before a change: the partial page then
+/// compares the two, scenario by scenario.
+const BEFORE_RAW: &str = "benchmarks/partial-before.json";
+
+/// The scenario each one's requests/s is a ratio of, in both runs.
+fn baseline_of(sc: &Scenario) -> &'static str {
+    match (sc.workload, sc.topology) {
+        (Workload::Http1, Topology::SameNode) => "http_direct",
+        (Workload::Http1, Topology::CrossNode) => "xnode_direct",
+        (Workload::Http2, _) => "h2_direct",
+        (Workload::GrpcUnary, _) => "grpc_direct",
+        (Workload::Http1Throughput, _) => "telemetry_off",
+        (Workload::TcpBulk, _) => "bulk_direct",
+    }
+}
+
+/// "Before and after": the medians of the scenarios both runs have, side by side. The two
+/// runs are separate invocations: their requests/s and CPU figures compare only as far as the
+/// machine's load allowed (each run's load is on the table); the ratios to each run's own
+/// baseline are what compares.
+fn before_and_after(s: &mut String, before: &Results, after: &Results) {
+    let _ = writeln!(
+        s,
+        "## Before and after
+
+The same scenarios on the code before the change          ([{BEFORE_RAW}]({BEFORE_RAW}), {} round{}) and after it (this run). Two separate          invocations: compare each run's ratio to its own baseline first; requests/s and CPU          across the runs move with the machine's load, given per run.
+",
+        before.plan.rounds,
+        if before.plan.rounds == 1 { "" } else { "s" },
+    );
+    let load = |r: &Results| {
+        loadavg_range(r).map_or_else(|| "–".to_owned(), |(lo, _, hi)| format!("{lo:.1}–{hi:.1}"))
+    };
+    let _ = writeln!(
+        s,
+        "1-minute load average: before {}, after {}.
+",
+        load(before),
+        load(after)
+    );
+    let _ = writeln!(
+        s,
+        "| scenario | requests/s before | after | vs its baseline before | after | proxy CPU µs per request before | after | p99 at 1,000 rps (ms) before | after |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut both: Vec<&Scenario> = after
+        .scenarios
+        .iter()
+        .filter(|sc| before.samples.contains_key(sc.id) && sc.workload != Workload::TcpBulk)
+        .collect();
+    both.sort_by_key(|sc| sc.display_rank());
+    for sc in both {
+        let base = baseline_of(sc);
+        let rps = |r: &Results| median(r, sc.id, "/rps");
+        let vs = |r: &Results| ratio(median(r, sc.id, "/rps"), median(r, base, "/rps"));
+        let cpu = |r: &Results| median(r, sc.id, "/proxy_cpu_seconds_per_1000").map(|v| v * 1e3);
+        let p99 = |r: &Results| median(r, sc.id, "/latency/1000/p99_us");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            sc.plot_label(),
+            f(rps(before), 0),
+            f(rps(after), 0),
+            f(vs(before), 2),
+            f(vs(after), 2),
+            f(cpu(before), 1),
+            f(cpu(after), 1),
+            ms(p99(before)),
+            ms(p99(after)),
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The soak's raw results, if there are any.

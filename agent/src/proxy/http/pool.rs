@@ -178,24 +178,24 @@ impl Pool {
             match proto {
                 Proto::Http1 => {
                     let local = local.filter(|local| !local.handed_over());
-                    let taken = match local.and_then(|local| local.take_idle(key)) {
-                        Some(connection) => Some((connection, local.cloned())),
+                    let taken = match local.and_then(|local| Some((local, local.take_idle(key)?))) {
+                        Some((local, (connection, id))) => {
+                            Some((connection, Some((local.clone(), id))))
+                        }
                         None => self.take_idle(key).map(|connection| (connection, None)),
                     };
                     let (mut connection, owner, reused) = match taken {
                         Some((connection, owner)) => (connection, owner, true),
                         None => {
                             let (connection, driver) = self.connect_http1(endpoint, dial).await?;
-                            match local {
-                                Some(local) => {
-                                    local.drive(driver);
-                                    (connection, Some(local.clone()), false)
-                                }
+                            let owner = match local {
+                                Some(local) => local.drive(driver).map(|id| (local.clone(), id)),
                                 None => {
                                     tokio::spawn(driver);
-                                    (connection, None, false)
+                                    None
                                 }
-                            }
+                            };
+                            (connection, owner, false)
                         }
                     };
                     match connection.sender.try_send_request(request).await {
@@ -342,18 +342,42 @@ type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// One HTTP/1.1 client connection's own upstream connections (see the module's doc): the
 /// client connection's task polls them ([`Local::poll_connections`]) beside its own, and hands
-/// them to the shared pool when it ends ([`Local::hand_over`]).
+/// them to the shared pool when it ends ([`Local::hand_over`]). It keeps at most
+/// [`LOCAL_IDLE_MAX`] idle ones: a client whose requests go to many endpoints passes the others
+/// on to the shared pool at once rather than holding a connection to each.
 #[derive(Default)]
 pub struct Local {
     state: Mutex<LocalState>,
 }
 
+/// Idle connections one client connection keeps for itself.
+const LOCAL_IDLE_MAX: usize = 2;
+
 #[derive(Default)]
 struct LocalState {
-    /// Connections whose response is done; one may still be finishing it (not yet ready).
-    idle: Vec<(Key, Http1)>,
-    driving: Vec<Driver>,
+    /// Connections whose response is done, oldest first, with the id of their driver; one may
+    /// still be finishing its response (not yet ready).
+    idle: Vec<(Key, Http1, u64)>,
+    driving: Vec<(u64, Driver)>,
+    next_id: u64,
     handed_over: bool,
+}
+
+impl LocalState {
+    /// Takes connection `id` out of this client connection: its driver goes onto a task of
+    /// its own, and the connection to the shared pool if it is ready for another request.
+    fn release(&mut self, pool: &Pool, key: Key, connection: Http1, id: u64) {
+        match self.driving.iter().position(|(driving, _)| *driving == id) {
+            Some(at) => {
+                tokio::spawn(self.driving.swap_remove(at).1);
+                if connection.sender.is_ready() {
+                    pool.give_back(key, connection);
+                }
+            }
+            // Its connection ended (or is being polled just now): nothing to pass on.
+            None => drop(connection),
+        }
+    }
 }
 
 impl Local {
@@ -364,9 +388,9 @@ impl Local {
         if driving.is_empty() {
             return;
         }
-        // Polled outside the lock: a connection's poll may end a response, whose guard gives
-        // a connection back here.
-        driving.retain_mut(|driver| driver.as_mut().poll(cx).is_pending());
+        // Polled outside the lock, in case a connection's poll ends a response whose guard
+        // gives a connection back here.
+        driving.retain_mut(|(_, driver)| driver.as_mut().poll(cx).is_pending());
         let mut state = lock(&self.state);
         driving.append(&mut state.driving);
         state.driving = driving;
@@ -380,10 +404,10 @@ impl Local {
             state.handed_over = true;
             std::mem::take(&mut *state)
         };
-        for driver in state.driving {
+        for (_, driver) in state.driving {
             tokio::spawn(driver);
         }
-        for (key, connection) in state.idle {
+        for (key, connection, _) in state.idle {
             if connection.sender.is_ready() {
                 pool.give_back(key, connection);
             }
@@ -394,42 +418,52 @@ impl Local {
         lock(&self.state).handed_over
     }
 
-    fn drive(&self, driver: Driver) {
+    /// Drives a new connection on the client connection's task; returns its id.
+    fn drive(&self, driver: Driver) -> Option<u64> {
         let mut state = lock(&self.state);
         if state.handed_over {
             drop(state);
             tokio::spawn(driver);
-        } else {
-            state.driving.push(driver);
+            return None;
         }
+        let id = state.next_id;
+        state.next_id += 1;
+        state.driving.push((id, driver));
+        Some(id)
     }
 
-    /// A ready connection to `key`'s endpoint; closed and old ones are dropped, one still
+    /// A ready connection to `key`'s endpoint, and its id; closed ones are dropped, one still
     /// finishing its last response is left.
-    fn take_idle(&self, key: &Key) -> Option<Http1> {
+    fn take_idle(&self, key: &Key) -> Option<(Http1, u64)> {
         let mut state = lock(&self.state);
-        state.idle.retain(|(_, connection)| {
+        state.idle.retain(|(_, connection, _)| {
             !connection.sender.is_closed()
                 && connection.going_away.as_ref().is_none_or(|gone| !gone())
         });
         let at = state
             .idle
             .iter()
-            .position(|(k, connection)| k == key && connection.sender.is_ready())?;
-        Some(state.idle.swap_remove(at).1)
+            .position(|(k, connection, _)| k == key && connection.sender.is_ready())?;
+        let (_, connection, id) = state.idle.remove(at);
+        Some((connection, id))
     }
 
-    /// Keeps `connection` for the client connection's next request, or gives it to the
-    /// shared pool if the client connection has ended.
-    fn give_back(&self, pool: &Pool, key: Key, connection: Http1) {
+    /// Keeps `connection` for the client connection's next request; the oldest idle one goes
+    /// to the shared pool past [`LOCAL_IDLE_MAX`], and every one once the client connection
+    /// has ended.
+    fn give_back(&self, pool: &Pool, key: Key, connection: Http1, id: u64) {
         let mut state = lock(&self.state);
         if state.handed_over {
             drop(state);
             if connection.sender.is_ready() {
                 pool.give_back(key, connection);
             }
-        } else if state.idle.len() < IDLE_MAX_PER_ENDPOINT {
-            state.idle.push((key, connection));
+            return;
+        }
+        state.idle.push((key, connection, id));
+        if state.idle.len() > LOCAL_IDLE_MAX {
+            let (key, connection, id) = state.idle.remove(0);
+            state.release(pool, key, connection, id);
         }
     }
 }
@@ -438,7 +472,8 @@ impl Local {
 /// connection's own ([`Local`]) if it came from there.
 struct PoolReturn {
     pool: Arc<Pool>,
-    local: Option<Arc<Local>>,
+    /// The client connection's own pool and the connection's id there.
+    local: Option<(Arc<Local>, u64)>,
     key: Key,
     connection: Option<Http1>,
 }
@@ -451,10 +486,10 @@ impl Drop for PoolReturn {
         if connection.going_away.as_ref().is_some_and(|gone| gone()) {
             return;
         }
-        if let Some(local) = &self.local {
+        if let Some((local, id)) = &self.local {
             // Driven by the client connection's task, it turns ready at that task's next poll
             // of it; a closed one is dropped when the next request looks.
-            local.give_back(&self.pool, self.key.clone(), connection);
+            local.give_back(&self.pool, self.key.clone(), connection, *id);
             return;
         }
         if connection.sender.is_ready() {
