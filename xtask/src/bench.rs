@@ -73,6 +73,12 @@ pub struct BenchArgs {
     /// which build ran.
     #[arg(long)]
     debug_build: bool,
+    /// With `--only` (scenarios, not suites): also run every scenario with this agent binary
+    /// (the code before a change, built beforehand), alternating with this build's agent in
+    /// every round (both halves of a round run every scenario, in turns). Its samples go to
+    /// docs/benchmarks/partial-before.json, and the partial page compares the two.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// How long the soak runs, seconds (its target needs at least 600).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -220,64 +226,129 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             bail!("--only {:?} names no scenario", args.only);
         }
     }
+    if args.baseline_agent.is_some() && only.is_empty() {
+        bail!("--baseline-agent compares a partial run: name its scenarios with --only");
+    }
+    // The halves of a round: this build's agent, and the baseline's if there is one.
+    let mut builds: Vec<(PathBuf, bool)> = vec![(binaries.strait.clone(), telemetry_switch)];
+    if let Some(baseline) = &args.baseline_agent {
+        anyhow::ensure!(
+            baseline.is_file(),
+            "--baseline-agent {}: no such file",
+            baseline.display()
+        );
+        builds.push((baseline.clone(), has_telemetry_switch(baseline)));
+    }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
+    let mut before: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
+    let mut env = env;
     let mut agent: Option<(Agent, AgentFlags)> = None;
     for round in 0..plan.rounds {
-        for s in round_order(&scenarios, round) {
-            let mut proxy_pids = Vec::new();
-            if let Way::Strait {
-                fast_path,
-                telemetry,
-                ..
-            } = s.way
-            {
-                if telemetry.is_some() && !telemetry_switch {
-                    samples.entry(s.id).or_default().push(json!({
-                        "unavailable": "`strait run --telemetry` is not available in this build"
-                    }));
-                    continue;
+        // Which build goes first alternates between rounds, so neither is always the one that
+        // runs on a machine still busy from the other.
+        let mut halves: Vec<usize> = (0..builds.len()).collect();
+        if round % 2 == 1 {
+            halves.reverse();
+        }
+        for half in halves {
+            let (binary, telemetry_switch) = &builds[half];
+            let is_baseline = half == 1;
+            if builds.len() > 1 {
+                // SAFETY (of the environment): single-threaded here; testbed::agent reads
+                // STRAIT_BIN when it starts an agent.
+                unsafe { std::env::set_var("STRAIT_BIN", binary) };
+                if let Some((old, _)) = agent.take() {
+                    old.stop()?;
                 }
-                let flags = AgentFlags {
+                env.restart_agent2()?;
+                eprintln!(
+                    "bench: round {}/{}: the {} agent ({})",
+                    round + 1,
+                    plan.rounds,
+                    if is_baseline { "baseline" } else { "built" },
+                    binary.display()
+                );
+            }
+            let samples = if is_baseline {
+                &mut before
+            } else {
+                &mut samples
+            };
+            for s in round_order(&scenarios, round) {
+                let mut proxy_pids = Vec::new();
+                if let Way::Strait {
                     fast_path,
                     telemetry,
-                };
-                if agent.as_ref().map(|(_, f)| *f) != Some(flags) {
-                    if let Some((old, _)) = agent.take() {
-                        old.stop()?;
+                    ..
+                } = s.way
+                {
+                    if telemetry.is_some() && !telemetry_switch {
+                        samples.entry(s.id).or_default().push(json!({
+                            "unavailable": "`strait run --telemetry` is not available in this build"
+                        }));
+                        continue;
                     }
-                    agent = Some((env.start_agent(flags)?, flags));
+                    let flags = AgentFlags {
+                        fast_path,
+                        telemetry,
+                    };
+                    if agent.as_ref().map(|(_, f)| *f) != Some(flags) {
+                        if let Some((old, _)) = agent.take() {
+                            old.stop()?;
+                        }
+                        agent = Some((env.start_agent(flags)?, flags));
+                    }
+                    proxy_pids.push(agent.as_ref().context("BUG: no agent")?.0.process.pid());
+                    if s.topology == Topology::CrossNode {
+                        proxy_pids.push(env.agent2.process.pid());
+                    }
+                } else if matches!(s.way, Way::SidecarPair { .. }) {
+                    proxy_pids = env.sidecar_pids(s.topology);
                 }
-                proxy_pids.push(agent.as_ref().context("BUG: no agent")?.0.process.pid());
-                if s.topology == Topology::CrossNode {
-                    proxy_pids.push(env.agent2.process.pid());
-                }
-            } else if matches!(s.way, Way::SidecarPair { .. }) {
-                proxy_pids = env.sidecar_pids(s.topology);
+                eprintln!(
+                    "bench: round {}/{} {} ({:?}, {:?})",
+                    round + 1,
+                    plan.rounds,
+                    s.id,
+                    s.workload,
+                    s.topology
+                );
+                let loadavg = loadavg();
+                let mut sample = measure(&env, &plan, s, &proxy_pids)
+                    .with_context(|| format!("scenario {} in round {}", s.id, round + 1))?;
+                sample["loadavg_1m"] = json!(loadavg);
+                eprintln!("bench:   {sample}");
+                samples.entry(s.id).or_default().push(sample);
             }
-            eprintln!(
-                "bench: round {}/{} {} ({:?}, {:?})",
-                round + 1,
-                plan.rounds,
-                s.id,
-                s.workload,
-                s.topology
-            );
-            let loadavg = loadavg();
-            let mut sample = measure(&env, &plan, s, &proxy_pids)
-                .with_context(|| format!("scenario {} in round {}", s.id, round + 1))?;
-            sample["loadavg_1m"] = json!(loadavg);
-            eprintln!("bench:   {sample}");
-            samples.entry(s.id).or_default().push(sample);
         }
     }
+    // With a baseline the last agent may be the baseline's: its counters would mislead.
     let fast_counters = match &agent {
-        Some((a, _)) => a.counters().unwrap_or(Value::Null),
-        None => Value::Null,
+        Some((a, _)) if builds.len() == 1 => a.counters().unwrap_or(Value::Null),
+        _ => Value::Null,
     };
     if let Some((a, _)) = agent.take() {
         a.stop()?;
     }
+    // The demo mesh's RSS is this build's.
+    // SAFETY (of the environment): single-threaded here, as above.
+    unsafe { std::env::set_var("STRAIT_BIN", &binaries.strait) };
     let demo_rss = env.demo_mesh_rss()?;
+    if let Some((_, baseline_switch)) = builds.get(1) {
+        report::write_before(
+            &out,
+            &report::Results {
+                plan: plan.clone(),
+                machine: machine(),
+                only: only.clone(),
+                scenarios: scenarios.clone(),
+                samples: before,
+                demo_mesh_agent_rss_kib: demo_rss,
+                fast_path_counters: Value::Null,
+                telemetry_switch: *baseline_switch,
+            },
+        )?;
+    }
     let results = report::Results {
         plan: plan.clone(),
         machine: machine(),

@@ -195,6 +195,23 @@ impl Env {
         })
     }
 
+    /// Restarts node2's agent from the binary `STRAIT_BIN` names now (`--baseline-agent`
+    /// alternates binaries between the halves of a round).
+    pub(super) fn restart_agent2(&mut self) -> anyhow::Result<()> {
+        self.agent2.stop()?;
+        self.agent2 = start_agent_as_deployed(
+            &self.tb,
+            &self.node2,
+            &self.mesh,
+            &as_strs(&peer_args(&self.node1)),
+        )?;
+        for pod in ["bench/web2", "bench/web2-tls"] {
+            self.agent2
+                .wait_enrolled(pod, true, Duration::from_secs(20))?;
+        }
+        Ok(())
+    }
+
     /// node1's agent with `flags`.
     pub(super) fn start_agent(&self, flags: AgentFlags) -> anyhow::Result<Agent> {
         let mut args = vec![

@@ -424,7 +424,28 @@ pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
     let files = files(r);
     let dir = out.join("benchmarks");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let raw = json!({
+    std::fs::write(
+        out.join(files.raw),
+        serde_json::to_string_pretty(&raw_json(r))? + "\n",
+    )?;
+    render(out)
+}
+
+/// Writes the raw results of `--baseline-agent`'s half of a partial run
+/// ([`BEFORE_RAW`]); [`write`] of the other half renders the comparison.
+pub fn write_before(out: &Path, r: &Results) -> anyhow::Result<()> {
+    let dir = out.join("benchmarks");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::write(
+        out.join(BEFORE_RAW),
+        serde_json::to_string_pretty(&raw_json(r))? + "\n",
+    )?;
+    Ok(())
+}
+
+/// What [`Results::from_json`] reads back.
+fn raw_json(r: &Results) -> Value {
+    json!({
         "plan": r.plan,
         "machine": r.machine,
         "only": r.only,
@@ -437,12 +458,7 @@ pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
             "name": t.name, "value": t.value, "goal": t.goal.text(), "met": t.met(),
             "unavailable": t.unavailable,
         })).collect::<Vec<_>>(),
-    });
-    std::fs::write(
-        out.join(files.raw),
-        serde_json::to_string_pretty(&raw)? + "\n",
-    )?;
-    render(out)
+    })
 }
 
 /// Regenerates the pages and plots of the full run and of the partial run, where their raw
@@ -543,17 +559,17 @@ fn baseline_of(sc: &Scenario) -> &'static str {
     }
 }
 
-/// "Before and after": the medians of the scenarios both runs have, side by side. The two
-/// runs are separate invocations: their requests/s and CPU figures compare only as far as the
-/// machine's load allowed (each run's load is on the table); the ratios to each run's own
-/// baseline are what compares.
+/// "Before and after": the medians of the scenarios both turns of a `--baseline-agent` run
+/// have, side by side.
 fn before_and_after(s: &mut String, before: &Results, after: &Results) {
     let _ = writeln!(
         s,
-        "## Before and after
-
-The same scenarios on the code before the change          ([{BEFORE_RAW}]({BEFORE_RAW}), {} round{}) and after it (this run). Two separate          invocations: compare each run's ratio to its own baseline first; requests/s and CPU          across the runs move with the machine's load, given per run.
-",
+        "## Before and after\n\nThe same scenarios with the agent before the change \
+         ([{BEFORE_RAW}]({BEFORE_RAW}), `--baseline-agent`) and with this build's, {} round{}: \
+         the two agents take turns in every round of one invocation (which goes first \
+         alternates), and every scenario, the direct and sidecar baselines included, runs in \
+         both turns. Compare each turn's ratio to its own baseline first; the load average of \
+         each turn is given.\n",
         before.plan.rounds,
         if before.plan.rounds == 1 { "" } else { "s" },
     );
