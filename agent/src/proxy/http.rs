@@ -370,6 +370,11 @@ async fn serve_with<E: Env, I>(
         if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
             connection.as_mut().graceful_shutdown();
         }
+        // Upstream connections before and after the client's: a response one of them read is
+        // then written to the client in this same poll, and a request the client's connection
+        // just handed over is sent upstream in it too, instead of after a wake-up of this task
+        // by itself.
+        upstreams.poll_connections(cx);
         let result = connection.as_mut().poll(cx);
         upstreams.poll_connections(cx);
         result
