@@ -6,8 +6,10 @@
 //! resident memory (docs/benchmarks.md, "Scale"). Here each direction reads into
 //! [`SIZES`]`[0]` bytes first; a read that fills its buffer moves the buffer one step up
 //! (16 KiB, then 64 KiB, the size every direction had before), so a bulk transfer reaches the
-//! large buffer after two full reads and a chatty connection keeps the small one. A buffer
-//! only changes size when it is empty, so no byte is moved between buffers.
+//! large buffer after two full reads and a chatty connection keeps the small one. A larger
+//! buffer replaces an empty one, except the first step: a read that fills the small buffer
+//! moves its bytes to the next size at once and reads what else is ready, so a message a
+//! little longer than the small buffer (a 1 KiB response with its head) leaves in one write.
 //!
 //! A direction waiting for bytes holds no buffer when its buffer is the small one, or when its
 //! last read was smaller than that (a burst ended): an idle connection costs its task and its
@@ -112,6 +114,39 @@ impl Direction {
         }
     }
 
+    /// The small buffer was filled: the message read may be longer than it (a 1 KiB response
+    /// and its head are). Moves to the next size at once and reads what else is ready, so the
+    /// message leaves in one write rather than two (each write is a segment, or a tunnel DATA
+    /// frame, and a wake-up of the reader on the other side). What the read finds is counted as
+    /// the last read; when nothing more is ready the direction goes on as before.
+    fn read_rest_of_message<R>(&mut self, cx: &mut Context<'_>, r: &mut R) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        self.grow = false;
+        self.step += 1;
+        let mut bigger = vec![0; SIZES[self.step]].into_boxed_slice();
+        bigger[..self.cap].copy_from_slice(&self.buf[..self.cap]);
+        self.buf = bigger;
+        let mut read = ReadBuf::new(&mut self.buf[self.cap..]);
+        match Pin::new(&mut *r).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    // End of stream: what was read is written, then the direction ends.
+                    self.read_done = true;
+                } else {
+                    self.last_read = n;
+                    self.cap += n;
+                    self.grow = self.cap == self.buf.len() && self.step + 1 < SIZES.len();
+                }
+                Ok(())
+            }
+            Poll::Ready(Err(error)) => Err(error),
+            Poll::Pending => Ok(()),
+        }
+    }
+
     /// Copies until `r` ends and everything read is written and flushed; returns the count.
     fn poll_copy<R, W>(
         &mut self,
@@ -159,6 +194,9 @@ impl Direction {
                     self.pos = 0;
                     self.cap = n;
                     self.grow = n == self.buf.len() && self.step + 1 < SIZES.len();
+                    if self.grow && self.step == 0 {
+                        self.read_rest_of_message(cx, r)?;
+                    }
                 }
             }
             while self.pos < self.cap {
@@ -317,13 +355,95 @@ mod tests {
         let chatty = vec![1u8; 10_000];
         assert_eq!(sizes_while_copying(&chatty, 100), vec![0]);
         assert_eq!(sizes_while_copying(&chatty, SIZES[0] - 1), vec![0]);
+        // (This reader pauses after every read: the read that fills the small buffer finds
+        // nothing more at once, and the next fills the middle one.)
         let bulk: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        assert_eq!(sizes_while_copying(&bulk, usize::MAX), SIZES[1..].to_vec());
+        assert_eq!(sizes_while_copying(&bulk, usize::MAX), vec![SIZES[2]]);
         // A burst that ends with a short read: the large buffer goes while the reader waits.
         let burst = vec![3u8; SIZES[0] + SIZES[1] + SIZES[2] + 10];
+        assert_eq!(sizes_while_copying(&burst, usize::MAX), vec![SIZES[2], 0]);
+    }
+
+    /// Messages that arrive whole (each readable at once, a pause between them).
+    struct Messages {
+        messages: std::collections::VecDeque<Vec<u8>>,
+        pause: bool,
+    }
+
+    impl AsyncRead for Messages {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if std::mem::take(&mut self.pause) {
+                return Poll::Pending;
+            }
+            let Some(message) = self.messages.front_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            let n = message.len().min(buf.remaining());
+            buf.put_slice(&message[..n]);
+            message.drain(..n);
+            if message.is_empty() {
+                self.messages.pop_front();
+                self.pause = true;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer that records the length of every write.
+    #[derive(Default)]
+    struct Writes(Vec<usize>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A message a little longer than the small buffer (a 1 KiB response and its head) leaves
+    /// in one write, and no buffer is held after it.
+    #[test]
+    fn a_message_longer_than_the_small_buffer_leaves_in_one_write() {
+        let lengths = [1260, 1260, 100, SIZES[0], SIZES[0] + 1, 5000];
+        let mut reader = Messages {
+            messages: lengths.iter().map(|&n| vec![7u8; n]).collect(),
+            pause: false,
+        };
+        let mut writer = Writes::default();
+        let mut direction = Direction::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiting_with = Vec::new();
+        for _ in 0..1_000 {
+            match direction.poll_copy(&mut cx, &mut reader, &mut writer) {
+                Poll::Pending => waiting_with.push(direction.buf.len()),
+                Poll::Ready(copied) => {
+                    assert_eq!(copied.unwrap(), lengths.iter().sum::<usize>() as u64);
+                    break;
+                }
+            }
+        }
+        assert_eq!(writer.0, lengths, "one write per message");
+        // After each of the first three messages (whose last read was short) the direction
+        // waits holding nothing; after a read that ended on a full buffer it keeps the next
+        // size, as a bulk transfer does.
         assert_eq!(
-            sizes_while_copying(&burst, usize::MAX),
-            vec![SIZES[1], SIZES[2], 0]
+            waiting_with[..3],
+            [0, 0, 0],
+            "no buffer held after short messages: {waiting_with:?}"
         );
     }
 }
