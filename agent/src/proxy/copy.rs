@@ -294,39 +294,14 @@ mod tests {
         }
     }
 
-    /// Reads of at most `max` bytes, each followed by a `Pending` (so that the test sees the
-    /// buffer between reads); end of stream once `data` is empty.
-    struct Chunked<'a> {
-        data: &'a [u8],
-        max: usize,
-        pause: bool,
-    }
-
-    impl AsyncRead for Chunked<'_> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            if std::mem::take(&mut self.pause) {
-                return Poll::Pending;
-            }
-            let n = self.data.len().min(self.max).min(buf.remaining());
-            buf.put_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            self.pause = true;
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// Copies `data` in reads of at most `max` bytes; returns the buffer sizes seen between
     /// reads (0: no buffer held while waiting).
     fn sizes_while_copying(data: &[u8], max: usize) -> Vec<usize> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut direction = Direction::new();
-        let mut reader = Chunked {
-            data,
-            max,
+        let mut reader = Messages {
+            messages: data.chunks(max).map(<[u8]>::to_vec).collect(),
+            pause_after_every_read: true,
             pause: false,
         };
         let mut sink = Vec::new();
@@ -364,9 +339,12 @@ mod tests {
         assert_eq!(sizes_while_copying(&burst, usize::MAX), vec![SIZES[2], 0]);
     }
 
-    /// Messages that arrive whole (each readable at once, a pause between them).
+    /// Messages that arrive whole (each readable at once, a `Pending` between them); or, with
+    /// `pause_after_every_read`, a `Pending` after every read (so a test sees the buffer
+    /// between reads).
     struct Messages {
         messages: std::collections::VecDeque<Vec<u8>>,
+        pause_after_every_read: bool,
         pause: bool,
     }
 
@@ -389,6 +367,7 @@ mod tests {
                 self.messages.pop_front();
                 self.pause = true;
             }
+            self.pause |= self.pause_after_every_read;
             Poll::Ready(Ok(()))
         }
     }
@@ -421,6 +400,7 @@ mod tests {
         let lengths = [1260, 1260, 100, SIZES[0], SIZES[0] + 1, 5000];
         let mut reader = Messages {
             messages: lengths.iter().map(|&n| vec![7u8; n]).collect(),
+            pause_after_every_read: false,
             pause: false,
         };
         let mut writer = Writes::default();
