@@ -44,7 +44,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// How long a draining connection may go on (`--drain-timeout`).
     pub drain_timeout: Duration,
-    /// Every connection in flight, so shutdown can wait for them to drain.
+    /// Every connection in flight and every accept loop, so shutdown can wait for them to
+    /// drain (see [`spawn_accept_loop`]).
     pub connections: TaskTracker,
     /// Local pods, peer nodes, identities and the mTLS tunnel pool (see `upstream`).
     pub transport: Arc<upstream::Transport>,
@@ -117,30 +118,93 @@ where
     let stop = ctx.shutdown.child_token();
     for listener in listeners {
         let listener = TcpListener::from_std(listener)?;
-        let (ctx, stop, handle, workload) =
-            (ctx.clone(), stop.clone(), handle.clone(), workload.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
+        let (connections, drain_timeout, handle) =
+            (ctx.connections.clone(), ctx.drain_timeout, handle.clone());
+        let signal = stop.clone();
+        spawn_accept_loop(
+            listener,
+            stop.clone(),
+            &ctx.connections,
+            workload.to_string(),
+            move |stream, peer| {
+                let drain = Drain {
+                    signal: signal.clone(),
+                    timeout: drain_timeout,
                 };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let drain = Drain {
-                            signal: stop.clone(),
-                            timeout: ctx.drain_timeout,
-                        };
-                        ctx.connections.spawn(handle(stream, peer, drain));
-                    }
-                    Err(error) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(%workload, error = %crate::logging::Chain(&error), "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                connections.spawn(handle(stream, peer, drain));
+            },
+        );
+    }
+    Ok(Accepting { stop })
+}
+
+/// Runs `listener`'s accept loop until `stop`, passing each connection to `accepted` (which
+/// spawns its handler on `connections`).
+///
+/// The loop itself is a task of `connections`, so the agent's drain (which closes the tracker
+/// and waits for it to empty) cannot end between an accept and the spawn of its handler: a
+/// connection accepted in that instant would be dropped with the process, closed before a
+/// byte was sent (an upgrade did that to one connect in a few hundred). Once `stop` is
+/// cancelled no further connect is taken: during an upgrade it waits in the shared backlog
+/// for the new agent. `name` says whose listener it is in logs.
+pub fn spawn_accept_loop<F>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    connections: &TaskTracker,
+    name: String,
+    mut accepted: F,
+) where
+    F: FnMut(TcpStream, SocketAddr) + Send + 'static,
+{
+    connections.spawn(async move {
+        loop {
+            let result = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                result = listener.accept() => result,
+            };
+            match result {
+                Ok((stream, peer)) => accepted(stream, peer),
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %crate::logging::Chain(&error), "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                 }
             }
-        });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain cannot finish while an accept loop runs: a connection it has accepted and not
+    /// yet handed to its handler would be lost with the process.
+    #[tokio::test]
+    async fn the_drain_waits_for_the_accept_loop_to_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stop = CancellationToken::new();
+        let connections = TaskTracker::new();
+        spawn_accept_loop(
+            listener,
+            stop.clone(),
+            &connections,
+            "test".into(),
+            |_, _| {},
+        );
+        connections.close();
+        let early = tokio::time::timeout(Duration::from_millis(200), connections.wait()).await;
+        assert!(
+            early.is_err(),
+            "the drain ended with the accept loop running"
+        );
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), connections.wait())
+            .await
+            .expect("the accept loop ends at the stop");
     }
-    Ok(Accepting { stop })
 }

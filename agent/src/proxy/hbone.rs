@@ -45,7 +45,6 @@ use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::http::pool;
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
@@ -871,26 +870,18 @@ async fn dial(
 
 /// Accepts tunnel connections on `listener` until shutdown.
 pub fn serve(listener: TcpListener, ctx: Arc<Context>) {
-    let stop: CancellationToken = ctx.shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    let ctx2 = ctx.clone();
-                    ctx.connections
-                        .spawn(async move { accept(tcp, peer, ctx2).await });
-                }
-                Err(error) => {
-                    tracing::warn!(error = %crate::logging::Chain(&error), "tunnel accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
+    let (stop, connections) = (ctx.shutdown.clone(), ctx.connections.clone());
+    super::spawn_accept_loop(
+        listener,
+        stop,
+        &connections,
+        "tunnel".into(),
+        move |tcp, peer| {
+            let ctx2 = ctx.clone();
+            ctx.connections
+                .spawn(async move { accept(tcp, peer, ctx2).await });
+        },
+    );
 }
 
 /// The server config for one destination listener, from the certificates on disk now.
