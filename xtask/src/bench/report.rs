@@ -421,26 +421,29 @@ pub fn summary(r: &Results) -> String {
 }
 
 pub fn write(out: &Path, r: &Results) -> anyhow::Result<()> {
-    let files = files(r);
-    let dir = out.join("benchmarks");
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    std::fs::write(
-        out.join(files.raw),
-        serde_json::to_string_pretty(&raw_json(r))? + "\n",
-    )?;
+    write_raw(out, files(r).raw, r)?;
     render(out)
 }
 
 /// Writes the raw results of `--baseline-agent`'s half of a partial run
 /// ([`BEFORE_RAW`]); [`write`] of the other half renders the comparison.
 pub fn write_before(out: &Path, r: &Results) -> anyhow::Result<()> {
+    write_raw(out, BEFORE_RAW, r)
+}
+
+/// Writes `r`'s raw results to `out/relative`.
+fn write_raw(out: &Path, relative: &str, r: &Results) -> anyhow::Result<()> {
     let dir = out.join("benchmarks");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    std::fs::write(
-        out.join(BEFORE_RAW),
-        serde_json::to_string_pretty(&raw_json(r))? + "\n",
-    )?;
-    Ok(())
+    let path = out.join(relative);
+    std::fs::write(&path, serde_json::to_string_pretty(&raw_json(r))? + "\n")
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Reads and parses a raw results file.
+fn read_raw(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
 }
 
 /// What [`Results::from_json`] reads back.
@@ -495,19 +498,12 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
 /// The generated part of a page and its plot, from its raw results.
 fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
     let raw_path = out.join(files.raw);
-    let text = std::fs::read_to_string(&raw_path)
+    let r = Results::from_json(&read_raw(&raw_path)?)
         .with_context(|| format!("read {}", raw_path.display()))?;
-    let raw: Value =
-        serde_json::from_str(&text).with_context(|| format!("parse {}", raw_path.display()))?;
-    let r = Results::from_json(&raw).with_context(|| format!("read {}", raw_path.display()))?;
     let mut page = markdown(&r);
     let scale_raw = out.join(super::scale::RAW);
     if !r.is_partial() && scale_raw.exists() {
-        let text = std::fs::read_to_string(&scale_raw)
-            .with_context(|| format!("read {}", scale_raw.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("parse {}", scale_raw.display()))?;
-        page.push_str(&super::scale::markdown(&raw));
+        page.push_str(&super::scale::markdown(&read_raw(&scale_raw)?));
     }
     if !r.is_partial()
         && let Some(raw) = soak_raw(out)?
@@ -516,20 +512,13 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
     }
     let allocator_raw = out.join(super::allocator::RAW);
     if !r.is_partial() && allocator_raw.exists() {
-        let text = std::fs::read_to_string(&allocator_raw)
-            .with_context(|| format!("read {}", allocator_raw.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("parse {}", allocator_raw.display()))?;
+        let raw = read_raw(&allocator_raw)?;
         page.push_str(&super::allocator::markdown(&raw, soak_raw(out)?.as_ref()));
     }
     let before_raw = out.join(BEFORE_RAW);
     if r.is_partial() && before_raw.exists() {
-        let text = std::fs::read_to_string(&before_raw)
+        let before = Results::from_json(&read_raw(&before_raw)?)
             .with_context(|| format!("read {}", before_raw.display()))?;
-        let raw: Value = serde_json::from_str(&text)
-            .with_context(|| format!("parse {}", before_raw.display()))?;
-        let before =
-            Results::from_json(&raw).with_context(|| format!("read {}", before_raw.display()))?;
         before_and_after(&mut page, &before, &r);
     }
     if !r.is_partial() && out.join(PARTIAL.raw).exists() {
@@ -622,10 +611,7 @@ fn soak_raw(out: &Path) -> anyhow::Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let raw = serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    Ok(Some(raw))
+    read_raw(&path).map(Some)
 }
 
 /// Checks that the committed pages and plots under `out` are exactly what their raw results

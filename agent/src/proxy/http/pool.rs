@@ -177,7 +177,6 @@ impl Pool {
         for _ in 0..STALE_RETRIES {
             match proto {
                 Proto::Http1 => {
-                    let local = local.filter(|local| !local.handed_over());
                     let taken = match local.and_then(|local| Some((local, local.take_idle(key)?))) {
                         Some((local, (connection, id))) => {
                             Some((connection, Some((local.clone(), id))))
@@ -277,6 +276,14 @@ impl Pool {
         None
     }
 
+    /// Keeps `connection` for another request if it is ready for one now (a connection still
+    /// finishing a response is dropped).
+    fn give_back_if_ready(&self, key: Key, connection: Http1) {
+        if connection.sender.is_ready() {
+            self.give_back(key, connection);
+        }
+    }
+
     fn give_back(&self, key: Key, connection: Http1) {
         if connection.going_away.as_ref().is_some_and(|gone| gone()) {
             return;
@@ -370,9 +377,7 @@ impl LocalState {
         match self.driving.iter().position(|(driving, _)| *driving == id) {
             Some(at) => {
                 tokio::spawn(self.driving.swap_remove(at).1);
-                if connection.sender.is_ready() {
-                    pool.give_back(key, connection);
-                }
+                pool.give_back_if_ready(key, connection);
             }
             // Its connection ended (or is being polled just now): nothing to pass on.
             None => drop(connection),
@@ -408,14 +413,8 @@ impl Local {
             tokio::spawn(driver);
         }
         for (key, connection, _) in state.idle {
-            if connection.sender.is_ready() {
-                pool.give_back(key, connection);
-            }
+            pool.give_back_if_ready(key, connection);
         }
-    }
-
-    fn handed_over(&self) -> bool {
-        lock(&self.state).handed_over
     }
 
     /// Drives a new connection on the client connection's task; returns its id.
@@ -455,9 +454,7 @@ impl Local {
         let mut state = lock(&self.state);
         if state.handed_over {
             drop(state);
-            if connection.sender.is_ready() {
-                pool.give_back(key, connection);
-            }
+            pool.give_back_if_ready(key, connection);
             return;
         }
         state.idle.push((key, connection, id));
