@@ -32,10 +32,12 @@ pub mod health;
 pub mod outlier;
 pub mod pool;
 mod route;
+mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,7 +46,7 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng as _;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -354,7 +356,10 @@ async fn serve_with<E: Env, I>(
             }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams run on this task, like the upstream connections (see `streams`).
+    let streams = streams::Streams::default();
+    let mut running = streams::Running::default();
+    let mut builder = auto::Builder::new(streams.clone());
     // A client may shut down its sending side while it waits for the answer (`printf ... |
     // nc`); that is no reason to drop the answer.
     builder.http1().timer(TokioTimer::new()).half_close(true);
@@ -366,18 +371,32 @@ async fn serve_with<E: Env, I>(
     let (mut draining, mut http2, mut goaway) = (false, false, false);
     // The connection's own upstream connections are driven here, on its task (see `pool`).
     let shut_down = std::sync::atomic::AtomicBool::new(false);
+    let mut served = None;
     let mut serving = std::future::poll_fn(|cx| {
         if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
             connection.as_mut().graceful_shutdown();
         }
-        // Upstream connections before and after the client's: a response one of them read is
-        // then written to the client in this same poll, and a request the client's connection
-        // just handed over is sent upstream in it too, instead of after a wake-up of this task
-        // by itself.
+        // Upstream connections and streams before and after the client's connection: a
+        // response one of them read is then written to the client in this same poll, and a
+        // request the client's connection just handed over is sent upstream in it too,
+        // instead of after a wake-up of this task by itself.
         upstreams.poll_connections(cx);
-        let result = connection.as_mut().poll(cx);
+        let _ = streams.poll(&mut running, cx);
+        if served.is_none()
+            && let Poll::Ready(result) = connection.as_mut().poll(cx)
+        {
+            served = Some(result);
+        }
+        let streams_done = streams.poll(&mut running, cx).is_ready();
         upstreams.poll_connections(cx);
-        result
+        // The connection's end waits for its streams: a stream still answering is not cut.
+        match served.take() {
+            Some(result) if streams_done => Poll::Ready(result),
+            pending => {
+                served = pending;
+                Poll::Pending
+            }
+        }
     });
     let result = loop {
         tokio::select! {

@@ -7,7 +7,8 @@
 //!
 //! The same harness checks how one client connection drains (`mod drain`): HTTP/1.1 answers
 //! the next request with `Connection: close`, an idle connection is closed only at the drain
-//! timeout, HTTP/2 gets GOAWAY; and how its upstream connections are kept (`mod upstreams`).
+//! timeout, HTTP/2 gets GOAWAY; how its upstream connections are kept (`mod upstreams`); and
+//! how its HTTP/2 streams run (`mod http2`).
 //!
 //! `cargo test -p strait fuzz` runs a few hundred cases; set `PROPTEST_CASES` for a long run
 //! (docs/http.md says how the pre-release run is done).
@@ -676,7 +677,7 @@ mod upstreams {
     }
 
     /// An env of its own (an empty shared pool) whose mesh sends to `upstream`.
-    fn env_for(upstream: SocketAddr) -> Arc<TestEnv> {
+    pub(super) fn env_for(upstream: SocketAddr) -> Arc<TestEnv> {
         env_with_mesh(&mesh(upstream.port()))
     }
 
@@ -808,6 +809,106 @@ mod upstreams {
                 [1, 1, 1],
                 "one upstream connection per endpoint, none dropped and dialled again"
             );
+        });
+    }
+}
+
+/// An HTTP/2 client connection's streams, run on the connection's own task (`streams`): many
+/// at once are all answered, and one in flight when the drain begins is answered before the
+/// connection closes.
+mod http2 {
+    use super::*;
+    use crate::proxy::Drain;
+    use http_body_util::{BodyExt as _, Empty};
+
+    /// An HTTP/1.1 upstream on 127.0.0.1 that answers with the path it received, after
+    /// 300 ms for `/a/slow` and at once otherwise.
+    async fn slow_upstream() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let path = req.uri().path().to_owned();
+                            if path == "/a/slow" {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn get(
+        mut sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+        path: String,
+    ) -> String {
+        let request = hyper::Request::get(format!("http://color{path}"))
+            .version(http::Version::HTTP_2)
+            .body(Empty::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[test]
+    fn concurrent_streams_are_answered_and_one_in_flight_outlives_the_drain() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let env = super::upstreams::env_for(slow_upstream().await);
+            let (client, server) = tokio::io::duplex(1 << 20);
+            let signal = CancellationToken::new();
+            let task = tokio::spawn(serve(
+                server,
+                SERVICE.parse().unwrap(),
+                h.source.clone(),
+                env,
+                Drain {
+                    signal: signal.clone(),
+                    timeout: Duration::from_secs(10),
+                },
+            ));
+            let (sender, connection) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(client),
+            )
+            .await
+            .unwrap();
+            let connection = tokio::spawn(connection);
+            let at_once: Vec<_> = (0..50)
+                .map(|i| tokio::spawn(get(sender.clone(), format!("/a/{i}"))))
+                .collect();
+            for (i, answer) in at_once.into_iter().enumerate() {
+                let body = tokio::time::timeout(Duration::from_secs(5), answer)
+                    .await
+                    .expect("every stream is answered")
+                    .unwrap();
+                assert_eq!(body, format!("/a/{i}"));
+            }
+            let slow = tokio::spawn(get(sender.clone(), "/a/slow".to_owned()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            signal.cancel();
+            let body = tokio::time::timeout(Duration::from_secs(5), slow)
+                .await
+                .expect("the stream in flight is answered during the drain")
+                .unwrap();
+            assert_eq!(body, "/a/slow");
+            drop(sender);
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the connection's task ends once its streams are done")
+                .unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection).await;
         });
     }
 }
