@@ -846,8 +846,9 @@ impl<E: Env> Downstream<E> {
             let env = &self.env;
             let (source, service_ref) = (&self.source, service);
             let dial = move || env.dial(snapshot, source, service_ref, node, endpoint);
-            // HTTP/2 clients' requests run on tasks of their own (hyper spawns them): they use
-            // the shared pool's connections.
+            // An HTTP/2 client may have many requests in flight, each on an HTTP/1.1 upstream
+            // connection of its own; `pool::Local` polls all it drives on every wake-up, which
+            // suits one request at a time. HTTP/2 clients use the shared pool's connections.
             let local = (parts.version < Version::HTTP_2).then_some(&self.upstreams);
             let sent = http.pool.send(&key, &dial, proto, local, request);
             let result = match bound {
