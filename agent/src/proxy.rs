@@ -4,7 +4,8 @@
 //! connect hooks and redirected to the pod's outbound listener): L4 forwarding for tcp ports,
 //! and `http` for ports whose provider speaks http, http2 or grpc. `inbound` handles plaintext
 //! arriving at a pod's captured listener ports from outside the mesh; `hbone` the mTLS tunnels
-//! between nodes; `upstream` decides how each endpoint is reached. The proxy decides nothing
+//! between nodes; `upstream` decides how each endpoint is reached; `streams` runs a connection's
+//! HTTP/2 streams on the connection's own task. The proxy decides nothing
 //! about which pods are enrolled; the app does, and hands it listeners.
 
 pub mod admission;
@@ -16,6 +17,7 @@ pub mod idle;
 pub mod inbound;
 pub mod outbound;
 pub mod received;
+pub mod streams;
 pub mod upstream;
 
 use std::future::Future;

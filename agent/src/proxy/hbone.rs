@@ -24,7 +24,8 @@
 //! mandatory), then for each CONNECT stream checks that the target is that listener of a pod on
 //! this node and that the verified peer's virtual node may reach it (the mesh's backend rules,
 //! enforced again here so a compromised node cannot skip them), and splices the stream to the
-//! pod's loopback.
+//! pod's loopback. A tunnel connection's streams and their splices run on the connection's own
+//! task (`super::streams`).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -47,6 +48,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::http::pool;
+use super::streams::Streams;
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
 use super::{Context, Drain, admission};
 use crate::identity::policy::{Policy, trust_file};
@@ -1031,15 +1033,30 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     let peer_sans = Arc::new(peer_sans);
     let vn = Arc::new(vn);
     let ctx2 = ctx.clone();
+    // The streams, and their copies to the pod, run on this connection's task (see
+    // `super::streams`).
+    let streams = Streams::default();
+    let mut running = super::streams::Running::default();
+    let streams2 = streams.clone();
     let service = hyper::service::service_fn(move |request| {
-        let (ctx, vn, peer_sans) = (ctx2.clone(), vn.clone(), peer_sans.clone());
+        let (ctx, vn, peer_sans, streams) = (
+            ctx2.clone(),
+            vn.clone(),
+            peer_sans.clone(),
+            streams2.clone(),
+        );
         async move {
-            Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer_sans, mutual, peer).await)
+            let peer = Peer {
+                addr: peer,
+                sans: &peer_sans,
+                mutual,
+            };
+            Ok::<_, Infallible>(stream(request, ctx, &vn, port, &peer, &streams).await)
         }
     });
     // PINGs from this side too: a peer gone without a reset must not keep its streams' pod
     // connections open.
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(streams.clone())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(SERVER_MAX_STREAMS)
@@ -1048,15 +1065,39 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         .keep_alive_timeout(transport.tunnel.keepalive_timeout)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
+    let shut_down = AtomicBool::new(false);
+    let mut served = None;
+    let mut serving = std::future::poll_fn(|cx| {
+        if shut_down.swap(false, Ordering::Relaxed) {
+            connection.as_mut().graceful_shutdown();
+        }
+        // Streams before and after the connection: bytes a copy read from the pod leave in
+        // the connection's poll that follows, and bytes the connection read reach the pod in
+        // the same poll.
+        let _ = streams.poll(&mut running, cx);
+        if served.is_none()
+            && let Poll::Ready(result) = connection.as_mut().poll(cx)
+        {
+            served = Some(result);
+        }
+        let streams_done = streams.poll(&mut running, cx).is_ready();
+        match served.take() {
+            Some(result) if streams_done => Poll::Ready(result),
+            pending => {
+                served = pending;
+                Poll::Pending
+            }
+        }
+    });
     // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent
     // that took the listener over); the streams open go on until they end or the drain
     // timeout.
     let served = tokio::select! {
-        served = connection.as_mut() => served,
+        served = &mut serving => served,
         () = ctx.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
+            shut_down.store(true, Ordering::Relaxed);
             tokio::select! {
-                served = connection.as_mut() => served,
+                served = &mut serving => served,
                 () = tokio::time::sleep(ctx.drain_timeout) => Ok(()),
             }
         }
@@ -1084,16 +1125,26 @@ fn refuse(status: StatusCode, reason: &str) -> Response<Empty<Bytes>> {
     response
 }
 
-/// One CONNECT stream: check it, connect to the pod, answer, and splice in the background.
+/// The other end of a tunnel connection.
+struct Peer<'a> {
+    addr: SocketAddr,
+    /// The identities (SANs) of its verified certificate.
+    sans: &'a [String],
+    /// Whether its certificate was required and verified (mutual TLS).
+    mutual: bool,
+}
+
+/// One CONNECT stream: check it, connect to the pod, answer, and splice on `streams` (the
+/// tunnel connection's task) once answered.
 async fn stream(
     mut request: Request<Incoming>,
     ctx: Arc<Context>,
     vn: &ResourceId,
     port: u16,
-    peer_sans: &[String],
-    mutual: bool,
-    peer: SocketAddr,
+    peer: &Peer<'_>,
+    streams: &Streams,
 ) -> Response<Empty<Bytes>> {
+    let (peer_sans, mutual, peer) = (peer.sans, peer.mutual, peer.addr);
     let transport = &ctx.transport;
     if request.method() != Method::CONNECT {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only CONNECT");
@@ -1166,8 +1217,7 @@ async fn stream(
             signal: ctx.shutdown.clone(),
             timeout: ctx.drain_timeout,
         };
-        ctx.connections
-            .spawn(gate.serve_upgrade(on_upgrade, pod, target, drain));
+        streams.spawn(gate.serve_upgrade(on_upgrade, pod, target, drain));
         return Response::new(Empty::new());
     }
     // Connect before answering, so the caller sees a refused connection as a failure.
@@ -1202,7 +1252,7 @@ async fn stream(
         signal: ctx.shutdown.clone(),
         timeout: ctx.drain_timeout,
     };
-    ctx.connections.spawn(async move {
+    streams.spawn(async move {
         // A tcp listener's connection counts against its connectionPool while it is open.
         let _admitted = admitted;
         let started = Instant::now();

@@ -32,7 +32,6 @@ pub mod health;
 pub mod outlier;
 pub mod pool;
 mod route;
-mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -357,8 +356,8 @@ async fn serve_with<E: Env, I>(
         })
     };
     // HTTP/2 streams run on this task, like the upstream connections (see `streams`).
-    let streams = streams::Streams::default();
-    let mut running = streams::Running::default();
+    let streams = super::streams::Streams::default();
+    let mut running = super::streams::Running::default();
     let mut builder = auto::Builder::new(streams.clone());
     // A client may shut down its sending side while it waits for the answer (`printf ... |
     // nc`); that is no reason to drop the answer.
