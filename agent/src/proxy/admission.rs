@@ -847,19 +847,14 @@ impl Gate {
         let gate = self.0;
         let idle = gate.state.limits.timeouts.and_then(|t| t.idle);
         let activity = Arc::new(Activity::default());
-        // The HTTP/1.1 connections to the pod this connection's requests use are driven on
-        // its task, as a client connection's are (see `pool::Local`).
-        let upstreams = Arc::new(pool::Local::default());
         let service = {
-            let (gate, activity, upstreams) = (gate.clone(), activity.clone(), upstreams.clone());
+            let (gate, activity) = (gate.clone(), activity.clone());
             hyper::service::service_fn(move |request: Request<Incoming>| {
                 let (gate, pod) = (gate.clone(), pod.clone());
-                // HTTP/2 streams run on tasks of their own: they use the shared pool.
-                let upstreams = (request.version() < Version::HTTP_2).then(|| upstreams.clone());
                 // In flight until its response has gone out (or was dropped).
                 let active = Active::start(&activity);
                 async move {
-                    let mut response = gate.handle(request, &pod, target, upstreams.as_ref()).await;
+                    let mut response = gate.handle(request, &pod, target).await;
                     response.body_mut().hold(Box::new(active));
                     Ok::<_, Infallible>(response)
                 }
@@ -870,17 +865,6 @@ impl Gate {
         builder.http2().timer(TokioTimer::new());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
-        let shut_down = std::sync::atomic::AtomicBool::new(false);
-        let mut serving = std::future::poll_fn(|cx| {
-            if shut_down.swap(false, Ordering::Relaxed) {
-                connection.as_mut().graceful_shutdown();
-            }
-            // The pod's connections before and after this one, as in `proxy::http`.
-            upstreams.poll_connections(cx);
-            let result = connection.as_mut().poll(cx);
-            upstreams.poll_connections(cx);
-            result
-        });
         let expired = async {
             match &drain {
                 Some(drain) => drain.expired().await,
@@ -897,7 +881,7 @@ impl Gate {
         let mut closing = false;
         let result = loop {
             tokio::select! {
-                result = &mut serving => break result,
+                result = connection.as_mut() => break result,
                 () = &mut expired => break Ok(()),
                 () = &mut idle_out, if !closing => {
                     // Envoy's connection idle timeout: no request in flight for that long.
@@ -913,11 +897,10 @@ impl Gate {
                         })
                         .inc();
                     tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, caller = %gate.who.key, ?idle, "idle connection closed (listener timeout idle)");
-                    shut_down.store(true, Ordering::Relaxed);
+                    connection.as_mut().graceful_shutdown();
                 }
             }
         };
-        upstreams.hand_over(&gate.pool);
         if let Err(error) = result {
             tracing::debug!(target: "strait::admission", %target, error = %crate::logging::Chain(&*error), "gated connection ended with an error");
         }
@@ -950,10 +933,9 @@ impl GateInner {
         request: Request<Incoming>,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
-        upstreams: Option<&Arc<pool::Local>>,
     ) -> Response<ResponseBody> {
         let Some(telemetry) = &self.telemetry else {
-            return self.admit_and_send(request, pod, target, upstreams).await.0;
+            return self.admit_and_send(request, pod, target).await.0;
         };
         let limits = &self.state.limits;
         let protocol = match request.version() {
@@ -993,7 +975,7 @@ impl GateInner {
                 .unwrap_or_default();
             record.request_headers(request.headers());
         }
-        let (mut response, flag) = self.admit_and_send(request, pod, target, upstreams).await;
+        let (mut response, flag) = self.admit_and_send(request, pod, target).await;
         if flag == Some("UT") {
             record.timeouts.push(
                 if limits.timeouts.is_some_and(|t| t.per_request.is_some()) {
@@ -1016,7 +998,6 @@ impl GateInner {
         request: Request<Incoming>,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
-        upstreams: Option<&Arc<pool::Local>>,
     ) -> (Response<ResponseBody>, Option<&'static str>) {
         let limits = &self.state.limits;
         let grpc = is_grpc(request.headers());
@@ -1032,15 +1013,7 @@ impl GateInner {
         // Without a per-request timeout, the idle timeout bounds the wait for the response's
         // head (as the calling side does).
         let bound = deadline.or_else(|| timeouts.idle.and_then(|d| Some((d, now.checked_add(d)?))));
-        let sent = self.admit_and_send_within(
-            request,
-            pod,
-            target,
-            upstreams,
-            grpc,
-            deadline,
-            timeouts.idle,
-        );
+        let sent = self.admit_and_send_within(request, pod, target, grpc, deadline, timeouts.idle);
         let Some((limit, at)) = bound else {
             return sent.await;
         };
@@ -1064,16 +1037,11 @@ impl GateInner {
         }
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one request's pieces, kept apart on purpose"
-    )]
     async fn admit_and_send_within(
         &self,
         mut request: Request<Incoming>,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
-        upstreams: Option<&Arc<pool::Local>>,
         grpc: bool,
         deadline: Option<(Duration, tokio::time::Instant)>,
         idle: Option<Duration>,
@@ -1123,11 +1091,11 @@ impl GateInner {
         let sent = match permit {
             Permit::Slot(permit) => self.send_on_slot(pod, target, request, permit).await,
             Permit::Request(permit) => self
-                .send_pooled(pod, target, proto, upstreams, request)
+                .send_pooled(pod, target, proto, request)
                 .await
                 .map(|(r, g)| (r, [Some(Box::new(permit) as Guard), g])),
             Permit::None => self
-                .send_pooled(pod, target, proto, upstreams, request)
+                .send_pooled(pod, target, proto, request)
                 .await
                 .map(|(r, g)| (r, [None, g])),
         };
@@ -1261,7 +1229,6 @@ impl GateInner {
         pod: &Arc<LocalPod>,
         target: SocketAddr,
         proto: Proto,
-        upstreams: Option<&Arc<pool::Local>>,
         request: Request<ReplayBody>,
     ) -> Result<(Response<Incoming>, Option<Guard>), String> {
         let key = pool::Key {
@@ -1277,7 +1244,7 @@ impl GateInner {
             })
         };
         self.pool
-            .send(&key, &dial, proto, upstreams, request)
+            .send(&key, &dial, proto, None, request)
             .await
             .map_err(|e| e.to_string())
     }
