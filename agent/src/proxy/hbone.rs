@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::http::pool;
-use super::streams::Streams;
+use super::streams::{Driven, Streams};
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
 use super::{Context, Drain, admission};
 use crate::identity::policy::{Policy, trust_file};
@@ -1036,7 +1036,6 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
     // The streams, and their copies to the pod, run on this connection's task (see
     // `super::streams`).
     let streams = Streams::default();
-    let mut running = super::streams::Running::default();
     let streams2 = streams.clone();
     let service = hyper::service::service_fn(move |request| {
         let (ctx, vn, peer_sans, streams) = (
@@ -1065,39 +1064,16 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         .keep_alive_timeout(transport.tunnel.keepalive_timeout)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
-    let shut_down = AtomicBool::new(false);
-    let mut served = None;
-    let mut serving = std::future::poll_fn(|cx| {
-        if shut_down.swap(false, Ordering::Relaxed) {
-            connection.as_mut().graceful_shutdown();
-        }
-        // Streams before and after the connection: bytes a copy read from the pod leave in
-        // the connection's poll that follows, and bytes the connection read reach the pod in
-        // the same poll.
-        let _ = streams.poll(&mut running, cx);
-        if served.is_none()
-            && let Poll::Ready(result) = connection.as_mut().poll(cx)
-        {
-            served = Some(result);
-        }
-        let streams_done = streams.poll(&mut running, cx).is_ready();
-        match served.take() {
-            Some(result) if streams_done => Poll::Ready(result),
-            pending => {
-                served = pending;
-                Poll::Pending
-            }
-        }
-    });
+    let mut driven = Driven::new(streams);
     // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent
     // that took the listener over); the streams open go on until they end or the drain
     // timeout.
     let served = tokio::select! {
-        served = &mut serving => served,
+        served = std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)) => served,
         () = ctx.shutdown.cancelled() => {
-            shut_down.store(true, Ordering::Relaxed);
+            connection.as_mut().graceful_shutdown();
             tokio::select! {
-                served = &mut serving => served,
+                served = std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)) => served,
                 () = tokio::time::sleep(ctx.drain_timeout) => Ok(()),
             }
         }

@@ -36,7 +36,6 @@ mod route;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -357,7 +356,6 @@ async fn serve_with<E: Env, I>(
     };
     // HTTP/2 streams run on this task, like the upstream connections (see `streams`).
     let streams = super::streams::Streams::default();
-    let mut running = super::streams::Running::default();
     let mut builder = auto::Builder::new(streams.clone());
     // A client may shut down its sending side while it waits for the answer (`printf ... |
     // nc`); that is no reason to drop the answer.
@@ -370,7 +368,7 @@ async fn serve_with<E: Env, I>(
     let (mut draining, mut http2, mut goaway) = (false, false, false);
     // The connection's own upstream connections are driven here, on its task (see `pool`).
     let shut_down = std::sync::atomic::AtomicBool::new(false);
-    let mut served = None;
+    let mut driven = super::streams::Driven::new(streams);
     let mut serving = std::future::poll_fn(|cx| {
         if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
             connection.as_mut().graceful_shutdown();
@@ -380,22 +378,9 @@ async fn serve_with<E: Env, I>(
         // request the client's connection just handed over is sent upstream in it too,
         // instead of after a wake-up of this task by itself.
         upstreams.poll_connections(cx);
-        let _ = streams.poll(&mut running, cx);
-        if served.is_none()
-            && let Poll::Ready(result) = connection.as_mut().poll(cx)
-        {
-            served = Some(result);
-        }
-        let streams_done = streams.poll(&mut running, cx).is_ready();
+        let result = driven.poll(connection.as_mut(), cx);
         upstreams.poll_connections(cx);
-        // The connection's end waits for its streams: a stream still answering is not cut.
-        match served.take() {
-            Some(result) if streams_done => Poll::Ready(result),
-            pending => {
-                served = pending;
-                Poll::Pending
-            }
-        }
+        result
     });
     let result = loop {
         tokio::select! {

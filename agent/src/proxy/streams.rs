@@ -47,7 +47,51 @@ where
 
 /// The futures being run, owned by the connection's task.
 #[derive(Default)]
-pub struct Running(FuturesUnordered<Stream>);
+struct Running(FuturesUnordered<Stream>);
+
+/// A connection driven together with its streams on its task: what a connection's poll calls
+/// ([`Driven::poll`]). Its end waits for its streams, so a stream still answering is not cut.
+pub struct Driven<T> {
+    streams: Streams,
+    running: Running,
+    /// The connection's result, once it has ended, until its streams have too.
+    served: Option<T>,
+}
+
+impl<T> Driven<T> {
+    /// Drives the streams `streams` (the connection's executor) is given.
+    pub fn new(streams: Streams) -> Driven<T> {
+        Driven {
+            streams,
+            running: Running::default(),
+            served: None,
+        }
+    }
+
+    /// Polls the streams, the connection (until it has ended) and the streams again: bytes a
+    /// stream wrote leave in the connection's poll that follows, and what the connection read
+    /// reaches its stream in the same poll. Ready with the connection's result once it and
+    /// every stream have ended.
+    pub fn poll<C>(&mut self, connection: Pin<&mut C>, cx: &mut Context<'_>) -> Poll<T>
+    where
+        C: Future<Output = T>,
+    {
+        let _ = self.streams.poll(&mut self.running, cx);
+        if self.served.is_none()
+            && let Poll::Ready(result) = connection.poll(cx)
+        {
+            self.served = Some(result);
+        }
+        let streams_done = self.streams.poll(&mut self.running, cx).is_ready();
+        match self.served.take() {
+            Some(result) if streams_done => Poll::Ready(result),
+            pending => {
+                self.served = pending;
+                Poll::Pending
+            }
+        }
+    }
+}
 
 impl Streams {
     /// Runs `future` on the owner's task. Call it only from code the owner polls (see `new`).
@@ -60,7 +104,7 @@ impl Streams {
 
     /// Takes the futures handed over into `running` and polls every one that is new or was
     /// woken, with the owner task's context, until none is new. Ready when none is left.
-    pub fn poll(&self, running: &mut Running, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(&self, running: &mut Running, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let new = std::mem::take(&mut *self.new.lock().unwrap_or_else(|e| e.into_inner()));
             let none_new = new.is_empty();
