@@ -135,24 +135,48 @@ spec:
 async fn upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    serve_upstream(listener, UpstreamOptions::default());
+    addr
+}
+
+/// What a test upstream does besides answering each request 200 with its path as the body.
+#[derive(Clone, Default)]
+struct UpstreamOptions {
+    /// Close each connection after one response.
+    close_after_each: bool,
+    /// Count the connections accepted.
+    accepted: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Answer this path only after 300 ms.
+    slow_path: Option<&'static str>,
+}
+
+/// Serves `listener` (HTTP/1.1 or HTTP/2) as [`UpstreamOptions`] say.
+fn serve_upstream(listener: tokio::net::TcpListener, options: UpstreamOptions) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            if let Some(accepted) = &options.accepted {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let slow_path = options.slow_path;
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let path = req.uri().path().to_owned();
+                    if Some(path.as_str()) == slow_path {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
+                },
+            );
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http1().keep_alive(!options.close_after_each);
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let path = req.uri().path().to_owned();
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
-    addr
 }
 
 struct Harness {
@@ -657,23 +681,14 @@ mod upstreams {
         keep_alive: bool,
         counter: Arc<AtomicUsize>,
     ) {
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            let path = req.uri().path().to_owned();
-                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(keep_alive)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        serve_upstream(
+            listener,
+            UpstreamOptions {
+                close_after_each: !keep_alive,
+                accepted: Some(counter),
+                ..UpstreamOptions::default()
+            },
+        );
     }
 
     /// An env of its own (an empty shared pool) whose mesh sends to `upstream`.
@@ -821,29 +836,18 @@ mod http2 {
     use crate::proxy::Drain;
     use http_body_util::{BodyExt as _, Empty};
 
-    /// An HTTP/1.1 upstream on 127.0.0.1 that answers with the path it received, after
-    /// 300 ms for `/a/slow` and at once otherwise.
+    /// An upstream on 127.0.0.1 that answers with the path it received, after 300 ms for
+    /// `/a/slow` and at once otherwise.
     async fn slow_upstream() -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            let path = req.uri().path().to_owned();
-                            if path == "/a/slow" {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                            }
-                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(path))))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        serve_upstream(
+            listener,
+            UpstreamOptions {
+                slow_path: Some("/a/slow"),
+                ..UpstreamOptions::default()
+            },
+        );
         addr
     }
 
