@@ -6,7 +6,7 @@
 //! crosses from the connection's task to its stream's task and the response crosses back: two
 //! wake-ups per request, often of the other core. [`Streams`] is the executor instead: it
 //! keeps the streams, and the connection's task polls them beside the connection itself
-//! ([`Streams::poll`]). A stream that waits for its upstream wakes the connection's task,
+//! ([`Driven::poll`]). A stream that waits for its upstream wakes the connection's task,
 //! which polls only the streams that were woken (`FuturesUnordered`).
 //!
 //! Two connections use it: a client's HTTP connection (`proxy::http`, where the task also
