@@ -63,6 +63,42 @@ impl Drop for Guard {
     }
 }
 
+impl Guard {
+    /// Check that the test can run, then make its cgroups: a "node" cgroup the programs attach
+    /// to, with a "pod" (enrolled) and its "container" below, as on a Kubernetes node; and a
+    /// pin folder name of its own (`test` keeps the names of concurrent tests apart).
+    fn new(test: &str) -> Guard {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test attaches eBPF programs to a cgroup: run it as root \
+             (`sudo -E cargo test -p strait --test redirect`)"
+        );
+        assert!(
+            Path::new(CGROUP2).join("cgroup.procs").exists(),
+            "cgroup v2 is not mounted at {CGROUP2}"
+        );
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let name = format!("strait-test-{test}-{}-{nanos}", std::process::id());
+        let node = Path::new(CGROUP2).join(&name);
+        let guard = Guard {
+            pod: node.join("pod"),
+            container: node.join("pod").join("container"),
+            bpffs: Path::new(BPFFS).join(&name),
+            node,
+            children: Vec::new(),
+        };
+        for dir in [&guard.node, &guard.pod, &guard.container] {
+            std::fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        }
+        guard
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Proto {
     Tcp,
@@ -316,40 +352,9 @@ fn wait_unloaded(ids: &[u32]) {
 
 #[test]
 fn capture_deny_pass_restart_uninstall() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test attaches eBPF programs to a cgroup: run it as root \
-         (`sudo -E cargo test -p strait --test redirect`)"
-    );
-    assert!(
-        Path::new(CGROUP2).join("cgroup.procs").exists(),
-        "cgroup v2 is not mounted at {CGROUP2}"
-    );
-
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let name = format!("strait-test-redirect-{}-{nanos}", std::process::id());
-    let node = Path::new(CGROUP2).join(&name);
-    let pod = node.join("pod");
-    // As on a Kubernetes node: the pod's cgroup is enrolled, its processes run in a container
-    // cgroup below it.
-    let container = pod.join("container");
-    let bpffs = Path::new(BPFFS).join(&name);
-    let mut guard = Guard {
-        node: node.clone(),
-        pod: pod.clone(),
-        container: container.clone(),
-        bpffs: bpffs.clone(),
-        children: Vec::new(),
-    };
-    std::fs::create_dir(&node).unwrap();
-    std::fs::create_dir(&pod).unwrap();
-    std::fs::create_dir(&container).unwrap();
-    let procs = container.join("cgroup.procs");
+    let mut guard = Guard::new("redirect");
+    let (node, pod, bpffs) = (guard.node.clone(), guard.pod.clone(), guard.bpffs.clone());
+    let procs = guard.container.join("cgroup.procs");
 
     let (out4, out6, out_port) = outbound_listeners();
     let direct = TcpListener::bind("127.0.0.2:0").unwrap();
@@ -486,4 +491,104 @@ fn capture_deny_pass_restart_uninstall() {
     assert!(!again.folder_existed, "uninstall is idempotent");
     drop(guard);
     assert!(!node.exists(), "cgroup {} was not removed", node.display());
+}
+
+/// The pod's open-connection count, read from the pinned map (absent: never counted).
+fn pod_connections(bpffs: &Path, netns: u64) -> i64 {
+    let map = aya::maps::MapData::from_pin(bpffs.join(strait_ebpf::MAP_POD_CONNECTIONS))
+        .expect("open the pinned pod connection map");
+    let counts: aya::maps::HashMap<_, u64, i64> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+    counts.get(&netns, 0).unwrap_or(0)
+}
+
+/// During an upgrade the old and the new agent's sockops programs are both attached for a
+/// moment (the link swap), and the kernel runs both on every socket event. A connect is
+/// counted once (by the program that finds its cookie entry); its close must be uncounted
+/// once too, or the count drifts low and `--max-pod-connections` lets more through.
+#[test]
+fn a_close_seen_by_two_attached_programs_is_uncounted_once() {
+    let mut guard = Guard::new("redirect-two-programs");
+    let procs = guard.container.join("cgroup.procs");
+    let (out4, _out6, out_port) = outbound_listeners();
+    let limit = 2;
+    let cfg = RedirectConfig {
+        cgroup_root: guard.node.clone(),
+        bpffs: guard.bpffs.clone(),
+        fast_path: false,
+        max_pod_connections: limit,
+    };
+    let r = Redirect::install(&cfg).unwrap();
+    let pod_id = redirect::cgroup_id(&guard.pod).unwrap();
+    r.enroll(
+        pod_id,
+        EnrolledPod {
+            outbound_port: out_port,
+            egress_drop_all: false,
+            workload_id: 1,
+        },
+    )
+    .unwrap();
+    let svc: SocketAddr = "10.255.0.1:8080".parse().unwrap();
+    r.set_services(&[(svc, 7)]).unwrap();
+    let orig = OriginalDestination {
+        addr: svc,
+        service_id: 7,
+    };
+
+    // A second copy of the sockops program on the same pinned maps, attached beside the
+    // installed one, as a new agent's is while it replaces the old agent's links.
+    let mut second = aya::EbpfLoader::new()
+        .default_map_pin_directory(&guard.bpffs)
+        .load(redirect::embedded_object())
+        .unwrap();
+    let sockops: &mut aya::programs::SockOps = second
+        .program_mut(strait_ebpf::PROG_SOCKOPS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    sockops.load().unwrap();
+    let cgroup = std::fs::File::open(&guard.node).unwrap();
+    sockops
+        .attach(&cgroup, aya::programs::CgroupAttachMode::Single)
+        .unwrap();
+
+    // The clients share this test's network namespace; the count is kept per namespace.
+    let netns = redirect::socket_netns_cookie(out4.as_fd()).unwrap();
+    for round in 0..3 {
+        expect_captured(&mut guard, &r, &procs, &out4, svc, false, orig);
+        // The client's socket closes once its FIN is acknowledged: wait for the count to
+        // move, then give the second program's run on that close time to land too.
+        let deadline = Instant::now() + TIMEOUT;
+        while pod_connections(&guard.bpffs, netns) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(50));
+        let open = pod_connections(&guard.bpffs, netns);
+        assert_eq!(
+            open, 0,
+            "after connection {round} closed with two sockops programs attached, the pod's \
+             open-connection count is {open}: each close must be uncounted once"
+        );
+    }
+    drop(second);
+
+    // The limit still holds: two connections open, the third refused.
+    let held: Vec<_> = (0..limit)
+        .map(|_| {
+            let pid = spawn_client(&mut guard, &procs, svc, Proto::Tcp, false);
+            let (stream, _) = accept_within(&out4, TIMEOUT);
+            (pid, stream)
+        })
+        .collect();
+    assert_eq!(
+        connect_errno(&mut guard, &procs, svc, Proto::Tcp),
+        libc::EPERM,
+        "with {limit} connections open, a pod limited to {limit} must be refused a third"
+    );
+    assert_eq!(r.counters().unwrap().pod_connection_limit, 1);
+    for (pid, stream) in held {
+        drop(stream);
+        assert_eq!(wait_client(&mut guard, pid), 0);
+    }
 }

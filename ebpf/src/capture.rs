@@ -508,14 +508,26 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
 /// A counted socket changed state: on close, uncount it and remove its original
 /// destination if the agent never took it (the connection never reached its accept:
 /// refused, timed out, or closed by the client first).
+///
+/// During an upgrade's link swap the old and the new agent's programs are both attached, and
+/// the kernel runs both on this one close. The connect was counted once (only the program
+/// that found the cookie entry counts it), so it must be uncounted once: the first program to
+/// see the close clears the socket's state-callback flag, and the second, reading the flag
+/// live from the socket, finds it clear and leaves the count alone.
 fn closed(ctx: &SockOpsContext) -> Result<(), ()> {
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return Ok(());
     }
+    let ops = ctx.ops;
+    // SAFETY: context field, 4-byte read; it reads the socket's flags as they are now.
+    let flags = unsafe { read_volatile(addr_of!((*ops).bpf_sock_ops_cb_flags)) };
+    if flags & BPF_SOCK_OPS_STATE_CB_FLAG == 0 {
+        return Ok(());
+    }
+    let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     // SAFETY: the context pointer is valid for the program's run.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     add_pod_connections(netns, -1);
-    let ops = ctx.ops;
     let Some((family, local, _)) = ends(ops) else {
         return Ok(());
     };
