@@ -35,7 +35,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,6 +49,7 @@ use super::Drain;
 use super::http::body::{Guard, ReplayBody, ResponseBody};
 use super::http::pool::{self, Pool, Proto};
 use super::http::{BoxFuture, headers};
+use super::streams::{Driven, Streams};
 use super::upstream::{LocalPod, Stream};
 use crate::identity::policy::Policy;
 use crate::mesh::{
@@ -860,11 +861,14 @@ impl Gate {
                 }
             })
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // HTTP/2 streams run on this task (see `super::streams`).
+        let streams = Streams::default();
+        let mut builder = auto::Builder::new(streams.clone());
         builder.http1().timer(TokioTimer::new()).half_close(true);
         builder.http2().timer(TokioTimer::new());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(connection);
+        let mut driven = Driven::new(streams);
         let expired = async {
             match &drain {
                 Some(drain) => drain.expired().await,
@@ -881,7 +885,7 @@ impl Gate {
         let mut closing = false;
         let result = loop {
             tokio::select! {
-                result = connection.as_mut() => break result,
+                result = std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)) => break result,
                 () = &mut expired => break Ok(()),
                 () = &mut idle_out, if !closing => {
                     // Envoy's connection idle timeout: no request in flight for that long.

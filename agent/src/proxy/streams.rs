@@ -9,10 +9,11 @@
 //! ([`Driven::poll`]). A stream that waits for its upstream wakes the connection's task,
 //! which polls only the streams that were woken (`FuturesUnordered`).
 //!
-//! Two connections use it: a client's HTTP connection (`proxy::http`, where the task also
-//! drives its own upstream HTTP/1.1 connections), and a tunnel connection from another node's
+//! Three connections use it: a client's HTTP connection (`proxy::http`, where the task also
+//! drives its own upstream HTTP/1.1 connections); a tunnel connection from another node's
 //! agent (`proxy::hbone`), whose streams' copies to the pod ([`Streams::spawn`]) run there too,
-//! so bytes go from the tunnel's TLS connection to the pod and back without a hand-off.
+//! so bytes go from the tunnel's TLS connection to the pod and back without a hand-off; and a
+//! connection served by a listener's admission gate (`proxy::admission`).
 //!
 //! One connection's streams then share one core, as in Envoy, where a connection and all its
 //! streams live on one worker thread; connections still spread over the runtime's threads.
