@@ -247,6 +247,12 @@ pub struct RunArgs {
     /// pod flooding connects cannot make other pods' connections fail.
     #[arg(long, default_value_t = 16_384)]
     pub max_pod_connections: u32,
+    /// Worker threads of the runtime that carries all proxied traffic. Default: the CPUs this
+    /// process may use (its CPU affinity and its cgroup's CPU quota, so a container CPU limit
+    /// of 2 gives 2). Every worker beyond what the traffic needs costs wake-ups on every
+    /// request where the agent shares the node's cores with busy pods: see docs/operations.md.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Per-request telemetry: request and TCP connection metrics, access logs, traces.
     /// `off` leaves only the agent's own metrics (eBPF counters, reloads, health checks,
     /// process); the benchmark compares the two.
@@ -315,6 +321,14 @@ fn raise_open_files_limit() {
     }
 }
 
+/// `--worker-threads`, or the CPUs this process may use.
+fn worker_threads(args: &RunArgs) -> usize {
+    args.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    )
+}
+
 /// `on` or `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Switch {
@@ -326,9 +340,14 @@ pub enum Switch {
 pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
+            let worker_threads = worker_threads(&args);
             let config = Config::try_from(args)?;
             raise_open_files_limit();
-            let runtime = tokio::runtime::Runtime::new()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(worker_threads)
+                .enable_all()
+                .build()?;
+            tracing::info!(worker_threads, "runtime started");
             if let Some(service) = &config.identity_service {
                 let client =
                     identity::service::Client::new(&service.url, &service.proof, &service.dir)?;
@@ -454,5 +473,31 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn run(flags: &[&str]) -> Result<RunArgs, clap::Error> {
+        let argv = ["strait", "run", "--mesh", "/m.yaml", "--workloads", "/w"]
+            .into_iter()
+            .chain(flags.iter().copied());
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(args) => Ok(args),
+            _ => unreachable!("a run command line"),
+        }
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cpus_the_process_may_use() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(worker_threads(&run(&[]).unwrap()), cpus);
+        assert_eq!(worker_threads(&run(&["--worker-threads", "3"]).unwrap()), 3);
+        let zero = run(&["--worker-threads", "0"]).unwrap_err().to_string();
+        assert!(zero.contains("--worker-threads"), "{zero}");
     }
 }

@@ -209,7 +209,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .cloned()
         .collect();
     let binaries = build()?;
-    let telemetry_switch = has_telemetry_switch(&binaries.strait);
+    let telemetry_switch = agent_takes(&binaries.strait, "--telemetry");
     eprintln!(
         "bench: `strait run --telemetry` {}",
         if telemetry_switch {
@@ -230,6 +230,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--baseline-agent compares a partial run: name its scenarios with --only");
     }
     // The halves of a round: this build's agent, and the baseline's if there is one.
+    let worker_threads = |strait: &Path| {
+        agent_takes(strait, "--worker-threads").then_some(environment::NODE_WORKER_THREADS)
+    };
     let mut builds: Vec<(PathBuf, bool)> = vec![(binaries.strait.clone(), telemetry_switch)];
     if let Some(baseline) = &args.baseline_agent {
         anyhow::ensure!(
@@ -237,7 +240,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             "--baseline-agent {}: no such file",
             baseline.display()
         );
-        builds.push((baseline.clone(), has_telemetry_switch(baseline)));
+        builds.push((baseline.clone(), agent_takes(baseline, "--telemetry")));
     }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
     let mut before: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
@@ -346,6 +349,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 demo_mesh_agent_rss_kib: demo_rss,
                 fast_path_counters: Value::Null,
                 telemetry_switch: *baseline_switch,
+                agent_worker_threads: args.baseline_agent.as_deref().and_then(worker_threads),
             },
         )?;
     }
@@ -358,6 +362,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         demo_mesh_agent_rss_kib: demo_rss,
         fast_path_counters: fast_counters,
         telemetry_switch,
+        agent_worker_threads: worker_threads(&binaries.strait),
     };
     report::write(&out, &results)?;
     println!("{}", report::summary(&results));
@@ -483,13 +488,14 @@ fn build() -> anyhow::Result<Binaries> {
     })
 }
 
-/// True if this agent build has the telemetry switch (`strait run --telemetry on|off`).
-fn has_telemetry_switch(strait: &Path) -> bool {
+/// Does the agent binary `strait` take `flag` (`strait run --telemetry`, ...)? An agent from
+/// before a flag (a `--baseline-agent`) runs without it.
+pub(super) fn agent_takes(strait: &Path, flag: &str) -> bool {
     run(
         Command::new(strait).args(["run", "--help"]),
         Duration::from_secs(10),
     )
-    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--telemetry"))
+    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
 }
 
 /// Runs one scenario once; returns its sample (a JSON object of numbers).

@@ -175,7 +175,8 @@ impl Env {
         node1.write_workload(&server)?;
         node2.write_workload(&web2)?;
         node2.write_workload(&web2_tls)?;
-        let agent2 = start_agent_as_deployed(&tb, &node2, &mesh, &as_strs(&peer_args(&node1)))?;
+        let agent2 =
+            start_agent_as_deployed(&tb, &node2, &mesh, &as_strs(&node_agent_args(&node1)))?;
         for pod in ["bench/web2", "bench/web2-tls"] {
             agent2.wait_enrolled(pod, true, Duration::from_secs(20))?;
         }
@@ -203,7 +204,7 @@ impl Env {
             &self.tb,
             &self.node2,
             &self.mesh,
-            &as_strs(&peer_args(&self.node1)),
+            &as_strs(&node_agent_args(&self.node1)),
         )?;
         for pod in ["bench/web2", "bench/web2-tls"] {
             self.agent2
@@ -224,7 +225,7 @@ impl Env {
                 if on { "on" } else { "off" }.to_owned(),
             ]);
         }
-        args.extend(peer_args(&self.node2));
+        args.extend(node_agent_args(&self.node2));
         let agent = start_agent_as_deployed(&self.tb, &self.node1, &self.mesh, &as_strs(&args))?;
         for pod in ["bench/client", "bench/web"] {
             agent.wait_enrolled(pod, true, Duration::from_secs(10))?;
@@ -310,9 +311,24 @@ impl Env {
     }
 }
 
-/// `--peer-node` arguments naming `other`'s pod subnets and underlay address.
-fn peer_args(other: &Node) -> Vec<String> {
-    vec![
+/// `--worker-threads` of each simulated node's agent (see [`node_agent_args`]).
+pub(super) const NODE_WORKER_THREADS: u64 = 1;
+
+/// The arguments of a simulated node's agent: `--peer-node` naming `other`'s pod subnets and
+/// underlay address, and one worker thread. The two simulated nodes share this machine's two
+/// cores, so each node has one, as each sidecar HAProxy (`nbthread 1`), nginx (one worker)
+/// and wrk (one thread) has; an agent built before `--worker-threads` (a `--baseline-agent`)
+/// runs with its default instead.
+fn node_agent_args(other: &Node) -> Vec<String> {
+    let mut args = if supports_worker_threads() {
+        vec![
+            "--worker-threads".to_owned(),
+            NODE_WORKER_THREADS.to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
+    args.extend([
         "--peer-node".into(),
         format!(
             "{}/24={}",
@@ -325,7 +341,14 @@ fn peer_args(other: &Node) -> Vec<String> {
             addr::pod_subnet_v6(other.index()),
             other.underlay_ip()
         ),
-    ]
+    ]);
+    args
+}
+
+/// Does the agent binary `STRAIT_BIN` names take `--worker-threads`?
+pub(super) fn supports_worker_threads() -> bool {
+    std::env::var_os("STRAIT_BIN")
+        .is_some_and(|strait| super::agent_takes(Path::new(&strait), "--worker-threads"))
 }
 
 fn as_strs(args: &[String]) -> Vec<&str> {

@@ -26,6 +26,9 @@ pub struct Results {
     pub fast_path_counters: Value,
     /// The agent build has `strait run --telemetry on|off`.
     pub telemetry_switch: bool,
+    /// `--worker-threads` of each node's agent; `None`: the agent's default (a run from
+    /// before the flag).
+    pub agent_worker_threads: Option<u64>,
 }
 
 impl Results {
@@ -68,6 +71,7 @@ impl Results {
             telemetry_switch: raw["telemetry_switch"]
                 .as_bool()
                 .context("results: `telemetry_switch`")?,
+            agent_worker_threads: raw["agent_worker_threads"].as_u64(),
         })
     }
 
@@ -457,6 +461,7 @@ fn raw_json(r: &Results) -> Value {
         "demo_mesh_agent_rss_kib": r.demo_mesh_agent_rss_kib,
         "fast_path_counters_last_agent": r.fast_path_counters,
         "telemetry_switch": r.telemetry_switch,
+        "agent_worker_threads": r.agent_worker_threads,
         "targets": targets(r).iter().map(|t| json!({
             "name": t.name, "value": t.value, "goal": t.goal.text(), "met": t.met(),
             "unavailable": t.unavailable,
@@ -572,6 +577,20 @@ fn before_and_after(s: &mut String, before: &Results, after: &Results) {
         load(before),
         load(after)
     );
+    if before.agent_worker_threads != after.agent_worker_threads {
+        let threads = |r: &Results| {
+            r.agent_worker_threads.map_or_else(
+                || "its default worker threads".to_owned(),
+                |n| format!("`--worker-threads {n}`"),
+            )
+        };
+        let _ = writeln!(
+            s,
+            "Each node's agent ran with {} before and with {} after.\n",
+            threads(before),
+            threads(after)
+        );
+    }
     let _ = writeln!(
         s,
         "| scenario | requests/s before | after | vs its baseline before | after | proxy CPU µs per request before | after | p99 at 1,000 rps (ms) before | after |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -700,7 +719,7 @@ fn markdown(r: &Results) -> String {
          proxy: requests parsed, routed, sent on pooled connections). *fast path*: the agent \
          runs with `--fast-path on` (sockmap redirect of its delivery leg). *sidecar pair*: \
          HAProxy {} in the client pod and in the server pod (`mode http`, one thread each), TLS \
-         between them, standing in for per-pod sidecars{}.\n",
+         between them, standing in for per-pod sidecars{}.{}\n",
         m["nginx"]
             .as_str()
             .unwrap_or("")
@@ -716,6 +735,14 @@ fn markdown(r: &Results) -> String {
              strait does not encrypt"
         } else {
             ""
+        },
+        match r.agent_worker_threads {
+            Some(threads) => format!(
+                " Each node's agent runs with `--worker-threads {threads}`: the two nodes share \
+                 this machine's two cores, so each has one, as each sidecar HAProxy, nginx and \
+                 wrk have one thread."
+            ),
+            None => String::new(),
         },
     );
     let _ = writeln!(
