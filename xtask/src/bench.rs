@@ -364,6 +364,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         telemetry_switch,
         agent_worker_threads: worker_threads(&binaries.strait),
     };
+    if builds.len() == 1 && !results.only.is_empty() {
+        report::forget_before(&out)?;
+    }
     report::write(&out, &results)?;
     println!("{}", report::summary(&results));
     drop(env);

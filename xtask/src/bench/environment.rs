@@ -346,7 +346,7 @@ fn node_agent_args(other: &Node) -> Vec<String> {
 }
 
 /// Does the agent binary `STRAIT_BIN` names take `--worker-threads`?
-pub(super) fn supports_worker_threads() -> bool {
+fn supports_worker_threads() -> bool {
     std::env::var_os("STRAIT_BIN")
         .is_some_and(|strait| super::agent_takes(Path::new(&strait), "--worker-threads"))
 }

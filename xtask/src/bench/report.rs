@@ -435,6 +435,18 @@ pub fn write_before(out: &Path, r: &Results) -> anyhow::Result<()> {
     write_raw(out, BEFORE_RAW, r)
 }
 
+/// Removes the raw results of an earlier run's `--baseline-agent` half: a partial run without a
+/// baseline replaces the partial page, and that half is not of its run.
+pub fn forget_before(out: &Path) -> anyhow::Result<()> {
+    let path = out.join(BEFORE_RAW);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("remove {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Writes `r`'s raw results to `out/relative`.
 fn write_raw(out: &Path, relative: &str, r: &Results) -> anyhow::Result<()> {
     let dir = out.join("benchmarks");
