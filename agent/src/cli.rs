@@ -477,12 +477,13 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::Parser as _;
 
     use super::*;
 
-    fn run(flags: &[&str]) -> Result<RunArgs, clap::Error> {
+    /// `strait run` with the required flags and `flags`, parsed.
+    pub(crate) fn run(flags: &[&str]) -> Result<RunArgs, clap::Error> {
         let argv = ["strait", "run", "--mesh", "/m.yaml", "--workloads", "/w"]
             .into_iter()
             .chain(flags.iter().copied());

@@ -182,19 +182,10 @@ pub(crate) fn default_cgroup_root(requested: PathBuf) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser as _;
-
     use super::*;
-    use crate::cli::{Cli, Command};
 
     fn run_args(flags: &[&str]) -> RunArgs {
-        let argv = ["strait", "run", "--mesh", "/m.yaml", "--workloads", "/w"]
-            .into_iter()
-            .chain(flags.iter().copied());
-        match Cli::try_parse_from(argv).expect("the flags parse").command {
-            Command::Run(args) => args,
-            _ => unreachable!("a run command line"),
-        }
+        crate::cli::tests::run(flags).expect("the flags parse")
     }
 
     #[test]
