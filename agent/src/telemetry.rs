@@ -13,7 +13,7 @@ mod process;
 pub mod request;
 pub mod trace;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -54,7 +54,7 @@ pub struct FailureLabels {
 }
 
 /// Labels of an HTTP, HTTP/2 or gRPC request through the agent (App Mesh's dimensions).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub mesh: String,
     pub source_virtual_node: String,
@@ -255,6 +255,77 @@ impl Metrics {
     }
 }
 
+/// The request counter and duration histogram a connection's requests last recorded into,
+/// and the label strings of its last request, kept for the next one to write into.
+///
+/// A connection's requests nearly always share one label set (one caller, one virtual
+/// service, one route). Without this, every request allocates its five label strings anew and
+/// finds its series in the families by hashing them into a locked map, twice: work repeated
+/// request after request. With it, a request takes the spare strings of the last one
+/// ([`SeriesCache::spare`]) and overwrites them, which reuses their buffers, and a request
+/// with the kept labels updates the kept handles after comparing them. A different label set
+/// (another route, another code class, a gateway's next route) looks its series up as before
+/// and is kept instead. The families are never cleared, so a kept handle is always the series
+/// the registry exports.
+#[derive(Clone, Default)]
+pub struct SeriesCache(Arc<Mutex<Kept>>);
+
+#[derive(Default)]
+struct Kept {
+    series: Option<RequestSeries>,
+    spare: Option<RequestLabels>,
+}
+
+struct RequestSeries {
+    labels: RequestLabels,
+    requests: Counter,
+    duration: Histogram,
+}
+
+impl SeriesCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Empty label strings for the next request: the last request's, cleared, when no other
+    /// request holds them (an HTTP/2 connection's concurrent streams), so writing into them
+    /// allocates nothing.
+    pub fn spare(&self) -> RequestLabels {
+        let mut labels = self.lock().spare.take().unwrap_or_default();
+        for label in [
+            &mut labels.mesh,
+            &mut labels.source_virtual_node,
+            &mut labels.target_virtual_service,
+            &mut labels.target_virtual_node,
+            &mut labels.route,
+        ] {
+            label.clear();
+        }
+        labels
+    }
+
+    /// Counts one request with `labels` that took `seconds`.
+    pub fn record(&self, metrics: &Metrics, labels: RequestLabels, seconds: f64) {
+        let mut kept = self.lock();
+        if let Some(series) = &kept.series
+            && series.labels == labels
+        {
+            series.duration.observe(seconds);
+            series.requests.inc();
+            kept.spare = Some(labels);
+            return;
+        }
+        let series = RequestSeries {
+            duration: metrics.request_duration.get_or_create(&labels).clone(),
+            requests: metrics.requests.get_or_create(&labels).clone(),
+            labels,
+        };
+        series.duration.observe(seconds);
+        series.requests.inc();
+        kept.spare = kept.series.replace(series).map(|old| old.labels);
+    }
+}
+
 /// The per-request telemetry switch and its sinks; absent under `--telemetry off`.
 pub struct Telemetry {
     pub metrics: Metrics,
@@ -295,5 +366,82 @@ impl Collector for RedirectCollector {
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    fn labels(route: &str, class: &'static str) -> RequestLabels {
+        RequestLabels {
+            mesh: "m".into(),
+            source_virtual_node: "ns/client".into(),
+            target_virtual_service: "ns/web".into(),
+            target_virtual_node: "ns/web-v1".into(),
+            route: route.into(),
+            response_code_class: class,
+            reporter: "source",
+        }
+    }
+
+    #[test]
+    fn a_connections_kept_series_counts_into_the_families_the_registry_exports() {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let series = SeriesCache::default();
+        // Kept, kept, another route, another class, back to the first.
+        for (route, class) in [
+            ("r1", "2xx"),
+            ("r1", "2xx"),
+            ("r2", "2xx"),
+            ("r1", "5xx"),
+            ("r1", "2xx"),
+        ] {
+            series.record(&metrics, labels(route, class), 0.002);
+        }
+        // The last request's label strings come back empty, their buffers kept; a second
+        // taker (a concurrent stream) gets fresh ones.
+        let spare = series.spare();
+        assert!(spare.route.is_empty() && spare.mesh.is_empty());
+        assert!(spare.route.capacity() >= 2 && spare.target_virtual_node.capacity() > 0);
+        assert_eq!(series.spare().route.capacity(), 0);
+        // A request counted without a cache lands in the same series.
+        SeriesCache::default().record(&metrics, labels("r1", "2xx"), 0.002);
+        let count = |route, class| metrics.requests.get_or_create(&labels(route, class)).get();
+        assert_eq!(count("r1", "2xx"), 4);
+        assert_eq!(count("r2", "2xx"), 1);
+        assert_eq!(count("r1", "5xx"), 1);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encode");
+        let line = |name: &str, route: &str, class: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with(name)
+                        && l.contains(&format!("route=\"{route}\""))
+                        && l.contains(&format!("response_code_class=\"{class}\""))
+                })
+                .unwrap_or_else(|| panic!("no {name} line for {route} {class} in:\n{text}"))
+                .rsplit(' ')
+                .next()
+                .expect("a value")
+                .to_owned()
+        };
+        assert_eq!(line("strait_requests_total{", "r1", "2xx"), "4");
+        assert_eq!(
+            line("strait_request_duration_seconds_count{", "r1", "2xx"),
+            "4"
+        );
+        assert_eq!(
+            line("strait_request_duration_seconds_count{", "r2", "2xx"),
+            "1"
+        );
+        assert_eq!(
+            line("strait_request_duration_seconds_count{", "r1", "5xx"),
+            "1"
+        );
     }
 }

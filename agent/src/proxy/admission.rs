@@ -57,9 +57,9 @@ use crate::mesh::{
     RateLimitCaller, ResourceId, TcpTimeout,
 };
 use crate::state::State as Snapshot;
-use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::request::Record;
+use crate::telemetry::{SeriesCache, Telemetry};
 
 /// Per-caller buckets kept per listener before full (forgettable) ones are dropped.
 const MAX_CALLER_BUCKETS: usize = 10_000;
@@ -629,6 +629,7 @@ impl Admission {
                 pool: self.pool.clone(),
                 telemetry,
                 log,
+                series: SeriesCache::default(),
             }))));
         }
         if let Some(rate) = &limits.rate
@@ -768,6 +769,8 @@ struct GateInner {
     telemetry: Option<Arc<Telemetry>>,
     /// The listener's virtual node's access log, if it has one.
     log: Option<AccessLog>,
+    /// The request series this connection's requests last counted into.
+    series: SeriesCache,
 }
 
 /// The requests in flight on one connection into the gate, for its idle timeout.
@@ -947,15 +950,16 @@ impl GateInner {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        let mut record = Box::new(Record::new(
+        let mut record = Box::new(Record::on_connection(
             telemetry.clone(),
-            limits.mesh.clone(),
-            self.who.source.clone(),
+            &self.series,
+            &self.who.source,
             is_grpc(request.headers()),
             protocol,
         ));
+        record.mesh.push_str(&limits.mesh);
         record.reporter = "destination";
-        record.target_virtual_node = limits.virtual_node.to_string();
+        Record::set(&mut record.target_virtual_node, &limits.virtual_node);
         record.upstream_host = Some(target);
         record.log = self.log.clone();
         if record.log.is_some() {

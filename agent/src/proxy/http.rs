@@ -65,9 +65,9 @@ use crate::mesh::Protocol;
 use crate::routing::ServicePort;
 use crate::routing::http::{HttpRoute, HttpTarget, RouteRateLimit};
 use crate::state::State as Snapshot;
-use crate::telemetry::Telemetry;
 use crate::telemetry::request::Record;
 use crate::telemetry::trace;
+use crate::telemetry::{SeriesCache, Telemetry};
 
 /// Responses up to this length (`content-length`) are sent with their first bytes read ahead
 /// ([`ResponseBody::prefetch`]); longer or open-ended ones (streams, gRPC) stream as they come.
@@ -323,6 +323,7 @@ async fn serve_with<E: Env, I>(
         source,
         ingress,
         upstreams: Arc::default(),
+        series: SeriesCache::default(),
     });
     let upstreams = downstream.upstreams.clone();
     let pool = downstream.env.http().pool.clone();
@@ -415,6 +416,8 @@ struct Downstream<E> {
     ingress: Option<Arc<dyn Ingress>>,
     /// The HTTP/1.1 upstream connections this connection's task drives (see `pool`).
     upstreams: Arc<pool::Local>,
+    /// The request series this connection's requests last counted into.
+    series: SeriesCache,
 }
 
 /// Why no upstream response came back.
@@ -484,10 +487,10 @@ impl<E: Env> Downstream<E> {
         let Some(telemetry) = self.env.telemetry() else {
             return self.proxy(&snapshot, request, None).await;
         };
-        let mut record = Box::new(Record::new(
+        let mut record = Box::new(Record::on_connection(
             telemetry.clone(),
-            String::new(),
-            self.source_name.clone(),
+            &self.series,
+            &self.source_name,
             is_grpc(request.headers()),
             protocol_name(request.version()),
         ));
@@ -507,7 +510,7 @@ impl<E: Env> Downstream<E> {
         let started = Instant::now();
         let grpc = is_grpc(request.headers());
         if let Some(r) = record.as_mut() {
-            r.mesh = snapshot.table.mesh.clone();
+            r.mesh.clone_from(&snapshot.table.mesh);
             if r.log.is_some() {
                 r.method = request.method().to_string();
                 r.path = request
@@ -532,10 +535,10 @@ impl<E: Env> Downstream<E> {
                 r.gateway_route = gateway_route;
             }
             if let Some(service) = &way.service {
-                r.target_virtual_service = service.service.to_string();
+                Record::set(&mut r.target_virtual_service, &service.service);
             }
             if let Some(route) = &way.route {
-                r.route = route.name.clone();
+                r.route.clone_from(&route.name);
             }
             if let Err(reject) = &routed {
                 match reject.flag() {
@@ -587,7 +590,7 @@ impl<E: Env> Downstream<E> {
         };
         let virtual_node = &target.target.virtual_node;
         if let Some(r) = record.as_mut() {
-            r.target_virtual_node = virtual_node.to_string();
+            Record::set(&mut r.target_virtual_node, virtual_node);
             let sampling = r.telemetry().sampling;
             r.span = trace::start(&mut parts.headers, sampling, &mut rand::rng());
             if r.wants_details() {

@@ -19,7 +19,8 @@ use http::HeaderMap;
 use super::access_log::{AccessLog, Entry};
 use super::otlp::{Attr, SpanData};
 use super::trace::Span;
-use super::{GatewayRequestLabels, RequestLabels, RouteEventLabels, Telemetry};
+use super::{GatewayRequestLabels, RequestLabels, RouteEventLabels, SeriesCache, Telemetry};
+use crate::mesh::ResourceId;
 
 /// gRPC status names by code (<https://grpc.github.io/grpc/core/md_doc_statuscodes.html>).
 const GRPC_STATUS: [&str; 17] = [
@@ -90,7 +91,6 @@ pub struct Record {
     /// The GatewayRoute that took the request, at a gateway listener; else empty.
     pub gateway_route: String,
     started: Instant,
-    started_at: SystemTime,
     grpc: bool,
     /// `HTTP/1.1` or `HTTP/2`.
     protocol: &'static str,
@@ -121,6 +121,8 @@ pub struct Record {
     pub reporter: &'static str,
     /// Not a request of the mesh (a gateway listener's health check): nothing is recorded.
     pub discarded: bool,
+    /// The connection's last request series, when the caller keeps one per connection.
+    pub series: Option<SeriesCache>,
 }
 
 impl Record {
@@ -140,7 +142,6 @@ impl Record {
             route: String::new(),
             gateway_route: String::new(),
             started: Instant::now(),
-            started_at: SystemTime::now(),
             grpc,
             protocol,
             status: 0,
@@ -163,7 +164,43 @@ impl Record {
             ended: false,
             reporter: "source",
             discarded: false,
+            series: None,
         }
+    }
+
+    /// A record of one request on a connection that keeps `series`: its label strings are the
+    /// spare ones of the connection's last request (see [`SeriesCache`]), which the caller
+    /// overwrites ([`Record::set`], `String::clone_from`) instead of allocating new ones.
+    pub fn on_connection(
+        telemetry: Arc<Telemetry>,
+        series: &SeriesCache,
+        source_virtual_node: &str,
+        grpc: bool,
+        protocol: &'static str,
+    ) -> Record {
+        let labels = series.spare();
+        let mut record = Record::new(
+            telemetry,
+            labels.mesh,
+            labels.source_virtual_node,
+            grpc,
+            protocol,
+        );
+        record.source_virtual_node.push_str(source_virtual_node);
+        record.target_virtual_service = labels.target_virtual_service;
+        record.target_virtual_node = labels.target_virtual_node;
+        record.route = labels.route;
+        record.series = Some(series.clone());
+        record
+    }
+
+    /// Writes a resource's `namespace/name` into a label string, reusing its buffer (as its
+    /// `Display` does, without the formatter's cost).
+    pub fn set(label: &mut String, id: &ResourceId) {
+        label.clear();
+        label.push_str(&id.namespace);
+        label.push('/');
+        label.push_str(&id.name);
     }
 
     /// Telemetry this request records into.
@@ -196,7 +233,10 @@ impl Record {
     /// The response's head is known (status, and a trailers-only gRPC status).
     pub fn response(&mut self, status: u16, headers: &HeaderMap) {
         self.status = status;
-        self.grpc_status = grpc_status(headers);
+        // Only a gRPC request's status is a label; the access log shows any.
+        if self.grpc || self.log.is_some() {
+            self.grpc_status = grpc_status(headers);
+        }
         if self.log.is_some() {
             self.response_headers = header_map(headers);
             if let Some(t) = self.upstream_service_time {
@@ -272,9 +312,15 @@ impl Record {
                 .inc();
         }
         let flags = self.flags.join(",");
+        // The wall clock is read only when a log line or a span needs it.
+        let started_at = (self.log.is_some() || self.recorded_span()).then(|| {
+            SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        });
         if let Some(log) = &self.log {
             log.log(&Entry {
-                start: Some(self.started_at),
+                start: started_at,
                 duration,
                 protocol: self.protocol,
                 request_headers: std::mem::take(&mut self.request_headers),
@@ -300,7 +346,8 @@ impl Record {
         if self.recorded_span()
             && let (Some(span), Some(exporter)) = (self.span.take(), &self.telemetry.exporter)
         {
-            exporter.export(self.span_data(span, duration, class, &flags));
+            let started_at = started_at.unwrap_or(SystemTime::UNIX_EPOCH);
+            exporter.export(self.span_data(span, started_at, duration, class, &flags));
         }
         if !self.gateway_route.is_empty() {
             metrics
@@ -323,14 +370,27 @@ impl Record {
             response_code_class: class,
             reporter: self.reporter,
         };
-        metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64());
-        metrics.requests.get_or_create(&labels).inc();
+        let seconds = duration.as_secs_f64();
+        match &self.series {
+            Some(series) => series.record(metrics, labels, seconds),
+            None => {
+                metrics
+                    .request_duration
+                    .get_or_create(&labels)
+                    .observe(seconds);
+                metrics.requests.get_or_create(&labels).inc();
+            }
+        }
     }
 
-    fn span_data(&self, span: Span, duration: Duration, class: &str, flags: &str) -> SpanData {
+    fn span_data(
+        &self,
+        span: Span,
+        started_at: SystemTime,
+        duration: Duration,
+        class: &str,
+        flags: &str,
+    ) -> SpanData {
         let mut attributes = vec![
             ("http.request.method", Attr::Str(self.method.clone())),
             ("url.path", Attr::Str(self.path.clone())),
@@ -388,7 +448,7 @@ impl Record {
             tracestate: span.tracestate,
             start: span.start,
             // The span began when the route was picked; it ends with the response.
-            end: self.started_at + duration,
+            end: started_at + duration,
             attributes,
             error,
         }

@@ -263,6 +263,9 @@ pub fn start(headers: &mut HeaderMap, sampling: f64, rng: &mut impl rand::Rng) -
         Some(decided) => decided,
         None => sampling > 0.0 && rng.random::<f64>() < sampling,
     };
+    if incoming.is_none() && !sampled {
+        return None;
+    }
     let mut span_id = [0u8; 8];
     while span_id == [0u8; 8] {
         rng.fill(&mut span_id);
@@ -280,7 +283,8 @@ pub fn start(headers: &mut HeaderMap, sampling: f64, rng: &mut impl rand::Rng) -
             inject(headers, &span, incoming.formats, &incoming.xray_extra);
             span
         }
-        None if sampled => {
+        // Not from a context, so sampled here (the early return above).
+        None => {
             let mut trace_id = [0u8; 16];
             while trace_id == [0u8; 16] {
                 rng.fill(&mut trace_id);
@@ -296,7 +300,6 @@ pub fn start(headers: &mut HeaderMap, sampling: f64, rng: &mut impl rand::Rng) -
             inject(headers, &span, Formats::default(), &[]);
             span
         }
-        None => return None,
     };
     Some(span)
 }
