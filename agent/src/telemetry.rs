@@ -409,7 +409,7 @@ mod tests {
         assert!(spare.route.is_empty() && spare.mesh.is_empty());
         assert!(spare.route.capacity() >= 2 && spare.target_virtual_node.capacity() > 0);
         assert_eq!(series.spare().route.capacity(), 0);
-        // A request counted without a cache lands in the same series.
+        // Another connection's requests with the same labels land in the same series.
         SeriesCache::default().record(&metrics, labels("r1", "2xx"), 0.002);
         let count = |route, class| metrics.requests.get_or_create(&labels(route, class)).get();
         assert_eq!(count("r1", "2xx"), 4);

@@ -950,7 +950,7 @@ impl GateInner {
             Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         };
-        let mut record = Box::new(Record::on_connection(
+        let mut record = Box::new(Record::new(
             telemetry.clone(),
             &self.series,
             &self.who.source,

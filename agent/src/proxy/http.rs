@@ -487,7 +487,7 @@ impl<E: Env> Downstream<E> {
         let Some(telemetry) = self.env.telemetry() else {
             return self.proxy(&snapshot, request, None).await;
         };
-        let mut record = Box::new(Record::on_connection(
+        let mut record = Box::new(Record::new(
             telemetry.clone(),
             &self.series,
             &self.source_name,

@@ -121,25 +121,30 @@ pub struct Record {
     pub reporter: &'static str,
     /// Not a request of the mesh (a gateway listener's health check): nothing is recorded.
     pub discarded: bool,
-    /// The connection's last request series, when the caller keeps one per connection.
-    pub series: Option<SeriesCache>,
+    /// The connection's last request series (its kept handles and spare label strings).
+    series: SeriesCache,
 }
 
 impl Record {
+    /// A record of one request on a connection that keeps `series`: its label strings are the
+    /// spare ones of the connection's last request (see [`SeriesCache`]), which the caller
+    /// overwrites ([`Record::set`], `String::clone_from`) instead of allocating new ones.
     pub fn new(
         telemetry: Arc<Telemetry>,
-        mesh: String,
-        source_virtual_node: String,
+        series: &SeriesCache,
+        source_virtual_node: &str,
         grpc: bool,
         protocol: &'static str,
     ) -> Record {
+        let mut labels = series.spare();
+        labels.source_virtual_node.push_str(source_virtual_node);
         Record {
             telemetry,
-            mesh,
-            source_virtual_node,
-            target_virtual_service: String::new(),
-            target_virtual_node: String::new(),
-            route: String::new(),
+            mesh: labels.mesh,
+            source_virtual_node: labels.source_virtual_node,
+            target_virtual_service: labels.target_virtual_service,
+            target_virtual_node: labels.target_virtual_node,
+            route: labels.route,
             gateway_route: String::new(),
             started: Instant::now(),
             grpc,
@@ -164,34 +169,8 @@ impl Record {
             ended: false,
             reporter: "source",
             discarded: false,
-            series: None,
+            series: series.clone(),
         }
-    }
-
-    /// A record of one request on a connection that keeps `series`: its label strings are the
-    /// spare ones of the connection's last request (see [`SeriesCache`]), which the caller
-    /// overwrites ([`Record::set`], `String::clone_from`) instead of allocating new ones.
-    pub fn on_connection(
-        telemetry: Arc<Telemetry>,
-        series: &SeriesCache,
-        source_virtual_node: &str,
-        grpc: bool,
-        protocol: &'static str,
-    ) -> Record {
-        let labels = series.spare();
-        let mut record = Record::new(
-            telemetry,
-            labels.mesh,
-            labels.source_virtual_node,
-            grpc,
-            protocol,
-        );
-        record.source_virtual_node.push_str(source_virtual_node);
-        record.target_virtual_service = labels.target_virtual_service;
-        record.target_virtual_node = labels.target_virtual_node;
-        record.route = labels.route;
-        record.series = Some(series.clone());
-        record
     }
 
     /// Writes a resource's `namespace/name` into a label string, reusing its buffer (as its
@@ -370,17 +349,7 @@ impl Record {
             response_code_class: class,
             reporter: self.reporter,
         };
-        let seconds = duration.as_secs_f64();
-        match &self.series {
-            Some(series) => series.record(metrics, labels, seconds),
-            None => {
-                metrics
-                    .request_duration
-                    .get_or_create(&labels)
-                    .observe(seconds);
-                metrics.requests.get_or_create(&labels).inc();
-            }
-        }
+        self.series.record(metrics, labels, duration.as_secs_f64());
     }
 
     fn span_data(
