@@ -253,8 +253,23 @@ struct State {
 
 impl State {
     /// Drops names no longer wanted and resolves every wanted name that is due.
+    ///
+    /// The lookups start one at a time, the task yielding to the runtime between two starts.
+    /// Names that share a TTL fall due together, and starting a lookup is work done at once
+    /// (a socket per query, the send): started all in one go, a round of a few dozen names
+    /// kept the agent's worker thread from the proxied connections for milliseconds, every
+    /// round. Yielding lets their I/O in between; the lookups still run concurrently, so a
+    /// round takes as long as its slowest lookup, not the sum.
     async fn refresh(&mut self, resolver: &Resolver, wanted: &BTreeSet<String>) {
-        let mut lookups = self.start(resolver, wanted);
+        let mut lookups = tokio::task::JoinSet::new();
+        for name in self.due_names(wanted) {
+            let resolver = resolver.clone();
+            lookups.spawn(async move {
+                let lookup = resolver.lookup(&name).await;
+                (name, lookup)
+            });
+            tokio::task::yield_now().await;
+        }
         while let Some(joined) = lookups.join_next().await {
             if let Ok((name, lookup)) = joined {
                 self.apply(name, lookup);
@@ -262,27 +277,37 @@ impl State {
         }
     }
 
-    /// Drops names no longer wanted and starts a lookup of every wanted name that is due.
+    /// Drops names no longer wanted and starts a lookup of every wanted name that is due, all
+    /// at once (the first round, before the agent serves anything).
     fn start(
         &mut self,
         resolver: &Resolver,
         wanted: &BTreeSet<String>,
     ) -> tokio::task::JoinSet<(String, Lookup)> {
-        self.answers.retain(|name, _| wanted.contains(name));
-        self.due.retain(|name, _| wanted.contains(name));
-        let now = Instant::now();
-        for name in wanted {
-            self.due.entry(name.clone()).or_insert(now);
-        }
         let mut lookups = tokio::task::JoinSet::new();
-        for (name, _) in self.due.iter().filter(|(_, at)| **at <= now) {
-            let (resolver, name) = (resolver.clone(), name.clone());
+        for name in self.due_names(wanted) {
+            let resolver = resolver.clone();
             lookups.spawn(async move {
                 let lookup = resolver.lookup(&name).await;
                 (name, lookup)
             });
         }
         lookups
+    }
+
+    /// Drops names no longer wanted; the wanted names due for a lookup now (a new name is).
+    fn due_names(&mut self, wanted: &BTreeSet<String>) -> Vec<String> {
+        self.answers.retain(|name, _| wanted.contains(name));
+        self.due.retain(|name, _| wanted.contains(name));
+        let now = Instant::now();
+        for name in wanted {
+            self.due.entry(name.clone()).or_insert(now);
+        }
+        self.due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Takes in one lookup's result and when the name is due again.
