@@ -17,6 +17,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Never re-resolve more often than this, whatever the TTL says.
@@ -261,13 +262,9 @@ impl State {
     /// round. Yielding lets their I/O in between; the lookups still run concurrently, so a
     /// round takes as long as its slowest lookup, not the sum.
     async fn refresh(&mut self, resolver: &Resolver, wanted: &BTreeSet<String>) {
-        let mut lookups = tokio::task::JoinSet::new();
+        let mut lookups = JoinSet::new();
         for name in self.due_names(wanted) {
-            let resolver = resolver.clone();
-            lookups.spawn(async move {
-                let lookup = resolver.lookup(&name).await;
-                (name, lookup)
-            });
+            spawn_lookup(&mut lookups, resolver, name);
             tokio::task::yield_now().await;
         }
         while let Some(joined) = lookups.join_next().await {
@@ -283,14 +280,10 @@ impl State {
         &mut self,
         resolver: &Resolver,
         wanted: &BTreeSet<String>,
-    ) -> tokio::task::JoinSet<(String, Lookup)> {
-        let mut lookups = tokio::task::JoinSet::new();
+    ) -> JoinSet<(String, Lookup)> {
+        let mut lookups = JoinSet::new();
         for name in self.due_names(wanted) {
-            let resolver = resolver.clone();
-            lookups.spawn(async move {
-                let lookup = resolver.lookup(&name).await;
-                (name, lookup)
-            });
+            spawn_lookup(&mut lookups, resolver, name);
         }
         lookups
     }
@@ -343,6 +336,15 @@ impl State {
             .copied()
             .unwrap_or_else(|| Instant::now() + MAX_REFRESH)
     }
+}
+
+/// Starts a lookup of `name` on a task of its own; it ends with the name and what was found.
+fn spawn_lookup(lookups: &mut JoinSet<(String, Lookup)>, resolver: &Resolver, name: String) {
+    let resolver = resolver.clone();
+    lookups.spawn(async move {
+        let lookup = resolver.lookup(&name).await;
+        (name, lookup)
+    });
 }
 
 #[cfg(test)]
