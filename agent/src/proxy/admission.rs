@@ -941,21 +941,17 @@ impl GateInner {
         pod: &Arc<LocalPod>,
         target: SocketAddr,
     ) -> Response<ResponseBody> {
+        let grpc = headers::is_grpc(request.headers());
         let Some(telemetry) = &self.telemetry else {
-            return self.admit_and_send(request, pod, target).await.0;
+            return self.admit_and_send(request, grpc, pod, target).await.0;
         };
         let limits = &self.state.limits;
-        let protocol = match request.version() {
-            Version::HTTP_2 => "HTTP/2",
-            Version::HTTP_10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
         let mut record = Box::new(Record::new(
             telemetry.clone(),
             &self.series,
             &self.who.source,
-            is_grpc(request.headers()),
-            protocol,
+            grpc,
+            headers::protocol_name(request.version()),
         ));
         record.mesh.push_str(&limits.mesh);
         record.reporter = "destination";
@@ -983,7 +979,7 @@ impl GateInner {
                 .unwrap_or_default();
             record.request_headers(request.headers());
         }
-        let (mut response, flag) = self.admit_and_send(request, pod, target).await;
+        let (mut response, flag) = self.admit_and_send(request, grpc, pod, target).await;
         if flag == Some("UT") {
             record.timeouts.push(
                 if limits.timeouts.is_some_and(|t| t.per_request.is_some()) {
@@ -1004,11 +1000,11 @@ impl GateInner {
     async fn admit_and_send(
         &self,
         request: Request<Incoming>,
+        grpc: bool,
         pod: &Arc<LocalPod>,
         target: SocketAddr,
     ) -> (Response<ResponseBody>, Option<&'static str>) {
         let limits = &self.state.limits;
-        let grpc = is_grpc(request.headers());
         let timeouts = limits.timeouts.unwrap_or(ReceivingTimeouts {
             per_request: None,
             idle: None,
@@ -1330,13 +1326,6 @@ fn prepare(
         }
     }
     Ok(Request::from_parts(parts, ReplayBody::new(body)))
-}
-
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// 503 with `x-envoy-overloaded` (gRPC: UNAVAILABLE), as Envoy answers a circuit breaker

@@ -472,30 +472,25 @@ fn failure_flag(failure: &Failure) -> &'static str {
     }
 }
 
-fn protocol_name(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_10 => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    }
-}
-
 impl<E: Env> Downstream<E> {
     async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         // One snapshot per request (a connection outlives mesh reloads).
         let snapshot = self.env.snapshot();
+        let grpc = headers::is_grpc(request.headers());
         let Some(telemetry) = self.env.telemetry() else {
-            return self.proxy(&snapshot, request, None).await;
+            return self.proxy(&snapshot, request, grpc, None).await;
         };
         let mut record = Box::new(Record::new(
             telemetry.clone(),
             &self.series,
             &self.source_name,
-            is_grpc(request.headers()),
-            protocol_name(request.version()),
+            grpc,
+            headers::protocol_name(request.version()),
         ));
         record.log = snapshot.access_logs.get(&self.source.virtual_node).cloned();
-        let mut response = self.proxy(&snapshot, request, Some(&mut record)).await;
+        let mut response = self
+            .proxy(&snapshot, request, grpc, Some(&mut record))
+            .await;
         record.response(response.status().as_u16(), response.headers());
         response.body_mut().attach(record);
         response
@@ -505,10 +500,10 @@ impl<E: Env> Downstream<E> {
         &self,
         snapshot: &Snapshot,
         request: Request<Incoming>,
+        grpc: bool,
         mut record: Option<&mut Record>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        let grpc = is_grpc(request.headers());
         if let Some(r) = record.as_mut() {
             r.mesh.clone_from(&snapshot.table.mesh);
             if r.log.is_some() {
@@ -1050,13 +1045,6 @@ fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, 
             }
         }
     });
-}
-
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 fn failure_reply(
