@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// which build ran.
     #[arg(long)]
     debug_build: bool,
+    /// A full run of the scenarios (docs/benchmarks.md and results.json) without the scale,
+    /// soak and allocator suites, which take longer than the scenarios together: their sections
+    /// keep the raw results of their last runs, and each says when that was.
+    #[arg(long, conflicts_with = "only")]
+    no_suites: bool,
     /// With `--only` (scenarios, not suites): also run every scenario with this agent binary
     /// (the code before a change, built beforehand), alternating with this build's agent in
     /// every round (both halves of a round run every scenario, in turns). Its samples go to
@@ -146,7 +151,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| workspace_root().join("docs"));
-    let wants = |suite: &str| args.only.is_empty() || args.only.iter().any(|id| id == suite);
+    let wants = |suite: &str| {
+        !args.no_suites && (args.only.is_empty() || args.only.iter().any(|id| id == suite))
+    };
     let plan = if args.quick {
         Plan {
             rounds: args.rounds.unwrap_or(1),

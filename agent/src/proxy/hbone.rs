@@ -47,6 +47,7 @@ use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::coalesce::Coalesce;
 use super::http::pool;
 use super::streams::{Driven, Streams};
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
@@ -417,8 +418,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GoawayWatch<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let read = buf.filled()[before..].to_vec();
-            self.scan(&read);
+            self.scan(&buf.filled()[before..]);
         }
         polled
     }
@@ -817,7 +817,10 @@ async fn dial(
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(GoawayWatch::new(tls, going_away.clone())))
+        .handshake(TokioIo::new(GoawayWatch::new(
+            Coalesce::new(tls),
+            going_away.clone(),
+        )))
         .await
         .map_err(|e| Error::Http2 {
             node,
