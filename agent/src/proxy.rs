@@ -4,9 +4,10 @@
 //! connect hooks and redirected to the pod's outbound listener): L4 forwarding for tcp ports,
 //! and `http` for ports whose provider speaks http, http2 or grpc. `inbound` handles plaintext
 //! arriving at a pod's captured listener ports from outside the mesh; `hbone` the mTLS tunnels
-//! between nodes (`coalesce` gathers a tunnel client's writes); `upstream` decides how each endpoint is reached; `streams` runs a connection's
-//! HTTP/2 streams on the connection's own task. The proxy decides nothing
-//! about which pods are enrolled; the app does, and hands it listeners.
+//! between nodes (`coalesce` gathers a tunnel client's writes); `upstream` decides how each
+//! endpoint is reached; `streams` runs a connection's HTTP/2 streams on the connection's own
+//! task. The proxy decides nothing about which pods are enrolled; the app does, and hands it
+//! listeners.
 
 pub mod admission;
 pub mod breaker;

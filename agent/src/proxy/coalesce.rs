@@ -15,61 +15,30 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 
-/// Above this much held, a write first sends what is held: a batch stays a few TLS records.
-const HOLD_LIMIT: usize = 64 * 1024;
+/// What is held at most: a larger write first sends what is held, and one this large goes on
+/// at once. One TLS record's worth, so a batch is a record or a few.
+const HOLD_LIMIT: usize = 16 * 1024;
 
 /// An I/O whose writes are held until a flush, which yields once before it writes them.
 pub struct Coalesce<T> {
-    inner: T,
-    held: Vec<u8>,
-    /// How much of `held` has been written.
-    sent: usize,
+    /// Holds the writes (up to [`HOLD_LIMIT`]) until a flush.
+    inner: BufWriter<T>,
     /// Whether this batch's flush has already yielded once.
     yielded: bool,
 }
 
-impl<T> Coalesce<T> {
+impl<T: AsyncWrite> Coalesce<T> {
     pub fn new(inner: T) -> Coalesce<T> {
         Coalesce {
-            inner,
-            held: Vec::new(),
-            sent: 0,
+            inner: BufWriter::with_capacity(HOLD_LIMIT, inner),
             yielded: false,
         }
     }
 }
 
-impl<T: AsyncWrite + Unpin> Coalesce<T> {
-    /// Writes everything held.
-    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.sent < self.held.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held[self.sent..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.sent += n;
-        }
-        self.held.clear();
-        self.sent = 0;
-        // A burst's buffer is not kept for an idle connection.
-        if self.held.capacity() > HOLD_LIMIT {
-            self.held = Vec::new();
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Makes room for `len` more bytes: sends what is held if they would not fit.
-    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
-        if !self.held.is_empty() && self.held.len() + len > HOLD_LIMIT {
-            ready!(self.poll_send_held(cx))?;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -81,51 +50,38 @@ impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
-        ready!(this.poll_room(cx, len))?;
-        if this.held.is_empty() && len >= HOLD_LIMIT {
-            // Too large to be worth holding: it is a batch of its own.
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        }
-        for buf in bufs {
-            this.held.extend_from_slice(buf);
-        }
-        Poll::Ready(Ok(len))
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        true
+        self.inner.is_write_vectored()
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.held.is_empty() && !this.yielded {
-            this.yielded = true;
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.inner.buffer().is_empty() && !self.yielded {
+            self.yielded = true;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        ready!(this.poll_send_held(cx))?;
-        this.yielded = false;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.yielded = false;
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_send_held(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
