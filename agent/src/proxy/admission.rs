@@ -46,7 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::bucket::TokenBucket;
 use super::Drain;
-use super::http::body::{Guard, ReplayBody, ResponseBody};
+use super::http::body::{Guard, Guards, ReplayBody, ResponseBody};
 use super::http::pool::{self, Pool, Proto};
 use super::http::{BoxFuture, headers};
 use super::streams::{Driven, Streams};
@@ -1118,7 +1118,7 @@ impl GateInner {
                 );
             }
         };
-        let mut guards: Vec<Guard> = guards.into_iter().flatten().collect();
+        let mut guards: Guards = guards.into_iter().flatten().collect();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(client) = on_client_upgrade {
             // The upgraded connection keeps its connection-pool permit until it ends.

@@ -41,12 +41,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
+use http::uri::{InvalidUri, PathAndQuery};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng as _;
+use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
@@ -54,7 +56,7 @@ use crate::mesh::ResourceId;
 use crate::proxy::upstream;
 
 use self::balance::InFlight;
-use self::body::{Guard, ReplayBody, ResponseBody};
+use self::body::{Guard, Guards, ReplayBody, ResponseBody};
 use self::pool::{Pool, Proto};
 use self::route::{Routed, Way};
 use super::breaker::{Breaker, RetryGuard};
@@ -438,7 +440,7 @@ enum Failure {
 struct Upstream {
     response: Response<Incoming>,
     endpoint: SocketAddr,
-    guards: Vec<Guard>,
+    guards: Guards,
 }
 
 /// One request's facts, for the request log and telemetry.
@@ -548,18 +550,6 @@ impl<E: Env> Downstream<E> {
         };
         let (service, route, target) = (&routed.service, &routed.route, routed.target());
         let (path, query) = (&routed.path, &routed.query);
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| format!("{}:{}", service.hostname, service.port));
         let version = parts.version;
         let upgrade = version <= Version::HTTP_11 && headers::is_upgrade(&parts.headers);
         let (mut parts, body, on_client_upgrade) = if upgrade {
@@ -579,10 +569,7 @@ impl<E: Env> Downstream<E> {
             .or(self.source.ips.first())
             .copied();
         headers::prepare_request(&mut parts.headers, client_ip, upgrade);
-        let path_and_query = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
-        };
+        let path_and_query = upstream_path(&parts.uri, path, query.as_deref());
         let virtual_node = &target.target.virtual_node;
         if let Some(r) = record.as_mut() {
             Record::set(&mut r.target_virtual_node, virtual_node);
@@ -590,8 +577,11 @@ impl<E: Env> Downstream<E> {
             r.span = trace::start(&mut parts.headers, sampling, &mut rand::rng());
             if r.wants_details() {
                 r.method = parts.method.to_string();
-                r.path = path_and_query.clone();
-                r.authority = authority.clone();
+                r.path = match query {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.clone(),
+                };
+                r.authority = authority(&parts.uri, &parts.headers, service).into_owned();
                 r.request_headers(&parts.headers);
             }
         }
@@ -616,14 +606,17 @@ impl<E: Env> Downstream<E> {
         {
             r.bytes_received = Some(body.bytes_read());
         }
+        // Read before `forward`, which may hand the headers on to the upstream request.
+        let request_id = tracing::enabled!(target: "strait::request", tracing::Level::DEBUG)
+            .then(|| headers::request_id(&parts.headers).to_owned());
         let result = self
             .forward(
                 snapshot,
                 &service.service,
                 route,
                 target,
-                &parts,
-                &authority,
+                &mut parts,
+                service,
                 &path_and_query,
                 body,
                 upgrade,
@@ -704,7 +697,7 @@ impl<E: Env> Downstream<E> {
             status = response.status().as_u16(),
             grpc_status = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
             attempts = outcome.attempts,
-            request_id = %headers::request_id(&parts.headers),
+            request_id = %request_id.as_deref().unwrap_or(""),
             duration_ms = started.elapsed().as_millis() as u64,
             "request"
         );
@@ -722,9 +715,9 @@ impl<E: Env> Downstream<E> {
         service: &ResourceId,
         route: &HttpRoute,
         target: &HttpTarget,
-        parts: &Parts,
-        authority: &str,
-        path_and_query: &str,
+        parts: &mut Parts,
+        service_port: &ServicePort,
+        path_and_query: &Result<PathAndQuery, InvalidUri>,
         body: ReplayBody,
         upgrade: bool,
         deadline: Option<Instant>,
@@ -736,7 +729,8 @@ impl<E: Env> Downstream<E> {
         self.env
             .authorize(snapshot, &self.source, service, node)
             .map_err(Failure::Forbidden)?;
-        let addrs: Vec<SocketAddr> = table
+        // Inline vectors here and below: this runs for every request.
+        let addrs: SmallVec<[SocketAddr; 8]> = table
             .endpoints
             .get(node)
             .map(|e| {
@@ -757,7 +751,7 @@ impl<E: Env> Downstream<E> {
         }
         let policy = &route.retry;
         let attempts = 1 + policy.max_retries;
-        let mut tried = Vec::new();
+        let mut tried: SmallVec<[SocketAddr; 4]> = SmallVec::new();
         let mut last = Failure::NoEndpoints;
         // The backend's circuit breaker, if it has one (docs/resilience.md).
         let breaker = self
@@ -795,8 +789,25 @@ impl<E: Env> Downstream<E> {
             outcome.attempts = attempt;
             outcome.endpoint = Some(endpoint);
             let in_flight = InFlight::new(state.clone());
-            let request = build_request(parts, authority, path_and_query, proto, attempt_body)
-                .map_err(|e| Failure::BadRequest(e.to_string()))?;
+            let path_and_query = path_and_query
+                .as_ref()
+                .map_err(|e| Failure::BadRequest(e.to_string()))?
+                .clone();
+            // The last attempt takes the headers; earlier ones copy them for the next.
+            let headers = if retries_left {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let request = build_request(
+                parts,
+                headers,
+                service_port,
+                path_and_query,
+                proto,
+                attempt_body,
+            )
+            .map_err(|e| Failure::BadRequest(e.to_string()))?;
             let now = Instant::now();
             let per_try = policy.per_try_timeout.and_then(|d| now.checked_add(d));
             // Without any per-request timeout, the idle timeout bounds the wait for headers.
@@ -937,7 +948,7 @@ impl<E: Env> Downstream<E> {
                         && attempts > 1
                         && super::admission::response_flag(response.headers()).is_none()
                         && policy.retries_status(response.status().as_u16(), grpc_status);
-                    let mut guards: Vec<Guard> = vec![Box::new(in_flight)];
+                    let mut guards: Guards = smallvec::smallvec![Box::new(in_flight) as Guard];
                     guards.extend(pool_guard);
                     guards.extend(slot.map(|p| Box::new(p) as Guard));
                     guards.extend(request_permit.take().map(|p| Box::new(p) as Guard));
@@ -995,28 +1006,69 @@ fn pick_target(targets: &[HttpTarget]) -> Option<usize> {
     })
 }
 
+/// The authority the client asked for: its URI's, else its `Host`, else the virtual
+/// service's name and port. Built only where needed (most HTTP/1.1 requests carry a `Host`
+/// that is passed on as it is).
+fn authority<'a>(
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    service: &ServicePort,
+) -> std::borrow::Cow<'a, str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
+        .map_or_else(
+            || format!("{}:{}", service.hostname, service.port).into(),
+            Into::into,
+        )
+}
+
+/// The path and query to send upstream: the client's own (shared, not copied) when routing
+/// left its path as it was, which is the common case.
+fn upstream_path(
+    uri: &http::Uri,
+    path: &str,
+    query: Option<&str>,
+) -> Result<PathAndQuery, InvalidUri> {
+    if let Some(original) = uri.path_and_query()
+        && original.path() == path
+        && original.query() == query
+    {
+        return Ok(original.clone());
+    }
+    PathAndQuery::try_from(match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    })
+}
+
+/// An attempt's request: `parts`' method, `headers` (the request's, or a copy of them),
+/// the upstream path, and the authority (see [`authority`]) where the request needs one.
 fn build_request(
     parts: &Parts,
-    authority: &str,
-    path_and_query: &str,
+    mut headers: http::HeaderMap,
+    service: &ServicePort,
+    path_and_query: PathAndQuery,
     proto: Proto,
     body: ReplayBody,
 ) -> Result<Request<ReplayBody>, http::Error> {
-    let mut headers = parts.headers.clone();
     let builder = Request::builder().method(parts.method.clone());
     let builder = match proto {
         Proto::Http1 => {
             if !headers.contains_key(header::HOST) {
-                headers.insert(header::HOST, HeaderValue::from_str(authority)?);
+                let value = HeaderValue::from_str(&authority(&parts.uri, &headers, service))?;
+                headers.insert(header::HOST, value);
             }
             builder.version(Version::HTTP_11).uri(path_and_query)
         }
         Proto::Http2 => {
             // HTTP/2 carries the authority in `:authority` (RFC 9113 section 8.3.1).
+            let uri = format!(
+                "http://{}{path_and_query}",
+                authority(&parts.uri, &headers, service)
+            );
             headers.remove(header::HOST);
-            builder
-                .version(Version::HTTP_2)
-                .uri(format!("http://{authority}{path_and_query}"))
+            builder.version(Version::HTTP_2).uri(uri)
         }
     };
     let mut request = builder.body(body)?;

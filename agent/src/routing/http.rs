@@ -613,6 +613,15 @@ pub fn normalize_path(path: &str, merge_slashes: bool) -> Result<String, PathErr
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
     }
+    if is_normal(path, merge_slashes) {
+        // Most paths are already normal: one copy instead of the passes below.
+        return Ok(path.to_owned());
+    }
+    normalize_fully(path, merge_slashes)
+}
+
+/// [`normalize_path`]'s passes, for an absolute path.
+fn normalize_fully(path: &str, merge_slashes: bool) -> Result<String, PathError> {
     let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
@@ -651,6 +660,18 @@ pub fn normalize_path(path: &str, merge_slashes: bool) -> Result<String, PathErr
         &decoded
     };
     Ok(remove_dot_segments(path))
+}
+
+/// True when [`normalize_path`] would return `path` unchanged: no escapes, no dot segments
+/// and, with `merge_slashes`, no run of `/`.
+fn is_normal(path: &str, merge_slashes: bool) -> bool {
+    let escaped = path.contains('%');
+    let doubled = merge_slashes && path.contains("//");
+    !escaped
+        && !doubled
+        && path[1..]
+            .split('/')
+            .all(|segment| segment != "." && segment != "..")
 }
 
 /// RFC 3986 section 5.2.4 for an absolute path.
@@ -734,6 +755,33 @@ mod tests {
         assert_eq!(n("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(n("/a%2"), Err(PathError::BadEscape));
         assert_eq!(n("a"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn a_path_taken_as_normal_is_one_the_full_passes_leave_alone() {
+        let paths = [
+            "/", "//", "/a", "/a/", "/a//b", "/.a", "/a./b", "/..a/b..", "/a/.../b", "/%41",
+            "/a/.", "/a/..", "/./a", "/../a", "/a/./b", "/a/../b", "/é/ü", "/a b", "/~x-_",
+        ];
+        for path in paths {
+            for merge in [true, false] {
+                if is_normal(path, merge) {
+                    assert_eq!(
+                        normalize_fully(path, merge).unwrap(),
+                        path,
+                        "{path} {merge}"
+                    );
+                }
+            }
+        }
+        for (path, merge) in [
+            ("/a/..", true),
+            ("//a", true),
+            ("/%41", false),
+            ("/./a", false),
+        ] {
+            assert!(!is_normal(path, merge), "{path} {merge}");
+        }
     }
 
     #[test]

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 use super::outlier::{self, Verdict};
 use crate::mesh::{OutlierDetection, ResourceId};
 use crate::telemetry::EndpointLabels;
@@ -289,41 +291,48 @@ impl Registry {
         tried: &[SocketAddr],
     ) -> Option<Arc<EndpointState>> {
         let now = Instant::now();
-        let all: Vec<Arc<EndpointState>> = {
+        // Inline vectors: a pick runs for every request and most backends have a few
+        // endpoints, so this keeps it off the allocator. Each endpoint's usability is read
+        // once, so the count and the candidates agree.
+        let all: SmallVec<[(Arc<EndpointState>, bool); 8]> = {
             let mut states = self.lock_states();
             addrs
                 .iter()
-                .map(|a| state_in(&mut states, node, *a))
+                .map(|a| {
+                    let state = state_in(&mut states, node, *a);
+                    let usable = state.usable(now);
+                    (state, usable)
+                })
                 .collect()
         };
-        let healthy: Vec<Arc<EndpointState>> =
-            all.iter().filter(|s| s.usable(now)).cloned().collect();
-        let mut candidates = if healthy.len() * 100 < all.len() * PANIC_THRESHOLD_PERCENT {
-            all
-        } else {
-            healthy
-        };
+        let healthy = all.iter().filter(|(_, usable)| *usable).count();
+        let panic = healthy * 100 < all.len() * PANIC_THRESHOLD_PERCENT;
+        let mut candidates: SmallVec<[&Arc<EndpointState>; 8]> = all
+            .iter()
+            .filter(|(_, usable)| panic || *usable)
+            .map(|(state, _)| state)
+            .collect();
         if candidates.iter().any(|s| !tried.contains(&s.addr)) {
             candidates.retain(|s| !tried.contains(&s.addr));
         }
-        Some(p2c(&candidates, &mut rand::rng())?.clone())
+        p2c(&candidates, &mut rand::rng()).map(Arc::clone)
     }
 }
 
 fn p2c<'a>(
-    candidates: &'a [Arc<EndpointState>],
+    candidates: &[&'a Arc<EndpointState>],
     rng: &mut impl rand::Rng,
 ) -> Option<&'a Arc<EndpointState>> {
     match candidates.len() {
         0 => None,
-        1 => candidates.first(),
+        1 => candidates.first().copied(),
         n => {
             let a = rng.random_range(0..n);
             let mut b = rng.random_range(0..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (a, b) = (&candidates[a], &candidates[b]);
+            let (a, b) = (candidates[a], candidates[b]);
             Some(if b.outstanding() < a.outstanding() {
                 b
             } else {

@@ -22,6 +22,7 @@ use http::HeaderMap;
 use http_body_util::BodyExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use smallvec::SmallVec;
 use tokio::time::{Instant, Sleep};
 
 use crate::telemetry::request::Record;
@@ -248,6 +249,10 @@ impl Body for ReplayBody {
 /// Something that must live until the response is done (dropped when it ends).
 pub type Guard = Box<dyn Send>;
 
+/// A response's guards: inline, since every proxied response has a few and this runs for
+/// every request.
+pub type Guards = SmallVec<[Guard; 4]>;
+
 /// A frame read ahead by [`ResponseBody::prefetch`], not yet given out.
 type Stashed = Option<Result<Frame<Bytes>, BoxError>>;
 
@@ -258,7 +263,7 @@ pub struct ResponseBody {
     stash: Option<Stashed>,
     deadline: Option<(Duration, Pin<Box<Sleep>>)>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    guards: Vec<Guard>,
+    guards: Guards,
     record: Option<Box<Record>>,
 }
 
@@ -267,7 +272,7 @@ impl ResponseBody {
         incoming: Incoming,
         deadline: Option<(Duration, Instant)>,
         idle: Option<Duration>,
-        guards: Vec<Guard>,
+        guards: Guards,
     ) -> ResponseBody {
         ResponseBody {
             inner: incoming.map_err(BoxError::from).boxed_unsync(),
@@ -323,7 +328,7 @@ impl ResponseBody {
                 .boxed_unsync(),
             deadline: None,
             idle: None,
-            guards: Vec::new(),
+            guards: Guards::new(),
             record: None,
             stash: None,
         }
@@ -338,7 +343,7 @@ impl ResponseBody {
             inner: body.boxed_unsync(),
             deadline: None,
             idle: None,
-            guards: Vec::new(),
+            guards: Guards::new(),
             record: None,
             stash: None,
         }

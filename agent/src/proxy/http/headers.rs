@@ -51,12 +51,20 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes the hop-by-hop headers; keeps `Upgrade` and `Connection: upgrade` when `upgrade`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // `keep-alive`, `close` and `upgrade` (nearly every `Connection` header) name headers
+    // dealt with below: skipping them keeps the common case free of allocations.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| {
+            !["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|known| token.eq_ignore_ascii_case(known))
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named {
         if !(upgrade && name == header::UPGRADE) {
@@ -90,11 +98,13 @@ pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade:
     remove_hop_by_hop(headers, upgrade);
     if let Some(client) = client {
         let joined = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
-            _ => client.to_string(),
+            Some(existing) if !existing.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{existing}, {client}"))
+            }
+            _ => address_value(client),
         };
         headers.remove(&X_FORWARDED_FOR);
-        if let Ok(value) = HeaderValue::from_str(&joined) {
+        if let Ok(value) = joined {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -107,6 +117,16 @@ pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade:
     if !has_id {
         headers.insert(X_REQUEST_ID, uuid_v4());
     }
+}
+
+/// An address as a header value, written in place (this runs for nearly every request).
+fn address_value(ip: IpAddr) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    use std::io::Write as _;
+    // The longest text form of an address (IPv4-mapped IPv6) has 45 characters.
+    let mut text = std::io::Cursor::new([0u8; 48]);
+    write!(text, "{ip}").expect("an address fits in 48 bytes");
+    let len = usize::try_from(text.position()).expect("a position within 48 bytes");
+    HeaderValue::from_bytes(&text.get_ref()[..len])
 }
 
 /// The request's id (`x-request-id`) as [`prepare_request`] left it.
@@ -188,6 +208,14 @@ mod tests {
         let mut h = map(&[("x-forwarded-for", "192.0.2.9")]);
         prepare_request(&mut h, Some("10.244.1.2".parse().unwrap()), false);
         assert_eq!(h["x-forwarded-for"], "192.0.2.9, 10.244.1.2");
+        for long in [
+            "::ffff:255.255.255.255",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ] {
+            let mut h = HeaderMap::new();
+            prepare_request(&mut h, Some(long.parse().unwrap()), false);
+            assert_eq!(h["x-forwarded-for"], long);
+        }
         assert_eq!(h["x-forwarded-proto"], "http");
         let id = request_id(&h);
         assert_eq!(id.len(), 36);
