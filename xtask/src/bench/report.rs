@@ -634,6 +634,71 @@ fn before_and_after(s: &mut String, before: &Results, after: &Results) {
         );
     }
     let _ = writeln!(s);
+    paired_rounds(s, before, after);
+}
+
+/// "Round by round": in how many rounds the change came out ahead, each round's two turns
+/// compared with each other (minutes apart, where the medians above may be hours of other
+/// load apart). A figure read off the raw samples by hand is this table's, or none.
+fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
+    let mut both: Vec<&Scenario> = after
+        .scenarios
+        .iter()
+        .filter(|sc| before.samples.contains_key(sc.id) && sc.workload != Workload::TcpBulk)
+        .filter(|sc| sc.id != baseline_of(sc))
+        .collect();
+    both.sort_by_key(|sc| sc.display_rank());
+    let per_round = |r: &Results, id: &str, pointer: &str| -> Vec<Option<f64>> {
+        r.samples
+            .get(id)
+            .map(|samples| {
+                samples
+                    .iter()
+                    .map(|x| x.pointer(pointer).and_then(Value::as_f64))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // k of n: the rounds where `after` beat `before` by `better`, of those with both values.
+    let count = |b: Vec<Option<f64>>, a: Vec<Option<f64>>, better: fn(f64, f64) -> bool| {
+        let pairs: Vec<(f64, f64)> = b
+            .into_iter()
+            .zip(a)
+            .filter_map(|(b, a)| Some((b?, a?)))
+            .collect();
+        if pairs.is_empty() {
+            return "–".to_owned();
+        }
+        let ahead = pairs.iter().filter(|(b, a)| better(*b, *a)).count();
+        format!("{ahead} of {}", pairs.len())
+    };
+    let vs = |r: &Results, sc: &Scenario| -> Vec<Option<f64>> {
+        per_round(r, sc.id, "/rps")
+            .into_iter()
+            .zip(per_round(r, baseline_of(sc), "/rps"))
+            .map(|(x, base)| ratio(x, base))
+            .collect()
+    };
+    let _ = writeln!(
+        s,
+        "Round by round: each round's two turns compared with each other.\n\n\
+         | scenario | rounds with less proxy CPU per request after | rounds with a higher ratio to its baseline after |\n|---|---:|---:|"
+    );
+    for sc in both {
+        let cpu = "/proxy_cpu_seconds_per_1000";
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            sc.plot_label(),
+            count(
+                per_round(before, sc.id, cpu),
+                per_round(after, sc.id, cpu),
+                |b, a| a < b
+            ),
+            count(vs(before, sc), vs(after, sc), |b, a| a > b),
+        );
+    }
+    let _ = writeln!(s);
 }
 
 /// The soak's raw results, if there are any.
@@ -1078,6 +1143,51 @@ mod tests {
             "{differs:?} differ from what their raw results give: a figure was typed in or \
              edited by hand, or the report code changed since the run. Regenerate with \
              `cargo xtask bench --render` (or re-run the bench) and commit the result."
+        );
+    }
+
+    /// A partial run's raw results with these samples (scenario id -> one per round), on the
+    /// committed partial run's plan and machine.
+    fn partial_with(samples: serde_json::Value) -> super::Results {
+        let docs = crate::workspace_root().join("docs");
+        let mut raw = super::read_raw(&docs.join(super::PARTIAL.raw)).expect("committed");
+        let ids: Vec<&String> = samples.as_object().expect("an object").keys().collect();
+        raw["scenarios"] = ids
+            .iter()
+            .map(|id| serde_json::json!({ "id": id }))
+            .collect();
+        raw["only"] = serde_json::json!(ids);
+        raw["samples"] = samples;
+        super::Results::from_json(&raw).expect("valid results")
+    }
+
+    #[test]
+    fn the_round_by_round_table_compares_each_rounds_two_turns() {
+        let round = |rps: f64, cpu: Option<f64>| {
+            serde_json::json!({
+                "rps": rps, "proxy_cpu_seconds_per_1000": cpu,
+            })
+        };
+        // Round 2's machine was slower for both turns: the medians would hide that the
+        // change came out ahead in every round on CPU, and in two of three on the ratio.
+        let before = partial_with(serde_json::json!({
+            "http_direct": [round(100.0, None), round(50.0, None), round(100.0, None)],
+            "http_strait_l7": [round(30.0, Some(0.040)), round(15.0, Some(0.080)), round(30.0, Some(0.040))],
+        }));
+        let after = partial_with(serde_json::json!({
+            "http_direct": [round(100.0, None), round(100.0, None), round(100.0, None)],
+            "http_strait_l7": [round(33.0, Some(0.039)), round(25.0, Some(0.050)), round(31.0, Some(0.030))],
+        }));
+        let mut page = String::new();
+        super::paired_rounds(&mut page, &before, &after);
+        let row = page
+            .lines()
+            .find(|l| l.starts_with("| strait L7 (http listener) |"))
+            .expect("a row for the L7 scenario");
+        assert_eq!(row, "| strait L7 (http listener) | 3 of 3 | 2 of 3 |");
+        assert!(
+            !page.contains("| direct (no mesh) |"),
+            "a baseline is not compared with itself: {page}"
         );
     }
 }
