@@ -577,10 +577,7 @@ impl<E: Env> Downstream<E> {
             r.span = trace::start(&mut parts.headers, sampling, &mut rand::rng());
             if r.wants_details() {
                 r.method = parts.method.to_string();
-                r.path = match query {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path.clone(),
-                };
+                r.path = joined(path, query.as_deref());
                 r.authority = authority(&parts.uri, &parts.headers, service).into_owned();
                 r.request_headers(&parts.headers);
             }
@@ -1036,10 +1033,15 @@ fn upstream_path(
     {
         return Ok(original.clone());
     }
-    PathAndQuery::try_from(match query {
+    PathAndQuery::try_from(joined(path, query))
+}
+
+/// A path and its query as one string.
+fn joined(path: &str, query: Option<&str>) -> String {
+    match query {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
-    })
+    }
 }
 
 /// An attempt's request: `parts`' method, `headers` (the request's, or a copy of them),

@@ -565,6 +565,17 @@ fn baseline_of(sc: &Scenario) -> &'static str {
     }
 }
 
+/// The scenarios both turns of a `--baseline-agent` run have (bulk aside), in page order.
+fn compared<'a>(before: &Results, after: &'a Results) -> impl Iterator<Item = &'a Scenario> {
+    let mut both: Vec<&Scenario> = after
+        .scenarios
+        .iter()
+        .filter(|sc| before.samples.contains_key(sc.id) && sc.workload != Workload::TcpBulk)
+        .collect();
+    both.sort_by_key(|sc| sc.display_rank());
+    both.into_iter()
+}
+
 /// "Before and after": the medians of the scenarios both turns of a `--baseline-agent` run
 /// have, side by side.
 fn before_and_after(s: &mut String, before: &Results, after: &Results) {
@@ -607,13 +618,7 @@ fn before_and_after(s: &mut String, before: &Results, after: &Results) {
         s,
         "| scenario | requests/s before | after | vs its baseline before | after | proxy CPU µs per request before | after | p99 at 1,000 rps (ms) before | after |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    let mut both: Vec<&Scenario> = after
-        .scenarios
-        .iter()
-        .filter(|sc| before.samples.contains_key(sc.id) && sc.workload != Workload::TcpBulk)
-        .collect();
-    both.sort_by_key(|sc| sc.display_rank());
-    for sc in both {
+    for sc in compared(before, after) {
         let base = baseline_of(sc);
         let rps = |r: &Results| median(r, sc.id, "/rps");
         let vs = |r: &Results| ratio(median(r, sc.id, "/rps"), median(r, base, "/rps"));
@@ -641,13 +646,6 @@ fn before_and_after(s: &mut String, before: &Results, after: &Results) {
 /// compared with each other (minutes apart, where the medians above may be hours of other
 /// load apart). A figure read off the raw samples by hand is this table's, or none.
 fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
-    let mut both: Vec<&Scenario> = after
-        .scenarios
-        .iter()
-        .filter(|sc| before.samples.contains_key(sc.id) && sc.workload != Workload::TcpBulk)
-        .filter(|sc| sc.id != baseline_of(sc))
-        .collect();
-    both.sort_by_key(|sc| sc.display_rank());
     let per_round = |r: &Results, id: &str, pointer: &str| -> Vec<Option<f64>> {
         r.samples
             .get(id)
@@ -684,7 +682,8 @@ fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
         "Round by round: each round's two turns compared with each other.\n\n\
          | scenario | rounds with less proxy CPU per request after | rounds with a higher ratio to its baseline after |\n|---|---:|---:|"
     );
-    for sc in both {
+    // A baseline is not compared with itself.
+    for sc in compared(before, after).filter(|sc| sc.id != baseline_of(sc)) {
         let cpu = "/proxy_cpu_seconds_per_1000";
         let _ = writeln!(
             s,
