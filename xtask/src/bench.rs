@@ -45,7 +45,7 @@ use testbed::agent::Agent;
 use testbed::{run, run_ok};
 
 use self::environment::Env;
-use self::procfs::{clock_ticks, cpu_ticks, loadavg, rss_sum};
+use self::procfs::{CpuTicks, clock_ticks, cpu_ticks, loadavg, rss_sum};
 use self::scenario::{Scenario, Topology, Way, Workload};
 use self::tools::{machine, python_with_grpcio};
 use crate::{cargo, ebpf, workspace_root};
@@ -541,7 +541,7 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
             let cpu_before = cpu_ticks(proxy_pids)?;
             let (bps, bytes) = tools::iperf3(&env.client, target, plan.bulk_seconds)?;
             let cpu_after = cpu_ticks(proxy_pids)?;
-            let cpu_seconds = (cpu_after - cpu_before) as f64 / clock_ticks();
+            let cpu_seconds = (cpu_after - cpu_before).total() as f64 / clock_ticks();
             Ok(json!({
                 "gbit_per_s": bps / 1e9,
                 "proxy_cpu_seconds_per_gib": (!proxy_pids.is_empty() && bytes > 0.0)
@@ -584,16 +584,21 @@ fn throughput_sample(
     latency: serde_json::Map<String, Value>,
     rps: f64,
     requests: u64,
-    cpu_ticks: u64,
+    cpu_ticks: CpuTicks,
     proxy_pids: &[u32],
 ) -> anyhow::Result<Value> {
-    let cpu_seconds = cpu_ticks as f64 / clock_ticks();
+    let per_1000 = |ticks: u64| {
+        (!proxy_pids.is_empty() && requests > 0)
+            .then(|| ticks as f64 / clock_ticks() / requests as f64 * 1000.0)
+    };
     Ok(json!({
         "latency": latency,
         "rps": rps,
         "requests": requests,
-        "proxy_cpu_seconds_per_1000": (!proxy_pids.is_empty() && requests > 0)
-            .then(|| cpu_seconds / requests as f64 * 1000.0),
+        "proxy_cpu_seconds_per_1000": per_1000(cpu_ticks.total()),
+        // Its parts in user space and in the kernel (see `CpuTicks`).
+        "proxy_user_cpu_seconds_per_1000": per_1000(cpu_ticks.user),
+        "proxy_kernel_cpu_seconds_per_1000": per_1000(cpu_ticks.kernel),
         "proxy_rss_kib": rss_sum(proxy_pids)?,
     }))
 }

@@ -5,9 +5,36 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
 
-/// utime + stime of the processes, in clock ticks (all threads).
-pub(super) fn cpu_ticks(pids: &[u32]) -> anyhow::Result<u64> {
-    let mut total = 0;
+/// CPU time of processes in clock ticks (all threads), split as /proc/PID/stat splits it: in
+/// user space (utime) and in the kernel on their behalf (stime; with tick accounting, as on
+/// the bench machine, that includes the softirq work a write runs inline: delivering the
+/// segment to the reader on the same machine and waking it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct CpuTicks {
+    pub user: u64,
+    pub kernel: u64,
+}
+
+impl CpuTicks {
+    pub fn total(self) -> u64 {
+        self.user + self.kernel
+    }
+}
+
+impl std::ops::Sub for CpuTicks {
+    type Output = CpuTicks;
+
+    fn sub(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(earlier.user),
+            kernel: self.kernel.saturating_sub(earlier.kernel),
+        }
+    }
+}
+
+/// utime and stime of the processes, in clock ticks (all threads).
+pub(super) fn cpu_ticks(pids: &[u32]) -> anyhow::Result<CpuTicks> {
+    let mut total = CpuTicks::default();
     for pid in pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .with_context(|| format!("read /proc/{pid}/stat"))?;
@@ -18,9 +45,8 @@ pub(super) fn cpu_ticks(pids: &[u32]) -> anyhow::Result<u64> {
             .context("malformed /proc/PID/stat")?;
         let fields: Vec<&str> = rest.split_whitespace().collect();
         // utime and stime are fields 14 and 15 of stat; 12 and 13 of `rest` (0-based 11, 12).
-        let utime: u64 = fields.get(11).context("no utime")?.parse()?;
-        let stime: u64 = fields.get(12).context("no stime")?.parse()?;
-        total += utime + stime;
+        total.user += fields.get(11).context("no utime")?.parse::<u64>()?;
+        total.kernel += fields.get(12).context("no stime")?.parse::<u64>()?;
     }
     Ok(total)
 }

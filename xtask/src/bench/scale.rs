@@ -191,7 +191,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     let idle_started = Instant::now();
     std::thread::sleep(Duration::from_secs(plan.idle_seconds));
     let cpu_seconds =
-        (super::procfs::cpu_ticks(&[pid])? - ticks) as f64 / super::procfs::clock_ticks();
+        (super::procfs::cpu_ticks(&[pid])? - ticks).total() as f64 / super::procfs::clock_ticks();
     let idle = json!({
         "pods": plan.pods.iter().max(),
         "seconds": idle_started.elapsed().as_secs_f64(),
