@@ -45,7 +45,7 @@ use testbed::agent::Agent;
 use testbed::{run, run_ok};
 
 use self::environment::Env;
-use self::procfs::{CpuTicks, clock_ticks, cpu_ticks, loadavg, rss_sum};
+use self::procfs::{CpuTicks, clock_ticks, cpu_ticks, loadavg, machine_busy_ticks, rss_sum};
 use self::scenario::{Scenario, Topology, Way, Workload};
 use self::tools::{machine, python_with_grpcio};
 use crate::{cargo, ebpf, workspace_root};
@@ -515,14 +515,17 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
     match s.workload {
         Workload::Http1 | Workload::Http1Throughput => {
             let latency = fixed_rate(env, plan, target, "http1", &rates, plan.connections)?;
-            let cpu_before = cpu_ticks(proxy_pids)?;
+            let (cpu_before, busy_before) = (cpu_ticks(proxy_pids)?, machine_busy_ticks()?);
             let (rps, requests) = tools::wrk(&env.client, target, plan.throughput_seconds)?;
-            let cpu_after = cpu_ticks(proxy_pids)?;
-            throughput_sample(latency, rps, requests, cpu_after - cpu_before, proxy_pids)
+            let cpu = Cpu {
+                proxies: cpu_ticks(proxy_pids)? - cpu_before,
+                machine: machine_busy_ticks()?.saturating_sub(busy_before),
+            };
+            throughput_sample(latency, rps, requests, cpu, proxy_pids)
         }
         Workload::Http2 => {
             let latency = fixed_rate(env, plan, target, "http2", &rates, plan.h2_connections)?;
-            let cpu_before = cpu_ticks(proxy_pids)?;
+            let (cpu_before, busy_before) = (cpu_ticks(proxy_pids)?, machine_busy_ticks()?);
             let (rps, requests) = tools::h2load(
                 &env.client,
                 target,
@@ -530,8 +533,11 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
                 plan.h2_streams,
                 plan.throughput_seconds,
             )?;
-            let cpu_after = cpu_ticks(proxy_pids)?;
-            throughput_sample(latency, rps, requests, cpu_after - cpu_before, proxy_pids)
+            let cpu = Cpu {
+                proxies: cpu_ticks(proxy_pids)? - cpu_before,
+                machine: machine_busy_ticks()?.saturating_sub(busy_before),
+            };
+            throughput_sample(latency, rps, requests, cpu, proxy_pids)
         }
         Workload::GrpcUnary => {
             let latency = fixed_rate(env, plan, target, "grpc", &rates, plan.h2_connections)?;
@@ -580,25 +586,34 @@ fn fixed_rate(
     Ok(latency)
 }
 
+/// CPU used during a throughput run, in clock ticks.
+struct Cpu {
+    /// By the proxies on the path.
+    proxies: CpuTicks,
+    /// By the whole machine (every process, and softirq work charged to none).
+    machine: u64,
+}
+
 fn throughput_sample(
     latency: serde_json::Map<String, Value>,
     rps: f64,
     requests: u64,
-    cpu_ticks: CpuTicks,
+    cpu: Cpu,
     proxy_pids: &[u32],
 ) -> anyhow::Result<Value> {
     let per_1000 = |ticks: u64| {
-        (!proxy_pids.is_empty() && requests > 0)
-            .then(|| ticks as f64 / clock_ticks() / requests as f64 * 1000.0)
+        (requests > 0).then(|| ticks as f64 / clock_ticks() / requests as f64 * 1000.0)
     };
+    let proxies_per_1000 = |ticks: u64| per_1000(ticks).filter(|_| !proxy_pids.is_empty());
     Ok(json!({
         "latency": latency,
         "rps": rps,
         "requests": requests,
-        "proxy_cpu_seconds_per_1000": per_1000(cpu_ticks.total()),
+        "proxy_cpu_seconds_per_1000": proxies_per_1000(cpu.proxies.total()),
         // Its parts in user space and in the kernel (see `CpuTicks`).
-        "proxy_user_cpu_seconds_per_1000": per_1000(cpu_ticks.user),
-        "proxy_kernel_cpu_seconds_per_1000": per_1000(cpu_ticks.kernel),
+        "proxy_user_cpu_seconds_per_1000": proxies_per_1000(cpu.proxies.user),
+        "proxy_kernel_cpu_seconds_per_1000": proxies_per_1000(cpu.proxies.kernel),
+        "machine_cpu_seconds_per_1000": per_1000(cpu.machine),
         "proxy_rss_kib": rss_sum(proxy_pids)?,
     }))
 }

@@ -51,6 +51,25 @@ pub(super) fn cpu_ticks(pids: &[u32]) -> anyhow::Result<CpuTicks> {
     Ok(total)
 }
 
+/// The machine's busy CPU time in clock ticks, all CPUs: user, nice, system, irq and softirq
+/// of /proc/stat (not idle, iowait or steal; guest time is already inside user).
+pub(super) fn machine_busy_ticks() -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("malformed cpu line in /proc/stat")?;
+    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = fields[..] else {
+        anyhow::bail!("short cpu line in /proc/stat");
+    };
+    Ok(user + nice + system + irq + softirq)
+}
+
 /// Clock ticks per second (the unit of /proc/PID/stat's times).
 pub(super) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.

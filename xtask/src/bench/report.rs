@@ -174,6 +174,8 @@ struct Target {
     value: Option<f64>,
     goal: Goal,
     unavailable: Option<&'static str>,
+    /// A throughput target: (the scenario, the baseline its requests/s are divided by).
+    throughput: Option<(&'static str, &'static str)>,
 }
 
 impl Target {
@@ -220,6 +222,7 @@ fn targets(r: &Results) -> Vec<Target> {
             value: ratio(rps(id), rps("http_sidecars")),
             goal: Goal::AtLeast(2.0),
             unavailable: None,
+            throughput: Some((id, "http_sidecars")),
         });
     }
     // Targets added after the first runs: listed when the run has any of their scenarios, so
@@ -241,6 +244,7 @@ fn targets(r: &Results) -> Vec<Target> {
                 value: ratio(rps(id), rps("http_sidecars_plain")),
                 goal: Goal::AtLeast(1.5),
                 unavailable: None,
+                throughput: Some((id, "http_sidecars_plain")),
             });
         }
     }
@@ -262,6 +266,7 @@ fn targets(r: &Results) -> Vec<Target> {
                 value: ratio(rps(id), rps("xnode_direct")),
                 goal: Goal::AtLeast(goal),
                 unavailable: None,
+                throughput: Some((id, "xnode_direct")),
             });
         }
     }
@@ -298,6 +303,7 @@ fn targets(r: &Results) -> Vec<Target> {
             value: ratio(p99(id), p99(direct)),
             goal: Goal::AtMost(goal),
             unavailable: None,
+            throughput: None,
         });
     }
     for (id, direct, name, goal) in [
@@ -332,6 +338,7 @@ fn targets(r: &Results) -> Vec<Target> {
                 value: ratio(p99(id), p99(direct)),
                 goal: Goal::AtMost(goal),
                 unavailable: None,
+                throughput: None,
             });
         }
     }
@@ -351,6 +358,7 @@ fn targets(r: &Results) -> Vec<Target> {
                 value: p50(id).zip(p50("xnode_direct")).map(|(a, b)| a - b),
                 goal: Goal::AtMost(100.0),
                 unavailable: None,
+                throughput: None,
             });
         }
     }
@@ -362,6 +370,7 @@ fn targets(r: &Results) -> Vec<Target> {
         ),
         goal: Goal::AtLeast(2.0),
         unavailable: None,
+        throughput: None,
     });
     let rss_mb = r.demo_mesh_agent_rss_kib as f64 / 1024.0;
     t.push(Target {
@@ -369,12 +378,14 @@ fn targets(r: &Results) -> Vec<Target> {
         value: Some(rss_mb),
         goal: Goal::Below(40.0),
         unavailable: None,
+        throughput: None,
     });
     t.push(Target {
         name: "HTTP throughput, telemetry on / off (strait L7 + fast path)",
         value: ratio(rps("telemetry_on"), rps("telemetry_off")),
         goal: Goal::AtLeast(0.95),
         unavailable: (!r.telemetry_switch).then_some(TELEMETRY_UNAVAILABLE),
+        throughput: None,
     });
     t
 }
@@ -869,6 +880,8 @@ fn markdown(r: &Results) -> String {
         );
     }
 
+    cpu_budget(&mut s, r);
+
     let picked = |pred: &dyn Fn(&Scenario) -> bool| -> Vec<&Scenario> {
         let mut picked: Vec<&Scenario> = r.scenarios.iter().filter(|s| pred(s)).collect();
         picked.sort_by_key(|s| s.display_rank());
@@ -1011,6 +1024,101 @@ fn latency_tables(s: &mut String, r: &Results, scenarios: &[&Scenario]) {
             );
         }
         let _ = writeln!(s);
+    }
+}
+
+/// "The CPU the throughput targets leave the agents": for each throughput target, how much
+/// agent CPU per request would let the goal's requests/s fit on this machine, from the same
+/// run. The machine has `cpus`; the rest of the path (client, server, and kernel work charged
+/// to no process) used, per request, what the machine's busy time less the agents' came to in
+/// the scenario's own wrk run, taken as fixed per request; on the same node one node's agent
+/// also has only its worker threads. Set against the agents' CPU per request in that run and
+/// its kernel part, and, to show how far the model can be trusted, the requests/s it predicts
+/// at that CPU next to the requests/s measured. Left out for a run that did not record the
+/// machine's CPU.
+fn cpu_budget(s: &mut String, r: &Results) {
+    let Some(cpus) = r.machine["cpus"].as_f64().filter(|&n| n > 0.0) else {
+        return;
+    };
+    let per_request = |id: &str, pointer: &str| median(r, id, pointer).map(|v| v / 1e3);
+    let mut rows = Vec::new();
+    for t in targets(r) {
+        let (Some((id, base)), Goal::AtLeast(goal)) = (t.throughput, t.goal) else {
+            continue;
+        };
+        let (Some(base_rps), Some(machine), Some(agents), Some(kernel), Some(measured)) = (
+            median(r, base, "/rps"),
+            per_request(id, "/machine_cpu_seconds_per_1000"),
+            per_request(id, "/proxy_cpu_seconds_per_1000"),
+            per_request(id, "/proxy_kernel_cpu_seconds_per_1000"),
+            median(r, id, "/rps"),
+        ) else {
+            continue;
+        };
+        let same_node = r
+            .scenarios
+            .iter()
+            .any(|sc| sc.id == id && sc.topology == Topology::SameNode);
+        // On the same node, node1's agent does all the work on its worker threads.
+        let threads = r
+            .agent_worker_threads
+            .filter(|_| same_node)
+            .map(|n| n as f64);
+        let rest = (machine - agents).max(0.0);
+        let goal_rps = goal * base_rps;
+        let allowed = threads.map_or(cpus / goal_rps - rest, |n| {
+            (cpus / goal_rps - rest).min(n / goal_rps)
+        });
+        let predicted = threads.map_or(cpus / (rest + agents), |n| {
+            (cpus / (rest + agents)).min(n / agents)
+        });
+        let us = |v: f64| format!("{:.1}", v * 1e6);
+        let verdict = if allowed <= kernel {
+            "less than the agents' kernel time alone".to_owned()
+        } else {
+            format!(
+                "user space within {} µs (in this run {})",
+                us(allowed - kernel),
+                us(agents - kernel)
+            )
+        };
+        rows.push(format!(
+            "| {} | {:.0} | {} | {} | {} | {:.0} | {:.0} | {verdict} |",
+            t.name,
+            goal_rps,
+            if allowed > 0.0 {
+                us(allowed)
+            } else {
+                "none".to_owned()
+            },
+            us(agents),
+            us(kernel),
+            predicted,
+            measured,
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let threads = r.agent_worker_threads.map_or_else(String::new, |n| {
+        format!(" and, on the same node, at most one node's agent's {n} worker thread(s)")
+    });
+    let _ = writeln!(
+        s,
+        "\n### The CPU the throughput targets leave the agents\n\n\
+         How much agent CPU per request would let each throughput goal fit on this machine \
+         ({cpus} CPUs{threads}), taking the rest of the path (client, server, and kernel work \
+         charged to no process: the machine's busy time less the agents', per request, in the \
+         same wrk run) as fixed per request. *Model at this run's CPU* is the requests/s the \
+         same arithmetic gives for the agents' CPU as measured, next to the requests/s \
+         measured: how far the model can be trusted. Kernel time is what the agents' sockets \
+         cost (see the throughput tables' *of it in the kernel*); where the goal leaves less \
+         than that, no user-space change reaches it on this machine.\n\n\
+         | target | goal, requests/s | agent CPU the goal leaves, µs per request | agents' CPU in this run, µs | of it in the kernel, µs | model at this run's CPU, requests/s | measured, requests/s | so |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for row in rows {
+        let _ = writeln!(s, "{row}");
     }
 }
 
@@ -1210,6 +1318,48 @@ mod tests {
         assert!(
             !page.contains("| direct (no mesh) |"),
             "a baseline is not compared with itself: {page}"
+        );
+    }
+
+    #[test]
+    fn the_cpu_budget_sets_what_a_goal_leaves_against_the_agents_kernel_time() {
+        let throughput = |rps: f64, machine: f64, agents: f64, kernel: f64| {
+            serde_json::json!({
+                "rps": rps,
+                "machine_cpu_seconds_per_1000": machine,
+                "proxy_cpu_seconds_per_1000": agents,
+                "proxy_kernel_cpu_seconds_per_1000": kernel,
+            })
+        };
+        let mut results = partial_with(serde_json::json!({
+            "http_sidecars": [serde_json::json!({ "rps": 20000.0 })],
+            "http_strait_l7": [throughput(25000.0, 0.060, 0.040, 0.020)],
+            "xnode_direct": [serde_json::json!({ "rps": 50000.0 })],
+            "xnode_strait_mtls_tcp": [throughput(30000.0, 0.070, 0.035, 0.025)],
+        }));
+        results.machine["cpus"] = serde_json::json!(2);
+        results.agent_worker_threads = Some(1);
+        let mut page = String::new();
+        super::cpu_budget(&mut page, &results);
+        let row = |name: &str| {
+            page.lines()
+                .find(|l| l.starts_with(&format!("| {name} |")))
+                .unwrap_or_else(|| panic!("a row for {name}: {page}"))
+                .to_owned()
+        };
+        // Same node: 2 CPUs / 40,000 requests/s less the rest's 20 µs leaves 30 µs, but one
+        // worker thread only 25 µs; the model gives 25,000 requests/s at 40 µs.
+        assert_eq!(
+            row("HTTP throughput, strait L7 / sidecar pair"),
+            "| HTTP throughput, strait L7 / sidecar pair | 40000 | 25.0 | 40.0 | 20.0 | 25000 \
+             | 25000 | user space within 5.0 µs (in this run 20.0) |"
+        );
+        // Cross node: 2 CPUs / 37,500 requests/s less the rest's 35 µs leaves 18.3 µs, less
+        // than the agents' 25 µs in the kernel.
+        assert_eq!(
+            row("x-node HTTP throughput, strait L4 (tcp listener) mTLS / direct"),
+            "| x-node HTTP throughput, strait L4 (tcp listener) mTLS / direct | 37500 | 18.3 \
+             | 35.0 | 25.0 | 28571 | 30000 | less than the agents' kernel time alone |"
         );
     }
 }
