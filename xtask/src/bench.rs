@@ -515,28 +515,22 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
     match s.workload {
         Workload::Http1 | Workload::Http1Throughput => {
             let latency = fixed_rate(env, plan, target, "http1", &rates, plan.connections)?;
-            let (cpu_before, busy_before) = (cpu_ticks(proxy_pids)?, machine_busy_ticks()?);
-            let (rps, requests) = tools::wrk(&env.client, target, plan.throughput_seconds)?;
-            let cpu = Cpu {
-                proxies: cpu_ticks(proxy_pids)? - cpu_before,
-                machine: machine_busy_ticks()?.saturating_sub(busy_before),
-            };
+            let ((rps, requests), cpu) = Cpu::during(proxy_pids, || {
+                tools::wrk(&env.client, target, plan.throughput_seconds)
+            })?;
             throughput_sample(latency, rps, requests, cpu, proxy_pids)
         }
         Workload::Http2 => {
             let latency = fixed_rate(env, plan, target, "http2", &rates, plan.h2_connections)?;
-            let (cpu_before, busy_before) = (cpu_ticks(proxy_pids)?, machine_busy_ticks()?);
-            let (rps, requests) = tools::h2load(
-                &env.client,
-                target,
-                plan.h2_connections,
-                plan.h2_streams,
-                plan.throughput_seconds,
-            )?;
-            let cpu = Cpu {
-                proxies: cpu_ticks(proxy_pids)? - cpu_before,
-                machine: machine_busy_ticks()?.saturating_sub(busy_before),
-            };
+            let ((rps, requests), cpu) = Cpu::during(proxy_pids, || {
+                tools::h2load(
+                    &env.client,
+                    target,
+                    plan.h2_connections,
+                    plan.h2_streams,
+                    plan.throughput_seconds,
+                )
+            })?;
             throughput_sample(latency, rps, requests, cpu, proxy_pids)
         }
         Workload::GrpcUnary => {
@@ -588,10 +582,37 @@ fn fixed_rate(
 
 /// CPU used during a throughput run, in clock ticks.
 struct Cpu {
-    /// By the proxies on the path.
+    /// By the proxies on the path, together.
     proxies: CpuTicks,
+    /// By the busiest of them (an agent's worker threads cap its own share).
+    busiest: u64,
     /// By the whole machine (every process, and softirq work charged to none).
     machine: u64,
+}
+
+impl Cpu {
+    /// What `run` returns, and the CPU used while it ran.
+    fn during<T>(
+        proxy_pids: &[u32],
+        run: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, Cpu)> {
+        let each = || -> anyhow::Result<Vec<CpuTicks>> {
+            proxy_pids.iter().map(|&pid| cpu_ticks(&[pid])).collect()
+        };
+        let (before, busy_before) = (each()?, machine_busy_ticks()?);
+        let out = run()?;
+        let used: Vec<CpuTicks> = each()?
+            .into_iter()
+            .zip(before)
+            .map(|(after, before)| after - before)
+            .collect();
+        let cpu = Cpu {
+            proxies: used.iter().fold(CpuTicks::default(), |sum, &u| sum + u),
+            busiest: used.iter().map(|u| u.total()).max().unwrap_or(0),
+            machine: machine_busy_ticks()?.saturating_sub(busy_before),
+        };
+        Ok((out, cpu))
+    }
 }
 
 fn throughput_sample(
@@ -613,6 +634,7 @@ fn throughput_sample(
         // Its parts in user space and in the kernel (see `CpuTicks`).
         "proxy_user_cpu_seconds_per_1000": proxies_per_1000(cpu.proxies.user),
         "proxy_kernel_cpu_seconds_per_1000": proxies_per_1000(cpu.proxies.kernel),
+        "busiest_proxy_cpu_seconds_per_1000": proxies_per_1000(cpu.busiest),
         "machine_cpu_seconds_per_1000": per_1000(cpu.machine),
         "proxy_rss_kib": rss_sum(proxy_pids)?,
     }))

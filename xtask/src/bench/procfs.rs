@@ -21,6 +21,17 @@ impl CpuTicks {
     }
 }
 
+impl std::ops::Add for CpuTicks {
+    type Output = CpuTicks;
+
+    fn add(self, other: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user + other.user,
+            kernel: self.kernel + other.kernel,
+        }
+    }
+}
+
 impl std::ops::Sub for CpuTicks {
     type Output = CpuTicks;
 
