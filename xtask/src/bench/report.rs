@@ -188,7 +188,10 @@ impl Target {
             (_, _, Some(why)) => why.to_owned(),
             (Some(true), _, _) => "met".to_owned(),
             (Some(false), Some(v), _) => {
-                format!("{missed} by {:.0} %", self.goal.miss_percent(v))
+                // A miss under 1 % keeps a decimal: "by 0 %" would read as met.
+                let by = self.goal.miss_percent(v);
+                let decimals = if by < 1.0 { 1 } else { 0 };
+                format!("{missed} by {by:.decimals$} %")
             }
             _ => "not measured".to_owned(),
         }
