@@ -538,10 +538,10 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
             Ok(json!({ "latency": latency, "proxy_rss_kib": rss_sum(proxy_pids)? }))
         }
         Workload::TcpBulk => {
-            let cpu_before = cpu_ticks(proxy_pids)?;
-            let (bps, bytes) = tools::iperf3(&env.client, target, plan.bulk_seconds)?;
-            let cpu_after = cpu_ticks(proxy_pids)?;
-            let cpu_seconds = (cpu_after - cpu_before).total() as f64 / clock_ticks();
+            let ((bps, bytes), cpu) = Cpu::during(proxy_pids, || {
+                tools::iperf3(&env.client, target, plan.bulk_seconds)
+            })?;
+            let cpu_seconds = cpu.proxies.total() as f64 / clock_ticks();
             Ok(json!({
                 "gbit_per_s": bps / 1e9,
                 "proxy_cpu_seconds_per_gib": (!proxy_pids.is_empty() && bytes > 0.0)

@@ -702,24 +702,19 @@ fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
     );
     // A baseline is not compared with itself.
     for sc in compared(before, after).filter(|sc| sc.id != baseline_of(sc)) {
-        let (cpu, user) = (
-            "/proxy_cpu_seconds_per_1000",
-            "/proxy_user_cpu_seconds_per_1000",
-        );
+        let less_after = |pointer: &str| {
+            count(
+                per_round(before, sc.id, pointer),
+                per_round(after, sc.id, pointer),
+                |b, a| a < b,
+            )
+        };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
             sc.plot_label(),
-            count(
-                per_round(before, sc.id, cpu),
-                per_round(after, sc.id, cpu),
-                |b, a| a < b
-            ),
-            count(
-                per_round(before, sc.id, user),
-                per_round(after, sc.id, user),
-                |b, a| a < b
-            ),
+            less_after("/proxy_cpu_seconds_per_1000"),
+            less_after("/proxy_user_cpu_seconds_per_1000"),
             count(vs(before, sc), vs(after, sc), |b, a| a > b),
         );
     }
