@@ -17,14 +17,16 @@
 //! on its own task: the request, the upstream's answer and the response body then never cross
 //! to another task, whose wake-up would often be on the other core (docs/benchmarks.md,
 //! "Where an L7 request's time goes"). They are reused by that client connection's next
-//! requests, and join the shared pool when it closes.
+//! requests, and join the shared pool when it closes. A connection in the shared pool is
+//! driven by a task of its own while it waits there ([`Home`]); a client connection that takes
+//! it takes its driver too, so its requests on it stay on the client connection's task.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Context;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -116,6 +118,8 @@ pub fn never_processed(error: &hyper::Error) -> bool {
 struct Http1 {
     sender: http1::SendRequest<ReplayBody>,
     going_away: Option<upstream::GoingAway>,
+    /// Where its driver is while no client connection drives it.
+    home: Arc<Home>,
 }
 
 impl Http1 {
@@ -181,16 +185,27 @@ impl Pool {
                         Some((local, (connection, id))) => {
                             Some((connection, Some((local.clone(), id))))
                         }
-                        None => self.take_idle(key).map(|connection| (connection, None)),
+                        // From the shared pool: this client connection drives it from now on.
+                        None => self.take_idle(key).map(|connection| {
+                            let owner = local
+                                .and_then(|local| Some((local.clone(), local.adopt(&connection)?)));
+                            (connection, owner)
+                        }),
                     };
                     let (mut connection, owner, reused) = match taken {
                         Some((connection, owner)) => (connection, owner, true),
                         None => {
                             let (connection, driver) = self.connect_http1(endpoint, dial).await?;
                             let owner = match local {
-                                Some(local) => local.drive(driver).map(|id| (local.clone(), id)),
+                                Some(local) => match local.drive(driver, &connection.home) {
+                                    Ok(id) => Some((local.clone(), id)),
+                                    Err(driver) => {
+                                        connection.home.park(driver);
+                                        None
+                                    }
+                                },
                                 None => {
-                                    tokio::spawn(driver);
+                                    connection.home.park(driver);
                                     None
                                 }
                             };
@@ -302,7 +317,7 @@ impl Pool {
     }
 
     /// Opens an HTTP/1.1 connection; the future returned drives it, and must be polled by a
-    /// task (its own, or a [`Local`]'s client connection's).
+    /// task (a [`Local`]'s client connection's, or its own at its [`Home`]).
     async fn connect_http1(
         &self,
         endpoint: SocketAddr,
@@ -321,7 +336,15 @@ impl Pool {
                 tracing::debug!(%endpoint, error = %crate::logging::Chain(&error), "upstream HTTP/1.1 connection ended");
             }
         });
-        Ok((Http1 { sender, going_away }, driver))
+        let home = Arc::default();
+        Ok((
+            Http1 {
+                sender,
+                going_away,
+                home,
+            },
+            driver,
+        ))
     }
 
     async fn connect_http2(&self, endpoint: SocketAddr, dial: Dial<'_>) -> Result<Http2, Error> {
@@ -347,6 +370,77 @@ impl Pool {
 /// The future that drives one upstream HTTP/1.1 connection until it closes.
 type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// An HTTP/1.1 connection's driver while no client connection drives it: a task of its own
+/// polls it here ([`Home::park`]) until a client connection takes it ([`Local::adopt`]) or
+/// the connection ends. Without this, a client connection that found a connection in the
+/// shared pool would send every request on it through that other task (measured: half of a
+/// benchmark's requests did, when its client connections found the pool stocked).
+#[derive(Default)]
+struct Home {
+    parked: Mutex<Parked>,
+}
+
+#[derive(Default)]
+struct Parked {
+    driver: Option<Driver>,
+    /// The parking task, woken when the driver is taken away so that it ends.
+    waker: Option<Waker>,
+    /// Counts parkings: a task whose driver was taken and parked again before it noticed
+    /// ends rather than poll the driver beside the new one.
+    parkings: u64,
+}
+
+impl Home {
+    /// Keeps `driver` here, polled by a new task of its own.
+    fn park(self: &Arc<Self>, driver: Driver) {
+        let (parking, earlier) = {
+            let mut parked = lock(&self.parked);
+            parked.driver = Some(driver);
+            parked.parkings += 1;
+            (parked.parkings, parked.waker.take())
+        };
+        // A task of an earlier parking that has not noticed yet: it ends now.
+        if let Some(earlier) = earlier {
+            earlier.wake();
+        }
+        let home = self.clone();
+        tokio::spawn(std::future::poll_fn(move |cx| {
+            let mut parked = lock(&home.parked);
+            if parked.parkings != parking {
+                return Poll::Ready(());
+            }
+            let Some(driver) = parked.driver.as_mut() else {
+                // Taken by a client connection.
+                return Poll::Ready(());
+            };
+            if driver.as_mut().poll(cx).is_ready() {
+                parked.driver = None;
+                return Poll::Ready(());
+            }
+            if !parked
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                parked.waker = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        }));
+    }
+
+    /// Takes the driver from its task, which then ends; None if the connection has ended.
+    fn take(&self) -> Option<Driver> {
+        let (driver, waker) = {
+            let mut parked = lock(&self.parked);
+            (parked.driver.take(), parked.waker.take())
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        driver
+    }
+}
+
 /// One HTTP/1.1 client connection's own upstream connections (see the module's doc): the
 /// client connection's task polls them ([`Local::poll_connections`]) beside its own, and hands
 /// them to the shared pool when it ends ([`Local::hand_over`]). It keeps at most
@@ -365,18 +459,21 @@ struct LocalState {
     /// Connections whose response is done, oldest first, with the id of their driver; one may
     /// still be finishing its response (not yet ready).
     idle: Vec<(Key, Http1, u64)>,
-    driving: Vec<(u64, Driver)>,
+    /// The drivers of this client connection's upstream connections, with their homes (where
+    /// they go when it lets a connection go).
+    driving: Vec<(u64, Driver, Arc<Home>)>,
     next_id: u64,
     handed_over: bool,
 }
 
 impl LocalState {
-    /// Takes connection `id` out of this client connection: its driver goes onto a task of
-    /// its own, and the connection to the shared pool if it is ready for another request.
+    /// Takes connection `id` out of this client connection: its driver goes home (a task of
+    /// its own), and the connection to the shared pool if it is ready for another request.
     fn release(&mut self, pool: &Pool, key: Key, connection: Http1, id: u64) {
-        match self.driving.iter().position(|(driving, _)| *driving == id) {
+        match self.driving.iter().position(|(driving, ..)| *driving == id) {
             Some(at) => {
-                tokio::spawn(self.driving.swap_remove(at).1);
+                let (_, driver, home) = self.driving.swap_remove(at);
+                home.park(driver);
                 pool.give_back_if_ready(key, connection);
             }
             // Its connection ended (or is being polled just now): nothing to pass on.
@@ -395,39 +492,55 @@ impl Local {
         }
         // Polled outside the lock, in case a connection's poll ends a response whose guard
         // gives a connection back here.
-        driving.retain_mut(|(_, driver)| driver.as_mut().poll(cx).is_pending());
+        driving.retain_mut(|(_, driver, _)| driver.as_mut().poll(cx).is_pending());
         let mut state = lock(&self.state);
         driving.append(&mut state.driving);
         state.driving = driving;
     }
 
-    /// Spawns the connections onto tasks of their own, and gives the idle ones to `pool`: the
-    /// client connection has ended.
+    /// Sends the connections' drivers home (tasks of their own), and gives the idle ones to
+    /// `pool`: the client connection has ended.
     pub fn hand_over(&self, pool: &Pool) {
         let state = {
             let mut state = lock(&self.state);
             state.handed_over = true;
             std::mem::take(&mut *state)
         };
-        for (_, driver) in state.driving {
-            tokio::spawn(driver);
+        for (_, driver, home) in state.driving {
+            home.park(driver);
         }
         for (key, connection, _) in state.idle {
             pool.give_back_if_ready(key, connection);
         }
     }
 
-    /// Drives a new connection on the client connection's task; returns its id.
-    fn drive(&self, driver: Driver) -> Option<u64> {
+    /// Drives a new connection on the client connection's task; returns its id, or the
+    /// driver back if the client connection has ended.
+    fn drive(&self, driver: Driver, home: &Arc<Home>) -> Result<u64, Driver> {
         let mut state = lock(&self.state);
         if state.handed_over {
-            drop(state);
-            tokio::spawn(driver);
-            return None;
+            return Err(driver);
         }
         let id = state.next_id;
         state.next_id += 1;
-        state.driving.push((id, driver));
+        state.driving.push((id, driver, home.clone()));
+        Ok(id)
+    }
+
+    /// Takes `connection`'s driver from its home onto the client connection's task; returns
+    /// its id, or None if the client connection has ended or the connection itself has. The
+    /// driver's wakers are still its parking task's until it is polled here: the client
+    /// connection's task polls its connections right after the request that took it
+    /// (`serve_with` in proxy/http.rs).
+    fn adopt(&self, connection: &Http1) -> Option<u64> {
+        let mut state = lock(&self.state);
+        if state.handed_over {
+            return None;
+        }
+        let driver = connection.home.take()?;
+        let id = state.next_id;
+        state.next_id += 1;
+        state.driving.push((id, driver, connection.home.clone()));
         Some(id)
     }
 
@@ -503,6 +616,133 @@ impl Drop for PoolReturn {
             if let Ok(Ok(())) = ready.await {
                 pool.give_back(key, connection);
             }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+
+    use super::*;
+
+    /// An upstream on 127.0.0.1 that answers every request with `ok` on keep-alive
+    /// connections, and counts the connections it accepted.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"ok",
+                    ))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), answer),
+                );
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One GET through `pool` for a client connection whose own connections are `local`,
+    /// which are polled before and after it as the client connection's task polls them
+    /// (`serve_with` in proxy/http.rs); the answer is read to its end.
+    async fn get(pool: &Arc<Pool>, key: &Key, local: &Arc<Local>) {
+        let endpoint = key.endpoint;
+        let dial = move || -> BoxFuture<'_, std::io::Result<upstream::Stream>> {
+            Box::pin(async move {
+                Ok(upstream::Stream::new(
+                    tokio::net::TcpStream::connect(endpoint).await?,
+                ))
+            })
+        };
+        let exchange = async {
+            let request = Request::get("/").body(ReplayBody::empty()).unwrap();
+            let (response, guard) = pool
+                .send(key, &dial, Proto::Http1, Some(local), request)
+                .await
+                .unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+            drop(guard);
+        };
+        let mut exchange = std::pin::pin!(exchange);
+        std::future::poll_fn(|cx| {
+            local.poll_connections(cx);
+            let done = exchange.as_mut().poll(cx);
+            local.poll_connections(cx);
+            done
+        })
+        .await;
+    }
+
+    /// Yields until `home` is held only by the connection and the client connection driving
+    /// it: the task it was parked on has ended.
+    async fn parking_task_ended(home: &Arc<Home>) -> bool {
+        for _ in 0..100 {
+            // The test's own handle, the connection's, and the driving client connection's.
+            if Arc::strong_count(home) == 3 {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    }
+
+    #[test]
+    fn a_connection_taken_from_the_shared_pool_is_driven_by_the_client_connection_that_took_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (endpoint, accepted) = upstream().await;
+            let pool = Arc::new(Pool::default());
+            let key = Key {
+                source: Arc::new(ResourceId::new("app", "client")),
+                endpoint,
+            };
+            let first = Arc::new(Local::default());
+            get(&pool, &key, &first).await;
+            get(&pool, &key, &first).await;
+            assert_eq!(lock(&first.state).driving.len(), 1);
+            first.hand_over(&pool);
+            let home = lock(&pool.idle)[&key][0].1.home.clone();
+            assert!(
+                lock(&home.parked).driver.is_some(),
+                "in the shared pool, the connection's driver is parked at its home"
+            );
+
+            for _ in 0..2 {
+                let next = Arc::new(Local::default());
+                get(&pool, &key, &next).await;
+                assert_eq!(
+                    lock(&next.state).driving.len(),
+                    1,
+                    "the client connection that took the pooled connection drives it"
+                );
+                assert!(lock(&home.parked).driver.is_none());
+                assert!(
+                    parking_task_ended(&home).await,
+                    "the task that drove it in the pool has ended"
+                );
+                get(&pool, &key, &next).await;
+                next.hand_over(&pool);
+            }
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "every request went over the one connection"
+            );
         });
     }
 }
