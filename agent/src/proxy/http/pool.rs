@@ -467,6 +467,14 @@ struct LocalState {
 }
 
 impl LocalState {
+    /// Drives `driver` from now on; returns its id.
+    fn drive(&mut self, driver: Driver, home: Arc<Home>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.driving.push((id, driver, home));
+        id
+    }
+
     /// Takes connection `id` out of this client connection: its driver goes home (a task of
     /// its own), and the connection to the shared pool if it is ready for another request.
     fn release(&mut self, pool: &Pool, key: Key, connection: Http1, id: u64) {
@@ -521,10 +529,7 @@ impl Local {
         if state.handed_over {
             return Err(driver);
         }
-        let id = state.next_id;
-        state.next_id += 1;
-        state.driving.push((id, driver, home.clone()));
-        Ok(id)
+        Ok(state.drive(driver, home.clone()))
     }
 
     /// Takes `connection`'s driver from its home onto the client connection's task; returns
@@ -538,10 +543,7 @@ impl Local {
             return None;
         }
         let driver = connection.home.take()?;
-        let id = state.next_id;
-        state.next_id += 1;
-        state.driving.push((id, driver, connection.home.clone()));
-        Some(id)
+        Some(state.drive(driver, connection.home.clone()))
     }
 
     /// A ready connection to `key`'s endpoint, and its id; closed ones are dropped, one still
