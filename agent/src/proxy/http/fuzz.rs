@@ -141,17 +141,17 @@ async fn upstream() -> SocketAddr {
 
 /// What a test upstream does besides answering each request 200 with its path as the body.
 #[derive(Clone, Default)]
-struct UpstreamOptions {
+pub(super) struct UpstreamOptions {
     /// Close each connection after one response.
-    close_after_each: bool,
+    pub(super) close_after_each: bool,
     /// Count the connections accepted.
-    accepted: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    pub(super) accepted: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// Answer this path only after 300 ms.
-    slow_path: Option<&'static str>,
+    pub(super) slow_path: Option<&'static str>,
 }
 
 /// Serves `listener` (HTTP/1.1 or HTTP/2) as [`UpstreamOptions`] say.
-fn serve_upstream(listener: tokio::net::TcpListener, options: UpstreamOptions) {
+pub(super) fn serve_upstream(listener: tokio::net::TcpListener, options: UpstreamOptions) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             if let Some(accepted) = &options.accepted {

@@ -626,32 +626,24 @@ impl Drop for PoolReturn {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use bytes::Bytes;
-    use http_body_util::{BodyExt as _, Full};
+    use http_body_util::BodyExt as _;
 
+    use super::super::fuzz::{UpstreamOptions, serve_upstream};
     use super::*;
 
-    /// An upstream on 127.0.0.1 that answers every request with `ok` on keep-alive
+    /// An upstream on 127.0.0.1 that answers every request with its path on keep-alive
     /// connections, and counts the connections it accepted.
     async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                let answer = hyper::service::service_fn(|_request| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"ok",
-                    ))))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), answer),
-                );
-            }
-        });
+        serve_upstream(
+            listener,
+            UpstreamOptions {
+                accepted: Some(accepted.clone()),
+                ..UpstreamOptions::default()
+            },
+        );
         (addr, accepted)
     }
 
@@ -674,7 +666,7 @@ mod tests {
                 .await
                 .unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, "ok");
+            assert_eq!(body, "/");
             drop(guard);
         };
         let mut exchange = std::pin::pin!(exchange);
