@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod redirect;
 pub mod reload;
 pub mod routing;
+pub mod scheduling;
 pub mod service_ids;
 pub mod state;
 pub mod status;

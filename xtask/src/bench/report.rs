@@ -743,6 +743,42 @@ fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
         );
     }
     let _ = writeln!(s);
+    // Latency moves with the machine's other load more than throughput does; the direct
+    // rows, whose two turns run the same thing, show how far it moves on its own.
+    let _ = writeln!(
+        s,
+        "Latency round by round, at each fixed rate (the baselines' turns run the same thing, so \
+         their counts are what chance gives):\n\n\
+         | scenario | rate, requests/s | p50 before (µs) | after | rounds with a lower p50 after | p99 before (µs) | after | rounds with a lower p99 after |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for sc in compared(before, after) {
+        for &rate in &after.plan.rates {
+            if !sc.rates(&after.plan.rates).contains(&rate) {
+                continue;
+            }
+            let p50 = format!("/latency/{rate}/p50_us");
+            let p99 = format!("/latency/{rate}/p99_us");
+            let lower_after = |pointer: &str| {
+                count(
+                    per_round(before, sc.id, pointer),
+                    per_round(after, sc.id, pointer),
+                    |b, a| a < b,
+                )
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {rate} | {} | {} | {} | {} | {} | {} |",
+                sc.plot_label(),
+                f(median(before, sc.id, &p50), 0),
+                f(median(after, sc.id, &p50), 0),
+                lower_after(&p50),
+                f(median(before, sc.id, &p99), 0),
+                f(median(after, sc.id, &p99), 0),
+                lower_after(&p99),
+            );
+        }
+    }
+    let _ = writeln!(s);
 }
 
 /// The soak's raw results, if there are any.
@@ -1328,7 +1364,10 @@ mod tests {
             serde_json::json!(0.025);
         let mut page = String::new();
         super::paired_rounds(&mut page, &before, &after);
-        let row = page
+        let (throughput, _latency) = page
+            .split_once("Latency round by round")
+            .expect("a latency table after the throughput one");
+        let row = throughput
             .lines()
             .find(|l| l.starts_with("| strait L7 (http listener) |"))
             .expect("a row for the L7 scenario");
@@ -1337,9 +1376,53 @@ mod tests {
             "| strait L7 (http listener) | 3 of 3 | 2 of 3 | 2 of 3 |"
         );
         assert!(
-            !page.contains("| direct (no mesh) |"),
+            !throughput.contains("| direct (no mesh) |"),
             "a baseline is not compared with itself: {page}"
         );
+    }
+
+    #[test]
+    fn the_latency_round_by_round_table_counts_lower_percentiles_at_each_rate_baselines_included() {
+        let round = |p50: f64, p99: f64| {
+            serde_json::json!({
+                "rps": 1.0,
+                "latency": {
+                    "1000": { "p50_us": p50, "p99_us": p99 },
+                    "5000": { "p50_us": p50 - 50.0, "p99_us": p99 * 2.0 },
+                },
+            })
+        };
+        let before = partial_with(serde_json::json!({
+            "http_direct": [round(190.0, 700.0), round(200.0, 900.0), round(190.0, 800.0)],
+            "http_strait_l7": [round(350.0, 1000.0), round(360.0, 3000.0), round(340.0, 1200.0)],
+        }));
+        let after = partial_with(serde_json::json!({
+            "http_direct": [round(180.0, 800.0), round(210.0, 900.0), round(190.0, 700.0)],
+            "http_strait_l7": [round(330.0, 1100.0), round(355.0, 1500.0), round(345.0, 1100.0)],
+        }));
+        let mut page = String::new();
+        super::paired_rounds(&mut page, &before, &after);
+        let (_, latency) = page
+            .split_once("Latency round by round")
+            .expect("a latency table");
+        let rows: Vec<&str> = latency
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| scenario"))
+            .collect();
+        // Medians of three rounds; an unchanged round (direct, round 3's p50) is not lower.
+        let expected = [
+            "| direct (no mesh) | 1000 | 190 | 190 | 1 of 3 | 800 | 800 | 1 of 3 |",
+            "| direct (no mesh) | 5000 | 140 | 140 | 1 of 3 | 1600 | 1600 | 1 of 3 |",
+            "| strait L7 (http listener) | 1000 | 350 | 345 | 2 of 3 | 1200 | 1100 | 2 of 3 |",
+            "| strait L7 (http listener) | 5000 | 300 | 295 | 2 of 3 | 2400 | 2200 | 2 of 3 |",
+        ];
+        let plan_rates = &before.plan.rates;
+        assert_eq!(
+            plan_rates,
+            &[1000, 5000],
+            "the committed partial run's plan"
+        );
+        assert_eq!(rows, expected, "{latency}");
     }
 
     #[test]
