@@ -724,21 +724,22 @@ fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
         "Round by round: each round's two turns compared with each other.\n\n\
          | scenario | rounds with less proxy CPU per request after | of it in user space | rounds with a higher ratio to its baseline after |\n|---|---:|---:|---:|"
     );
+    // k of n rounds in which a scenario's figure at `pointer` was lower after.
+    let lower_after = |id: &str, pointer: &str| {
+        count(
+            per_round(before, id, pointer),
+            per_round(after, id, pointer),
+            |b, a| a < b,
+        )
+    };
     // A baseline is not compared with itself.
     for sc in compared(before, after).filter(|sc| sc.id != baseline_of(sc)) {
-        let less_after = |pointer: &str| {
-            count(
-                per_round(before, sc.id, pointer),
-                per_round(after, sc.id, pointer),
-                |b, a| a < b,
-            )
-        };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
             sc.plot_label(),
-            less_after("/proxy_cpu_seconds_per_1000"),
-            less_after("/proxy_user_cpu_seconds_per_1000"),
+            lower_after(sc.id, "/proxy_cpu_seconds_per_1000"),
+            lower_after(sc.id, "/proxy_user_cpu_seconds_per_1000"),
             count(vs(before, sc), vs(after, sc), |b, a| a > b),
         );
     }
@@ -758,23 +759,16 @@ fn paired_rounds(s: &mut String, before: &Results, after: &Results) {
             }
             let p50 = format!("/latency/{rate}/p50_us");
             let p99 = format!("/latency/{rate}/p99_us");
-            let lower_after = |pointer: &str| {
-                count(
-                    per_round(before, sc.id, pointer),
-                    per_round(after, sc.id, pointer),
-                    |b, a| a < b,
-                )
-            };
             let _ = writeln!(
                 s,
                 "| {} | {rate} | {} | {} | {} | {} | {} | {} |",
                 sc.plot_label(),
                 f(median(before, sc.id, &p50), 0),
                 f(median(after, sc.id, &p50), 0),
-                lower_after(&p50),
+                lower_after(sc.id, &p50),
                 f(median(before, sc.id, &p99), 0),
                 f(median(after, sc.id, &p99), 0),
-                lower_after(&p99),
+                lower_after(sc.id, &p99),
             );
         }
     }
