@@ -23,6 +23,7 @@
 //! testbed is [`environment`], the outside tools [`tools`], the /proc readings [`procfs`].
 
 mod allocator;
+mod busy;
 mod environment;
 mod hold;
 mod load;
@@ -106,6 +107,9 @@ enum Internal {
     /// (internal) many idle connections, or their echo server, run inside a pod.
     #[command(hide = true)]
     HoldConns(hold::HoldArgs),
+    /// (internal) keeps one CPU busy: a busy node's other pods.
+    #[command(hide = true)]
+    Spin(busy::SpinArgs),
 }
 
 /// Durations and rates of one run.
@@ -129,12 +133,15 @@ pub struct Plan {
 struct AgentFlags {
     fast_path: bool,
     telemetry: Option<bool>,
+    worker_slice_us: Option<u32>,
+    nice: Option<i32>,
 }
 
 pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.internal {
         Some(Internal::LoadGen(load)) => return load::run(load),
         Some(Internal::HoldConns(hold)) => return hold::run(hold),
+        Some(Internal::Spin(spin)) => return busy::spin(spin),
         None => {}
     }
     if args.render {
@@ -240,14 +247,23 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let worker_threads = |strait: &Path| {
         agent_takes(strait, "--worker-threads").then_some(environment::NODE_WORKER_THREADS)
     };
-    let mut builds: Vec<(PathBuf, bool)> = vec![(binaries.strait.clone(), telemetry_switch)];
+    // Each build: its binary, and whether it takes `--telemetry` and `--worker-slice-us`.
+    let mut builds: Vec<(PathBuf, bool, bool)> = vec![(
+        binaries.strait.clone(),
+        telemetry_switch,
+        agent_takes(&binaries.strait, "--worker-slice-us"),
+    )];
     if let Some(baseline) = &args.baseline_agent {
         anyhow::ensure!(
             baseline.is_file(),
             "--baseline-agent {}: no such file",
             baseline.display()
         );
-        builds.push((baseline.clone(), agent_takes(baseline, "--telemetry")));
+        builds.push((
+            baseline.clone(),
+            agent_takes(baseline, "--telemetry"),
+            agent_takes(baseline, "--worker-slice-us"),
+        ));
     }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
     let mut before: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
@@ -261,7 +277,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             halves.reverse();
         }
         for half in halves {
-            let (binary, telemetry_switch) = &builds[half];
+            let (binary, telemetry_switch, slice_switch) = &builds[half];
             let is_baseline = half == 1;
             if builds.len() > 1 {
                 // SAFETY (of the environment): single-threaded here; testbed::agent reads
@@ -289,18 +305,30 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 if let Way::Strait {
                     fast_path,
                     telemetry,
+                    worker_slice_us,
+                    nice,
                     ..
                 } = s.way
                 {
-                    if telemetry.is_some() && !telemetry_switch {
-                        samples.entry(s.id).or_default().push(json!({
-                            "unavailable": "`strait run --telemetry` is not available in this build"
-                        }));
+                    let unavailable = if telemetry.is_some() && !telemetry_switch {
+                        Some("`strait run --telemetry` is not available in this build")
+                    } else if worker_slice_us.is_some() && !slice_switch {
+                        Some("`strait run --worker-slice-us` is not available in this build")
+                    } else {
+                        None
+                    };
+                    if let Some(unavailable) = unavailable {
+                        samples
+                            .entry(s.id)
+                            .or_default()
+                            .push(json!({ "unavailable": unavailable }));
                         continue;
                     }
                     let flags = AgentFlags {
                         fast_path,
                         telemetry,
+                        worker_slice_us,
+                        nice,
                     };
                     if agent.as_ref().map(|(_, f)| *f) != Some(flags) {
                         if let Some((old, _)) = agent.take() {
@@ -344,7 +372,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     // SAFETY (of the environment): single-threaded here, as above.
     unsafe { std::env::set_var("STRAIT_BIN", &binaries.strait) };
     let demo_rss = env.demo_mesh_rss()?;
-    if let Some((_, baseline_switch)) = builds.get(1) {
+    if let Some((_, baseline_switch, _)) = builds.get(1) {
         report::write_before(
             &out,
             &report::Results {
@@ -532,6 +560,13 @@ fn measure(env: &Env, plan: &Plan, s: &Scenario, proxy_pids: &[u32]) -> anyhow::
                 )
             })?;
             throughput_sample(latency, rps, requests, cpu, proxy_pids)
+        }
+        Workload::Http1BusyNode => {
+            let runs = plan.latency_seconds * rates.len() as f64;
+            let _neighbours =
+                busy::Neighbours::start(&env.xtask, Duration::from_secs_f64(runs + 120.0))?;
+            let latency = fixed_rate(env, plan, target, "http1", &rates, plan.connections)?;
+            Ok(json!({ "latency": latency, "proxy_rss_kib": rss_sum(proxy_pids)? }))
         }
         Workload::GrpcUnary => {
             let latency = fixed_rate(env, plan, target, "grpc", &rates, plan.h2_connections)?;

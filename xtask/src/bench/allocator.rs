@@ -91,6 +91,8 @@ pub fn run(
         let flags = AgentFlags {
             fast_path: true,
             telemetry: None,
+            worker_slice_us: None,
+            nice: None,
         };
         for round in 0..plan.rounds {
             let mut order: Vec<&(&str, PathBuf)> = builds.iter().collect();

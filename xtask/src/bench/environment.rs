@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use testbed::agent::{Agent, issue_mesh_certs};
 use testbed::{Node, Pod, PodSpec, Process, Testbed, addr, run_ok};
 
@@ -225,10 +227,16 @@ impl Env {
                 if on { "on" } else { "off" }.to_owned(),
             ]);
         }
+        if let Some(us) = flags.worker_slice_us {
+            args.extend(["--worker-slice-us".to_owned(), us.to_string()]);
+        }
         args.extend(node_agent_args(&self.node2));
         let agent = start_agent_as_deployed(&self.tb, &self.node1, &self.mesh, &as_strs(&args))?;
         for pod in ["bench/client", "bench/web"] {
             agent.wait_enrolled(pod, true, Duration::from_secs(10))?;
+        }
+        if let Some(nice) = flags.nice {
+            renice_threads(agent.process.pid(), nice)?;
         }
         Ok(agent)
     }
@@ -247,7 +255,7 @@ impl Env {
     pub(super) fn target(&self, s: &Scenario) -> SocketAddr {
         let vip = |v: &str| -> IpAddr { v.parse().expect("valid address literal") };
         let workload_port = match s.workload {
-            Workload::Http1 | Workload::Http1Throughput => HTTP_PORT,
+            Workload::Http1 | Workload::Http1Throughput | Workload::Http1BusyNode => HTTP_PORT,
             Workload::TcpBulk => BULK_PORT,
             Workload::Http2 => H2_PORT,
             Workload::GrpcUnary => GRPC_PORT,
@@ -397,4 +405,23 @@ pub(super) fn start_agent_as_deployed(
     Agent::start_with(tb, node, mesh, extra, |command| {
         command.env("RUST_LOG", "info");
     })
+}
+
+/// Sets the nice value of every thread of process `pid` (Linux keeps it per thread; threads
+/// started later inherit their creator's).
+fn renice_threads(pid: u32, nice: i32) -> anyhow::Result<()> {
+    let tasks = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let tid: u32 = task?
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .context("a task id")?;
+        // SAFETY: setpriority only reads its arguments.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("setpriority({tid}, {nice})"));
+        }
+    }
+    Ok(())
 }

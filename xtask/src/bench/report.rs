@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::Plan;
-use super::scenario::{Scenario, Topology, Workload};
+use super::scenario::{Scenario, Topology, Way, Workload};
 
 pub struct Results {
     pub plan: Plan,
@@ -599,6 +599,7 @@ fn baseline_of(sc: &Scenario) -> &'static str {
         (Workload::Http2, _) => "h2_direct",
         (Workload::GrpcUnary, _) => "grpc_direct",
         (Workload::Http1Throughput, _) => "telemetry_off",
+        (Workload::Http1BusyNode, _) => "busy_direct",
         (Workload::TcpBulk, _) => "bulk_direct",
     }
 }
@@ -1031,6 +1032,11 @@ fn markdown(r: &Results) -> String {
         );
     }
 
+    let busy = picked(&|s| s.workload == Workload::Http1BusyNode);
+    if !busy.is_empty() {
+        busy_node_section(&mut s, r, &busy);
+    }
+
     let _ = writeln!(
         s,
         "\nAgent RSS with the demo mesh (examples/demo/mesh.yaml), ready and idle: {:.1} MB.\n",
@@ -1042,6 +1048,42 @@ fn markdown(r: &Results) -> String {
         r.fast_path_counters
     );
     s
+}
+
+/// "A busy node": the fixed-rate runs beside spinning neighbours, and what strait adds to the
+/// direct path's latency there.
+fn busy_node_section(s: &mut String, r: &Results, busy: &[&Scenario]) {
+    let _ = writeln!(
+        s,
+        "\n## Same node, a busy node: HTTP/1.1 at fixed rates while other work keeps the CPUs busy\n\n\
+         As the same-node fixed-rate runs, with one spinning process per CPU (`xtask bench spin`, \
+         default nice value) running beside them, as busy pods would: every wake-up of the \
+         client, nginx and the agent waits for a CPU that is running something else. \
+         `--worker-slice-us 100`: node1's agent asks the kernel for the shortest slice \
+         (docs/operations.md, *Worker threads*).\n"
+    );
+    latency_tables(s, r, busy);
+    let _ = writeln!(
+        s,
+        "Against the direct path on the same busy node:\n\n\
+         | scenario | rate, requests/s | p50 added (µs) | p99 vs direct |\n|---|---:|---:|---:|"
+    );
+    for &rate in &r.plan.rates {
+        let p = |id: &str, k: &str| median(r, id, &format!("/latency/{rate}/{k}"));
+        for sc in busy.iter().filter(|sc| sc.way != Way::Direct) {
+            let added = p(sc.id, "p50_us")
+                .zip(p("busy_direct", "p50_us"))
+                .map(|(a, b)| a - b);
+            let _ = writeln!(
+                s,
+                "| {} | {rate} | {} | {} |",
+                sc.label,
+                f(added, 0),
+                f(ratio(p(sc.id, "p99_us"), p("busy_direct", "p99_us")), 2),
+            );
+        }
+    }
+    let _ = writeln!(s);
 }
 
 /// One table per plan rate: the fixed-rate latency of the scenarios that ran at that rate.

@@ -22,6 +22,9 @@ pub enum Workload {
     /// gRPC unary calls (Python grpcio server): fixed-rate latency with our HTTP/2 load
     /// generator speaking gRPC framing.
     GrpcUnary,
+    /// As [`Workload::Http1`]'s fixed-rate runs (no throughput run), while one spinning
+    /// process per CPU keeps the node busy, as other pods would (see `super::busy`).
+    Http1BusyNode,
 }
 
 /// Which way the bytes go from the client pod to the server pod.
@@ -43,6 +46,11 @@ pub enum Way {
         /// `strait run --telemetry on|off` on the client's agent (`None`: the flag is not
         /// passed, the build's default).
         telemetry: Option<bool>,
+        /// `strait run --worker-slice-us` on the client's agent (`None`: not passed).
+        worker_slice_us: Option<u32>,
+        /// The client's agent's threads run at this nice value (`None`: the default, 0): a
+        /// larger CPU weight, as a larger CPU request gives a pod's cgroup.
+        nice: Option<i32>,
     },
     /// Through two HAProxy processes, one per pod: per-pod sidecars.
     SidecarPair {
@@ -79,6 +87,7 @@ impl Scenario {
         let prefix = match (self.workload, self.topology) {
             (Workload::Http2, _) => "HTTP/2: ",
             (Workload::GrpcUnary, _) => "gRPC: ",
+            (Workload::Http1BusyNode, _) => "busy node: ",
             (_, Topology::CrossNode) => "x-node: ",
             _ => "",
         };
@@ -95,6 +104,7 @@ impl Scenario {
             (Workload::Http2, _) => 3,
             (Workload::GrpcUnary, _) => 4,
             (Workload::Http1Throughput, _) => 5,
+            (Workload::Http1BusyNode, _) => 6,
         };
         let way = match self.way {
             Way::Direct => 0,
@@ -103,9 +113,13 @@ impl Scenario {
                 listener_protocol,
                 mtls,
                 telemetry,
+                worker_slice_us,
+                nice,
             } => {
                 1 + u8::from(listener_protocol != "tcp") * 2 + u8::from(fast_path) - u8::from(mtls)
                     + u8::from(telemetry == Some(false))
+                    + u8::from(worker_slice_us.is_some()) * 4
+                    + u8::from(nice.is_some()) * 8
             }
             Way::SidecarPair { tls } => 10 - u8::from(tls),
         };
@@ -115,7 +129,7 @@ impl Scenario {
     /// The rates of its fixed-rate runs, out of the plan's.
     pub fn rates(&self, plan_rates: &[u32]) -> Vec<u32> {
         match self.workload {
-            Workload::Http1 | Workload::Http2 => plan_rates.to_vec(),
+            Workload::Http1 | Workload::Http2 | Workload::Http1BusyNode => plan_rates.to_vec(),
             // One Python grpcio server process saturates near a few thousand calls/s on this
             // machine; above that the latency is its queue, for every way alike.
             Workload::GrpcUnary => plan_rates.iter().copied().filter(|r| *r <= 1000).collect(),
@@ -130,6 +144,20 @@ const fn strait(fast_path: bool, listener_protocol: &'static str) -> Way {
         listener_protocol,
         mtls: false,
         telemetry: None,
+        worker_slice_us: None,
+        nice: None,
+    }
+}
+
+/// The L4 or L7 way with the fast path, node1's agent asking for a `worker_slice_us` slice.
+const fn strait_sliced(listener_protocol: &'static str, worker_slice_us: u32) -> Way {
+    Way::Strait {
+        fast_path: true,
+        listener_protocol,
+        mtls: false,
+        telemetry: None,
+        worker_slice_us: Some(worker_slice_us),
+        nice: None,
     }
 }
 
@@ -154,7 +182,7 @@ const fn scenario(
 /// comparison partners next to each other in time.
 pub fn all() -> Vec<Scenario> {
     use Topology::{CrossNode, SameNode};
-    use Workload::{GrpcUnary, Http1, Http1Throughput, Http2, TcpBulk};
+    use Workload::{GrpcUnary, Http1, Http1BusyNode, Http1Throughput, Http2, TcpBulk};
     vec![
         // The agent without the fast path.
         scenario(
@@ -244,6 +272,8 @@ pub fn all() -> Vec<Scenario> {
                 listener_protocol: "http",
                 mtls: true,
                 telemetry: None,
+                worker_slice_us: None,
+                nice: None,
             },
             CrossNode,
         ),
@@ -263,6 +293,8 @@ pub fn all() -> Vec<Scenario> {
                 listener_protocol: "tcp",
                 mtls: true,
                 telemetry: None,
+                worker_slice_us: None,
+                nice: None,
             },
             CrossNode,
         ),
@@ -311,6 +343,8 @@ pub fn all() -> Vec<Scenario> {
                 listener_protocol: "http",
                 mtls: false,
                 telemetry: Some(true),
+                worker_slice_us: None,
+                nice: None,
             },
             SameNode,
         ),
@@ -323,6 +357,60 @@ pub fn all() -> Vec<Scenario> {
                 listener_protocol: "http",
                 mtls: false,
                 telemetry: Some(false),
+                worker_slice_us: None,
+                nice: None,
+            },
+            SameNode,
+        ),
+        // A busy node: the agent's wake-ups wait behind other work, with the kernel's slice,
+        // with the shortest one the workers can ask for (docs/operations.md), and with a
+        // larger CPU weight.
+        scenario(
+            "busy_direct",
+            "direct (no mesh)",
+            Http1BusyNode,
+            Way::Direct,
+            SameNode,
+        ),
+        scenario(
+            "busy_strait",
+            "strait L4 + fast path",
+            Http1BusyNode,
+            strait(true, "tcp"),
+            SameNode,
+        ),
+        scenario(
+            "busy_strait_l7",
+            "strait L7 + fast path",
+            Http1BusyNode,
+            strait(true, "http"),
+            SameNode,
+        ),
+        scenario(
+            "busy_strait_slice",
+            "strait L4 + fast path, --worker-slice-us 100",
+            Http1BusyNode,
+            strait_sliced("tcp", 100),
+            SameNode,
+        ),
+        scenario(
+            "busy_strait_l7_slice",
+            "strait L7 + fast path, --worker-slice-us 100",
+            Http1BusyNode,
+            strait_sliced("http", 100),
+            SameNode,
+        ),
+        scenario(
+            "busy_strait_l7_nice",
+            "strait L7 + fast path, agent at nice -5",
+            Http1BusyNode,
+            Way::Strait {
+                fast_path: true,
+                listener_protocol: "http",
+                mtls: false,
+                telemetry: None,
+                worker_slice_us: None,
+                nice: Some(-5),
             },
             SameNode,
         ),
