@@ -256,8 +256,9 @@ pub struct RunArgs {
     /// Time slice, in microseconds, the worker threads ask the kernel's fair scheduler for
     /// (Linux 6.12 or later; 100 to 100,000), or 0 (the default) for the kernel's own (1.4 ms
     /// on a two-CPU machine). A short slice lets a worker woken on a busy CPU run sooner instead
-    /// of waiting behind the pod running there, without a larger share of the CPU; measured,
-    /// it helps only where CPUs are busy: see docs/operations.md.
+    /// of waiting behind the pod running there, without a larger share of the CPU, but also
+    /// ends its turn sooner; measured on the bench machine it was no clear gain: see
+    /// docs/operations.md.
     #[arg(long, default_value_t = 0, value_parser = parse_worker_slice)]
     pub worker_slice_us: u32,
     /// Per-request telemetry: request and TCP connection metrics, access logs, traces.
