@@ -223,7 +223,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         .cloned()
         .collect();
     let binaries = build()?;
-    let telemetry_switch = agent_takes(&binaries.strait, "--telemetry");
+    let this_build = AgentBuild::of(&binaries.strait);
+    let telemetry_switch = this_build.takes_telemetry;
     eprintln!(
         "bench: `strait run --telemetry` {}",
         if telemetry_switch {
@@ -247,23 +248,14 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     let worker_threads = |strait: &Path| {
         agent_takes(strait, "--worker-threads").then_some(environment::NODE_WORKER_THREADS)
     };
-    // Each build: its binary, and whether it takes `--telemetry` and `--worker-slice-us`.
-    let mut builds: Vec<(PathBuf, bool, bool)> = vec![(
-        binaries.strait.clone(),
-        telemetry_switch,
-        agent_takes(&binaries.strait, "--worker-slice-us"),
-    )];
+    let mut builds = vec![this_build];
     if let Some(baseline) = &args.baseline_agent {
         anyhow::ensure!(
             baseline.is_file(),
             "--baseline-agent {}: no such file",
             baseline.display()
         );
-        builds.push((
-            baseline.clone(),
-            agent_takes(baseline, "--telemetry"),
-            agent_takes(baseline, "--worker-slice-us"),
-        ));
+        builds.push(AgentBuild::of(baseline));
     }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
     let mut before: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
@@ -277,7 +269,11 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             halves.reverse();
         }
         for half in halves {
-            let (binary, telemetry_switch, slice_switch) = &builds[half];
+            let AgentBuild {
+                binary,
+                takes_telemetry,
+                takes_worker_slice,
+            } = &builds[half];
             let is_baseline = half == 1;
             if builds.len() > 1 {
                 // SAFETY (of the environment): single-threaded here; testbed::agent reads
@@ -310,9 +306,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                     ..
                 } = s.way
                 {
-                    let unavailable = if telemetry.is_some() && !telemetry_switch {
+                    let unavailable = if telemetry.is_some() && !takes_telemetry {
                         Some("`strait run --telemetry` is not available in this build")
-                    } else if worker_slice_us.is_some() && !slice_switch {
+                    } else if worker_slice_us.is_some() && !takes_worker_slice {
                         Some("`strait run --worker-slice-us` is not available in this build")
                     } else {
                         None
@@ -372,7 +368,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     // SAFETY (of the environment): single-threaded here, as above.
     unsafe { std::env::set_var("STRAIT_BIN", &binaries.strait) };
     let demo_rss = env.demo_mesh_rss()?;
-    if let Some((_, baseline_switch, _)) = builds.get(1) {
+    if let Some(baseline) = builds.get(1) {
         report::write_before(
             &out,
             &report::Results {
@@ -383,7 +379,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 samples: before,
                 demo_mesh_agent_rss_kib: demo_rss,
                 fast_path_counters: Value::Null,
-                telemetry_switch: *baseline_switch,
+                telemetry_switch: baseline.takes_telemetry,
                 agent_worker_threads: args.baseline_agent.as_deref().and_then(worker_threads),
             },
         )?;
@@ -524,6 +520,23 @@ fn build() -> anyhow::Result<Binaries> {
         xtask: release.join("xtask"),
         profile: "release",
     })
+}
+
+/// One agent binary the bench runs, and which of the flags that came later it takes.
+struct AgentBuild {
+    binary: PathBuf,
+    takes_telemetry: bool,
+    takes_worker_slice: bool,
+}
+
+impl AgentBuild {
+    fn of(binary: &Path) -> Self {
+        Self {
+            binary: binary.to_path_buf(),
+            takes_telemetry: agent_takes(binary, "--telemetry"),
+            takes_worker_slice: agent_takes(binary, "--worker-slice-us"),
+        }
+    }
 }
 
 /// Does the agent binary `strait` take `flag` (`strait run --telemetry`, ...)? An agent from
