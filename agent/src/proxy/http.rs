@@ -840,7 +840,10 @@ impl<E: Env> Downstream<E> {
             // connection of its own; `pool::Local` polls all it drives on every wake-up, which
             // suits one request at a time. HTTP/2 clients use the shared pool's connections.
             let local = (parts.version < Version::HTTP_2).then_some(&self.upstreams);
-            let sent = http.pool.send(&key, &dial, proto, local, request);
+            // Boxed: the request's future (this one inside hyper's) is moved by value several
+            // times per request, and a send future inline would be moved with it each time, as
+            // it is here into the timeout (see `pool::Pool::send`).
+            let sent = Box::pin(http.pool.send(&key, &dial, proto, local, request));
             let result = match bound {
                 Some(at) => match tokio::time::timeout_at(at, sent).await {
                     Ok(result) => result,

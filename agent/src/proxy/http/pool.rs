@@ -169,6 +169,11 @@ impl Pool {
     /// connection back to the pool). An HTTP/1.1 request of a client connection that has
     /// `local` connections uses one of those first, then one of the shared pool's; a new
     /// connection joins `local`.
+    ///
+    /// Every request builds this future and moves it by value (`Downstream::forward` in
+    /// proxy/http.rs), and a profile of the L7 path found such copies a large part of the
+    /// agent's memory copying: what only a new connection needs is boxed, so the future is
+    /// only as large as what every request needs.
     pub async fn send(
         self: &Arc<Self>,
         key: &Key,
@@ -195,7 +200,10 @@ impl Pool {
                     let (mut connection, owner, reused) = match taken {
                         Some((connection, owner)) => (connection, owner, true),
                         None => {
-                            let (connection, driver) = self.connect_http1(endpoint, dial).await?;
+                            // Boxed, as the HTTP/2 connect below: a new connection is rare, and
+                            // its future inline would grow every request's future (see `send`).
+                            let (connection, driver) =
+                                Box::pin(self.connect_http1(endpoint, dial)).await?;
                             let owner = match local {
                                 Some(local) => match local.drive(driver, &connection.home) {
                                     Ok(id) => Some((local.clone(), id)),
@@ -244,7 +252,7 @@ impl Pool {
                     let (mut sender, reused) = match cached {
                         Some(sender) => (sender, true),
                         None => {
-                            let connection = self.connect_http2(endpoint, dial).await?;
+                            let connection = Box::pin(self.connect_http2(endpoint, dial)).await?;
                             let sender = connection.sender.clone();
                             lock(&self.multiplexed).insert(key.clone(), connection);
                             (sender, false)
