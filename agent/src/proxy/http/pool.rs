@@ -170,10 +170,10 @@ impl Pool {
     /// `local` connections uses one of those first, then one of the shared pool's; a new
     /// connection joins `local`.
     ///
-    /// Every request builds this future and moves it by value (`Downstream::forward` in
-    /// proxy/http.rs), and a profile of the L7 path found such copies a large part of the
-    /// agent's memory copying: what only a new connection needs is boxed, so the future is
-    /// only as large as what every request needs.
+    /// Every request builds this future and copies it whole into the box `Downstream::forward`
+    /// (proxy/http.rs) keeps it in; a profile of the L7 path found such copies of futures a
+    /// large part of the agent's memory copying. What only a new connection needs is boxed
+    /// here, so the future is only as large as what every request needs.
     pub async fn send(
         self: &Arc<Self>,
         key: &Key,
