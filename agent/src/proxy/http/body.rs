@@ -261,10 +261,71 @@ pub struct ResponseBody {
     inner: UnsyncBoxBody<Bytes, BoxError>,
     /// What [`ResponseBody::prefetch`] read; given out (and counted) by the next poll.
     stash: Option<Stashed>,
-    deadline: Option<(Duration, Pin<Box<Sleep>>)>,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The route's per-request deadline.
+    deadline: Option<Timeout>,
+    /// The route's idle timeout: how long the body may wait for its next frame.
+    idle: Option<Timeout>,
     guards: Guards,
     record: Option<Box<Record>>,
+}
+
+/// One of a response body's timeouts. Its timer is made only when the body first has to wait
+/// for its upstream: most bodies are ready with their head (a small response arrives in the
+/// same read), and then no timer is made at all. A timer costs an allocation, a clock read,
+/// and a locked insert into the runtime's timer wheel and a locked removal from it, per
+/// response.
+struct Timeout {
+    /// How long; what the error says.
+    limit: Duration,
+    /// When it fires. Known from the start for a deadline; for an idle timeout, set from the
+    /// clock when the body starts to wait after a frame (`None` until then).
+    at: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Timeout {
+    fn deadline(limit: Duration, at: Instant) -> Timeout {
+        Timeout {
+            limit,
+            at: Some(at),
+            timer: None,
+        }
+    }
+
+    fn idle(limit: Duration) -> Timeout {
+        Timeout {
+            limit,
+            at: None,
+            timer: None,
+        }
+    }
+
+    /// A frame arrived: an idle timeout counts again from the body's next wait.
+    fn restart(&mut self) {
+        self.at = None;
+    }
+
+    /// Whether the timeout is due, arming its timer for `cx` if it is not.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = match self.at {
+            Some(at) => at,
+            // Checked: an idle timeout past the clock's range never fires.
+            None => match Instant::now().checked_add(self.limit) {
+                Some(at) => *self.at.insert(at),
+                None => return false,
+            },
+        };
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl ResponseBody {
@@ -274,10 +335,24 @@ impl ResponseBody {
         idle: Option<Duration>,
         guards: Guards,
     ) -> ResponseBody {
+        ResponseBody::streaming(
+            incoming.map_err(BoxError::from).boxed_unsync(),
+            deadline,
+            idle,
+            guards,
+        )
+    }
+
+    fn streaming(
+        inner: UnsyncBoxBody<Bytes, BoxError>,
+        deadline: Option<(Duration, Instant)>,
+        idle: Option<Duration>,
+        guards: Guards,
+    ) -> ResponseBody {
         ResponseBody {
-            inner: incoming.map_err(BoxError::from).boxed_unsync(),
-            deadline: deadline.map(|(d, at)| (d, Box::pin(tokio::time::sleep_until(at)))),
-            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            inner,
+            deadline: deadline.map(|(limit, at)| Timeout::deadline(limit, at)),
+            idle: idle.map(Timeout::idle),
             guards,
             record: None,
             stash: None,
@@ -298,8 +373,8 @@ impl ResponseBody {
             if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
                 return Poll::Ready(Some(frame));
             }
-            for (_, sleep) in [&mut self.deadline, &mut self.idle].into_iter().flatten() {
-                if sleep.as_mut().poll(cx).is_ready() {
+            for timeout in [&mut self.deadline, &mut self.idle].into_iter().flatten() {
+                if timeout.poll_due(cx) {
                     return Poll::Ready(None);
                 }
             }
@@ -385,11 +460,8 @@ impl Body for ResponseBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(frame)) => {
-                if let Some((d, sleep)) = &mut this.idle {
-                    // Checked: an idle timeout past the clock's range never fires.
-                    if let Some(at) = Instant::now().checked_add(*d) {
-                        sleep.as_mut().reset(at);
-                    }
+                if let Some(idle) = &mut this.idle {
+                    idle.restart();
                 }
                 if let Some(record) = this.record.as_mut() {
                     match &frame {
@@ -409,24 +481,24 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(frame))
             }
             Poll::Pending => {
-                if let Some((d, sleep)) = &mut this.deadline
-                    && sleep.as_mut().poll(cx).is_ready()
+                if let Some(deadline) = &mut this.deadline
+                    && deadline.poll_due(cx)
                 {
                     this.guards.clear();
                     if let Some(mut record) = this.record.take() {
                         record.timed_out("per_request", "UT");
                     }
-                    return Poll::Ready(Some(Err(Error::Deadline(*d).into())));
+                    return Poll::Ready(Some(Err(Error::Deadline(deadline.limit).into())));
                 }
-                if let Some((d, sleep)) = &mut this.idle
-                    && sleep.as_mut().poll(cx).is_ready()
+                if let Some(idle) = &mut this.idle
+                    && idle.poll_due(cx)
                 {
                     this.guards.clear();
                     if let Some(mut record) = this.record.take() {
                         // Envoy's stream idle timeout flag.
                         record.timed_out("idle", "SI");
                     }
-                    return Poll::Ready(Some(Err(Error::Idle(*d).into())));
+                    return Poll::Ready(Some(Err(Error::Idle(idle.limit).into())));
                 }
                 Poll::Pending
             }
@@ -453,5 +525,121 @@ impl Body for ResponseBody {
             hint.set_lower(hint.lower().saturating_add(len));
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::StreamBody;
+
+    use super::*;
+
+    /// A body fed by a task that sends `frames` data frames, `every` apart, and then stalls
+    /// (keeps the body open without sending) until the test ends.
+    fn trickle(
+        frames: usize,
+        every: Duration,
+    ) -> (UnsyncBoxBody<Bytes, BoxError>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let sender = tokio::spawn(async move {
+            for _ in 0..frames {
+                tokio::time::sleep(every).await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        });
+        (StreamBody::new(stream).boxed_unsync(), sender)
+    }
+
+    /// Reads `body` to its first error: the data frames before it, when each arrived, and
+    /// the error.
+    async fn read_to_error(body: &mut ResponseBody) -> (Vec<Instant>, BoxError) {
+        let mut arrivals = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => arrivals.push(Instant::now()),
+                Some(Err(error)) => return (arrivals, error),
+                None => panic!("the body ended without an error"),
+            }
+        }
+    }
+
+    /// Frames 600 ms apart keep a body with a 1 s idle timeout going for 3 s; once they stop,
+    /// the body fails 1 s after the last one, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_frame() {
+        let (inner, sender) = trickle(5, Duration::from_millis(600));
+        let idle = Duration::from_secs(1);
+        let mut body = ResponseBody::streaming(inner, None, Some(idle), Guards::new());
+        let (arrivals, error) = read_to_error(&mut body).await;
+        assert_eq!(arrivals.len(), 5, "no frame was cut off");
+        let last = *arrivals.last().unwrap();
+        let waited = Instant::now() - last;
+        assert!(
+            waited >= idle && waited < idle + Duration::from_millis(5),
+            "failed {waited:?} after the last frame"
+        );
+        assert!(
+            matches!(error.downcast_ref::<Error>(), Some(Error::Idle(d)) if *d == idle),
+            "{error}"
+        );
+        sender.abort();
+    }
+
+    /// A body still streaming at the route's deadline is cut there, frames or not.
+    #[tokio::test(start_paused = true)]
+    async fn a_streaming_body_is_cut_at_the_deadline() {
+        let (inner, sender) = trickle(10, Duration::from_millis(600));
+        let started = Instant::now();
+        let limit = Duration::from_secs(2);
+        let deadline = Some((limit, started + limit));
+        let mut body = ResponseBody::streaming(inner, deadline, None, Guards::new());
+        let (arrivals, error) = read_to_error(&mut body).await;
+        assert_eq!(
+            arrivals.len(),
+            3,
+            "the frames before the deadline came through"
+        );
+        let took = Instant::now() - started;
+        assert!(
+            took >= limit && took < limit + Duration::from_millis(5),
+            "cut at {took:?}"
+        );
+        assert!(
+            matches!(error.downcast_ref::<Error>(), Some(Error::Deadline(d)) if *d == limit),
+            "{error}"
+        );
+        sender.abort();
+    }
+
+    /// A body that never waits makes no timer: the point of arming them lazily.
+    #[tokio::test]
+    async fn a_body_ready_with_its_head_makes_no_timer() {
+        let inner = http_body_util::Full::new(Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let deadline = Some((
+            Duration::from_secs(15),
+            Instant::now() + Duration::from_secs(15),
+        ));
+        let mut body =
+            ResponseBody::streaming(inner, deadline, Some(Duration::from_secs(5)), Guards::new());
+        body.prefetch().await;
+        let mut read = Vec::new();
+        while let Some(frame) = body.frame().await {
+            read.extend_from_slice(frame.expect("a frame").data_ref().expect("data"));
+        }
+        assert_eq!(read, b"hello");
+        assert!(body.deadline.as_ref().is_some_and(|t| t.timer.is_none()));
+        assert!(body.idle.as_ref().is_some_and(|t| t.timer.is_none()));
     }
 }

@@ -51,71 +51,139 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 
 /// Removes the hop-by-hop headers; keeps `Upgrade` and `Connection: upgrade` when `upgrade`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // `keep-alive`, `close` and `upgrade` (nearly every `Connection` header) name headers
-    // dealt with below: skipping them keeps the common case free of allocations.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !["keep-alive", "close", "upgrade"]
-                .iter()
-                .any(|known| token.eq_ignore_ascii_case(known))
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
-        }
+    // One pass over the names says which of them are there: most messages carry none of them
+    // or only `Connection`, and each look-up or removal below hashes its name (this runs for
+    // every request and every response).
+    let mut present = HopByHop::default();
+    for name in headers.keys() {
+        present.note(name);
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present.connection {
+        // `keep-alive`, `close` and `upgrade` (nearly every `Connection` header) name headers
+        // dealt with below: skipping them keeps the common case free of allocations.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|token| {
+                !["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .any(|known| token.eq_ignore_ascii_case(known))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    if present.keep_alive {
+        headers.remove(KEEP_ALIVE);
+    }
+    if present.proxy_connection {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if present.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present.te {
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present.upgrade {
         headers.remove(header::UPGRADE);
     }
 }
 
+/// Which hop-by-hop headers a message has (the names [`remove_hop_by_hop`] removes on sight).
+#[derive(Default)]
+struct HopByHop {
+    connection: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
+    transfer_encoding: bool,
+    te: bool,
+    upgrade: bool,
+}
+
+impl HopByHop {
+    fn note(&mut self, name: &HeaderName) {
+        let seen = if name == header::CONNECTION {
+            &mut self.connection
+        } else if name == KEEP_ALIVE {
+            &mut self.keep_alive
+        } else if name == PROXY_CONNECTION {
+            &mut self.proxy_connection
+        } else if name == header::TRANSFER_ENCODING {
+            &mut self.transfer_encoding
+        } else if name == header::TE {
+            &mut self.te
+        } else if name == header::UPGRADE {
+            &mut self.upgrade
+        } else {
+            return;
+        };
+        *seen = true;
+    }
+}
+
 /// Prepares a request's headers for the upstream: hop-by-hop headers out, `x-forwarded-for`,
-/// `x-forwarded-proto` and `x-request-id` in (see the module docs).
+/// `x-forwarded-proto` and `x-request-id` in (see the module docs). Each header is looked up
+/// once (the entry API), as this runs for every request.
 pub fn prepare_request(headers: &mut HeaderMap, client: Option<IpAddr>, upgrade: bool) {
+    use http::header::Entry;
     remove_hop_by_hop(headers, upgrade);
     if let Some(client) = client {
-        let joined = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => {
-                HeaderValue::from_str(&format!("{existing}, {client}"))
+        match headers.entry(X_FORWARDED_FOR) {
+            Entry::Occupied(mut entry) => {
+                let joined = match entry.get().to_str() {
+                    Ok(existing) if !existing.trim().is_empty() => {
+                        HeaderValue::from_str(&format!("{existing}, {client}"))
+                    }
+                    _ => address_value(client),
+                };
+                // Every earlier value goes: the joined one, or none if it cannot be written.
+                match joined {
+                    Ok(value) => {
+                        entry.insert(value);
+                    }
+                    Err(_) => {
+                        entry.remove();
+                    }
+                }
             }
-            _ => address_value(client),
-        };
-        headers.remove(&X_FORWARDED_FOR);
-        if let Ok(value) = joined {
-            headers.insert(X_FORWARDED_FOR, value);
+            Entry::Vacant(entry) => {
+                if let Ok(value) = address_value(client) {
+                    entry.insert(value);
+                }
+            }
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    let has_id = headers
-        .get(&X_REQUEST_ID)
-        .is_some_and(|v| v.to_str().is_ok_and(|id| !id.is_empty()));
-    if !has_id {
-        headers.insert(X_REQUEST_ID, uuid_v4());
+    headers
+        .entry(X_FORWARDED_PROTO)
+        .or_insert_with(|| HeaderValue::from_static("http"));
+    match headers.entry(X_REQUEST_ID) {
+        Entry::Occupied(entry) if entry.get().to_str().is_ok_and(|id| !id.is_empty()) => {}
+        Entry::Occupied(mut entry) => {
+            entry.insert(uuid_v4());
+        }
+        Entry::Vacant(entry) => {
+            entry.insert(uuid_v4());
+        }
     }
 }
 
@@ -192,6 +260,37 @@ mod tests {
         names.sort();
         assert_eq!(names, ["te", "x-app"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    /// A message with no hop-by-hop header (most requests) or only `Connection` (most
+    /// responses) loses just that.
+    #[test]
+    fn only_the_hop_by_hop_headers_there_are_removed() {
+        let mut h = map(&[("host", "a"), ("x-app", "1"), ("x-app", "2")]);
+        let before = h.clone();
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "5")]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-length"]);
+    }
+
+    /// `x-forwarded-for` sent on two lines: the first line's value, joined with the client's
+    /// address, replaces both; an empty `x-request-id` is replaced by a new id.
+    #[test]
+    fn a_repeated_forwarded_for_becomes_one_value() {
+        let mut h = map(&[
+            ("x-forwarded-for", "192.0.2.9"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ]);
+        prepare_request(&mut h, Some("10.244.1.2".parse().unwrap()), false);
+        let values: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(values, ["192.0.2.9, 10.244.1.2"]);
+        let mut h = map(&[("x-request-id", ""), ("x-request-id", "second")]);
+        prepare_request(&mut h, None, false);
+        assert_eq!(h.get_all("x-request-id").iter().count(), 1);
+        assert_eq!(request_id(&h).len(), 36, "an empty id is replaced");
     }
 
     #[test]
