@@ -190,6 +190,7 @@ impl Testbed {
             id,
             topology: Mutex::new(Vec::new()),
             resources: Mutex::new(Resources::default()),
+            teardown: Mutex::new(()),
         });
         // From here on, an error drops `tb`, which removes what was made so far.
         let tb = Testbed { shared };

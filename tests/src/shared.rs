@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     /// Nodes in index order. Held while a node is added (lock order: after `dns.records`).
     pub(crate) topology: Mutex<Vec<Arc<NodeInner>>>,
     pub(crate) resources: Mutex<Resources>,
+    /// Held for the whole of a teardown, so that a second caller waits until it has finished.
+    pub(crate) teardown: Mutex<()>,
 }
 
 /// Everything to remove, in creation order.
@@ -96,9 +98,14 @@ impl Shared {
         result
     }
 
-    /// Tears everything down. Idempotent; the second call is a no-op. Returns what could not be
-    /// removed.
+    /// Tears everything down. Idempotent: a second call waits until the first has finished and
+    /// then does nothing. Returns what could not be removed.
+    ///
+    /// The wait matters when a Ctrl-C handler tears down on its thread: the killed processes
+    /// make the main thread's work fail, and its `Drop` must not return (and let the process
+    /// exit) while the handler is still removing namespaces and directories.
     pub(crate) fn cleanup(&self) -> anyhow::Result<()> {
+        let _teardown = lock(&self.teardown);
         let res = {
             let mut guard = lock(&self.resources);
             if guard.cleaned {
@@ -220,5 +227,62 @@ impl CleanupHandle {
     /// Removes everything the testbed created. Safe to call more than once, from any thread.
     pub fn cleanup(&self) -> anyhow::Result<()> {
         self.shared.cleanup()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    fn shared(dir: &Path) -> Arc<Shared> {
+        Arc::new(Shared {
+            id: "unit00".to_owned(),
+            test_name: "unit".to_owned(),
+            cgroup2: dir.join("no-cgroup2"),
+            cgroup_top: dir.join("no-cgroup2/strait-test-unit00"),
+            temp_dir: dir.to_owned(),
+            log_dir: dir.join("logs"),
+            fabric_netns: "stunit00fab".to_owned(),
+            dns: Dns {
+                hosts_file: dir.join("dns-hosts"),
+                ttl: 0,
+                records: Mutex::new(Default::default()),
+            },
+            topology: Mutex::new(Vec::new()),
+            resources: Mutex::new(Resources::default()),
+            teardown: Mutex::new(()),
+        })
+    }
+
+    /// A cleanup called while another is under way (a Ctrl-C handler's, here held by the test)
+    /// returns only once that one has finished.
+    #[test]
+    fn a_second_cleanup_waits_for_the_first_to_finish() {
+        let dir = std::env::temp_dir().join(format!("strait-unit-cleanup-{}", std::process::id()));
+        let shared = shared(&dir);
+        shared.create_dir(&dir).unwrap();
+        let first = lock(&shared.teardown);
+        let (done_tx, done_rx) = mpsc::channel();
+        let second = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let result = shared.cleanup();
+                done_tx.send(()).unwrap();
+                result
+            })
+        };
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the second cleanup returned while the first was under way"
+        );
+        drop(first);
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the second cleanup finished once the first had");
+        second.join().unwrap().unwrap();
+        assert!(!dir.exists(), "the second cleanup removed the directory");
+        shared.cleanup().unwrap();
     }
 }
