@@ -50,6 +50,7 @@ pub fn object_path() -> PathBuf {
 pub fn build_ebpf() -> anyhow::Result<PathBuf> {
     let root = workspace_root();
     let mut cmd = Command::new("cargo");
+    crate::shell_cargo_env(&mut cmd);
     cmd.current_dir(&root)
         .arg(format!("+{TOOLCHAIN}"))
         .args(["build", "--package", "strait-ebpf", "--bin", "strait-ebpf"])

@@ -56,9 +56,32 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// `cargo`, the one that runs this xtask.
+/// `cargo`, the one that runs this xtask, in the environment of a shell (see
+/// [`shell_cargo_env`]).
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    shell_cargo_env(&mut command);
+    command
+}
+
+/// Removes from `command`'s environment what `cargo run` set for this xtask about its own
+/// package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). A nested cargo would pass them on, and
+/// build scripts that watch them (ring's watches `CARGO_MANIFEST_DIR`) would see an
+/// environment different from a `cargo build` typed in a shell: every switch between the two
+/// rebuilt them and everything above them, the agent's release build included.
+fn shell_cargo_env(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                name,
+                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(name);
+        }
+    }
 }
 
 /// Builds what runs on the testbed: the agent and the test tools (strait-peer, strait-http).
