@@ -94,7 +94,16 @@ async fn forward(
     };
     if service.http.is_some() {
         let _ = client.set_nodelay(true);
-        http::serve(client, original.addr, source.clone(), ctx.clone(), drain).await;
+        // Boxed, like the connect below: this task's future is as large as the largest of its
+        // branches, and an L4 connection keeps its future for as long as it is open.
+        Box::pin(http::serve(
+            client,
+            original.addr,
+            source.clone(),
+            ctx.clone(),
+            drain,
+        ))
+        .await;
         return;
     }
     let target = match &service.action {
@@ -168,44 +177,49 @@ async fn forward(
         virtual_node: &source.virtual_node,
         service: &service.service,
     };
-    let (upstream, endpoint) =
-        match upstream::connect_target(ctx, &state, &caller, &target, &endpoints).await {
-            Ok(connected) => connected,
-            Err(error) => {
-                fail("upstream_connect");
-                tracing::warn!(
-                    workload = %source.workload,
-                    virtual_service = %service.service,
-                    "{error}; closing the client's connection"
-                );
-                // Envoy's flags: no endpoints (UH), the mesh's backend rule (UAEX), a failed
-                // connect (UF), after several endpoints were tried (URX, max connect attempts).
-                let flags = match &error {
-                    upstream::Error::NoEndpoints(_) => "UH",
-                    upstream::Error::NotABackend { .. } => "UAEX",
-                    upstream::Error::Unreachable { tried, .. } if *tried > 1 => "UF,URX",
-                    upstream::Error::Unreachable { .. } => "UF",
-                };
-                if let Some(log) = state
-                    .access_logs
-                    .get(&source.virtual_node)
-                    .filter(|_| ctx.telemetry.is_some())
-                {
-                    log.log(&access_log::Entry {
-                        start: Some(started_at),
-                        duration: started.elapsed(),
-                        protocol: "TCP",
-                        upstream_cluster: target.virtual_node.to_string(),
-                        downstream_remote: Some(peer),
-                        downstream_local: Some(original.addr),
-                        route_name: route_name(&service.action),
-                        response_flags: flags.into(),
-                        ..access_log::Entry::default()
-                    });
-                }
-                return;
+    // The connect's future (a new tunnel's TLS and HTTP/2 handshakes among its states) is
+    // several times larger than the rest of this one, and is done with once connected: boxed,
+    // it is freed then, instead of being carried by every open connection, idle or not.
+    let connect = Box::pin(upstream::connect_target(
+        ctx, &state, &caller, &target, &endpoints,
+    ));
+    let (upstream, endpoint) = match connect.await {
+        Ok(connected) => connected,
+        Err(error) => {
+            fail("upstream_connect");
+            tracing::warn!(
+                workload = %source.workload,
+                virtual_service = %service.service,
+                "{error}; closing the client's connection"
+            );
+            // Envoy's flags: no endpoints (UH), the mesh's backend rule (UAEX), a failed
+            // connect (UF), after several endpoints were tried (URX, max connect attempts).
+            let flags = match &error {
+                upstream::Error::NoEndpoints(_) => "UH",
+                upstream::Error::NotABackend { .. } => "UAEX",
+                upstream::Error::Unreachable { tried, .. } if *tried > 1 => "UF,URX",
+                upstream::Error::Unreachable { .. } => "UF",
+            };
+            if let Some(log) = state
+                .access_logs
+                .get(&source.virtual_node)
+                .filter(|_| ctx.telemetry.is_some())
+            {
+                log.log(&access_log::Entry {
+                    start: Some(started_at),
+                    duration: started.elapsed(),
+                    protocol: "TCP",
+                    upstream_cluster: target.virtual_node.to_string(),
+                    downstream_remote: Some(peer),
+                    downstream_local: Some(original.addr),
+                    route_name: route_name(&service.action),
+                    response_flags: flags.into(),
+                    ..access_log::Entry::default()
+                });
             }
-        };
+            return;
+        }
+    };
     let _ = client.set_nodelay(true);
     // A tcpRoute's idle timeout, at the calling side (where App Mesh's caller Envoy had it).
     let mut upstream: upstream::Stream = match &service.action {
@@ -311,4 +325,46 @@ fn original_destination(
     ctx.redirect
         .take_original_destination(cookie, peer, listener.port())
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{Endpoints, Target};
+    use crate::state::State;
+
+    // The sizes of the futures the async fns return, read from their types (no call needed).
+
+    fn forward_size<'a, Fut: Future>(
+        _: fn(TcpStream, SocketAddr, &'a Arc<Source>, &'a Arc<Context>, Drain) -> Fut,
+    ) -> usize {
+        size_of::<Fut>()
+    }
+
+    fn serve_size<Fut: Future>(
+        _: fn(TcpStream, SocketAddr, Arc<Source>, Arc<Context>, Drain) -> Fut,
+    ) -> usize {
+        size_of::<Fut>()
+    }
+
+    fn connect_size<'a, Fut: Future>(
+        _: fn(&'a Context, &'a State, &'a upstream::Caller<'a>, &'a Target, &'a Endpoints) -> Fut,
+    ) -> usize {
+        size_of::<Fut>()
+    }
+
+    /// An open L4 connection keeps its handler's future for as long as it is open, idle or
+    /// not: the future must not hold the connect's states or the HTTP proxy's, each larger
+    /// than everything else it holds (docs/benchmarks.md, "Scale": memory per idle connection).
+    #[test]
+    fn an_open_connection_does_not_carry_the_connect_or_the_http_proxy() {
+        let connection = forward_size(forward);
+        let connect = connect_size(upstream::connect_target);
+        let http = serve_size(http::serve::<Context, TcpStream>);
+        assert!(
+            connection < connect && connection < http,
+            "the L4 connection's future is {connection} bytes; the connect's is {connect}, the \
+             HTTP proxy's {http}: one of them is inline again"
+        );
+    }
 }
