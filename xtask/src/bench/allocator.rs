@@ -8,6 +8,10 @@
 //! - Memory over time: the soak ([`super::soak`]) with the jemalloc build, for as long as the
 //!   committed soak of the default build (docs/benchmarks/soak.json), which is the other side
 //!   of the comparison.
+//! - Memory per enrolled pod and per idle connection: the scale suite ([`super::scale`]) with
+//!   the jemalloc build, against the committed scale run of the default build
+//!   (docs/benchmarks/scale.json). Size classes differ between the allocators, and a node
+//!   with many idle connections pays the difference on every one.
 //!
 //! Raw results: docs/benchmarks/allocator.json; the "Allocator" section of docs/benchmarks.md
 //! ([`markdown`]).
@@ -128,6 +132,10 @@ pub fn run(
     let mut soak = super::soak::run(&builds[1].1, &binaries.xtask, soak_seconds)?;
     soak["agent_build"] = json!(binaries.profile);
     soak["allocator"] = json!("jemalloc");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut scale = super::scale::run(&builds[1].1, &binaries.xtask, false)?;
+    scale["agent_build"] = json!(binaries.profile);
+    scale["allocator"] = json!("jemalloc");
     Ok(json!({
         "date": super::scale::today(),
         "machine": super::tools::machine(),
@@ -135,6 +143,7 @@ pub fn run(
         "scenario": SCENARIO,
         "l7": l7,
         "soak_jemalloc": soak,
+        "scale_jemalloc": scale,
     }))
 }
 
@@ -163,8 +172,8 @@ fn soak_rss(soak: &Value) -> Option<(f64, f64, f64, f64)> {
 }
 
 /// The "Allocator" section of docs/benchmarks.md, from the comparison's raw results and the
-/// default build's soak.
-pub fn markdown(raw: &Value, soak_system: Option<&Value>) -> String {
+/// default build's soak and scale runs.
+pub fn markdown(raw: &Value, soak_system: Option<&Value>, scale_system: Option<&Value>) -> String {
     let mut s = String::new();
     let rounds = raw["l7"]["system"].as_array().map_or(0, Vec::len);
     let soak_jemalloc = &raw["soak_jemalloc"];
@@ -176,7 +185,7 @@ pub fn markdown(raw: &Value, soak_system: Option<&Value>) -> String {
          jemalloc (`--features jemalloc`). L7: the scenario `{}` with each build in each of \
          {rounds} rounds (medians). Soak: the jemalloc build's soak ({:.0} s) in that file \
          against the default build's soak in [benchmarks/soak.json](benchmarks/soak.json) \
-         ({:.0} s, {}).\n",
+         ({:.0} s, {}).{}\n",
         raw["date"].as_str().unwrap_or("an unknown date"),
         raw["scenario"].as_str().unwrap_or("?"),
         soak_jemalloc["seconds"].as_f64().unwrap_or(f64::NAN),
@@ -186,6 +195,14 @@ pub fn markdown(raw: &Value, soak_system: Option<&Value>) -> String {
         soak_system
             .and_then(|v| v["allocator"].as_str())
             .unwrap_or("allocator not recorded"),
+        match (raw.get("scale_jemalloc"), scale_system) {
+            (Some(_), Some(system)) => format!(
+                " Scale: the jemalloc build's scale suite in that file against the default \
+                 build's in [benchmarks/scale.json](benchmarks/scale.json) (run on {}).",
+                system["date"].as_str().unwrap_or("an unknown date")
+            ),
+            _ => String::new(),
+        },
     );
     let _ = writeln!(
         s,
@@ -247,9 +264,74 @@ pub fn markdown(raw: &Value, soak_system: Option<&Value>) -> String {
     );
     let _ = writeln!(
         s,
-        "| soak: largest RSS change after 1 minute | {} | {} | |\n",
+        "| soak: largest RSS change after 1 minute | {} | {} | |",
         sys.map_or_else(|| "–".to_owned(), |v| format!("{:+.1} %", v.3 * 100.0)),
         je.map_or_else(|| "–".to_owned(), |v| format!("{:+.1} %", v.3 * 100.0)),
     );
+    // Runs before the scale suite joined the comparison have no scale figures.
+    if let Some(scale_jemalloc) = raw.get("scale_jemalloc") {
+        row(
+            &mut s,
+            "scale: RSS per enrolled pod, KiB",
+            scale_system.and_then(super::scale::rss_per_pod),
+            super::scale::rss_per_pod(scale_jemalloc),
+            1,
+        );
+        row(
+            &mut s,
+            "scale: RSS per idle L4 connection, KiB",
+            scale_system.and_then(super::scale::rss_per_idle_connection),
+            super::scale::rss_per_idle_connection(scale_jemalloc),
+            2,
+        );
+    }
+    s.push('\n');
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scale(per_connection_kib: f64, per_pod_kib: f64) -> Value {
+        json!({
+            "date": "2026-12-04",
+            "steps": [
+                {"pods": 10, "agent": {"rss_kib": 1000.0}},
+                {"pods": 1000, "agent": {"rss_kib": 1000.0 + 990.0 * per_pod_kib}},
+            ],
+            "connections": {
+                "count": 100,
+                "before": {"rss_kib": 2000.0},
+                "open": {"rss_kib": 2000.0 + 100.0 * per_connection_kib},
+            },
+        })
+    }
+
+    /// Each build's memory per pod and per idle connection comes from its own scale run.
+    #[test]
+    fn the_scale_rows_compare_each_builds_own_run() {
+        let raw = json!({"scale_jemalloc": scale(3.0, 16.0)});
+        let page = markdown(&raw, None, Some(&scale(2.0, 12.0)));
+        assert!(
+            page.contains("| scale: RSS per idle L4 connection, KiB | 2.00 | 3.00 | 1.50 |"),
+            "{page}"
+        );
+        assert!(
+            page.contains("| scale: RSS per enrolled pod, KiB | 12.0 | 16.0 | 1.33 |"),
+            "{page}"
+        );
+        assert!(
+            page.contains("Scale: the jemalloc build's scale suite"),
+            "{page}"
+        );
+    }
+
+    /// A comparison run before the scale suite joined it says nothing about scale.
+    #[test]
+    fn a_run_without_the_scale_suite_has_no_scale_rows() {
+        let page = markdown(&json!({}), None, Some(&scale(2.0, 12.0)));
+        assert!(!page.contains("scale:"), "{page}");
+        assert!(!page.contains("Scale:"), "{page}");
+    }
 }

@@ -568,7 +568,16 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
     let allocator_raw = out.join(super::allocator::RAW);
     if !r.is_partial() && allocator_raw.exists() {
         let raw = read_raw(&allocator_raw)?;
-        page.push_str(&super::allocator::markdown(&raw, soak_raw(out)?.as_ref()));
+        let scale = if scale_raw.exists() {
+            Some(read_raw(&scale_raw)?)
+        } else {
+            None
+        };
+        page.push_str(&super::allocator::markdown(
+            &raw,
+            soak_raw(out)?.as_ref(),
+            scale.as_ref(),
+        ));
     }
     let before_raw = out.join(BEFORE_RAW);
     if r.is_partial() && before_raw.exists() {

@@ -342,6 +342,20 @@ fn per(a: &Value, b: &Value, field: &str, units: f64) -> Option<f64> {
     (units > 0.0).then(|| (b - a) / units)
 }
 
+/// Agent RSS per enrolled pod, KiB, from the fewest pods to the most.
+pub fn rss_per_pod(raw: &Value) -> Option<f64> {
+    let steps = raw["steps"].as_array()?;
+    let (first, last) = (steps.first()?, steps.last()?);
+    let n = last["pods"].as_f64()? - first["pods"].as_f64()?;
+    per(&first["agent"], &last["agent"], "rss_kib", n)
+}
+
+/// Agent RSS per idle L4 connection, KiB.
+pub fn rss_per_idle_connection(raw: &Value) -> Option<f64> {
+    let c = &raw["connections"];
+    per(&c["before"], &c["open"], "rss_kib", c["count"].as_f64()?)
+}
+
 /// The "Scale" section of docs/benchmarks.md, from the raw results alone.
 pub fn markdown(raw: &Value) -> String {
     let mut s = String::new();
@@ -394,7 +408,7 @@ pub fn markdown(raw: &Value) -> String {
     }
     if let (Some(first), Some(last)) = (steps.first(), steps.last()) {
         let n = last["pods"].as_f64().unwrap_or(0.0) - first["pods"].as_f64().unwrap_or(0.0);
-        let rss = per(&first["agent"], &last["agent"], "rss_kib", n);
+        let rss = rss_per_pod(raw);
         let fds = per(&first["agent"], &last["agent"], "fds", n);
         let threads = last["agent"]["threads"].as_i64().unwrap_or(0)
             - first["agent"]["threads"].as_i64().unwrap_or(0);
@@ -448,7 +462,7 @@ pub fn markdown(raw: &Value) -> String {
     }
     let c = &raw["connections"];
     if let Some(count) = c["count"].as_f64() {
-        let rss = per(&c["before"], &c["open"], "rss_kib", count);
+        let rss = rss_per_idle_connection(raw);
         let fds = per(&c["before"], &c["open"], "fds", count);
         let _ = writeln!(
             s,
