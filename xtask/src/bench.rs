@@ -154,6 +154,9 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("the benchmark needs root (network namespaces, cgroups, eBPF): run it as root");
     }
+    // Like `cargo xtask demo` and `test`: the load generators, servers and sidecars first
+    // (only what is missing is installed).
+    crate::setup::setup()?;
     let out = args
         .out
         .clone()
