@@ -130,6 +130,26 @@ async fn forward(
         fail("no_endpoints");
         return;
     };
+    // The access log line of a connection closed before it was forwarded, with Envoy's flags.
+    let log_refused = |flags: &str| {
+        if let Some(log) = state
+            .access_logs
+            .get(&source.virtual_node)
+            .filter(|_| ctx.telemetry.is_some())
+        {
+            log.log(&access_log::Entry {
+                start: Some(started_at),
+                duration: started.elapsed(),
+                protocol: "TCP",
+                upstream_cluster: target.virtual_node.to_string(),
+                downstream_remote: Some(peer),
+                downstream_local: Some(original.addr),
+                route_name: route_name(&service.action),
+                response_flags: flags.into(),
+                ..access_log::Entry::default()
+            });
+        }
+    };
     // The backend's circuit breaker: maxConnections bounds the connections open to the target.
     let breaker = {
         ctx.transport.admission.breaker(
@@ -149,24 +169,8 @@ async fn forward(
                 reason = overflow.0,
                 "circuit breaker overflow (clientPolicy.circuitBreaker); closing the client's connection"
             );
-            if let Some(log) = state
-                .access_logs
-                .get(&source.virtual_node)
-                .filter(|_| ctx.telemetry.is_some())
-            {
-                log.log(&access_log::Entry {
-                    start: Some(started_at),
-                    duration: started.elapsed(),
-                    protocol: "TCP",
-                    upstream_cluster: target.virtual_node.to_string(),
-                    downstream_remote: Some(peer),
-                    downstream_local: Some(original.addr),
-                    route_name: route_name(&service.action),
-                    // Envoy's flag for a circuit breaker overflow.
-                    response_flags: "UO".into(),
-                    ..access_log::Entry::default()
-                });
-            }
+            // Envoy's flag for a circuit breaker overflow.
+            log_refused("UO");
             return;
         }
         Some(Ok(permit)) => permit,
@@ -200,23 +204,7 @@ async fn forward(
                 upstream::Error::Unreachable { tried, .. } if *tried > 1 => "UF,URX",
                 upstream::Error::Unreachable { .. } => "UF",
             };
-            if let Some(log) = state
-                .access_logs
-                .get(&source.virtual_node)
-                .filter(|_| ctx.telemetry.is_some())
-            {
-                log.log(&access_log::Entry {
-                    start: Some(started_at),
-                    duration: started.elapsed(),
-                    protocol: "TCP",
-                    upstream_cluster: target.virtual_node.to_string(),
-                    downstream_remote: Some(peer),
-                    downstream_local: Some(original.addr),
-                    route_name: route_name(&service.action),
-                    response_flags: flags.into(),
-                    ..access_log::Entry::default()
-                });
-            }
+            log_refused(flags);
             return;
         }
     };
