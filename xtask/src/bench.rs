@@ -189,7 +189,8 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let run_suites = |binaries: &Binaries| -> anyhow::Result<()> {
         if wants(SOAK) || wants(ALLOCATOR) {
-            build_soak_servers()?;
+            // The soak's HTTP servers are the testbed's strait-http, from the debug build.
+            crate::build_testbed_binaries()?;
         }
         if wants(SCALE) {
             run_scale(binaries, &out, args.quick)?;
@@ -526,21 +527,6 @@ fn build() -> anyhow::Result<Binaries> {
         xtask: release.join("xtask"),
         profile: "release",
     })
-}
-
-/// The soak's HTTP servers are the testbed's own (`strait-http`, of the tests crate), which the
-/// testbed looks for in the debug build (`testbed::agent`): built here, so the soak does not
-/// depend on an earlier `cargo xtask test` having left them.
-fn build_soak_servers() -> anyhow::Result<()> {
-    let status = cargo()
-        .args(["build", "-p", "strait-tests", "--bins"])
-        .current_dir(workspace_root())
-        .status()
-        .context("cannot run cargo build")?;
-    if !status.success() {
-        bail!("the debug build of the testbed's tools (strait-tests) failed");
-    }
-    Ok(())
 }
 
 /// One agent binary the bench runs, and which of the flags that came later it takes.

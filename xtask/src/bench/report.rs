@@ -557,25 +557,24 @@ fn rendered(out: &Path, files: &Files) -> anyhow::Result<(String, String)> {
         .with_context(|| format!("read {}", raw_path.display()))?;
     let mut page = markdown(&r);
     let scale_raw = out.join(super::scale::RAW);
-    if !r.is_partial() && scale_raw.exists() {
-        page.push_str(&super::scale::markdown(&read_raw(&scale_raw)?));
+    let scale = if !r.is_partial() && scale_raw.exists() {
+        Some(read_raw(&scale_raw)?)
+    } else {
+        None
+    };
+    if let Some(scale) = &scale {
+        page.push_str(&super::scale::markdown(scale));
     }
-    if !r.is_partial()
-        && let Some(raw) = soak_raw(out)?
-    {
-        page.push_str(&super::soak::markdown(&raw));
+    let soak = if r.is_partial() { None } else { soak_raw(out)? };
+    if let Some(soak) = &soak {
+        page.push_str(&super::soak::markdown(soak));
     }
     let allocator_raw = out.join(super::allocator::RAW);
     if !r.is_partial() && allocator_raw.exists() {
         let raw = read_raw(&allocator_raw)?;
-        let scale = if scale_raw.exists() {
-            Some(read_raw(&scale_raw)?)
-        } else {
-            None
-        };
         page.push_str(&super::allocator::markdown(
             &raw,
-            soak_raw(out)?.as_ref(),
+            soak.as_ref(),
             scale.as_ref(),
         ));
     }
