@@ -383,6 +383,7 @@ async fn serve_with<E: Env, I>(
         upstreams.poll_connections(cx);
         let result = driven.poll(connection.as_mut(), cx);
         upstreams.poll_connections(cx);
+        upstreams.poll_release_idle(&pool, cx);
         result
     });
     let result = loop {

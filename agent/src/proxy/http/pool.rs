@@ -17,7 +17,8 @@
 //! on its own task: the request, the upstream's answer and the response body then never cross
 //! to another task, whose wake-up would often be on the other core (docs/benchmarks.md,
 //! "Where an L7 request's time goes"). They are reused by that client connection's next
-//! requests, and join the shared pool when it closes. A connection in the shared pool is
+//! requests, and join the shared pool when it closes or has left them idle for
+//! [`LOCAL_IDLE_KEEP`]. A connection in the shared pool is
 //! driven by a task of its own while it waits there ([`Home`]); a client connection that takes
 //! it takes its driver too, so its requests on it stay on the client connection's task.
 
@@ -453,7 +454,11 @@ impl Home {
 /// client connection's task polls them ([`Local::poll_connections`]) beside its own, and hands
 /// them to the shared pool when it ends ([`Local::hand_over`]). It keeps at most
 /// [`LOCAL_IDLE_MAX`] idle ones: a client whose requests go to many endpoints passes the others
-/// on to the shared pool at once rather than holding a connection to each.
+/// on to the shared pool at once rather than holding a connection to each. And it keeps an
+/// idle one for [`LOCAL_IDLE_KEEP`] only ([`Local::poll_release_idle`]): a client connection
+/// that idles then holds no upstream connection, whose buffers and descriptor would otherwise
+/// double what it costs the agent, and the shared pool's cap on idle connections per endpoint
+/// holds for the node's idle clients together.
 #[derive(Default)]
 pub struct Local {
     state: Mutex<LocalState>,
@@ -461,17 +466,24 @@ pub struct Local {
 
 /// Idle connections one client connection keeps for itself.
 const LOCAL_IDLE_MAX: usize = 2;
+/// How long a client connection keeps an idle connection for itself. A client sending its
+/// requests back to back finds its connection here; one that pauses longer takes one from the
+/// shared pool (and its driver onto its task) when it resumes.
+pub const LOCAL_IDLE_KEEP: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct LocalState {
-    /// Connections whose response is done, oldest first, with the id of their driver; one may
-    /// still be finishing its response (not yet ready).
-    idle: Vec<(Key, Http1, u64)>,
+    /// Connections whose response is done, oldest first, with the id of their driver and when
+    /// they became idle; one may still be finishing its response (not yet ready).
+    idle: Vec<(Key, Http1, u64, tokio::time::Instant)>,
     /// The drivers of this client connection's upstream connections, with their homes (where
     /// they go when it lets a connection go).
     driving: Vec<(u64, Driver, Arc<Home>)>,
     next_id: u64,
     handed_over: bool,
+    /// When to look for connections idle longer than [`LOCAL_IDLE_KEEP`]; armed while this
+    /// client connection drives any (boxed: most client connections never have one).
+    release_idle_at: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl LocalState {
@@ -525,8 +537,49 @@ impl Local {
         for (_, driver, home) in state.driving {
             home.park(driver);
         }
-        for (key, connection, _) in state.idle {
+        for (key, connection, ..) in state.idle {
             pool.give_back_if_ready(key, connection);
+        }
+    }
+
+    /// Gives the connections idle for [`LOCAL_IDLE_KEEP`] to `pool` (their drivers go home),
+    /// when the timer it keeps with the client connection task's context says it is time.
+    /// The timer is armed while this client connection drives a connection and re-armed
+    /// only when it fires, not on every request.
+    pub fn poll_release_idle(&self, pool: &Pool, cx: &mut Context<'_>) {
+        let mut state = lock(&self.state);
+        if state.driving.is_empty() {
+            state.release_idle_at = None;
+            return;
+        }
+        let timer = state
+            .release_idle_at
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LOCAL_IDLE_KEEP)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let (idle, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.idle)
+            .into_iter()
+            .partition(|(.., since)| now.duration_since(*since) >= LOCAL_IDLE_KEEP);
+        state.idle = kept;
+        for (key, connection, id, _) in idle {
+            state.release(pool, key, connection, id);
+        }
+        if state.driving.is_empty() {
+            state.release_idle_at = None;
+            return;
+        }
+        let next = state
+            .idle
+            .iter()
+            .map(|(.., since)| *since + LOCAL_IDLE_KEEP)
+            .min()
+            .unwrap_or(now + LOCAL_IDLE_KEEP);
+        if let Some(timer) = state.release_idle_at.as_mut() {
+            timer.as_mut().reset(next);
+            // Registers this task's waker for the new deadline (which is in the future).
+            let _ = timer.as_mut().poll(cx);
         }
     }
 
@@ -558,15 +611,15 @@ impl Local {
     /// finishing its last response is left.
     fn take_idle(&self, key: &Key) -> Option<(Http1, u64)> {
         let mut state = lock(&self.state);
-        state.idle.retain(|(_, connection, _)| {
+        state.idle.retain(|(_, connection, ..)| {
             !connection.sender.is_closed()
                 && connection.going_away.as_ref().is_none_or(|gone| !gone())
         });
         let at = state
             .idle
             .iter()
-            .position(|(k, connection, _)| k == key && connection.sender.is_ready())?;
-        let (_, connection, id) = state.idle.remove(at);
+            .position(|(k, connection, ..)| k == key && connection.sender.is_ready())?;
+        let (_, connection, id, _) = state.idle.remove(at);
         Some((connection, id))
     }
 
@@ -580,9 +633,11 @@ impl Local {
             pool.give_back_if_ready(key, connection);
             return;
         }
-        state.idle.push((key, connection, id));
+        state
+            .idle
+            .push((key, connection, id, tokio::time::Instant::now()));
         if state.idle.len() > LOCAL_IDLE_MAX {
-            let (key, connection, id) = state.idle.remove(0);
+            let (key, connection, id, _) = state.idle.remove(0);
             state.release(pool, key, connection, id);
         }
     }
@@ -682,7 +737,19 @@ mod tests {
             local.poll_connections(cx);
             let done = exchange.as_mut().poll(cx);
             local.poll_connections(cx);
+            local.poll_release_idle(pool, cx);
             done
+        })
+        .await;
+    }
+
+    /// Polls `local`'s connections and its idle timer once, as its client connection's task
+    /// does when woken.
+    async fn poll_once(pool: &Pool, local: &Local) {
+        std::future::poll_fn(|cx| {
+            local.poll_connections(cx);
+            local.poll_release_idle(pool, cx);
+            Poll::Ready(())
         })
         .await;
     }
@@ -744,6 +811,63 @@ mod tests {
                 accepted.load(Ordering::SeqCst),
                 1,
                 "every request went over the one connection"
+            );
+        });
+    }
+
+    #[test]
+    fn a_client_connection_that_idles_gives_its_connection_to_the_shared_pool() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (endpoint, accepted) = upstream().await;
+            let pool = Arc::new(Pool::default());
+            let key = Key {
+                source: Arc::new(ResourceId::new("app", "client")),
+                endpoint,
+            };
+            let local = Arc::new(Local::default());
+            get(&pool, &key, &local).await;
+            // From here the clock moves only when the test says; the connection is idle.
+            tokio::time::pause();
+            tokio::time::advance(LOCAL_IDLE_KEEP / 2).await;
+            poll_once(&pool, &local).await;
+            assert_eq!(
+                lock(&local.state).driving.len(),
+                1,
+                "an idle connection is kept for the client connection's next request a while"
+            );
+            assert!(!lock(&pool.idle).contains_key(&key));
+
+            tokio::time::advance(LOCAL_IDLE_KEEP).await;
+            poll_once(&pool, &local).await;
+            {
+                let state = lock(&local.state);
+                assert!(state.driving.is_empty() && state.idle.is_empty());
+                assert!(
+                    state.release_idle_at.is_none(),
+                    "no timer while the client connection drives no connection"
+                );
+            }
+            let home = lock(&pool.idle)[&key][0].1.home.clone();
+            assert!(
+                lock(&home.parked).driver.is_some(),
+                "the idle connection is in the shared pool, its driver parked at its home"
+            );
+
+            tokio::time::resume();
+            get(&pool, &key, &local).await;
+            assert_eq!(
+                lock(&local.state).driving.len(),
+                1,
+                "the client connection's next request takes the connection back and drives it"
+            );
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "one connection throughout"
             );
         });
     }
