@@ -26,7 +26,7 @@ use crate::redirect::{self, Redirect};
 use crate::routing::Table;
 use crate::state::Published;
 use crate::telemetry::{Metrics, ProcessCollector, RedirectCollector, Telemetry, access_log, otlp};
-use crate::{admin, discovery, handover, identity, proxy, reload, workloads};
+use crate::{admin, discovery, handover, heap, identity, proxy, reload, workloads};
 
 pub use crate::config::Config;
 
@@ -72,6 +72,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(Error::Signals)?;
 
+    heap::start_trimming();
     let redirect = Arc::new(Redirect::install(&config.redirect)?);
     tracing::info!(cgroup_root = %config.redirect.cgroup_root.display(), bpffs = %config.redirect.bpffs.display(), fast_path = config.redirect.fast_path, "eBPF programs attached");
 

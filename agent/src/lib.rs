@@ -13,6 +13,7 @@ pub mod config;
 pub mod discovery;
 pub mod gateway;
 pub mod handover;
+pub mod heap;
 pub mod identity;
 pub mod kubernetes;
 pub mod logging;
