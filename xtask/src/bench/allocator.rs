@@ -284,6 +284,16 @@ pub fn markdown(raw: &Value, soak_system: Option<&Value>, scale_system: Option<&
             super::scale::rss_per_idle_connection(scale_jemalloc),
             2,
         );
+        // Scale runs before the suite held idle HTTP connections have no such figure.
+        if scale_jemalloc.get("http_connections").is_some() {
+            row(
+                &mut s,
+                "scale: RSS per idle HTTP/1.1 keep-alive connection, KiB",
+                scale_system.and_then(super::scale::rss_per_idle_http_connection),
+                super::scale::rss_per_idle_http_connection(scale_jemalloc),
+                2,
+            );
+        }
     }
     s.push('\n');
     s
@@ -323,6 +333,36 @@ mod tests {
         );
         assert!(
             page.contains("Scale: the jemalloc build's scale suite"),
+            "{page}"
+        );
+    }
+
+    /// The idle HTTP connection row appears once the jemalloc build's run has the figure.
+    #[test]
+    fn the_idle_http_row_needs_the_jemalloc_builds_figure() {
+        let mut system = scale(2.0, 12.0);
+        system["http_connections"] = json!({
+            "count": 100,
+            "before": {"rss_kib": 2000.0},
+            "open": {"rss_kib": 4000.0},
+        });
+        let page = markdown(
+            &json!({"scale_jemalloc": scale(3.0, 16.0)}),
+            None,
+            Some(&system),
+        );
+        assert!(!page.contains("HTTP/1.1 keep-alive"), "{page}");
+        let mut jemalloc = scale(3.0, 16.0);
+        jemalloc["http_connections"] = json!({
+            "count": 100,
+            "before": {"rss_kib": 2000.0},
+            "open": {"rss_kib": 5000.0},
+        });
+        let page = markdown(&json!({"scale_jemalloc": jemalloc}), None, Some(&system));
+        assert!(
+            page.contains(
+                "| scale: RSS per idle HTTP/1.1 keep-alive connection, KiB | 20.00 | 30.00 | 1.50 |"
+            ),
             "{page}"
         );
     }

@@ -1,8 +1,9 @@
 //! `xtask bench hold-conns` (internal): many idle TCP connections, for the scale bench, and a
-//! steady churn of new ones, for the soak. Run inside a pod: `serve` accepts and echoes,
-//! `connect` opens `--count` connections to an address (through the mesh when it is a virtual
-//! service), checks each with a one-byte echo, prints `ready <n>` on stdout and keeps them
-//! open, idle, until the bench stops it or `--hold-secs` pass. `churn` opens new connections
+//! steady churn of new ones, for the soak. Run inside a pod: `serve` accepts and echoes (or,
+//! with `--http`, answers each HTTP/1.1 request with a short 200), `connect` opens `--count`
+//! connections to an address (through the mesh when it is a virtual service), checks each with
+//! a one-byte echo (or, with `--http-host`, one keep-alive GET), prints `ready <n>` on stdout
+//! and keeps them open, idle, until the bench stops it or `--hold-secs` pass. `churn` opens new connections
 //! every second for `--seconds`: L4 ones (one-byte echo, close) and HTTP/1.1 requests, each
 //! on a new connection, then prints one JSON line of counts.
 
@@ -24,6 +25,9 @@ enum Mode {
     Serve {
         #[arg(long)]
         listen: SocketAddr,
+        /// Answer HTTP/1.1 requests (without bodies) with a short 200 instead of echoing.
+        #[arg(long)]
+        http: bool,
     },
     /// Open `--count` connections to `--to` and hold them.
     Connect {
@@ -31,6 +35,11 @@ enum Mode {
         to: SocketAddr,
         #[arg(long)]
         count: u32,
+        /// Check each connection with a keep-alive HTTP/1.1 GET with this Host header instead
+        /// of a one-byte echo (the connection then idles between requests, as a client's
+        /// keep-alive connection does).
+        #[arg(long)]
+        http_host: Option<String>,
         /// How many connects are in flight at once.
         #[arg(long, default_value_t = 64)]
         parallel: u32,
@@ -65,10 +74,11 @@ pub fn run(args: &HoldArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match args.mode.clone() {
-            Mode::Serve { listen } => serve(listen).await,
+            Mode::Serve { listen, http } => serve(listen, http).await,
             Mode::Connect {
                 to,
                 count,
+                http_host,
                 parallel,
                 open_within_secs,
                 hold_secs,
@@ -76,6 +86,7 @@ pub fn run(args: &HoldArgs) -> anyhow::Result<()> {
                 connect(
                     to,
                     count,
+                    http_host,
                     parallel,
                     Duration::from_secs(open_within_secs),
                     Duration::from_secs(hold_secs),
@@ -108,12 +119,23 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, http: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;
     loop {
         let (mut stream, _) = listener.accept().await?;
+        if http {
+            tokio::spawn(async move {
+                while read_head(&mut stream).await.is_ok() {
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            continue;
+        }
         tokio::spawn(async move {
             let mut buf = [0u8; 64];
             while let Ok(n) = stream.read(&mut buf).await {
@@ -125,9 +147,45 @@ async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     }
 }
 
+/// Reads one message's head (up to its blank line) and returns it. Reads a byte at a time:
+/// nothing after the head is taken from the stream, and the heads here are short.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    const MOST: usize = 16 * 1024;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MOST {
+            bail!("no end of the head within {MOST} bytes");
+        }
+        head.push(stream.read_u8().await?);
+    }
+    Ok(head)
+}
+
+/// One keep-alive GET on `stream`, its answer read to the end of its body: Ok if it was a 200.
+async fn get(stream: &mut tokio::net::TcpStream, host: &str) -> anyhow::Result<()> {
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let head = String::from_utf8_lossy(&read_head(stream).await?).into_owned();
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("answer {:?}", head.lines().next().unwrap_or_default());
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .context("an answer without content-length")?;
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await?;
+    Ok(())
+}
+
 async fn connect(
     to: SocketAddr,
     count: u32,
+    http_host: Option<String>,
     parallel: u32,
     open_within: Duration,
     hold: Duration,
@@ -139,11 +197,16 @@ async fn connect(
     while open.len() < count as usize {
         while started < count && pending.len() < parallel as usize {
             started += 1;
+            let http_host = http_host.clone();
             pending.spawn(async move {
                 let mut stream = tokio::net::TcpStream::connect(to).await?;
-                stream.write_all(b"x").await?;
-                let mut byte = [0u8; 1];
-                stream.read_exact(&mut byte).await?;
+                if let Some(host) = http_host {
+                    get(&mut stream, &host).await?;
+                } else {
+                    stream.write_all(b"x").await?;
+                    let mut byte = [0u8; 1];
+                    stream.read_exact(&mut byte).await?;
+                }
                 anyhow::Ok(stream)
             });
         }

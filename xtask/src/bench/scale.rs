@@ -2,8 +2,9 @@
 //! costs per enrolled pod and per idle connection, counted rather than timed, so that a busy
 //! machine changes little of it.
 //!
-//! One node. Two ordinary pods (a client and an echo server behind a `tcp` listener, reached
-//! through a virtual service) and [`Plan::pods`]'s largest step of bare pods
+//! One node. Three ordinary pods (a client, an echo server behind a `tcp` listener and an HTTP
+//! server behind an `http` listener, each reached through a virtual service) and
+//! [`Plan::pods`]'s largest step of bare pods
 //! (`Node::add_bare_pod`: a network namespace with its loopback and a cgroup; the agent sets
 //! them up in full: listeners, inbound capture, sk_lookup, cgroup), all created before the
 //! agent starts. Then:
@@ -13,7 +14,13 @@
 //! 2. idle CPU with every pod enrolled: the agent's CPU time over [`Plan::idle_seconds`];
 //! 3. idle connections, on a fresh agent with the bare pods gone: the client opens as many
 //!    idle L4 connections through the agent as the descriptor limit lets the agent hold (two
-//!    descriptors each), up to 10,000; agent RSS and descriptors before and with them open.
+//!    descriptors each), up to 10,000; agent RSS and descriptors before and with them open;
+//! 4. idle HTTP/1.1 keep-alive connections, the same way on another fresh agent: each carries
+//!    one GET through the `http` listener, then idles (for a moment the agent keeps the
+//!    upstream connection that carried it with the client's connection, so it makes room for
+//!    two descriptors each here too).
+//!
+//! Idle connections are read [`Plan::idle_settle_seconds`] after they are all open.
 //!
 //! Raw results go to docs/benchmarks/scale.json; docs/benchmarks.md's "Scale" section is
 //! generated from it ([`markdown`]).
@@ -35,6 +42,12 @@ const SERVICE_V4: &str = "10.96.0.40";
 const ECHO_PORT: u16 = 9000;
 /// The bare pods' listener (captured inbound, as a pod with a `tcp` listener has).
 const BARE_PORT: u16 = 8080;
+const WEB_SERVICE: &str = "web.scale.svc.cluster.local";
+const WEB_SERVICE_V4: &str = "10.96.0.41";
+const WEB_PORT: u16 = 9080;
+/// The pods besides the bare ones: a client, and a server behind a `tcp` listener and one
+/// behind an `http` listener.
+const ORDINARY: [&str; 3] = ["scale/client", "scale/echo", "scale/web"];
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
@@ -45,6 +58,11 @@ pub struct Plan {
     pub idle_seconds: u64,
     /// Pause after a step before reading the agent's figures.
     pub settle_seconds: u64,
+    /// Pause after the idle connections are open before reading the agent's figures: longer
+    /// than the agent keeps an idle upstream connection with its client connection (2 s) and
+    /// than its period for returning freed heap to the kernel (10 s), so that the reading is
+    /// of connections that stay idle, not of the moment they opened.
+    pub idle_settle_seconds: u64,
 }
 
 impl Plan {
@@ -55,6 +73,7 @@ impl Plan {
                 connections: 1000,
                 idle_seconds: 5,
                 settle_seconds: 2,
+                idle_settle_seconds: 15,
             }
         } else {
             Plan {
@@ -62,6 +81,7 @@ impl Plan {
                 connections: 10_000,
                 idle_seconds: 30,
                 settle_seconds: 5,
+                idle_settle_seconds: 15,
             }
         }
     }
@@ -81,6 +101,7 @@ spec:
   podSelector: {{matchLabels: {{app: client}}}}
   backends:
     - virtualService: {{virtualServiceRef: {{name: echo}}}}
+    - virtualService: {{virtualServiceRef: {{name: web}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
@@ -90,6 +111,15 @@ spec:
   listeners:
     - portMapping: {{port: {ECHO_PORT}, protocol: tcp}}
   serviceDiscovery: {{dns: {{hostname: echo-pods.scale.svc.cluster.local}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {{name: web, namespace: scale}}
+spec:
+  podSelector: {{matchLabels: {{app: web}}}}
+  listeners:
+    - portMapping: {{port: {WEB_PORT}, protocol: http}}
+  serviceDiscovery: {{dns: {{hostname: web-pods.scale.svc.cluster.local}}}}
 ---
 apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
@@ -106,6 +136,13 @@ metadata: {{name: echo, namespace: scale}}
 spec:
   awsName: {SERVICE}
   provider: {{virtualNode: {{virtualNodeRef: {{name: echo}}}}}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualService
+metadata: {{name: web, namespace: scale}}
+spec:
+  awsName: {WEB_SERVICE}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: web}}}}}}
 "#
     )
 }
@@ -120,14 +157,17 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     let node = tb.add_node("node1")?;
     let client = node.add_pod(&PodSpec::new("client", "scale").label("app", "client"))?;
     let echo = node.add_pod(&PodSpec::new("echo", "scale").label("app", "echo"))?;
+    let web = node.add_pod(&PodSpec::new("web", "scale").label("app", "web"))?;
     tb.dns_record(SERVICE, &[SERVICE_V4.parse()?])?;
     tb.dns_record("echo-pods.scale.svc.cluster.local", &[echo.ipv4().into()])?;
+    tb.dns_record(WEB_SERVICE, &[WEB_SERVICE_V4.parse()?])?;
+    tb.dns_record("web-pods.scale.svc.cluster.local", &[web.ipv4().into()])?;
     // The bare pods' addresses exist nowhere; one of them stands for their endpoints.
     tb.dns_record("bare-pods.bare.svc.cluster.local", &["10.250.0.0".parse()?])?;
     let most = plan.pods.iter().copied().max().unwrap_or(2);
     let labels = BTreeMap::from([("app".to_owned(), "bare".to_owned())]);
     let created = Instant::now();
-    let bare = (0..most.saturating_sub(2))
+    let bare = (0..most.saturating_sub(ORDINARY.len() as u32))
         .map(|n| node.add_bare_pod(u16::try_from(n)?, &labels))
         .collect::<anyhow::Result<Vec<_>>>()?;
     eprintln!(
@@ -139,10 +179,11 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let mesh = dir.join("mesh.yaml");
     std::fs::write(&mesh, mesh_yaml())?;
-    node.write_workload(&client)?;
-    node.write_workload(&echo)?;
+    for pod in [&client, &echo, &web] {
+        node.write_workload(pod)?;
+    }
     let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
-    for pod in ["scale/client", "scale/echo"] {
+    for pod in ORDINARY {
         agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
     }
     let pid = agent.process.pid();
@@ -152,7 +193,9 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     let mut steps = Vec::new();
     let mut written = 0usize;
     for &target in &plan.pods {
-        let want = (target as usize).saturating_sub(2).min(bare.len());
+        let want = (target as usize)
+            .saturating_sub(ORDINARY.len())
+            .min(bare.len());
         let started = Instant::now();
         let batch = want - written;
         for workload in &bare[written..want] {
@@ -202,42 +245,102 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     for workload in &bare {
         std::fs::remove_file(node.workloads_dir().join(workload.file_name()))?;
     }
-    let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
-    for pod in ["scale/client", "scale/echo"] {
-        agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
-    }
-    let pid = agent.process.pid();
-    std::thread::sleep(Duration::from_secs(plan.settle_seconds));
-    // 3. Idle connections, on a fresh agent with only the two pods enrolled: the most
-    // descriptors left, and no memory freed by the pods that a connection could reuse.
-    let server = tb.spawn(
-        "echo-server",
-        echo.command(xtask).args([
-            "bench",
-            "hold-conns",
-            "serve",
-            "--listen",
-            &format!("0.0.0.0:{ECHO_PORT}"),
-        ]),
-    )?;
-    server.wait_listening(ECHO_PORT, Duration::from_secs(10))?;
+    // 3 and 4. Idle connections, each kind on a fresh agent with only the ordinary pods
+    // enrolled: the most descriptors left, and no memory freed by the pods or by the other
+    // kind's connections that a connection could reuse.
+    let idle_run = |kind: Idle| -> anyhow::Result<Value> {
+        let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
+        for pod in ORDINARY {
+            agent.wait_enrolled(pod, true, Duration::from_secs(30))?;
+        }
+        std::thread::sleep(Duration::from_secs(plan.settle_seconds));
+        let (server_pod, port, service) = match kind {
+            Idle::Tcp => (&echo, ECHO_PORT, SERVICE_V4),
+            Idle::Http => (&web, WEB_PORT, WEB_SERVICE_V4),
+        };
+        let mut serve = vec![
+            "bench".to_owned(),
+            "hold-conns".to_owned(),
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{port}"),
+        ];
+        let mut connect = vec![
+            "bench".to_owned(),
+            "hold-conns".to_owned(),
+            "connect".to_owned(),
+            "--to".to_owned(),
+            format!("{service}:{port}"),
+        ];
+        if kind == Idle::Http {
+            serve.push("--http".to_owned());
+            connect.extend(["--http-host".to_owned(), WEB_SERVICE.to_owned()]);
+        }
+        let result = hold_idle(
+            &tb,
+            agent.process.pid(),
+            server_pod,
+            port,
+            &client,
+            xtask,
+            &plan,
+            &serve,
+            &mut connect,
+        );
+        agent.stop()?;
+        result
+    };
+    let connections = idle_run(Idle::Tcp)?;
+    eprintln!("bench: scale: {connections}");
+    let http_connections = idle_run(Idle::Http)?;
+    eprintln!("bench: scale: http {http_connections}");
+
+    Ok(json!({
+        "plan": plan,
+        "machine": super::tools::machine(),
+        "date": today(),
+        "loadavg_1m": super::procfs::loadavg(),
+        "connections": connections,
+        "http_connections": http_connections,
+        "steps": steps,
+        "idle": idle,
+    }))
+}
+
+/// The kind of idle connection the client holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// To a `tcp` listener, checked with a one-byte echo.
+    Tcp,
+    /// To an `http` listener, after one keep-alive GET.
+    Http,
+}
+
+/// Starts the server (`serve`, in its pod), opens as many idle connections as the agent's
+/// descriptors allow from the client pod (`connect` gets `--count`), and returns the agent's
+/// figures before and with them open.
+#[allow(clippy::too_many_arguments)]
+fn hold_idle(
+    tb: &Testbed,
+    pid: u32,
+    server_pod: &testbed::Pod,
+    port: u16,
+    client: &testbed::Pod,
+    xtask: &Path,
+    plan: &Plan,
+    serve: &[String],
+    connect: &mut Vec<String>,
+) -> anyhow::Result<Value> {
+    let server = tb.spawn("idle-server", server_pod.command(xtask).args(serve))?;
+    server.wait_listening(port, Duration::from_secs(10))?;
     let before = figures(pid)?;
     let limit = fd_limit(pid)?;
-    // Two descriptors a connection in the agent, and room for what it has besides.
+    // Two descriptors a connection in the agent (the client's and the one it delivers on),
+    // and room for what it has besides.
     let fit = limit.saturating_sub(before["fds"].as_u64().unwrap_or(0) + 500) / 2;
     let count = u64::from(plan.connections).min(fit);
-    let holder = tb.spawn(
-        "idle-connections",
-        client.command(xtask).args([
-            "bench",
-            "hold-conns",
-            "connect",
-            "--to",
-            &format!("{SERVICE_V4}:{ECHO_PORT}"),
-            "--count",
-            &count.to_string(),
-        ]),
-    )?;
+    connect.extend(["--count".to_owned(), count.to_string()]);
+    let holder = tb.spawn("idle-connections", client.command(xtask).args(&*connect))?;
     let opened = Instant::now();
     let deadline = opened + Duration::from_secs(330);
     while !holder.stdout().contains("ready ") {
@@ -253,29 +356,17 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let open_seconds = opened.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(plan.settle_seconds));
+    std::thread::sleep(Duration::from_secs(plan.idle_settle_seconds));
     let with = figures(pid)?;
     holder.kill()?;
     server.kill()?;
-    let connections = json!({
+    Ok(json!({
         "wanted": plan.connections,
         "count": count,
         "agent_fd_limit": limit,
         "open_seconds": open_seconds,
         "before": before,
         "open": with,
-    });
-    eprintln!("bench: scale: {connections}");
-
-    agent.stop()?;
-    Ok(json!({
-        "plan": plan,
-        "machine": super::tools::machine(),
-        "date": today(),
-        "loadavg_1m": super::procfs::loadavg(),
-        "connections": connections,
-        "steps": steps,
-        "idle": idle,
     }))
 }
 
@@ -352,7 +443,15 @@ pub fn rss_per_pod(raw: &Value) -> Option<f64> {
 
 /// Agent RSS per idle L4 connection, KiB.
 pub fn rss_per_idle_connection(raw: &Value) -> Option<f64> {
-    let c = &raw["connections"];
+    rss_per_held(&raw["connections"])
+}
+
+/// Agent RSS per idle HTTP/1.1 keep-alive connection, KiB.
+pub fn rss_per_idle_http_connection(raw: &Value) -> Option<f64> {
+    rss_per_held(&raw["http_connections"])
+}
+
+fn rss_per_held(c: &Value) -> Option<f64> {
     per(&c["before"], &c["open"], "rss_kib", c["count"].as_f64()?)
 }
 
@@ -367,8 +466,8 @@ pub fn markdown(raw: &Value) -> String {
          run on {}; {} agent build; load average {load:.1} at the start). These figures are \
          counts and memory, not times, and hold on a busy machine; the enroll times do not. \
          Pods are bare pods (their own network namespace and cgroup, set up in full by the \
-         agent: listeners, inbound capture, sk_lookup, cgroup) beside one client and one \
-         server pod.\n",
+         agent: listeners, inbound capture, sk_lookup, cgroup) beside a client and two \
+         server pods.\n",
         debug_flag(raw),
         raw["date"].as_str().unwrap_or("an unknown date"),
         raw["agent_build"].as_str().unwrap_or("an unknown"),
@@ -470,14 +569,38 @@ pub fn markdown(raw: &Value) -> String {
              delivered to a pod on the same node): **{count:.0} open at once** ({} wanted; the \
              agent's descriptor limit here is {}, two per connection), opened in {:.1} s; agent \
              RSS {:.1} MB before, {:.1} MB with them open: **{} per idle connection** (target \
-             < 10 KiB: {}), {} fds per connection.\n",
+             < 10 KiB: {}), {} fds per connection. Idle connections are read {} s after they \
+             are open.\n",
             c["wanted"],
             c["agent_fd_limit"],
             c["open_seconds"].as_f64().unwrap_or(f64::NAN),
             c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
             c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            rss.map_or("-".to_owned(), |v| format!("{v:.2} KiB")),
+            kib(rss),
             verdict(rss.map(|v| v < 10.0)),
+            fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
+            raw["plan"]["idle_settle_seconds"]
+                .as_u64()
+                .unwrap_or_else(|| raw["plan"]["settle_seconds"].as_u64().unwrap_or(0)),
+        );
+    }
+    let c = &raw["http_connections"];
+    if let Some(count) = c["count"].as_f64() {
+        let fds = per(&c["before"], &c["open"], "fds", count);
+        let _ = writeln!(
+            s,
+            "Idle HTTP/1.1 keep-alive connections (client pod to a virtual service with an \
+             `http` listener, one GET each, then idle; on a fresh agent): **{count:.0} open at \
+             once**, opened in {:.1} s; agent RSS {:.1} MB before, {:.1} MB with them open: \
+             **{} per idle connection** (no target; the L4 target is < 10 KiB), {} fds per \
+             connection. The upstream connections that carried the GETs are not counted in \
+             them: a client connection keeps its upstream connection for 2 s of idleness, then \
+             gives it to the agent's shared pool, which keeps at most 64 idle ones per \
+             endpoint.\n",
+            c["open_seconds"].as_f64().unwrap_or(f64::NAN),
+            c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            kib(rss_per_idle_http_connection(raw)),
             fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
         );
     }
@@ -491,6 +614,10 @@ pub(super) fn debug_flag(raw: &Value) -> &'static str {
     } else {
         ""
     }
+}
+
+fn kib(v: Option<f64>) -> String {
+    v.map_or("-".to_owned(), |v| format!("{v:.2} KiB"))
 }
 
 fn verdict(met: Option<bool>) -> &'static str {
