@@ -4,23 +4,28 @@
 //! kernel by itself only from the top of a heap. After a burst (many client connections at
 //! once, which then close or idle) the agent's resident memory would stay at the burst's
 //! peak and count against the DaemonSet's memory limit, though nothing uses it. So a thread
-//! of its own reads every [`PERIOD`] how much the heap holds free (`mallinfo2`) and, past
-//! [`WORTH_TRIMMING`], asks glibc to return the free pages (`malloc_trim`): the walk costs
-//! milliseconds at most, and only after memory was freed. The jemalloc build has jemalloc's
-//! own background thread for this (main.rs).
-
-use std::time::Duration;
-
-/// How often the free heap is looked at.
-const PERIOD: Duration = Duration::from_secs(10);
-/// Free heap bytes below which nothing is returned: a few connections' worth, which the next
-/// ones would take again.
-const WORTH_TRIMMING: usize = 4 << 20;
+//! of its own reads every 10 s how much the heap holds free (`mallinfo2`) and, past 4 MiB,
+//! asks glibc to return the free pages (`malloc_trim`, which walks the free memory with each
+//! arena's lock held in turn: done only after memory was freed). The jemalloc build has
+//! jemalloc's own background thread for this (main.rs).
 
 /// Starts the trimming thread (once per process; with the system allocator on glibc only).
 pub fn start_trimming() {
     #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
-    {
+    glibc::start();
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
+mod glibc {
+    use std::time::Duration;
+
+    /// How often the free heap is looked at.
+    const PERIOD: Duration = Duration::from_secs(10);
+    /// Free heap bytes below which nothing is returned: a few connections' worth, which the
+    /// next ones would take again.
+    const WORTH_TRIMMING: usize = 4 << 20;
+
+    pub fn start() {
         let started = std::thread::Builder::new()
             .name("strait-heap".to_owned())
             .spawn(|| {
@@ -33,78 +38,71 @@ pub fn start_trimming() {
             tracing::warn!(%error, "freed heap memory will not be returned to the kernel");
         }
     }
-}
 
-/// Bytes the heap holds free (not in use, not yet returned).
-#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
-fn free_bytes() -> usize {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    unsafe { libc::mallinfo2() }.fordblks
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
-fn trim_if_worth_it() {
-    let free = free_bytes();
-    if free < WORTH_TRIMMING {
-        return;
-    }
-    let started = std::time::Instant::now();
-    // SAFETY: malloc_trim takes the allocator's own locks; no memory of ours is touched.
-    let returned = unsafe { libc::malloc_trim(0) } == 1;
-    tracing::debug!(
-        free_before = free,
-        free_after = free_bytes(),
-        returned,
-        took = ?started.elapsed(),
-        "freed heap memory returned to the kernel"
-    );
-}
-
-#[cfg(all(
-    test,
-    target_os = "linux",
-    target_env = "gnu",
-    not(feature = "jemalloc")
-))]
-mod tests {
-    use super::*;
-
-    fn rss_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
+    /// Bytes the heap holds free (not in use, not yet returned).
+    fn free_bytes() -> usize {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        unsafe { libc::mallinfo2() }.fordblks
     }
 
-    #[test]
-    fn freed_memory_in_the_middle_of_the_heap_goes_back_to_the_kernel() {
-        // Many blocks the size of a connection's buffers, every other one kept: what is freed
-        // lies between blocks in use, where glibc does not return it by itself. Allocated on
-        // this thread's arena, touched so that they are resident.
-        let mut blocks: Vec<Vec<u8>> = (0..4096).map(|_| vec![1u8; 8192]).collect();
-        let mut kept = Vec::new();
-        for (n, block) in blocks.drain(..).enumerate() {
-            if n % 2 == 0 {
-                kept.push(block);
-            }
+    fn trim_if_worth_it() {
+        let free = free_bytes();
+        if free < WORTH_TRIMMING {
+            return;
         }
-        let freed = rss_kib();
-        assert!(
-            free_bytes() >= WORTH_TRIMMING,
-            "the test frees {} KiB; the heap holds {} KiB free",
-            2048 * 8,
-            free_bytes() / 1024
+        let started = std::time::Instant::now();
+        // SAFETY: malloc_trim takes the allocator's own locks; no memory of ours is touched.
+        let returned = unsafe { libc::malloc_trim(0) } == 1;
+        tracing::debug!(
+            free_before = free,
+            free_after = free_bytes(),
+            returned,
+            took = ?started.elapsed(),
+            "freed heap memory returned to the kernel"
         );
-        trim_if_worth_it();
-        let trimmed = rss_kib();
-        // Only whole pages between the blocks in use can go back: one of each freed block's
-        // two, or less. Without the trim, none would.
-        assert!(
-            trimmed + 4 * 1024 <= freed,
-            "RSS {freed} KiB before the trim, {trimmed} KiB after: 16 MiB were free"
-        );
-        assert!(free_bytes() > 0 && kept.len() == 2048);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn rss_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap()
+        }
+
+        #[test]
+        fn freed_memory_in_the_middle_of_the_heap_goes_back_to_the_kernel() {
+            // Many blocks the size of a connection's buffers, every other one kept: what is freed
+            // lies between blocks in use, where glibc does not return it by itself. Allocated on
+            // this thread's arena, touched so that they are resident.
+            let mut blocks: Vec<Vec<u8>> = (0..4096).map(|_| vec![1u8; 8192]).collect();
+            let mut kept = Vec::new();
+            for (n, block) in blocks.drain(..).enumerate() {
+                if n % 2 == 0 {
+                    kept.push(block);
+                }
+            }
+            let freed = rss_kib();
+            assert!(
+                free_bytes() >= WORTH_TRIMMING,
+                "the test frees {} KiB; the heap holds {} KiB free",
+                2048 * 8,
+                free_bytes() / 1024
+            );
+            trim_if_worth_it();
+            let trimmed = rss_kib();
+            // Only whole pages between the blocks in use can go back: one of each freed block's
+            // two, or less. Without the trim, none would.
+            assert!(
+                trimmed + 4 * 1024 <= freed,
+                "RSS {freed} KiB before the trim, {trimmed} KiB after: 16 MiB were free"
+            );
+            assert!(free_bytes() > 0 && kept.len() == 2048);
+        }
     }
 }
