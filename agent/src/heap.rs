@@ -5,9 +5,12 @@
 //! once, which then close or idle) the agent's resident memory would stay at the burst's
 //! peak and count against the DaemonSet's memory limit, though nothing uses it. So a thread
 //! of its own reads every 10 s how much the heap holds free (`mallinfo2`) and, past 4 MiB,
-//! asks glibc to return the free pages (`malloc_trim`, which walks the free memory with each
-//! arena's lock held in turn: done only after memory was freed). The jemalloc build has
-//! jemalloc's own background thread for this (main.rs).
+//! asks glibc to return the free pages (`malloc_trim`). The trim walks the free memory with
+//! each arena's lock held in turn, one `madvise` per free chunk: milliseconds for thousands of
+//! chunks, during which the worker threads' allocations wait. So it runs only when the agent
+//! was nearly idle over the last period, as after a burst whose connections closed or went
+//! idle; under load, freed memory is taken again by the next connections anyway. The jemalloc
+//! build has jemalloc's own background thread for this (main.rs).
 
 /// Starts the trimming thread (once per process; with the system allocator on glibc only).
 pub fn start_trimming() {
@@ -24,19 +27,45 @@ mod glibc {
     /// Free heap bytes below which nothing is returned: a few connections' worth, which the
     /// next ones would take again.
     const WORTH_TRIMMING: usize = 4 << 20;
+    /// The agent's CPU time over a period below which it counts as nearly idle (2 % of a
+    /// core): the trim's stall then meets few requests.
+    const QUIET: Duration = Duration::from_millis(200);
 
     pub fn start() {
         let started = std::thread::Builder::new()
             .name("strait-heap".to_owned())
             .spawn(|| {
+                let mut cpu = process_cpu();
                 loop {
                     std::thread::sleep(PERIOD);
-                    trim_if_worth_it();
+                    // Unreadable CPU time counts as busy.
+                    if let (Some(before), Some(now)) = (cpu, process_cpu())
+                        && now.saturating_sub(before) < QUIET
+                    {
+                        trim_if_worth_it();
+                    }
+                    cpu = process_cpu();
                 }
             });
         if let Err(error) = started {
             tracing::warn!(%error, "freed heap memory will not be returned to the kernel");
         }
+    }
+
+    /// The CPU time (user and system) of the whole process so far.
+    fn process_cpu() -> Option<Duration> {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes the struct it is given.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: initialised by getrusage (and zeroed before).
+        let usage = unsafe { usage.assume_init() };
+        let time = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec.max(0) as u64)
+                + Duration::from_micros(t.tv_usec.max(0) as u64)
+        };
+        Some(time(usage.ru_utime) + time(usage.ru_stime))
     }
 
     /// Bytes the heap holds free (not in use, not yet returned).
@@ -73,6 +102,22 @@ mod glibc {
                 .find_map(|l| l.strip_prefix("VmRSS:"))
                 .and_then(|v| v.split_whitespace().next()?.parse().ok())
                 .unwrap()
+        }
+
+        /// The quiet test reads the process's CPU time: busy work shows in it.
+        #[test]
+        fn the_process_cpu_time_counts_busy_work() {
+            let before = process_cpu().expect("getrusage");
+            let spin = std::time::Instant::now();
+            let mut x = 0u64;
+            while spin.elapsed() < Duration::from_millis(100) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            let used = process_cpu().expect("getrusage") - before;
+            assert!(
+                used >= Duration::from_millis(50),
+                "100 ms of spinning counted as {used:?}"
+            );
         }
 
         #[test]

@@ -58,10 +58,11 @@ pub struct Plan {
     pub idle_seconds: u64,
     /// Pause after a step before reading the agent's figures.
     pub settle_seconds: u64,
-    /// Pause after the idle connections are open before reading the agent's figures: longer
-    /// than the agent keeps an idle upstream connection with its client connection (2 s) and
-    /// than its period for returning freed heap to the kernel (10 s), so that the reading is
-    /// of connections that stay idle, not of the moment they opened.
+    /// Pause after the idle connections are open before reading the agent's figures: long
+    /// enough for the agent to give idle upstream connections to its shared pool (after 2 s)
+    /// and to return freed heap to the kernel (at the first of its 10 s periods that was
+    /// quiet, so up to 20 s after the opening's work), so that the reading is of connections
+    /// that stay idle, not of the moment they opened.
     pub idle_settle_seconds: u64,
 }
 
@@ -73,7 +74,7 @@ impl Plan {
                 connections: 1000,
                 idle_seconds: 5,
                 settle_seconds: 2,
-                idle_settle_seconds: 15,
+                idle_settle_seconds: 25,
             }
         } else {
             Plan {
@@ -81,7 +82,7 @@ impl Plan {
                 connections: 10_000,
                 idle_seconds: 30,
                 settle_seconds: 5,
-                idle_settle_seconds: 15,
+                idle_settle_seconds: 25,
             }
         }
     }
