@@ -89,61 +89,56 @@ impl Plan {
 }
 
 fn mesh_yaml() -> String {
+    let header = r#"apiVersion: appmesh.k8s.aws/v1beta2
+kind: Mesh
+metadata: {name: scale}
+spec: {egressFilter: {type: ALLOW_ALL}}
+---
+apiVersion: appmesh.k8s.aws/v1beta2
+kind: VirtualNode
+metadata: {name: client, namespace: scale}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  backends:
+    - virtualService: {virtualServiceRef: {name: echo}}
+    - virtualService: {virtualServiceRef: {name: web}}
+"#;
+    [
+        header.to_owned(),
+        server("echo", "scale", ECHO_PORT, "tcp"),
+        server("web", "scale", WEB_PORT, "http"),
+        server("bare", "bare", BARE_PORT, "tcp"),
+        service("echo", SERVICE),
+        service("web", WEB_SERVICE),
+    ]
+    .join("---\n")
+}
+
+/// A virtual node for the pods labelled `app: <name>`, with one listener, whose endpoints
+/// are `<name>-pods.<namespace>.svc.cluster.local`.
+fn server(name: &str, namespace: &str, port: u16, protocol: &str) -> String {
     format!(
         r#"apiVersion: appmesh.k8s.aws/v1beta2
-kind: Mesh
-metadata: {{name: scale}}
-spec: {{egressFilter: {{type: ALLOW_ALL}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualNode
-metadata: {{name: client, namespace: scale}}
+metadata: {{name: {name}, namespace: {namespace}}}
 spec:
-  podSelector: {{matchLabels: {{app: client}}}}
-  backends:
-    - virtualService: {{virtualServiceRef: {{name: echo}}}}
-    - virtualService: {{virtualServiceRef: {{name: web}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: echo, namespace: scale}}
-spec:
-  podSelector: {{matchLabels: {{app: echo}}}}
+  podSelector: {{matchLabels: {{app: {name}}}}}
   listeners:
-    - portMapping: {{port: {ECHO_PORT}, protocol: tcp}}
-  serviceDiscovery: {{dns: {{hostname: echo-pods.scale.svc.cluster.local}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: web, namespace: scale}}
-spec:
-  podSelector: {{matchLabels: {{app: web}}}}
-  listeners:
-    - portMapping: {{port: {WEB_PORT}, protocol: http}}
-  serviceDiscovery: {{dns: {{hostname: web-pods.scale.svc.cluster.local}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualNode
-metadata: {{name: bare, namespace: bare}}
-spec:
-  podSelector: {{matchLabels: {{app: bare}}}}
-  listeners:
-    - portMapping: {{port: {BARE_PORT}, protocol: tcp}}
-  serviceDiscovery: {{dns: {{hostname: bare-pods.bare.svc.cluster.local}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
+    - portMapping: {{port: {port}, protocol: {protocol}}}
+  serviceDiscovery: {{dns: {{hostname: {name}-pods.{namespace}.svc.cluster.local}}}}
+"#
+    )
+}
+
+/// The virtual service `aws_name` of the `scale` namespace's virtual node `name`.
+fn service(name: &str, aws_name: &str) -> String {
+    format!(
+        r#"apiVersion: appmesh.k8s.aws/v1beta2
 kind: VirtualService
-metadata: {{name: echo, namespace: scale}}
+metadata: {{name: {name}, namespace: scale}}
 spec:
-  awsName: {SERVICE}
-  provider: {{virtualNode: {{virtualNodeRef: {{name: echo}}}}}}
----
-apiVersion: appmesh.k8s.aws/v1beta2
-kind: VirtualService
-metadata: {{name: web, namespace: scale}}
-spec:
-  awsName: {WEB_SERVICE}
-  provider: {{virtualNode: {{virtualNodeRef: {{name: web}}}}}}
+  awsName: {aws_name}
+  provider: {{virtualNode: {{virtualNodeRef: {{name: {name}}}}}}}
 "#
     )
 }

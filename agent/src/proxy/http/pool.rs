@@ -754,6 +754,24 @@ mod tests {
         .await;
     }
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// An empty pool, the key of a client virtual node's connections to an upstream on
+    /// 127.0.0.1 ([`upstream`]), and the count of connections the upstream accepted.
+    async fn pool_to_an_upstream() -> (Arc<Pool>, Key, Arc<AtomicUsize>) {
+        let (endpoint, accepted) = upstream().await;
+        let key = Key {
+            source: Arc::new(ResourceId::new("app", "client")),
+            endpoint,
+        };
+        (Arc::new(Pool::default()), key, accepted)
+    }
+
     /// Yields until `home` is held only by the connection and the client connection driving
     /// it: the task it was parked on has ended.
     async fn parking_task_ended(home: &Arc<Home>) -> bool {
@@ -769,17 +787,8 @@ mod tests {
 
     #[test]
     fn a_connection_taken_from_the_shared_pool_is_driven_by_the_client_connection_that_took_it() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (endpoint, accepted) = upstream().await;
-            let pool = Arc::new(Pool::default());
-            let key = Key {
-                source: Arc::new(ResourceId::new("app", "client")),
-                endpoint,
-            };
+        runtime().block_on(async {
+            let (pool, key, accepted) = pool_to_an_upstream().await;
             let first = Arc::new(Local::default());
             get(&pool, &key, &first).await;
             get(&pool, &key, &first).await;
@@ -817,17 +826,8 @@ mod tests {
 
     #[test]
     fn a_client_connection_that_idles_gives_its_connection_to_the_shared_pool() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (endpoint, accepted) = upstream().await;
-            let pool = Arc::new(Pool::default());
-            let key = Key {
-                source: Arc::new(ResourceId::new("app", "client")),
-                endpoint,
-            };
+        runtime().block_on(async {
+            let (pool, key, accepted) = pool_to_an_upstream().await;
             let local = Arc::new(Local::default());
             get(&pool, &key, &local).await;
             // From here the clock moves only when the test says; the connection is idle.
