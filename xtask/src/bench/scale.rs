@@ -281,7 +281,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
             xtask,
             &plan,
             &serve,
-            &mut connect,
+            &connect,
         );
         agent.stop()?;
         result
@@ -313,7 +313,7 @@ enum Idle {
 }
 
 /// Starts the server (`serve`, in its pod), opens as many idle connections as the agent's
-/// descriptors allow from the client pod (`connect` gets `--count`), and returns the agent's
+/// descriptors allow from the client pod (`connect`, with `--count` added), and returns the agent's
 /// figures before and with them open.
 #[allow(clippy::too_many_arguments)]
 fn hold_idle(
@@ -325,7 +325,7 @@ fn hold_idle(
     xtask: &Path,
     plan: &Plan,
     serve: &[String],
-    connect: &mut Vec<String>,
+    connect: &[String],
 ) -> anyhow::Result<Value> {
     let server = tb.spawn("idle-server", server_pod.command(xtask).args(serve))?;
     server.wait_listening(port, Duration::from_secs(10))?;
@@ -335,8 +335,13 @@ fn hold_idle(
     // and room for what it has besides.
     let fit = limit.saturating_sub(before["fds"].as_u64().unwrap_or(0) + 500) / 2;
     let count = u64::from(plan.connections).min(fit);
-    connect.extend(["--count".to_owned(), count.to_string()]);
-    let holder = tb.spawn("idle-connections", client.command(xtask).args(&*connect))?;
+    let holder = tb.spawn(
+        "idle-connections",
+        client
+            .command(xtask)
+            .args(connect)
+            .args(["--count", &count.to_string()]),
+    )?;
     let opened = Instant::now();
     let deadline = opened + Duration::from_secs(330);
     while !holder.stdout().contains("ready ") {
