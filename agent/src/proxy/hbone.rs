@@ -40,7 +40,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
@@ -49,7 +49,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::coalesce::Coalesce;
 use super::http::pool;
-use super::streams::{Driven, Streams};
+use super::streams::{self, Driven, Streams};
 use super::upstream::{CONNECT_TIMEOUT, Caller, GoingAway, Transport};
 use super::{Context, Drain, admission};
 use crate::identity::policy::{Policy, trust_file};
@@ -810,7 +810,9 @@ async fn dial(
     );
     let going_away = Arc::new(AtomicBool::new(false));
     let settings = transport.tunnel;
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    // The connection's I/O and its streams' sending sides run on its one task (see `streams`).
+    let on_its_task = Streams::default();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(on_its_task.clone())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .timer(TokioTimer::new())
@@ -818,7 +820,7 @@ async fn dial(
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(GoawayWatch::new(
-            Coalesce::new(tls),
+            Coalesce::new(tls, on_its_task.clone()),
             going_away.clone(),
         )))
         .await
@@ -835,7 +837,8 @@ async fn dial(
         streams.clone(),
         held_down.clone(),
     );
-    tokio::spawn(async move {
+    // What follows the connection's end runs as it ends, not once its streams have too.
+    let connection = async move {
         let ended = connection.await;
         broken2.store(true, Ordering::Release);
         match ended {
@@ -855,7 +858,8 @@ async fn dial(
             }
             Ok(()) => {}
         }
-    });
+    };
+    tokio::spawn(streams::drive(on_its_task, connection));
     transport
         .metrics
         .tunnel_connections

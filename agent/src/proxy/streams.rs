@@ -9,19 +9,27 @@
 //! ([`Driven::poll`]). A stream that waits for its upstream wakes the connection's task,
 //! which polls only the streams that were woken (`FuturesUnordered`).
 //!
-//! Three connections use it: a client's HTTP connection (`proxy::http`, where the task also
-//! drives its own upstream HTTP/1.1 connections); a tunnel connection from another node's
+//! Three server connections use it: a client's HTTP connection (`proxy::http`, where the task
+//! also drives its own upstream HTTP/1.1 connections); a tunnel connection from another node's
 //! agent (`proxy::hbone`), whose streams' copies to the pod ([`Streams::spawn`]) run there too,
 //! so bytes go from the tunnel's TLS connection to the pod and back without a hand-off; and a
 //! connection served by a listener's admission gate (`proxy::admission`).
+//!
+//! Two client connections use it too ([`drive`]): an upstream HTTP/2 connection
+//! (`proxy::http::pool`) and a tunnel connection to another node's agent (`proxy::hbone`).
+//! hyper's HTTP/2 client runs the connection's I/O, each request's wait for its response and
+//! each CONNECT stream's sending side as futures of their own; with tokio's executor each was
+//! a task, so a request crossed from the task that handed it over to the dispatching task, to
+//! the I/O task, and its response to a waiting task before it reached the caller. Driven here,
+//! they all run on the connection's one task: a request crosses once each way.
 //!
 //! One connection's streams then share one core, as in Envoy, where a connection and all its
 //! streams live on one worker thread; connections still spread over the runtime's threads.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
@@ -31,10 +39,21 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// hyper's executor for one connection's streams, and the streams it was given.
 #[derive(Clone, Default)]
 pub struct Streams {
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
     /// Futures handed over since they were last taken. They are only handed over while the
     /// owner polls (hyper starts a stream while the connection is polled; a stream spawns
     /// while it is polled), and [`Streams::poll`] takes them until none is left.
-    new: Arc<Mutex<Vec<Stream>>>,
+    new: Mutex<Vec<Stream>>,
+    /// Wakers of futures that yield ([`Streams::yield_now`]), woken as the owner's poll ends.
+    yielding: Mutex<Vec<Waker>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<F> hyper::rt::Executor<F> for Streams
@@ -84,6 +103,7 @@ impl<T> Driven<T> {
             self.served = Some(result);
         }
         let streams_done = self.streams.poll(&mut self.running, cx).is_ready();
+        self.streams.wake_yielding();
         match self.served.take() {
             Some(result) if streams_done => Poll::Ready(result),
             pending => {
@@ -94,32 +114,47 @@ impl<T> Driven<T> {
     }
 }
 
+/// Drives `connection` and the futures `streams` (its executor) is given on the calling task,
+/// until the connection and every one of them have ended.
+pub async fn drive<C: Future>(streams: Streams, connection: C) -> C::Output {
+    let mut driven = Driven::new(streams);
+    let mut connection = std::pin::pin!(connection);
+    std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)).await
+}
+
 impl Streams {
     /// Runs `future` on the owner's task. Call it only from code the owner polls (see `new`).
     pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
-        self.new
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Box::pin(future));
+        lock(&self.shared.new).push(Box::pin(future));
+    }
+
+    /// Lets the owner's task go to the back of the runtime's queue before the future polled
+    /// with `cx` (one of the owner's streams) is polled again: the caller returns Pending, and
+    /// its waker is woken as the owner's poll ends, which reschedules the owner as a task that
+    /// yielded. Waking it at once would not do: the owner polls a woken stream again within
+    /// the same poll.
+    pub fn yield_now(&self, cx: &Context<'_>) {
+        lock(&self.shared.yielding).push(cx.waker().clone());
+    }
+
+    fn wake_yielding(&self) {
+        let yielding = std::mem::take(&mut *lock(&self.shared.yielding));
+        for waker in yielding {
+            waker.wake();
+        }
     }
 
     /// Takes the futures handed over into `running` and polls every one that is new or was
     /// woken, with the owner task's context, until none is new. Ready when none is left.
     fn poll(&self, running: &mut Running, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let new = std::mem::take(&mut *self.new.lock().unwrap_or_else(|e| e.into_inner()));
+            let new = std::mem::take(&mut *lock(&self.shared.new));
             let none_new = new.is_empty();
             running.0.extend(new);
             // `FuturesUnordered` polls the woken ones only, and yields to the runtime (a
             // wake-up of this task) after polling many in one go.
             while let Poll::Ready(Some(())) = running.0.poll_next_unpin(cx) {}
-            if none_new
-                && self
-                    .new
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty()
-            {
+            if none_new && lock(&self.shared.new).is_empty() {
                 break;
             }
         }

@@ -33,10 +33,11 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::body::{Guard, ReplayBody};
 use crate::mesh::ResourceId;
+use crate::proxy::streams::{self, Streams};
 use crate::proxy::upstream;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -361,14 +362,16 @@ impl Pool {
             .await
             .map_err(|source| Error::Connect { endpoint, source })?;
         let going_away = stream.going_away.clone();
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        // The connection's I/O and its requests' waits run on one task (see `streams`).
+        let streams = Streams::default();
+        let (sender, connection) = http2::Builder::new(streams.clone())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| Error::Handshake { endpoint, source })?;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if let Err(error) = streams::drive(streams, connection).await {
                 tracing::debug!(%endpoint, error = %crate::logging::Chain(&error), "upstream HTTP/2 connection ended");
             }
         });
@@ -868,6 +871,78 @@ mod tests {
                 accepted.load(Ordering::SeqCst),
                 1,
                 "one connection throughout"
+            );
+        });
+    }
+
+    /// An upstream HTTP/2 connection runs on one task: its I/O, its dispatch and every
+    /// request's wait for its answer (hyper's client hands them to its executor; with tokio's,
+    /// each was a task, and a request crossed three of them before its answer reached the
+    /// caller).
+    #[test]
+    fn an_http2_connection_and_its_requests_in_flight_run_on_one_task() {
+        // The upstream runs on a runtime of its own, so that only the pool's tasks are counted.
+        let upstream_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let endpoint = upstream_runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            serve_upstream(
+                listener,
+                UpstreamOptions {
+                    slow_path: Some("/slow"),
+                    ..UpstreamOptions::default()
+                },
+            );
+            addr
+        });
+        runtime().block_on(async {
+            let pool = Arc::new(Pool::default());
+            let key = Key {
+                source: Arc::new(ResourceId::new("app", "client")),
+                endpoint,
+            };
+            let dial = move || -> BoxFuture<'_, std::io::Result<upstream::Stream>> {
+                Box::pin(async move {
+                    Ok(upstream::Stream::new(
+                        tokio::net::TcpStream::connect(endpoint).await?,
+                    ))
+                })
+            };
+            let get = |path: &'static str| {
+                let (pool, key, dial) = (&pool, &key, &dial);
+                async move {
+                    let request = Request::get(format!("http://{endpoint}{path}"))
+                        .body(ReplayBody::empty())
+                        .unwrap();
+                    let (response, _) = pool
+                        .send(key, dial, Proto::Http2, None, request)
+                        .await
+                        .unwrap();
+                    response.into_body().collect().await.unwrap().to_bytes()
+                }
+            };
+            let alive_tasks = || {
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks()
+            };
+            assert_eq!(get("/").await, "/");
+            assert_eq!(alive_tasks(), 1, "the connection's task");
+            let in_flight = futures::future::join_all((0..3).map(|_| get("/slow")));
+            let counted = async {
+                // The upstream answers /slow after 300 ms.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                alive_tasks()
+            };
+            let (answers, tasks_in_flight) = tokio::join!(in_flight, counted);
+            assert!(answers.iter().all(|answer| answer == "/slow"));
+            assert_eq!(
+                tasks_in_flight, 1,
+                "three requests in flight, no task of their own"
             );
         });
     }
