@@ -1,9 +1,10 @@
 //! `xtask bench hold-conns` (internal): many idle TCP connections, for the scale bench, and a
 //! steady churn of new ones, for the soak. Run inside a pod: `serve` accepts and echoes (or,
-//! with `--http`, answers each HTTP/1.1 request with a short 200), `connect` opens `--count`
-//! connections to an address (through the mesh when it is a virtual service), checks each with
-//! a one-byte echo (or, with `--http-host`, one keep-alive GET), prints `ready <n>` on stdout
-//! and keeps them open, idle, until the bench stops it or `--hold-secs` pass. `churn` opens new connections
+//! with `--http` or `--http2`, answers each HTTP/1.1 or HTTP/2 request with a short 200),
+//! `connect` opens `--count` connections to an address (through the mesh when it is a virtual
+//! service), checks each with a one-byte echo (or, with `--http-host`, one keep-alive GET; with
+//! `--http2-host`, one GET on an HTTP/2 connection), prints `ready <n>` on stdout and keeps
+//! them open, idle, until the bench stops it or `--hold-secs` pass. `churn` opens new connections
 //! every second for `--seconds`: L4 ones (one-byte echo, close) and HTTP/1.1 requests, each
 //! on a new connection, then prints one JSON line of counts.
 
@@ -28,6 +29,9 @@ enum Mode {
         /// Answer HTTP/1.1 requests (without bodies) with a short 200 instead of echoing.
         #[arg(long)]
         http: bool,
+        /// Speak HTTP/2 (prior knowledge) and answer every request with a short 200.
+        #[arg(long, conflicts_with = "http")]
+        http2: bool,
     },
     /// Open `--count` connections to `--to` and hold them.
     Connect {
@@ -40,6 +44,10 @@ enum Mode {
         /// keep-alive connection does).
         #[arg(long)]
         http_host: Option<String>,
+        /// Check each connection with one GET on an HTTP/2 connection (prior knowledge) with
+        /// this authority; the connection then idles, as a client's HTTP/2 connection does.
+        #[arg(long, conflicts_with = "http_host")]
+        http2_host: Option<String>,
         /// How many connects are in flight at once.
         #[arg(long, default_value_t = 64)]
         parallel: u32,
@@ -74,19 +82,29 @@ pub fn run(args: &HoldArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         match args.mode.clone() {
-            Mode::Serve { listen, http } => serve(listen, http).await,
+            Mode::Serve {
+                listen,
+                http,
+                http2,
+            } => serve(listen, http, http2).await,
             Mode::Connect {
                 to,
                 count,
                 http_host,
+                http2_host,
                 parallel,
                 open_within_secs,
                 hold_secs,
             } => {
+                let check = match (http_host, http2_host) {
+                    (Some(host), _) => Check::Http(host),
+                    (_, Some(host)) => Check::Http2(host),
+                    (None, None) => Check::Echo,
+                };
                 connect(
                     to,
                     count,
-                    http_host,
+                    check,
                     parallel,
                     Duration::from_secs(open_within_secs),
                     Duration::from_secs(hold_secs),
@@ -119,12 +137,16 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(listen: SocketAddr, http: bool) -> anyhow::Result<()> {
+async fn serve(listen: SocketAddr, http: bool, http2: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listen on {listen}"))?;
     loop {
         let (mut stream, _) = listener.accept().await?;
+        if http2 {
+            tokio::spawn(serve_http2(stream));
+            continue;
+        }
         if http {
             tokio::spawn(async move {
                 while read_head(&mut stream).await.is_ok() {
@@ -144,6 +166,19 @@ async fn serve(listen: SocketAddr, http: bool) -> anyhow::Result<()> {
                 }
             }
         });
+    }
+}
+
+/// Answers every request on an HTTP/2 connection with a 200 and a short body, until it ends.
+async fn serve_http2(stream: tokio::net::TcpStream) {
+    let Ok(mut connection) = h2::server::handshake(stream).await else {
+        return;
+    };
+    while let Some(Ok((_request, mut respond))) = connection.accept().await {
+        let answer = http::Response::new(());
+        if let Ok(mut body) = respond.send_response(answer, false) {
+            let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+        }
     }
 }
 
@@ -182,10 +217,50 @@ async fn get(stream: &mut tokio::net::TcpStream, host: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// How `connect` checks a connection before it holds it.
+#[derive(Debug, Clone)]
+enum Check {
+    /// A one-byte echo.
+    Echo,
+    /// One keep-alive HTTP/1.1 GET with this Host.
+    Http(String),
+    /// One HTTP/2 GET with this authority.
+    Http2(String),
+}
+
+/// A connection held open, and only held: the socket, or an HTTP/2 connection's handle (its
+/// connection runs on a task of its own until the handle is dropped).
+type Held = Box<dyn std::any::Any + Send>;
+
+/// One GET on a new HTTP/2 connection over `stream`, its answer read to the end: the
+/// connection's handle if it was a 200.
+async fn get_http2(
+    stream: tokio::net::TcpStream,
+    host: &str,
+) -> anyhow::Result<h2::client::SendRequest<bytes::Bytes>> {
+    let (sender, connection) = h2::client::handshake(stream).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut ready = sender.clone().ready().await?;
+    let request = http::Request::get(format!("http://{host}/")).body(())?;
+    let (response, _) = ready.send_request(request, true)?;
+    let response = response.await?;
+    if response.status() != http::StatusCode::OK {
+        bail!("answer {}", response.status());
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(sender)
+}
+
 async fn connect(
     to: SocketAddr,
     count: u32,
-    http_host: Option<String>,
+    check: Check,
     parallel: u32,
     open_within: Duration,
     hold: Duration,
@@ -197,17 +272,22 @@ async fn connect(
     while open.len() < count as usize {
         while started < count && pending.len() < parallel as usize {
             started += 1;
-            let http_host = http_host.clone();
+            let check = check.clone();
             pending.spawn(async move {
                 let mut stream = tokio::net::TcpStream::connect(to).await?;
-                if let Some(host) = http_host {
-                    get(&mut stream, &host).await?;
-                } else {
-                    stream.write_all(b"x").await?;
-                    let mut byte = [0u8; 1];
-                    stream.read_exact(&mut byte).await?;
+                match check {
+                    Check::Echo => {
+                        stream.write_all(b"x").await?;
+                        let mut byte = [0u8; 1];
+                        stream.read_exact(&mut byte).await?;
+                    }
+                    Check::Http(host) => get(&mut stream, &host).await?,
+                    Check::Http2(host) => {
+                        let held: Held = Box::new(get_http2(stream, &host).await?);
+                        return Ok(held);
+                    }
                 }
-                anyhow::Ok(stream)
+                anyhow::Ok(Box::new(stream) as Held)
             });
         }
         let left = deadline.saturating_duration_since(Instant::now());

@@ -45,9 +45,12 @@ const BARE_PORT: u16 = 8080;
 const WEB_SERVICE: &str = "web.scale.svc.cluster.local";
 const WEB_SERVICE_V4: &str = "10.96.0.41";
 const WEB_PORT: u16 = 9080;
-/// The pods besides the bare ones: a client, and a server behind a `tcp` listener and one
-/// behind an `http` listener.
-const ORDINARY: [&str; 3] = ["scale/client", "scale/echo", "scale/web"];
+const WEB2_SERVICE: &str = "web2.scale.svc.cluster.local";
+const WEB2_SERVICE_V4: &str = "10.96.0.42";
+const WEB2_PORT: u16 = 9082;
+/// The pods besides the bare ones: a client, and a server behind a `tcp` listener, one behind
+/// an `http` listener and one behind an `http2` listener.
+const ORDINARY: [&str; 4] = ["scale/client", "scale/echo", "scale/web", "scale/web2"];
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
@@ -102,14 +105,17 @@ spec:
   backends:
     - virtualService: {virtualServiceRef: {name: echo}}
     - virtualService: {virtualServiceRef: {name: web}}
+    - virtualService: {virtualServiceRef: {name: web2}}
 "#;
     [
         header.to_owned(),
         server("echo", "scale", ECHO_PORT, "tcp"),
         server("web", "scale", WEB_PORT, "http"),
+        server("web2", "scale", WEB2_PORT, "http2"),
         server("bare", "bare", BARE_PORT, "tcp"),
         service("echo", SERVICE),
         service("web", WEB_SERVICE),
+        service("web2", WEB2_SERVICE),
     ]
     .join("---\n")
 }
@@ -154,10 +160,13 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     let client = node.add_pod(&PodSpec::new("client", "scale").label("app", "client"))?;
     let echo = node.add_pod(&PodSpec::new("echo", "scale").label("app", "echo"))?;
     let web = node.add_pod(&PodSpec::new("web", "scale").label("app", "web"))?;
+    let web2 = node.add_pod(&PodSpec::new("web2", "scale").label("app", "web2"))?;
     tb.dns_record(SERVICE, &[SERVICE_V4.parse()?])?;
     tb.dns_record("echo-pods.scale.svc.cluster.local", &[echo.ipv4().into()])?;
     tb.dns_record(WEB_SERVICE, &[WEB_SERVICE_V4.parse()?])?;
     tb.dns_record("web-pods.scale.svc.cluster.local", &[web.ipv4().into()])?;
+    tb.dns_record(WEB2_SERVICE, &[WEB2_SERVICE_V4.parse()?])?;
+    tb.dns_record("web2-pods.scale.svc.cluster.local", &[web2.ipv4().into()])?;
     // The bare pods' addresses exist nowhere; one of them stands for their endpoints.
     tb.dns_record("bare-pods.bare.svc.cluster.local", &["10.250.0.0".parse()?])?;
     let most = plan.pods.iter().copied().max().unwrap_or(2);
@@ -175,7 +184,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     std::fs::create_dir_all(&dir)?;
     let mesh = dir.join("mesh.yaml");
     std::fs::write(&mesh, mesh_yaml())?;
-    for pod in [&client, &echo, &web] {
+    for pod in [&client, &echo, &web, &web2] {
         node.write_workload(pod)?;
     }
     let agent = super::environment::start_agent_as_deployed(&tb, &node, &mesh, &[])?;
@@ -253,6 +262,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
         let (server_pod, port, service) = match kind {
             Idle::Tcp => (&echo, ECHO_PORT, SERVICE_V4),
             Idle::Http => (&web, WEB_PORT, WEB_SERVICE_V4),
+            Idle::Http2 => (&web2, WEB2_PORT, WEB2_SERVICE_V4),
         };
         let mut serve = vec![
             "bench".to_owned(),
@@ -268,9 +278,16 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
             "--to".to_owned(),
             format!("{service}:{port}"),
         ];
-        if kind == Idle::Http {
-            serve.push("--http".to_owned());
-            connect.extend(["--http-host".to_owned(), WEB_SERVICE.to_owned()]);
+        match kind {
+            Idle::Tcp => {}
+            Idle::Http => {
+                serve.push("--http".to_owned());
+                connect.extend(["--http-host".to_owned(), WEB_SERVICE.to_owned()]);
+            }
+            Idle::Http2 => {
+                serve.push("--http2".to_owned());
+                connect.extend(["--http2-host".to_owned(), WEB2_SERVICE.to_owned()]);
+            }
         }
         let result = hold_idle(
             &tb,
@@ -290,6 +307,8 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
     eprintln!("bench: scale: {connections}");
     let http_connections = idle_run(Idle::Http)?;
     eprintln!("bench: scale: http {http_connections}");
+    let http2_connections = idle_run(Idle::Http2)?;
+    eprintln!("bench: scale: http2 {http2_connections}");
 
     Ok(json!({
         "plan": plan,
@@ -298,6 +317,7 @@ pub fn run(strait: &Path, xtask: &Path, quick: bool) -> anyhow::Result<Value> {
         "loadavg_1m": super::procfs::loadavg(),
         "connections": connections,
         "http_connections": http_connections,
+        "http2_connections": http2_connections,
         "steps": steps,
         "idle": idle,
     }))
@@ -310,6 +330,8 @@ enum Idle {
     Tcp,
     /// To an `http` listener, after one keep-alive GET.
     Http,
+    /// To an `http2` listener, after one GET on the HTTP/2 connection.
+    Http2,
 }
 
 /// Starts the server (`serve`, in its pod), opens as many idle connections as the agent's
@@ -452,6 +474,11 @@ pub fn rss_per_idle_http_connection(raw: &Value) -> Option<f64> {
     rss_per_held(&raw["http_connections"])
 }
 
+/// Agent RSS per idle HTTP/2 client connection, KiB.
+pub fn rss_per_idle_http2_connection(raw: &Value) -> Option<f64> {
+    rss_per_held(&raw["http2_connections"])
+}
+
 fn rss_per_held(c: &Value) -> Option<f64> {
     per(&c["before"], &c["open"], "rss_kib", c["count"].as_f64()?)
 }
@@ -467,11 +494,16 @@ pub fn markdown(raw: &Value) -> String {
          run on {}; {} agent build; load average {load:.1} at the start). These figures are \
          counts and memory, not times, and hold on a busy machine; the enroll times do not. \
          Pods are bare pods (their own network namespace and cgroup, set up in full by the \
-         agent: listeners, inbound capture, sk_lookup, cgroup) beside a client and two \
+         agent: listeners, inbound capture, sk_lookup, cgroup) beside a client and {} \
          server pods.\n",
         debug_flag(raw),
         raw["date"].as_str().unwrap_or("an unknown date"),
         raw["agent_build"].as_str().unwrap_or("an unknown"),
+        if raw["http2_connections"].is_null() {
+            "two"
+        } else {
+            "three"
+        },
     );
     let steps = raw["steps"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(
@@ -602,6 +634,24 @@ pub fn markdown(raw: &Value) -> String {
             c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
             c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
             kib(rss_per_idle_http_connection(raw)),
+            fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
+        );
+    }
+    let c = &raw["http2_connections"];
+    if let Some(count) = c["count"].as_f64() {
+        let fds = per(&c["before"], &c["open"], "fds", count);
+        let _ = writeln!(
+            s,
+            "Idle HTTP/2 client connections (client pod to a virtual service with an `http2` \
+             listener, one GET each, then idle; on a fresh agent): **{count:.0} open at once**, \
+             opened in {:.1} s; agent RSS {:.1} MB before, {:.1} MB with them open: **{} per \
+             idle connection** (no target), {} fds per connection. Their GETs went upstream on \
+             the one HTTP/2 connection the agent keeps to the endpoint, shared by every client \
+             connection.\n",
+            c["open_seconds"].as_f64().unwrap_or(f64::NAN),
+            c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+            kib(rss_per_idle_http2_connection(raw)),
             fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
         );
     }
