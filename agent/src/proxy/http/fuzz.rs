@@ -133,9 +133,14 @@ spec:
 
 /// The upstream answers 200 with the path it received as the body.
 async fn upstream() -> SocketAddr {
+    upstream_with(UpstreamOptions::default()).await
+}
+
+/// An upstream on 127.0.0.1 that does what `options` say ([`serve_upstream`]); its address.
+pub(super) async fn upstream_with(options: UpstreamOptions) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    serve_upstream(listener, UpstreamOptions::default());
+    serve_upstream(listener, options);
     addr
 }
 
@@ -839,16 +844,11 @@ mod http2 {
     /// An upstream on 127.0.0.1 that answers with the path it received, after 300 ms for
     /// `/a/slow` and at once otherwise.
     async fn slow_upstream() -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        serve_upstream(
-            listener,
-            UpstreamOptions {
-                slow_path: Some("/a/slow"),
-                ..UpstreamOptions::default()
-            },
-        );
-        addr
+        upstream_with(UpstreamOptions {
+            slow_path: Some("/a/slow"),
+            ..UpstreamOptions::default()
+        })
+        .await
     }
 
     async fn get(

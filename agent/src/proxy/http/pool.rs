@@ -694,22 +694,18 @@ mod tests {
 
     use http_body_util::BodyExt as _;
 
-    use super::super::fuzz::{UpstreamOptions, serve_upstream};
+    use super::super::fuzz::{UpstreamOptions, upstream_with};
     use super::*;
 
     /// An upstream on 127.0.0.1 that answers every request with its path on keep-alive
     /// connections, and counts the connections it accepted.
     async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
-        serve_upstream(
-            listener,
-            UpstreamOptions {
-                accepted: Some(accepted.clone()),
-                ..UpstreamOptions::default()
-            },
-        );
+        let addr = upstream_with(UpstreamOptions {
+            accepted: Some(accepted.clone()),
+            ..UpstreamOptions::default()
+        })
+        .await;
         (addr, accepted)
     }
 
@@ -887,18 +883,10 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let endpoint = upstream_runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            serve_upstream(
-                listener,
-                UpstreamOptions {
-                    slow_path: Some("/slow"),
-                    ..UpstreamOptions::default()
-                },
-            );
-            addr
-        });
+        let endpoint = upstream_runtime.block_on(upstream_with(UpstreamOptions {
+            slow_path: Some("/slow"),
+            ..UpstreamOptions::default()
+        }));
         runtime().block_on(async {
             let pool = Arc::new(Pool::default());
             let key = Key {
