@@ -28,6 +28,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -50,6 +51,9 @@ struct Shared {
     new: Mutex<Vec<Stream>>,
     /// Wakers of futures that yield ([`Streams::yield_now`]), woken as the owner's poll ends.
     yielding: Mutex<Vec<Waker>>,
+    /// Whether `yielding` may hold a waker, so that the end of every poll of an owner none of
+    /// whose streams yields (most connections) does not take the lock.
+    any_yielding: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,9 +139,13 @@ impl Streams {
     /// the same poll.
     pub fn yield_now(&self, cx: &Context<'_>) {
         lock(&self.shared.yielding).push(cx.waker().clone());
+        self.shared.any_yielding.store(true, Ordering::Release);
     }
 
     fn wake_yielding(&self) {
+        if !self.shared.any_yielding.swap(false, Ordering::Acquire) {
+            return;
+        }
         let yielding = std::mem::take(&mut *lock(&self.shared.yielding));
         for waker in yielding {
             waker.wake();
