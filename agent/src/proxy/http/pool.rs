@@ -709,18 +709,32 @@ mod tests {
         (addr, accepted)
     }
 
+    /// The key of a client virtual node's connections to `endpoint`.
+    fn client_key(endpoint: SocketAddr) -> Key {
+        Key {
+            source: Arc::new(ResourceId::new("app", "client")),
+            endpoint,
+        }
+    }
+
+    /// A plain TCP connection to `endpoint`, as `upstream::dial` opens one for an endpoint
+    /// reached without a tunnel: what the tests' dials return.
+    fn connect_direct(
+        endpoint: SocketAddr,
+    ) -> BoxFuture<'static, std::io::Result<upstream::Stream>> {
+        Box::pin(async move {
+            Ok(upstream::Stream::new(
+                tokio::net::TcpStream::connect(endpoint).await?,
+            ))
+        })
+    }
+
     /// One GET through `pool` for a client connection whose own connections are `local`,
     /// which are polled before and after it as the client connection's task polls them
     /// (`serve_with` in proxy/http.rs); the answer is read to its end.
     async fn get(pool: &Arc<Pool>, key: &Key, local: &Arc<Local>) {
         let endpoint = key.endpoint;
-        let dial = move || -> BoxFuture<'_, std::io::Result<upstream::Stream>> {
-            Box::pin(async move {
-                Ok(upstream::Stream::new(
-                    tokio::net::TcpStream::connect(endpoint).await?,
-                ))
-            })
-        };
+        let dial = move || -> BoxFuture<'_, _> { connect_direct(endpoint) };
         let exchange = async {
             let request = Request::get("/").body(ReplayBody::empty()).unwrap();
             let (response, guard) = pool
@@ -764,11 +778,7 @@ mod tests {
     /// 127.0.0.1 ([`upstream`]), and the count of connections the upstream accepted.
     async fn pool_to_an_upstream() -> (Arc<Pool>, Key, Arc<AtomicUsize>) {
         let (endpoint, accepted) = upstream().await;
-        let key = Key {
-            source: Arc::new(ResourceId::new("app", "client")),
-            endpoint,
-        };
-        (Arc::new(Pool::default()), key, accepted)
+        (Arc::new(Pool::default()), client_key(endpoint), accepted)
     }
 
     /// Yields until `home` is held only by the connection and the client connection driving
@@ -889,17 +899,8 @@ mod tests {
         }));
         runtime().block_on(async {
             let pool = Arc::new(Pool::default());
-            let key = Key {
-                source: Arc::new(ResourceId::new("app", "client")),
-                endpoint,
-            };
-            let dial = move || -> BoxFuture<'_, std::io::Result<upstream::Stream>> {
-                Box::pin(async move {
-                    Ok(upstream::Stream::new(
-                        tokio::net::TcpStream::connect(endpoint).await?,
-                    ))
-                })
-            };
+            let key = client_key(endpoint);
+            let dial = move || -> BoxFuture<'_, _> { connect_direct(endpoint) };
             let get = |path: &'static str| {
                 let (pool, key, dial) = (&pool, &key, &dial);
                 async move {
