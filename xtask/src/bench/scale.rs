@@ -474,11 +474,6 @@ pub fn rss_per_idle_http_connection(raw: &Value) -> Option<f64> {
     rss_per_held(&raw["http_connections"])
 }
 
-/// Agent RSS per idle HTTP/2 client connection, KiB.
-pub fn rss_per_idle_http2_connection(raw: &Value) -> Option<f64> {
-    rss_per_held(&raw["http2_connections"])
-}
-
 fn rss_per_held(c: &Value) -> Option<f64> {
     per(&c["before"], &c["open"], "rss_kib", c["count"].as_f64()?)
 }
@@ -617,45 +612,47 @@ pub fn markdown(raw: &Value) -> String {
                 .unwrap_or_else(|| raw["plan"]["settle_seconds"].as_u64().unwrap_or(0)),
         );
     }
-    let c = &raw["http_connections"];
-    if let Some(count) = c["count"].as_f64() {
-        let fds = per(&c["before"], &c["open"], "fds", count);
-        let _ = writeln!(
-            s,
-            "Idle HTTP/1.1 keep-alive connections (client pod to a virtual service with an \
-             `http` listener, one GET each, then idle; on a fresh agent): **{count:.0} open at \
-             once**, opened in {:.1} s; agent RSS {:.1} MB before, {:.1} MB with them open: \
-             **{} per idle connection** (no target; the L4 target is < 10 KiB), {} fds per \
-             connection. The upstream connections that carried the GETs are not counted in \
-             them: a client connection keeps its upstream connection for 2 s of idleness, then \
-             gives it to the agent's shared pool, which keeps at most 64 idle ones per \
-             endpoint.\n",
-            c["open_seconds"].as_f64().unwrap_or(f64::NAN),
-            c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            kib(rss_per_idle_http_connection(raw)),
-            fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
-        );
-    }
-    let c = &raw["http2_connections"];
-    if let Some(count) = c["count"].as_f64() {
-        let fds = per(&c["before"], &c["open"], "fds", count);
-        let _ = writeln!(
-            s,
-            "Idle HTTP/2 client connections (client pod to a virtual service with an `http2` \
-             listener, one GET each, then idle; on a fresh agent): **{count:.0} open at once**, \
-             opened in {:.1} s; agent RSS {:.1} MB before, {:.1} MB with them open: **{} per \
-             idle connection** (no target), {} fds per connection. Their GETs went upstream on \
-             the one HTTP/2 connection the agent keeps to the endpoint, shared by every client \
-             connection.\n",
-            c["open_seconds"].as_f64().unwrap_or(f64::NAN),
-            c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
-            kib(rss_per_idle_http2_connection(raw)),
-            fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
-        );
-    }
+    idle_http(
+        &mut s,
+        &raw["http_connections"],
+        "Idle HTTP/1.1 keep-alive connections (client pod to a virtual service with an `http` \
+         listener",
+        "(no target; the L4 target is < 10 KiB)",
+        "The upstream connections that carried the GETs are not counted in them: a client \
+         connection keeps its upstream connection for 2 s of idleness, then gives it to the \
+         agent's shared pool, which keeps at most 64 idle ones per endpoint.",
+    );
+    idle_http(
+        &mut s,
+        &raw["http2_connections"],
+        "Idle HTTP/2 client connections (client pod to a virtual service with an `http2` \
+         listener",
+        "(no target)",
+        "Their GETs went upstream on the one HTTP/2 connection the agent keeps to the \
+         endpoint, shared by every client connection.",
+    );
     s
+}
+
+/// The paragraph of one kind of idle HTTP connection (`c`: what `hold_idle` returned), if the
+/// run held them: `what` names them and their listener, `target` follows their memory per
+/// connection, `after` closes the paragraph.
+fn idle_http(s: &mut String, c: &Value, what: &str, target: &str, after: &str) {
+    let Some(count) = c["count"].as_f64() else {
+        return;
+    };
+    let fds = per(&c["before"], &c["open"], "fds", count);
+    let _ = writeln!(
+        s,
+        "{what}, one GET each, then idle; on a fresh agent): **{count:.0} open at once**, \
+         opened in {:.1} s; agent RSS {:.1} MB before, {:.1} MB with them open: **{} per idle \
+         connection** {target}, {} fds per connection. {after}\n",
+        c["open_seconds"].as_f64().unwrap_or(f64::NAN),
+        c["before"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        c["open"]["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        kib(rss_per_held(c)),
+        fds.map_or("-".to_owned(), |v| format!("{v:.2}")),
+    );
 }
 
 /// The flag a debug-build run was made with, for the command line on the page.
