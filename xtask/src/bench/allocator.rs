@@ -280,19 +280,31 @@ pub fn markdown(raw: &Value, soak_system: Option<&Value>, scale_system: Option<&
         row(
             &mut s,
             "scale: RSS per idle L4 connection, KiB",
-            scale_system.and_then(super::scale::rss_per_idle_connection),
-            super::scale::rss_per_idle_connection(scale_jemalloc),
+            scale_system.and_then(|raw| super::scale::rss_per_idle(raw, "connections")),
+            super::scale::rss_per_idle(scale_jemalloc, "connections"),
             2,
         );
-        // Scale runs before the suite held idle HTTP connections have no such figure.
-        if scale_jemalloc.get("http_connections").is_some() {
-            row(
-                &mut s,
+        // Scale runs before the suite held idle HTTP/1.1 (or HTTP/2) connections have no such
+        // figure, so a row appears only where the jemalloc build's run has it.
+        for (held, label) in [
+            (
+                "http_connections",
                 "scale: RSS per idle HTTP/1.1 keep-alive connection, KiB",
-                scale_system.and_then(super::scale::rss_per_idle_http_connection),
-                super::scale::rss_per_idle_http_connection(scale_jemalloc),
-                2,
-            );
+            ),
+            (
+                "http2_connections",
+                "scale: RSS per idle HTTP/2 client connection, KiB",
+            ),
+        ] {
+            if scale_jemalloc.get(held).is_some() {
+                row(
+                    &mut s,
+                    label,
+                    scale_system.and_then(|raw| super::scale::rss_per_idle(raw, held)),
+                    super::scale::rss_per_idle(scale_jemalloc, held),
+                    2,
+                );
+            }
         }
     }
     s.push('\n');
@@ -337,7 +349,7 @@ mod tests {
         );
     }
 
-    /// The idle HTTP connection row appears once the jemalloc build's run has the figure.
+    /// Each idle HTTP connection row appears once the jemalloc build's run has its figure.
     #[test]
     fn the_idle_http_row_needs_the_jemalloc_builds_figure() {
         let mut system = scale(2.0, 12.0);
@@ -358,10 +370,32 @@ mod tests {
             "before": {"rss_kib": 2000.0},
             "open": {"rss_kib": 5000.0},
         });
-        let page = markdown(&json!({"scale_jemalloc": jemalloc}), None, Some(&system));
+        let page = markdown(
+            &json!({"scale_jemalloc": jemalloc.clone()}),
+            None,
+            Some(&system),
+        );
         assert!(
             page.contains(
                 "| scale: RSS per idle HTTP/1.1 keep-alive connection, KiB | 20.00 | 30.00 | 1.50 |"
+            ),
+            "{page}"
+        );
+        assert!(!page.contains("HTTP/2"), "{page}");
+        system["http2_connections"] = json!({
+            "count": 100,
+            "before": {"rss_kib": 2000.0},
+            "open": {"rss_kib": 3000.0},
+        });
+        jemalloc["http2_connections"] = json!({
+            "count": 100,
+            "before": {"rss_kib": 2000.0},
+            "open": {"rss_kib": 4000.0},
+        });
+        let page = markdown(&json!({"scale_jemalloc": jemalloc}), None, Some(&system));
+        assert!(
+            page.contains(
+                "| scale: RSS per idle HTTP/2 client connection, KiB | 10.00 | 20.00 | 2.00 |"
             ),
             "{page}"
         );

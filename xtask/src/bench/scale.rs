@@ -464,14 +464,10 @@ pub fn rss_per_pod(raw: &Value) -> Option<f64> {
     per(&first["agent"], &last["agent"], "rss_kib", n)
 }
 
-/// Agent RSS per idle L4 connection, KiB.
-pub fn rss_per_idle_connection(raw: &Value) -> Option<f64> {
-    rss_per_held(&raw["connections"])
-}
-
-/// Agent RSS per idle HTTP/1.1 keep-alive connection, KiB.
-pub fn rss_per_idle_http_connection(raw: &Value) -> Option<f64> {
-    rss_per_held(&raw["http_connections"])
+/// Agent RSS per idle connection of the kind `held` names in a scale run ("connections",
+/// "http_connections", "http2_connections"), KiB.
+pub fn rss_per_idle(raw: &Value, held: &str) -> Option<f64> {
+    rss_per_held(&raw[held])
 }
 
 fn rss_per_held(c: &Value) -> Option<f64> {
@@ -589,7 +585,7 @@ pub fn markdown(raw: &Value) -> String {
     }
     let c = &raw["connections"];
     if let Some(count) = c["count"].as_f64() {
-        let rss = rss_per_idle_connection(raw);
+        let rss = rss_per_idle(raw, "connections");
         let fds = per(&c["before"], &c["open"], "fds", count);
         let _ = writeln!(
             s,
