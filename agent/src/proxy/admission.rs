@@ -905,7 +905,6 @@ impl Gate {
                         .inc();
                     tracing::debug!(target: "strait::admission", virtual_node = %limits.virtual_node, port = limits.port, caller = %gate.who.key, ?idle, "idle connection closed (listener timeout idle)");
                     connection.as_mut().graceful_shutdown();
-                    driven.wake_connection();
                 }
             }
         };

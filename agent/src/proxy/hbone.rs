@@ -1079,7 +1079,6 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         served = std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)) => served,
         () = ctx.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
-            driven.wake_connection();
             tokio::select! {
                 served = std::future::poll_fn(|cx| driven.poll(connection.as_mut(), cx)) => served,
                 () = tokio::time::sleep(ctx.drain_timeout) => Ok(()),

@@ -382,7 +382,6 @@ async fn serve_with<E: Env, I>(
     let mut serving = std::future::poll_fn(|cx| {
         if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
             connection.as_mut().graceful_shutdown();
-            driven.wake_connection();
             parts.mark_woken(CLIENT);
         }
         parts.poll(cx, |part, cx| {

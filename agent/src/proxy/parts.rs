@@ -114,7 +114,7 @@ impl<const N: usize> Parts<N> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Wake, Waker};
@@ -123,7 +123,7 @@ pub(crate) mod tests {
 
     /// A task's waker that counts its wake-ups.
     #[derive(Default)]
-    pub(crate) struct Counting(pub(crate) AtomicUsize);
+    struct Counting(AtomicUsize);
 
     impl Wake for Counting {
         fn wake(self: Arc<Self>) {
@@ -134,8 +134,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// A task's waker, and the count of its wake-ups.
-    pub(crate) fn task() -> (Arc<Counting>, Waker) {
+    fn task() -> (Arc<Counting>, Waker) {
         let counting = Arc::new(Counting::default());
         (counting.clone(), Waker::from(counting))
     }

@@ -35,8 +35,6 @@ use std::task::{Context, Poll, Waker};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 
-use super::parts::Parts;
-
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// hyper's executor for one connection's streams, and the streams it was given.
@@ -50,20 +48,12 @@ struct Shared {
     /// Futures handed over since they were last taken. They are only handed over while the
     /// owner polls (hyper starts a stream while the connection is polled; a stream spawns
     /// while it is polled), and [`Streams::poll`] takes them until none is left.
-    new: Mutex<New>,
+    new: Mutex<Vec<Stream>>,
     /// Wakers of futures that yield ([`Streams::yield_now`]), woken as the owner's poll ends.
     yielding: Mutex<Vec<Waker>>,
     /// Whether `yielding` may hold a waker, so that the end of every poll of an owner none of
     /// whose streams yields (most connections) does not take the lock.
     any_yielding: AtomicBool,
-}
-
-#[derive(Default)]
-struct New {
-    futures: Vec<Stream>,
-    /// The waker the streams were last polled with, woken by a hand-over: the owner polls its
-    /// streams only when they were woken ([`Driven`]).
-    waker: Option<Waker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -90,14 +80,7 @@ pub struct Driven<T> {
     running: Running,
     /// The connection's result, once it has ended, until its streams have too.
     served: Option<T>,
-    /// The streams ([`STREAMS`]) and the connection ([`CONNECTION`]), each polled when it was
-    /// woken: a stream that hands the connection bytes to write, or the connection that hands
-    /// a stream what it read, does not schedule the owner's task again for it.
-    parts: Parts<2>,
 }
-
-const STREAMS: usize = 0;
-const CONNECTION: usize = 1;
 
 impl<T> Driven<T> {
     /// Drives the streams `streams` (the connection's executor) is given.
@@ -106,14 +89,13 @@ impl<T> Driven<T> {
             streams,
             running: Running::default(),
             served: None,
-            parts: Parts::default(),
         }
     }
 
-    /// Polls the streams, the connection (until it has ended) and the streams again, each when
-    /// it was woken (`proxy::parts`): bytes a stream wrote leave in the connection's poll that
-    /// follows, and what the connection read reaches its stream in the same poll. Ready with
-    /// the connection's result once it and every stream have ended.
+    /// Polls the streams, the connection (until it has ended) and the streams again: bytes a
+    /// stream wrote leave in the connection's poll that follows, and what the connection read
+    /// reaches its stream in the same poll. Ready with the connection's result once it and
+    /// every stream have ended.
     pub fn poll<C>(&mut self, connection: Pin<&mut C>, cx: &mut Context<'_>) -> Poll<T>
     where
         C: Future<Output = T>,
@@ -134,23 +116,13 @@ impl<T> Driven<T> {
     where
         C: Future<Output = T>,
     {
-        let mut connection = connection;
-        let Driven {
-            streams,
-            running,
-            served,
-            parts,
-        } = self;
-        parts.poll(cx, |part, cx| {
-            if part == STREAMS {
-                let _ = streams.poll(running, cx);
-            } else if served.is_none()
-                && let Poll::Ready(result) = connection.as_mut().poll(cx)
-            {
-                *served = Some(result);
-            }
-        });
-        let streams_done = running.0.is_empty() && lock(&streams.shared.new).futures.is_empty();
+        let _ = self.streams.poll(&mut self.running, cx);
+        if self.served.is_none()
+            && let Poll::Ready(result) = connection.poll(cx)
+        {
+            self.served = Some(result);
+        }
+        let streams_done = self.streams.poll(&mut self.running, cx).is_ready();
         match self.served.take() {
             Some(result) if streams_done => Poll::Ready(result),
             pending => {
@@ -165,12 +137,6 @@ impl<T> Driven<T> {
     pub fn wake_yielding(&self) {
         self.streams.wake_yielding();
     }
-
-    /// Has the connection polled at the next poll, for a change its own wakers do not report
-    /// (hyper's `graceful_shutdown`).
-    pub fn wake_connection(&self) {
-        self.parts.mark_woken(CONNECTION);
-    }
 }
 
 /// Drives `connection` and the futures `streams` (its executor) is given on the calling task,
@@ -184,11 +150,7 @@ pub async fn drive<C: Future>(streams: Streams, connection: C) -> C::Output {
 impl Streams {
     /// Runs `future` on the owner's task. Call it only from code the owner polls (see `new`).
     pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
-        let mut new = lock(&self.shared.new);
-        new.futures.push(Box::pin(future));
-        if let Some(waker) = &new.waker {
-            waker.wake_by_ref();
-        }
+        lock(&self.shared.new).push(Box::pin(future));
     }
 
     /// Lets the owner's task go to the back of the runtime's queue before the future polled
@@ -215,19 +177,13 @@ impl Streams {
     /// woken, with the owner task's context, until none is new. Ready when none is left.
     fn poll(&self, running: &mut Running, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let new = {
-                let mut new = lock(&self.shared.new);
-                if !new.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    new.waker = Some(cx.waker().clone());
-                }
-                std::mem::take(&mut new.futures)
-            };
+            let new = std::mem::take(&mut *lock(&self.shared.new));
             let none_new = new.is_empty();
             running.0.extend(new);
             // `FuturesUnordered` polls the woken ones only, and yields to the runtime (a
             // wake-up of this task) after polling many in one go.
             while let Poll::Ready(Some(())) = running.0.poll_next_unpin(cx) {}
-            if none_new && lock(&self.shared.new).futures.is_empty() {
+            if none_new && lock(&self.shared.new).is_empty() {
                 break;
             }
         }
@@ -274,48 +230,6 @@ mod tests {
         .await
         .expect("the woken stream ran to its end");
         assert_eq!(polled.load(Ordering::SeqCst), 2);
-    }
-
-    /// A stream that hands its connection something (bytes to write) and the connection that
-    /// hands the stream something back (what it read) have the other polled in the owner's
-    /// same poll, and do not schedule the owner's task again for it.
-    #[test]
-    fn a_stream_and_its_connection_waking_each_other_do_not_wake_the_owner_again() {
-        use tokio::sync::mpsc::unbounded_channel;
-        let streams = Streams::default();
-        let (outside, mut from_outside) = unbounded_channel::<()>();
-        let (to_connection, mut from_stream) = unbounded_channel::<()>();
-        let (to_stream, mut from_connection) = unbounded_channel::<()>();
-        let answered = Arc::new(AtomicUsize::new(0));
-        let counter = answered.clone();
-        streams.spawn(async move {
-            from_outside.recv().await;
-            let _ = to_connection.send(());
-            from_connection.recv().await;
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
-        let mut connection = std::pin::pin!(async move {
-            from_stream.recv().await;
-            let _ = to_stream.send(());
-            std::future::pending::<()>().await
-        });
-        let mut driven = Driven::new(streams);
-        let (woken, waker) = crate::proxy::parts::tests::task();
-        let mut cx = Context::from_waker(&waker);
-        assert!(driven.poll(connection.as_mut(), &mut cx).is_pending());
-        outside.send(()).unwrap();
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1, "woken from outside");
-        assert!(driven.poll(connection.as_mut(), &mut cx).is_pending());
-        assert_eq!(
-            answered.load(Ordering::SeqCst),
-            1,
-            "the connection's answer reached the stream in the same poll"
-        );
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            1,
-            "the stream and the connection woke the owner's task"
-        );
     }
 
     /// A future a stream spawns while it is polled runs in that same poll, not at some later
