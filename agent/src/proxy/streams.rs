@@ -100,22 +100,6 @@ impl<T> Driven<T> {
     where
         C: Future<Output = T>,
     {
-        let polled = self.poll_keeping_yields(connection, cx);
-        self.wake_yielding();
-        polled
-    }
-
-    /// [`Driven::poll`], but the streams that yielded in it are woken only by
-    /// [`Driven::wake_yielding`]: for an owner that may poll the connection again before its
-    /// own poll ends (`proxy::parts`), where a stream woken at once would not yield at all.
-    pub fn poll_keeping_yields<C>(
-        &mut self,
-        connection: Pin<&mut C>,
-        cx: &mut Context<'_>,
-    ) -> Poll<T>
-    where
-        C: Future<Output = T>,
-    {
         let _ = self.streams.poll(&mut self.running, cx);
         if self.served.is_none()
             && let Poll::Ready(result) = connection.poll(cx)
@@ -123,6 +107,7 @@ impl<T> Driven<T> {
             self.served = Some(result);
         }
         let streams_done = self.streams.poll(&mut self.running, cx).is_ready();
+        self.streams.wake_yielding();
         match self.served.take() {
             Some(result) if streams_done => Poll::Ready(result),
             pending => {
@@ -130,12 +115,6 @@ impl<T> Driven<T> {
                 Poll::Pending
             }
         }
-    }
-
-    /// Wakes the streams that yielded ([`Streams::yield_now`]) since this was last called:
-    /// call it as the owner's poll ends.
-    pub fn wake_yielding(&self) {
-        self.streams.wake_yielding();
     }
 }
 

@@ -487,11 +487,6 @@ struct LocalState {
     /// When to look for connections idle longer than [`LOCAL_IDLE_KEEP`]; armed while this
     /// client connection drives any (boxed: most client connections never have one).
     release_idle_at: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The waker [`Local::poll_connections`] was last polled with, woken when a connection
-    /// starts being driven here: its driver's wakers are not this task's until it is polled
-    /// here, and the client connection's task polls its upstream connections only when they
-    /// were woken (`proxy::parts`).
-    waker: Option<Waker>,
 }
 
 impl LocalState {
@@ -500,9 +495,6 @@ impl LocalState {
         let id = self.next_id;
         self.next_id += 1;
         self.driving.push((id, driver, home));
-        if let Some(waker) = &self.waker {
-            waker.wake_by_ref();
-        }
         id
     }
 
@@ -525,17 +517,7 @@ impl Local {
     /// Polls the connections with the client connection task's context, so their I/O wakes
     /// that task; the ones that ended are dropped.
     pub fn poll_connections(&self, cx: &mut Context<'_>) {
-        let mut driving = {
-            let mut state = lock(&self.state);
-            if !state
-                .waker
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-            {
-                state.waker = Some(cx.waker().clone());
-            }
-            std::mem::take(&mut state.driving)
-        };
+        let mut driving = std::mem::take(&mut lock(&self.state).driving);
         if driving.is_empty() {
             return;
         }
@@ -552,11 +534,8 @@ impl Local {
     pub fn hand_over(&self, pool: &Pool) {
         let state = {
             let mut state = lock(&self.state);
-            let taken = std::mem::take(&mut *state);
-            // On what stays behind: a request still holding this `Local` later passes its
-            // connection on to the shared pool rather than to a client connection that ended.
             state.handed_over = true;
-            taken
+            std::mem::take(&mut *state)
         };
         for (_, driver, home) in state.driving {
             home.park(driver);
