@@ -534,8 +534,11 @@ impl Local {
     pub fn hand_over(&self, pool: &Pool) {
         let state = {
             let mut state = lock(&self.state);
+            let taken = std::mem::take(&mut *state);
+            // On what stays behind: a request still holding this `Local` later passes its
+            // connection on to the shared pool rather than to a client connection that ended.
             state.handed_over = true;
-            std::mem::take(&mut *state)
+            taken
         };
         for (_, driver, home) in state.driving {
             home.park(driver);
@@ -877,6 +880,32 @@ mod tests {
                 accepted.load(Ordering::SeqCst),
                 1,
                 "one connection throughout"
+            );
+        });
+    }
+
+    /// A request of a client connection that has ended (its connections handed over, the
+    /// request still running) leaves its upstream connection to the shared pool, not to the
+    /// client connection, which nothing polls any more.
+    #[test]
+    fn a_request_after_its_client_connection_ended_leaves_its_connection_to_the_shared_pool() {
+        runtime().block_on(async {
+            let (pool, key, accepted) = pool_to_an_upstream().await;
+            let local = Arc::new(Local::default());
+            local.hand_over(&pool);
+            get(&pool, &key, &local).await;
+            {
+                let state = lock(&local.state);
+                assert!(
+                    state.driving.is_empty() && state.idle.is_empty(),
+                    "the ended client connection took the connection"
+                );
+            }
+            get(&pool, &key, &Arc::new(Local::default())).await;
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                1,
+                "the next client connection found the connection in the shared pool"
             );
         });
     }
