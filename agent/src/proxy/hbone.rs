@@ -820,7 +820,7 @@ async fn dial(
         .keep_alive_timeout(settings.keepalive_timeout)
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(GoawayWatch::new(
-            Coalesce::new(tls, on_its_task.clone()),
+            Coalesce::new(tls),
             going_away.clone(),
         )))
         .await
@@ -1069,7 +1069,7 @@ async fn accept(tcp: TcpStream, peer: SocketAddr, ctx: Arc<Context>) {
         .timer(TokioTimer::new())
         .keep_alive_interval(transport.tunnel.keepalive_interval)
         .keep_alive_timeout(transport.tunnel.keepalive_timeout)
-        .serve_connection(TokioIo::new(tls), service);
+        .serve_connection(TokioIo::new(Coalesce::new(tls)), service);
     tokio::pin!(connection);
     let mut driven = Driven::new(streams);
     // Draining: GOAWAY, so the peer agent opens its next streams on a new tunnel (to the agent

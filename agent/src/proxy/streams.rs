@@ -28,9 +28,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
@@ -49,11 +48,6 @@ struct Shared {
     /// owner polls (hyper starts a stream while the connection is polled; a stream spawns
     /// while it is polled), and [`Streams::poll`] takes them until none is left.
     new: Mutex<Vec<Stream>>,
-    /// Wakers of futures that yield ([`Streams::yield_now`]), woken as the owner's poll ends.
-    yielding: Mutex<Vec<Waker>>,
-    /// Whether `yielding` may hold a waker, so that the end of every poll of an owner none of
-    /// whose streams yields (most connections) does not take the lock.
-    any_yielding: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +101,6 @@ impl<T> Driven<T> {
             self.served = Some(result);
         }
         let streams_done = self.streams.poll(&mut self.running, cx).is_ready();
-        self.streams.wake_yielding();
         match self.served.take() {
             Some(result) if streams_done => Poll::Ready(result),
             pending => {
@@ -130,26 +123,6 @@ impl Streams {
     /// Runs `future` on the owner's task. Call it only from code the owner polls (see `new`).
     pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
         lock(&self.shared.new).push(Box::pin(future));
-    }
-
-    /// Lets the owner's task go to the back of the runtime's queue before the future polled
-    /// with `cx` (one of the owner's streams) is polled again: the caller returns Pending, and
-    /// its waker is woken as the owner's poll ends, which reschedules the owner as a task that
-    /// yielded. Waking it at once would not do: the owner polls a woken stream again within
-    /// the same poll.
-    pub fn yield_now(&self, cx: &Context<'_>) {
-        lock(&self.shared.yielding).push(cx.waker().clone());
-        self.shared.any_yielding.store(true, Ordering::Release);
-    }
-
-    fn wake_yielding(&self) {
-        if !self.shared.any_yielding.swap(false, Ordering::Acquire) {
-            return;
-        }
-        let yielding = std::mem::take(&mut *lock(&self.shared.yielding));
-        for waker in yielding {
-            waker.wake();
-        }
     }
 
     /// Takes the futures handed over into `running` and polls every one that is new or was
