@@ -39,15 +39,10 @@ type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// hyper's executor for one connection's streams, and the streams it was given.
 #[derive(Clone, Default)]
 pub struct Streams {
-    shared: Arc<Shared>,
-}
-
-#[derive(Default)]
-struct Shared {
     /// Futures handed over since they were last taken. They are only handed over while the
     /// owner polls (hyper starts a stream while the connection is polled; a stream spawns
     /// while it is polled), and [`Streams::poll`] takes them until none is left.
-    new: Mutex<Vec<Stream>>,
+    new: Arc<Mutex<Vec<Stream>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,20 +117,20 @@ pub async fn drive<C: Future>(streams: Streams, connection: C) -> C::Output {
 impl Streams {
     /// Runs `future` on the owner's task. Call it only from code the owner polls (see `new`).
     pub fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
-        lock(&self.shared.new).push(Box::pin(future));
+        lock(&self.new).push(Box::pin(future));
     }
 
     /// Takes the futures handed over into `running` and polls every one that is new or was
     /// woken, with the owner task's context, until none is new. Ready when none is left.
     fn poll(&self, running: &mut Running, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            let new = std::mem::take(&mut *lock(&self.shared.new));
+            let new = std::mem::take(&mut *lock(&self.new));
             let none_new = new.is_empty();
             running.0.extend(new);
             // `FuturesUnordered` polls the woken ones only, and yields to the runtime (a
             // wake-up of this task) after polling many in one go.
             while let Poll::Ready(Some(())) = running.0.poll_next_unpin(cx) {}
-            if none_new && lock(&self.shared.new).is_empty() {
+            if none_new && lock(&self.new).is_empty() {
                 break;
             }
         }
