@@ -27,6 +27,7 @@ mod busy;
 mod environment;
 mod hold;
 mod load;
+mod paired;
 mod procfs;
 mod report;
 mod scale;
@@ -66,7 +67,10 @@ pub struct BenchArgs {
     /// docs/benchmarks/scale.json and make the "Scale" section of docs/benchmarks.md; `soak`
     /// names the soak (xtask/src/bench/soak.rs: docs/benchmarks/soak.json and soak.svg, the
     /// "Soak" section); `allocator` the system allocator against jemalloc
-    /// (xtask/src/bench/allocator.rs: docs/benchmarks/allocator.json, the "Allocator" section).
+    /// (xtask/src/bench/allocator.rs: docs/benchmarks/allocator.json, the "Allocator" section);
+    /// `paired` this build against `--baseline-agent` in alternating wrk bursts on a testbed of
+    /// its own (xtask/src/bench/paired.rs: docs/benchmarks/paired.json and
+    /// docs/benchmarks-paired.md).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Use the debug build of the agent and of this xtask (`scale` and `soak` only): for their
@@ -85,6 +89,10 @@ pub struct BenchArgs {
     /// docs/benchmarks/partial-before.json, and the partial page compares the two.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
+    /// `--only paired`: pairs of wrk bursts per phase (two phases; the builds swap nodes
+    /// between them).
+    #[arg(long, default_value_t = 15)]
+    bursts: u32,
     /// How long the soak runs, seconds (its target needs at least 600).
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
@@ -203,6 +211,26 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    if args.only.iter().any(|id| id == PAIRED) {
+        anyhow::ensure!(
+            args.only.len() == 1,
+            "--only {PAIRED} runs on a testbed of its own: name nothing else with it"
+        );
+        let baseline = args.baseline_agent.as_ref().with_context(|| {
+            format!("--only {PAIRED} compares two builds: name the other with --baseline-agent")
+        })?;
+        anyhow::ensure!(
+            baseline.is_file(),
+            "--baseline-agent {}: no such file",
+            baseline.display()
+        );
+        anyhow::ensure!(args.bursts > 0, "--bursts must be at least 1");
+        let binaries = build()?;
+        let worker_args = environment::worker_args();
+        let raw = paired::run(&binaries.strait, baseline, args.bursts, &worker_args)?;
+        write_raw(&out.join(paired::RAW), &raw)?;
+        return report::render(&out);
+    }
     if !args.only.is_empty() && args.only.iter().all(|id| SUITES.contains(&id.as_str())) {
         if args.debug_build && wants(ALLOCATOR) {
             bail!(
@@ -416,6 +444,8 @@ const SCALE: &str = "scale";
 const SOAK: &str = "soak";
 const ALLOCATOR: &str = "allocator";
 const SUITES: [&str; 3] = [SCALE, SOAK, ALLOCATOR];
+/// The `--only` id of the paired A/B ([`paired`]), which needs `--baseline-agent`.
+const PAIRED: &str = "paired";
 
 /// Runs the soak, writes its raw results and regenerates the pages and plots.
 fn run_soak(binaries: &Binaries, out: &Path, seconds: u64) -> anyhow::Result<()> {

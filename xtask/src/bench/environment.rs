@@ -328,14 +328,7 @@ pub(super) const NODE_WORKER_THREADS: u64 = 1;
 /// and wrk (one thread) has; an agent built before `--worker-threads` (a `--baseline-agent`)
 /// runs with its default instead.
 fn node_agent_args(other: &Node) -> Vec<String> {
-    let mut args = if supports_worker_threads() {
-        vec![
-            "--worker-threads".to_owned(),
-            NODE_WORKER_THREADS.to_string(),
-        ]
-    } else {
-        Vec::new()
-    };
+    let mut args = worker_args();
     args.extend([
         "--peer-node".into(),
         format!(
@@ -357,6 +350,18 @@ fn node_agent_args(other: &Node) -> Vec<String> {
 fn supports_worker_threads() -> bool {
     std::env::var_os("STRAIT_BIN")
         .is_some_and(|strait| super::agent_takes(Path::new(&strait), "--worker-threads"))
+}
+
+/// `--worker-threads` as every bench node's agent runs (where the agent takes it).
+pub(super) fn worker_args() -> Vec<String> {
+    if supports_worker_threads() {
+        vec![
+            "--worker-threads".to_owned(),
+            NODE_WORKER_THREADS.to_string(),
+        ]
+    } else {
+        Vec::new()
+    }
 }
 
 fn as_strs(args: &[String]) -> Vec<&str> {

@@ -547,6 +547,21 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
     if let Some(raw) = soak_raw(out)? {
         std::fs::write(out.join(super::soak::PLOT), super::soak::svg(&raw))?;
     }
+    let paired_raw = out.join(super::paired::RAW);
+    if paired_raw.exists() {
+        let page = super::paired::markdown(&read_raw(&paired_raw)?);
+        let path = out.join(super::paired::PAGE);
+        let notes = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
+            .unwrap_or_else(|| "\n".to_owned());
+        std::fs::write(&path, format!("{page}{NOTES_MARKER}{notes}"))?;
+        eprintln!(
+            "bench: wrote {} from {}",
+            path.display(),
+            paired_raw.display()
+        );
+    }
     Ok(())
 }
 
@@ -818,6 +833,14 @@ fn check_generated(out: &Path) -> anyhow::Result<Vec<String>> {
         let plot = out.join(super::soak::PLOT);
         if std::fs::read_to_string(plot).unwrap_or_default() != super::soak::svg(&raw) {
             differs.push(super::soak::PLOT.to_owned());
+        }
+    }
+    let paired_raw = out.join(super::paired::RAW);
+    if paired_raw.exists() {
+        let page = super::paired::markdown(&read_raw(&paired_raw)?);
+        let committed = std::fs::read_to_string(out.join(super::paired::PAGE)).unwrap_or_default();
+        if committed.split_once(NOTES_MARKER).map(|(g, _)| g) != Some(page.as_str()) {
+            differs.push(super::paired::PAGE.to_owned());
         }
     }
     Ok(differs)
