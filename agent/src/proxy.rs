@@ -18,6 +18,7 @@ pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod outbound;
+pub mod parts;
 pub mod received;
 pub mod streams;
 pub mod upstream;

@@ -369,22 +369,34 @@ async fn serve_with<E: Env, I>(
     let expired = drain.expired();
     tokio::pin!(expired);
     let (mut draining, mut http2, mut goaway) = (false, false, false);
-    // The connection's own upstream connections are driven here, on its task (see `pool`).
+    // The connection's own upstream connections are driven here, on its task (see `pool`),
+    // as a part of their own (see `parts`): the upstream connections first, so that a response
+    // one of them read is written to the client in the same poll, and again after the client's
+    // connection if it handed one a request, instead of after a wake-up of this task by itself.
+    const UPSTREAMS: usize = 0;
+    const CLIENT: usize = 1;
+    let parts = super::parts::Parts::<2>::default();
     let shut_down = std::sync::atomic::AtomicBool::new(false);
     let mut driven = super::streams::Driven::new(streams);
+    let mut served = None;
     let mut serving = std::future::poll_fn(|cx| {
         if shut_down.swap(false, std::sync::atomic::Ordering::Relaxed) {
             connection.as_mut().graceful_shutdown();
+            parts.mark_woken(CLIENT);
         }
-        // Upstream connections and streams before and after the client's connection: a
-        // response one of them read is then written to the client in this same poll, and a
-        // request the client's connection just handed over is sent upstream in it too,
-        // instead of after a wake-up of this task by itself.
-        upstreams.poll_connections(cx);
-        let result = driven.poll(connection.as_mut(), cx);
-        upstreams.poll_connections(cx);
-        upstreams.poll_release_idle(&pool, cx);
-        result
+        parts.poll(cx, |part, cx| {
+            if part == UPSTREAMS {
+                upstreams.poll_connections(cx);
+                upstreams.poll_release_idle(&pool, cx);
+            } else if served.is_none()
+                && let std::task::Poll::Ready(result) = driven.poll(connection.as_mut(), cx)
+            {
+                served = Some(result);
+            }
+        });
+        served
+            .take()
+            .map_or(std::task::Poll::Pending, std::task::Poll::Ready)
     });
     let result = loop {
         tokio::select! {

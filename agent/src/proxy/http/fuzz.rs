@@ -720,8 +720,19 @@ mod upstreams {
         requests: usize,
         pause: Duration,
     ) -> Vec<String> {
+        client_connection_polled(h, env, requests, pause).await.0
+    }
+
+    /// [`client_connection`], and how many times the client connection's task was polled.
+    async fn client_connection_polled(
+        h: &Harness,
+        env: &Arc<TestEnv>,
+        requests: usize,
+        pause: Duration,
+    ) -> (Vec<String>, usize) {
         let (client, server) = tokio::io::duplex(1 << 20);
-        let task = tokio::spawn(serve(
+        let polls = Arc::new(AtomicUsize::new(0));
+        let mut serving = Box::pin(serve(
             server,
             SERVICE.parse().unwrap(),
             h.source.clone(),
@@ -731,6 +742,11 @@ mod upstreams {
                 timeout: Duration::from_secs(10),
             },
         ));
+        let counter = polls.clone();
+        let task = tokio::spawn(std::future::poll_fn(move |cx| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            serving.as_mut().poll(cx)
+        }));
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client))
                 .await
@@ -755,7 +771,29 @@ mod upstreams {
             .await
             .expect("the client connection's task ended after the client closed")
             .unwrap();
-        bodies
+        (bodies, polls.load(Ordering::SeqCst))
+    }
+
+    /// A request costs its client connection's task two polls: one when it arrives and one
+    /// when its answer does. Its hand-over to the upstream connection the task drives, and
+    /// the answer's back to it, wake no more polls (`proxy::parts`).
+    #[test]
+    fn a_request_wakes_its_client_connections_task_for_its_arrival_and_its_answer_only() {
+        let h = harness();
+        h.runtime.block_on(async {
+            let (upstream, _) = counting_upstream(true).await;
+            let env = env_for(upstream);
+            // The difference between two connections takes out the connection's start and end.
+            let (_, few) = client_connection_polled(h, &env, 2, Duration::ZERO).await;
+            let (bodies, many) = client_connection_polled(h, &env, 42, Duration::ZERO).await;
+            assert_eq!(bodies.len(), 42);
+            let per_request = many.saturating_sub(few) as f64 / 40.0;
+            assert!(
+                per_request <= 2.25,
+                "the client connection's task was polled {per_request:.2} times per request \
+                 ({few} for 2 requests, {many} for 42)"
+            );
+        });
     }
 
     #[test]

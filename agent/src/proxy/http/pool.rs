@@ -487,6 +487,11 @@ struct LocalState {
     /// When to look for connections idle longer than [`LOCAL_IDLE_KEEP`]; armed while this
     /// client connection drives any (boxed: most client connections never have one).
     release_idle_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The waker [`Local::poll_connections`] was last polled with, woken when a connection
+    /// starts being driven here: its driver's wakers are not this task's until it is polled
+    /// here, and the client connection's task polls its upstream connections only when they
+    /// were woken (`proxy::parts`).
+    waker: Option<Waker>,
 }
 
 impl LocalState {
@@ -495,6 +500,9 @@ impl LocalState {
         let id = self.next_id;
         self.next_id += 1;
         self.driving.push((id, driver, home));
+        if let Some(waker) = &self.waker {
+            waker.wake_by_ref();
+        }
         id
     }
 
@@ -517,7 +525,17 @@ impl Local {
     /// Polls the connections with the client connection task's context, so their I/O wakes
     /// that task; the ones that ended are dropped.
     pub fn poll_connections(&self, cx: &mut Context<'_>) {
-        let mut driving = std::mem::take(&mut lock(&self.state).driving);
+        let mut driving = {
+            let mut state = lock(&self.state);
+            if !state
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                state.waker = Some(cx.waker().clone());
+            }
+            std::mem::take(&mut state.driving)
+        };
         if driving.is_empty() {
             return;
         }
