@@ -531,12 +531,7 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
         let (page, plot) = rendered(out, files)?;
         std::fs::write(out.join(files.plot), plot)?;
         let path = out.join(files.page);
-        // The hand-written analysis below the marker survives a re-run.
-        let notes = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
-            .unwrap_or_else(|| "\n".to_owned());
-        std::fs::write(&path, format!("{page}{NOTES_MARKER}{notes}"))?;
+        write_keeping_notes(&path, &page)?;
         eprintln!(
             "bench: wrote {} and {} from {}",
             path.display(),
@@ -549,13 +544,8 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
     }
     let paired_raw = out.join(super::paired::RAW);
     if paired_raw.exists() {
-        let page = super::paired::markdown(&read_raw(&paired_raw)?);
         let path = out.join(super::paired::PAGE);
-        let notes = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
-            .unwrap_or_else(|| "\n".to_owned());
-        std::fs::write(&path, format!("{page}{NOTES_MARKER}{notes}"))?;
+        write_keeping_notes(&path, &super::paired::markdown(&read_raw(&paired_raw)?))?;
         eprintln!(
             "bench: wrote {} from {}",
             path.display(),
@@ -563,6 +553,17 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Writes the generated part of the page at `path`; the hand-written analysis below
+/// [`NOTES_MARKER`] survives a re-run.
+fn write_keeping_notes(path: &Path, generated: &str) -> anyhow::Result<()> {
+    let notes = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|old| old.split_once(NOTES_MARKER).map(|(_, n)| n.to_owned()))
+        .unwrap_or_else(|| "\n".to_owned());
+    std::fs::write(path, format!("{generated}{NOTES_MARKER}{notes}"))
+        .with_context(|| format!("write {}", path.display()))
 }
 
 /// The generated part of a page and its plot, from its raw results.
