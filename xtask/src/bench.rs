@@ -216,18 +216,12 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             args.only.len() == 1,
             "--only {PAIRED} runs on a testbed of its own: name nothing else with it"
         );
-        let baseline = args.baseline_agent.as_ref().with_context(|| {
+        let baseline = baseline_agent(args)?.with_context(|| {
             format!("--only {PAIRED} compares two builds: name the other with --baseline-agent")
         })?;
-        anyhow::ensure!(
-            baseline.is_file(),
-            "--baseline-agent {}: no such file",
-            baseline.display()
-        );
         anyhow::ensure!(args.bursts > 0, "--bursts must be at least 1");
         let binaries = build()?;
-        let worker_args = environment::worker_args();
-        let raw = paired::run(&binaries.strait, baseline, args.bursts, &worker_args)?;
+        let raw = paired::run(&binaries.strait, baseline, args.bursts)?;
         write_raw(&out.join(paired::RAW), &raw)?;
         return report::render(&out);
     }
@@ -284,12 +278,7 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         agent_takes(strait, "--worker-threads").then_some(environment::NODE_WORKER_THREADS)
     };
     let mut builds = vec![this_build];
-    if let Some(baseline) = &args.baseline_agent {
-        anyhow::ensure!(
-            baseline.is_file(),
-            "--baseline-agent {}: no such file",
-            baseline.display()
-        );
+    if let Some(baseline) = baseline_agent(args)? {
         builds.push(AgentBuild::of(baseline));
     }
     let mut samples: BTreeMap<&'static str, Vec<Value>> = BTreeMap::new();
@@ -437,6 +426,19 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     println!("{}", report::summary(&results));
     drop(env);
     run_suites(&binaries)
+}
+
+/// `--baseline-agent`, checked to be a file.
+fn baseline_agent(args: &BenchArgs) -> anyhow::Result<Option<&Path>> {
+    let Some(baseline) = &args.baseline_agent else {
+        return Ok(None);
+    };
+    anyhow::ensure!(
+        baseline.is_file(),
+        "--baseline-agent {}: no such file",
+        baseline.display()
+    );
+    Ok(Some(baseline))
 }
 
 /// The `--only` ids of the scale suite, of the soak and of the allocator comparison.

@@ -328,7 +328,9 @@ pub(super) const NODE_WORKER_THREADS: u64 = 1;
 /// and wrk (one thread) has; an agent built before `--worker-threads` (a `--baseline-agent`)
 /// runs with its default instead.
 fn node_agent_args(other: &Node) -> Vec<String> {
-    let mut args = worker_args();
+    let mut args = std::env::var_os("STRAIT_BIN")
+        .map(|strait| worker_args(Path::new(&strait)))
+        .unwrap_or_default();
     args.extend([
         "--peer-node".into(),
         format!(
@@ -346,15 +348,10 @@ fn node_agent_args(other: &Node) -> Vec<String> {
     args
 }
 
-/// Does the agent binary `STRAIT_BIN` names take `--worker-threads`?
-fn supports_worker_threads() -> bool {
-    std::env::var_os("STRAIT_BIN")
-        .is_some_and(|strait| super::agent_takes(Path::new(&strait), "--worker-threads"))
-}
-
-/// `--worker-threads` as every bench node's agent runs (where the agent takes it).
-pub(super) fn worker_args() -> Vec<String> {
-    if supports_worker_threads() {
+/// `--worker-threads` as every bench node's agent runs, for the agent binary `strait` (one
+/// built before the flag runs with its default).
+pub(super) fn worker_args(strait: &Path) -> Vec<String> {
+    if super::agent_takes(strait, "--worker-threads") {
         vec![
             "--worker-threads".to_owned(),
             NODE_WORKER_THREADS.to_string(),
