@@ -69,8 +69,9 @@ pub struct BenchArgs {
     /// "Soak" section); `allocator` the system allocator against jemalloc
     /// (xtask/src/bench/allocator.rs: docs/benchmarks/allocator.json, the "Allocator" section);
     /// `paired` this build against `--baseline-agent` in alternating wrk bursts on a testbed of
-    /// its own (xtask/src/bench/paired.rs: docs/benchmarks/paired.json and
-    /// docs/benchmarks-paired.md).
+    /// its own, same node (xtask/src/bench/paired.rs: docs/benchmarks/paired.json and
+    /// docs/benchmarks-paired.md); `paired-xnode` the same across nodes through the mTLS
+    /// tunnel (docs/benchmarks/paired-xnode.json and docs/benchmarks-paired-xnode.md).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Use the debug build of the agent and of this xtask (`scale` and `soak` only): for their
@@ -89,7 +90,7 @@ pub struct BenchArgs {
     /// docs/benchmarks/partial-before.json, and the partial page compares the two.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
-    /// `--only paired`: pairs of wrk bursts per phase (two phases; the builds swap nodes
+    /// `--only paired` or `paired-xnode`: pairs of wrk bursts per phase (two phases; the builds swap nodes
     /// between them).
     #[arg(long, default_value_t = 15)]
     bursts: u32,
@@ -211,18 +212,22 @@ pub fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    if args.only.iter().any(|id| id == PAIRED) {
+    if let Some(layout) = paired::LAYOUTS
+        .into_iter()
+        .find(|layout| args.only.iter().any(|id| id == layout.id()))
+    {
+        let id = layout.id();
         anyhow::ensure!(
             args.only.len() == 1,
-            "--only {PAIRED} runs on a testbed of its own: name nothing else with it"
+            "--only {id} runs on a testbed of its own: name nothing else with it"
         );
         let baseline = baseline_agent(args)?.with_context(|| {
-            format!("--only {PAIRED} compares two builds: name the other with --baseline-agent")
+            format!("--only {id} compares two builds: name the other with --baseline-agent")
         })?;
         anyhow::ensure!(args.bursts > 0, "--bursts must be at least 1");
         let binaries = build()?;
-        let raw = paired::run(&binaries.strait, baseline, args.bursts)?;
-        write_raw(&out.join(paired::RAW), &raw)?;
+        let raw = paired::run(layout, &binaries.strait, baseline, args.bursts)?;
+        write_raw(&out.join(layout.raw()), &raw)?;
         return report::render(&out);
     }
     if !args.only.is_empty() && args.only.iter().all(|id| SUITES.contains(&id.as_str())) {
@@ -446,8 +451,6 @@ const SCALE: &str = "scale";
 const SOAK: &str = "soak";
 const ALLOCATOR: &str = "allocator";
 const SUITES: [&str; 3] = [SCALE, SOAK, ALLOCATOR];
-/// The `--only` id of the paired A/B ([`paired`]), which needs `--baseline-agent`.
-const PAIRED: &str = "paired";
 
 /// Runs the soak, writes its raw results and regenerates the pages and plots.
 fn run_soak(binaries: &Binaries, out: &Path, seconds: u64) -> anyhow::Result<()> {

@@ -331,7 +331,13 @@ fn node_agent_args(other: &Node) -> Vec<String> {
     let mut args = std::env::var_os("STRAIT_BIN")
         .map(|strait| worker_args(Path::new(&strait)))
         .unwrap_or_default();
-    args.extend([
+    args.extend(peer_node_args(other));
+    args
+}
+
+/// `--peer-node` naming `other`'s pod subnets (both families) and underlay address.
+pub(super) fn peer_node_args(other: &Node) -> Vec<String> {
+    vec![
         "--peer-node".into(),
         format!(
             "{}/24={}",
@@ -344,8 +350,7 @@ fn node_agent_args(other: &Node) -> Vec<String> {
             addr::pod_subnet_v6(other.index()),
             other.underlay_ip()
         ),
-    ]);
-    args
+    ]
 }
 
 /// `--worker-threads` as every bench node's agent runs, for the agent binary `strait` (one

@@ -542,15 +542,17 @@ pub fn render(out: &Path) -> anyhow::Result<()> {
     if let Some(raw) = soak_raw(out)? {
         std::fs::write(out.join(super::soak::PLOT), super::soak::svg(&raw))?;
     }
-    let paired_raw = out.join(super::paired::RAW);
-    if paired_raw.exists() {
-        let path = out.join(super::paired::PAGE);
-        write_keeping_notes(&path, &super::paired::markdown(&read_raw(&paired_raw)?))?;
-        eprintln!(
-            "bench: wrote {} from {}",
-            path.display(),
-            paired_raw.display()
-        );
+    for layout in super::paired::LAYOUTS {
+        let paired_raw = out.join(layout.raw());
+        if paired_raw.exists() {
+            let path = out.join(layout.page());
+            write_keeping_notes(&path, &super::paired::markdown(&read_raw(&paired_raw)?))?;
+            eprintln!(
+                "bench: wrote {} from {}",
+                path.display(),
+                paired_raw.display()
+            );
+        }
     }
     Ok(())
 }
@@ -836,12 +838,14 @@ fn check_generated(out: &Path) -> anyhow::Result<Vec<String>> {
             differs.push(super::soak::PLOT.to_owned());
         }
     }
-    let paired_raw = out.join(super::paired::RAW);
-    if paired_raw.exists() {
-        let page = super::paired::markdown(&read_raw(&paired_raw)?);
-        let committed = std::fs::read_to_string(out.join(super::paired::PAGE)).unwrap_or_default();
-        if committed.split_once(NOTES_MARKER).map(|(g, _)| g) != Some(page.as_str()) {
-            differs.push(super::paired::PAGE.to_owned());
+    for layout in super::paired::LAYOUTS {
+        let paired_raw = out.join(layout.raw());
+        if paired_raw.exists() {
+            let page = super::paired::markdown(&read_raw(&paired_raw)?);
+            let committed = std::fs::read_to_string(out.join(layout.page())).unwrap_or_default();
+            if committed.split_once(NOTES_MARKER).map(|(g, _)| g) != Some(page.as_str()) {
+                differs.push(layout.page().to_owned());
+            }
         }
     }
     Ok(differs)
