@@ -10,9 +10,11 @@
 //! `tokio::task::yield_now` does: tokio runs the task again once the tasks already queued have
 //! run and the worker has polled for I/O. So the client connections queued add their streams'
 //! data first, and so do those whose sockets turned readable meanwhile (on the receiving
-//! agent, the pods' answers to other streams), and the batch leaves in one TLS write. A
-//! worker with nothing else to do polls for I/O without waiting and comes back at once, so an
-//! idle node adds one task poll and one `epoll_wait` to a request.
+//! agent, the pods' answers to other streams), and the batch leaves in one TLS write. While a
+//! yield added to the batch, the flush yields again ([`MAX_YIELDS`] in all), so senders that
+//! what ran in the last yield made ready join too; a yield that added nothing ends the batch.
+//! A worker with nothing else to do polls for I/O without waiting and comes back at once, so
+//! an idle node adds one task poll and one `epoll_wait` to a request.
 
 use std::future::Future as _;
 use std::io::{self, IoSlice};
@@ -25,12 +27,18 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 /// at once. One TLS record's worth, so a batch is a record or a few.
 const HOLD_LIMIT: usize = 16 * 1024;
 
-/// An I/O whose writes are held until a flush, which yields once before it writes them.
+/// Yields one batch's flush takes at most. After the first, it yields again only while the
+/// batch grew in its last yield: more senders were ready then, and more may be.
+const MAX_YIELDS: u8 = 3;
+
+/// An I/O whose writes are held until a flush, which yields before it writes them.
 pub struct Coalesce<T> {
     /// Holds the writes (up to [`HOLD_LIMIT`]) until a flush.
     inner: BufWriter<T>,
-    /// Whether this batch's flush has already yielded once.
-    yielded: bool,
+    /// Yields this batch's flush has taken.
+    yields: u8,
+    /// What was held at the last of them.
+    held_at_yield: usize,
 }
 
 impl<T: AsyncWrite> Coalesce<T> {
@@ -38,7 +46,8 @@ impl<T: AsyncWrite> Coalesce<T> {
     pub fn new(inner: T) -> Coalesce<T> {
         Coalesce {
             inner: BufWriter::with_capacity(HOLD_LIMIT, inner),
-            yielded: false,
+            yields: 0,
+            held_at_yield: 0,
         }
     }
 }
@@ -75,8 +84,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.inner.buffer().is_empty() && !self.yielded {
-            self.yielded = true;
+        let held = self.inner.buffer().len();
+        if held != 0 && self.yields < MAX_YIELDS && (self.yields == 0 || held > self.held_at_yield)
+        {
+            self.yields += 1;
+            self.held_at_yield = held;
             // tokio's yield, not a wake-up of our own: it runs the task again only after the
             // worker has polled for I/O, so data that arrived meanwhile joins this batch.
             let mut yielding = std::pin::pin!(tokio::task::yield_now());
@@ -85,7 +97,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             }
         }
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
-        self.yielded = false;
+        self.yields = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -137,6 +149,37 @@ mod tests {
         let mut rest = Vec::new();
         far.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"three");
+    }
+
+    /// A flush whose batch grew while it yielded yields again, so what a task woken meanwhile
+    /// sends joins too; one whose batch did not grow writes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flush_yields_again_while_its_batch_grows() {
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let writer = Arc::new(tokio::sync::Mutex::new(Coalesce::new(near)));
+        writer.lock().await.write_all(b"one").await.unwrap();
+        // Runs at the flush's first yield and adds to the batch, then yields itself and adds
+        // more only after the flush has come back: in time only if the flush yields again.
+        let sender = writer.clone();
+        tokio::spawn(async move {
+            sender.lock().await.write_all(b" two").await.unwrap();
+            tokio::task::yield_now().await;
+            sender.lock().await.write_all(b" three").await.unwrap();
+        });
+        // The flush holds no lock while it yields.
+        std::future::poll_fn(|cx| {
+            let mut writer = writer.try_lock().expect("not held across a yield");
+            Pin::new(&mut *writer).poll_flush(cx)
+        })
+        .await
+        .unwrap();
+        let mut got = [0u8; 32];
+        let n = far
+            .read(&mut got)
+            .now_or_never()
+            .expect("written by the flush")
+            .unwrap();
+        assert_eq!(&got[..n], b"one two three");
     }
 
     /// A write larger than the hold limit goes on at once, after what was held.
