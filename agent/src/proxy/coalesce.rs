@@ -11,8 +11,9 @@
 //! run and the worker has polled for I/O. So the client connections queued add their streams'
 //! data first, and so do those whose sockets turned readable meanwhile (on the receiving
 //! agent, the pods' answers to other streams), and the batch leaves in one TLS write. While a
-//! yield added to the batch, the flush yields again ([`MAX_YIELDS`] in all), so senders that
-//! what ran in the last yield made ready join too; a yield that added nothing ends the batch.
+//! yield added to the batch, the flush yields again ([`MAX_YIELDS`] in all): what ran in the
+//! last yield may have made other senders ready, and they join too. A yield that added
+//! nothing ends the batch.
 //! A worker with nothing else to do polls for I/O without waiting and comes back at once, so
 //! an idle node adds one task poll and one `epoll_wait` to a request.
 
@@ -37,7 +38,7 @@ pub struct Coalesce<T> {
     inner: BufWriter<T>,
     /// Yields this batch's flush has taken.
     yields: u8,
-    /// What was held at the last of them.
+    /// What was held at the last of them (0 before the first).
     held_at_yield: usize,
 }
 
@@ -84,9 +85,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The first yield needs something held; each further one, a batch that grew.
         let held = self.inner.buffer().len();
-        if held != 0 && self.yields < MAX_YIELDS && (self.yields == 0 || held > self.held_at_yield)
-        {
+        if self.yields < MAX_YIELDS && held > self.held_at_yield {
             self.yields += 1;
             self.held_at_yield = held;
             // tokio's yield, not a wake-up of our own: it runs the task again only after the
@@ -98,6 +99,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         }
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
         self.yields = 0;
+        self.held_at_yield = 0;
         Poll::Ready(Ok(()))
     }
 
