@@ -90,8 +90,8 @@ pub struct BenchArgs {
     /// docs/benchmarks/partial-before.json, and the partial page compares the two.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
-    /// `--only paired` or `paired-xnode`: pairs of wrk bursts per phase (two phases; the builds swap nodes
-    /// between them).
+    /// `--only paired` or `paired-xnode`: pairs of wrk bursts per phase (two phases; the builds
+    /// swap nodes between them).
     #[arg(long, default_value_t = 15)]
     bursts: u32,
     /// How long the soak runs, seconds (its target needs at least 600).

@@ -2,9 +2,9 @@
 //! build's agents and a baseline build's take turns in short wrk bursts on one testbed, so the
 //! two builds are compared seconds apart rather than minutes apart.
 //!
-//! - `paired` ([`Path::SameNode`]): two nodes, each with a client pod, an nginx pod and its own
+//! - `paired` ([`Layout::SameNode`]): two nodes, each with a client pod, an nginx pod and its own
 //!   agent; the bursts go through the node's `http` listener to its local nginx (fast path on).
-//! - `paired-xnode` ([`Path::CrossNode`]): four nodes, two per build; each build's pair has
+//! - `paired-xnode` ([`Layout::CrossNode`]): four nodes, two per build; each build's pair has
 //!   its client pod on one node and its nginx pod on the other, behind `tcp` and `http`
 //!   listeners with `tls` STRICT, so every request crosses that pair's mTLS tunnel. The bursts
 //!   alternate between the two listeners.
@@ -457,7 +457,8 @@ pub(super) fn markdown(raw: &Value) -> String {
     };
     let kernel = raw["machine"]["kernel"].as_str().unwrap_or("?").trim();
     let cpus = &raw["machine"]["cpus"];
-    let (raw_file, sides) = (layout.raw(), ["node1", "node2"]);
+    let raw_file = layout.raw();
+    // Where this build ran in each phase, as the second table names them.
     let sides = match layout {
         Layout::SameNode => {
             let _ = writeln!(s, "# Benchmarks: an A/B in alternating bursts\n");
@@ -475,7 +476,7 @@ pub(super) fn markdown(raw: &Value) -> String {
                  stime during its burst. 1-minute load average after each pair: {}.\n",
                 range(&loads),
             );
-            sides
+            ["node1", "node2"]
         }
         Layout::CrossNode => {
             let _ = writeln!(
